@@ -1,0 +1,115 @@
+/* libstrata: a block layer for virtual-disk images.
+ *
+ * Copyright (C) 2026 the strata authors
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ *
+ * Public API.  Every type is opaque.  Control-path functions (open, reopen,
+ * truncate) report failure through a strata_error out-parameter, passed
+ * last, and a return value that says whether they failed.  Data-path
+ * functions (read, write, ...) return 0 or a negative errno; the message for
+ * the last failure in the calling thread is available from
+ * strata_last_error_message().  Every function that may grow takes a flags
+ * argument; pass 0.
+ */
+#ifndef STRATA_STRATA_H
+#define STRATA_STRATA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct strata_error strata_error;
+typedef struct strata_node strata_node;
+
+/* Errors.  An error is owned by whoever received it and freed with
+ * strata_error_free(). */
+int strata_error_errno (const strata_error *err);
+const char *strata_error_message (const strata_error *err);
+void strata_error_free (strata_error *err);
+
+/* The message that goes with the last data-path failure in this thread,
+ * or NULL.  Valid until the next failing call in this thread. */
+const char *strata_last_error_message (void);
+
+/* Open flags. */
+#define STRATA_OPEN_RDWR        (1u << 0) /* open for writing */
+#define STRATA_OPEN_FORCE_SHARE (1u << 1) /* -U: read-only, take no locks */
+#define STRATA_OPEN_NO_BACKING  (1u << 2) /* do not open backing files */
+
+/* Open an image.  FORMAT may be NULL to probe (only the top image is ever
+ * probed).  OPTIONS is NULL or a "key=value,key=value" list in QEMU's
+ * syntax (",," escapes a comma) such as "cache.direct=on" or
+ * "offset=4096,size=65536"; "driver" and "file.*" keys are allowed.
+ * Returns a node that the caller closes with strata_close(), or NULL and
+ * sets *errp. */
+strata_node *strata_open (const char *filename, const char *format,
+                          const char *options, unsigned flags,
+                          strata_error **errp);
+void strata_close (strata_node *node);
+
+/* Request flags. */
+#define STRATA_REQ_FUA       (1u << 0) /* write: durable before return */
+#define STRATA_REQ_MAY_UNMAP (1u << 1) /* zeroes: may free the space */
+
+int strata_pread (strata_node *node, void *buf, size_t len, uint64_t offset,
+                  unsigned flags);
+int strata_pwrite (strata_node *node, const void *buf, size_t len,
+                   uint64_t offset, unsigned flags);
+int strata_preadv (strata_node *node, const struct iovec *iov, int iovcnt,
+                   uint64_t offset, unsigned flags);
+int strata_pwritev (strata_node *node, const struct iovec *iov, int iovcnt,
+                    uint64_t offset, unsigned flags);
+int strata_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                          unsigned flags);
+int strata_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
+                     unsigned flags);
+int strata_flush (strata_node *node, unsigned flags);
+
+/* Block status of the range starting at OFFSET.  The answer covers
+ * *pnum bytes (at least one, at most LEN). */
+#define STRATA_BS_ALLOCATED (1u << 0) /* some layer of the chain holds it */
+#define STRATA_BS_ZERO      (1u << 1) /* reads as zeros */
+#define STRATA_BS_DATA      (1u << 2) /* backed by data in a file */
+#define STRATA_BS_OFFSET    (1u << 3) /* *map is the offset in that file */
+
+struct strata_extent {
+  uint64_t length;    /* bytes this answer covers */
+  unsigned flags;     /* STRATA_BS_* */
+  int depth;          /* layer holding it: 0 = top, 1 = its backing, ... */
+  uint64_t map;       /* host offset, when STRATA_BS_OFFSET */
+  const char *file;   /* filename holding the data, when known */
+};
+int strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
+                         struct strata_extent *ext, unsigned flags);
+
+/* Size of the image as the guest sees it, or a negative errno. */
+int64_t strata_length (strata_node *node);
+
+bool strata_truncate (strata_node *node, uint64_t size, unsigned flags,
+                      strata_error **errp);
+bool strata_reopen (strata_node *node, bool read_write, unsigned flags,
+                    strata_error **errp);
+
+/* Information about a node. */
+struct strata_info {
+  const char *format;       /* driver name */
+  const char *filename;     /* the file under it, if any */
+  uint64_t virtual_size;
+  uint64_t actual_size;     /* bytes allocated on the host, 0 if unknown */
+  uint32_t cluster_size;    /* 0 when the format has none */
+  bool read_only;
+  bool has_backing;
+};
+bool strata_get_info (strata_node *node, struct strata_info *info,
+                      unsigned flags, strata_error **errp);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,285 @@
+/* strata: the public API (include/strata/strata.h) over the node core.
+ *
+ * This is the one place where requests are checked against the image's
+ * length, so drivers below never see a request past the end of the guest
+ * view, and where block status walks down the backing chain.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/node.h"
+#include "util/checked.h"
+
+strata_node *
+strata_open (const char *filename, const char *format, const char *options,
+             unsigned flags, strata_error **errp)
+{
+  strata_opts *extra = NULL;
+  strata_node *node;
+
+  if (!filename || !*filename) {
+    error_set (errp, EINVAL, "no image file name given");
+    return NULL;
+  }
+  if (options && *options) {
+    if (!(extra = opts_new ())) {
+      error_set (errp, ENOMEM, "out of memory");
+      return NULL;
+    }
+    if (!opts_parse (extra, options, errp)) {
+      opts_free (extra);
+      return NULL;
+    }
+  }
+  node = node_open_image (filename, format, extra, flags, errp);
+  opts_free (extra);
+  return node;
+}
+
+void
+strata_close (strata_node *node)
+{
+  node_unref (node);
+}
+
+int64_t
+strata_length (strata_node *node)
+{
+  return node_length (node);
+}
+
+static int
+check_range (strata_node *node, uint64_t offset, uint64_t len)
+{
+  int64_t size = node_length (node);
+
+  if (size < 0)
+    return io_error (-size, "%s: cannot get the image length",
+                     node->filename);
+  if (!range_inside (offset, len, size))
+    return io_error (EIO, "%s: request at offset %" PRIu64 " length %" PRIu64
+                     " is past the end of the image (%" PRId64 " bytes)",
+                     node->filename, offset, len, size);
+  return 0;
+}
+
+static uint64_t
+iov_size (const struct iovec *iov, int iovcnt)
+{
+  uint64_t n = 0;
+
+  for (int i = 0; i < iovcnt; i++)
+    n += iov[i].iov_len;
+  return n;
+}
+
+int
+strata_preadv (strata_node *node, const struct iovec *iov, int iovcnt,
+               uint64_t offset, unsigned flags)
+{
+  uint64_t len = iov_size (iov, iovcnt);
+  int r = check_range (node, offset, len);
+
+  return r < 0 ? r : node_preadv (node, offset, len, iov, iovcnt, flags);
+}
+
+int
+strata_pwritev (strata_node *node, const struct iovec *iov, int iovcnt,
+                uint64_t offset, unsigned flags)
+{
+  uint64_t len = iov_size (iov, iovcnt);
+  int r = check_range (node, offset, len);
+
+  if (flags & ~STRATA_REQ_FUA)
+    return io_error (EINVAL, "invalid write flags 0x%x", flags);
+  return r < 0 ? r : node_pwritev (node, offset, len, iov, iovcnt, flags);
+}
+
+int
+strata_pread (strata_node *node, void *buf, size_t len, uint64_t offset,
+              unsigned flags)
+{
+  struct iovec iov = { .iov_base = buf, .iov_len = len };
+  return strata_preadv (node, &iov, 1, offset, flags);
+}
+
+int
+strata_pwrite (strata_node *node, const void *buf, size_t len,
+               uint64_t offset, unsigned flags)
+{
+  struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
+  return strata_pwritev (node, &iov, 1, offset, flags);
+}
+
+int
+strata_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                      unsigned flags)
+{
+  int r = check_range (node, offset, len);
+
+  return r < 0 ? r : node_pwrite_zeroes (node, offset, len, flags);
+}
+
+int
+strata_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
+                 unsigned flags)
+{
+  int r = check_range (node, offset, len);
+
+  (void) flags;
+  return r < 0 ? r : node_pdiscard (node, offset, len, 0);
+}
+
+int
+strata_flush (strata_node *node, unsigned flags)
+{
+  (void) flags;
+  return node_flush (node);
+}
+
+/* Walk down filters and backing edges until a layer defines the range. */
+int
+strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
+                     struct strata_extent *ext, unsigned flags)
+{
+  int r = check_range (node, offset, len);
+  int depth = 0;
+
+  (void) flags;
+  if (r < 0)
+    return r;
+  if (len == 0)
+    return io_error (EINVAL, "block status of an empty range");
+  for (;;) {
+    struct bstat bs;
+    int64_t size;
+
+    while (node->drv->is_filter && node->file)
+      node = node->file;
+    size = node_length (node);
+    if (size < 0)
+      return (int) size;
+    if ((uint64_t) size <= offset) {
+      /* Past the end of a shorter backing file: reads as zeros. */
+      *ext = (struct strata_extent){ .length = len, .flags = STRATA_BS_ZERO,
+                                     .depth = depth };
+      return 0;
+    }
+    len = MIN (len, (uint64_t) size - offset);
+    r = node_block_status (node, offset, len, &bs);
+    if (r < 0)
+      return r;
+    len = bs.pnum;
+    if ((bs.flags & BS_ALLOCATED) || !node->backing) {
+      *ext = (struct strata_extent){
+        .length = len,
+        .flags = bs.flags & (STRATA_BS_ALLOCATED | STRATA_BS_ZERO
+                             | STRATA_BS_DATA | STRATA_BS_OFFSET),
+        .depth = depth,
+        .map = bs.map,
+        .file = (bs.flags & BS_OFFSET) && bs.file ? bs.file->filename : NULL,
+      };
+      if (!(bs.flags & BS_ALLOCATED))
+        ext->flags = STRATA_BS_ZERO;  /* nothing below: reads as zeros */
+      return 0;
+    }
+    node = node->backing;
+    depth++;
+  }
+}
+
+bool
+strata_truncate (strata_node *node, uint64_t size, unsigned flags,
+                 strata_error **errp)
+{
+  return node_truncate (node, size, flags, errp);
+}
+
+/* Reopen NODE and its `file` chain.  Going read-write, the bottom goes
+ * first so a format never writes through a read-only file; going
+ * read-only, the top goes first so it can flush its metadata. */
+static bool
+node_reopen (strata_node *node, bool rw, strata_error **errp)
+{
+  bool was_rw = !node->read_only;
+  unsigned perm = node->perm;
+
+  if (rw == was_rw)
+    return true;
+  if (rw && (node->open_flags & STRATA_OPEN_FORCE_SHARE)) {
+    error_set (errp, EINVAL, "%s: cannot reopen read-write: the image was "
+               "opened with force-share", node->filename);
+    return false;
+  }
+  if (rw && node->file && !node_reopen (node->file, true, errp))
+    return false;
+  if (!rw) {
+    int r = node_flush (node);
+    if (r < 0) {
+      error_set (errp, -r, "%s: cannot flush before reopening read-only",
+                 node->filename);
+      return false;
+    }
+  }
+  node->perm = rw ? perm | PERM_WRITE | PERM_RESIZE
+                  : perm & ~(PERM_WRITE | PERM_RESIZE);
+  node->read_only = !rw;
+  if (node->drv->reopen && !node->drv->reopen (node, rw, errp)) {
+    node->perm = perm;
+    node->read_only = !was_rw;
+    if (rw && node->file)
+      node_reopen (node->file, false, NULL);
+    return false;
+  }
+  if (rw)
+    node->open_flags |= STRATA_OPEN_RDWR;
+  else
+    node->open_flags &= ~STRATA_OPEN_RDWR;
+  if (!rw && node->file && !node_reopen (node->file, false, errp))
+    return false;
+  return true;
+}
+
+bool
+strata_reopen (strata_node *node, bool read_write, unsigned flags,
+               strata_error **errp)
+{
+  (void) flags;
+  tracker_wait_idle (&node->tracker, 0, 0);
+  return node_reopen (node, read_write, errp);
+}
+
+bool
+strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
+                 strata_error **errp)
+{
+  int64_t size = node_length (node);
+  strata_node *bottom = node;
+
+  (void) flags;
+  if (size < 0) {
+    error_set (errp, -size, "%s: cannot get the image length",
+               node->filename);
+    return false;
+  }
+  *info = (struct strata_info){
+    .format = node->drv->name,
+    .filename = node->filename,
+    .virtual_size = size,
+    .read_only = node->read_only,
+    .has_backing = node->backing != NULL,
+  };
+  if (node->drv->get_info && !node->drv->get_info (node, info, errp))
+    return false;
+  while (bottom->file)
+    bottom = bottom->file;
+  if (bottom != node && bottom->drv->get_info) {
+    struct strata_info b;
+    if (!bottom->drv->get_info (bottom, &b, errp))
+      return false;
+    info->actual_size = b.actual_size;
+  }
+  return true;
+}

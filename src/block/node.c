@@ -1,0 +1,572 @@
+/* strata: the block-node core.
+ *
+ * Opening builds a node from options, opening the `file` child first for
+ * drivers that have one and probing the format when none is named.  Every
+ * request passes through the node's request tracker.  The public strata_*
+ * data-path functions check ranges against the image length once, for
+ * every layer below; the node_* functions used between layers check only
+ * for overflow, because a format legitimately grows its file.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/node.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
+
+static const struct strata_driver *const drivers[] = {
+  &file_driver,
+  &raw_driver,
+};
+
+const struct strata_driver *
+driver_find (const char *name)
+{
+  for (size_t i = 0; i < sizeof drivers / sizeof drivers[0]; i++)
+    if (strcmp (drivers[i]->name, name) == 0)
+      return drivers[i];
+  return NULL;
+}
+
+const char *
+perm_name (unsigned i)
+{
+  static const char *const names[PERM_COUNT] = {
+    "consistent read", "write", "write unchanged", "resize",
+  };
+  return i < PERM_COUNT ? names[i] : "unknown";
+}
+
+/* ---- graph ---- */
+
+void
+node_ref (strata_node *node)
+{
+  atomic_fetch_add (&node->refcnt, 1);
+}
+
+static void
+node_free (strata_node *node)
+{
+  for (int i = 0; i < node->nchildren; i++) {
+    node_unref (node->children[i].node);
+    free (node->children[i].name);
+  }
+  tracker_destroy (&node->tracker);
+  pthread_mutex_destroy (&node->lock);
+  free (node->opaque);
+  free (node->node_name);
+  free (node->filename);
+  free (node);
+}
+
+void
+node_unref (strata_node *node)
+{
+  if (!node || atomic_fetch_sub (&node->refcnt, 1) != 1)
+    return;
+  tracker_wait_idle (&node->tracker, 0, 0);
+  if (node->drv->close)
+    node->drv->close (node);
+  node_free (node);
+}
+
+static void
+node_update_child_pointers (strata_node *parent)
+{
+  parent->file = parent->backing = NULL;
+  for (int i = 0; i < parent->nchildren; i++) {
+    if (strcmp (parent->children[i].name, "file") == 0)
+      parent->file = parent->children[i].node;
+    else if (strcmp (parent->children[i].name, "backing") == 0)
+      parent->backing = parent->children[i].node;
+  }
+}
+
+bool
+node_attach_child (strata_node *parent, const char *name, strata_node *child,
+                   strata_error **errp)
+{
+  char *n;
+
+  for (int i = 0; i < parent->nchildren; i++) {
+    if (strcmp (parent->children[i].name, name) == 0) {
+      error_set (errp, EEXIST, "node already has a '%s' child", name);
+      return false;
+    }
+  }
+  if (parent->nchildren == NODE_MAX_CHILDREN || !(n = strdup (name))) {
+    error_set (errp, ENOMEM, "cannot attach child '%s'", name);
+    return false;
+  }
+  parent->children[parent->nchildren++] = (struct strata_child){ n, child };
+  node_update_child_pointers (parent);
+  return true;
+}
+
+void
+node_detach_child (strata_node *parent, const char *name)
+{
+  for (int i = 0; i < parent->nchildren; i++) {
+    if (strcmp (parent->children[i].name, name) == 0) {
+      node_unref (parent->children[i].node);
+      free (parent->children[i].name);
+      parent->children[i] = parent->children[--parent->nchildren];
+      break;
+    }
+  }
+  node_update_child_pointers (parent);
+}
+
+/* ---- opening ---- */
+
+static atomic_uint node_counter;
+
+static const struct strata_driver *
+probe_format (strata_node *file, strata_error **errp)
+{
+  uint8_t buf[512] = { 0 };
+  const struct strata_driver *best = NULL;
+  int best_score = 0, r;
+  int64_t len = node_length (file);
+
+  if (len < 0) {
+    error_set (errp, -len, "%s: cannot get the length to probe the format",
+               file->filename);
+    return NULL;
+  }
+  r = node_pread (file, 0, buf, MIN ((uint64_t) len, sizeof buf), 0);
+  if (r < 0) {
+    error_set (errp, -r, "%s: cannot read the header to probe the format: %s",
+               file->filename, strerror (-r));
+    return NULL;
+  }
+  for (size_t i = 0; i < sizeof drivers / sizeof drivers[0]; i++) {
+    int score = drivers[i]->probe ? drivers[i]->probe (buf, sizeof buf) : 0;
+    if (score > best_score) {
+      best_score = score;
+      best = drivers[i];
+    }
+  }
+  if (!best)
+    error_set (errp, EINVAL, "%s: cannot determine the image format",
+               file->filename);
+  return best;
+}
+
+/* Read the generic options every node accepts. */
+static bool
+node_common_options (strata_opts *opts, unsigned *flags, strata_error **errp)
+{
+  bool ro, fs;
+
+  if (!opts_get_bool (opts, "read-only", !(*flags & STRATA_OPEN_RDWR), &ro,
+                      errp)
+      || !opts_get_bool (opts, "force-share",
+                         !!(*flags & STRATA_OPEN_FORCE_SHARE), &fs, errp))
+    return false;
+  if (fs && !ro) {
+    error_set (errp, EINVAL,
+               "force-share=on can only be used with read-only images");
+    return false;
+  }
+  *flags = (*flags & ~(STRATA_OPEN_RDWR | STRATA_OPEN_FORCE_SHARE))
+           | (ro ? 0 : STRATA_OPEN_RDWR) | (fs ? STRATA_OPEN_FORCE_SHARE : 0);
+  return true;
+}
+
+static strata_node *
+node_alloc (const struct strata_driver *drv, const char *name, unsigned flags)
+{
+  strata_node *node = calloc (1, sizeof *node);
+
+  if (!node)
+    return NULL;
+  node->opaque = drv->state_size ? calloc (1, drv->state_size) : NULL;
+  if (name)
+    node->node_name = strdup (name);
+  else if (asprintf (&node->node_name, "#block%03u",
+                     atomic_fetch_add (&node_counter, 1)) < 0)
+    node->node_name = NULL;
+  if ((drv->state_size && !node->opaque) || !node->node_name) {
+    free (node->opaque);
+    free (node->node_name);
+    free (node);
+    return NULL;
+  }
+  node->drv = drv;
+  node->open_flags = flags;
+  node->read_only = !(flags & STRATA_OPEN_RDWR);
+  node->perm = PERM_CONSISTENT_READ;
+  if (!node->read_only)
+    node->perm |= PERM_WRITE | PERM_RESIZE;
+  node->shared = (flags & STRATA_OPEN_FORCE_SHARE)
+                     ? PERM_ALL
+                     : PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED;
+  atomic_init (&node->refcnt, 1);
+  tracker_init (&node->tracker);
+  pthread_mutex_init (&node->lock, NULL);
+  return node;
+}
+
+strata_node *
+node_open (strata_opts *opts, unsigned flags, strata_error **errp)
+{
+  const struct strata_driver *drv = NULL;
+  const char *drvname, *name;
+  strata_node *file = NULL, *node;
+  strata_opts *file_opts;
+  const char *what;
+
+  if (!node_common_options (opts, &flags, errp))
+    return NULL;
+  drvname = opts_get (opts, "driver");
+  name = opts_get (opts, "node-name");
+  if (drvname && !(drv = driver_find (drvname))) {
+    error_set (errp, EINVAL, "Unknown driver '%s'", drvname);
+    return NULL;
+  }
+  file_opts = opts_extract (opts, "file");
+  if (!file_opts) {
+    error_set (errp, ENOMEM, "out of memory");
+    return NULL;
+  }
+  if (!drv || drv->has_file_child) {
+    if (file_opts->n == 0) {
+      error_set (errp, EINVAL, "%s: a 'file' child is required",
+                 drvname ? drvname : "image");
+      opts_free (file_opts);
+      return NULL;
+    }
+    if (!opts_has (file_opts, "driver") && !opts_set (file_opts, "driver", "file")) {
+      opts_free (file_opts);
+      error_set (errp, ENOMEM, "out of memory");
+      return NULL;
+    }
+    file = node_open (file_opts, flags & ~STRATA_OPEN_NO_BACKING, errp);
+    opts_free (file_opts);
+    if (!file)
+      return NULL;
+    if (!drv && !(drv = probe_format (file, errp))) {
+      node_unref (file);
+      return NULL;
+    }
+  }
+  else if (file_opts->n) {
+    error_set (errp, EINVAL, "%s: driver '%s' takes no 'file' child",
+               opts_get (file_opts, "filename") ?: "image", drv->name);
+    opts_free (file_opts);
+    return NULL;
+  }
+  else
+    opts_free (file_opts);
+
+  node = node_alloc (drv, name, flags);
+  if (!node) {
+    node_unref (file);
+    error_set (errp, ENOMEM, "out of memory");
+    return NULL;
+  }
+  if (file) {
+    if (!node_attach_child (node, "file", file, errp)) {
+      node_unref (file);
+      node_free (node);
+      return NULL;
+    }
+    node->filename = strdup (file->filename);
+  }
+  if (!drv->open (node, opts, flags, errp)) {
+    node_free (node);
+    return NULL;
+  }
+  what = node->filename ? node->filename : drv->name;
+  if (!opts_check_used (opts, what, errp)) {
+    node_unref (node);
+    return NULL;
+  }
+  return node;
+}
+
+strata_node *
+node_open_image (const char *filename, const char *format, strata_opts *extra,
+                 unsigned flags, strata_error **errp)
+{
+  strata_opts *opts = opts_new ();
+  const struct strata_driver *drv = format ? driver_find (format) : NULL;
+  strata_node *node = NULL;
+  bool ok;
+
+  if (!opts) {
+    error_set (errp, ENOMEM, "out of memory");
+    return NULL;
+  }
+  if (format && !drv) {
+    error_set (errp, EINVAL, "Unknown driver '%s'", format);
+    opts_free (opts);
+    return NULL;
+  }
+  for (size_t i = 0; extra && i < extra->n; i++)
+    if (!opts_set (opts, extra->v[i].key, extra->v[i].value))
+      goto oom;
+  if (format && !opts_set (opts, "driver", format))
+    goto oom;
+  if (drv && !drv->has_file_child)
+    ok = opts_has (opts, "filename") || opts_set (opts, "filename", filename);
+  else
+    ok = opts_has (opts, "file.filename")
+         || opts_set (opts, "file.filename", filename);
+  if (!ok)
+    goto oom;
+  node = node_open (opts, flags, errp);
+  opts_free (opts);
+  return node;
+
+oom:
+  opts_free (opts);
+  error_set (errp, ENOMEM, "out of memory");
+  return NULL;
+}
+
+/* ---- data path between nodes ---- */
+
+static int
+check_overflow (strata_node *node, uint64_t offset, uint64_t len)
+{
+  if (offset > INT64_MAX || len > INT64_MAX - offset)
+    return io_error (EINVAL, "%s: request at offset %" PRIu64
+                     " length %" PRIu64 " overflows", node->filename, offset,
+                     len);
+  return 0;
+}
+
+static int
+check_writable (strata_node *node)
+{
+  if (node->read_only)
+    return io_error (EPERM, "%s: the image is opened read-only",
+                     node->filename ? node->filename : node->node_name);
+  return 0;
+}
+
+int
+node_preadv (strata_node *node, uint64_t offset, uint64_t len,
+             const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  struct tracked_req req;
+  int r = check_overflow (node, offset, len);
+
+  if (r < 0 || len == 0)
+    return r;
+  if (!node->drv->preadv) {
+    if (node->drv->is_filter && node->file)
+      return node_preadv (node->file, offset, len, iov, iovcnt, flags);
+    return -ENOTSUP;
+  }
+  tracker_begin (&node->tracker, &req, offset, len, false);
+  r = node->drv->preadv (node, offset, len, iov, iovcnt, flags);
+  tracker_end (&node->tracker, &req);
+  return r;
+}
+
+int
+node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
+              const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  struct tracked_req req;
+  int r = check_overflow (node, offset, len);
+
+  if (r == 0)
+    r = check_writable (node);
+  if (r < 0 || len == 0)
+    return r;
+  if (!node->drv->pwritev) {
+    if (node->drv->is_filter && node->file)
+      return node_pwritev (node->file, offset, len, iov, iovcnt, flags);
+    return -ENOTSUP;
+  }
+  tracker_begin (&node->tracker, &req, offset, len, false);
+  r = node->drv->pwritev (node, offset, len, iov, iovcnt, flags);
+  tracker_end (&node->tracker, &req);
+  return r;
+}
+
+int
+node_pread (strata_node *node, uint64_t offset, void *buf, size_t len,
+            unsigned flags)
+{
+  struct iovec iov = { .iov_base = buf, .iov_len = len };
+  return node_preadv (node, offset, len, &iov, 1, flags);
+}
+
+int
+node_pwrite (strata_node *node, uint64_t offset, const void *buf, size_t len,
+             unsigned flags)
+{
+  struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
+  return node_pwritev (node, offset, len, &iov, 1, flags);
+}
+
+/* Write zeroes with ordinary writes, for drivers that cannot do better. */
+static int
+emulate_write_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                      unsigned flags)
+{
+  const size_t chunk = 1 << 20;
+  CLEANUP_FREE void *zeroes = calloc (1, MIN (len, chunk));
+
+  if (!zeroes)
+    return -ENOMEM;
+  while (len) {
+    size_t n = MIN (len, chunk);
+    struct iovec iov = { .iov_base = zeroes, .iov_len = n };
+    int r = node->drv->pwritev (node, offset, n, &iov, 1,
+                                flags & STRATA_REQ_FUA);
+    if (r < 0)
+      return r;
+    offset += n;
+    len -= n;
+  }
+  return 0;
+}
+
+int
+node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                    unsigned flags)
+{
+  struct tracked_req req;
+  int r = check_overflow (node, offset, len);
+
+  if (r == 0)
+    r = check_writable (node);
+  if (r < 0 || len == 0)
+    return r;
+  if (!node->drv->pwrite_zeroes && !node->drv->pwritev
+      && node->drv->is_filter && node->file)
+    return node_pwrite_zeroes (node->file, offset, len, flags);
+  tracker_begin (&node->tracker, &req, offset, len, false);
+  r = -ENOTSUP;
+  if (node->drv->pwrite_zeroes)
+    r = node->drv->pwrite_zeroes (node, offset, len, flags);
+  if (r == -ENOTSUP && node->drv->pwritev)
+    r = emulate_write_zeroes (node, offset, len, flags);
+  tracker_end (&node->tracker, &req);
+  return r;
+}
+
+int
+node_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
+               unsigned flags)
+{
+  struct tracked_req req;
+  int r = check_overflow (node, offset, len);
+
+  if (r == 0)
+    r = check_writable (node);
+  if (r < 0 || len == 0)
+    return r;
+  if (!node->drv->pdiscard) {
+    if (node->drv->is_filter && node->file)
+      return node_pdiscard (node->file, offset, len, flags);
+    return 0;  /* discard is advisory */
+  }
+  tracker_begin (&node->tracker, &req, offset, len, false);
+  r = node->drv->pdiscard (node, offset, len, flags);
+  tracker_end (&node->tracker, &req);
+  return r == -ENOTSUP ? 0 : r;
+}
+
+int
+node_flush (strata_node *node)
+{
+  int r = 0;
+
+  if (node->read_only)
+    return 0;
+  if (node->drv->flush)
+    r = node->drv->flush (node);
+  if (r == 0 && node->file)
+    r = node_flush (node->file);
+  return r;
+}
+
+int
+node_block_status (strata_node *node, uint64_t offset, uint64_t len,
+                   struct bstat *bs)
+{
+  struct bstat fbs;
+  int r = check_overflow (node, offset, len);
+
+  if (r < 0)
+    return r;
+  memset (bs, 0, sizeof *bs);
+  if (len == 0)
+    return io_error (EINVAL, "block status of an empty range");
+  if (node->drv->block_status)
+    r = node->drv->block_status (node, offset, len, bs);
+  else if (node->drv->is_filter && node->file) {
+    *bs = (struct bstat){ .pnum = len, .map = offset, .file = node->file,
+                          .flags = BS_OFFSET | BS_RECURSE };
+  }
+  else
+    *bs = (struct bstat){ .pnum = len, .flags = BS_ALLOCATED | BS_DATA };
+  if (r < 0)
+    return r;
+  if (bs->pnum == 0 || bs->pnum > len)
+    return io_error (EIO, "%s: driver %s answered block status for %" PRIu64
+                     " bytes of %" PRIu64, node->filename, node->drv->name,
+                     bs->pnum, len);
+  if (!(bs->flags & BS_OFFSET) || !bs->file || bs->file == node)
+    return 0;
+
+  /* Refine with what the file below says of those bytes. */
+  r = node_block_status (bs->file, bs->map, bs->pnum, &fbs);
+  if (r < 0)
+    return r;
+  bs->pnum = fbs.pnum;
+  if (bs->flags & BS_RECURSE) {
+    bs->flags = (bs->flags & ~(BS_RECURSE | BS_DATA | BS_ZERO))
+                | (fbs.flags & (BS_ALLOCATED | BS_DATA | BS_ZERO));
+    if (fbs.flags & BS_OFFSET) {
+      bs->map = fbs.map;
+      bs->file = fbs.file;
+    }
+  }
+  else if (fbs.flags & BS_ZERO)
+    bs->flags |= BS_ZERO;
+  return 0;
+}
+
+int64_t
+node_length (strata_node *node)
+{
+  if (node->drv->get_length)
+    return node->drv->get_length (node);
+  if (node->drv->is_filter && node->file)
+    return node_length (node->file);
+  return -ENOTSUP;
+}
+
+bool
+node_truncate (strata_node *node, uint64_t size, unsigned flags,
+               strata_error **errp)
+{
+  if (node->read_only || !(node->perm & PERM_RESIZE)) {
+    error_set (errp, EPERM, "%s: cannot resize an image opened read-only",
+               node->filename);
+    return false;
+  }
+  if (size > INT64_MAX) {
+    error_set (errp, EINVAL, "%s: size %" PRIu64 " is too large",
+               node->filename, size);
+    return false;
+  }
+  if (node->drv->truncate)
+    return node->drv->truncate (node, size, flags, errp);
+  if (node->drv->is_filter && node->file)
+    return node_truncate (node->file, size, flags, errp);
+  error_set (errp, ENOTSUP, "%s: the %s driver cannot resize images",
+             node->filename, node->drv->name);
+  return false;
+}

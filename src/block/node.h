@@ -1,0 +1,176 @@
+/* strata: block nodes and the driver interface.
+ *
+ * A node is one driver instance with a name, options and named children:
+ *
+ *        [qcow2 "top"] --backing--> [qcow2 "base"]
+ *              |                          |
+ *            file                       file
+ *              v                          v
+ *        [file top.qcow2]           [file base.qcow2]
+ *
+ * Format and filter drivers have a primary child, `file` (a filter's single
+ * child is also called `file`); formats may have a `backing` child.
+ * Protocol drivers have none.  The core (node.c) owns the request tracker,
+ * permission bookkeeping, range checks of the public API and the walk down
+ * backing chains, so drivers implement only what they change.  A driver
+ * leaves an operation NULL when it lacks it: the core then answers for it
+ * (pass-through to `file` for filters, an emulation, or -ENOTSUP).
+ */
+#ifndef STRATA_NODE_H
+#define STRATA_NODE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <strata/strata.h>
+
+#include "block/tracker.h"
+#include "util/error.h"
+#include "util/opts.h"
+
+/* Permissions, numbered as QEMU numbers them (the lock bytes depend on
+ * it): bit i is lock byte 100+i when held, 200+i when not shared. */
+enum {
+  PERM_CONSISTENT_READ = 1u << 0,
+  PERM_WRITE = 1u << 1,
+  PERM_WRITE_UNCHANGED = 1u << 2,
+  PERM_RESIZE = 1u << 3,
+  PERM_ALL = 0xf,
+  PERM_COUNT = 4,
+};
+const char *perm_name (unsigned bit_index);
+
+/* One layer's answer to block_status. */
+#define BS_ALLOCATED STRATA_BS_ALLOCATED /* defined by this layer */
+#define BS_ZERO      STRATA_BS_ZERO
+#define BS_DATA      STRATA_BS_DATA
+#define BS_OFFSET    STRATA_BS_OFFSET    /* map/file are valid */
+#define BS_RECURSE   (1u << 8)           /* ask `file` at map for DATA/ZERO */
+
+struct bstat {
+  uint64_t pnum;            /* bytes covered, > 0 */
+  unsigned flags;
+  uint64_t map;             /* offset in `file` when BS_OFFSET */
+  struct strata_node *file; /* node holding the bytes when BS_OFFSET */
+};
+
+struct strata_driver {
+  const char *name;
+  size_t state_size;      /* bytes of zeroed driver state at node->opaque */
+  bool has_file_child;    /* the core opens `file` before calling open */
+  bool is_filter;         /* guest view == file's view (for pass-through) */
+
+  /* Score how likely BUF (the first bytes of a file) is this format;
+   * 0 = no.  Only format drivers. */
+  int (*probe) (const uint8_t *buf, size_t len);
+
+  bool (*open) (struct strata_node *node, strata_opts *opts, unsigned flags,
+                strata_error **errp);
+  void (*close) (struct strata_node *node);
+
+  /* Data path: return 0 or a negative errno; describe failures with
+   * io_error().  Ranges are already checked against overflow. */
+  int (*preadv) (struct strata_node *node, uint64_t offset, uint64_t len,
+                 const struct iovec *iov, int iovcnt, unsigned flags);
+  int (*pwritev) (struct strata_node *node, uint64_t offset, uint64_t len,
+                  const struct iovec *iov, int iovcnt, unsigned flags);
+  int (*pwrite_zeroes) (struct strata_node *node, uint64_t offset,
+                        uint64_t len, unsigned flags);
+  int (*pdiscard) (struct strata_node *node, uint64_t offset, uint64_t len,
+                   unsigned flags);
+  int (*flush) (struct strata_node *node);
+  int (*block_status) (struct strata_node *node, uint64_t offset,
+                       uint64_t len, struct bstat *bs);
+
+  /* Control path. */
+  int64_t (*get_length) (struct strata_node *node);
+  bool (*truncate) (struct strata_node *node, uint64_t size, unsigned flags,
+                    strata_error **errp);
+  bool (*get_info) (struct strata_node *node, struct strata_info *info,
+                    strata_error **errp);
+  /* Switch between read-only and read-write.  Children are reopened by the
+   * core first (going read-write) or last (going read-only). */
+  bool (*reopen) (struct strata_node *node, bool read_write,
+                  strata_error **errp);
+};
+
+struct strata_child {
+  char *name;               /* "file", "backing" */
+  struct strata_node *node;
+};
+
+#define NODE_MAX_CHILDREN 4
+
+struct strata_node {
+  const struct strata_driver *drv;
+  void *opaque;                  /* driver state, drv->state_size bytes */
+  char *node_name;
+  char *filename;                /* for messages: the file under this node */
+  unsigned open_flags;           /* STRATA_OPEN_* */
+  bool read_only;
+  unsigned perm, shared;         /* PERM_* held and shared */
+  atomic_int refcnt;
+
+  struct strata_child children[NODE_MAX_CHILDREN];
+  int nchildren;
+  struct strata_node *file;      /* == child "file", or NULL */
+  struct strata_node *backing;   /* == child "backing", or NULL */
+
+  struct tracker tracker;        /* requests in flight on this node */
+  pthread_mutex_t lock;          /* driver metadata; see DESIGN.md */
+};
+typedef struct strata_node strata_node;
+
+/* Open a node from OPTS (consumed: the caller still frees the list).  The
+ * "driver" key names the driver; without it the format is probed from
+ * `file`.  An unused option fails the open.  Returns a node with one
+ * reference, or NULL. */
+strata_node *node_open (strata_opts *opts, unsigned flags,
+                        strata_error **errp);
+
+/* Open an image file by name with an optional format; used for backing
+ * files and by the tools.  EXTRA may be NULL. */
+strata_node *node_open_image (const char *filename, const char *format,
+                              strata_opts *extra, unsigned flags,
+                              strata_error **errp);
+
+void node_ref (strata_node *node);
+void node_unref (strata_node *node);
+
+/* Attach CHILD (taking over the caller's reference) under NAME. */
+bool node_attach_child (strata_node *parent, const char *name,
+                        strata_node *child, strata_error **errp);
+/* Detach and drop the reference of child NAME, if any. */
+void node_detach_child (strata_node *parent, const char *name);
+
+/* Internal data path: requests between nodes.  No check against the
+ * node's length (a format may grow its file); overflow is refused. */
+int node_preadv (strata_node *node, uint64_t offset, uint64_t len,
+                 const struct iovec *iov, int iovcnt, unsigned flags);
+int node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
+                  const struct iovec *iov, int iovcnt, unsigned flags);
+int node_pread (strata_node *node, uint64_t offset, void *buf, size_t len,
+                unsigned flags);
+int node_pwrite (strata_node *node, uint64_t offset, const void *buf,
+                 size_t len, unsigned flags);
+int node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                        unsigned flags);
+int node_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
+                   unsigned flags);
+int node_flush (strata_node *node);
+/* One layer (and the file below it for DATA/ZERO). */
+int node_block_status (strata_node *node, uint64_t offset, uint64_t len,
+                       struct bstat *bs);
+int64_t node_length (strata_node *node);
+bool node_truncate (strata_node *node, uint64_t size, unsigned flags,
+                    strata_error **errp);
+
+/* Driver registry. */
+const struct strata_driver *driver_find (const char *name);
+extern const struct strata_driver file_driver;
+extern const struct strata_driver raw_driver;
+
+#endif

@@ -1,0 +1,177 @@
+/* strata: the raw format driver.
+ *
+ * The guest sees the bytes of the `file` child, optionally only the window
+ * [offset, offset+size) of it.  With a window the image cannot be resized
+ * (the window is fixed by the user), and every request is checked against
+ * the window here, because a caller between nodes is not range-checked by
+ * the core.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+
+#include "block/node.h"
+#include "util/checked.h"
+
+struct raw_state {
+  uint64_t offset;
+  uint64_t size;
+  bool has_size;    /* a window was given: size is fixed */
+};
+
+static int
+raw_probe (const uint8_t *buf, size_t len)
+{
+  (void) buf;
+  (void) len;
+  return 1;  /* anything is raw, as a last resort */
+}
+
+static bool
+raw_open (strata_node *node, strata_opts *opts, unsigned flags,
+          strata_error **errp)
+{
+  struct raw_state *s = node->opaque;
+  int64_t flen = node_length (node->file);
+
+  (void) flags;
+  s->has_size = opts_has (opts, "size");
+  if (!opts_get_size (opts, "offset", 0, &s->offset, errp)
+      || !opts_get_size (opts, "size", 0, &s->size, errp))
+    return false;
+  if (flen < 0) {
+    error_set (errp, -flen, "%s: cannot get the file size", node->filename);
+    return false;
+  }
+  if (s->offset > (uint64_t) flen) {
+    error_set (errp, EINVAL, "%s: offset %" PRIu64 " is past the end of the "
+               "file (%" PRId64 " bytes)", node->filename, s->offset, flen);
+    return false;
+  }
+  if (!s->has_size)
+    s->size = flen - s->offset;
+  else if (s->size > (uint64_t) flen - s->offset) {
+    error_set (errp, EINVAL, "%s: offset %" PRIu64 " plus size %" PRIu64
+               " is past the end of the file (%" PRId64 " bytes)",
+               node->filename, s->offset, s->size, flen);
+    return false;
+  }
+  return true;
+}
+
+static bool
+raw_windowed (const struct raw_state *s)
+{
+  return s->has_size || s->offset;
+}
+
+static int
+raw_check (strata_node *node, uint64_t offset, uint64_t len)
+{
+  struct raw_state *s = node->opaque;
+
+  if (raw_windowed (s) && !range_inside (offset, len, s->size))
+    return io_error (EIO, "%s: request at offset %" PRIu64 " length %" PRIu64
+                     " is outside the raw window of %" PRIu64 " bytes",
+                     node->filename, offset, len, s->size);
+  return 0;
+}
+
+static int
+raw_preadv (strata_node *node, uint64_t offset, uint64_t len,
+            const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+  int r = raw_check (node, offset, len);
+
+  return r ? r : node_preadv (node->file, s->offset + offset, len, iov,
+                              iovcnt, flags);
+}
+
+static int
+raw_pwritev (strata_node *node, uint64_t offset, uint64_t len,
+             const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+  int r = raw_check (node, offset, len);
+
+  return r ? r : node_pwritev (node->file, s->offset + offset, len, iov,
+                               iovcnt, flags);
+}
+
+static int
+raw_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                   unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+  int r = raw_check (node, offset, len);
+
+  return r ? r : node_pwrite_zeroes (node->file, s->offset + offset, len,
+                                     flags);
+}
+
+static int
+raw_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
+              unsigned flags)
+{
+  struct raw_state *s = node->opaque;
+  int r = raw_check (node, offset, len);
+
+  return r ? r : node_pdiscard (node->file, s->offset + offset, len, flags);
+}
+
+static int
+raw_block_status (strata_node *node, uint64_t offset, uint64_t len,
+                  struct bstat *bs)
+{
+  struct raw_state *s = node->opaque;
+
+  *bs = (struct bstat){
+    .pnum = len,
+    .flags = BS_ALLOCATED | BS_OFFSET | BS_RECURSE,
+    .map = s->offset + offset,
+    .file = node->file,
+  };
+  return 0;
+}
+
+static int64_t
+raw_get_length (strata_node *node)
+{
+  struct raw_state *s = node->opaque;
+  int64_t flen;
+
+  if (raw_windowed (s))
+    return s->size;
+  flen = node_length (node->file);
+  return flen;
+}
+
+static bool
+raw_truncate (strata_node *node, uint64_t size, unsigned flags,
+              strata_error **errp)
+{
+  struct raw_state *s = node->opaque;
+
+  if (raw_windowed (s)) {
+    error_set (errp, ENOTSUP, "%s: cannot resize a raw image with an offset "
+               "or size window", node->filename);
+    return false;
+  }
+  return node_truncate (node->file, size, flags, errp);
+}
+
+const struct strata_driver raw_driver = {
+  .name           = "raw",
+  .state_size     = sizeof (struct raw_state),
+  .has_file_child = true,
+  .probe          = raw_probe,
+  .open           = raw_open,
+  .preadv         = raw_preadv,
+  .pwritev        = raw_pwritev,
+  .pwrite_zeroes  = raw_pwrite_zeroes,
+  .pdiscard       = raw_pdiscard,
+  .block_status   = raw_block_status,
+  .get_length     = raw_get_length,
+  .truncate       = raw_truncate,
+};
