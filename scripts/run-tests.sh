@@ -12,25 +12,35 @@ export STRATA_BUILD=$build
 passed=0
 failed=0
 
-# Unit tests.
-meson_out=$(meson test -C "$build" --suite unit --print-errorlogs 2>&1)
-meson_rc=$?
-echo "$meson_out" | grep -E '^ *[0-9]+/[0-9]+ ' || true
-ok=$(echo "$meson_out" | sed -n 's/^Ok: *\([0-9]*\).*/\1/p' | tail -1)
-bad=$(echo "$meson_out" | sed -n 's/^Fail: *\([0-9]*\).*/\1/p' | tail -1)
-to=$(echo "$meson_out" | sed -n 's/^Timeout: *\([0-9]*\).*/\1/p' | tail -1)
-passed=$((passed + ${ok:-0}))
-failed=$((failed + ${bad:-0} + ${to:-0}))
-if ((meson_rc != 0)); then
-  echo "$meson_out" | tail -40
-  if ((${bad:-0} + ${to:-0} == 0)); then
-    failed=$((failed + 1))  # meson itself failed
-  fi
-fi
-
-# Integration tests.
+# Unit tests: meson runs each test program; each program prints its own
+# "N passed, N failed" line, which is what we count.  A program that died
+# without printing it counts as one failure.
+meson test -C "$build" --suite unit --print-errorlogs >"$build/unit.out" 2>&1
+grep -E '^ *[0-9]+/[0-9]+ ' "$build/unit.out" || tail -20 "$build/unit.out"
 py=/usr/bin/python3
 [[ -x $py ]] || py=python3
+counts=$($py - "$build/meson-logs/testlog.json" <<'PY'
+import json, re, sys
+p = f = 0
+try:
+    lines = open(sys.argv[1]).read().splitlines()
+except OSError:
+    print("0 1"); sys.exit()
+for line in lines:
+    t = json.loads(line)
+    m = re.findall(r"^(\d+) passed, (\d+) failed$", t.get("stdout", ""), re.M)
+    if m:
+        p += int(m[-1][0]); f += int(m[-1][1])
+    if t.get("result") != "OK" and (not m or int(m[-1][1]) == 0):
+        f += 1
+        print(f"unit test {t.get('name')} {t.get('result')}", file=sys.stderr)
+print(p, f)
+PY
+)
+passed=$((passed + ${counts% *}))
+failed=$((failed + ${counts#* }))
+
+# Integration tests.
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
 $py -m pytest -q -p no:cacheprovider "$top/tests/integration" \
