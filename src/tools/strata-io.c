@@ -611,7 +611,7 @@ main (int argc, char **argv)
     { NULL, 0, NULL, 0 },
   };
   struct io_ctx io = { 0 };
-  const char **cmds = calloc (argc, sizeof *cmds);
+  CLEANUP_FREE const char **cmds = calloc (argc, sizeof *cmds);
   const char *cache = "writeback", *extra = NULL;
   unsigned flags = STRATA_OPEN_RDWR;
   int ncmds = 0, c, failed = 0;
@@ -697,6 +697,5 @@ main (int argc, char **argv)
   if (strata_flush (io.node, 0) < 0)
     failed = 1;
   strata_close (io.node);
-  free (cmds);
   return failed;
 }
