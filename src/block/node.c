@@ -31,6 +31,16 @@ driver_find (const char *name)
   return NULL;
 }
 
+bool
+probe_finds_format (const uint8_t *buf, size_t len)
+{
+  for (size_t i = 0; i < sizeof drivers / sizeof drivers[0]; i++)
+    if (drivers[i] != &raw_driver && drivers[i]->probe
+        && drivers[i]->probe (buf, len) > 0)
+      return true;
+  return false;
+}
+
 const char *
 perm_name (unsigned i)
 {
@@ -229,6 +239,8 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
     error_set (errp, EINVAL, "Unknown driver '%s'", drvname);
     return NULL;
   }
+  bool probed = false;
+
   file_opts = opts_extract (opts, "file");
   if (!file_opts) {
     error_set (errp, ENOMEM, "out of memory");
@@ -250,9 +262,12 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
     opts_free (file_opts);
     if (!file)
       return NULL;
-    if (!drv && !(drv = probe_format (file, errp))) {
-      node_unref (file);
-      return NULL;
+    if (!drv) {
+      if (!(drv = probe_format (file, errp))) {
+        node_unref (file);
+        return NULL;
+      }
+      probed = true;
     }
   }
   else if (file_opts->n) {
@@ -270,6 +285,7 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
     error_set (errp, ENOMEM, "out of memory");
     return NULL;
   }
+  node->format_probed = probed;
   if (file) {
     if (!node_attach_child (node, "file", file, errp)) {
       node_unref (file);

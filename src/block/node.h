@@ -111,6 +111,7 @@ struct strata_node {
   char *filename;                /* for messages: the file under this node */
   unsigned open_flags;           /* STRATA_OPEN_* */
   bool read_only;
+  bool format_probed;             /* the format was guessed, not named */
   unsigned perm, shared;         /* PERM_* held and shared */
   atomic_int refcnt;
 
@@ -169,6 +170,9 @@ bool node_truncate (strata_node *node, uint64_t size, unsigned flags,
                     strata_error **errp);
 
 /* Driver registry. */
+/* Would BUF (the start of an image) probe as a format other than raw?
+ * Used to stop writes into a probed raw image from changing its format. */
+bool probe_finds_format (const uint8_t *buf, size_t len);
 const struct strata_driver *driver_find (const char *name);
 extern const struct strata_driver file_driver;
 extern const struct strata_driver raw_driver;

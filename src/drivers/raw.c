@@ -5,6 +5,11 @@
  * (the window is fixed by the user), and every request is checked against
  * the window here, because a caller between nodes is not range-checked by
  * the core.
+ *
+ * When the format was probed rather than named, a write must not change
+ * what the first sector probes as: otherwise a guest could write a qcow2
+ * header into its raw disk and make the next open follow a backing file of
+ * its choosing on the host.  Such writes fail with EPERM, as in QEMU.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -88,6 +93,35 @@ raw_preadv (strata_node *node, uint64_t offset, uint64_t len,
                               iovcnt, flags);
 }
 
+/* Refuse a write into sector 0 of a probed image that would make it probe
+ * as another format. */
+static int
+raw_check_probed_write (strata_node *node, uint64_t offset, uint64_t len,
+                        const struct iovec *iov, int iovcnt)
+{
+  struct raw_state *s = node->opaque;
+  uint8_t sector[512];
+  uint64_t pos = offset;
+  int r;
+
+  if (!node->format_probed || offset >= sizeof sector)
+    return 0;
+  r = node_pread (node->file, s->offset, sector, sizeof sector, 0);
+  if (r < 0)
+    return r;
+  for (int i = 0; i < iovcnt && pos < sizeof sector; i++) {
+    size_t n = MIN (iov[i].iov_len, sizeof sector - pos);
+    memcpy (sector + pos, iov[i].iov_base, n);
+    pos += iov[i].iov_len;
+  }
+  (void) len;
+  if (probe_finds_format (sector, sizeof sector))
+    return io_error (EPERM, "%s: refusing to write an image header into "
+                     "sector 0 of an image whose format was probed as raw; "
+                     "name the format (-f raw) to allow it", node->filename);
+  return 0;
+}
+
 static int
 raw_pwritev (strata_node *node, uint64_t offset, uint64_t len,
              const struct iovec *iov, int iovcnt, unsigned flags)
@@ -95,6 +129,8 @@ raw_pwritev (strata_node *node, uint64_t offset, uint64_t len,
   struct raw_state *s = node->opaque;
   int r = raw_check (node, offset, len);
 
+  if (r == 0)
+    r = raw_check_probed_write (node, offset, len, iov, iovcnt);
   return r ? r : node_pwritev (node->file, s->offset + offset, len, iov,
                                iovcnt, flags);
 }

@@ -666,6 +666,18 @@ main (int argc, char **argv)
     return 1;
   }
 
+  if (!io.format) {
+    struct strata_info info;
+    if (strata_get_info (io.node, &info, 0, NULL)
+        && strcmp (info.format, "raw") == 0)
+      fprintf (stderr, "WARNING: Image format was not specified for '%s' and "
+               "probing guessed raw.\n         Automatically detecting the "
+               "format is dangerous for raw images, write operations on "
+               "block 0 will be restricted.\n         Specify the 'raw' "
+               "format explicitly to remove the restrictions.\n",
+               io.filename);
+  }
+
   if (ncmds) {
     for (int i = 0; i < ncmds; i++) {
       int r = run_command (&io, cmds[i]);
