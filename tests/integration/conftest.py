@@ -5,7 +5,9 @@ $STRATA_BUILD (default: build/ at the top of the tree).  QEMU's and libnbd's
 tools are the oracles; a test that needs a missing peer fails and says
 what to install (scripts/deps.sh installs them all) instead of skipping.
 """
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -55,3 +57,50 @@ def qemu_io():
 @pytest.fixture
 def qemu_img():
     return need("qemu-img", "qemu-utils")
+
+
+# ---- helpers for the qemu-io interop tests (test_io_*.py, test_locking.py)
+
+
+# qemu-io's second report line: "512 bytes, 1 ops; 00.00 sec (...)".
+TIMING_RE = re.compile(
+    r"^[0-9.]+ (bytes|KiB|MiB|GiB|TiB|PiB|EiB), [0-9]+ ops; "
+    r"[0-9:.]+ sec \([0-9.]+ (bytes|KiB|MiB|GiB|TiB|PiB|EiB)/sec and "
+    r"[0-9.]+ ops/sec\)$")
+
+
+def drop_timing(text):
+    """TEXT's lines without qemu-io's timing lines, which differ per run.
+    Fails when a line looks like a timing line but is malformed."""
+    lines = []
+    for line in text.splitlines():
+        if " ops; " in line:
+            assert TIMING_RE.match(line), f"malformed timing line: {line!r}"
+            continue
+        lines.append(line)
+    return lines
+
+
+def file_state(path):
+    """(size, sha256) of the file at PATH, to prove it was not touched."""
+    data = Path(path).read_bytes()
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def io_cmds(*cmds):
+    """["-c", CMD, ...] for qemu-io and strata-io."""
+    args = []
+    for c in cmds:
+        args += ["-c", c]
+    return args
+
+
+def make_image(path, size=0, data=None):
+    """Create a raw image at PATH: DATA if given, else SIZE sparse bytes."""
+    path = Path(path)
+    if data is not None:
+        path.write_bytes(data)
+    else:
+        with open(path, "wb") as f:
+            f.truncate(size)
+    return path
