@@ -459,6 +459,11 @@ cmd_reopen (struct io_ctx *io, int argc, char **argv)
     else
       return -1;
   }
+  if (optind != argc) {
+    fprintf (stderr, "bad argument count %d to reopen, expected 0 "
+             "arguments\n", argc - optind);
+    return -1;
+  }
   if (rw < 0)
     return 0;
   if (!strata_reopen (io->node, rw, 0, &err)) {
@@ -474,25 +479,31 @@ static int cmd_help (struct io_ctx *io, int argc, char **argv);
 struct command {
   const char *name;
   int (*fn) (struct io_ctx *io, int argc, char **argv);
+  int argmin, argmax;   /* qemu-io's bounds on words after the name;
+                         * argmax -1: no bound */
   const char *usage;
 };
 
 static const struct command commands[] = {
-  { "discard", cmd_discard, "discard [-q] off len -- discards a number of "
-    "bytes at a specified offset" },
-  { "flush", cmd_flush, "flush -- flush all in-core file state to disk" },
-  { "help", cmd_help, "help [command] -- help for one or all commands" },
-  { "info", cmd_info, "info -- prints information about the current file" },
-  { "length", cmd_length, "length -- gets the length of the current file" },
-  { "map", cmd_map, "map  -- prints the allocated areas of a file" },
-  { "read", cmd_read, "read [-qv] [-P pattern] off len -- reads a number of "
-    "bytes at a specified offset" },
-  { "reopen", cmd_reopen, "reopen [(-r|-w)] -- reopens an image read-only "
-    "or read-write" },
-  { "truncate", cmd_truncate, "truncate off -- truncates the current file "
-    "at the given offset" },
-  { "write", cmd_write, "write [-fquz] [-P pattern] off len -- writes a "
+  { "discard", cmd_discard, 2, -1, "discard [-q] off len -- discards a "
     "number of bytes at a specified offset" },
+  { "flush", cmd_flush, 0, 0, "flush -- flush all in-core file state to "
+    "disk" },
+  { "help", cmd_help, 0, 1, "help [command] -- help for one or all "
+    "commands" },
+  { "info", cmd_info, 0, 0, "info -- prints information about the current "
+    "file" },
+  { "length", cmd_length, 0, 0, "length -- gets the length of the current "
+    "file" },
+  { "map", cmd_map, 0, 0, "map  -- prints the allocated areas of a file" },
+  { "read", cmd_read, 2, -1, "read [-qv] [-P pattern] off len -- reads a "
+    "number of bytes at a specified offset" },
+  { "reopen", cmd_reopen, 0, -1, "reopen [(-r|-w)] -- reopens an image "
+    "read-only or read-write" },
+  { "truncate", cmd_truncate, 1, 3, "truncate off -- truncates the current "
+    "file at the given offset" },
+  { "write", cmd_write, 2, -1, "write [-fquz] [-P pattern] off len -- "
+    "writes a number of bytes at a specified offset" },
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
 
@@ -503,7 +514,8 @@ cmd_help (struct io_ctx *io, int argc, char **argv)
   for (size_t i = 0; i < NCOMMANDS; i++)
     if (argc < 2 || strcmp (argv[1], commands[i].name) == 0)
       printf ("%s\n", commands[i].usage);
-  printf ("quit -- exit the program\n");
+  if (argc < 2 || strcmp (argv[1], "quit") == 0)  /* "help read": one line */
+    printf ("quit -- exit the program\n");
   return 0;
 }
 
@@ -518,6 +530,27 @@ split_line (char *line, char **argv, int max)
     argv[argc++] = tok;
   argv[argc] = NULL;
   return argc;
+}
+
+/* qemu-io checks the word count before running a command, with these
+ * messages; without it "length x" would run and succeed. */
+static bool
+check_argc (const struct command *cmd, int argc)
+{
+  int n = argc - 1;
+
+  if (n >= cmd->argmin && (cmd->argmax < 0 || n <= cmd->argmax))
+    return true;
+  if (cmd->argmax < 0)
+    fprintf (stderr, "bad argument count %d to %s, expected at least %d "
+             "arguments\n", n, cmd->name, cmd->argmin);
+  else if (cmd->argmin == cmd->argmax)
+    fprintf (stderr, "bad argument count %d to %s, expected %d arguments\n",
+             n, cmd->name, cmd->argmin);
+  else
+    fprintf (stderr, "bad argument count %d to %s, expected between %d and "
+             "%d arguments\n", n, cmd->name, cmd->argmin, cmd->argmax);
+  return false;
 }
 
 /* Run one command line.  Returns 0, -1 on failure, 1 for quit. */
@@ -537,7 +570,8 @@ run_command (struct io_ctx *io, const char *cmdline)
     return 1;
   for (size_t i = 0; i < NCOMMANDS; i++) {
     if (strcmp (argv[0], commands[i].name) == 0) {
-      int r = commands[i].fn (io, argc, argv);
+      int r = check_argc (&commands[i], argc)
+                  ? commands[i].fn (io, argc, argv) : -1;
       fflush (stdout);
       return r;
     }
