@@ -112,9 +112,14 @@ dump_buffer (const uint8_t *p, uint64_t offset, uint64_t len)
 static bool
 cvtnum (const char *s, uint64_t *out)
 {
-  if (!parse_size (s, out) || *out > INT64_MAX) {
+  if (!parse_size (s, out)) {
     printf ("Parsing error: non-numeric argument, or extraneous/"
             "unrecognized suffix -- %s\n", s);
+    return false;
+  }
+  if (*out > INT64_MAX) {
+    /* A number, just too big: qemu-io's ERANGE message. */
+    printf ("Parsing error: argument too large -- %s\n", s);
     return false;
   }
   return true;
