@@ -104,9 +104,39 @@ struct strata_info {
   uint32_t cluster_size;    /* 0 when the format has none */
   bool read_only;
   bool has_backing;
+  bool dirty;                     /* qcow2 dirty bit (lazy refcounts) */
+  const char *backing_filename;   /* as recorded in the image, or NULL */
+  const char *backing_format;     /* as recorded in the image, or NULL */
+  const char *full_backing_filename;  /* the path actually opened */
+
+  /* Format-specific fields, valid when format_specific is set to the
+   * format's name ("qcow2"). */
+  const char *format_specific;
+  struct {
+    const char *compat;           /* "0.10" or "1.1" */
+    const char *compression_type; /* "zlib" or "zstd" */
+    bool lazy_refcounts;
+    int refcount_bits;
+    bool corrupt;
+    bool extended_l2;
+  } qcow2;
 };
 bool strata_get_info (strata_node *node, struct strata_info *info,
                       unsigned flags, strata_error **errp);
+
+/* The next layer of the backing chain below NODE (skipping filters), or
+ * NULL.  Borrowed: valid while NODE is open. */
+strata_node *strata_backing (strata_node *node);
+
+/* Create an image.  FORMAT names the driver ("raw", "qcow2"); OPTIONS is
+ * "key=value,..." with "size" and the format's creation options as
+ * qemu-img create -o takes them ("cluster_size=65536,backing_file=b").
+ * An option the format does not know fails, naming it; on failure no new
+ * file is left behind. */
+#define STRATA_CREATE_DRY_RUN (1u << 0) /* only validate the arguments */
+bool strata_create (const char *filename, const char *format,
+                    const char *options, unsigned flags,
+                    strata_error **errp);
 
 #ifdef __cplusplus
 }

@@ -270,6 +270,7 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
     .virtual_size = size,
     .read_only = node->read_only,
     .has_backing = node->backing != NULL,
+    .full_backing_filename = node->backing ? node->backing->filename : NULL,
   };
   if (node->drv->get_info && !node->drv->get_info (node, info, errp))
     return false;
@@ -282,4 +283,53 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
     info->actual_size = b.actual_size;
   }
   return true;
+}
+
+strata_node *
+strata_backing (strata_node *node)
+{
+  while (node->drv->is_filter && node->file)
+    node = node->file;
+  return node->backing;
+}
+
+bool
+strata_create (const char *filename, const char *format, const char *options,
+               unsigned flags, strata_error **errp)
+{
+  const struct strata_driver *drv = format ? driver_find (format) : NULL;
+  strata_opts *opts;
+  bool ok;
+
+  if (!drv) {
+    error_set (errp, EINVAL, "%s: Unknown file format '%s'", filename,
+               format ? format : "(none)");
+    return false;
+  }
+  if (!drv->create) {
+    error_set (errp, ENOTSUP, "%s: format '%s' does not support image "
+               "creation", filename, format);
+    return false;
+  }
+  if (!(opts = opts_new ())) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  ok = !options || opts_parse (opts, options, errp);
+  /* Refuse unknown options before anything touches the disk. */
+  for (size_t i = 0; ok && i < opts->n; i++) {
+    const char *const *k = drv->create_options;
+
+    while (k && *k && strcmp (*k, opts->v[i].key) != 0)
+      k++;
+    if (!k || !*k) {
+      error_set (errp, EINVAL, "%s: Invalid parameter '%s' for format '%s'",
+                 filename, opts->v[i].key, format);
+      ok = false;
+    }
+  }
+  if (!(flags & STRATA_CREATE_DRY_RUN))
+    ok = ok && drv->create (filename, opts, errp);
+  opts_free (opts);
+  return ok;
 }

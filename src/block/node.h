@@ -85,6 +85,17 @@ struct strata_driver {
   int (*block_status) (struct strata_node *node, uint64_t offset,
                        uint64_t len, struct bstat *bs);
 
+  /* Create an image file named FILENAME.  OPTS holds "size" and the
+   * format's creation options (qemu-img create -o ...), already checked
+   * against create_options.  The driver validates every value before it
+   * touches the disk; on failure nothing is left behind that was not there
+   * before. */
+  bool (*create) (const char *filename, strata_opts *opts,
+                  strata_error **errp);
+  /* NULL-terminated names of the options create() accepts; the core
+   * refuses any other before calling it. */
+  const char *const *create_options;
+
   /* Control path. */
   int64_t (*get_length) (struct strata_node *node);
   bool (*truncate) (struct strata_node *node, uint64_t size, unsigned flags,
@@ -168,6 +179,12 @@ int node_block_status (strata_node *node, uint64_t offset, uint64_t len,
 int64_t node_length (strata_node *node);
 bool node_truncate (strata_node *node, uint64_t size, unsigned flags,
                     strata_error **errp);
+
+/* Create (or truncate) FILENAME as a plain file of SIZE bytes with
+ * PREALLOC "off", "falloc" or "full" (NULL = "off").  A file this call
+ * created is removed again if it fails. */
+bool file_create (const char *filename, uint64_t size, const char *prealloc,
+                  strata_error **errp);
 
 /* Driver registry. */
 /* Would BUF (the start of an image) probe as a format other than raw?

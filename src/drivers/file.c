@@ -778,3 +778,66 @@ const struct strata_driver file_driver = {
   .truncate      = file_truncate,
   .get_info      = file_get_info,
 };
+
+/* ---- creation ---- */
+
+static int
+write_zeroes_fd (int fd, uint64_t size)
+{
+  static const char zeroes[65536];
+
+  for (uint64_t off = 0; off < size;) {
+    ssize_t n = pwrite (fd, zeroes, MIN (sizeof zeroes, size - off), off);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return -errno;
+    off += n;
+  }
+  return 0;
+}
+
+bool
+file_create (const char *filename, uint64_t size, const char *prealloc,
+             strata_error **errp)
+{
+  bool existed = access (filename, F_OK) == 0;
+  int fd, r = 0;
+
+  if (!prealloc)
+    prealloc = "off";
+  if (strcmp (prealloc, "off") && strcmp (prealloc, "falloc")
+      && strcmp (prealloc, "full")) {
+    error_set (errp, EINVAL, "%s: invalid preallocation mode '%s' (off, "
+               "falloc or full)", filename, prealloc);
+    return false;
+  }
+  if (size > INT64_MAX) {
+    error_set (errp, EFBIG, "%s: size %" PRIu64 " is too large", filename,
+               size);
+    return false;
+  }
+  fd = open (filename, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    error_set_errno (errp, errno, "Could not create '%s'", filename);
+    return false;
+  }
+  if (ftruncate (fd, size) < 0)
+    r = -errno;
+  else if (strcmp (prealloc, "falloc") == 0 && size
+           && fallocate (fd, 0, 0, size) < 0)
+    r = -errno;
+  else if (strcmp (prealloc, "full") == 0)
+    r = write_zeroes_fd (fd, size);
+  if (r == 0 && fsync (fd) < 0)
+    r = -errno;
+  close (fd);
+  if (r < 0) {
+    if (!existed)
+      unlink (filename);
+    error_set_errno (errp, -r, "Could not create '%s' with %" PRIu64
+                     " bytes (preallocation=%s)", filename, size, prealloc);
+    return false;
+  }
+  return true;
+}

@@ -197,12 +197,29 @@ raw_truncate (strata_node *node, uint64_t size, unsigned flags,
   return node_truncate (node->file, size, flags, errp);
 }
 
+static bool
+raw_create (const char *filename, strata_opts *opts, strata_error **errp)
+{
+  uint64_t size;
+
+  if (!opts_get_size (opts, "size", 0, &size, errp))
+    return false;
+  return file_create (filename, size, opts_get (opts, "preallocation"),
+                      errp);
+}
+
+static const char *const raw_create_options[] = {
+  "size", "preallocation", NULL,
+};
+
 const struct strata_driver raw_driver = {
   .name           = "raw",
   .state_size     = sizeof (struct raw_state),
   .has_file_child = true,
   .probe          = raw_probe,
   .open           = raw_open,
+  .create         = raw_create,
+  .create_options = raw_create_options,
   .preadv         = raw_preadv,
   .pwritev        = raw_pwritev,
   .pwrite_zeroes  = raw_pwrite_zeroes,

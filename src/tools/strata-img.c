@@ -1,0 +1,747 @@
+/* strata-img: image tool with qemu-img's subcommands, options, exit codes
+ * and JSON field names, so scripts written for qemu-img work unchanged.
+ *
+ *   create   -f FMT [-b BACKING -F BFMT] [-u] [-o OPTS] [-q] FILE [SIZE]
+ *   info     [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
+ *   map      [--output=human|json] [--start-offset=O] [--max-length=L]
+ *            [-U] [-f FMT] FILE
+ *   check    [-r leaks|all] [--output=human|json] [-U] [-f FMT] FILE
+ *   compare  [-s] [-q] [-U] [-f FMT] [-F FMT] A B
+ *
+ * Exit codes are qemu-img's: 0 success, 1 failure (compare: different),
+ * 2 error (compare), and check's 0/1/2/3/63.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <strata/strata.h>
+
+#include "util/checked.h"
+#include "util/cleanup.h"
+#include "util/opts.h"
+
+static const char *progname = "strata-img";
+
+static void
+fail_msg (const char *msg)
+{
+  fprintf (stderr, "%s: %s\n", progname, msg);
+}
+
+static void
+fail_err (strata_error *err)
+{
+  fail_msg (strata_error_message (err));
+  strata_error_free (err);
+}
+
+enum output { OUTPUT_HUMAN, OUTPUT_JSON };
+
+static bool
+parse_output (const char *s, enum output *out)
+{
+  if (strcmp (s, "human") == 0)
+    *out = OUTPUT_HUMAN;
+  else if (strcmp (s, "json") == 0)
+    *out = OUTPUT_JSON;
+  else {
+    fprintf (stderr, "%s: --output must be used with human or json as "
+             "argument.\n", progname);
+    return false;
+  }
+  return true;
+}
+
+/* qemu's size_to_str(): three significant digits, binary units, switching
+ * to the next unit from 1000 of the current one. */
+static void
+size_to_str (uint64_t val, char *buf, size_t len)
+{
+  static const char *const suffixes[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi",
+                                          "Ei" };
+  int e, i;
+
+  frexp (val / (1000.0 / 1024.0), &e);
+  i = (e - 1) / 10;
+  if (i < 0)
+    i = 0;
+  if (i > 6)
+    i = 6;
+  snprintf (buf, len, "%0.3g %sB", (double) val / (double) (UINT64_C (1) << (i * 10)),
+            suffixes[i]);
+}
+
+static strata_node *
+open_image (const char *filename, const char *fmt, bool force_share, bool rw,
+            const char *extra)
+{
+  strata_error *err = NULL;
+  unsigned flags = (rw ? STRATA_OPEN_RDWR : 0)
+                   | (force_share ? STRATA_OPEN_FORCE_SHARE : 0);
+  strata_node *n = strata_open (filename, fmt, extra, flags, &err);
+
+  if (!n) {
+    fprintf (stderr, "%s: Could not open '%s': %s\n", progname, filename,
+             strata_error_message (err));
+    strata_error_free (err);
+  }
+  return n;
+}
+
+/* ---- create ---- */
+
+static int
+cmd_create (int argc, char **argv)
+{
+  static const struct option lopts[] = {
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+  };
+  const char *fmt = "raw", *backing = NULL, *bfmt = NULL, *filename;
+  CLEANUP_FREE char *options = NULL;
+  bool quiet = false, unsafe = false;
+  uint64_t size = 0;
+  bool have_size = false;
+  strata_error *err = NULL;
+  int c;
+
+  while ((c = getopt_long (argc, argv, "+f:b:F:uo:qh", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'f': fmt = optarg; break;
+    case 'b': backing = optarg; break;
+    case 'F': bfmt = optarg; break;
+    case 'u': unsafe = true; break;
+    case 'q': quiet = true; break;
+    case 'o': {
+      char *n;
+      if (asprintf (&n, "%s%s%s", options ? options : "", options ? "," : "",
+                    optarg) < 0)
+        return 1;
+      free (options);
+      options = n;
+      break;
+    }
+    case 'h':
+      printf ("usage: %s create [-f FMT] [-b BACKING -F BFMT] [-u] "
+              "[-o OPTS] [-q] FILE [SIZE]\n", progname);
+      return 0;
+    default: return 1;
+    }
+  }
+  if (optind >= argc) {
+    fail_msg ("Expecting image file name");
+    return 1;
+  }
+  filename = argv[optind++];
+  if (optind < argc) {
+    const char *s = argv[optind++];
+    if (s[0] == '-' || !parse_size (s, &size) || size > INT64_MAX) {
+      fprintf (stderr, "%s: Invalid image size specified. Must be between 0 "
+               "and 9223372036854775807.\n", progname);
+      return 1;
+    }
+    have_size = true;
+  }
+  if (optind < argc) {
+    fprintf (stderr, "%s: Unexpected argument: %s\n", progname, argv[optind]);
+    return 1;
+  }
+  if (bfmt && !backing) {
+    fail_msg ("-F requires -b (a backing file)");
+    return 1;
+  }
+
+  /* The size defaults to the backing file's. */
+  if (backing && !have_size) {
+    strata_node *b;
+    int64_t bsize;
+
+    if (unsafe) {
+      fail_msg ("Image creation needs a size parameter");
+      return 1;
+    }
+    b = open_image (backing, bfmt, true, false, NULL);
+    if (!b)
+      return 1;
+    bsize = strata_length (b);
+    strata_close (b);
+    if (bsize < 0) {
+      fprintf (stderr, "%s: %s: cannot get the size of the backing file\n",
+               progname, backing);
+      return 1;
+    }
+    size = bsize;
+    have_size = true;
+  }
+  else if (backing && !unsafe) {
+    /* Make sure the backing file can be opened, as qemu-img does. */
+    strata_node *b = open_image (backing, bfmt, true, false, NULL);
+    if (!b)
+      return 1;
+    strata_close (b);
+  }
+  if (!have_size) {
+    fail_msg ("Image creation needs a size parameter");
+    return 1;
+  }
+
+  {
+    char sizebuf[32];
+    CLEANUP_FREE char *all = NULL;
+
+    snprintf (sizebuf, sizeof sizebuf, "%" PRIu64, size);
+    if (asprintf (&all, "size=%s%s%s%s%s%s%s", sizebuf,
+                  backing ? ",backing_file=" : "", backing ? backing : "",
+                  bfmt ? ",backing_fmt=" : "", bfmt ? bfmt : "",
+                  options ? "," : "", options ? options : "") < 0)
+      return 1;
+    if (!strata_create (filename, fmt, all, STRATA_CREATE_DRY_RUN, &err)) {
+      fail_err (err);
+      return 1;
+    }
+    if (!quiet) {
+      printf ("Formatting '%s', fmt=%s size=%" PRIu64 "%s%s%s%s\n", filename,
+              fmt, size, backing ? " backing_file=" : "",
+              backing ? backing : "", bfmt ? " backing_fmt=" : "",
+              bfmt ? bfmt : "");
+      fflush (stdout);
+    }
+    if (!strata_create (filename, fmt, all, 0, &err)) {
+      fail_err (err);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* ---- info ---- */
+
+static json_t *
+info_json (const struct strata_info *i)
+{
+  json_t *o = json_object ();
+
+  if (i->backing_format)
+    json_object_set_new (o, "backing-filename-format",
+                         json_string (i->backing_format));
+  json_object_set_new (o, "virtual-size", json_integer (i->virtual_size));
+  json_object_set_new (o, "filename", json_string (i->filename));
+  if (i->cluster_size)
+    json_object_set_new (o, "cluster-size", json_integer (i->cluster_size));
+  json_object_set_new (o, "format", json_string (i->format));
+  json_object_set_new (o, "actual-size", json_integer (i->actual_size));
+  if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
+    json_t *fs = json_object (), *d = json_object ();
+
+    json_object_set_new (fs, "type", json_string ("qcow2"));
+    json_object_set_new (d, "compat", json_string (i->qcow2.compat));
+    if (strcmp (i->qcow2.compat, "0.10") != 0) {
+      json_object_set_new (d, "compression-type",
+                           json_string (i->qcow2.compression_type));
+      json_object_set_new (d, "lazy-refcounts",
+                           json_boolean (i->qcow2.lazy_refcounts));
+    }
+    else
+      json_object_set_new (d, "compression-type",
+                           json_string (i->qcow2.compression_type));
+    json_object_set_new (d, "refcount-bits",
+                         json_integer (i->qcow2.refcount_bits));
+    if (strcmp (i->qcow2.compat, "0.10") != 0) {
+      json_object_set_new (d, "corrupt", json_boolean (i->qcow2.corrupt));
+      json_object_set_new (d, "extended-l2",
+                           json_boolean (i->qcow2.extended_l2));
+    }
+    json_object_set_new (fs, "data", d);
+    json_object_set_new (o, "format-specific", fs);
+  }
+  if (i->backing_filename) {
+    json_object_set_new (o, "full-backing-filename",
+                         json_string (i->full_backing_filename
+                                          ? i->full_backing_filename
+                                          : i->backing_filename));
+    json_object_set_new (o, "backing-filename",
+                         json_string (i->backing_filename));
+  }
+  json_object_set_new (o, "dirty-flag", json_boolean (i->dirty));
+  return o;
+}
+
+static void
+info_human (const struct strata_info *i)
+{
+  char s[32];
+
+  printf ("image: %s\n", i->filename);
+  printf ("file format: %s\n", i->format);
+  size_to_str (i->virtual_size, s, sizeof s);
+  printf ("virtual size: %s (%" PRIu64 " bytes)\n", s, i->virtual_size);
+  size_to_str (i->actual_size, s, sizeof s);
+  printf ("disk size: %s\n", s);
+  if (i->cluster_size)
+    printf ("cluster_size: %u\n", i->cluster_size);
+  if (i->backing_filename) {
+    printf ("backing file: %s", i->backing_filename);
+    if (i->full_backing_filename
+        && strcmp (i->full_backing_filename, i->backing_filename) != 0)
+      printf (" (actual path: %s)", i->full_backing_filename);
+    printf ("\n");
+    if (i->backing_format)
+      printf ("backing file format: %s\n", i->backing_format);
+  }
+  if (i->dirty)
+    printf ("cleanly shut down: no\n");
+  if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
+    printf ("Format specific information:\n");
+    printf ("    compat: %s\n", i->qcow2.compat);
+    printf ("    compression type: %s\n", i->qcow2.compression_type);
+    if (strcmp (i->qcow2.compat, "0.10") != 0)
+      printf ("    lazy refcounts: %s\n",
+              i->qcow2.lazy_refcounts ? "true" : "false");
+    printf ("    refcount bits: %d\n", i->qcow2.refcount_bits);
+    if (strcmp (i->qcow2.compat, "0.10") != 0) {
+      printf ("    corrupt: %s\n", i->qcow2.corrupt ? "true" : "false");
+      printf ("    extended l2: %s\n", i->qcow2.extended_l2 ? "true" : "false");
+    }
+  }
+}
+
+static void
+print_json (json_t *j)
+{
+  char *s = json_dumps (j, JSON_INDENT (4) | JSON_PRESERVE_ORDER);
+
+  if (s)
+    printf ("%s\n", s);
+  free (s);
+}
+
+static int
+cmd_info (int argc, char **argv)
+{
+  static const struct option lopts[] = {
+    { "output", required_argument, NULL, 'O' },
+    { "backing-chain", no_argument, NULL, 'B' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "format", required_argument, NULL, 'f' },
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+  };
+  enum output out = OUTPUT_HUMAN;
+  bool chain = false, force_share = false;
+  const char *fmt = NULL;
+  strata_node *top, *n;
+  json_t *arr;
+  int c, ret = 0;
+
+  while ((c = getopt_long (argc, argv, "+f:Uh", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'O': if (!parse_output (optarg, &out)) return 1; break;
+    case 'B': chain = true; break;
+    case 'U': force_share = true; break;
+    case 'f': fmt = optarg; break;
+    case 'h':
+      printf ("usage: %s info [--output=human|json] [--backing-chain] [-U] "
+              "[-f FMT] FILE\n", progname);
+      return 0;
+    default: return 1;
+    }
+  }
+  if (optind != argc - 1) {
+    fail_msg (optind == argc ? "Expecting one image file name"
+                             : "Expecting one image file name");
+    return 1;
+  }
+  top = open_image (argv[optind], fmt, force_share, false, NULL);
+  if (!top)
+    return 1;
+  arr = json_array ();
+  for (n = top; n; n = chain ? strata_backing (n) : NULL) {
+    struct strata_info info;
+    strata_error *err = NULL;
+
+    if (!strata_get_info (n, &info, 0, &err)) {
+      fail_err (err);
+      ret = 1;
+      break;
+    }
+    if (out == OUTPUT_JSON)
+      json_array_append_new (arr, info_json (&info));
+    else {
+      if (n != top)
+        printf ("\n");
+      info_human (&info);
+    }
+  }
+  if (ret == 0 && out == OUTPUT_JSON)
+    print_json (chain ? arr : json_array_get (arr, 0));
+  json_decref (arr);
+  strata_close (top);
+  return ret;
+}
+
+/* ---- map ---- */
+
+struct map_entry {
+  uint64_t start, length, offset;
+  int depth;
+  bool present, zero, data, has_offset;
+  const char *file;
+};
+
+static bool
+map_entry_mergeable (const struct map_entry *a, const struct map_entry *b)
+{
+  if (a->depth != b->depth || a->present != b->present || a->zero != b->zero
+      || a->data != b->data || a->has_offset != b->has_offset)
+    return false;
+  if (a->has_offset && a->offset + a->length != b->offset)
+    return false;
+  if ((a->file == NULL) != (b->file == NULL)
+      || (a->file && strcmp (a->file, b->file) != 0))
+    return false;
+  return true;
+}
+
+static int
+map_entry_print (const struct map_entry *e, enum output out, bool first)
+{
+  if (out == OUTPUT_JSON) {
+    printf ("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
+            ", \"depth\": %d, \"present\": %s, \"zero\": %s, \"data\": %s",
+            first ? "" : ",\n", e->start, e->length, e->depth,
+            e->present ? "true" : "false", e->zero ? "true" : "false",
+            e->data ? "true" : "false");
+    if (e->has_offset)
+      printf (", \"offset\": %" PRIu64, e->offset);
+    printf ("}");
+    return 0;
+  }
+  if (e->data && !e->has_offset) {
+    fprintf (stderr, "%s: File contains external, encrypted or compressed "
+             "clusters.\n", progname);
+    return -1;
+  }
+  if (e->data && !e->zero)
+    printf ("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e->start,
+            e->length, e->offset, e->file ? e->file : "");
+  return 0;
+}
+
+static int
+cmd_map (int argc, char **argv)
+{
+  static const struct option lopts[] = {
+    { "output", required_argument, NULL, 'O' },
+    { "start-offset", required_argument, NULL, 's' },
+    { "max-length", required_argument, NULL, 'l' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "format", required_argument, NULL, 'f' },
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+  };
+  enum output out = OUTPUT_HUMAN;
+  bool force_share = false, first = true, have = false;
+  const char *fmt = NULL;
+  uint64_t start = 0, max_len = UINT64_MAX, end;
+  struct map_entry cur = { 0 };
+  strata_node *n;
+  int64_t size;
+  int c, ret = 0;
+
+  while ((c = getopt_long (argc, argv, "+f:Uh", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'O': if (!parse_output (optarg, &out)) return 1; break;
+    case 's':
+      if (!parse_size (optarg, &start) || start > INT64_MAX) {
+        fprintf (stderr, "%s: Invalid start offset specified! You may use "
+                 "k, M, G, T, P or E suffixes for\n", progname);
+        return 1;
+      }
+      break;
+    case 'l':
+      if (!parse_size (optarg, &max_len) || max_len > INT64_MAX) {
+        fprintf (stderr, "%s: Invalid length specified! You may use k, M, "
+                 "G, T, P or E suffixes for\n", progname);
+        return 1;
+      }
+      break;
+    case 'U': force_share = true; break;
+    case 'f': fmt = optarg; break;
+    case 'h':
+      printf ("usage: %s map [--output=human|json] [--start-offset=O] "
+              "[--max-length=L] [-U] [-f FMT] FILE\n", progname);
+      return 0;
+    default: return 1;
+    }
+  }
+  if (optind != argc - 1) {
+    fail_msg ("Expecting one image file name");
+    return 1;
+  }
+  n = open_image (argv[optind], fmt, force_share, false, NULL);
+  if (!n)
+    return 1;
+  size = strata_length (n);
+  if (size < 0) {
+    fprintf (stderr, "%s: %s: cannot get the image length\n", progname,
+             argv[optind]);
+    strata_close (n);
+    return 1;
+  }
+  end = MIN ((uint64_t) size, start > (uint64_t) size ? 0 : start + MIN (max_len, (uint64_t) size - start));
+  if (out == OUTPUT_JSON)
+    printf ("[");
+  else
+    printf ("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+  for (uint64_t off = start; off < end && ret == 0;) {
+    struct strata_extent e;
+    struct map_entry next;
+    int r = strata_block_status (n, off, end - off, &e, 0);
+
+    if (r < 0) {
+      const char *m = strata_last_error_message ();
+      fprintf (stderr, "%s: %s\n", progname, m ? m : strerror (-r));
+      ret = 1;
+      break;
+    }
+    next = (struct map_entry){
+      .start = off, .length = e.length, .depth = e.depth,
+      .present = e.flags & STRATA_BS_ALLOCATED,
+      .zero = e.flags & STRATA_BS_ZERO, .data = e.flags & STRATA_BS_DATA,
+      .has_offset = e.flags & STRATA_BS_OFFSET, .offset = e.map,
+      .file = e.file,
+    };
+    if (have && map_entry_mergeable (&cur, &next))
+      cur.length += next.length;
+    else {
+      if (have && map_entry_print (&cur, out, first) < 0)
+        ret = 1;
+      first = first && !have;
+      cur = next;
+      have = true;
+    }
+    off += e.length;
+  }
+  if (ret == 0 && have && map_entry_print (&cur, out, first) < 0)
+    ret = 1;
+  if (out == OUTPUT_JSON)
+    printf ("]\n");
+  strata_close (n);
+  return ret;
+}
+
+/* ---- compare ---- */
+
+#define COMPARE_CHUNK (1u << 20)
+
+/* Is [off, off+len) of N all zeros?  Sets *bad to the first nonzero byte. */
+static int
+range_is_zero (strata_node *n, uint64_t off, uint64_t len, uint8_t *buf,
+               uint64_t *bad)
+{
+  while (len) {
+    struct strata_extent e;
+    uint64_t chunk;
+    int r = strata_block_status (n, off, len, &e, 0);
+
+    if (r < 0)
+      return r;
+    chunk = MIN (e.length, COMPARE_CHUNK);
+    if (!(e.flags & STRATA_BS_ZERO)) {
+      r = strata_pread (n, buf, chunk, off, 0);
+      if (r < 0)
+        return r;
+      for (uint64_t i = 0; i < chunk; i++) {
+        if (buf[i]) {
+          *bad = off + i;
+          return 0;
+        }
+      }
+    }
+    off += chunk;
+    len -= chunk;
+  }
+  *bad = UINT64_MAX;
+  return 0;
+}
+
+static int
+cmd_compare (int argc, char **argv)
+{
+  static const struct option lopts[] = {
+    { "force-share", no_argument, NULL, 'U' },
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+  };
+  const char *fmt_a = NULL, *fmt_b = NULL;
+  bool strict = false, quiet = false, force_share = false;
+  strata_node *a = NULL, *b = NULL;
+  CLEANUP_FREE uint8_t *ba = NULL, *bb = NULL;
+  int64_t la, lb;
+  uint64_t common, off, bad = UINT64_MAX;
+  int c, ret = 2, r = 0;
+
+  while ((c = getopt_long (argc, argv, "+f:F:sqpUh", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'f': fmt_a = optarg; break;
+    case 'F': fmt_b = optarg; break;
+    case 's': strict = true; break;
+    case 'q': quiet = true; break;
+    case 'p': break;  /* progress: not shown yet */
+    case 'U': force_share = true; break;
+    case 'h':
+      printf ("usage: %s compare [-s] [-q] [-U] [-f FMT] [-F FMT] A B\n",
+              progname);
+      return 0;
+    default: return 2;
+    }
+  }
+  if (optind != argc - 2) {
+    fail_msg ("Expecting two image file names");
+    return 2;
+  }
+  if (!(a = open_image (argv[optind], fmt_a, force_share, false, NULL))
+      || !(b = open_image (argv[optind + 1], fmt_b, force_share, false, NULL)))
+    goto out;
+  la = strata_length (a);
+  lb = strata_length (b);
+  ba = malloc (COMPARE_CHUNK);
+  bb = malloc (COMPARE_CHUNK);
+  if (la < 0 || lb < 0 || !ba || !bb) {
+    fail_msg ("cannot get the image sizes");
+    goto out;
+  }
+  if (strict && la != lb) {
+    if (!quiet)
+      printf ("Strict mode: Image size mismatch!\n");
+    ret = 1;
+    goto out;
+  }
+  common = MIN (la, lb);
+  for (off = 0; off < common;) {
+    struct strata_extent ea, eb;
+    uint64_t chunk;
+
+    if ((r = strata_block_status (a, off, common - off, &ea, 0)) < 0
+        || (r = strata_block_status (b, off, common - off, &eb, 0)) < 0)
+      break;
+    chunk = MIN (MIN (ea.length, eb.length), COMPARE_CHUNK);
+    if (strict && (ea.flags & STRATA_BS_ALLOCATED)
+                      != (eb.flags & STRATA_BS_ALLOCATED)) {
+      if (!quiet)
+        printf ("Strict mode: Offset %" PRIu64 " block status mismatch!\n",
+                off);
+      ret = 1;
+      goto out;
+    }
+    if (!((ea.flags & STRATA_BS_ZERO) && (eb.flags & STRATA_BS_ZERO))) {
+      if ((r = strata_pread (a, ba, chunk, off, 0)) < 0
+          || (r = strata_pread (b, bb, chunk, off, 0)) < 0)
+        break;
+      if (memcmp (ba, bb, chunk) != 0) {
+        uint64_t i = 0;
+        while (ba[i] == bb[i])
+          i++;
+        bad = off + i;
+        break;
+      }
+    }
+    off += chunk;
+  }
+  if (r < 0) {
+    const char *m = strata_last_error_message ();
+    fprintf (stderr, "%s: Error while reading offset %" PRIu64 ": %s\n",
+             progname, off, m ? m : strerror (-r));
+    goto out;
+  }
+  if (bad == UINT64_MAX && la != lb) {
+    strata_node *longer = la > lb ? a : b;
+    uint64_t llen = MAX (la, lb);
+
+    if ((r = range_is_zero (longer, common, llen - common, ba, &bad)) < 0) {
+      fprintf (stderr, "%s: Error while reading offset %" PRIu64 "\n",
+               progname, common);
+      goto out;
+    }
+    if (bad == UINT64_MAX && !quiet)
+      printf ("Warning: Image size mismatch!\n");
+  }
+  if (bad != UINT64_MAX) {
+    /* qemu-img reports the 512-byte sector where the difference starts. */
+    if (!quiet)
+      printf ("Content mismatch at offset %" PRIu64 "!\n",
+              ROUND_DOWN (bad, 512));
+    ret = 1;
+  }
+  else {
+    if (!quiet)
+      printf ("Images are identical.\n");
+    ret = 0;
+  }
+
+out:
+  if (b)
+    strata_close (b);
+  if (a)
+    strata_close (a);
+  return ret;
+}
+
+/* ---- main ---- */
+
+static void
+usage (FILE *f)
+{
+  fprintf (f,
+    "Usage: %s COMMAND [OPTIONS]...\n"
+    "\n"
+    "Commands (options as in qemu-img):\n"
+    "  create   -f FMT [-b BACKING -F BFMT] [-u] [-o OPTS] [-q] FILE [SIZE]\n"
+    "  info     [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE\n"
+    "  map      [--output=human|json] [--start-offset=O] [--max-length=L]\n"
+    "           [-U] [-f FMT] FILE\n"
+    "  compare  [-s] [-q] [-U] [-f FMT] [-F FMT] A B\n", progname);
+}
+
+int
+main (int argc, char **argv)
+{
+  static const struct {
+    const char *name;
+    int (*fn) (int argc, char **argv);
+  } cmds[] = {
+    { "create", cmd_create }, { "info", cmd_info }, { "map", cmd_map },
+    { "compare", cmd_compare },
+  };
+
+  if (argc < 2) {
+    fprintf (stderr, "%s: Not enough arguments\nTry '%s --help' for more "
+             "information\n", progname, progname);
+    return 1;
+  }
+  if (strcmp (argv[1], "--help") == 0 || strcmp (argv[1], "-h") == 0) {
+    usage (stdout);
+    return 0;
+  }
+  if (strcmp (argv[1], "--version") == 0 || strcmp (argv[1], "-V") == 0) {
+    printf ("strata-img version 0.1.0\n");
+    return 0;
+  }
+  for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {
+    if (strcmp (argv[1], cmds[i].name) == 0) {
+      int r;
+      optind = 1;
+      r = cmds[i].fn (argc - 1, argv + 1);
+      fflush (stdout);
+      return r;
+    }
+  }
+  fprintf (stderr, "%s: Command not found: %s\n", progname, argv[1]);
+  return 1;
+}
