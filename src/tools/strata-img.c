@@ -530,6 +530,11 @@ cmd_map (int argc, char **argv)
   }
   if (ret == 0 && have && map_entry_print (&cur, out, first) < 0)
     ret = 1;
+  if (ret == 0 && !have && out == OUTPUT_JSON) {
+    /* An empty range still gets one entry, as qemu-img prints it. */
+    cur = (struct map_entry){ .start = start };
+    map_entry_print (&cur, out, true);
+  }
   if (out == OUTPUT_JSON)
     printf ("]\n");
   strata_close (n);
@@ -664,13 +669,13 @@ cmd_compare (int argc, char **argv)
     strata_node *longer = la > lb ? a : b;
     uint64_t llen = MAX (la, lb);
 
+    if (!quiet)
+      printf ("Warning: Image size mismatch!\n");
     if ((r = range_is_zero (longer, common, llen - common, ba, &bad)) < 0) {
       fprintf (stderr, "%s: Error while reading offset %" PRIu64 "\n",
                progname, common);
       goto out;
     }
-    if (bad == UINT64_MAX && !quiet)
-      printf ("Warning: Image size mismatch!\n");
   }
   if (bad != UINT64_MAX) {
     /* qemu-img reports the 512-byte sector where the difference starts. */
