@@ -19,6 +19,7 @@
 
 static const struct strata_driver *const drivers[] = {
   &file_driver,
+  &qcow2_driver,
   &raw_driver,
 };
 

@@ -193,5 +193,6 @@ bool probe_finds_format (const uint8_t *buf, size_t len);
 const struct strata_driver *driver_find (const char *name);
 extern const struct strata_driver file_driver;
 extern const struct strata_driver raw_driver;
+extern const struct strata_driver qcow2_driver;
 
 #endif

@@ -1,0 +1,278 @@
+/* strata: qcow2 guest-to-host cluster map (qcow2.txt "Cluster mapping",
+ * "Extended L2 Entries").
+ *
+ *   L1 entry:  bit 63 COPIED | bits 9-55 L2 table offset
+ *   L2 entry:  bit 63 COPIED | bit 62 COMPRESSED | descriptor
+ *     standard descriptor:   bits 9-55 host cluster offset, bit 0 ZERO (v3)
+ *     compressed descriptor: x = 62 - (cluster_bits - 8);
+ *                            bits 0..x-1 host byte offset,
+ *                            bits x..61 additional 512-byte sectors
+ *   extended L2 (16 bytes):  the entry, then a bitmap: bits 0-31 subcluster
+ *                            allocated, bits 32-63 subcluster reads as zero
+ *
+ * Invariants kept: the L1 table is in memory and written through; an L2
+ * table is on disk (zeroed) and its refcount is on disk before the L1 entry
+ * that points at it (a flush separates them); every entry is validated
+ * before it is used, so a hostile image yields EIO with the entry named,
+ * never a read of the header or past a sane offset.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "drivers/qcow2/qcow2.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
+
+static uint64_t
+l1_index (const struct qcow2_state *s, uint64_t offset)
+{
+  return (offset >> s->cluster_bits) / s->l2_entries;
+}
+
+static uint64_t
+l2_index (const struct qcow2_state *s, uint64_t offset)
+{
+  return (offset >> s->cluster_bits) % s->l2_entries;
+}
+
+/* Validated L2 table offset for guest OFFSET, 0 when none. */
+static int
+l2_table_offset (strata_node *node, uint64_t offset, uint64_t *l2_offset)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t i = l1_index (s, offset), e, off;
+
+  if (i >= s->l1_size)
+    return io_error (EIO, "%s: guest offset %" PRIu64 " is beyond the L1 "
+                     "table", node->filename, offset);
+  e = s->l1[i];
+  off = e & QCOW2_OFFSET_MASK;
+  if (e & QCOW2_L1_RESERVED)
+    return io_error (EIO, "%s: L1 entry %" PRIu64 " 0x%" PRIx64 " has "
+                     "reserved bits set", node->filename, i, e);
+  if (off % s->cluster_size)
+    return io_error (EIO, "%s: L1 entry %" PRIu64 " L2 table offset 0x%"
+                     PRIx64 " is not aligned to the cluster size",
+                     node->filename, i, off);
+  if (off && off >= s->file_end)
+    return io_error (EIO, "%s: L1 entry %" PRIu64 " L2 table offset 0x%"
+                     PRIx64 " is past the end of the file", node->filename,
+                     i, off);
+  *l2_offset = off;
+  return 0;
+}
+
+int
+qcow2_check_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
+                      uint64_t bitmap)
+{
+  struct qcow2_state *s = node->opaque;
+  const char *fn = node->filename;
+  uint64_t host = entry & QCOW2_OFFSET_MASK;
+
+  if (entry & QCOW2_OFLAG_COMPRESSED) {
+    unsigned x = 62 - (s->cluster_bits - 8);
+    uint64_t coff = entry & ((1ull << x) - 1);
+    if (s->ext_l2 && bitmap)
+      return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64
+                       " is compressed but has subcluster bitmap 0x%" PRIx64,
+                       fn, offset, bitmap);
+    if (coff >= QCOW2_MAX_OFFSET || coff < s->cluster_size
+        || coff >= s->file_end)
+      return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64
+                       " compressed data offset 0x%" PRIx64 " is outside "
+                       "the file's data area", fn, offset, coff);
+    return 0;
+  }
+  if ((entry & QCOW2_L2_RESERVED)
+      || ((s->version < 3 || s->ext_l2) && (entry & QCOW2_OFLAG_ZERO)))
+    return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64 " 0x%"
+                     PRIx64 " has reserved bits set", fn, offset, entry);
+  if (host % s->cluster_size)
+    return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64 " host "
+                     "offset 0x%" PRIx64 " is not aligned to the cluster "
+                     "size", fn, offset, host);
+  if (!host && (entry & QCOW2_OFLAG_COPIED))
+    return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64 " 0x%"
+                     PRIx64 " points into the image header (host offset 0)",
+                     fn, offset, entry);
+  if (host && host >= s->file_end)
+    return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64 " host "
+                     "offset 0x%" PRIx64 " is past the end of the file", fn,
+                     offset, host);
+  if (s->ext_l2) {
+    uint32_t alloc = bitmap & 0xffffffffu, zero = bitmap >> 32;
+    if (alloc & zero)
+      return io_error (EIO, "%s: L2 bitmap for guest offset %" PRIu64 " 0x%"
+                       PRIx64 " marks subclusters both allocated and zero",
+                       fn, offset, bitmap);
+    if (alloc && !host)
+      return io_error (EIO, "%s: L2 bitmap for guest offset %" PRIu64 " 0x%"
+                       PRIx64 " allocates subclusters of no host cluster",
+                       fn, offset, bitmap);
+  }
+  return 0;
+}
+
+int
+qcow2_get_l2_entry_locked (strata_node *node, uint64_t offset,
+                           uint64_t *entry, uint64_t *bitmap,
+                           uint64_t *l2_offset)
+{
+  struct qcow2_state *s = node->opaque;
+  uint8_t *t;
+  uint64_t i;
+  int r = l2_table_offset (node, offset, l2_offset);
+
+  *entry = *bitmap = 0;
+  if (r < 0 || !*l2_offset)
+    return r;
+  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, *l2_offset, &t)) < 0)
+    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
+                     node->filename, *l2_offset);
+  i = l2_index (s, offset);
+  *entry = be64_load (t + i * s->l2_entry_size);
+  if (s->ext_l2)
+    *bitmap = be64_load (t + i * s->l2_entry_size + 8);
+  return qcow2_check_l2_entry (node, offset, *entry, *bitmap);
+}
+
+/* Type and host offset of the unit (subcluster, or cluster) at OFFSET. */
+static void
+classify (const struct qcow2_state *s, uint64_t offset, uint64_t entry,
+          uint64_t bitmap, enum qcow2_ctype *type, uint64_t *host)
+{
+  uint64_t in_cluster = offset & (s->cluster_size - 1);
+
+  *host = 0;
+  if (entry & QCOW2_OFLAG_COMPRESSED) {
+    *type = QCOW2_COMPRESSED;
+    return;
+  }
+  if (s->ext_l2) {
+    unsigned sc = in_cluster / s->subcluster_size;
+    if (bitmap & (1ull << sc)) {
+      *type = QCOW2_NORMAL;
+      *host = (entry & QCOW2_OFFSET_MASK) + in_cluster;
+    }
+    else
+      *type = bitmap & (1ull << (32 + sc)) ? QCOW2_ZERO : QCOW2_UNALLOCATED;
+    return;
+  }
+  if (entry & QCOW2_OFLAG_ZERO)
+    *type = QCOW2_ZERO;
+  else if (!(entry & QCOW2_OFFSET_MASK))
+    *type = QCOW2_UNALLOCATED;
+  else {
+    *type = QCOW2_NORMAL;
+    *host = (entry & QCOW2_OFFSET_MASK) + in_cluster;
+  }
+}
+
+int
+qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
+                         struct qcow2_extent *ext)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t table_end, pos = offset, l2_offset, entry, bitmap;
+  uint64_t span = s->l2_entries << s->cluster_bits;
+  int r;
+
+  table_end = ROUND_DOWN (offset, span) + span;
+  len = MIN (len, table_end - offset);
+  memset (ext, 0, sizeof *ext);
+  while (pos < offset + len) {
+    enum qcow2_ctype type;
+    uint64_t host, unit_end;
+
+    if ((r = qcow2_get_l2_entry_locked (node, pos, &entry, &bitmap,
+                                        &l2_offset)) < 0)
+      return r;
+    classify (s, pos, entry, bitmap, &type, &host);
+    unit_end = ROUND_DOWN (pos, s->subcluster_size) + s->subcluster_size;
+    if (type == QCOW2_COMPRESSED)
+      unit_end = ROUND_DOWN (pos, s->cluster_size) + s->cluster_size;
+    if (pos == offset) {
+      ext->type = type;
+      ext->host = host;
+      if (type == QCOW2_COMPRESSED) {
+        unsigned x = 62 - (s->cluster_bits - 8);
+        uint64_t nsec = (entry >> x) & ((1ull << (62 - x)) - 1);
+        ext->coffset = entry & ((1ull << x) - 1);
+        ext->csize = (nsec + 1) * 512 - (ext->coffset & 511);
+      }
+    }
+    else if (type != ext->type || type == QCOW2_COMPRESSED
+             || (type == QCOW2_NORMAL && host != ext->host + (pos - offset)))
+      break;
+    pos = MIN (unit_end, offset + len);
+    if (type == QCOW2_COMPRESSED)
+      break;
+  }
+  ext->bytes = pos - offset;
+  return 0;
+}
+
+/* Give guest OFFSET an L2 table; returns its offset or a negative errno. */
+static int64_t
+ensure_l2_table_locked (strata_node *node, uint64_t offset)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t i = l1_index (s, offset), l2_offset;
+  uint8_t be[8];
+  CLEANUP_FREE uint8_t *zeros = NULL;
+  int64_t new_off;
+  int r = l2_table_offset (node, offset, &l2_offset);
+
+  if (r < 0)
+    return r;
+  if (l2_offset) {
+    if (!(s->l1[i] & QCOW2_OFLAG_COPIED))
+      return io_error (ENOTSUP, "%s: L2 table at 0x%" PRIx64 " is shared "
+                       "(snapshots); writing it is not supported",
+                       node->filename, l2_offset);
+    return l2_offset;
+  }
+  if (!(zeros = calloc (1, s->cluster_size)))
+    return -ENOMEM;
+  if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)
+    return new_off;
+  if ((r = node_pwrite (node->file, new_off, zeros, s->cluster_size, 0)) < 0
+      || (r = node_flush (node->file)) < 0)
+    return r;
+  be64_store (be, (uint64_t) new_off | QCOW2_OFLAG_COPIED);
+  if ((r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
+    return r;
+  s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
+  if ((r = qcow2_cache_put_locked (&s->l2_cache, new_off, zeros)) < 0)
+    return r;
+  return new_off;
+}
+
+int
+qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
+                           uint64_t entry, uint64_t bitmap)
+{
+  struct qcow2_state *s = node->opaque;
+  int64_t l2_offset = ensure_l2_table_locked (node, offset);
+  uint64_t pos;
+  uint8_t *t, buf[16];
+  int r;
+
+  if (l2_offset < 0)
+    return l2_offset;
+  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2_offset, &t)) < 0)
+    return r;
+  pos = l2_index (s, offset) * s->l2_entry_size;
+  be64_store (buf, entry);
+  be64_store (buf + 8, bitmap);
+  if ((r = node_pwrite (node->file, l2_offset + pos, buf, s->l2_entry_size,
+                        0)) < 0) {
+    qcow2_cache_forget_locked (&s->l2_cache, l2_offset);
+    return r;
+  }
+  memcpy (t + pos, buf, s->l2_entry_size);
+  return 0;
+}

@@ -1,0 +1,536 @@
+/* strata: qcow2 data path (qcow2.txt "Cluster mapping", "Extended L2
+ * Entries").
+ *
+ * Reads look the range up under node->lock, then do the data I/O outside
+ * it: host data from `file`, zeros, decompressed clusters, or the backing
+ * node (zeros past its end).
+ *
+ * A write to a cluster that is allocated in place (normal, COPIED, every
+ * touched subcluster allocated) goes straight to the host cluster.  Any
+ * other write rewrites the whole cluster:
+ *
+ *   1. allocate a host cluster (refcount written) unless the cluster's own
+ *      host cluster can be reused in place;
+ *   2. write the guest view of the whole cluster with the new bytes merged;
+ *   3. flush `file` once for the whole request;
+ *   4. write the L2 entries that map the new clusters;
+ *   5. only then (after another flush) drop references to replaced
+ *      clusters (compressed or shared ones).
+ *
+ * A crash between any two steps leaks clusters at worst.  Requests that
+ * change mapping hold a serialising entry of the private cluster-granular
+ * tracker, so two allocating writes to one cluster never race; reads hold
+ * an ordinary entry so a discard cannot free a cluster under them.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "drivers/qcow2/qcow2.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
+
+/* ---- iovec helpers ---- */
+
+/* Describe bytes [skip, skip+len) of IOV in OUT (IOVCNT entries). */
+static int
+iov_slice (const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len,
+           struct iovec *out)
+{
+  int n = 0;
+
+  for (int i = 0; i < iovcnt && len; i++) {
+    uint64_t l = iov[i].iov_len;
+    if (skip >= l) {
+      skip -= l;
+      continue;
+    }
+    out[n].iov_base = (char *) iov[i].iov_base + skip;
+    out[n].iov_len = MIN (l - skip, len);
+    len -= out[n].iov_len;
+    skip = 0;
+    n++;
+  }
+  return n;
+}
+
+static void
+iov_copy (const struct iovec *iov, int iovcnt, uint64_t skip, uint8_t *buf,
+          uint64_t len, bool to_iov)
+{
+  for (int i = 0; i < iovcnt && len; i++) {
+    uint64_t l = iov[i].iov_len, n;
+    if (skip >= l) {
+      skip -= l;
+      continue;
+    }
+    n = MIN (l - skip, len);
+    if (to_iov)
+      memcpy ((char *) iov[i].iov_base + skip, buf, n);
+    else
+      memcpy (buf, (char *) iov[i].iov_base + skip, n);
+    buf += n;
+    len -= n;
+    skip = 0;
+  }
+}
+
+static void
+iov_zero (const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len)
+{
+  for (int i = 0; i < iovcnt && len; i++) {
+    uint64_t l = iov[i].iov_len, n;
+    if (skip >= l) {
+      skip -= l;
+      continue;
+    }
+    n = MIN (l - skip, len);
+    memset ((char *) iov[i].iov_base + skip, 0, n);
+    len -= n;
+    skip = 0;
+  }
+}
+
+/* ---- reads ---- */
+
+static int
+read_backing (strata_node *node, uint64_t offset, uint64_t len,
+              const struct iovec *iov, int iovcnt, uint64_t skip,
+              struct iovec *tmp)
+{
+  int64_t blen;
+  uint64_t part = 0;
+  int r;
+
+  if (node->backing) {
+    if ((blen = node_length (node->backing)) < 0)
+      return (int) blen;
+    if (offset < (uint64_t) blen)
+      part = MIN (len, (uint64_t) blen - offset);
+  }
+  if (part) {
+    int n = iov_slice (iov, iovcnt, skip, part, tmp);
+    if ((r = node_preadv (node->backing, offset, part, tmp, n, 0)) < 0)
+      return r;
+  }
+  iov_zero (iov, iovcnt, skip + part, len - part);
+  return 0;
+}
+
+static int
+read_compressed (strata_node *node, const struct qcow2_extent *ext,
+                 uint64_t offset, uint64_t len, const struct iovec *iov,
+                 int iovcnt, uint64_t skip)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE uint8_t *buf = malloc (s->cluster_size);
+  int r;
+
+  if (!buf)
+    return -ENOMEM;
+  if ((r = qcow2_decompress (node, ext->coffset, ext->csize, buf)) < 0)
+    return r;
+  iov_copy (iov, iovcnt, skip, buf + (offset & (s->cluster_size - 1)), len,
+            true);
+  return 0;
+}
+
+/* Read without touching the cluster tracker (the caller holds it). */
+static int
+qcow2_read_untracked (strata_node *node, uint64_t offset, uint64_t len,
+                      const struct iovec *iov, int iovcnt)
+{
+  CLEANUP_FREE struct iovec *tmp = malloc ((iovcnt + 1) * sizeof *tmp);
+  uint64_t done = 0;
+  int r = 0;
+
+  if (!tmp)
+    return -ENOMEM;
+  while (done < len) {
+    struct qcow2_extent ext;
+    uint64_t n;
+    int cnt;
+
+    pthread_mutex_lock (&node->lock);
+    r = qcow2_get_extent_locked (node, offset + done, len - done, &ext);
+    pthread_mutex_unlock (&node->lock);
+    if (r < 0)
+      return r;
+    n = ext.bytes;
+    switch (ext.type) {
+    case QCOW2_NORMAL:
+      cnt = iov_slice (iov, iovcnt, done, n, tmp);
+      r = node_preadv (node->file, ext.host, n, tmp, cnt, 0);
+      break;
+    case QCOW2_ZERO:
+      iov_zero (iov, iovcnt, done, n);
+      break;
+    case QCOW2_UNALLOCATED:
+      r = read_backing (node, offset + done, n, iov, iovcnt, done, tmp);
+      break;
+    case QCOW2_COMPRESSED:
+      r = read_compressed (node, &ext, offset + done, n, iov, iovcnt, done);
+      break;
+    }
+    if (r < 0)
+      return r;
+    done += n;
+  }
+  return 0;
+}
+
+static void
+cluster_range (const struct qcow2_state *s, uint64_t offset, uint64_t len,
+               uint64_t *start, uint64_t *clen)
+{
+  *start = ROUND_DOWN (offset, s->cluster_size);
+  *clen = ROUND_UP (offset + len, s->cluster_size) - *start;
+}
+
+int
+qcow2_preadv (strata_node *node, uint64_t offset, uint64_t len,
+              const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  struct qcow2_state *s = node->opaque;
+  struct tracked_req req;
+  uint64_t start, clen;
+  int r;
+
+  (void) flags;
+  cluster_range (s, offset, len, &start, &clen);
+  tracker_begin (&s->clusters, &req, start, clen, false);
+  r = qcow2_read_untracked (node, offset, len, iov, iovcnt);
+  tracker_end (&s->clusters, &req);
+  return r;
+}
+
+/* ---- writes ---- */
+
+struct pending {
+  uint64_t guest;      /* cluster-aligned guest offset */
+  uint64_t entry, bitmap;
+  uint64_t old_entry;  /* to free after the new mapping is durable */
+  bool free_old;
+};
+
+struct write_batch {
+  struct pending *p;
+  size_t n;
+  bool any_free;
+};
+
+static bool
+in_place (const struct qcow2_state *s, uint64_t entry, uint64_t bitmap,
+          uint64_t in_cluster, uint64_t n)
+{
+  if ((entry & QCOW2_OFLAG_COMPRESSED) || !(entry & QCOW2_OFLAG_COPIED)
+      || !(entry & QCOW2_OFFSET_MASK))
+    return false;
+  if (!s->ext_l2)
+    return !(entry & QCOW2_OFLAG_ZERO);
+  for (uint64_t sc = in_cluster / s->subcluster_size;
+       sc <= (in_cluster + n - 1) / s->subcluster_size; sc++)
+    if (!(bitmap & (1ull << sc)))
+      return false;
+  return true;
+}
+
+/* Write N bytes (from BUF when not NULL, else from IOV at SKIP) at guest
+ * OFFSET, inside one cluster. */
+static int
+write_cluster (strata_node *node, uint64_t offset, uint64_t n,
+               const struct iovec *iov, int iovcnt, uint64_t skip,
+               const uint8_t *buf, struct write_batch *b)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t cs = s->cluster_size, in_cl = offset & (cs - 1);
+  uint64_t guest = offset - in_cl, entry, bitmap, l2off, host;
+  CLEANUP_FREE uint8_t *cbuf = NULL;
+  CLEANUP_FREE struct iovec *tmp = NULL;
+  struct iovec one;
+  bool reuse;
+  int64_t a;
+  int r;
+
+  pthread_mutex_lock (&node->lock);
+  r = qcow2_get_l2_entry_locked (node, offset, &entry, &bitmap, &l2off);
+  if (r < 0) {
+    pthread_mutex_unlock (&node->lock);
+    return r;
+  }
+  if (in_place (s, entry, bitmap, in_cl, n)) {
+    pthread_mutex_unlock (&node->lock);
+    host = (entry & QCOW2_OFFSET_MASK) + in_cl;
+    if (buf)
+      return node_pwrite (node->file, host, buf, n, 0);
+    if (!(tmp = malloc ((iovcnt + 1) * sizeof *tmp)))
+      return -ENOMEM;
+    return node_pwritev (node->file, host,  n, tmp,
+                         iov_slice (iov, iovcnt, skip, n, tmp), 0);
+  }
+  reuse = !(entry & QCOW2_OFLAG_COMPRESSED) && (entry & QCOW2_OFLAG_COPIED)
+          && (entry & QCOW2_OFFSET_MASK);
+  if (reuse)
+    host = entry & QCOW2_OFFSET_MASK;
+  else if ((a = qcow2_alloc_cluster_locked (node)) < 0) {
+    pthread_mutex_unlock (&node->lock);
+    return (int) a;
+  }
+  else
+    host = a;
+  pthread_mutex_unlock (&node->lock);
+
+  /* The guest view of the whole cluster, with the new bytes merged. */
+  if (!(cbuf = malloc (cs)))
+    return -ENOMEM;
+  one = (struct iovec){ .iov_base = cbuf, .iov_len = cs };
+  if (n < cs && (r = qcow2_read_untracked (node, guest, cs, &one, 1)) < 0)
+    return r;
+  if (buf)
+    memcpy (cbuf + in_cl, buf, n);
+  else
+    iov_copy (iov, iovcnt, skip, cbuf + in_cl, n, false);
+  if ((r = node_pwrite (node->file, host, cbuf, cs, 0)) < 0)
+    return r;
+  b->p[b->n++] = (struct pending){
+    .guest = guest,
+    .entry = host | QCOW2_OFLAG_COPIED,
+    .bitmap = s->ext_l2 ? QCOW2_BITMAP_ALLOC_ALL : 0,
+    .old_entry = entry,
+    .free_old = !reuse && ((entry & QCOW2_OFLAG_COMPRESSED)
+                           || (entry & QCOW2_OFFSET_MASK)),
+  };
+  b->any_free |= b->p[b->n - 1].free_old;
+  return 0;
+}
+
+/* Steps 3-5: make the data durable, map it, then drop replaced clusters. */
+static int
+commit_batch (strata_node *node, struct write_batch *b, bool flushed)
+{
+  int r = 0;
+
+  if (!b->n)
+    return 0;
+  if (!flushed && (r = node_flush (node->file)) < 0)
+    return r;
+  pthread_mutex_lock (&node->lock);
+  for (size_t i = 0; i < b->n && r == 0; i++)
+    r = qcow2_set_l2_entry_locked (node, b->p[i].guest, b->p[i].entry,
+                                   b->p[i].bitmap);
+  if (r == 0 && b->any_free)
+    r = node_flush (node->file);
+  for (size_t i = 0; i < b->n && r == 0; i++)
+    if (b->p[i].free_old)
+      r = qcow2_free_entry_locked (node, b->p[i].old_entry);
+  pthread_mutex_unlock (&node->lock);
+  return r;
+}
+
+static bool
+batch_init (const struct qcow2_state *s, struct write_batch *b,
+            uint64_t clen)
+{
+  b->n = 0;
+  b->any_free = false;
+  b->p = malloc ((clen / s->cluster_size) * sizeof *b->p);
+  return b->p != NULL;
+}
+
+int
+qcow2_pwritev (strata_node *node, uint64_t offset, uint64_t len,
+               const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  struct qcow2_state *s = node->opaque;
+  struct tracked_req req;
+  struct write_batch b;
+  uint64_t start, clen, done = 0;
+  int r = 0;
+
+  cluster_range (s, offset, len, &start, &clen);
+  if (!batch_init (s, &b, clen))
+    return -ENOMEM;
+  tracker_begin (&s->clusters, &req, start, clen, true);
+  while (done < len && r == 0) {
+    uint64_t pos = offset + done;
+    uint64_t n = MIN (len - done, s->cluster_size
+                                      - (pos & (s->cluster_size - 1)));
+    r = write_cluster (node, pos, n, iov, iovcnt, done, NULL, &b);
+    done += n;
+  }
+  if (r == 0)
+    r = commit_batch (node, &b, false);
+  if (r == 0 && (flags & STRATA_REQ_FUA))
+    r = node_flush (node->file);
+  tracker_end (&s->clusters, &req);
+  free (b.p);
+  return r;
+}
+
+/* ---- zeroes and discard ---- */
+
+/* New L2 entry and bitmap for a whole cluster that must read as zeros.
+ * KEEP leaves a reusable host cluster allocated (preallocated zeros). */
+static void
+zero_entry (const struct qcow2_state *s, uint64_t old, bool keep,
+            uint64_t *entry, uint64_t *bitmap, bool *free_old)
+{
+  bool allocated = (old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_OFFSET_MASK);
+  bool reusable = !(old & QCOW2_OFLAG_COMPRESSED)
+                  && (old & QCOW2_OFLAG_COPIED) && (old & QCOW2_OFFSET_MASK);
+
+  keep = keep && reusable;
+  *free_old = allocated && !keep;
+  if (s->ext_l2) {
+    *entry = keep ? old : 0;
+    *bitmap = QCOW2_BITMAP_ZERO_ALL;
+  }
+  else {
+    *entry = (keep ? old : 0) | QCOW2_OFLAG_ZERO;
+    *bitmap = 0;
+  }
+}
+
+/* Apply a whole-cluster mapping change to [offset, offset+len) (cluster
+ * aligned): DISCARD picks QEMU's discard semantics, else zeroes. */
+static int
+remap_clusters (strata_node *node, uint64_t offset, uint64_t len,
+                bool discard, bool unmap)
+{
+  struct qcow2_state *s = node->opaque;
+  struct write_batch b;
+  int r = 0;
+
+  if (!batch_init (s, &b, len))
+    return -ENOMEM;
+  pthread_mutex_lock (&node->lock);
+  for (uint64_t pos = offset; pos < offset + len && r == 0;
+       pos += s->cluster_size) {
+    uint64_t old, oldbm, l2off, entry, bitmap;
+    bool free_old, allocated;
+
+    if ((r = qcow2_get_l2_entry_locked (node, pos, &old, &oldbm, &l2off)) < 0)
+      break;
+    allocated = (old & QCOW2_OFLAG_COMPRESSED) || (old & QCOW2_OFFSET_MASK);
+    if (!discard)
+      zero_entry (s, old, !unmap, &entry, &bitmap, &free_old);
+    else if (s->version >= 3 && (node->backing || allocated || s->backing_name))
+      zero_entry (s, old, false, &entry, &bitmap, &free_old);
+    else {
+      entry = bitmap = 0;
+      free_old = allocated;
+    }
+    if (entry == old && bitmap == oldbm)
+      continue;
+    if (!l2off && entry == 0 && bitmap == 0)
+      continue;
+    b.p[b.n++] = (struct pending){ pos, entry, bitmap, old, free_old };
+    b.any_free |= free_old;
+  }
+  pthread_mutex_unlock (&node->lock);
+  if (r == 0)
+    r = commit_batch (node, &b, true);
+  free (b.p);
+  return r;
+}
+
+int
+qcow2_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                     unsigned flags)
+{
+  struct qcow2_state *s = node->opaque;
+  struct tracked_req req;
+  struct write_batch b;
+  uint64_t start, clen, head_end, tail_start;
+  CLEANUP_FREE uint8_t *zeros = NULL;
+  int r = 0;
+
+  if (s->version < 3)
+    return -ENOTSUP;  /* the core writes zeros instead */
+  cluster_range (s, offset, len, &start, &clen);
+  if (!(zeros = calloc (1, s->cluster_size)) || !batch_init (s, &b, clen))
+    return -ENOMEM;
+  tracker_begin (&s->clusters, &req, start, clen, true);
+  head_end = MIN (ROUND_UP (offset, s->cluster_size), offset + len);
+  tail_start = MAX (ROUND_DOWN (offset + len, s->cluster_size), head_end);
+  if (head_end > offset)
+    r = write_cluster (node, offset, head_end - offset, NULL, 0, 0, zeros,
+                       &b);
+  if (r == 0 && tail_start < offset + len)
+    r = write_cluster (node, tail_start, offset + len - tail_start, NULL, 0,
+                       0, zeros, &b);
+  if (r == 0)
+    r = commit_batch (node, &b, false);
+  if (r == 0 && tail_start > head_end)
+    r = remap_clusters (node, head_end, tail_start - head_end, false,
+                        flags & STRATA_REQ_MAY_UNMAP);
+  if (r == 0 && (flags & STRATA_REQ_FUA))
+    r = node_flush (node->file);
+  tracker_end (&s->clusters, &req);
+  free (b.p);
+  return r;
+}
+
+int
+qcow2_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
+                unsigned flags)
+{
+  struct qcow2_state *s = node->opaque;
+  struct tracked_req req;
+  uint64_t start = ROUND_UP (offset, s->cluster_size), end = offset + len;
+  int r;
+
+  (void) flags;
+  /* Like QEMU, a partial last cluster may be discarded at the image end. */
+  end = end >= s->size ? ROUND_UP (end, s->cluster_size)
+                       : ROUND_DOWN (end, s->cluster_size);
+  if (end <= start)
+    return 0;
+  tracker_begin (&s->clusters, &req, start, end - start, true);
+  r = remap_clusters (node, start, end - start, true, true);
+  tracker_end (&s->clusters, &req);
+  return r;
+}
+
+/* ---- block status ---- */
+
+static unsigned
+extent_flags (const struct qcow2_extent *e)
+{
+  switch (e->type) {
+  case QCOW2_NORMAL: return BS_ALLOCATED | BS_DATA | BS_OFFSET;
+  case QCOW2_ZERO: return BS_ALLOCATED | BS_ZERO;
+  case QCOW2_COMPRESSED: return BS_ALLOCATED | BS_DATA;
+  default: return 0;
+  }
+}
+
+int
+qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
+                    struct bstat *bs)
+{
+  struct qcow2_extent e;
+  uint64_t done = 0;
+  int r = 0;
+
+  pthread_mutex_lock (&node->lock);
+  while (done < len) {
+    if ((r = qcow2_get_extent_locked (node, offset + done, len - done, &e))
+        < 0)
+      break;
+    if (done == 0) {
+      *bs = (struct bstat){ .flags = extent_flags (&e), .map = e.host,
+                            .file = node->file };
+      if (!(bs->flags & BS_OFFSET))
+        bs->map = 0, bs->file = NULL;
+    }
+    else if (extent_flags (&e) != bs->flags
+             || ((bs->flags & BS_OFFSET) && e.host != bs->map + done))
+      break;
+    done += e.bytes;
+  }
+  pthread_mutex_unlock (&node->lock);
+  bs->pnum = done;
+  return r;
+}

@@ -1,0 +1,267 @@
+/* strata: the qcow2 driver: open, backing chain, close (qcow2.txt
+ * "Header", "Backing file" fields, feature bits).
+ *
+ * Opening validates the header (header.c), loads the L1 and refcount
+ * tables, and decides whether the image may be written:
+ *   - the dirty bit (lazy refcounts in use, refcounts may be stale) and
+ *     the corrupt bit allow read-only opens only; strata never sets
+ *     either, and keeps refcounts exact even when lazy_refcounts is on;
+ *   - images with internal snapshots are read-only here (shared clusters
+ *     are not rewritten yet);
+ *   - autoclear bits (bitmaps) are cleared when opening read-write, as the
+ *     spec asks of a writer that does not maintain them.
+ * The backing file is opened read-only with the format the header names;
+ * a missing format is refused rather than probed, and the chain of real
+ * paths is passed down (option x-backing-chain) to refuse loops and chains
+ * deeper than QCOW2_MAX_CHAIN_DEPTH.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "drivers/qcow2/qcow2.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
+
+static int
+qcow2_probe (const uint8_t *buf, size_t len)
+{
+  return len >= 4 && be32_load (buf) == QCOW2_MAGIC ? 100 : 0;
+}
+
+static bool
+check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
+{
+  const char *fn = node->filename;
+
+  if (s->incompat & QCOW2_INCOMPAT_CORRUPT) {
+    error_set (errp, EROFS, "%s: the image is marked corrupt (incompatible "
+               "feature bit 1); it can only be opened read-only, repair it "
+               "with 'qemu-img check -r all'", fn);
+    return false;
+  }
+  if (s->incompat & QCOW2_INCOMPAT_DIRTY) {
+    error_set (errp, EROFS, "%s: the image has the dirty bit set (lazy "
+               "refcounts were not written back); it can only be opened "
+               "read-only, repair it with 'qemu-img check -r all'", fn);
+    return false;
+  }
+  if (s->nb_snapshots) {
+    error_set (errp, ENOTSUP, "%s: nb_snapshots %" PRIu32 ": writing images "
+               "with internal snapshots is not supported; open read-only",
+               fn, s->nb_snapshots);
+    return false;
+  }
+  if (s->autoclear) {
+    uint8_t zero[8] = { 0 };
+    int r = qcow2_write_header_field (node, 88, zero, sizeof zero);
+    if (r == 0)
+      r = node_flush (node->file);
+    if (r < 0) {
+      error_set (errp, -r, "%s: cannot clear the autoclear feature bits",
+                 fn);
+      return false;
+    }
+    s->autoclear = 0;
+  }
+  return true;
+}
+
+static char *
+resolve_backing (const char *overlay, const char *name)
+{
+  CLEANUP_FREE char *copy = strdup (overlay);
+  char *out;
+
+  if (!copy)
+    return NULL;
+  if (name[0] == '/')
+    return strdup (name);
+  if (asprintf (&out, "%s/%s", dirname (copy), name) < 0)
+    return NULL;
+  return out;
+}
+
+static bool
+open_backing (strata_node *node, struct qcow2_state *s, const char *chain,
+              unsigned flags, strata_error **errp)
+{
+  const char *fn = node->filename;
+  CLEANUP_FREE char *path = NULL, *mine = NULL, *theirs = NULL;
+  CLEANUP_FREE char *newchain = NULL;
+  strata_opts *extra = NULL;
+  strata_node *b;
+  unsigned depth = 1;
+
+  if (!s->backing_format) {
+    error_set (errp, EINVAL, "%s: backing file '%s' has no backing format "
+               "in the image header; strata does not probe backing files "
+               "(a probed raw file could be mistaken for another format); "
+               "set it with 'qemu-img rebase -u -b %s -F <format>'", fn,
+               s->backing_name, s->backing_name);
+    return false;
+  }
+  if (!(path = resolve_backing (fn, s->backing_name))
+      || !(mine = realpath (node->file->filename, NULL))) {
+    error_set_errno (errp, errno, "%s: cannot resolve the image path", fn);
+    return false;
+  }
+  if (!(theirs = realpath (path, NULL))) {
+    error_set_errno (errp, errno, "%s: cannot open backing file '%s'", fn,
+                     path);
+    return false;
+  }
+  for (const char *p = chain; p && *p; depth++) {
+    const char *nl = strchr (p, '\n');
+    size_t l = nl ? (size_t) (nl - p) : strlen (p);
+    if (strlen (theirs) == l && strncmp (theirs, p, l) == 0) {
+      error_set (errp, ELOOP, "%s: backing file '%s' makes a loop in the "
+                 "backing chain", fn, theirs);
+      return false;
+    }
+    p = nl ? nl + 1 : p + l;
+  }
+  if (strcmp (theirs, mine) == 0) {
+    error_set (errp, ELOOP, "%s: backing file '%s' is the image itself", fn,
+               theirs);
+    return false;
+  }
+  if (depth >= QCOW2_MAX_CHAIN_DEPTH) {
+    error_set (errp, ELOOP, "%s: backing chain depth %u exceeds %d", fn,
+               depth + 1, QCOW2_MAX_CHAIN_DEPTH);
+    return false;
+  }
+  if (asprintf (&newchain, "%s%s%s", chain ? chain : "", chain ? "\n" : "",
+                mine) < 0) {
+    newchain = NULL;
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  if (strcmp (s->backing_format, "qcow2") == 0
+      && (!(extra = opts_new ())
+          || !opts_set (extra, "x-backing-chain", newchain))) {
+    opts_free (extra);
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  b = node_open_image (path, s->backing_format, extra,
+                       flags & STRATA_OPEN_FORCE_SHARE, errp);
+  opts_free (extra);
+  if (!b) {
+    error_prepend (errp, "%s: cannot open backing file '%s'", fn, path);
+    return false;
+  }
+  if (!node_attach_child (node, "backing", b, errp)) {
+    node_unref (b);
+    return false;
+  }
+  return true;
+}
+
+static void
+qcow2_close (strata_node *node)
+{
+  struct qcow2_state *s = node->opaque;
+
+  qcow2_cache_destroy (&s->l2_cache);
+  qcow2_cache_destroy (&s->rc_cache);
+  free (s->l1);
+  free (s->rt);
+  s->l1 = s->rt = NULL;
+  qcow2_free_header (s);
+  tracker_destroy (&s->clusters);
+}
+
+static bool
+init_caches (strata_node *node, struct qcow2_state *s, strata_opts *opts,
+             strata_error **errp)
+{
+  uint64_t span = s->l2_entries << s->cluster_bits, need, bytes;
+  unsigned n;
+
+  /* Default: enough tables to map the whole image, up to 8 MiB. */
+  need = ((s->size + span - 1) / span) * s->cluster_size;
+  if (!opts_get_size (opts, "l2-cache-size", MIN (need, 8ull << 20), &bytes,
+                      errp))
+    return false;
+  if (bytes > QCOW2_MAX_L2_CACHE_BYTES) {
+    error_set (errp, EINVAL, "%s: l2-cache-size %" PRIu64 " is too large "
+               "(max %llu)", node->filename, bytes, QCOW2_MAX_L2_CACHE_BYTES);
+    return false;
+  }
+  n = MAX (bytes / s->cluster_size, 2);
+  if (!qcow2_cache_init (&s->l2_cache, n, s->cluster_size)
+      || !qcow2_cache_init (&s->rc_cache, 4, s->cluster_size)) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  return true;
+}
+
+static bool
+qcow2_open (strata_node *node, strata_opts *opts, unsigned flags,
+            strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  const char *chain = opts_get (opts, "x-backing-chain");
+
+  tracker_init (&s->clusters);
+  if (!qcow2_read_header (node, s, errp)
+      || !init_caches (node, s, opts, errp)
+      || (!node->read_only && !check_writable (node, s, errp)))
+    goto fail;
+  if (s->backing_name && !(flags & STRATA_OPEN_NO_BACKING)
+      && !open_backing (node, s, chain, flags, errp))
+    goto fail;
+  return true;
+
+fail:
+  qcow2_close (node);
+  return false;
+}
+
+static int64_t
+qcow2_get_length (strata_node *node)
+{
+  struct qcow2_state *s = node->opaque;
+  return (int64_t) s->size;
+}
+
+static bool
+qcow2_get_info (strata_node *node, struct strata_info *info,
+                strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+
+  (void) errp;
+  info->cluster_size = s->cluster_size;
+  return true;
+}
+
+static bool
+qcow2_reopen (strata_node *node, bool read_write, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  return !read_write || check_writable (node, s, errp);
+}
+
+const struct strata_driver qcow2_driver = {
+  .name           = "qcow2",
+  .state_size     = sizeof (struct qcow2_state),
+  .has_file_child = true,
+  .probe          = qcow2_probe,
+  .open           = qcow2_open,
+  .close          = qcow2_close,
+  .preadv         = qcow2_preadv,
+  .pwritev        = qcow2_pwritev,
+  .pwrite_zeroes  = qcow2_pwrite_zeroes,
+  .pdiscard       = qcow2_pdiscard,
+  .block_status   = qcow2_block_status,
+  .get_length     = qcow2_get_length,
+  .get_info       = qcow2_get_info,
+  .reopen         = qcow2_reopen,
+};

@@ -1,0 +1,246 @@
+/* strata: qcow2 format driver, shared definitions.
+ *
+ * Implemented from QEMU's docs/interop/qcow2.txt (versions 2 and 3).  The
+ * image is a header cluster, a two-level map from guest clusters to host
+ * clusters (L1 table -> L2 tables -> data clusters) and a two-level table
+ * of reference counts (refcount table -> refcount blocks) for every host
+ * cluster:
+ *
+ *   guest offset --L1 index--> L2 table --L2 index--> host cluster
+ *   host cluster --rt index--> refcount block --index--> refcount
+ *
+ * Files: header.c (header and extensions), cache.c (metadata table
+ * cache), cluster.c (guest->host map), refcount.c (refcounts and cluster
+ * allocation), compress.c (compressed clusters), io.c (the driver).
+ *
+ * Locking: node->lock protects everything in struct qcow2_state except
+ * the immutable header fields.  Functions with a _locked suffix expect it
+ * held.  Metadata is written through to the file as it changes (no dirty
+ * cache), in the order "refcount, then data, flush, then the L2 entry that
+ * points at it", so a crash can leak clusters but never map garbage.
+ */
+#ifndef STRATA_QCOW2_H
+#define STRATA_QCOW2_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "block/node.h"
+#include "block/tracker.h"
+
+#define QCOW2_MAGIC 0x514649fbu  /* "QFI\xfb" */
+
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MAX_BACKING_NAME 1023
+/* Bounds on tables loaded whole into memory, as QEMU keeps them. */
+#define QCOW2_MAX_L1_BYTES        (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES  (8u << 20)
+#define QCOW2_MAX_CHAIN_DEPTH 256
+#define QCOW2_MAX_L2_CACHE_BYTES  (256ull << 20)
+#define QCOW2_MAX_OFFSET (1ull << 56) /* offsets are bits 9-55 */
+
+/* Feature bits (header bytes 72-95). */
+#define QCOW2_INCOMPAT_DIRTY       (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT     (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE   (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2       (1ull << 4)
+#define QCOW2_INCOMPAT_SUPPORTED \
+  (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT \
+   | QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2)
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+
+/* Header extension types. */
+#define QCOW2_EXT_END            0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE  0x6803f857u
+
+/* L1/L2 entry bits. */
+#define QCOW2_OFLAG_COPIED     (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW2_OFLAG_ZERO       (1ull << 0)
+#define QCOW2_OFFSET_MASK      0x00fffffffffffe00ull
+#define QCOW2_L1_RESERVED      0x7f000000000001ffull
+#define QCOW2_L2_RESERVED      0x3f000000000001feull
+
+#define QCOW2_SUBCLUSTERS 32
+#define QCOW2_BITMAP_ALLOC_ALL 0xffffffffull
+#define QCOW2_BITMAP_ZERO_ALL  0xffffffff00000000ull
+
+enum qcow2_compression { QCOW2_COMP_ZLIB = 0, QCOW2_COMP_ZSTD = 1 };
+
+struct qcow2_ext {            /* a header extension kept for rewrites */
+  uint32_t type;
+  uint32_t len;
+  uint8_t *data;
+};
+
+struct qcow2_feature_name {
+  uint8_t type;               /* 0 incompatible, 1 compatible, 2 autoclear */
+  uint8_t bit;
+  char name[47];
+};
+
+/* A cache of cluster-sized metadata tables keyed by host offset. */
+struct qcow2_cache_entry {
+  uint64_t offset;            /* 0 = empty slot */
+  uint64_t lru;
+  uint8_t *buf;
+};
+struct qcow2_cache {
+  struct qcow2_cache_entry *e;
+  unsigned n;
+  uint64_t tick;
+  size_t table_size;
+};
+
+struct qcow2_state {
+  /* Immutable after open. */
+  uint32_t version;
+  uint32_t cluster_bits;
+  uint64_t cluster_size;
+  uint64_t size;              /* virtual size */
+  uint32_t l1_size;
+  uint64_t l1_offset;
+  uint32_t nb_snapshots;
+  uint64_t incompat, compat, autoclear;
+  uint32_t refcount_order, refcount_bits;
+  uint32_t header_length;
+  uint8_t compression;
+  bool ext_l2;
+  uint32_t l2_entry_size;     /* 8 or 16 bytes */
+  uint64_t l2_entries;        /* entries per L2 table */
+  uint64_t subcluster_size;
+  uint64_t rc_per_block;      /* refcounts per refcount block */
+  char *backing_name;
+  char *backing_format;
+  struct qcow2_ext *exts;     /* unknown extensions, preserved */
+  unsigned nexts;
+  struct qcow2_feature_name *features;
+  unsigned nfeatures;
+
+  /* Protected by node->lock. */
+  uint64_t *l1;               /* host byte order */
+  uint64_t rt_offset;
+  uint32_t rt_clusters;
+  uint64_t *rt;               /* refcount table, host byte order */
+  uint64_t rt_entries;
+  uint64_t free_hint;         /* no free cluster below this index */
+  uint64_t file_end;          /* bytes; allocation may extend the file */
+  struct qcow2_cache l2_cache;
+  struct qcow2_cache rc_cache;
+
+  struct tracker clusters;    /* guest-cluster-granular request tracker */
+};
+
+/* header.c */
+bool qcow2_read_header (strata_node *node, struct qcow2_state *s,
+                        strata_error **errp);
+void qcow2_free_header (struct qcow2_state *s);
+int qcow2_write_header_field (strata_node *node, uint64_t off,
+                              const void *buf, size_t len);
+const char *qcow2_feature_name (const struct qcow2_state *s, uint8_t type,
+                                uint8_t bit);
+
+/* cache.c */
+bool qcow2_cache_init (struct qcow2_cache *c, unsigned n, size_t table_size);
+void qcow2_cache_destroy (struct qcow2_cache *c);
+/* Return the table at OFFSET, reading it when absent; the pointer is valid
+ * until the next cache call.  Caller holds node->lock. */
+int qcow2_cache_get_locked (strata_node *node, struct qcow2_cache *c,
+                            uint64_t offset, uint8_t **table);
+/* Install a freshly written table without reading it. */
+int qcow2_cache_put_locked (struct qcow2_cache *c, uint64_t offset,
+                            const uint8_t *table);
+void qcow2_cache_forget_locked (struct qcow2_cache *c, uint64_t offset);
+
+/* cluster.c */
+enum qcow2_ctype {
+  QCOW2_UNALLOCATED,  /* read from the backing file */
+  QCOW2_ZERO,         /* reads as zeros */
+  QCOW2_NORMAL,       /* data at host offset */
+  QCOW2_COMPRESSED,   /* compressed data at host offset */
+};
+struct qcow2_extent {
+  enum qcow2_ctype type;
+  uint64_t bytes;             /* guest bytes covered from the offset */
+  uint64_t host;              /* NORMAL: host offset of the first byte */
+  uint64_t coffset, csize;    /* COMPRESSED: where the compressed bytes are */
+};
+/* Describe the guest range starting at OFFSET (at most LEN bytes). */
+int qcow2_get_extent_locked (strata_node *node, uint64_t offset,
+                             uint64_t len, struct qcow2_extent *ext);
+/* Raw L2 entry (and bitmap) of the guest cluster at OFFSET; *l2_offset is
+ * 0 when no L2 table exists. */
+int qcow2_get_l2_entry_locked (strata_node *node, uint64_t offset,
+                               uint64_t *entry, uint64_t *bitmap,
+                               uint64_t *l2_offset);
+/* Set the L2 entry of the guest cluster at OFFSET, allocating its L2
+ * table when needed. */
+int qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
+                               uint64_t entry, uint64_t bitmap);
+int qcow2_check_l2_entry (strata_node *node, uint64_t offset,
+                          uint64_t entry, uint64_t bitmap);
+
+/* refcount.c */
+int qcow2_refcount_get_locked (strata_node *node, uint64_t cluster_index,
+                               uint64_t *rc);
+int qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
+                                  int delta);
+/* Allocate one cluster with refcount 1; returns its host offset (> 0) or a
+ * negative errno.  The refcount is on disk (not yet flushed). */
+int64_t qcow2_alloc_cluster_locked (strata_node *node);
+/* Drop one reference from the host clusters an L2 entry points at. */
+int qcow2_free_entry_locked (strata_node *node, uint64_t entry);
+
+/* compress.c */
+int qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
+                      uint8_t *out);
+
+/* io.c: the data-path callbacks. */
+int qcow2_preadv (strata_node *node, uint64_t offset, uint64_t len,
+                  const struct iovec *iov, int iovcnt, unsigned flags);
+int qcow2_pwritev (strata_node *node, uint64_t offset, uint64_t len,
+                   const struct iovec *iov, int iovcnt, unsigned flags);
+int qcow2_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
+                         unsigned flags);
+int qcow2_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
+                    unsigned flags);
+int qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
+                        struct bstat *bs);
+
+/* Helpers. */
+static inline uint64_t
+be64_load (const uint8_t *p)
+{
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++)
+    v = v << 8 | p[i];
+  return v;
+}
+static inline uint32_t
+be32_load (const uint8_t *p)
+{
+  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 | (uint32_t) p[2] << 8
+         | p[3];
+}
+static inline uint16_t
+be16_load (const uint8_t *p)
+{
+  return (uint16_t) (p[0] << 8 | p[1]);
+}
+static inline void
+be64_store (uint8_t *p, uint64_t v)
+{
+  for (int i = 7; i >= 0; i--, v >>= 8)
+    p[i] = v & 0xff;
+}
+static inline void
+be32_store (uint8_t *p, uint32_t v)
+{
+  for (int i = 3; i >= 0; i--, v >>= 8)
+    p[i] = v & 0xff;
+}
+
+#endif
