@@ -6,7 +6,6 @@ problem (and the file, when opening failed), and leave the image's bytes
 and size exactly as they were.
 """
 import random
-import shutil
 
 import pytest
 
