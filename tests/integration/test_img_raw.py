@@ -156,3 +156,32 @@ def test_unknown_subcommand(strata_img):
     p = run(strata_img, "frobnicate", check=False)
     assert p.returncode == 1
     assert "frobnicate" in p.stderr
+
+
+def test_bench_touches_the_same_offsets_as_qemu(tmp_path, strata_img,
+                                                qemu_img):
+    """Both tools' write benches, with a stride that wraps around the image,
+    leave the same blocks written (qemu-img map is the oracle)."""
+    maps = []
+    for tool in (strata_img, qemu_img):
+        img = tmp_path / f"bench-{len(maps)}.raw"
+        run(qemu_img, "create", "-q", "-f", "raw", img, "4M")
+        p = run(tool, "bench", "-w", "--pattern=170", "-c", "6", "-d", "2",
+                "-s", "4k", "-S", "1536k", "-f", "raw", img)
+        assert p.stdout.splitlines()[0] == (
+            "Sending 6 write requests, 4096 bytes each, 2 in parallel "
+            "(starting at offset 0, step size 1572864)")
+        maps.append(run(qemu_img, "map", "--output=json", "-f", "raw",
+                        img).stdout)
+    assert maps[0] == maps[1]
+    assert maps[0].count('"data": true') == 6
+
+
+def test_bench_request_past_end_fails(tmp_path, strata_img, qemu_img):
+    img = tmp_path / "small.raw"
+    run(qemu_img, "create", "-q", "-f", "raw", img, "4M")
+    for tool in (strata_img, qemu_img):
+        p = run(tool, "bench", "-c", "1", "-s", "4k", "-o", "4M", "-f", "raw",
+                img, check=False)
+        assert p.returncode == 1
+        assert "Failed request" in p.stderr
