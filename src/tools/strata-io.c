@@ -171,7 +171,8 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
 {
   int c, pattern = -1, r = 0;
   bool quiet = false, verbose = false, mismatch = false;
-  uint64_t off, len;
+  uint64_t off, len, first_bad = 0;
+  uint8_t bad_byte = 0;
   double t0;
   CLEANUP_FREE uint8_t *buf = NULL;
 
@@ -208,16 +209,27 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
       print_io_failure ("read", r);
       return -1;
     }
-    for (size_t i = 0; pattern >= 0 && !mismatch && i < n; i++)
-      mismatch = p[i] != pattern;
+    for (size_t i = 0; pattern >= 0 && !mismatch && i < n; i++) {
+      if (p[i] != pattern) {
+        mismatch = true;
+        first_bad = off + done + i;
+        bad_byte = p[i];
+      }
+    }
     done += n;
     if (len == 0)
       break;
   }
-  /* Exactly qemu-io's line and nothing more: harnesses diff the output. */
-  if (mismatch)
+  /* Exactly qemu-io's line on stdout, which harnesses diff; where the
+   * first difference is goes to stderr for the person reading it. */
+  if (mismatch) {
     printf ("Pattern verification failed at offset %" PRIu64 ", %" PRIu64
             " bytes\n", off, len);
+    fflush (stdout);
+    fprintf (stderr, "%s: first mismatch at offset %" PRIu64 " (0x%" PRIx64
+             "): expected 0x%02x, read 0x%02x\n", progname, first_bad,
+             first_bad, pattern, bad_byte);
+  }
   if (verbose)
     dump_buffer (buf, off, len);
   if (!quiet)

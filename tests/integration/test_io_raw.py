@@ -437,3 +437,16 @@ def test_exit_status_from_stdin_matches_qemu(tmp_path, strata_io, qemu_io):
         assert q.returncode == want
         assert s.returncode == want, s.stdout + s.stderr
         assert "read 1/1 bytes at offset 0" in s.stdout
+
+
+def test_pattern_failure_names_first_differing_byte(tmp_path, strata_io):
+    """stdout keeps qemu-io's line (the request's offset); stderr says where
+    the first differing byte is and what it holds."""
+    img = make_image(tmp_path / "fm.raw", data=b"\0" * 5000 + b"\x07" + b"\0" * 3191)
+    proc = strata(strata_io, img, "read -P 0 4096 4096", check=False)
+    assert proc.returncode == 1
+    assert "Pattern verification failed at offset 4096, 4096 bytes" \
+        in proc.stdout.splitlines()
+    assert proc.stderr.strip() == (
+        "strata-io: first mismatch at offset 5000 (0x1388): "
+        "expected 0x00, read 0x07")
