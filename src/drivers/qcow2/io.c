@@ -482,6 +482,10 @@ qcow2_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
   int r;
 
   (void) flags;
+  /* Version 2 cannot say "zeros" over a backing file, and unmapping would
+   * expose the backing file's data: ignore the hint, as QEMU does. */
+  if (s->version < 3 && s->backing_name)
+    return 0;
   /* Like QEMU, a partial last cluster may be discarded at the image end. */
   end = end >= s->size ? ROUND_UP (end, s->cluster_size)
                        : ROUND_DOWN (end, s->cluster_size);
