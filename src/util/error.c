@@ -1,5 +1,6 @@
 /* strata: error reporting; see error.h for the convention. */
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,29 +113,48 @@ strata_error_free (strata_error *err)
   }
 }
 
-static __thread char *last_io_error;
+/* The detail of the last data-path failure, per thread.  A pthread key
+ * rather than __thread so that a thread's message is freed when the
+ * thread exits (worker threads of the tools and of library users). */
+static pthread_key_t io_error_key;
+static pthread_once_t io_error_once = PTHREAD_ONCE_INIT;
+
+static void
+io_error_key_init (void)
+{
+  pthread_key_create (&io_error_key, free);
+}
+
+static void
+io_error_store (char *msg)
+{
+  pthread_once (&io_error_once, io_error_key_init);
+  free (pthread_getspecific (io_error_key));
+  pthread_setspecific (io_error_key, msg);
+}
 
 int
 io_error (int errnum, const char *fmt, ...)
 {
   va_list ap;
+  char *msg;
 
-  free (last_io_error);
   va_start (ap, fmt);
-  last_io_error = vformat (fmt, ap);
+  msg = vformat (fmt, ap);
   va_end (ap);
+  io_error_store (msg);
   return -errnum;
 }
 
 void
 io_error_clear (void)
 {
-  free (last_io_error);
-  last_io_error = NULL;
+  io_error_store (NULL);
 }
 
 const char *
 strata_last_error_message (void)
 {
-  return last_io_error;
+  pthread_once (&io_error_once, io_error_key_init);
+  return pthread_getspecific (io_error_key);
 }

@@ -1,5 +1,6 @@
 /* Unit tests of error propagation (src/util/error.c). */
 #include <errno.h>
+#include <pthread.h>
 
 #include "test.h"
 #include "util/error.h"
@@ -91,6 +92,29 @@ test_io_error_detail_is_per_thread (void)
   CHECK (strata_last_error_message () == NULL);
 }
 
+static void *
+fail_in_thread (void *arg)
+{
+  (void) arg;
+  io_error (EIO, "worker %d failed", 3);
+  return (void *) strata_last_error_message ();
+}
+
+/* Another thread's failure is not visible here; under LeakSanitizer this
+ * also proves a thread's message is freed when the thread exits. */
+static void
+test_io_error_of_other_thread (void)
+{
+  pthread_t th;
+  void *theirs;
+
+  io_error_clear ();
+  pthread_create (&th, NULL, fail_in_thread, NULL);
+  pthread_join (th, &theirs);
+  CHECK (theirs != NULL);
+  CHECK (strata_last_error_message () == NULL);
+}
+
 static void
 test_nonpositive_errno_becomes_eio (void)
 {
@@ -104,4 +128,5 @@ test_nonpositive_errno_becomes_eio (void)
 TESTS (T (test_set_carries_errno_and_message), T (test_propagate_and_prepend),
        T (test_null_errp_is_allowed), T (test_errno_suffix),
        T (test_first_error_wins), T (test_io_error_detail_is_per_thread),
+       T (test_io_error_of_other_thread),
        T (test_nonpositive_errno_becomes_eio))
