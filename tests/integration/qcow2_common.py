@@ -44,9 +44,9 @@ def qio(path, ops, fmt="qcow2", check=True):
     return run(qemu_io(), "-f", fmt, *cmds(ops), str(path), check=check)
 
 
-def sio(path, ops, fmt="qcow2", check=True, extra=()):
+def sio(path, ops, fmt="qcow2", check=True, extra=(), timeout=120):
     return run(binary("strata-io"), *(["-f", fmt] if fmt else []), *extra,
-               *cmds(ops), str(path), check=check)
+               *cmds(ops), str(path), check=check, timeout=timeout)
 
 
 class Model:

@@ -1,0 +1,182 @@
+"""strata-io refuses hostile qcow2 images cleanly.
+
+Each image is made by QEMU and then patched with struct.  strata-io must
+exit non-zero (not by a signal), print exactly one line that names the
+problem, finish quickly, and leave the file's bytes unchanged.
+"""
+import os
+import struct
+
+import pytest
+
+from conftest import file_state, run
+from qcow2_common import KiB, MiB, create, header, patch, qemu_img, qio, sio
+
+CS = 64 * KiB
+
+
+def base_image(tmp_path, name="h.qcow2"):
+    img = tmp_path / name
+    create(img, 4 * MiB, cluster_size=CS)
+    qio(img, ["write -q -P 0x11 0 64k"])
+    return img
+
+
+def l2_offset(img):
+    h = header(img)
+    with open(img, "rb") as f:
+        f.seek(h["l1_table_offset"])
+        return struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+
+
+def find_extension(img, magic):
+    with open(img, "rb") as f:
+        data = f.read(CS)
+    off = header(img)["header_length"]
+    while off + 8 <= len(data):
+        t, n = struct.unpack(">II", data[off:off + 8])
+        if t == magic:
+            return off + 8, n
+        if t == 0:
+            break
+        off += 8 + (n + 7) // 8 * 8
+    raise AssertionError(f"extension 0x{magic:08x} not found")
+
+
+def truncated(img, tmp_path):
+    os.truncate(img, 50)
+
+
+def cluster_bits_30(img, tmp_path):
+    patch(img, 20, ">I", 30)
+
+
+def huge_l1(img, tmp_path):
+    patch(img, 36, ">I", 0x7fffffff)
+
+
+def l1_unaligned(img, tmp_path):
+    patch(img, 40, ">Q", header(img)["l1_table_offset"] + 8)
+
+
+def l1_past_eof(img, tmp_path):
+    patch(img, 40, ">Q", 1 << 40)
+
+
+def refcount_table_past_eof(img, tmp_path):
+    patch(img, 48, ">Q", 1 << 40)
+
+
+def l2_into_header(img, tmp_path):
+    patch(img, l2_offset(img), ">Q", 1 << 63)
+
+
+def l2_unaligned(img, tmp_path):
+    patch(img, l2_offset(img), ">Q", (1 << 63) | (3 * CS + 512))
+
+
+def backing_name_4g(img, tmp_path):
+    patch(img, 8, ">QI", 0x200, 0xffffffff)
+
+
+def unknown_incompat(img, tmp_path):
+    patch(img, 72, ">Q", header(img)["incompatible_features"] | 1 << 20)
+
+
+def named_incompat(img, tmp_path):
+    """The name comes from the image's own feature name table."""
+    off, n = find_extension(img, 0x6803f857)
+    with open(img, "rb") as f:
+        f.seek(off)
+        table = f.read(n)
+    for i in range(0, n, 48):
+        if table[i] == 0 and table[i + 1] == 0:   # "dirty bit"
+            patch(img, off + i, ">BB46s", 0, 21, b"frobnicator")
+    patch(img, 72, ">Q", header(img)["incompatible_features"] | 1 << 21)
+
+
+def external_data_file(img, tmp_path):
+    patch(img, 72, ">Q", header(img)["incompatible_features"] | 1 << 2)
+
+
+def backing_loop(img, tmp_path):
+    other = tmp_path / "other.qcow2"
+    create(other, 4 * MiB, backing=img.name, cluster_size=CS)
+    run(qemu_img(), "rebase", "-u", "-b", other.name, "-F", "qcow2", img.name,
+        cwd=tmp_path)
+
+
+def backing_without_format(img, tmp_path):
+    base_image(tmp_path, "b.qcow2")
+    run(qemu_img(), "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", img.name,
+        cwd=tmp_path)
+    off, _ = find_extension(img, 0xe2792aca)
+    patch(img, off - 8, ">I", 0xe2792acb)   # now an unknown extension
+
+
+CASES = {
+    # name: (patch, commands, text the one line must contain)
+    "truncated": (truncated, [], "file size 50 is too small"),
+    "cluster-bits-30": (cluster_bits_30, [], "cluster_bits 30 is out of range"),
+    "huge-l1": (huge_l1, [], "l1_size 2147483647 is too large"),
+    "l1-unaligned": (l1_unaligned, [], "is not aligned to the cluster size"),
+    "l1-past-eof": (l1_past_eof, [], "past the end of the file"),
+    "refcount-table-past-eof": (refcount_table_past_eof, [],
+                                "refcount table offset 0x10000000000 plus"),
+    "l2-into-header": (l2_into_header, ["read 0 512"],
+                       "points into the image header"),
+    "l2-unaligned": (l2_unaligned, ["read 0 512"],
+                     "is not aligned to the cluster size"),
+    "backing-name-4g": (backing_name_4g, [],
+                        "backing file name length 4294967295 is too long"),
+    "unknown-incompat": (unknown_incompat, [],
+                         "incompatible feature bit 20 (unknown)"),
+    "named-incompat": (named_incompat, [],
+                       "incompatible feature bit 21 (frobnicator)"),
+    "external-data-file": (external_data_file, [], "(external data file)"),
+    "backing-loop": (backing_loop, [], "loop in the backing chain"),
+    "backing-without-format": (backing_without_format, [],
+                               "has no backing format"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("mode", ["rw", "ro"])
+def test_hostile(tmp_path, name, mode):
+    fix, cmds, want = CASES[name]
+    img = base_image(tmp_path)
+    fix(img, tmp_path)
+    before = file_state(img)
+    extra = ["-r"] if mode == "ro" else []
+    p = sio(img, cmds, check=False, extra=extra, timeout=10)
+    lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
+    assert p.returncode > 0, f"exit {p.returncode}\n{p.stdout}{p.stderr}"
+    assert len(lines) == 1 and want in lines[0], (
+        f"want one line with {want!r}, got:\n{p.stdout}{p.stderr}")
+    assert file_state(img) == before
+
+
+def set_incompat_bit(img, bit):
+    patch(img, 72, ">Q", header(img)["incompatible_features"] | 1 << bit)
+
+
+@pytest.mark.parametrize("bit,word", [(0, "dirty bit"), (1, "corrupt")])
+def test_dirty_or_corrupt_read_only(tmp_path, bit, word):
+    img = base_image(tmp_path)
+    set_incompat_bit(img, bit)
+    before = file_state(img)
+    p = sio(img, ["read -P 0x11 0 64k"], check=False)
+    assert p.returncode == 1
+    assert word in p.stderr and "qemu-img check -r all" in p.stderr, p.stderr
+    sio(img, ["read -q -P 0x11 0 64k"], extra=["-r"])
+    assert file_state(img) == before
+
+
+def test_l2_cache_size_option(tmp_path):
+    img = tmp_path / "c.qcow2"
+    create(img, 4 * MiB, cluster_size=512)
+    qio(img, ["write -q -P 0x21 0 2M"])
+    sio(img, ["read -q -P 0x21 0 2M", "read -q -P 0 2M 2M"],
+        extra=["-o", "l2-cache-size=1k"])
+    p = sio(img, ["read 0 1"], extra=["-o", "l2-cache-size=1T"], check=False)
+    assert p.returncode == 1 and "l2-cache-size" in p.stderr
