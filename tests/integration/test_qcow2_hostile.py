@@ -180,3 +180,34 @@ def test_l2_cache_size_option(tmp_path):
         extra=["-o", "l2-cache-size=1k"])
     p = sio(img, ["read 0 1"], extra=["-o", "l2-cache-size=1T"], check=False)
     assert p.returncode == 1 and "l2-cache-size" in p.stderr
+
+
+def make_chain(tmp_path, n):
+    """l0 <- l1 <- ... <- l{n-1}, by patching copies of one small image."""
+    create(tmp_path / "l0000.qcow2", 64 * KiB, cluster_size=512)
+    qio(tmp_path / "l0000.qcow2", ["write -q -P 0x5e 0 512"])
+    create(tmp_path / "tmpl.qcow2", 64 * KiB, backing="l0000.qcow2",
+           cluster_size=512)
+    h = header(tmp_path / "tmpl.qcow2")
+    data = (tmp_path / "tmpl.qcow2").read_bytes()
+    off = h["backing_file_offset"]
+    assert h["backing_file_size"] == len("l0000.qcow2")
+    for i in range(1, n):
+        name = f"l{i - 1:04d}.qcow2".encode()
+        img = data[:off] + name + data[off + len(name):]
+        (tmp_path / f"l{i:04d}.qcow2").write_bytes(img)
+    return tmp_path / f"l{n - 1:04d}.qcow2"
+
+
+def test_deep_chain_refused(tmp_path):
+    top = make_chain(tmp_path, 300)
+    before = file_state(top)
+    p = sio(top, ["read 0 512"], check=False, extra=["-r"], timeout=20)
+    assert p.returncode == 1 and "exceeds 256" in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1
+    assert file_state(top) == before
+
+
+def test_long_chain_reads(tmp_path):
+    top = make_chain(tmp_path, 100)
+    sio(top, ["read -q -P 0x5e 0 512", "read -q -P 0 512 63k"], extra=["-r"])

@@ -297,6 +297,10 @@ parse_fields (strata_node *node, struct qcow2_state *s, const uint8_t *h,
                s->nb_snapshots);
     return false;
   }
+  if (s->nb_snapshots
+      && !check_table (node, s, "snapshot table", be64_load (h + 64), 40,
+                       UINT64_MAX, flen, errp))
+    return false;
   if (bf_size > QCOW2_MAX_BACKING_NAME) {
     error_set (errp, EINVAL, "%s: backing file name length %" PRIu32
                " is too long (max %d)", fn, bf_size, QCOW2_MAX_BACKING_NAME);

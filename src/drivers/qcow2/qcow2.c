@@ -152,7 +152,9 @@ open_backing (strata_node *node, struct qcow2_state *s, const char *chain,
                        flags & STRATA_OPEN_FORCE_SHARE, errp);
   opts_free (extra);
   if (!b) {
-    error_prepend (errp, "%s: cannot open backing file '%s'", fn, path);
+    /* Name the top image and the failing layer, not every layer between. */
+    if (!chain)
+      error_prepend (errp, "%s: cannot open backing file '%s'", fn, path);
     return false;
   }
   if (!node_attach_child (node, "backing", b, errp)) {

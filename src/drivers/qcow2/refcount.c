@@ -240,8 +240,14 @@ qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
   unsigned n;
   int r;
 
-  if ((r = ensure_block_locked (node, idx, &boff)) < 0)
+  /* Only an increment may need a new refcount block. */
+  r = delta > 0 ? ensure_block_locked (node, idx, &boff)
+                : block_offset (node, idx / s->rc_per_block, &boff);
+  if (r < 0)
     return r;
+  if (!boff)
+    return io_error (EIO, "%s: refcount of host cluster 0x%" PRIx64 " (0) "
+                     "would drop below zero", node->filename, host_offset);
   if ((r = qcow2_cache_get_locked (node, &s->rc_cache, boff, &blk)) < 0)
     return r;
   v = rc_load (s, blk, idx % s->rc_per_block);
