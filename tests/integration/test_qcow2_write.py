@@ -156,8 +156,13 @@ def test_random_equivalence(tmp_path, seed):
     qio(base, [bm.write(0, size // 2, 0xbb), bm.write(size - cs, cs, 0xbc)])
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     create(a, size, backing="base.qcow2", **opts(cs, compat, ext))
-    shutil.copy(a, b)
     m = Model(size, bm)
+    if rng.random() < 0.4:
+        # Some data first, then an internal snapshot that shares it.
+        qio(a, random_ops(rng, m, cs, compat != "0.10"))
+        run(qemu_img(), "snapshot", "-c", "s1", a)
+        msg += " with a snapshot"
+    shutil.copy(a, b)
     ops = random_ops(rng, m, cs, compat != "0.10")
     pa, pb = qio(a, ops, check=False), sio(b, ops, check=False)
     assert pa.returncode == 0 and pb.returncode == 0, (
@@ -168,3 +173,30 @@ def test_random_equivalence(tmp_path, seed):
     for img in (a, b):
         c = run(qemu_img(), "check", img, check=False)
         assert c.returncode == 0, f"{msg}: {img}\n{c.stdout}"
+
+
+@pytest.mark.parametrize("cs", [4 * KiB, 64 * KiB])
+def test_write_keeps_internal_snapshot(tmp_path, cs):
+    """Shared L2 tables and clusters are copied, never changed in place:
+    the snapshot still reads its data, and refcounts stay exact (no leaks
+    after the snapshot is deleted)."""
+    size = 2 * MiB
+    img = tmp_path / "s.qcow2"
+    create(img, size, cluster_size=cs)
+    snap = Model(size)
+    qio(img, [snap.write(0, 300 * KiB, 0x11),
+              snap.write(1 * MiB, 2 * cs, 0x12)])
+    run(qemu_img(), "snapshot", "-c", "s1", img)
+    m = Model(size, snap)
+    sio(img, [m.write(1000, 10 * KiB, 0x22), m.zero(20 * KiB, 2 * cs),
+              m.zero(1 * MiB, cs, unmap=True), m.write(600 * KiB, cs, 0x33)])
+    qemu_check(img)
+    check_reads(qio, img, m)
+    run(qemu_img(), "snapshot", "-c", "s2", img)
+    run(qemu_img(), "snapshot", "-a", "s1", img)
+    check_reads(qio, img, snap)
+    run(qemu_img(), "snapshot", "-d", "s1", img)
+    run(qemu_img(), "snapshot", "-a", "s2", img)
+    run(qemu_img(), "snapshot", "-d", "s2", img)
+    check_reads(qio, img, m)
+    qemu_check(img)

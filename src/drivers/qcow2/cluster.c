@@ -215,6 +215,52 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
   return 0;
 }
 
+/* Copy the L2 table at OLD_OFF, which an internal snapshot shares, so the
+ * active image gets its own.  A cluster's refcount counts the L1 tables
+ * (active and snapshots) that reach it, so the clusters the table maps keep
+ * their refcounts (already > 1) and only lose COPIED in the copy.  The copy
+ * is written and flushed before the L1 entry points at it, and the old
+ * table loses the active image's reference last. */
+static int64_t
+cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t i = l1_index (s, offset), span = s->l2_entries << s->cluster_bits;
+  CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
+  uint8_t *cached, be[8];
+  int64_t new_off;
+  int r;
+
+  if (!t)
+    return -ENOMEM;
+  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, old_off, &cached)) < 0)
+    return r;
+  memcpy (t, cached, s->cluster_size);
+  for (uint64_t j = 0; j < s->l2_entries; j++) {
+    uint8_t *p = t + j * s->l2_entry_size;
+    uint64_t e = be64_load (p);
+    uint64_t bm = s->ext_l2 ? be64_load (p + 8) : 0;
+    if ((r = qcow2_check_l2_entry (node, i * span + (j << s->cluster_bits), e,
+                                   bm)) < 0)
+      return r;
+    be64_store (p, e & ~QCOW2_OFLAG_COPIED);
+  }
+  if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)
+    return new_off;
+  if ((r = node_pwrite (node->file, new_off, t, s->cluster_size, 0)) < 0
+      || (r = node_flush (node->file)) < 0)
+    return r;
+  be64_store (be, (uint64_t) new_off | QCOW2_OFLAG_COPIED);
+  if ((r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
+    return r;
+  s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
+  if ((r = qcow2_cache_put_locked (&s->l2_cache, new_off, t)) < 0
+      || (r = node_flush (node->file)) < 0
+      || (r = qcow2_refcount_update_locked (node, old_off, -1)) < 0)
+    return r;
+  return new_off;
+}
+
 /* Give guest OFFSET an L2 table; returns its offset or a negative errno. */
 static int64_t
 ensure_l2_table_locked (strata_node *node, uint64_t offset)
@@ -228,13 +274,10 @@ ensure_l2_table_locked (strata_node *node, uint64_t offset)
 
   if (r < 0)
     return r;
-  if (l2_offset) {
-    if (!(s->l1[i] & QCOW2_OFLAG_COPIED))
-      return io_error (ENOTSUP, "%s: L2 table at 0x%" PRIx64 " is shared "
-                       "(snapshots); writing it is not supported",
-                       node->filename, l2_offset);
-    return l2_offset;
-  }
+  if (l2_offset)
+    return s->l1[i] & QCOW2_OFLAG_COPIED
+               ? (int64_t) l2_offset
+               : cow_l2_table_locked (node, offset, l2_offset);
   if (!(zeros = calloc (1, s->cluster_size)))
     return -ENOMEM;
   if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)

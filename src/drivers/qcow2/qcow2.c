@@ -6,8 +6,8 @@
  *   - the dirty bit (lazy refcounts in use, refcounts may be stale) and
  *     the corrupt bit allow read-only opens only; strata never sets
  *     either, and keeps refcounts exact even when lazy_refcounts is on;
- *   - images with internal snapshots are read-only here (shared clusters
- *     are not rewritten yet);
+ *   - internal snapshots are kept: clusters and L2 tables they share
+ *     (no COPIED flag) are copied before the active image changes them;
  *   - autoclear bits (bitmaps) are cleared when opening read-write, as the
  *     spec asks of a writer that does not maintain them.
  * The backing file is opened read-only with the format the header names;
@@ -48,12 +48,6 @@ check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
     error_set (errp, EROFS, "%s: the image has the dirty bit set (lazy "
                "refcounts were not written back); it can only be opened "
                "read-only, repair it with 'qemu-img check -r all'", fn);
-    return false;
-  }
-  if (s->nb_snapshots) {
-    error_set (errp, ENOTSUP, "%s: nb_snapshots %" PRIu32 ": writing images "
-               "with internal snapshots is not supported; open read-only",
-               fn, s->nb_snapshots);
     return false;
   }
   if (s->autoclear) {

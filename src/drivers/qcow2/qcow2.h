@@ -193,6 +193,8 @@ int qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
 int64_t qcow2_alloc_cluster_locked (strata_node *node);
 /* Drop one reference from the host clusters an L2 entry points at. */
 int qcow2_free_entry_locked (strata_node *node, uint64_t entry);
+/* Add DELTA references to the host clusters an L2 entry points at. */
+int qcow2_ref_entry_locked (strata_node *node, uint64_t entry, int delta);
 
 /* compress.c */
 int qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,

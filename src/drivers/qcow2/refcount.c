@@ -293,6 +293,12 @@ qcow2_alloc_cluster_locked (strata_node *node)
 int
 qcow2_free_entry_locked (strata_node *node, uint64_t entry)
 {
+  return qcow2_ref_entry_locked (node, entry, -1);
+}
+
+int
+qcow2_ref_entry_locked (strata_node *node, uint64_t entry, int delta)
+{
   struct qcow2_state *s = node->opaque;
   int r;
 
@@ -303,11 +309,12 @@ qcow2_free_entry_locked (strata_node *node, uint64_t entry)
     uint64_t last = (coff & ~511ull) + nsec * 512;
     for (uint64_t c = ROUND_DOWN (coff, s->cluster_size); c <= last;
          c += s->cluster_size)
-      if ((r = qcow2_refcount_update_locked (node, c, -1)) < 0)
+      if ((r = qcow2_refcount_update_locked (node, c, delta)) < 0)
         return r;
     return 0;
   }
   if (entry & QCOW2_OFFSET_MASK)
-    return qcow2_refcount_update_locked (node, entry & QCOW2_OFFSET_MASK, -1);
+    return qcow2_refcount_update_locked (node, entry & QCOW2_OFFSET_MASK,
+                                         delta);
   return 0;
 }
