@@ -211,3 +211,38 @@ def test_deep_chain_refused(tmp_path):
 def test_long_chain_reads(tmp_path):
     top = make_chain(tmp_path, 100)
     sio(top, ["read -q -P 0x5e 0 512", "read -q -P 0 512 63k"], extra=["-r"])
+
+
+FUZZ_SEEDS = ([int(os.environ["STRATA_SEED"])] if os.environ.get("STRATA_SEED")
+              else list(range(1, 9)))
+
+
+@pytest.mark.parametrize("seed", FUZZ_SEEDS)
+def test_random_metadata_corruption(tmp_path, seed):
+    """Random bytes in the header, L1, L2 and refcount clusters: strata-io
+    may refuse the image or some reads, but never crashes or hangs, and a
+    read-only open changes nothing."""
+    import random
+    rng = random.Random(seed)
+    img = tmp_path / "f.qcow2"
+    create(img, 1 * MiB, cluster_size=4 * KiB)
+    qio(img, ["write -q -P 0x11 0 100k", "write -q -z 200k 8k",
+              "write -q -P 0x12 900k 4k"])
+    h = header(img)
+    meta = [0, h["l1_table_offset"], h["refcount_table_offset"],
+            l2_offset(img)]
+    data = bytearray(img.read_bytes())
+    for _ in range(rng.randint(1, 6)):
+        base = rng.choice(meta)
+        pos = base + rng.randrange(0, 4 * KiB if base else 120)
+        data[pos] = rng.randrange(256)
+    img.write_bytes(bytes(data))
+    before = file_state(img)
+    msg = f"STRATA_SEED={seed}"
+    p = sio(img, ["read -q 0 1M", "map"], check=False, extra=["-r"],
+            timeout=10)
+    assert p.returncode in (0, 1), f"{msg}: exit {p.returncode}\n{p.stderr}"
+    assert file_state(img) == before, msg
+    p = sio(img, ["write -q -P 0x55 4000 10000", "write -q -z 0 1M",
+                  "discard -q 0 1M"], check=False, timeout=10)
+    assert p.returncode in (0, 1), f"{msg}: exit {p.returncode}\n{p.stderr}"

@@ -101,9 +101,9 @@ def test_read_qemu_image(tmp_path, cs, compat, ext):
 
 
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
-@pytest.mark.parametrize("cs", [4 * KiB, 64 * KiB])
+@pytest.mark.parametrize("cs", [512, 4 * KiB, 64 * KiB, 2 * MiB])
 def test_read_compressed(tmp_path, ctype, cs):
-    size = 2 * MiB
+    size = max(2 * MiB, 3 * cs)
     raw = tmp_path / "src.raw"
     m = Model(size)
     m.write(0, 100 * KiB, 0x5a)
