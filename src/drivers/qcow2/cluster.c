@@ -56,7 +56,7 @@ l2_table_offset (strata_node *node, uint64_t offset, uint64_t *l2_offset)
     return io_error (EIO, "%s: L1 entry %" PRIu64 " L2 table offset 0x%"
                      PRIx64 " is not aligned to the cluster size",
                      node->filename, i, off);
-  if (off && off >= s->file_end)
+  if (off && qcow2_past_end_locked (node, off))
     return io_error (EIO, "%s: L1 entry %" PRIu64 " L2 table offset 0x%"
                      PRIx64 " is past the end of the file", node->filename,
                      i, off);
@@ -80,7 +80,7 @@ qcow2_check_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
                        " is compressed but has subcluster bitmap 0x%" PRIx64,
                        fn, offset, bitmap);
     if (coff >= QCOW2_MAX_OFFSET || coff < s->cluster_size
-        || coff >= s->file_end)
+        || qcow2_past_end_locked (node, coff))
       return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64
                        " compressed data offset 0x%" PRIx64 " is outside "
                        "the file's data area", fn, offset, coff);
@@ -98,7 +98,7 @@ qcow2_check_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
     return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64 " 0x%"
                      PRIx64 " points into the image header (host offset 0)",
                      fn, offset, entry);
-  if (host && host >= s->file_end)
+  if (host && qcow2_past_end_locked (node, host))
     return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64 " host "
                      "offset 0x%" PRIx64 " is past the end of the file", fn,
                      offset, host);

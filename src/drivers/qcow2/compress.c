@@ -71,6 +71,7 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
   struct qcow2_state *s = node->opaque;
   CLEANUP_FREE uint8_t *in = NULL;
   uint64_t avail;
+  int64_t flen = node_length (node->file);
   int r;
 
   /* A cluster never needs more than its size plus a sector of overhead;
@@ -78,7 +79,9 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
   if (csize > 2 * s->cluster_size + 512)
     return io_error (EIO, "%s: compressed cluster at 0x%" PRIx64 " length %"
                      PRIu64 " is too large", node->filename, coffset, csize);
-  avail = coffset < s->file_end ? s->file_end - coffset : 0;
+  if (flen < 0)
+    return (int) flen;
+  avail = coffset < (uint64_t) flen ? (uint64_t) flen - coffset : 0;
   csize = MIN (csize, avail);
   if (csize == 0 || !(in = malloc (csize)))
     return csize ? -ENOMEM

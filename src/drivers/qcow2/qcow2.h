@@ -196,6 +196,10 @@ int qcow2_free_entry_locked (strata_node *node, uint64_t entry);
 /* Add DELTA references to the host clusters an L2 entry points at. */
 int qcow2_ref_entry_locked (strata_node *node, uint64_t entry, int delta);
 
+/* True when host offset OFF is at or past the end of the file (rechecking
+ * the file's size first, as another reader's view may have grown). */
+bool qcow2_past_end_locked (strata_node *node, uint64_t off);
+
 /* compress.c */
 int qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
                       uint8_t *out);

@@ -78,7 +78,7 @@ block_offset (strata_node *node, uint64_t bi, uint64_t *off)
     return 0;
   *off = s->rt[bi] & ~0x1ffull;
   if (*off % s->cluster_size || *off >= QCOW2_MAX_OFFSET
-      || (*off && *off >= s->file_end))
+      || (*off && qcow2_past_end_locked (node, *off)))
     return io_error (EIO, "%s: refcount table entry %" PRIu64 " 0x%" PRIx64
                      " is not a valid refcount block offset", node->filename,
                      bi, s->rt[bi]);
@@ -101,6 +101,20 @@ qcow2_refcount_get_locked (strata_node *node, uint64_t idx, uint64_t *rc)
                      node->filename, off);
   *rc = rc_load (s, blk, idx % s->rc_per_block);
   return 0;
+}
+
+bool
+qcow2_past_end_locked (strata_node *node, uint64_t off)
+{
+  struct qcow2_state *s = node->opaque;
+  int64_t len;
+
+  if (off < s->file_end)
+    return false;
+  len = node_length (node->file);
+  if (len > 0 && ROUND_UP ((uint64_t) len, s->cluster_size) > s->file_end)
+    s->file_end = ROUND_UP ((uint64_t) len, s->cluster_size);
+  return off >= s->file_end;
 }
 
 static void
