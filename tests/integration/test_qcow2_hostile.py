@@ -169,6 +169,8 @@ def test_dirty_or_corrupt_read_only(tmp_path, bit, word):
     assert p.returncode == 1
     assert word in p.stderr and "qemu-img check -r all" in p.stderr, p.stderr
     sio(img, ["read -q -P 0x11 0 64k"], extra=["-r"])
+    p = sio(img, ["reopen -w"], extra=["-r"], check=False)
+    assert p.returncode == 1 and "qemu-img check -r all" in p.stderr
     assert file_state(img) == before
 
 

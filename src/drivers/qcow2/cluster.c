@@ -192,6 +192,8 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
       return r;
     classify (s, pos, entry, bitmap, &type, &host);
     unit_end = ROUND_DOWN (pos, s->subcluster_size) + s->subcluster_size;
+    if (!l2_offset)
+      unit_end = table_end;  /* no L2 table: all of it is unallocated */
     if (type == QCOW2_COMPRESSED)
       unit_end = ROUND_DOWN (pos, s->cluster_size) + s->cluster_size;
     if (pos == offset) {

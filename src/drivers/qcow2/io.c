@@ -392,6 +392,31 @@ zero_entry (const struct qcow2_state *s, uint64_t old, bool keep,
   }
 }
 
+/* Whether the guest range already reads as zeros without any I/O. */
+static bool
+reads_as_zero (strata_node *node, uint64_t offset, uint64_t len)
+{
+  struct qcow2_extent ext;
+  int r;
+
+  pthread_mutex_lock (&node->lock);
+  r = qcow2_get_extent_locked (node, offset, len, &ext);
+  pthread_mutex_unlock (&node->lock);
+  return r == 0 && ext.bytes == len
+         && (ext.type == QCOW2_ZERO
+             || (ext.type == QCOW2_UNALLOCATED && !node->backing));
+}
+
+/* Write zeros to a part of one cluster unless it reads as zeros already. */
+static int
+zero_partial (strata_node *node, uint64_t offset, uint64_t len,
+              const uint8_t *zeros, struct write_batch *b)
+{
+  if (reads_as_zero (node, offset, len))
+    return 0;
+  return write_cluster (node, offset, len, NULL, 0, 0, zeros, b);
+}
+
 /* Apply a whole-cluster mapping change to [offset, offset+len) (cluster
  * aligned): DISCARD picks QEMU's discard semantics, else zeroes. */
 static int
@@ -455,11 +480,9 @@ qcow2_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
   head_end = MIN (ROUND_UP (offset, s->cluster_size), offset + len);
   tail_start = MAX (ROUND_DOWN (offset + len, s->cluster_size), head_end);
   if (head_end > offset)
-    r = write_cluster (node, offset, head_end - offset, NULL, 0, 0, zeros,
-                       &b);
+    r = zero_partial (node, offset, head_end - offset, zeros, &b);
   if (r == 0 && tail_start < offset + len)
-    r = write_cluster (node, tail_start, offset + len - tail_start, NULL, 0,
-                       0, zeros, &b);
+    r = zero_partial (node, tail_start, offset + len - tail_start, zeros, &b);
   if (r == 0)
     r = commit_batch (node, &b, false);
   if (r == 0 && tail_start > head_end)
