@@ -5,6 +5,7 @@ exit non-zero (not by a signal), print exactly one line that names the
 problem, finish quickly, and leave the file's bytes unchanged.
 """
 import os
+import re
 import struct
 
 import pytest
@@ -215,6 +216,9 @@ def test_long_chain_reads(tmp_path):
     sio(top, ["read -q -P 0x5e 0 512", "read -q -P 0 512 63k"], extra=["-r"])
 
 
+# ASan exits 1 like a refused image would; UBSan only prints.
+SANITIZER = r"Sanitizer|runtime error:"
+
 FUZZ_SEEDS = ([int(os.environ["STRATA_SEED"])] if os.environ.get("STRATA_SEED")
               else list(range(1, 9)))
 
@@ -227,24 +231,37 @@ def test_random_metadata_corruption(tmp_path, seed):
     import random
     rng = random.Random(seed)
     img = tmp_path / "f.qcow2"
-    create(img, 1 * MiB, cluster_size=4 * KiB)
-    qio(img, ["write -q -P 0x11 0 100k", "write -q -z 200k 8k",
-              "write -q -P 0x12 900k 4k"])
+    kind = rng.choice(["plain", "extl2", "compressed"])
+    if kind == "compressed":
+        raw = tmp_path / "src.raw"
+        raw.write_bytes(b"\x11" * 100 * KiB + bytes(800 * KiB)
+                        + b"\x12" * 124 * KiB)
+        run(qemu_img(), "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+            "cluster_size=4k,compression_type="
+            + rng.choice(["zlib", "zstd"]), raw, img)
+    else:
+        create(img, 1 * MiB, cluster_size=(32 if kind == "extl2" else 4) * KiB,
+               **({"extended_l2": "on"} if kind == "extl2" else {}))
+        qio(img, ["write -q -P 0x11 0 100k", "write -q -z 200k 8k",
+                  "write -q -P 0x12 900k 4k"])
     h = header(img)
     meta = [0, h["l1_table_offset"], h["refcount_table_offset"],
             l2_offset(img)]
     data = bytearray(img.read_bytes())
+    cs = 1 << h["cluster_bits"]
     for _ in range(rng.randint(1, 6)):
         base = rng.choice(meta)
-        pos = base + rng.randrange(0, 4 * KiB if base else 120)
+        pos = base + rng.randrange(0, cs if base else 120)
         data[pos] = rng.randrange(256)
     img.write_bytes(bytes(data))
     before = file_state(img)
-    msg = f"STRATA_SEED={seed}"
+    msg = f"STRATA_SEED={seed} ({kind})"
     p = sio(img, ["read -q 0 1M", "map"], check=False, extra=["-r"],
             timeout=10)
     assert p.returncode in (0, 1), f"{msg}: exit {p.returncode}\n{p.stderr}"
+    assert not re.search(SANITIZER, p.stderr), f"{msg}\n{p.stderr}"
     assert file_state(img) == before, msg
     p = sio(img, ["write -q -P 0x55 4000 10000", "write -q -z 0 1M",
                   "discard -q 0 1M"], check=False, timeout=10)
     assert p.returncode in (0, 1), f"{msg}: exit {p.returncode}\n{p.stderr}"
+    assert not re.search(SANITIZER, p.stderr), f"{msg}\n{p.stderr}"
