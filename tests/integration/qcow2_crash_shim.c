@@ -6,7 +6,8 @@
  * $CRASH_LOSE=1 it first undoes every write since the last fdatasync/fsync
  * of that file (they were only in the page cache), restoring the old bytes
  * and size from an undo log; with $CRASH_LOSE=2 it undoes a random subset
- * of them, as a disk that reorders its cache may.  $CRASH_COUNT names a file that receives the
+ * of them and with 3 all but the latest, as a disk that reorders its
+ * cache may.  $CRASH_COUNT names a file that receives the
  * number of events when the process exits normally, then the numbers of
  * the writes to the first 512 bytes (header updates), so the
  * test can aim at the steps around them.
@@ -47,8 +48,9 @@ is_target (int fd)
 }
 
 /* MODE 1: lose every unflushed write.  MODE 2: lose a random subset
- * (seeded by the crash point), keeping any write that overlaps a later
- * kept one, so the disk may hold a later write without an earlier one. */
+ * (seeded by the crash point).  MODE 3: keep only the latest.  Modes 2 and
+ * 3 keep any write that overlaps a later kept one; they model a disk that
+ * holds a later write without an earlier one. */
 static void
 rollback (int fd, int mode, unsigned seed)
 {
@@ -59,8 +61,9 @@ rollback (int fd, int mode, unsigned seed)
   srand (seed);
   for (size_t i = log_n; i-- > 0;) {
     struct undo *u = &log_v[i];
-    int lose = mode == 1 || rand () % 2;
-    for (size_t j = i + 1; lose && mode == 2 && j < log_n; j++)
+    int lose = mode == 1 || (mode == 2 && rand () % 2)
+               || (mode == 3 && i + 1 < log_n);
+    for (size_t j = i + 1; lose && mode >= 2 && j < log_n; j++)
       if (kept[j] && log_v[j].off < u->off + (off_t) u->len
           && u->off < log_v[j].off + (off_t) log_v[j].len)
         lose = 0;

@@ -6,6 +6,7 @@ no corruption and no leaks, and qemu-io must read back what a model of
 the guest says.  A seeded random test applies the same operations with
 qemu-io to one copy and strata-io to another and asks 'qemu-img compare'.
 """
+import json
 import os
 import random
 import shutil
@@ -200,3 +201,41 @@ def test_write_keeps_internal_snapshot(tmp_path, cs):
     run(qemu_img(), "snapshot", "-d", "s2", img)
     check_reads(qio, img, m)
     qemu_check(img)
+
+
+@pytest.mark.parametrize("cs,compat", [(512, "1.1"), (64 * KiB, "1.1"),
+                                       (4 * KiB, "0.10")])
+def test_grow(tmp_path, cs, compat):
+    """strata-io 'truncate' grows like qemu-io's: a longer backing file
+    does not show through, the L1 table grows when it must."""
+    # QEMU cannot zero the new area of a version 2 image over a longer
+    # backing file (no zero flag), so give that one a short backing file.
+    bsize = 8 * MiB if compat == "1.1" else 1 * MiB
+    base = tmp_path / "base.qcow2"
+    create(base, bsize, cluster_size=64 * KiB)
+    qio(base, [f"write -q -P 0xba 0 {bsize}"])
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    old = 1 * MiB + 1536
+    create(a, old, backing="base.qcow2", cluster_size=cs, compat=compat)
+    qio(a, ["write -q -P 0x11 0 1000", f"write -q -P 0x12 {old - 700} 700"])
+    shutil.copy(a, b)
+    ops = ["truncate 6M", "write -q -P 0x13 5M 4096", "truncate 40M",
+           "write -q -P 0x14 39M 512"]
+    qio(a, ops)
+    sio(b, ops)
+    info = json.loads(run(qemu_img(), "info", "--output=json", b).stdout)
+    assert info["virtual-size"] == 40 * MiB
+    p = run(qemu_img(), "compare", "-f", "qcow2", "-F", "qcow2", a, b,
+            check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    qemu_check(b)
+    m = Model(40 * MiB, None)
+    m.data[:bsize] = b"\xba" * bsize
+    m.write(0, 1000, 0x11)
+    m.write(old - 700, 700, 0x12)
+    m.data[old:] = bytes(40 * MiB - old)
+    m.write(5 * MiB, 4096, 0x13)
+    m.write(39 * MiB, 512, 0x14)
+    check_reads(sio, b, m)
+    p = sio(b, ["truncate 1M"], check=False)
+    assert p.returncode == 1 and "shrinking" in p.stderr

@@ -258,6 +258,7 @@ const struct strata_driver qcow2_driver = {
   .pdiscard       = qcow2_pdiscard,
   .block_status   = qcow2_block_status,
   .get_length     = qcow2_get_length,
+  .truncate       = qcow2_truncate,
   .get_info       = qcow2_get_info,
   .reopen         = qcow2_reopen,
 };

@@ -11,7 +11,8 @@
  *
  * Files: header.c (header and extensions), cache.c (metadata table
  * cache), cluster.c (guest->host map), refcount.c (refcounts and cluster
- * allocation), compress.c (compressed clusters), io.c (the driver).
+ * allocation), compress.c (compressed clusters), io.c (the data path),
+ * resize.c (growing), qcow2.c (open, backing chain, the driver table).
  *
  * Locking: node->lock protects everything in struct qcow2_state except
  * the immutable header fields.  Functions with a _locked suffix expect it
@@ -215,6 +216,10 @@ int qcow2_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
                     unsigned flags);
 int qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
                         struct bstat *bs);
+
+/* resize.c */
+bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
+                     strata_error **errp);
 
 /* Helpers. */
 static inline uint64_t
