@@ -56,6 +56,14 @@ def huge_l1(img, tmp_path):
     patch(img, 36, ">I", 0x7fffffff)
 
 
+def l1_past_file_size(img, tmp_path):
+    patch(img, 36, ">I", 0x100000)   # 8 MiB of L1 in a small file
+
+
+def huge_refcount_table(img, tmp_path):
+    patch(img, 56, ">I", 0x10000000)
+
+
 def l1_unaligned(img, tmp_path):
     patch(img, 40, ">Q", header(img)["l1_table_offset"] + 8)
 
@@ -120,6 +128,11 @@ CASES = {
     "truncated": (truncated, [], "file size 50 is too small"),
     "cluster-bits-30": (cluster_bits_30, [], "cluster_bits 30 is out of range"),
     "huge-l1": (huge_l1, [], "l1_size 2147483647 is too large"),
+    "l1-past-file-size": (l1_past_file_size, [],
+                          "plus 8388608 bytes is past the end of the file"),
+    "huge-refcount-table": (huge_refcount_table, [],
+                            "refcount table size 17592186044416 bytes is "
+                            "too large"),
     "l1-unaligned": (l1_unaligned, [], "is not aligned to the cluster size"),
     "l1-past-eof": (l1_past_eof, [], "past the end of the file"),
     "refcount-table-past-eof": (refcount_table_past_eof, [],
