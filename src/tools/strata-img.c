@@ -118,7 +118,7 @@ cmd_create (int argc, char **argv)
     { NULL, 0, NULL, 0 },
   };
   const char *fmt = "raw", *backing = NULL, *bfmt = NULL, *filename;
-  CLEANUP_FREE char *options = NULL;
+  CLEANUP_FREE char *options = NULL, *backing_path = NULL;
   bool quiet = false, unsafe = false;
   uint64_t size = 0;
   bool have_size = false;
@@ -170,6 +170,20 @@ cmd_create (int argc, char **argv)
     fail_msg ("-F requires -b (a backing file)");
     return 1;
   }
+  if (backing && !bfmt) {
+    /* As qemu-img 7.2 does: a backing file's format is never guessed. */
+    fprintf (stderr, "%s: %s: Backing file specified without backing "
+             "format (use -F raw, -F qcow2, ...)\n", progname, filename);
+    return 1;
+  }
+
+  /* A relative backing name is relative to the new image's directory. */
+  if (backing && backing[0] != '/' && strrchr (filename, '/')) {
+    const char *slash = strrchr (filename, '/');
+    if (asprintf (&backing_path, "%.*s%s", (int) (slash - filename + 1),
+                  filename, backing) < 0)
+      return 1;
+  }
 
   /* The size defaults to the backing file's. */
   if (backing && !have_size) {
@@ -180,7 +194,8 @@ cmd_create (int argc, char **argv)
       fail_msg ("Image creation needs a size parameter");
       return 1;
     }
-    b = open_image (backing, bfmt, true, false, NULL);
+    b = open_image (backing_path ? backing_path : backing, bfmt, true, false,
+                    NULL);
     if (!b)
       return 1;
     bsize = strata_length (b);
@@ -195,7 +210,8 @@ cmd_create (int argc, char **argv)
   }
   else if (backing && !unsafe) {
     /* Make sure the backing file can be opened, as qemu-img does. */
-    strata_node *b = open_image (backing, bfmt, true, false, NULL);
+    strata_node *b = open_image (backing_path ? backing_path : backing, bfmt,
+                                 true, false, NULL);
     if (!b)
       return 1;
     strata_close (b);

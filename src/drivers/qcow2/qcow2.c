@@ -65,17 +65,20 @@ check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
   return true;
 }
 
+/* NAME relative to the directory of OVERLAY, spelled as QEMU spells it:
+ * the overlay's path up to its last slash, then NAME ("c.qcow2" +
+ * "b.qcow2" = "b.qcow2", "dir/c.qcow2" + "b.qcow2" = "dir/b.qcow2"), so
+ * that info and map print the same file names as qemu-img. */
 static char *
 resolve_backing (const char *overlay, const char *name)
 {
-  CLEANUP_FREE char *copy = strdup (overlay);
+  const char *slash = strrchr (overlay, '/');
   char *out;
 
-  if (!copy)
-    return NULL;
-  if (name[0] == '/')
+  if (name[0] == '/' || !slash)
     return strdup (name);
-  if (asprintf (&out, "%s/%s", dirname (copy), name) < 0)
+  if (asprintf (&out, "%.*s%s", (int) (slash - overlay + 1), overlay, name)
+      < 0)
     return NULL;
   return out;
 }
@@ -235,6 +238,17 @@ qcow2_get_info (strata_node *node, struct strata_info *info,
 
   (void) errp;
   info->cluster_size = s->cluster_size;
+  info->dirty = s->incompat & QCOW2_INCOMPAT_DIRTY;
+  info->backing_filename = s->backing_name;
+  info->backing_format = s->backing_format;
+  info->format_specific = "qcow2";
+  info->qcow2.compat = s->version >= 3 ? "1.1" : "0.10";
+  info->qcow2.compression_type =
+      s->compression == QCOW2_COMP_ZSTD ? "zstd" : "zlib";
+  info->qcow2.lazy_refcounts = s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
+  info->qcow2.refcount_bits = s->refcount_bits;
+  info->qcow2.corrupt = s->incompat & QCOW2_INCOMPAT_CORRUPT;
+  info->qcow2.extended_l2 = s->ext_l2;
   return true;
 }
 
@@ -261,4 +275,6 @@ const struct strata_driver qcow2_driver = {
   .truncate       = qcow2_truncate,
   .get_info       = qcow2_get_info,
   .reopen         = qcow2_reopen,
+  .create         = qcow2_create,
+  .create_options = qcow2_create_options,
 };

@@ -221,6 +221,11 @@ int qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
 bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
                      strata_error **errp);
 
+/* create.c: qemu-img create -f qcow2. */
+bool qcow2_create (const char *filename, strata_opts *opts,
+                   strata_error **errp);
+extern const char *const qcow2_create_options[];
+
 /* Helpers. */
 static inline uint64_t
 be64_load (const uint8_t *p)
