@@ -85,12 +85,12 @@ def test_crash_points(tmp_path, shim, name):
         assert header(img)["refcount_table_offset"] != \
             header(orig)["refcount_table_offset"]
     points = set(range(1, total + 1))
-    if total > 60:
+    if total > 40:
         # Sample evenly, plus every step around a header update (the
         # refcount table move), always including the last write.
-        points = set(range(1, total + 1, total // 15)) | {total}
+        points = set(range(1, total + 1, total // 10)) | {total}
         for h in hdr:
-            points |= set(range(max(1, h - 6), min(total, h + 8) + 1))
+            points |= set(range(max(1, h - 4), min(total, h + 6) + 1))
     points = sorted(points)
     for n in points:
         for lose in (0, 1, 2, 3):
