@@ -56,6 +56,16 @@ struct file_state {
   atomic_bool no_zero_range, no_punch_hole;
   struct tracker rmw;   /* O_DIRECT writes, at block granularity */
   unsigned locked_perm, locked_unshared;
+
+  /* Group commit: concurrent flushes share one fdatasync.  A caller takes
+   * ticket ++requested; a sync that starts after that covers the caller's
+   * writes, so the caller waits until a sync that began with
+   * target >= ticket has completed (done >= ticket). */
+  pthread_mutex_t sync_lock;
+  pthread_cond_t sync_cond;
+  uint64_t sync_requested, sync_done;
+  bool sync_running;
+  int sync_error;       /* errno of the last failed sync, for its batch */
 };
 
 /* ---- locking ---- */
@@ -334,6 +344,8 @@ file_open (strata_node *node, strata_opts *opts, unsigned flags,
   s->is_block = S_ISBLK (st.st_mode);
   s->align = s->direct ? probe_direct_alignment (s->fd, s->is_block) : 1;
   tracker_init (&s->rmw);
+  pthread_mutex_init (&s->sync_lock, NULL);
+  pthread_cond_init (&s->sync_cond, NULL);
 
   if (want_lock) {
     s->lock_fd = open (filename, O_RDONLY | O_CLOEXEC);
@@ -348,6 +360,8 @@ file_open (strata_node *node, strata_opts *opts, unsigned flags,
   return true;
 
 fail_tracker:
+  pthread_cond_destroy (&s->sync_cond);
+  pthread_mutex_destroy (&s->sync_lock);
   tracker_destroy (&s->rmw);
 fail:
   if (s->lock_fd >= 0)
@@ -362,6 +376,8 @@ file_close (strata_node *node)
   struct file_state *s = node->opaque;
 
   tracker_destroy (&s->rmw);
+  pthread_cond_destroy (&s->sync_cond);
+  pthread_mutex_destroy (&s->sync_lock);
   if (s->lock_fd >= 0)
     close (s->lock_fd);  /* drops every OFD lock */
   close (s->fd);
@@ -592,12 +608,38 @@ static int
 file_sync (strata_node *node)
 {
   struct file_state *s = node->opaque;
+  uint64_t ticket;
+  int err = 0;
 
   if (s->no_flush)
     return 0;
-  if (fdatasync (s->fd) < 0)
-    return io_error (errno, "%s: flush failed: %s", node->filename,
-                     strerror (errno));
+  pthread_mutex_lock (&s->sync_lock);
+  ticket = ++s->sync_requested;
+  while (s->sync_done < ticket) {
+    if (s->sync_running) {
+      pthread_cond_wait (&s->sync_cond, &s->sync_lock);
+      continue;
+    }
+    /* Run a sync for everyone who asked so far. */
+    uint64_t target = s->sync_requested;
+    int r;
+
+    s->sync_running = true;
+    pthread_mutex_unlock (&s->sync_lock);
+    r = fdatasync (s->fd) < 0 ? errno : 0;
+    pthread_mutex_lock (&s->sync_lock);
+    s->sync_running = false;
+    s->sync_done = target;
+    s->sync_error = r;
+    pthread_cond_broadcast (&s->sync_cond);
+  }
+  /* The batch that covered us may have failed: report it to everyone in
+   * it (a later successful batch clears it for later callers). */
+  err = s->sync_error;
+  pthread_mutex_unlock (&s->sync_lock);
+  if (err)
+    return io_error (err, "%s: flush failed: %s", node->filename,
+                     strerror (err));
   return 0;
 }
 

@@ -285,6 +285,46 @@ test_concurrent_io_from_threads (void)
   free (img);
 }
 
+static void *
+flush_thread (void *arg)
+{
+  struct worker *w = arg;
+  uint8_t buf[512];
+
+  memset (buf, w->id, sizeof buf);
+  for (int i = 0; i < 100; i++)
+    if (strata_pwrite (w->n, buf, sizeof buf, w->id * 512, 0) < 0
+        || strata_flush (w->n, 0) < 0)
+      w->errors++;
+  return NULL;
+}
+
+/* Flushes from many threads share fdatasync calls (group commit); none
+ * may hang, fail or return before a sync that began after it was asked. */
+static void
+test_concurrent_flushes (void)
+{
+  char *img = make_image ("flush.raw", 8 * 512);
+  strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
+  pthread_t th[8];
+  struct worker w[8];
+  uint8_t back[512];
+
+  CHECK (n);
+  for (int i = 0; i < 8; i++) {
+    w[i] = (struct worker){ .n = n, .id = i };
+    pthread_create (&th[i], NULL, flush_thread, &w[i]);
+  }
+  for (int i = 0; i < 8; i++) {
+    pthread_join (th[i], NULL);
+    CHECK (w[i].errors == 0);
+  }
+  strata_close (n);
+  read_file_at (img, 7 * 512, back, 512);
+  CHECK (all_bytes (back, 512, 7));
+  free (img);
+}
+
 static void
 test_truncate_grows_and_shrinks (void)
 {
@@ -309,5 +349,5 @@ TESTS (T (test_raw_roundtrip_and_file_bytes),
        T (test_raw_window_past_file_refused), T (test_open_errors_are_named),
        T (test_probe_finds_raw), T (test_read_only_refuses_writes),
        T (test_direct_unaligned_rmw), T (test_zeroes_and_block_status),
-       T (test_concurrent_io_from_threads),
+       T (test_concurrent_io_from_threads), T (test_concurrent_flushes),
        T (test_truncate_grows_and_shrinks))
