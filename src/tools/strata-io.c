@@ -370,9 +370,12 @@ cmd_map (struct io_ctx *io, int argc, char **argv)
         print_io_failure ("map", r);
         return -1;
       }
-      if (run && alloc != !!(e.flags & STRATA_BS_ALLOCATED))
+      /* qemu-io's map shows what the top layer itself holds. */
+      bool here = e.depth == 0 && (e.flags & STRATA_BS_ALLOCATED);
+
+      if (run && alloc != here)
         break;
-      alloc = e.flags & STRATA_BS_ALLOCATED;
+      alloc = here;
       run += e.length;
       off += e.length;
     }
