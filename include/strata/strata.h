@@ -128,6 +128,42 @@ bool strata_get_info (strata_node *node, struct strata_info *info,
  * NULL.  Borrowed: valid while NODE is open. */
 strata_node *strata_backing (strata_node *node);
 
+/* Consistency check (qemu-img check).  The format driver walks its
+ * metadata and counts problems; FIX asks it to repair some of them, which
+ * needs a node opened read-write.  Repairs never lower a reference count
+ * below the number of references the check found, so a crash during a
+ * repair can at worst leave more leaked clusters.  MESSAGE, when set, gets
+ * one line (without newline) per problem found or repaired, as qemu-img
+ * prints them ("Leaked cluster 5 refcount=2 reference=1").
+ *
+ * Returns 0 when the check ran to the end (RES holds the counts, and
+ * check_errors > 0 means parts could not be checked), or a negative errno
+ * with *errp set when it could not complete: -ENOTSUP when the format has
+ * no check, -EROFS when FIX is asked of a read-only node. */
+#define STRATA_CHECK_FIX_LEAKS  (1u << 0) /* lower leaked refcounts */
+#define STRATA_CHECK_FIX_ERRORS (1u << 1) /* raise too-low refcounts, ... */
+
+struct strata_check_result {
+  int64_t corruptions;        /* problems that may lose or corrupt data */
+  int64_t leaks;              /* clusters with a too-high refcount */
+  int64_t check_errors;       /* parts that could not be checked */
+  int64_t corruptions_fixed;
+  int64_t leaks_fixed;
+  uint64_t image_end_offset;  /* end of the last used cluster, 0 = unknown */
+  /* Guest clusters: all, allocated, not contiguous with the previous
+   * allocated cluster, compressed (0 when the format has no clusters). */
+  uint64_t total_clusters;
+  uint64_t allocated_clusters;
+  uint64_t fragmented_clusters;
+  uint64_t compressed_clusters;
+
+  /* Set by the caller (may be NULL). */
+  void (*message) (void *opaque, const char *line);
+  void *opaque;
+};
+int strata_check (strata_node *node, struct strata_check_result *res,
+                  unsigned fix, strata_error **errp);
+
 /* Create an image.  FORMAT names the driver ("raw", "qcow2"); OPTIONS is
  * "key=value,..." with "size" and the format's creation options as
  * qemu-img create -o takes them ("cluster_size=65536,backing_file=b").

@@ -285,6 +285,38 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
   return true;
 }
 
+int
+strata_check (strata_node *node, struct strata_check_result *res,
+              unsigned fix, strata_error **errp)
+{
+  void (*message) (void *, const char *) = res->message;
+  void *opaque = res->opaque;
+  int r;
+
+  while (node->drv->is_filter && node->file)
+    node = node->file;
+  *res = (struct strata_check_result){ .message = message,
+                                       .opaque = opaque };
+  if (!node->drv->check) {
+    error_set (errp, ENOTSUP, "This image format does not support checks");
+    return -ENOTSUP;
+  }
+  if (fix & ~(STRATA_CHECK_FIX_LEAKS | STRATA_CHECK_FIX_ERRORS)) {
+    error_set (errp, EINVAL, "invalid check flags 0x%x", fix);
+    return -EINVAL;
+  }
+  if (fix && node->read_only) {
+    error_set (errp, EROFS, "%s: cannot repair an image opened read-only",
+               node->filename);
+    return -EROFS;
+  }
+  tracker_wait_idle (&node->tracker, 0, 0);
+  r = node->drv->check (node, res, fix, errp);
+  if (r < 0 && errp && !*errp)
+    error_set (errp, -r, "%s: check failed", node->filename);
+  return r;
+}
+
 strata_node *
 strata_backing (strata_node *node)
 {

@@ -106,6 +106,12 @@ struct strata_driver {
    * core first (going read-write) or last (going read-only). */
   bool (*reopen) (struct strata_node *node, bool read_write,
                   strata_error **errp);
+  /* Consistency check (qemu-img check): fill RES (the core zeroes the
+   * counts first and keeps the caller's message callback); FIX is
+   * STRATA_CHECK_FIX_*, only passed for a read-write node.  Returns 0 when
+   * the check completed, or a negative errno with *errp set. */
+  int (*check) (struct strata_node *node, struct strata_check_result *res,
+                unsigned fix, strata_error **errp);
 };
 
 struct strata_child {

@@ -275,6 +275,7 @@ const struct strata_driver qcow2_driver = {
   .truncate       = qcow2_truncate,
   .get_info       = qcow2_get_info,
   .reopen         = qcow2_reopen,
+  .check          = qcow2_check,
   .create         = qcow2_create,
   .create_options = qcow2_create_options,
 };

@@ -12,7 +12,8 @@
  * Files: header.c (header and extensions), cache.c (metadata table
  * cache), cluster.c (guest->host map), refcount.c (refcounts and cluster
  * allocation), compress.c (compressed clusters), io.c (the data path),
- * resize.c (growing), qcow2.c (open, backing chain, the driver table).
+ * resize.c (growing), check.c (consistency check and repair), qcow2.c
+ * (open, backing chain, the driver table).
  *
  * Locking: node->lock protects everything in struct qcow2_state except
  * the immutable header fields.  Functions with a _locked suffix expect it
@@ -220,6 +221,10 @@ int qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
 /* resize.c */
 bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
                      strata_error **errp);
+
+/* check.c: qemu-img check (and -r leaks|all). */
+int qcow2_check (strata_node *node, struct strata_check_result *res,
+                 unsigned fix, strata_error **errp);
 
 /* create.c: qemu-img create -f qcow2. */
 bool qcow2_create (const char *filename, strata_opts *opts,
