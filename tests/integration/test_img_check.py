@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from conftest import binary, file_state, run
+from conftest import binary, file_state, need, run
 from qcow2_common import KiB, MiB, create, header, qemu_img, qio, sio
 
 
@@ -237,26 +237,52 @@ def test_leak_with_copied_error_agrees(tmp_path):
     assert_data(img)
 
 
-def test_killed_writer_leak_agrees(tmp_path):
-    """A strata-io writer killed mid-way may leak; both tools agree, and
-    -r leaks leaves an image qemu-img finds clean."""
+@pytest.fixture(scope="module")
+def crash_shim(tmp_path_factory):
+    """tests/integration/qcow2_crash_shim.c, built: stops a writer before
+    its Nth write or flush of $CRASH_FILE, as a kill would."""
+    cc = need("cc", "gcc")
+    out = tmp_path_factory.mktemp("shim") / "crash.so"
+    run(cc, "-shared", "-fPIC", "-O1", "-o", out,
+        os.path.join(os.path.dirname(__file__), "qcow2_crash_shim.c"), "-ldl")
+    return str(out)
+
+
+def crashing_sio(shim, img, ops, **kw):
+    sio_bin = binary("strata-io")
+    env = dict(os.environ, CRASH_FILE=os.path.realpath(img))
+    asan = run("sh", "-c", f"ldd {sio_bin} | grep -o '/[^ ]*libasan[^ ]*'"
+               " || true").stdout.strip()
+    env["LD_PRELOAD"] = ":".join(([asan] if asan else []) + [shim])
+    env.update({k: str(v) for k, v in kw.items()})
+    return run(sio_bin, "-f", "qcow2", *sum((["-c", o] for o in ops), []),
+               img, check=False, env=env)
+
+
+def test_killed_writer_leak_agrees(tmp_path, crash_shim):
+    """A strata-io writer stopped before each of its writes and flushes in
+    turn: both tools agree on every image (clean or leaking, exit 0 or 3),
+    and -r leaks leaves one that qemu-img finds clean."""
+    ops = ["write -q -P 0x11 0 192k", "write -q -P 0x22 1m 64k"]
+    pristine = tmp_path / "pristine.qcow2"
+    create(pristine, 4 * MiB, cluster_size=64 * KiB)
     img = tmp_path / "k.qcow2"
-    create(img, 64 * MiB)
-    ops = [f"write -q -P 0x{i % 250 + 1:02x} {i * 192}k 128k"
-           for i in range(300)]
-    args = [binary("strata-io"), "-f", "qcow2"]
-    for o in ops:
-        args += ["-c", o]
-    import subprocess
-    import time
-    proc = subprocess.Popen(args + [str(img)])
-    time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    q = assert_agree(img)
-    assert q.returncode in (0, 3), q.stdout + q.stderr
-    run(strata_img(), "check", "-r", "leaks", img, check=False)
-    qemu_clean(img)
+    shutil.copy(pristine, img)
+    count = tmp_path / "count"
+    crashing_sio(crash_shim, img, ops, CRASH_COUNT=count)
+    events = int(count.read_text().split()[0])
+    leaked = 0
+    for n in range(1, events + 1):
+        shutil.copy(pristine, img)
+        crashing_sio(crash_shim, img, ops, CRASH_AT=n)
+        q = assert_agree(img)
+        assert q.returncode in (0, 3), q.stdout + q.stderr
+        if q.returncode == 3:
+            leaked += 1
+            p = run(strata_img(), "check", "-r", "leaks", img, check=False)
+            assert p.returncode == 0, p.stdout + p.stderr
+            qemu_clean(img)
+    assert leaked, "no crash point leaked: the test proves nothing"
 
 
 # ---- corruptions ---------------------------------------------------------
