@@ -55,6 +55,8 @@ void strata_close (strata_node *node);
 /* Request flags. */
 #define STRATA_REQ_FUA       (1u << 0) /* write: durable before return */
 #define STRATA_REQ_MAY_UNMAP (1u << 1) /* zeroes: may free the space */
+#define STRATA_REQ_COMPRESSED (1u << 2) /* write: store compressed; whole
+                                          * clusters of the format only */
 
 int strata_pread (strata_node *node, void *buf, size_t len, uint64_t offset,
                   unsigned flags);

@@ -92,7 +92,7 @@ strata_pwritev (strata_node *node, const struct iovec *iov, int iovcnt,
   uint64_t len = iov_size (iov, iovcnt);
   int r = check_range (node, offset, len);
 
-  if (flags & ~STRATA_REQ_FUA)
+  if (flags & ~(STRATA_REQ_FUA | STRATA_REQ_COMPRESSED))
     return io_error (EINVAL, "invalid write flags 0x%x", flags);
   return r < 0 ? r : node_pwritev (node, offset, len, iov, iovcnt, flags);
 }

@@ -399,13 +399,23 @@ node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
     r = check_writable (node);
   if (r < 0 || len == 0)
     return r;
+  if ((flags & STRATA_REQ_COMPRESSED) && !node->drv->pwritev_compressed) {
+    if (node->drv->is_filter && node->file)
+      return node_pwritev (node->file, offset, len, iov, iovcnt, flags);
+    return io_error (ENOTSUP, "%s: the %s format cannot store compressed "
+                     "data", node->filename, node->drv->name);
+  }
   if (!node->drv->pwritev) {
     if (node->drv->is_filter && node->file)
       return node_pwritev (node->file, offset, len, iov, iovcnt, flags);
     return -ENOTSUP;
   }
   tracker_begin (&node->tracker, &req, offset, len, false);
-  r = node->drv->pwritev (node, offset, len, iov, iovcnt, flags);
+  if (flags & STRATA_REQ_COMPRESSED)
+    r = node->drv->pwritev_compressed (node, offset, len, iov, iovcnt,
+                                       flags & ~STRATA_REQ_COMPRESSED);
+  else
+    r = node->drv->pwritev (node, offset, len, iov, iovcnt, flags);
   tracker_end (&node->tracker, &req);
   return r;
 }

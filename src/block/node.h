@@ -77,6 +77,10 @@ struct strata_driver {
                  const struct iovec *iov, int iovcnt, unsigned flags);
   int (*pwritev) (struct strata_node *node, uint64_t offset, uint64_t len,
                   const struct iovec *iov, int iovcnt, unsigned flags);
+  /* Store whole clusters compressed (STRATA_REQ_COMPRESSED). */
+  int (*pwritev_compressed) (struct strata_node *node, uint64_t offset,
+                             uint64_t len, const struct iovec *iov,
+                             int iovcnt, unsigned flags);
   int (*pwrite_zeroes) (struct strata_node *node, uint64_t offset,
                         uint64_t len, unsigned flags);
   int (*pdiscard) (struct strata_node *node, uint64_t offset, uint64_t len,

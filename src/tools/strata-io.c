@@ -242,6 +242,7 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
 {
   int c, pattern = 0xcd, r;
   bool quiet = false, zero = false, unmap = false, fua = false;
+  bool compressed = false;
   bool have_pattern = false;
   unsigned flags;
   uint64_t off, len;
@@ -249,7 +250,7 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
   CLEANUP_FREE uint8_t *buf = NULL;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "+P:qzuf")) != -1) {
+  while ((c = getopt (argc, argv, "+P:qzufc")) != -1) {
     switch (c) {
     case 'P':
       if (!parse_pattern (optarg, &pattern)) return -1;
@@ -259,6 +260,7 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
     case 'z': zero = true; break;
     case 'u': unmap = true; break;
     case 'f': fua = true; break;
+    case 'c': compressed = true; break;
     default: return -1;
     }
   }
@@ -277,7 +279,13 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
   }
   if (!parse_off_len (argv + optind, &off, &len))
     return -1;
+  if (compressed && zero) {
+    printf ("-c and -z cannot be specified at the same time\n");
+    return -1;
+  }
   flags = (fua || io->writethrough) ? STRATA_REQ_FUA : 0;
+  if (compressed)
+    flags |= STRATA_REQ_COMPRESSED;
   t0 = now ();
   if (zero) {
     r = strata_pwrite_zeroes (io->node, off, len,
@@ -522,7 +530,7 @@ static const struct command commands[] = {
     "read-only or read-write" },
   { "truncate", cmd_truncate, 1, 3, "truncate off -- truncates the current "
     "file at the given offset" },
-  { "write", cmd_write, 2, -1, "write [-fquz] [-P pattern] off len -- "
+  { "write", cmd_write, 2, -1, "write [-cfquz] [-P pattern] off len -- "
     "writes a number of bytes at a specified offset" },
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])

@@ -268,6 +268,7 @@ const struct strata_driver qcow2_driver = {
   .close          = qcow2_close,
   .preadv         = qcow2_preadv,
   .pwritev        = qcow2_pwritev,
+  .pwritev_compressed = qcow2_pwritev_compressed,
   .pwrite_zeroes  = qcow2_pwrite_zeroes,
   .pdiscard       = qcow2_pdiscard,
   .block_status   = qcow2_block_status,

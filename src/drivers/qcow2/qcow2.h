@@ -130,6 +130,8 @@ struct qcow2_state {
   uint64_t rt_entries;
   uint64_t free_hint;         /* no free cluster below this index */
   uint64_t file_end;          /* bytes; allocation may extend the file */
+  uint64_t compressed_next;   /* next free byte in the host cluster being
+                                 filled with compressed data, or 0 */
   struct qcow2_cache l2_cache;
   struct qcow2_cache rc_cache;
 
@@ -205,6 +207,10 @@ bool qcow2_past_end_locked (strata_node *node, uint64_t off);
 /* compress.c */
 int qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
                       uint8_t *out);
+
+int qcow2_pwritev_compressed (strata_node *node, uint64_t offset,
+                              uint64_t len, const struct iovec *iov,
+                              int iovcnt, unsigned flags);
 
 /* io.c: the data-path callbacks. */
 int qcow2_preadv (strata_node *node, uint64_t offset, uint64_t len,

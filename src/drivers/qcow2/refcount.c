@@ -277,6 +277,11 @@ qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
   }
   if (v == 0 && idx < s->free_hint)
     s->free_hint = idx;
+  /* A freed cluster may be reused for anything: stop packing compressed
+   * data into it. */
+  if (v == 0 && s->compressed_next
+      && s->compressed_next >> s->cluster_bits == idx)
+    s->compressed_next = 0;
   return 0;
 }
 
