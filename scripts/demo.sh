@@ -8,6 +8,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "${1:-$top/build}" && pwd)
 sio=$build/strata-io
+simg=$build/strata-img
 work=$(mktemp -d)
 holder=
 cleanup() {
@@ -59,6 +60,26 @@ echo quit >&3
 exec 3>&-
 wait "$holder"
 holder=
+
+step "A qcow2 backing chain made with strata-img: base <- overlay"
+cd "$work"
+show "$simg" create -f qcow2 base.qcow2 64M
+show "$sio" -c 'write -P 0x11 0 8M' -c 'write -c -P 0x22 16M 4M' base.qcow2 >/dev/null
+show "$simg" create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+show "$sio" -c 'write -P 0x33 4M 2M' -c 'write -z 6M 1M' -c map overlay.qcow2
+
+step "strata-img info and map of the chain (same JSON as qemu-img)"
+show "$simg" info --backing-chain overlay.qcow2
+show "$simg" map --output=json overlay.qcow2
+
+step "QEMU checks strata's images and reads the chain"
+show qemu-img check base.qcow2
+show qemu-img check overlay.qcow2
+show qemu-io -r -c 'read -P 0x11 0 4M' -c 'read -P 0x33 4M 2M' -c 'read -P 0 6M 1M' \
+  -c 'read -P 0x22 16M 4M' overlay.qcow2
+show qemu-img convert -O raw overlay.qcow2 flat.raw
+show "$simg" compare overlay.qcow2 flat.raw
+show "$simg" check overlay.qcow2
 
 step "Done"
 echo "make check runs every test; see README.md."
