@@ -427,3 +427,15 @@ def test_hostile_images(tmp_path, damage):
     assert "Sanitizer" not in s.stderr and "runtime error" not in s.stderr
     q = run(qemu_img(), "check", img, check=False)
     assert q.returncode in (1, 2)
+
+
+def test_absurd_cluster_count_refused(tmp_path):
+    """A sparse 300 GiB file of 512-byte clusters needs more counters than
+    the check allows: exit 1 with one line saying so, at once."""
+    img = tmp_path / "big.qcow2"
+    create(img, MiB, cluster_size=512)
+    os.truncate(img, 300 << 30)
+    s = run(strata_img(), "check", img, check=False, timeout=10)
+    lines = s.stderr.strip().splitlines()
+    assert s.returncode == 1 and len(lines) == 1, s.stderr
+    assert "more than the check supports" in lines[0]
