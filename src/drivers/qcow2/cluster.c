@@ -249,11 +249,15 @@ cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
   }
   if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)
     return new_off;
-  if ((r = node_pwrite (node->file, new_off, t, s->cluster_size, 0)) < 0
+  if ((r = qcow2_overlap_add_locked (node, QCOW2_META_L2, new_off)) < 0
+      || (r = node_pwrite (node->file, new_off, t, s->cluster_size, 0)) < 0
       || (r = node_flush (node->file)) < 0)
     return r;
   be64_store (be, (uint64_t) new_off | QCOW2_OFLAG_COPIED);
-  if ((r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
+  if ((r = qcow2_overlap_check_locked (node, s->l1_offset + i * 8, 8,
+                                       QCOW2_META_L1, "L1 table", offset))
+          < 0
+      || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
     return r;
   s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
   if ((r = qcow2_cache_put_locked (&s->l2_cache, new_off, t)) < 0
@@ -284,11 +288,16 @@ ensure_l2_table_locked (strata_node *node, uint64_t offset)
     return -ENOMEM;
   if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)
     return new_off;
-  if ((r = node_pwrite (node->file, new_off, zeros, s->cluster_size, 0)) < 0
+  if ((r = qcow2_overlap_add_locked (node, QCOW2_META_L2, new_off)) < 0
+      || (r = node_pwrite (node->file, new_off, zeros, s->cluster_size, 0))
+             < 0
       || (r = node_flush (node->file)) < 0)
     return r;
   be64_store (be, (uint64_t) new_off | QCOW2_OFLAG_COPIED);
-  if ((r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
+  if ((r = qcow2_overlap_check_locked (node, s->l1_offset + i * 8, 8,
+                                       QCOW2_META_L1, "L1 table", offset))
+          < 0
+      || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
     return r;
   s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
   if ((r = qcow2_cache_put_locked (&s->l2_cache, new_off, zeros)) < 0)
@@ -313,6 +322,10 @@ qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
   pos = l2_index (s, offset) * s->l2_entry_size;
   be64_store (buf, entry);
   be64_store (buf + 8, bitmap);
+  if ((r = qcow2_overlap_check_locked (node, l2_offset, s->cluster_size,
+                                       QCOW2_META_L2, "L2 table", offset))
+      < 0)
+    return r;
   if ((r = node_pwrite (node->file, l2_offset + pos, buf, s->l2_entry_size,
                         0)) < 0) {
     qcow2_cache_forget_locked (&s->l2_cache, l2_offset);

@@ -215,6 +215,8 @@ qcow2_pwritev_compressed (strata_node *node, uint64_t offset, uint64_t len,
   int r = 0, i = 0;
   size_t iov_off = 0;
 
+  if ((r = qcow2_writes_refused (node)) < 0)
+    return r;
   if (offset & (s->cluster_size - 1)
       || (len & (s->cluster_size - 1) && offset + len != s->size))
     return io_error (EINVAL, "%s: a compressed write must cover whole "

@@ -245,7 +245,7 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
 {
   struct qcow2_state *s = node->opaque;
   uint64_t cs = s->cluster_size, in_cl = offset & (cs - 1);
-  uint64_t guest = offset - in_cl, entry, bitmap, l2off, host;
+  uint64_t guest = offset - in_cl, entry, bitmap, l2off, host = 0;
   CLEANUP_FREE uint8_t *cbuf = NULL;
   CLEANUP_FREE struct iovec *tmp = NULL;
   struct iovec one;
@@ -260,8 +260,11 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
     return r;
   }
   if (in_place (s, entry, bitmap, in_cl, n)) {
-    pthread_mutex_unlock (&node->lock);
     host = (entry & QCOW2_OFFSET_MASK) + in_cl;
+    r = qcow2_overlap_check_locked (node, host, n, 0, "data", offset);
+    pthread_mutex_unlock (&node->lock);
+    if (r < 0)
+      return r;
     if (buf)
       return node_pwrite (node->file, host, buf, n, 0);
     if (!(tmp = malloc ((iovcnt + 1) * sizeof *tmp)))
@@ -271,15 +274,17 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
   }
   reuse = !(entry & QCOW2_OFLAG_COMPRESSED) && (entry & QCOW2_OFLAG_COPIED)
           && (entry & QCOW2_OFFSET_MASK);
-  if (reuse)
+  if (reuse) {
     host = entry & QCOW2_OFFSET_MASK;
-  else if ((a = qcow2_alloc_cluster_locked (node)) < 0) {
-    pthread_mutex_unlock (&node->lock);
-    return (int) a;
+    r = qcow2_overlap_check_locked (node, host, cs, 0, "data", offset);
   }
+  else if ((a = qcow2_alloc_cluster_locked (node)) < 0)
+    r = (int) a;
   else
     host = a;
   pthread_mutex_unlock (&node->lock);
+  if (r < 0)
+    return r;
 
   /* The guest view of the whole cluster, with the new bytes merged. */
   if (!(cbuf = malloc (cs)))
@@ -348,6 +353,8 @@ qcow2_pwritev (strata_node *node, uint64_t offset, uint64_t len,
   uint64_t start, clen, done = 0;
   int r = 0;
 
+  if ((r = qcow2_writes_refused (node)) < 0)
+    return r;
   cluster_range (s, offset, len, &start, &clen);
   if (!batch_init (s, &b, clen))
     return -ENOMEM;
@@ -471,6 +478,8 @@ qcow2_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
   CLEANUP_FREE uint8_t *zeros = NULL;
   int r = 0;
 
+  if ((r = qcow2_writes_refused (node)) < 0)
+    return r;
   if (s->version < 3)
     return -ENOTSUP;  /* the core writes zeros instead */
   cluster_range (s, offset, len, &start, &clen);
@@ -505,6 +514,8 @@ qcow2_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
   int r;
 
   (void) flags;
+  if ((r = qcow2_writes_refused (node)) < 0)
+    return r;
   /* Version 2 cannot say "zeros" over a backing file, and unmapping would
    * expose the backing file's data: ignore the hint, as QEMU does. */
   if (s->version < 3 && s->backing_name)

@@ -168,6 +168,7 @@ qcow2_close (strata_node *node)
 
   qcow2_cache_destroy (&s->l2_cache);
   qcow2_cache_destroy (&s->rc_cache);
+  qcow2_overlap_destroy (s);
   free (s->l1);
   free (s->rt);
   s->l1 = s->rt = NULL;
@@ -210,6 +211,7 @@ qcow2_open (strata_node *node, strata_opts *opts, unsigned flags,
 
   tracker_init (&s->clusters);
   if (!qcow2_read_header (node, s, errp)
+      || !qcow2_overlap_init (node, errp)
       || !init_caches (node, s, opts, errp)
       || (!node->read_only && !check_writable (node, s, errp)))
     goto fail;

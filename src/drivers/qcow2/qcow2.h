@@ -12,8 +12,9 @@
  * Files: header.c (header and extensions), cache.c (metadata table
  * cache), cluster.c (guest->host map), refcount.c (refcounts and cluster
  * allocation), compress.c (compressed clusters), io.c (the data path),
- * resize.c (growing), check.c (consistency check and repair), qcow2.c
- * (open, backing chain, the driver table).
+ * resize.c (growing), check.c (consistency check and repair), overlap.c
+ * (metadata overlap protection), qcow2.c (open, backing chain, the driver
+ * table).
  *
  * Locking: node->lock protects everything in struct qcow2_state except
  * the immutable header fields.  Functions with a _locked suffix expect it
@@ -24,6 +25,7 @@
 #ifndef STRATA_QCOW2_H
 #define STRATA_QCOW2_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -97,6 +99,12 @@ struct qcow2_cache {
   size_t table_size;
 };
 
+/* Sorted host cluster indices of one kind of metadata (overlap.c). */
+struct qcow2_meta_set {
+  uint64_t *idx;
+  size_t n, cap;
+};
+
 struct qcow2_state {
   /* Immutable after open. */
   uint32_t version;
@@ -134,6 +142,10 @@ struct qcow2_state {
                                  filled with compressed data, or 0 */
   struct qcow2_cache l2_cache;
   struct qcow2_cache rc_cache;
+  struct qcow2_meta_set meta_rb;   /* refcount blocks */
+  struct qcow2_meta_set meta_l2;   /* L2 tables, active and snapshots' */
+  struct qcow2_meta_set meta_snap; /* snapshot table, snapshot L1 tables */
+  atomic_bool writes_refused;      /* a metadata overlap was caught */
 
   struct tracker clusters;    /* guest-cluster-granular request tracker */
 };
@@ -203,6 +215,29 @@ int qcow2_ref_entry_locked (strata_node *node, uint64_t entry, int delta);
 /* True when host offset OFF is at or past the end of the file (rechecking
  * the file's size first, as another reader's view may have grown). */
 bool qcow2_past_end_locked (strata_node *node, uint64_t off);
+
+/* overlap.c: refuse writes that would overwrite metadata. */
+enum {
+  QCOW2_META_HEADER = 1u << 0,
+  QCOW2_META_L1 = 1u << 1,
+  QCOW2_META_REFTABLE = 1u << 2,
+  QCOW2_META_REFBLOCK = 1u << 3,
+  QCOW2_META_L2 = 1u << 4,
+  QCOW2_META_SNAPSHOT = 1u << 5,
+};
+bool qcow2_overlap_init (strata_node *node, strata_error **errp);
+void qcow2_overlap_destroy (struct qcow2_state *s);
+/* Record a new L2 table or refcount block (KIND) at host offset HOST. */
+int qcow2_overlap_add_locked (strata_node *node, unsigned kind,
+                              uint64_t host);
+/* 0, or EIO (and refuse every later write) when host bytes [HOST,
+ * HOST+LEN) hold metadata other than the kinds in IGNORE.  WHAT names the
+ * write ("data", "L2 table"); GUEST is its guest offset or UINT64_MAX. */
+int qcow2_overlap_check_locked (strata_node *node, uint64_t host,
+                                uint64_t len, unsigned ignore,
+                                const char *what, uint64_t guest);
+/* 0, or EIO once an overlap has been caught. */
+int qcow2_writes_refused (strata_node *node);
 
 /* compress.c */
 int qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,

@@ -175,7 +175,13 @@ grow_table_locked (strata_node *node, uint64_t bi, uint64_t avoid)
   }
   for (uint64_t i = 0; i < T * per_cl; i++)
     be64_store (tab + i * 8, newrt[i]);
-  if ((r = node_pwrite (node->file, (t0 + T) * cs, blocks, K * cs, 0)) < 0
+  for (uint64_t k = 0; k < K; k++)
+    if ((r = qcow2_overlap_add_locked (node, QCOW2_META_REFBLOCK,
+                                       (t0 + T + k) * cs)) < 0)
+      goto fail;
+  if ((r = qcow2_overlap_check_locked (node, t0 * cs, T * cs, 0,
+                                       "refcount table", UINT64_MAX)) < 0
+      || (r = node_pwrite (node->file, (t0 + T) * cs, blocks, K * cs, 0)) < 0
       || (r = node_pwrite (node->file, t0 * cs, tab, T * cs, 0)) < 0
       || (r = node_flush (node->file)) < 0)
     goto fail;
@@ -232,7 +238,11 @@ ensure_block_locked (strata_node *node, uint64_t idx, uint64_t *boff)
   if (!(blk = calloc (1, cs)))
     return -ENOMEM;
   rc_store (s, blk, b % rpb, 1, &first, &n);
-  if ((r = node_pwrite (node->file, b * cs, blk, cs, 0)) < 0
+  if ((r = qcow2_overlap_check_locked (node, b * cs, cs, 0, "refcount block",
+                                       UINT64_MAX)) < 0
+      || (r = qcow2_overlap_add_locked (node, QCOW2_META_REFBLOCK, b * cs))
+             < 0
+      || (r = node_pwrite (node->file, b * cs, blk, cs, 0)) < 0
       || (r = node_flush (node->file)) < 0)
     return r;
   be64_store (be, b * cs);
@@ -262,7 +272,10 @@ qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
   if (!boff)
     return io_error (EIO, "%s: refcount of host cluster 0x%" PRIx64 " (0) "
                      "would drop below zero", node->filename, host_offset);
-  if ((r = qcow2_cache_get_locked (node, &s->rc_cache, boff, &blk)) < 0)
+  if ((r = qcow2_overlap_check_locked (node, boff, s->cluster_size,
+                                       QCOW2_META_REFBLOCK, "refcount block",
+                                       UINT64_MAX)) < 0
+      || (r = qcow2_cache_get_locked (node, &s->rc_cache, boff, &blk)) < 0)
     return r;
   v = rc_load (s, blk, idx % s->rc_per_block);
   if ((delta < 0 && v == 0) || (delta > 0 && v == rc_max (s)))
@@ -301,6 +314,11 @@ qcow2_alloc_cluster_locked (strata_node *node)
     if (rc == 0)
       break;
   }
+  /* A refcount of 0 on metadata: handing it out would overwrite it. */
+  if ((r = qcow2_overlap_check_locked (node, idx << s->cluster_bits,
+                                       s->cluster_size, 0, "new cluster",
+                                       UINT64_MAX)) < 0)
+    return r;
   if ((r = qcow2_refcount_update_locked (node, idx << s->cluster_bits, 1))
       < 0)
     return r;

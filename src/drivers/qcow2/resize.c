@@ -151,6 +151,12 @@ qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
   int r;
 
   (void) flags;
+  if ((r = qcow2_writes_refused (node)) < 0) {
+    error_set (errp, -r, "%s: cannot resize: writes are refused since a "
+               "write would have overwritten the image's metadata",
+               node->filename);
+    return false;
+  }
   if (size % 512) {
     error_set (errp, EINVAL, "%s: size %" PRIu64 " is not a multiple of 512",
                node->filename, size);
