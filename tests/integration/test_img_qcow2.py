@@ -203,3 +203,69 @@ def test_create_backing_needs_format_and_existing_file(tmp_path):
          "qcow2", tmp_path / "d.qcow2", "2M")
     assert qinfo(tmp_path / "d.qcow2", "-U")["backing-filename"] == \
         "gone.qcow2"
+
+
+def map_runs(path):
+    """qemu-img map as runs of (present, data, depth): host offsets and
+    the zero flag (which follows holes in the host file, so the layout)
+    ignored, adjacent equal runs merged."""
+    runs = []
+    for e in json.loads(run(qemu_img(), "map", "--output=json",
+                            path).stdout):
+        key = (e["present"], e["data"], e["depth"])
+        if runs and runs[-1][0] == key:
+            runs[-1][1] += e["length"]
+        else:
+            runs.append([key, e["length"]])
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("opts", ["cluster_size=65536", "cluster_size=512",
+                                  "cluster_size=16384,extended_l2=on",
+                                  "cluster_size=4096,compat=0.10"])
+def test_preallocation_matches_qemu(tmp_path, mode, opts):
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    o = f"{opts},preallocation={mode}"
+    simg("create", "-q", "-f", "qcow2", "-o", o, ours, "20M")
+    run(qemu_img(), "create", "-q", "-f", "qcow2", "-o", o, theirs, "20M")
+    out = qcheck_clean(ours)
+    assert out["allocated-clusters"] == out["total-clusters"]
+    run(qemu_img(), "compare", ours, theirs)
+    assert map_runs(ours) == map_runs(theirs)
+    used = ours.stat().st_blocks * 512
+    if mode == "metadata":
+        assert used < 20 << 20
+    else:
+        assert used >= 20 << 20
+    sio(ours, "write -P 0x44 5M 100k")
+    qcheck_clean(ours)
+    run(qemu_io(), "-f", "qcow2", "-c", "read -P 0x44 5M 100k", "-c",
+        "read -P 0 0 5M", ours)
+
+
+def test_preallocation_with_backing_needs_extended_l2(tmp_path):
+    base = tmp_path / "base.qcow2"
+    simg("create", "-q", "-f", "qcow2", base, "4M")
+    run(qemu_io(), "-f", "qcow2", "-c", "write -P 5 0 4M", base)
+    p = simg("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+             "-o", "preallocation=metadata", tmp_path / "a.qcow2",
+             check=False)
+    assert p.returncode == 1 and "preallocation" in p.stderr
+    assert not (tmp_path / "a.qcow2").exists()
+    # With extended L2 the backing file shows through the reserved space.
+    top = tmp_path / "b.qcow2"
+    simg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+         "-o", "cluster_size=16k,extended_l2=on,preallocation=metadata", top)
+    qcheck_clean(top)
+    sio(top, "write -P 6 1k 1k")
+    p = run(qemu_io(), "-f", "qcow2", "-c", "read -P 5 0 1k", "-c",
+            "read -P 6 1k 1k", "-c", "read -P 5 2k 1M", top)
+    assert "Pattern verification failed" not in p.stdout
+
+
+def test_preallocation_bad_mode(tmp_path):
+    p = simg("create", "-f", "qcow2", "-o", "preallocation=lots",
+             tmp_path / "x.qcow2", "1M", check=False)
+    assert p.returncode == 1 and "preallocation" in p.stderr
+    assert not (tmp_path / "x.qcow2").exists()

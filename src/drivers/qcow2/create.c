@@ -8,11 +8,17 @@
  *   next B           refcount blocks covering every cluster of this layout
  *   next L           L1 table, all entries 0 (nothing allocated)
  *
- * R, B and L depend on each other (the refcount blocks must count
+ * and with preallocation (metadata, falloc, full) also
+ *
+ *   next N2          every L2 table, each entry mapping a data cluster
+ *   next ND          the data clusters, in guest order: left sparse
+ *                    (metadata: reads as zeros), fallocated (falloc) or
+ *                    written with zeros (full)
+ *
+ * R, B and the rest depend on each other (the refcount blocks must count
  * themselves), so they are computed to a fixed point.  Every option is
  * validated before the file is touched; a file this function created is
- * removed again if writing it fails.  Metadata preallocation is not
- * supported yet and is refused by name.
+ * removed again if writing it fails.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -35,6 +41,8 @@ struct create_params {
   uint32_t refcount_order;
   const char *backing_file;
   const char *backing_fmt;
+  enum { PREALLOC_OFF, PREALLOC_METADATA, PREALLOC_FALLOC,
+         PREALLOC_FULL } prealloc;
 };
 
 static bool
@@ -108,10 +116,26 @@ parse_params (const char *filename, strata_opts *opts,
                "with cluster sizes of at least 16384 bytes", filename);
     return false;
   }
-  if (prealloc && strcmp (prealloc, "off") != 0) {
-    error_set (errp, ENOTSUP, "%s: preallocation=%s is not supported for "
-               "qcow2 yet (only off)", filename, prealloc);
+  if (!prealloc || strcmp (prealloc, "off") == 0)
+    p->prealloc = PREALLOC_OFF;
+  else if (strcmp (prealloc, "metadata") == 0)
+    p->prealloc = PREALLOC_METADATA;
+  else if (strcmp (prealloc, "falloc") == 0)
+    p->prealloc = PREALLOC_FALLOC;
+  else if (strcmp (prealloc, "full") == 0)
+    p->prealloc = PREALLOC_FULL;
+  else {
+    error_set (errp, EINVAL, "%s: Invalid preallocation mode: '%s' (off, "
+               "metadata, falloc or full)", filename, prealloc);
     return false;
+  }
+  if (p->prealloc != PREALLOC_OFF && p->backing_file) {
+    error_set (errp, EINVAL, "%s: Backing file and preallocation can only "
+               "be used at the same time if extended_l2 is on", filename);
+    if (!p->extended_l2)
+      return false;
+    strata_error_free (*errp);
+    *errp = NULL;
   }
   if (p->backing_fmt && !p->backing_file) {
     error_set (errp, EINVAL, "%s: Backing format cannot be used without "
@@ -202,12 +226,68 @@ build_header (uint8_t *h, uint64_t csize, const struct create_params *p,
   return pos <= csize ? pos : 0;
 }
 
+/* Write the L2 tables of a preallocated image: entry k maps guest cluster
+ * k to data cluster DATA_BASE + k * csize. */
+static int
+write_prealloc_l2 (strata_node *file, uint8_t *buf, uint64_t csize,
+                   const struct create_params *p, uint64_t l2_base,
+                   uint64_t n_l2, uint64_t data_base, uint64_t n_data)
+{
+  uint64_t esize = p->extended_l2 ? 16 : 8, per = csize / esize;
+  int r = 0;
+
+  for (uint64_t i = 0; r == 0 && i < n_l2; i++) {
+    memset (buf, 0, csize);
+    for (uint64_t j = 0; j < per; j++) {
+      uint64_t k = i * per + j;
+      if (k >= n_data)
+        break;
+      /* With extended L2 the host cluster is reserved but its
+       * subclusters stay unallocated (bitmap 0), as QEMU does, so a
+       * backing file still shows through until the guest writes. */
+      be64_store (buf + j * esize,
+                  (data_base + k * csize) | QCOW2_OFLAG_COPIED);
+    }
+    r = node_pwrite (file, l2_base + i * csize, buf, csize, 0);
+  }
+  return r;
+}
+
+/* Give the data clusters their space as the preallocation mode asks. */
+static int
+prealloc_data (strata_node *file, uint8_t *buf, uint64_t csize,
+               const struct create_params *p, uint64_t data_base,
+               uint64_t n_data)
+{
+  uint64_t len = n_data * csize;
+  int r = 0;
+
+  switch (p->prealloc) {
+  case PREALLOC_OFF:
+    return 0;
+  case PREALLOC_METADATA:
+    /* A sparse tail: the data clusters read as zeros. */
+    return node_truncate (file, data_base + len, 0, NULL) ? 0 : -EIO;
+  case PREALLOC_FALLOC:
+    if (!len)
+      return 0;
+    return node_pwrite_zeroes (file, data_base, len, 0);
+  case PREALLOC_FULL:
+    memset (buf, 0, csize);
+    for (uint64_t i = 0; r == 0 && i < n_data; i++)
+      r = node_pwrite (file, data_base + i * csize, buf, csize, 0);
+    return r;
+  }
+  return 0;
+}
+
 bool
 qcow2_create (const char *filename, strata_opts *opts, strata_error **errp)
 {
   struct create_params p;
   uint64_t csize, l2_entries, l1_entries, l1_clusters, rc_per_block;
-  uint64_t rt_clusters = 1, rb_clusters = 1, total;
+  uint64_t rt_clusters = 1, rb_clusters = 1, total, n_l2, n_data;
+  uint64_t l1_offset, l2_base, data_base;
   CLEANUP_FREE uint8_t *buf = NULL;
   strata_node *file;
   bool existed;
@@ -224,11 +304,14 @@ qcow2_create (const char *filename, strata_opts *opts, strata_error **errp)
     return false;
   }
   l1_clusters = MAX (1, ROUND_UP (l1_entries * 8, csize) / csize);
+  n_l2 = p.prealloc != PREALLOC_OFF ? l1_entries : 0;
+  n_data = p.prealloc != PREALLOC_OFF ? (p.size + csize - 1) / csize : 0;
   rc_per_block = csize * 8 / (1u << p.refcount_order);
-  /* Refcount blocks must cover header + table + themselves + L1. */
+  /* Refcount blocks must cover every cluster of the layout, themselves
+   * included, and the table must list every block. */
   for (;;) {
     uint64_t need;
-    total = 1 + rt_clusters + rb_clusters + l1_clusters;
+    total = 1 + rt_clusters + rb_clusters + l1_clusters + n_l2 + n_data;
     need = (total + rc_per_block - 1) / rc_per_block;
     if (need > rb_clusters) {
       rb_clusters = need;
@@ -245,13 +328,16 @@ qcow2_create (const char *filename, strata_opts *opts, strata_error **errp)
                "table that is too large", filename, p.size);
     return false;
   }
+  l1_offset = (1 + rt_clusters + rb_clusters) * csize;
+  l2_base = l1_offset + l1_clusters * csize;
+  data_base = l2_base + n_l2 * csize;
   buf = calloc (1, csize);
   if (!buf) {
     error_set (errp, ENOMEM, "out of memory");
     return false;
   }
-  if (!build_header (buf, csize, &p, l1_entries, (1 + rt_clusters + rb_clusters) * csize,
-                     csize, rt_clusters)) {
+  if (!build_header (buf, csize, &p, l1_entries, l1_offset, csize,
+                     rt_clusters)) {
     error_set (errp, EINVAL, "%s: the header and backing file name do not "
                "fit in one cluster of %" PRIu64 " bytes", filename, csize);
     return false;
@@ -290,10 +376,23 @@ qcow2_create (const char *filename, strata_opts *opts, strata_error **errp)
     }
     r = node_pwrite (file, (1 + rt_clusters + b) * csize, buf, csize, 0);
   }
-  /* The L1 table reads as zeros: extend the file over it. */
+  /* L1 table: empty, or pointing at the preallocated L2 tables. */
+  if (r == 0 && !n_l2)
+    r = node_pwrite_zeroes (file, l1_offset, l1_clusters * csize, 0);
+  for (uint64_t c = 0; r == 0 && n_l2 && c < l1_clusters; c++) {
+    memset (buf, 0, csize);
+    for (uint64_t j = 0; j < csize / 8; j++) {
+      uint64_t i = c * (csize / 8) + j;
+      if (i < n_l2)
+        be64_store (buf + j * 8, (l2_base + i * csize) | QCOW2_OFLAG_COPIED);
+    }
+    r = node_pwrite (file, l1_offset + c * csize, buf, csize, 0);
+  }
   if (r == 0)
-    r = node_pwrite_zeroes (file, (1 + rt_clusters + rb_clusters) * csize,
-                            l1_clusters * csize, 0);
+    r = write_prealloc_l2 (file, buf, csize, &p, l2_base, n_l2, data_base,
+                           n_data);
+  if (r == 0)
+    r = prealloc_data (file, buf, csize, &p, data_base, n_data);
   if (r == 0)
     r = node_flush (file);
   node_unref (file);
