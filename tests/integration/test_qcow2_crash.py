@@ -110,3 +110,49 @@ def test_crash_points(tmp_path, shim, name):
             assert r.returncode == 0 and "failed" not in r.stdout, (
                 f"crash before event {n}/{total} (lose unflushed={lose}):\n"
                 f"{r.stdout}")
+
+
+def test_crash_keeps_flushed_writes(tmp_path, shim):
+    """Allocating writes leave their refcounts and L2 entries dirty in the
+    metadata cache until a flush: a crash at any point after a flush must
+    still find every write made before it (and leak at worst)."""
+    orig = tmp_path / "orig.qcow2"
+    create(orig, 8 * MiB, cluster_size=64 * KiB)
+    cmds = ["write -P 0x61 0 4k", "write -P 0x62 1M 4k", "flush",
+            "write -P 0x63 2M 4k", "write -P 0x64 4k 4k",   # in place
+            "write -P 0x65 7M 64k", "flush", "write -P 0x66 5M 4k"]
+    checks = [["read -q -P 0x61 0 4k", "read -q -P 0x62 1M 4k"],
+              ["read -q -P 0x63 2M 4k", "read -q -P 0x64 4k 4k",
+               "read -q -P 0x65 7M 64k"]]
+    img = tmp_path / "img.qcow2"
+
+    def events(n_cmds):
+        shutil.copy(orig, img)
+        count = tmp_path / "count"
+        run(sio_binary(), "-f", "qcow2", *sum((["-c", c] for c in
+                                               cmds[:n_cmds]), []),
+            img, env=crash_env(shim, img, CRASH_COUNT=count))
+        return int(count.read_text().split()[0])
+
+    # Events up to each flush (a prefix run also counts its close, so
+    # these are upper bounds: a crash past one means the flush was done).
+    marks = [events(3), events(7)]
+    total = events(len(cmds))
+    args = sum((["-c", c] for c in cmds), [])
+    for n in range(1, total + 1):
+        for lose in (0, 1, 2, 3):
+            shutil.copy(orig, img)
+            p = run(sio_binary(), "-f", "qcow2", *args, img, check=False,
+                    env=crash_env(shim, img, CRASH_AT=n, CRASH_LOSE=lose))
+            assert p.returncode == 99, (n, p.returncode, p.stderr)
+            c = run(qemu_img(), "check", img, check=False)
+            assert c.returncode in (0, 3) and "ERROR" not in c.stdout, (
+                f"crash before event {n}/{total} (lose={lose}):\n"
+                f"{c.stdout}{c.stderr}")
+            want = [r for m, rs in zip(marks, checks) if n > m for r in rs]
+            r = run(need("qemu-io", "qemu-utils"), "-f", "qcow2",
+                    *sum((["-c", c] for c in ["read -q 0 8M"] + want), []),
+                    img, check=False)
+            assert r.returncode == 0 and "fail" not in r.stdout, (
+                f"crash before event {n}/{total} (lose={lose}): flushed "
+                f"data lost:\n{r.stdout}")

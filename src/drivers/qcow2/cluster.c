@@ -235,7 +235,11 @@ cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
 
   if (!t)
     return -ENOMEM;
-  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, old_off, &cached)) < 0)
+  /* The copy is written whole: the entries it carries must not reach the
+   * disk before what they map. */
+  if ((r = qcow2_writeback_locked (node)) < 0
+      || (r = qcow2_cache_get_locked (node, &s->l2_cache, old_off, &cached))
+             < 0)
     return r;
   memcpy (t, cached, s->cluster_size);
   for (uint64_t j = 0; j < s->l2_entries; j++) {
@@ -260,7 +264,7 @@ cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
       || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
     return r;
   s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
-  if ((r = qcow2_cache_put_locked (&s->l2_cache, new_off, t)) < 0
+  if ((r = qcow2_cache_put_locked (node, &s->l2_cache, new_off, t)) < 0
       || (r = node_flush (node->file)) < 0
       || (r = qcow2_refcount_update_locked (node, old_off, -1)) < 0)
     return r;
@@ -300,14 +304,14 @@ ensure_l2_table_locked (strata_node *node, uint64_t offset)
       || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
     return r;
   s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
-  if ((r = qcow2_cache_put_locked (&s->l2_cache, new_off, zeros)) < 0)
+  if ((r = qcow2_cache_put_locked (node, &s->l2_cache, new_off, zeros)) < 0)
     return r;
   return new_off;
 }
 
-int
-qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
-                           uint64_t entry, uint64_t bitmap)
+static int
+set_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
+              uint64_t bitmap, bool defer)
 {
   struct qcow2_state *s = node->opaque;
   int64_t l2_offset = ensure_l2_table_locked (node, offset);
@@ -326,6 +330,11 @@ qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
                                        QCOW2_META_L2, "L2 table", offset))
       < 0)
     return r;
+  if (defer) {
+    memcpy (t + pos, buf, s->l2_entry_size);
+    qcow2_cache_mark_dirty_locked (&s->l2_cache, l2_offset);
+    return 0;
+  }
   if ((r = node_pwrite (node->file, l2_offset + pos, buf, s->l2_entry_size,
                         0)) < 0) {
     qcow2_cache_forget_locked (&s->l2_cache, l2_offset);
@@ -333,4 +342,18 @@ qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
   }
   memcpy (t + pos, buf, s->l2_entry_size);
   return 0;
+}
+
+int
+qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
+                           uint64_t entry, uint64_t bitmap)
+{
+  return set_l2_entry (node, offset, entry, bitmap, false);
+}
+
+int
+qcow2_set_l2_entry_deferred_locked (strata_node *node, uint64_t offset,
+                                    uint64_t entry, uint64_t bitmap)
+{
+  return set_l2_entry (node, offset, entry, bitmap, true);
 }

@@ -260,6 +260,6 @@ qcow2_pwritev_compressed (strata_node *node, uint64_t offset, uint64_t len,
     done += n;
   }
   if (r == 0 && (flags & STRATA_REQ_FUA))
-    r = node_flush (node->file);
+    r = node_flush (node);
   return r;
 }

@@ -166,6 +166,16 @@ qcow2_close (strata_node *node)
 {
   struct qcow2_state *s = node->opaque;
 
+  /* Nobody can be told of a failure here: the write-back is best effort,
+   * and what it cannot write is lost as a crash would lose it. */
+  if (!node->read_only && s->l2_cache.e && s->rc_cache.e) {
+    int r;
+    pthread_mutex_lock (&node->lock);
+    r = qcow2_writeback_locked (node);
+    pthread_mutex_unlock (&node->lock);
+    if (r == 0)
+      node_flush (node->file);
+  }
   qcow2_cache_destroy (&s->l2_cache);
   qcow2_cache_destroy (&s->rc_cache);
   qcow2_overlap_destroy (s);
@@ -261,6 +271,26 @@ qcow2_reopen (strata_node *node, bool read_write, strata_error **errp)
   return !read_write || check_writable (node, s, errp);
 }
 
+/* The check reads tables from the file: write the cache back first. */
+static int
+qcow2_check_written (strata_node *node, struct strata_check_result *res,
+                     unsigned fix, strata_error **errp)
+{
+  int r = 0;
+
+  if (!node->read_only) {
+    pthread_mutex_lock (&node->lock);
+    r = qcow2_writeback_locked (node);
+    pthread_mutex_unlock (&node->lock);
+  }
+  if (r < 0) {
+    error_set (errp, -r, "%s: cannot write the metadata cache back",
+               node->filename);
+    return r;
+  }
+  return qcow2_check (node, res, fix, errp);
+}
+
 const struct strata_driver qcow2_driver = {
   .name           = "qcow2",
   .state_size     = sizeof (struct qcow2_state),
@@ -272,13 +302,14 @@ const struct strata_driver qcow2_driver = {
   .pwritev        = qcow2_pwritev,
   .pwritev_compressed = qcow2_pwritev_compressed,
   .pwrite_zeroes  = qcow2_pwrite_zeroes,
+  .flush          = qcow2_flush,
   .pdiscard       = qcow2_pdiscard,
   .block_status   = qcow2_block_status,
   .get_length     = qcow2_get_length,
   .truncate       = qcow2_truncate,
   .get_info       = qcow2_get_info,
   .reopen         = qcow2_reopen,
-  .check          = qcow2_check,
+  .check          = qcow2_check_written,
   .create         = qcow2_create,
   .create_options = qcow2_create_options,
 };

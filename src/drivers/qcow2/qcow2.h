@@ -18,9 +18,10 @@
  *
  * Locking: node->lock protects everything in struct qcow2_state except
  * the immutable header fields.  Functions with a _locked suffix expect it
- * held.  Metadata is written through to the file as it changes (no dirty
- * cache), in the order "refcount, then data, flush, then the L2 entry that
- * points at it", so a crash can leak clusters but never map garbage.
+ * held.  Metadata reaches the file in the order "refcount, then data,
+ * flush, then the L2 entry that points at it" (written through, or for
+ * allocating writes written back from the cache at flush; cache.c), so a
+ * crash can leak clusters but never map garbage.
  */
 #ifndef STRATA_QCOW2_H
 #define STRATA_QCOW2_H
@@ -91,10 +92,12 @@ struct qcow2_cache_entry {
   uint64_t offset;            /* 0 = empty slot */
   uint64_t lru;
   uint8_t *buf;
+  bool dirty;                 /* changed since written (cache.c) */
 };
 struct qcow2_cache {
   struct qcow2_cache_entry *e;
   unsigned n;
+  unsigned ndirty;
   uint64_t tick;
   size_t table_size;
 };
@@ -167,9 +170,17 @@ void qcow2_cache_destroy (struct qcow2_cache *c);
 int qcow2_cache_get_locked (strata_node *node, struct qcow2_cache *c,
                             uint64_t offset, uint8_t **table);
 /* Install a freshly written table without reading it. */
-int qcow2_cache_put_locked (struct qcow2_cache *c, uint64_t offset,
-                            const uint8_t *table);
+int qcow2_cache_put_locked (strata_node *node, struct qcow2_cache *c,
+                            uint64_t offset, const uint8_t *table);
+/* Drop a clean table (after a failed write; a dirty one stays). */
 void qcow2_cache_forget_locked (struct qcow2_cache *c, uint64_t offset);
+/* The cached table at OFFSET has changes that are not on disk. */
+void qcow2_cache_mark_dirty_locked (struct qcow2_cache *c, uint64_t offset);
+/* Write dirty refcount blocks. */
+int qcow2_writeback_refcounts_locked (strata_node *node);
+/* Write dirty refcount blocks, flush, write dirty L2 tables (not flushed
+ * after: the caller flushes when it needs them durable). */
+int qcow2_writeback_locked (strata_node *node);
 
 /* cluster.c */
 enum qcow2_ctype {
@@ -196,6 +207,11 @@ int qcow2_get_l2_entry_locked (strata_node *node, uint64_t offset,
  * table when needed. */
 int qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
                                uint64_t entry, uint64_t bitmap);
+/* The same, left dirty in the cache (cache.c): for an entry that maps a
+ * cluster from qcow2_alloc_data_cluster_locked (or reused in place) whose
+ * data is written, and whose old mapping needs no freeing. */
+int qcow2_set_l2_entry_deferred_locked (strata_node *node, uint64_t offset,
+                                        uint64_t entry, uint64_t bitmap);
 int qcow2_check_l2_entry (strata_node *node, uint64_t offset,
                           uint64_t entry, uint64_t bitmap);
 
@@ -207,6 +223,10 @@ int qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
 /* Allocate one cluster with refcount 1; returns its host offset (> 0) or a
  * negative errno.  The refcount is on disk (not yet flushed). */
 int64_t qcow2_alloc_cluster_locked (strata_node *node);
+/* The same for a data cluster whose L2 entry will be set with
+ * qcow2_set_l2_entry_deferred_locked: the refcount is left dirty in the
+ * cache (cache.c), written before that entry. */
+int64_t qcow2_alloc_data_cluster_locked (strata_node *node);
 /* Drop one reference from the host clusters an L2 entry points at. */
 int qcow2_free_entry_locked (strata_node *node, uint64_t entry);
 /* Add DELTA references to the host clusters an L2 entry points at. */
@@ -258,6 +278,8 @@ int qcow2_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
                     unsigned flags);
 int qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
                         struct bstat *bs);
+/* Write the metadata cache back (the core flushes `file` after). */
+int qcow2_flush (strata_node *node);
 
 /* resize.c */
 bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,

@@ -197,7 +197,8 @@ grow_table_locked (strata_node *node, uint64_t bi, uint64_t avoid)
   s->rt_clusters = T;
   note_end (s, t0 + T + K - 1);
   for (uint64_t k = 0; k < K; k++)
-    qcow2_cache_put_locked (&s->rc_cache, (t0 + T + k) * cs, blocks + k * cs);
+    qcow2_cache_put_locked (node, &s->rc_cache, (t0 + T + k) * cs,
+                            blocks + k * cs);
   /* The old table is unreferenced now; a failure here only leaks it. */
   for (uint64_t c = 0; c < old_clusters; c++)
     if ((r = qcow2_refcount_update_locked (node, old_off + c * cs, -1)) < 0)
@@ -251,12 +252,14 @@ ensure_block_locked (strata_node *node, uint64_t idx, uint64_t *boff)
   s->rt[bi] = b * cs;
   note_end (s, b);
   *boff = b * cs;
-  return qcow2_cache_put_locked (&s->rc_cache, b * cs, blk);
+  return qcow2_cache_put_locked (node, &s->rc_cache, b * cs, blk);
 }
 
-int
-qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
-                              int delta)
+/* Add DELTA to a refcount; DEFER (increments only) leaves the change
+ * dirty in the cache for qcow2_writeback_locked to write. */
+static int
+refcount_update (strata_node *node, uint64_t host_offset, int delta,
+                 bool defer)
 {
   struct qcow2_state *s = node->opaque;
   uint64_t idx = host_offset >> s->cluster_bits, boff, v, first;
@@ -284,7 +287,10 @@ qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
                      delta < 0 ? "drop below zero" : "overflow");
   v += delta;
   rc_store (s, blk, idx % s->rc_per_block, v, &first, &n);
-  if ((r = node_pwrite (node->file, boff + first, blk + first, n, 0)) < 0) {
+  if (defer && delta > 0)
+    qcow2_cache_mark_dirty_locked (&s->rc_cache, boff);
+  else if ((r = node_pwrite (node->file, boff + first, blk + first, n, 0))
+           < 0) {
     qcow2_cache_forget_locked (&s->rc_cache, boff);
     return r;
   }
@@ -298,8 +304,15 @@ qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
   return 0;
 }
 
-int64_t
-qcow2_alloc_cluster_locked (strata_node *node)
+int
+qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
+                              int delta)
+{
+  return refcount_update (node, host_offset, delta, false);
+}
+
+static int64_t
+alloc_cluster (strata_node *node, bool defer)
 {
   struct qcow2_state *s = node->opaque;
   uint64_t idx = MAX (s->free_hint, 1), rc;
@@ -319,12 +332,23 @@ qcow2_alloc_cluster_locked (strata_node *node)
                                        s->cluster_size, 0, "new cluster",
                                        UINT64_MAX)) < 0)
     return r;
-  if ((r = qcow2_refcount_update_locked (node, idx << s->cluster_bits, 1))
-      < 0)
+  if ((r = refcount_update (node, idx << s->cluster_bits, 1, defer)) < 0)
     return r;
   s->free_hint = idx + 1;
   note_end (s, idx);
   return (int64_t) (idx << s->cluster_bits);
+}
+
+int64_t
+qcow2_alloc_cluster_locked (strata_node *node)
+{
+  return alloc_cluster (node, false);
+}
+
+int64_t
+qcow2_alloc_data_cluster_locked (strata_node *node)
+{
+  return alloc_cluster (node, true);
 }
 
 int

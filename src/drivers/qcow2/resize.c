@@ -194,7 +194,7 @@ qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
                                                        s->cluster_size)));
   be64_store (be, size);
   if ((r = zero_range (node, old, zero_to)) < 0
-      || (r = node_flush (node->file)) < 0
+      || (r = node_flush (node)) < 0
       || (r = qcow2_write_header_field (node, 24, be, sizeof be)) < 0
       || (r = node_flush (node->file)) < 0) {
     error_set (errp, -r, "%s: cannot grow the image to %" PRIu64 " bytes: %s",
