@@ -84,39 +84,6 @@ report (struct check *c, const char *fmt, ...)
 
 /* ---- on-disk refcounts ---- */
 
-static uint64_t
-rc_load (const struct qcow2_state *s, const uint8_t *blk, uint64_t j)
-{
-  unsigned b = s->refcount_bits;
-  uint64_t v = 0;
-
-  if (b < 8)
-    return (blk[j * b / 8] >> (j * b % 8)) & ((1u << b) - 1);
-  for (unsigned k = 0; k < b / 8; k++)
-    v = v << 8 | blk[j * (b / 8) + k];
-  return v;
-}
-
-/* Store V at index J; the bytes changed are [*first, *first + *n). */
-static void
-rc_store (const struct qcow2_state *s, uint8_t *blk, uint64_t j, uint64_t v,
-          uint64_t *first, unsigned *n)
-{
-  unsigned b = s->refcount_bits;
-
-  if (b < 8) {
-    unsigned shift = j * b % 8, mask = ((1u << b) - 1) << shift;
-    *first = j * b / 8;
-    *n = 1;
-    blk[*first] = (blk[*first] & ~mask) | ((v << shift) & mask);
-    return;
-  }
-  *first = j * (b / 8);
-  *n = b / 8;
-  for (int k = b / 8 - 1; k >= 0; k--, v >>= 8)
-    blk[*first + k] = v & 0xff;
-}
-
 /* The refcount block holding host cluster IDX as QEMU finds it: the
  * table entry with its reserved bits masked, 0 when there is none. */
 static int
@@ -144,7 +111,7 @@ rc_get (struct check *c, uint64_t idx, uint64_t *rc)
     return r;
   if ((r = qcow2_cache_get_locked (c->node, &s->rc_cache, boff, &blk)) < 0)
     return r;
-  *rc = rc_load (s, blk, idx % s->rc_per_block);
+  *rc = qcow2_rc_load (s, blk, idx % s->rc_per_block);
   return 0;
 }
 
@@ -164,7 +131,7 @@ rc_set (struct check *c, uint64_t idx, uint64_t v)
     return -EIO;
   if ((r = qcow2_cache_get_locked (c->node, &s->rc_cache, boff, &blk)) < 0)
     return r;
-  rc_store (s, blk, idx % s->rc_per_block, v, &first, &n);
+  qcow2_rc_store (s, blk, idx % s->rc_per_block, v, &first, &n);
   r = node_pwrite (c->node->file, boff + first, blk + first, n, 0);
   if (r < 0) {
     qcow2_cache_forget_locked (&s->rc_cache, boff);

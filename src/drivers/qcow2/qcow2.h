@@ -216,6 +216,12 @@ int qcow2_check_l2_entry (strata_node *node, uint64_t offset,
                           uint64_t entry, uint64_t bitmap);
 
 /* refcount.c */
+/* Refcount entry J of a refcount block (any refcount_bits), and storing
+ * one: the bytes changed are [*first, *first + *n). */
+uint64_t qcow2_rc_load (const struct qcow2_state *s, const uint8_t *blk,
+                        uint64_t j);
+void qcow2_rc_store (const struct qcow2_state *s, uint8_t *blk, uint64_t j,
+                     uint64_t v, uint64_t *first, unsigned *n);
 int qcow2_refcount_get_locked (strata_node *node, uint64_t cluster_index,
                                uint64_t *rc);
 int qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,

@@ -27,8 +27,8 @@
 #include "util/checked.h"
 #include "util/cleanup.h"
 
-static uint64_t
-rc_load (const struct qcow2_state *s, const uint8_t *blk, uint64_t j)
+uint64_t
+qcow2_rc_load (const struct qcow2_state *s, const uint8_t *blk, uint64_t j)
 {
   unsigned b = s->refcount_bits;
   uint64_t v = 0;
@@ -40,10 +40,9 @@ rc_load (const struct qcow2_state *s, const uint8_t *blk, uint64_t j)
   return v;
 }
 
-/* Store V; returns the byte range touched in *first and *n. */
-static void
-rc_store (const struct qcow2_state *s, uint8_t *blk, uint64_t j, uint64_t v,
-          uint64_t *first, unsigned *n)
+void
+qcow2_rc_store (const struct qcow2_state *s, uint8_t *blk, uint64_t j,
+                uint64_t v, uint64_t *first, unsigned *n)
 {
   unsigned b = s->refcount_bits;
 
@@ -99,7 +98,7 @@ qcow2_refcount_get_locked (strata_node *node, uint64_t idx, uint64_t *rc)
   if ((r = qcow2_cache_get_locked (node, &s->rc_cache, off, &blk)) < 0)
     return io_error (-r, "%s: cannot read the refcount block at 0x%" PRIx64,
                      node->filename, off);
-  *rc = rc_load (s, blk, idx % s->rc_per_block);
+  *rc = qcow2_rc_load (s, blk, idx % s->rc_per_block);
   return 0;
 }
 
@@ -171,7 +170,7 @@ grow_table_locked (strata_node *node, uint64_t bi, uint64_t avoid)
   for (uint64_t c = t0; c < t0 + T + K; c++) {
     uint64_t first;
     unsigned n;
-    rc_store (s, blocks + (c / rpb - r0) * cs, c % rpb, 1, &first, &n);
+    qcow2_rc_store (s, blocks + (c / rpb - r0) * cs, c % rpb, 1, &first, &n);
   }
   for (uint64_t i = 0; i < T * per_cl; i++)
     be64_store (tab + i * 8, newrt[i]);
@@ -238,7 +237,7 @@ ensure_block_locked (strata_node *node, uint64_t idx, uint64_t *boff)
     b = start == idx ? start + 1 : start;
   if (!(blk = calloc (1, cs)))
     return -ENOMEM;
-  rc_store (s, blk, b % rpb, 1, &first, &n);
+  qcow2_rc_store (s, blk, b % rpb, 1, &first, &n);
   if ((r = qcow2_overlap_check_locked (node, b * cs, cs, 0, "refcount block",
                                        UINT64_MAX)) < 0
       || (r = qcow2_overlap_add_locked (node, QCOW2_META_REFBLOCK, b * cs))
@@ -280,13 +279,13 @@ refcount_update (strata_node *node, uint64_t host_offset, int delta,
                                        UINT64_MAX)) < 0
       || (r = qcow2_cache_get_locked (node, &s->rc_cache, boff, &blk)) < 0)
     return r;
-  v = rc_load (s, blk, idx % s->rc_per_block);
+  v = qcow2_rc_load (s, blk, idx % s->rc_per_block);
   if ((delta < 0 && v == 0) || (delta > 0 && v == rc_max (s)))
     return io_error (EIO, "%s: refcount of host cluster 0x%" PRIx64 " (%"
                      PRIu64 ") would %s", node->filename, host_offset, v,
                      delta < 0 ? "drop below zero" : "overflow");
   v += delta;
-  rc_store (s, blk, idx % s->rc_per_block, v, &first, &n);
+  qcow2_rc_store (s, blk, idx % s->rc_per_block, v, &first, &n);
   if (defer && delta > 0)
     qcow2_cache_mark_dirty_locked (&s->rc_cache, boff);
   else if ((r = node_pwrite (node->file, boff + first, blk + first, n, 0))
