@@ -217,6 +217,38 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
   return 0;
 }
 
+/* Write TABLE as a new L2 table for the L1 entry of guest OFFSET and point
+ * that entry at it: the table is on disk (flushed) before the L1 entry.
+ * Returns the table's host offset or a negative errno. */
+static int64_t
+install_l2_table_locked (strata_node *node, uint64_t offset,
+                         const uint8_t *table)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t i = l1_index (s, offset);
+  uint8_t be[8];
+  int64_t new_off;
+  int r;
+
+  if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)
+    return new_off;
+  if ((r = qcow2_overlap_add_locked (node, QCOW2_META_L2, new_off)) < 0
+      || (r = node_pwrite (node->file, new_off, table, s->cluster_size, 0))
+             < 0
+      || (r = node_flush (node->file)) < 0)
+    return r;
+  be64_store (be, (uint64_t) new_off | QCOW2_OFLAG_COPIED);
+  if ((r = qcow2_overlap_check_locked (node, s->l1_offset + i * 8, 8,
+                                       QCOW2_META_L1, "L1 table", offset))
+          < 0
+      || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
+    return r;
+  s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
+  if ((r = qcow2_cache_put_locked (node, &s->l2_cache, new_off, table)) < 0)
+    return r;
+  return new_off;
+}
+
 /* Copy the L2 table at OLD_OFF, which an internal snapshot shares, so the
  * active image gets its own.  A cluster's refcount counts the L1 tables
  * (active and snapshots) that reach it, so the clusters the table maps keep
@@ -229,7 +261,7 @@ cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
   struct qcow2_state *s = node->opaque;
   uint64_t i = l1_index (s, offset), span = s->l2_entries << s->cluster_bits;
   CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
-  uint8_t *cached, be[8];
+  uint8_t *cached;
   int64_t new_off;
   int r;
 
@@ -251,21 +283,9 @@ cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
       return r;
     be64_store (p, e & ~QCOW2_OFLAG_COPIED);
   }
-  if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)
+  if ((new_off = install_l2_table_locked (node, offset, t)) < 0)
     return new_off;
-  if ((r = qcow2_overlap_add_locked (node, QCOW2_META_L2, new_off)) < 0
-      || (r = node_pwrite (node->file, new_off, t, s->cluster_size, 0)) < 0
-      || (r = node_flush (node->file)) < 0)
-    return r;
-  be64_store (be, (uint64_t) new_off | QCOW2_OFLAG_COPIED);
-  if ((r = qcow2_overlap_check_locked (node, s->l1_offset + i * 8, 8,
-                                       QCOW2_META_L1, "L1 table", offset))
-          < 0
-      || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
-    return r;
-  s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
-  if ((r = qcow2_cache_put_locked (node, &s->l2_cache, new_off, t)) < 0
-      || (r = node_flush (node->file)) < 0
+  if ((r = node_flush (node->file)) < 0
       || (r = qcow2_refcount_update_locked (node, old_off, -1)) < 0)
     return r;
   return new_off;
@@ -277,9 +297,7 @@ ensure_l2_table_locked (strata_node *node, uint64_t offset)
 {
   struct qcow2_state *s = node->opaque;
   uint64_t i = l1_index (s, offset), l2_offset;
-  uint8_t be[8];
   CLEANUP_FREE uint8_t *zeros = NULL;
-  int64_t new_off;
   int r = l2_table_offset (node, offset, &l2_offset);
 
   if (r < 0)
@@ -290,23 +308,7 @@ ensure_l2_table_locked (strata_node *node, uint64_t offset)
                : cow_l2_table_locked (node, offset, l2_offset);
   if (!(zeros = calloc (1, s->cluster_size)))
     return -ENOMEM;
-  if ((new_off = qcow2_alloc_cluster_locked (node)) < 0)
-    return new_off;
-  if ((r = qcow2_overlap_add_locked (node, QCOW2_META_L2, new_off)) < 0
-      || (r = node_pwrite (node->file, new_off, zeros, s->cluster_size, 0))
-             < 0
-      || (r = node_flush (node->file)) < 0)
-    return r;
-  be64_store (be, (uint64_t) new_off | QCOW2_OFLAG_COPIED);
-  if ((r = qcow2_overlap_check_locked (node, s->l1_offset + i * 8, 8,
-                                       QCOW2_META_L1, "L1 table", offset))
-          < 0
-      || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
-    return r;
-  s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
-  if ((r = qcow2_cache_put_locked (node, &s->l2_cache, new_off, zeros)) < 0)
-    return r;
-  return new_off;
+  return install_l2_table_locked (node, offset, zeros);
 }
 
 static int
