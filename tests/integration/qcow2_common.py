@@ -121,3 +121,27 @@ def patch(path, offset, fmt, *values):
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(struct.pack(fmt, *values))
+
+
+def build_libstrata_program(tmp_dir, source):
+    """Compile tests/integration/SOURCE against the build's libstrata.a,
+    with the build's sanitizers, into TMP_DIR; returns the program's path.
+    Tests use this for C drivers that call the library directly."""
+    import json
+    from conftest import BUILD
+    cc = need("cc", "gcc")
+    lib = BUILD / "libstrata.a"
+    if not lib.exists():
+        import pytest
+        pytest.fail(f"{lib} not built: run 'make' first")
+    opts = json.loads((BUILD / "meson-info" / "intro-buildoptions.json")
+                      .read_text())
+    san = next((o["value"] for o in opts if o["name"] == "b_sanitize"),
+               "none")
+    flags = [f"-fsanitize={san}"] if san not in ("none", "") else []
+    out = tmp_dir / os.path.splitext(source)[0]
+    here = os.path.dirname(os.path.abspath(__file__))
+    run(cc, *flags, "-O1", "-pthread", "-I", BUILD.parent / "include",
+        "-o", out, os.path.join(here, source), lib,
+        "-lz", "-lzstd", "-ljansson", "-lnbd")
+    return out

@@ -6,13 +6,12 @@ backing file, so allocating writes to one cluster race constantly.  Every
 slice must read back with its thread's pattern through qemu-io, and
 'qemu-img check' must find no error and no leak.
 """
-import json
 import os
 
 import pytest
 
-from conftest import BUILD, need, run
-from qcow2_common import KiB, Model, check_reads, create, qemu_check, qio
+from conftest import run
+from qcow2_common import build_libstrata_program, KiB, Model, check_reads, create, qemu_check, qio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 THREADS = 8
@@ -20,20 +19,7 @@ THREADS = 8
 
 @pytest.fixture(scope="module")
 def stress(tmp_path_factory):
-    cc = need("cc", "gcc")
-    lib = BUILD / "libstrata.a"
-    if not lib.exists():
-        pytest.fail(f"{lib} not built: run 'make' first")
-    opts = json.loads((BUILD / "meson-info" / "intro-buildoptions.json")
-                      .read_text())
-    san = next((o["value"] for o in opts if o["name"] == "b_sanitize"),
-               "none")
-    flags = [f"-fsanitize={san}"] if san not in ("none", "") else []
-    out = tmp_path_factory.mktemp("stress") / "qcow2_stress"
-    run(cc, *flags, "-O1", "-pthread", "-I", BUILD.parent / "include",
-        "-o", out, os.path.join(HERE, "qcow2_stress.c"), lib,
-        "-lz", "-lzstd", "-ljansson", "-lnbd")
-    return out
+    return build_libstrata_program(tmp_path_factory.mktemp("stress"), "qcow2_stress.c")
 
 
 @pytest.mark.parametrize("cs,ext", [(4 * KiB, "off"), (64 * KiB, "off"),

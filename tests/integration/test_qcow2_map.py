@@ -12,28 +12,15 @@ import os
 
 import pytest
 
-from conftest import BUILD, need, run
-from qcow2_common import KiB, MiB, create, qemu_img, qio
+from conftest import run
+from qcow2_common import build_libstrata_program, KiB, MiB, create, qemu_img, qio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def mapper(tmp_path_factory):
-    cc = need("cc", "gcc")
-    lib = BUILD / "libstrata.a"
-    if not lib.exists():
-        pytest.fail(f"{lib} not built: run 'make' first")
-    opts = json.loads((BUILD / "meson-info" / "intro-buildoptions.json")
-                      .read_text())
-    san = next((o["value"] for o in opts if o["name"] == "b_sanitize"),
-               "none")
-    flags = [f"-fsanitize={san}"] if san not in ("none", "") else []
-    out = tmp_path_factory.mktemp("map") / "qcow2_map"
-    run(cc, *flags, "-O1", "-pthread", "-I", BUILD.parent / "include",
-        "-o", out, os.path.join(HERE, "qcow2_map.c"), lib,
-        "-lz", "-lzstd", "-ljansson", "-lnbd")
-    return out
+    return build_libstrata_program(tmp_path_factory.mktemp("mapper"), "qcow2_map.c")
 
 
 def strata_clusters(mapper, img, gran, no_backing=False):
