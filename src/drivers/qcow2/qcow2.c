@@ -3,9 +3,12 @@
  *
  * Opening validates the header (header.c), loads the L1 and refcount
  * tables, and decides whether the image may be written:
- *   - the dirty bit (lazy refcounts in use, refcounts may be stale) and
- *     the corrupt bit allow read-only opens only; strata never sets
- *     either, and keeps refcounts exact even when lazy_refcounts is on;
+ *   - the dirty bit (lazy refcounts in use, refcounts may be stale): a
+ *     read-only open leaves it; a read-write open repairs the refcounts
+ *     with the full check and then clears it, as QEMU does;
+ *   - the corrupt bit allows read-only opens only;
+ *   - strata sets neither, and keeps refcounts exact even when
+ *     lazy_refcounts is on;
  *   - internal snapshots are kept: clusters and L2 tables they share
  *     (no COPIED flag) are copied before the active image changes them;
  *   - autoclear bits (bitmaps) are cleared when opening read-write, as the
@@ -33,6 +36,46 @@ qcow2_probe (const uint8_t *buf, size_t len)
   return len >= 4 && be32_load (buf) == QCOW2_MAGIC ? 100 : 0;
 }
 
+/* The dirty bit says refcounts may be stale (lazy refcounts, then a
+ * crash).  As QEMU does on a read-write open: repair them with the full
+ * check, then clear the bit (flushed), so the image is consistent before
+ * anything allocates from it. */
+static bool
+repair_dirty (strata_node *node, struct qcow2_state *s, strata_error **errp)
+{
+  struct strata_check_result res = { 0 };
+  uint64_t incompat = s->incompat & ~QCOW2_INCOMPAT_DIRTY;
+  uint8_t be[8];
+  int r;
+
+  r = qcow2_check (node, &res, STRATA_CHECK_FIX_LEAKS
+                                   | STRATA_CHECK_FIX_ERRORS, errp);
+  if (r < 0) {
+    error_prepend (errp, "%s: the image has the dirty bit set and its "
+                   "refcounts could not be repaired", node->filename);
+    return false;
+  }
+  if (res.check_errors || res.corruptions > res.corruptions_fixed
+      || res.leaks > res.leaks_fixed) {
+    error_set (errp, EIO, "%s: the image has the dirty bit set and %" PRId64
+               " problems remain after repairing its refcounts; it can only "
+               "be opened read-only", node->filename,
+               res.check_errors + res.corruptions - res.corruptions_fixed
+                   + res.leaks - res.leaks_fixed);
+    return false;
+  }
+  be64_store (be, incompat);
+  if ((r = node_flush (node->file)) < 0
+      || (r = qcow2_write_header_field (node, 72, be, sizeof be)) < 0
+      || (r = node_flush (node->file)) < 0) {
+    error_set (errp, -r, "%s: cannot clear the dirty bit after repairing "
+               "the refcounts", node->filename);
+    return false;
+  }
+  s->incompat = incompat;
+  return true;
+}
+
 static bool
 check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
 {
@@ -44,12 +87,8 @@ check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
                "with 'qemu-img check -r all'", fn);
     return false;
   }
-  if (s->incompat & QCOW2_INCOMPAT_DIRTY) {
-    error_set (errp, EROFS, "%s: the image has the dirty bit set (lazy "
-               "refcounts were not written back); it can only be opened "
-               "read-only, repair it with 'qemu-img check -r all'", fn);
+  if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !repair_dirty (node, s, errp))
     return false;
-  }
   if (s->autoclear) {
     uint8_t zero[8] = { 0 };
     int r = qcow2_write_header_field (node, 88, zero, sizeof zero);
