@@ -1,0 +1,67 @@
+/* strata: the seam between the QMP server (stratad's protocol and event
+ * loop) and the commands it dispatches.
+ *
+ * A command is a function from its "arguments" object to its "return"
+ * value.  It runs on the control thread (the event loop) and must not do
+ * block I/O that can take long: anything slow belongs in a job (later
+ * issues).  Errors carry QEMU's error class ("GenericError",
+ * "CommandNotFound", "DeviceNotFound") and a human description, exactly
+ * as the QMP reply shows them:
+ *   {"error": {"class": "GenericError", "desc": "..."}}
+ * JSON values are jansson's json_t.  Ownership: a handler borrows ARGS and
+ * returns a new reference (json_object() for an empty return).
+ */
+#ifndef STRATA_QMP_H
+#define STRATA_QMP_H
+
+#include <jansson.h>
+#include <stdbool.h>
+
+struct qmp_error {
+  const char *class;   /* static string: "GenericError", ... */
+  char *desc;          /* malloc'd; NULL when no error */
+};
+
+void qmp_error_set (struct qmp_error *err, const char *class,
+                    const char *fmt, ...)
+    __attribute__ ((format (printf, 3, 4)));
+void qmp_error_clear (struct qmp_error *err);
+
+/* Handler: return a new reference, or NULL after qmp_error_set(). */
+typedef json_t *(*qmp_handler) (json_t *args, struct qmp_error *err);
+
+struct qmp_command {
+  const char *name;
+  qmp_handler fn;
+};
+
+/* The block-graph commands (src/control/commands-block.c), terminated by a
+ * { NULL, NULL } entry.  stratad registers them with its own commands
+ * (qmp_capabilities, query-version, query-commands, quit). */
+extern const struct qmp_command qmp_block_commands[];
+
+/* Broadcast an event to every negotiated monitor client, with the
+ * timestamp taken now.  Takes over DATA (may be NULL).  Thread-safe: may be
+ * called from any thread (job threads later); delivery happens on the
+ * event loop. */
+void qmp_event_emit (const char *name, json_t *data);
+
+/* Argument checking, shared by all commands, with QEMU's messages:
+ *   missing:     "Parameter 'node-name' is missing"
+ *   wrong type:  "Invalid parameter type for 'node-name', expected: string"
+ *   unknown:     "Parameter 'foo' is unexpected"
+ * SPEC is an array of { name, type, required } ended by { NULL }.  Types:
+ * "string", "bool", "int", "object", "str-or-null", "any". */
+struct qmp_arg {
+  const char *name;
+  const char *type;
+  bool required;
+};
+bool qmp_args_check (json_t *args, const struct qmp_arg *spec,
+                     struct qmp_error *err);
+
+/* Called once at daemon shutdown: flush and close every node the commands
+ * opened (in an order that closes overlays before what they use). */
+void qmp_block_shutdown (void);
+
+#endif
