@@ -1,0 +1,105 @@
+/* strata: QMP errors and argument checking shared by every command; see
+ * qmp.h.  Messages are QEMU's, word for word, because management software
+ * matches on them. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "control/qmp.h"
+
+void
+qmp_error_set (struct qmp_error *err, const char *class, const char *fmt, ...)
+{
+  va_list ap;
+  char *desc;
+
+  if (!err || err->desc)
+    return;  /* the first error wins */
+  va_start (ap, fmt);
+  if (vasprintf (&desc, fmt, ap) < 0)
+    desc = NULL;
+  va_end (ap);
+  err->class = class;
+  err->desc = desc ? desc : strdup ("out of memory");
+}
+
+void
+qmp_error_clear (struct qmp_error *err)
+{
+  free (err->desc);
+  err->desc = NULL;
+  err->class = NULL;
+}
+
+static bool
+type_matches (json_t *v, const char *type)
+{
+  if (strcmp (type, "any") == 0)
+    return true;
+  if (strcmp (type, "string") == 0)
+    return json_is_string (v);
+  if (strcmp (type, "bool") == 0)
+    return json_is_boolean (v);
+  if (strcmp (type, "int") == 0)
+    return json_is_integer (v);
+  if (strcmp (type, "object") == 0)
+    return json_is_object (v);
+  if (strcmp (type, "str-or-null") == 0)
+    return json_is_string (v) || json_is_null (v);
+  return false;
+}
+
+static const char *
+type_name (const char *type)
+{
+  if (strcmp (type, "str-or-null") == 0)
+    return "string";
+  if (strcmp (type, "bool") == 0)
+    return "boolean";
+  return type;
+}
+
+bool
+qmp_args_check (json_t *args, const struct qmp_arg *spec,
+                struct qmp_error *err)
+{
+  const char *key;
+  json_t *v;
+
+  if (args && !json_is_object (args)) {
+    qmp_error_set (err, "GenericError",
+                   "QMP input member 'arguments' must be an object");
+    return false;
+  }
+  for (const struct qmp_arg *a = spec; a->name; a++) {
+    v = args ? json_object_get (args, a->name) : NULL;
+    if (!v) {
+      if (a->required) {
+        qmp_error_set (err, "GenericError", "Parameter '%s' is missing",
+                       a->name);
+        return false;
+      }
+      continue;
+    }
+    if (!type_matches (v, a->type)) {
+      qmp_error_set (err, "GenericError",
+                     "Invalid parameter type for '%s', expected: %s",
+                     a->name, type_name (a->type));
+      return false;
+    }
+  }
+  if (args) {
+    json_object_foreach (args, key, v) {
+      const struct qmp_arg *a = spec;
+      while (a->name && strcmp (a->name, key) != 0)
+        a++;
+      if (!a->name) {
+        qmp_error_set (err, "GenericError", "Parameter '%s' is unexpected",
+                       key);
+        return false;
+      }
+    }
+  }
+  return true;
+}
