@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/graph.h"
 #include "block/node.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
@@ -62,6 +63,7 @@ node_ref (strata_node *node)
 static void
 node_free (strata_node *node)
 {
+  graph_unregister (node);
   for (int i = 0; i < node->nchildren; i++) {
     node_unref (node->children[i].node);
     free (node->children[i].name);
@@ -223,6 +225,47 @@ node_alloc (const struct strata_driver *drv, const char *name, unsigned flags)
   return node;
 }
 
+/* An existing node used as the `file` child of a new node opened with
+ * FLAGS.  A writer needs a writable child that no other parent uses as its
+ * `file` (both would allocate from it), as QEMU's permission check
+ * decides for formats over one file. */
+static strata_node *
+node_use_by_name (const char *name, const char *user, unsigned flags,
+                  strata_error **errp)
+{
+  strata_node *file = graph_lookup (name);
+  struct graph_edge e[NODE_MAX_CHILDREN];
+  int n;
+
+  if (!file) {
+    error_set (errp, ENOENT, "Cannot find device='%s' nor node-name='%s'",
+               name, name);
+    return NULL;
+  }
+  if ((flags & STRATA_OPEN_RDWR) && file->read_only) {
+    error_set (errp, EROFS, "Block node is read-only");
+    node_unref (file);
+    return NULL;
+  }
+  n = graph_parents (file, e, NODE_MAX_CHILDREN);
+  for (int i = 0; i < n && i < NODE_MAX_CHILDREN; i++) {
+    if (strcmp (e[i].child_name, "file") != 0)
+      continue;
+    if (!e[i].parent->read_only || (flags & STRATA_OPEN_RDWR)) {
+      const char *old = e[i].parent->node_name, *new = user ?: "(new)";
+      bool old_writes = !e[i].parent->read_only;
+      error_set (errp, EBUSY, "Permission conflict on node '%s': "
+                 "permissions 'write, resize' are both required by node "
+                 "'%s' (uses node '%s' as 'file' child) and unshared by "
+                 "node '%s' (uses node '%s' as 'file' child).", name,
+                 old_writes ? old : new, name, old_writes ? new : old, name);
+      node_unref (file);
+      return NULL;
+    }
+  }
+  return file;
+}
+
 strata_node *
 node_open (strata_opts *opts, unsigned flags, strata_error **errp)
 {
@@ -230,7 +273,7 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
   const char *drvname, *name;
   strata_node *file = NULL, *node;
   strata_opts *file_opts;
-  const char *what;
+  const char *what, *file_ref;
 
   if (!node_common_options (opts, &flags, errp))
     return NULL;
@@ -242,24 +285,37 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
   }
   bool probed = false;
 
+  if (name && !graph_name_check (name, errp))
+    return NULL;
+  file_ref = opts_get (opts, "file");
   file_opts = opts_extract (opts, "file");
   if (!file_opts) {
     error_set (errp, ENOMEM, "out of memory");
     return NULL;
   }
+  if (file_ref && (file_opts->n || (drv && !drv->has_file_child))) {
+    error_set (errp, EINVAL, "%s: 'file' names a node and gives options",
+               file_ref);
+    opts_free (file_opts);
+    return NULL;
+  }
   if (!drv || drv->has_file_child) {
-    if (file_opts->n == 0) {
+    if (file_ref)
+      file = node_use_by_name (file_ref, name, flags, errp);
+    else if (file_opts->n == 0) {
       error_set (errp, EINVAL, "%s: a 'file' child is required",
                  drvname ? drvname : "image");
       opts_free (file_opts);
       return NULL;
     }
-    if (!opts_has (file_opts, "driver") && !opts_set (file_opts, "driver", "file")) {
+    else if (!opts_has (file_opts, "driver")
+             && !opts_set (file_opts, "driver", "file")) {
       opts_free (file_opts);
       error_set (errp, ENOMEM, "out of memory");
       return NULL;
     }
-    file = node_open (file_opts, flags & ~STRATA_OPEN_NO_BACKING, errp);
+    else
+      file = node_open (file_opts, flags & ~STRATA_OPEN_NO_BACKING, errp);
     opts_free (file_opts);
     if (!file)
       return NULL;
@@ -287,6 +343,11 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
     return NULL;
   }
   node->format_probed = probed;
+  if (!graph_register (node, errp)) {
+    node_unref (file);
+    node_free (node);
+    return NULL;
+  }
   if (file) {
     if (!node_attach_child (node, "file", file, errp)) {
       node_unref (file);

@@ -133,6 +133,9 @@ struct strata_node {
   unsigned open_flags;           /* STRATA_OPEN_* */
   bool read_only;
   bool format_probed;             /* the format was guessed, not named */
+  bool backing_explicit;         /* backing came from options or a graph
+                                  * change, not from the image header */
+  bool cache_direct, cache_no_flush;  /* file driver: cache.* options */
   unsigned perm, shared;         /* PERM_* held and shared */
   atomic_int refcnt;
 
@@ -148,8 +151,9 @@ typedef struct strata_node strata_node;
 
 /* Open a node from OPTS (consumed: the caller still frees the list).  The
  * "driver" key names the driver; without it the format is probed from
- * `file`.  An unused option fails the open.  Returns a node with one
- * reference, or NULL. */
+ * `file`.  "file" may name an existing node instead of giving "file.*"
+ * options; "node-name" must be valid and unused (graph.h).  An unused
+ * option fails the open.  Returns a node with one reference, or NULL. */
 strata_node *node_open (strata_opts *opts, unsigned flags,
                         strata_error **errp);
 

@@ -200,11 +200,13 @@ lock_set (struct file_state *s, unsigned perm, unsigned unshared)
   return 0;
 }
 
+/* Make the locks on s->lock_fd say PERM held and SHARED shared, or change
+ * nothing and fail naming FILENAME and the holder of a conflicting lock. */
 static bool
-file_apply_locks (strata_node *node, strata_error **errp)
+file_lock_perms (struct file_state *s, const char *filename, unsigned perm,
+                 unsigned shared, strata_error **errp)
 {
-  struct file_state *s = node->opaque;
-  unsigned perm = node->perm, unshared = PERM_ALL & ~node->shared;
+  unsigned unshared = PERM_ALL & ~shared;
   unsigned old_perm = s->locked_perm, old_unshared = s->locked_unshared;
   int r;
 
@@ -214,7 +216,7 @@ file_apply_locks (strata_node *node, strata_error **errp)
   if (r < 0) {
     lock_set (s, old_perm, old_unshared);
     error_set_errno (errp, -r, "%s: cannot take the image locks",
-                     node->filename);
+                     filename);
     return false;
   }
   for (int i = 0; i < 2 * PERM_COUNT; i++) {
@@ -237,7 +239,7 @@ file_apply_locks (strata_node *node, strata_error **errp)
     lock_set (s, old_perm, old_unshared);
     if (r < 0) {
       error_set_errno (errp, -r, "%s: cannot test the image locks",
-                       node->filename);
+                       filename);
       return false;
     }
     pid = lock_holder (s->lock_fd, s->lock_fd, byte, comm, sizeof comm);
@@ -245,15 +247,22 @@ file_apply_locks (strata_node *node, strata_error **errp)
       error_set (errp, EAGAIN,
                  "Failed to get %s\"%s\" lock: '%s' is in use by process %d "
                  "(%s)", shared_lock ? "shared " : "",
-                 perm_name (i % PERM_COUNT), node->filename, (int) pid, comm);
+                 perm_name (i % PERM_COUNT), filename, (int) pid, comm);
     else
       error_set (errp, EAGAIN,
                  "Failed to get %s\"%s\" lock: '%s' is in use by another "
                  "process", shared_lock ? "shared " : "",
-                 perm_name (i % PERM_COUNT), node->filename);
+                 perm_name (i % PERM_COUNT), filename);
     return false;
   }
   return true;
+}
+
+static bool
+file_apply_locks (strata_node *node, strata_error **errp)
+{
+  return file_lock_perms (node->opaque, node->filename, node->perm,
+                          node->shared, errp);
 }
 
 /* ---- open/close ---- */
@@ -308,6 +317,8 @@ file_open (strata_node *node, strata_opts *opts, unsigned flags,
   if (!opts_get_bool (opts, "cache.direct", false, &s->direct, errp)
       || !opts_get_bool (opts, "cache.no-flush", false, &s->no_flush, errp))
     return false;
+  node->cache_direct = s->direct;
+  node->cache_no_flush = s->no_flush;
   if (aio && strcmp (aio, "threads") != 0 && strcmp (aio, "native") != 0
       && strcmp (aio, "io_uring") != 0) {
     error_set (errp, EINVAL, "%s: invalid aio mode '%s'", filename, aio);
@@ -844,6 +855,7 @@ file_create (const char *filename, uint64_t size, const char *prealloc,
              strata_error **errp)
 {
   bool existed = access (filename, F_OK) == 0;
+  struct file_state lock_state = { .lock_fd = -1 };
   int fd, r = 0;
 
   if (!prealloc)
@@ -859,12 +871,23 @@ file_create (const char *filename, uint64_t size, const char *prealloc,
                size);
     return false;
   }
-  fd = open (filename, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  /* Lock before truncating, as QEMU does: an image somebody has open
+   * (a running VM, a strata daemon) must not be wiped by a create. */
+  fd = open (filename, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     error_set_errno (errp, errno, "Could not create '%s'", filename);
     return false;
   }
-  if (ftruncate (fd, size) < 0)
+  lock_state.lock_fd = fd;
+  if (!file_lock_perms (&lock_state, filename,
+                        PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+                        PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED, errp)) {
+    close (fd);
+    if (!existed)
+      unlink (filename);
+    return false;
+  }
+  if (ftruncate (fd, 0) < 0 || ftruncate (fd, size) < 0)
     r = -errno;
   else if (strcmp (prealloc, "falloc") == 0 && size
            && fallocate (fd, 0, 0, size) < 0)

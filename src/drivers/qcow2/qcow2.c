@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/graph.h"
 #include "drivers/qcow2/qcow2.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
@@ -200,6 +201,40 @@ open_backing (strata_node *node, struct qcow2_state *s, const char *chain,
   return true;
 }
 
+/* A backing given by the options instead of the header: "backing" = ""
+ * (QMP null) opens none, "backing" = "name" uses an existing node, and
+ * "backing.*" opens a new one, read-only unless it says otherwise. */
+static bool
+explicit_backing (strata_node *node, const char *ref, strata_opts *bopts,
+                  unsigned flags, strata_error **errp)
+{
+  strata_node *b;
+
+  node->backing_explicit = true;
+  if (ref && bopts->n) {
+    error_set (errp, EINVAL, "%s: 'backing' names a node and gives options",
+               node->filename);
+    return false;
+  }
+  if (ref && !*ref)
+    return true;
+  if (ref && !(b = graph_lookup (ref))) {
+    error_set (errp, ENOENT, "Could not open backing file: Cannot find "
+               "device='%s' nor node-name='%s'", ref, ref);
+    return false;
+  }
+  if (!ref && !(b = node_open (bopts, flags & STRATA_OPEN_FORCE_SHARE,
+                               errp))) {
+    error_prepend (errp, "Could not open backing file");
+    return false;
+  }
+  if (!node_attach_child (node, "backing", b, errp)) {
+    node_unref (b);
+    return false;
+  }
+  return true;
+}
+
 static void
 qcow2_close (strata_node *node)
 {
@@ -257,19 +292,31 @@ qcow2_open (strata_node *node, strata_opts *opts, unsigned flags,
 {
   struct qcow2_state *s = node->opaque;
   const char *chain = opts_get (opts, "x-backing-chain");
+  const char *bref = opts_get (opts, "backing");
+  strata_opts *bopts = opts_extract (opts, "backing");
 
   tracker_init (&s->clusters);
+  if (!bopts) {
+    error_set (errp, ENOMEM, "out of memory");
+    goto fail;
+  }
   if (!qcow2_read_header (node, s, errp)
       || !qcow2_overlap_init (node, errp)
       || !init_caches (node, s, opts, errp)
       || (!node->read_only && !check_writable (node, s, errp)))
     goto fail;
-  if (s->backing_name && !(flags & STRATA_OPEN_NO_BACKING)
-      && !open_backing (node, s, chain, flags, errp))
+  if (bref || bopts->n) {
+    if (!explicit_backing (node, bref, bopts, flags, errp))
+      goto fail;
+  }
+  else if (s->backing_name && !(flags & STRATA_OPEN_NO_BACKING)
+           && !open_backing (node, s, chain, flags, errp))
     goto fail;
+  opts_free (bopts);
   return true;
 
 fail:
+  opts_free (bopts);
   qcow2_close (node);
   return false;
 }
