@@ -269,3 +269,32 @@ def test_preallocation_bad_mode(tmp_path):
              tmp_path / "x.qcow2", "1M", check=False)
     assert p.returncode == 1 and "preallocation" in p.stderr
     assert not (tmp_path / "x.qcow2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_create_over_an_image_in_use_is_refused(tmp_path, fmt):
+    """Like qemu-img, create takes the image locks before truncating: a
+    disk somebody has open (here qemu-io) is left exactly as it was."""
+    import subprocess
+    import time
+    img = tmp_path / "busy.qcow2"
+    run(qemu_img(), "create", "-q", "-f", "qcow2", img, "16M")
+    run(qemu_io(), "-f", "qcow2", "-c", "write -P 7 0 1M", img)
+    holder = subprocess.Popen([qemu_io(), "-f", "qcow2", "-c", "sleep 20000",
+                               str(img)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        mine = f":{img.stat().st_ino} ".encode()
+        while mine not in open("/proc/locks", "rb").read():
+            assert time.time() < deadline, "qemu-io never took its locks"
+            time.sleep(0.05)
+        before = img.read_bytes()
+        p = simg("create", "-f", fmt, img, "1G", check=False)
+        assert p.returncode == 1
+        assert 'Failed to get "write" lock' in p.stderr
+        assert f"process {holder.pid}" in p.stderr
+        assert img.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
