@@ -232,6 +232,44 @@ str (json_t *obj, const char *key)
   return s ? s : "";
 }
 
+/* The protocol-level filename under FILENAME: QEMU (and stratad) report
+ * "json:{...}" for a node opened with explicit children; the bytes are in
+ * its innermost "file".  Returns a malloc'd string. */
+static char *
+plain_filename (const char *filename)
+{
+  json_t *obj, *v;
+  char *out;
+
+  if (strncmp (filename, "json:", 5) != 0)
+    return strdup (filename);
+  obj = json_loads (filename + 5, 0, NULL);
+  v = obj;
+  while (json_is_object (json_object_get (v, "file")))
+    v = json_object_get (v, "file");
+  out = strdup (json_is_string (json_object_get (v, "filename"))
+                    ? json_string_value (json_object_get (v, "filename"))
+                    : filename);
+  json_decref (obj);
+  return out;
+}
+
+static bool
+same_file (const char *a, const char *b)
+{
+  char *pa, *pb;
+  bool same;
+
+  if (!*a || !*b)
+    return false;
+  pa = plain_filename (a);
+  pb = plain_filename (b);
+  same = strcmp (pa, pb) == 0;
+  free (pa);
+  free (pb);
+  return same;
+}
+
 static bool
 is_protocol (const char *drv)
 {
@@ -274,7 +312,7 @@ find_node (json_t *nodes, bool *used, const char *name, bool want_protocol,
   if (!*name)
     return NULL;
   json_array_foreach (nodes, i, n) {
-    if (n == self || used[i] || strcmp (str (n, "file"), name) != 0)
+    if (n == self || used[i] || !same_file (str (n, "file"), name))
       continue;
     if (is_protocol (str (n, "drv")) == want_protocol)
       return n;
@@ -303,13 +341,16 @@ print_node (json_t *nodes, bool *used, json_t *node, int depth,
   json_t *bimage = json_object_get (image, "backing-image");
   char size[32] = "";
   const char *backing_name;
+  char *shown;
 
   used[index_of (nodes, node)] = true;
   if (json_is_integer (vsize))
     human_size (json_integer_value (vsize), size, sizeof size);
+  shown = plain_filename (str (node, "file"));
   printf ("%*s%s%s%s  %s  %s%s%s%s\n", depth * 4, "", role, *role ? ": " : "",
-          str (node, "node-name"), str (node, "drv"), str (node, "file"),
+          str (node, "node-name"), str (node, "drv"), shown,
           *size ? "  (" : "", size, *size ? ")" : "");
+  free (shown);
   if (!is_protocol (str (node, "drv"))) {
     child = find_node (nodes, used, str (node, "file"), true, node);
     if (child)
@@ -341,9 +382,9 @@ is_child (json_t *nodes, json_t *node)
     if (n == node)
       continue;
     if (is_protocol (str (node, "drv")) && !is_protocol (str (n, "drv"))
-        && strcmp (str (n, "file"), file) == 0)
+        && same_file (str (n, "file"), file))
       return true;
-    if (!is_protocol (str (node, "drv")) && strcmp (backing, file) == 0)
+    if (!is_protocol (str (node, "drv")) && same_file (backing, file))
       return true;
   }
   return false;
@@ -449,8 +490,8 @@ cmd_snapshot (int argc, char **argv)
   json_t *args;
   int c;
 
-  optind = 1;
-  while ((c = getopt_long (argc, argv, "+f:n:", longopts, NULL)) != -1) {
+  optind = 0;  /* re-initialise GNU getopt; options may follow operands */
+  while ((c = getopt_long (argc, argv, "f:n:", longopts, NULL)) != -1) {
     if (c == 'f')
       format = optarg;
     else if (c == 'n')
