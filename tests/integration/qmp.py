@@ -1,0 +1,107 @@
+"""A small QMP client for the tests: connect, greeting, negotiation,
+commands with ids, events.  Every read has a timeout so nothing hangs."""
+import json
+import socket
+import time
+
+
+class QMPError(Exception):
+    pass
+
+
+class QMP:
+    def __init__(self, path, timeout=5.0, negotiate=True):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.timeout = timeout
+        self.buf = b""
+        self.events = []
+        self.next_id = 0
+        self.greeting = self.recv()
+        if negotiate:
+            self.execute("qmp_capabilities")
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send_raw(self, data):
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def send(self, obj):
+        self.send_raw(json.dumps(obj))
+
+    def recv_line(self, timeout=None):
+        """One raw line (with its "\\r\\n"), or b"" at EOF."""
+        self.sock.settimeout(timeout or self.timeout)
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line + b"\n"
+
+    def recv(self, timeout=None):
+        """The next message, or None at EOF."""
+        line = self.recv_line(timeout)
+        if not line:
+            return None
+        assert line.endswith(b"\r\n"), line
+        return json.loads(line)
+
+    def reply(self, timeout=None):
+        """The next reply, keeping events aside."""
+        while True:
+            msg = self.recv(timeout)
+            if msg is None or "event" not in msg:
+                return msg
+            self.events.append(msg)
+
+    def cmd(self, name, args=None, **kw):
+        """The full reply to NAME (with an id)."""
+        self.next_id += 1
+        msg = {"execute": name, "id": self.next_id}
+        if args is not None:
+            msg["arguments"] = args
+        self.send(msg)
+        rsp = self.reply(**kw)
+        assert rsp is not None and rsp.get("id") == self.next_id, rsp
+        return rsp
+
+    def execute(self, name, args=None):
+        rsp = self.cmd(name, args)
+        if "error" in rsp:
+            raise QMPError(rsp["error"]["desc"])
+        return rsp["return"]
+
+    def event(self, name, timeout=None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            for e in self.events:
+                if e["event"] == name:
+                    self.events.remove(e)
+                    return e
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {name} event")
+            msg = self.recv(left)
+            if msg is None:
+                raise EOFError(f"connection closed before {name}")
+            if "event" in msg:
+                self.events.append(msg)
