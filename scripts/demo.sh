@@ -13,6 +13,7 @@ work=$(mktemp -d)
 holder=
 cleanup() {
   if [[ -n $holder ]]; then kill "$holder" 2>/dev/null || true; wait "$holder" 2>/dev/null || true; fi
+  if [[ -f $work/stratad.pid ]]; then kill "$(cat "$work/stratad.pid")" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -80,6 +81,19 @@ show qemu-io -r -c 'read -P 0x11 0 4M' -c 'read -P 0x33 4M 2M' -c 'read -P 0 6M 
 show qemu-img convert -O raw overlay.qcow2 flat.raw
 show "$simg" compare overlay.qcow2 flat.raw
 show "$simg" check overlay.qcow2
+
+step "stratad owns the chain; the strata client shows the block graph"
+sd=$build/stratad
+show "$sd" --qmp "$work/stratad.sock" --pidfile "$work/stratad.pid" --daemonize \
+  --blockdev "driver=file,node-name=base-file,filename=$work/base.qcow2" \
+  --blockdev driver=qcow2,node-name=base,file=base-file \
+  --blockdev "driver=file,node-name=top-file,filename=$work/overlay.qcow2" \
+  --blockdev '{"driver": "qcow2", "node-name": "top", "file": "top-file", "backing": "base"}'
+show "$build/strata" --socket "$work/stratad.sock" nodes
+show "$build/strata" --socket "$work/stratad.sock" raw '{"execute": "query-version"}'
+echo "stopping stratad (pid $(cat "$work/stratad.pid")) with SIGTERM"
+kill "$(cat "$work/stratad.pid")"
+for _ in $(seq 200); do [[ -e $work/stratad.pid ]] || break; sleep 0.05; done
 
 step "Done"
 echo "make check runs every test; see README.md."
