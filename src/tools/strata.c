@@ -116,7 +116,7 @@ static json_t *
 read_message (void)
 {
   for (;;) {
-    char *nl = memchr (inbuf, '\n', in_len);
+    char *nl = in_len ? memchr (inbuf, '\n', in_len) : NULL;
     if (nl) {
       size_t len = nl - inbuf + 1;
       json_error_t je;
@@ -164,7 +164,9 @@ connect_daemon (void)
   if (!greeting || !json_object_get (greeting, "QMP"))
     die ("%s: no QMP greeting from the daemon", socket_path);
   json_decref (greeting);
-  send_json (json_pack ("{s:s}", "execute", "qmp_capabilities"));
+  greeting = json_pack ("{s:s}", "execute", "qmp_capabilities");
+  send_json (greeting);
+  json_decref (greeting);
   reply = read_message ();
   if (!reply || !json_object_get (reply, "return"))
     die ("%s: capabilities negotiation failed", socket_path);
