@@ -767,6 +767,23 @@ take_place (strata_node *old, strata_node *overlay, struct qmp_error *err)
   return true;
 }
 
+/* S with every ',' doubled, for an option list; caller frees. */
+static char *
+escape_commas (const char *s)
+{
+  char *out = malloc (2 * strlen (s) + 1), *p = out;
+
+  if (!out)
+    return NULL;
+  for (; *s; s++) {
+    *p++ = *s;
+    if (*s == ',')
+      *p++ = ',';
+  }
+  *p = '\0';
+  return out;
+}
+
 static json_t *
 cmd_blockdev_snapshot_sync (json_t *args, struct qmp_error *err)
 {
@@ -813,20 +830,18 @@ cmd_blockdev_snapshot_sync (json_t *args, struct qmp_error *err)
                    "only qcow2 images have a backing file", format);
     goto out;
   }
-  fn = display_filename (node);
   if (!mode || strcmp (mode, "absolute-paths") == 0) {
     if ((size = node_length (node)) < 0) {
       qmp_error_set (err, "GenericError", "%s: cannot get the image length",
                      node->filename);
       goto out;
     }
-    if (strchr (fn, ',')) {
-      qmp_error_set (err, "GenericError", "%s: a backing file name with a "
-                     "comma is not supported", fn);
-      goto out;
-    }
-    if (asprintf (&o, "size=%" PRId64 ",backing_file=%s,backing_fmt=%s",
-                  size, fn, node->drv->name) < 0) {
+    /* The overlay records the image's own path, not the json:{...} name
+     * a node with a non-default backing displays; a comma in the path is
+     * escaped as ",," for the option list. */
+    if (!(fn = escape_commas (node->filename))
+        || asprintf (&o, "size=%" PRId64 ",backing_file=%s,backing_fmt=%s",
+                     size, fn, node->drv->name) < 0) {
       o = NULL;
       qmp_error_set (err, "GenericError", "out of memory");
       goto out;

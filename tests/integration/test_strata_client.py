@@ -135,3 +135,45 @@ def test_nodes_add_del(tmp_path):
         assert "extra" in p.stderr
     finally:
         stop(proc)
+
+
+def test_snapshot_on_a_chain_opened_by_reference(tmp_path):
+    """strata snapshot puts a new qcow2 overlay on top of a node whose
+    backing was given by node name (so its displayed filename is a
+    json:{...} description): the overlay records the image's own path,
+    and QEMU sees the three-layer chain after the daemon stops."""
+    simg = binary("strata-img")
+    run(simg, "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "16M")
+    run(simg, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+        "qcow2", tmp_path / "top.qcow2")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 3 0 1M",
+        tmp_path / "top.qcow2")
+    sock = str(tmp_path / "s.sock")
+    proc = start([binary("stratad"), "--qmp", sock,
+                  "--blockdev", "driver=file,node-name=base-file,"
+                  f"filename={tmp_path}/base.qcow2",
+                  "--blockdev", "driver=qcow2,node-name=base,file=base-file",
+                  "--blockdev", "driver=file,node-name=top-file,"
+                  f"filename={tmp_path}/top.qcow2",
+                  "--blockdev", '{"driver": "qcow2", "node-name": "top", '
+                  '"file": "top-file", "backing": "base"}'], sock)
+    try:
+        p = strata("--socket", sock, "snapshot", "top",
+                   str(tmp_path / "snap.qcow2"), "--node-name", "snap")
+        assert p.returncode == 0, p.stderr
+        lines = strata("--socket", sock, "nodes").stdout.splitlines()
+        assert lines[0].startswith(f"snap  qcow2  {tmp_path}/snap.qcow2")
+        assert any(l.startswith("    backing: top  qcow2") for l in lines)
+    finally:
+        stop(proc)
+    info = run("qemu-img", "info", "--backing-chain", "--output=json",
+               tmp_path / "snap.qcow2").stdout
+    import json
+    chain = json.loads(info)
+    assert [os.path.basename(i["filename"]) for i in chain] == \
+        ["snap.qcow2", "top.qcow2", "base.qcow2"]
+    assert chain[0]["backing-filename-format"] == "qcow2"
+    run("qemu-img", "check", tmp_path / "snap.qcow2")
+    p = run("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 3 0 1M",
+            tmp_path / "snap.qcow2")
+    assert "Pattern verification failed" not in p.stdout
