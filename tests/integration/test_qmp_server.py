@@ -344,3 +344,90 @@ def test_chardev_monitor_and_live_socket(tmp_path):
         assert "already listening" in second.stderr
     finally:
         stop(proc)
+
+
+def test_stress_with_images(tmp_path):
+    """Several clients send a mix of valid and broken block commands at a
+    daemon that holds a qcow2 chain; afterwards the daemon still answers,
+    and once it stops every image passes qemu-img check with its guest
+    content unchanged."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    qemu_io = need("qemu-io", "qemu-utils")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base),
+                    "16M"], check=True)
+    subprocess.run([qemu_io, "-f", "qcow2", "-c", "write -P 1 0 4M",
+                    str(base)], check=True, capture_output=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b",
+                    "base.qcow2", "-F", "qcow2", str(top)], check=True)
+    subprocess.run([qemu_io, "-f", "qcow2", "-c", "write -P 2 1M 1M",
+                    str(top)], check=True, capture_output=True)
+    flat_before = tmp_path / "before.raw"
+    subprocess.run([qemu_img, "convert", "-O", "raw", str(top),
+                    str(flat_before)], check=True)
+    sock = str(tmp_path / "s.sock")
+    proc = start([binary("stratad"), "--qmp", sock, "--blockdev",
+                  f"driver=qcow2,node-name=top,file.driver=file,"
+                  f"file.filename={top}"], sock)
+    seed = int(os.environ.get("STRATA_SEED", random.randrange(1 << 30)))
+    missing = tmp_path / "missing.qcow2"
+    msgs = [
+        b'{"execute": "query-named-block-nodes"}',
+        b'{"execute": "query-named-block-nodes", "arguments": {"flat": 1}}',
+        b'{"execute": "blockdev-add", "arguments": {"driver": "qcow2", '
+        b'"node-name": "top", "file": {"driver": "file", "filename": "x"}}}',
+        b'{"execute": "blockdev-add", "arguments": {"driver": "qcow2", '
+        b'"node-name": "m", "file": {"driver": "file", "filename": "'
+        + str(missing).encode() + b'"}}}',
+        b'{"execute": "blockdev-add", "arguments": {"driver": "nope"}}',
+        b'{"execute": "blockdev-del", "arguments": {"node-name": "nobody"}}',
+        b'{"execute": "blockdev-reopen", "arguments": {"options": [{"driver"'
+        b': "qcow2", "node-name": "top", "read-only": true, "file": "'
+        b'#block000"}]}}',
+        b'{"execute": "blockdev-snapshot-sync", "arguments": '
+        b'{"node-name": "top"}}',
+        b'{"execute": "blockdev-del"}', b'{"execute": 5}', b'"x"\n',
+        b'\n',
+    ]
+    # (No unterminated fragments: with brace-balanced framing, as in QEMU,
+    # an open '{' or '[' swallows everything after it.)
+    errors = []
+
+    def worker(n):
+        r = random.Random(seed + n)
+        try:
+            with QMP(sock, timeout=10) as q:
+                q.send_raw(b"".join(r.choice(msgs) for _ in range(300)))
+                q.send_raw(b'\n{"execute": "query-version", "id": "done"}')
+                t = time.monotonic()
+                while True:
+                    m = q.recv()
+                    assert m is not None
+                    if m.get("id") == "done":
+                        break
+                    assert time.monotonic() - t < 30
+        except Exception as e:
+            errors.append(f"client {n}: {e!r}")
+
+    try:
+        threads = [threading.Thread(target=worker, args=(n,))
+                   for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert not errors, f"seed {seed}: {errors}"
+        with QMP(sock) as q:
+            names = {n["node-name"] for n in
+                     q.execute("query-named-block-nodes")}
+            assert "top" in names and "m" not in names
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+    assert not missing.exists()
+    for img in (base, top):
+        subprocess.run([qemu_img, "check", str(img)], check=True,
+                       capture_output=True)
+    cmp = subprocess.run([qemu_img, "compare", str(top), str(flat_before)],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, f"seed {seed}: {cmp.stdout}"
