@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "control/qmp.h"
 
@@ -102,4 +103,22 @@ qmp_args_check (json_t *args, const struct qmp_arg *spec,
     }
   }
   return true;
+}
+
+char *
+qmp_default_socket_path (void)
+{
+  const char *xdg = getenv ("XDG_RUNTIME_DIR");
+  char *path;
+
+  if (xdg && *xdg) {
+    if (asprintf (&path, "%s/strata/stratad.sock", xdg) < 0)
+      path = NULL;
+  }
+  else if (geteuid () == 0)
+    path = strdup ("/run/strata/stratad.sock");
+  else if (asprintf (&path, "/tmp/strata-%u/stratad.sock",
+                     (unsigned) geteuid ()) < 0)
+    path = NULL;
+  return path;
 }

@@ -60,6 +60,12 @@ struct qmp_arg {
 bool qmp_args_check (json_t *args, const struct qmp_arg *spec,
                      struct qmp_error *err);
 
+/* Where stratad listens and the strata client connects when no socket is
+ * named: $XDG_RUNTIME_DIR/strata/stratad.sock, else
+ * /run/strata/stratad.sock for root, else /tmp/strata-$UID/stratad.sock.
+ * Caller frees; NULL on ENOMEM. */
+char *qmp_default_socket_path (void);
+
 /* Called once at daemon shutdown: flush and close every node the commands
  * opened (in an order that closes overlays before what they use). */
 void qmp_block_shutdown (void);

@@ -24,6 +24,7 @@
 #include <jansson.h>
 
 #include "control/server.h"
+#include "control/qmp.h"
 
 static const char *socket_path;
 static bool json_output;
@@ -71,20 +72,8 @@ static char *
 default_socket (void)
 {
   const char *env = getenv ("STRATA_SOCKET");
-  const char *xdg = getenv ("XDG_RUNTIME_DIR");
-  char *path = NULL;
+  char *path = env && *env ? strdup (env) : qmp_default_socket_path ();
 
-  if (env && *env)
-    path = strdup (env);
-  else if (xdg && *xdg) {
-    if (asprintf (&path, "%s/strata/stratad.sock", xdg) < 0)
-      path = NULL;
-  }
-  else if (geteuid () == 0)
-    path = strdup ("/run/strata/stratad.sock");
-  else if (asprintf (&path, "/tmp/strata-%u/stratad.sock",
-                     (unsigned) geteuid ()) < 0)
-    path = NULL;
   if (!path)
     die ("out of memory");
   return path;

@@ -83,18 +83,8 @@ die (const char *fmt, ...)
 static char *
 default_socket (void)
 {
-  const char *xdg = getenv ("XDG_RUNTIME_DIR");
-  char *path;
+  char *path = qmp_default_socket_path ();
 
-  if (xdg && *xdg) {
-    if (asprintf (&path, "%s/strata/stratad.sock", xdg) < 0)
-      path = NULL;
-  }
-  else if (geteuid () == 0)
-    path = strdup ("/run/strata/stratad.sock");
-  else if (asprintf (&path, "/tmp/strata-%u/stratad.sock",
-                     (unsigned) geteuid ()) < 0)
-    path = NULL;
   if (!path)
     die ("out of memory");
   return path;
