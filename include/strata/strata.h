@@ -107,6 +107,9 @@ struct strata_info {
   bool read_only;
   bool has_backing;
   bool dirty;                     /* qcow2 dirty bit (lazy refcounts) */
+  uint64_t vm_state_offset;       /* where a format keeps VM state (qcow2:
+                                   * the size rounded up to one L2 table's
+                                   * span), 0 when it has none */
   const char *backing_filename;   /* as recorded in the image, or NULL */
   const char *backing_format;     /* as recorded in the image, or NULL */
   const char *full_backing_filename;  /* the path actually opened */

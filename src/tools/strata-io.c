@@ -443,7 +443,24 @@ cmd_info (struct io_ctx *io, int argc, char **argv)
   printf ("format name: %s\n", info.format);
   cvtstr ((double) info.cluster_size, s, sizeof s);
   printf ("cluster size: %s\n", s);
-  printf ("vm state offset: 0 bytes\n");
+  cvtstr ((double) info.vm_state_offset, s, sizeof s);
+  printf ("vm state offset: %s\n", s);
+  if (info.format_specific && strcmp (info.format_specific, "qcow2") == 0) {
+    bool v3 = strcmp (info.qcow2.compat, "0.10") != 0;
+
+    printf ("Format specific information:\n");
+    printf ("    compat: %s\n", info.qcow2.compat);
+    printf ("    compression type: %s\n", info.qcow2.compression_type);
+    if (v3)
+      printf ("    lazy refcounts: %s\n",
+              info.qcow2.lazy_refcounts ? "true" : "false");
+    printf ("    refcount bits: %d\n", info.qcow2.refcount_bits);
+    if (v3) {
+      printf ("    corrupt: %s\n", info.qcow2.corrupt ? "true" : "false");
+      printf ("    extended l2: %s\n",
+              info.qcow2.extended_l2 ? "true" : "false");
+    }
+  }
   return 0;
 }
 

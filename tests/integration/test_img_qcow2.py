@@ -298,3 +298,15 @@ def test_create_over_an_image_in_use_is_refused(tmp_path, fmt):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS)
+def test_strata_io_info_matches_qemu_io(tmp_path, opts):
+    """strata-io's 'info' prints qemu-io's lines: cluster size, the vm state
+    offset (the size rounded up to one L2 table's span) and the
+    format-specific block."""
+    img = tmp_path / "i.qcow2"
+    run(qemu_img(), "create", "-q", "-f", "qcow2", "-o", opts, img, "3G")
+    ours = run(binary("strata-io"), "-c", "info", img).stdout
+    theirs = run(qemu_io(), "-c", "info", img).stdout
+    assert ours == theirs

@@ -336,6 +336,8 @@ qcow2_get_info (strata_node *node, struct strata_info *info,
 
   (void) errp;
   info->cluster_size = s->cluster_size;
+  info->vm_state_offset = ROUND_UP (s->size,
+                                    s->l2_entries << s->cluster_bits);
   info->dirty = s->incompat & QCOW2_INCOMPAT_DIRTY;
   info->backing_filename = s->backing_name;
   info->backing_format = s->backing_format;
