@@ -315,6 +315,8 @@ info_human (const struct strata_info *i)
   printf ("disk size: %s\n", s);
   if (i->cluster_size)
     printf ("cluster_size: %u\n", i->cluster_size);
+  if (i->dirty)
+    printf ("cleanly shut down: no\n");
   if (i->backing_filename) {
     printf ("backing file: %s", i->backing_filename);
     if (i->full_backing_filename
@@ -324,8 +326,6 @@ info_human (const struct strata_info *i)
     if (i->backing_format)
       printf ("backing file format: %s\n", i->backing_format);
   }
-  if (i->dirty)
-    printf ("cleanly shut down: no\n");
   if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
     printf ("Format specific information:\n");
     printf ("    compat: %s\n", i->qcow2.compat);

@@ -54,3 +54,15 @@ def test_check_repair_of_dirty_image(tmp_path):
     p = run(binary("strata-img"), "check", "-r", "all", img, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_repaired(img)
+
+
+def test_info_of_dirty_image_matches_qemu_img(tmp_path):
+    img = dirty_image(tmp_path)
+    outputs = {}
+    for fmt in ("human", "json"):
+        ours = run(binary("strata-img"), "info", f"--output={fmt}", img)
+        theirs = run(qemu_img(), "info", f"--output={fmt}", img)
+        assert ours.stdout == theirs.stdout
+        outputs[fmt] = ours.stdout
+    assert "cleanly shut down: no" in outputs["human"].splitlines()
+    assert json.loads(outputs["json"])["dirty-flag"] is True
