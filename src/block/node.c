@@ -20,6 +20,7 @@
 
 static const struct strata_driver *const drivers[] = {
   &file_driver,
+  &nbd_driver,
   &qcow2_driver,
   &raw_driver,
 };
@@ -393,9 +394,16 @@ node_open_image (const char *filename, const char *format, strata_opts *extra,
     goto oom;
   if (drv && !drv->has_file_child)
     ok = opts_has (opts, "filename") || opts_set (opts, "filename", filename);
+  else if (opts_has (opts, "file.filename"))
+    ok = true;
+  else if (nbd_is_uri (filename))
+    /* An NBD URI is the protocol node under the format (raw, qcow2 or
+     * probed), as a path is a file node. */
+    ok = (opts_has (opts, "file.driver")
+          || opts_set (opts, "file.driver", "nbd"))
+         && opts_set (opts, "file.filename", filename);
   else
-    ok = opts_has (opts, "file.filename")
-         || opts_set (opts, "file.filename", filename);
+    ok = opts_set (opts, "file.filename", filename);
   if (!ok)
     goto oom;
   node = node_open (opts, flags, errp);

@@ -208,5 +208,18 @@ const struct strata_driver *driver_find (const char *name);
 extern const struct strata_driver file_driver;
 extern const struct strata_driver raw_driver;
 extern const struct strata_driver qcow2_driver;
+extern const struct strata_driver nbd_driver;
+
+/* NBD URIs as file names (drivers/nbd.c): nbd+unix:///EXPORT?socket=PATH
+ * and nbd://HOST[:PORT]/EXPORT.  nbd_is_uri() only looks at the scheme;
+ * nbd_uri_parse() validates the rest. */
+struct nbd_uri {
+  char *socket;     /* unix: the socket path, else NULL */
+  char *host, *port;
+  char *export;
+};
+bool nbd_is_uri (const char *name);
+bool nbd_uri_parse (const char *uri, struct nbd_uri *u, strata_error **errp);
+void nbd_uri_clear (struct nbd_uri *u);
 
 #endif

@@ -177,8 +177,10 @@ cmd_create (int argc, char **argv)
     return 1;
   }
 
-  /* A relative backing name is relative to the new image's directory. */
-  if (backing && backing[0] != '/' && strrchr (filename, '/')) {
+  /* A relative backing name is relative to the new image's directory; a
+   * URI (nbd://, nbd+unix://) is not a path. */
+  if (backing && backing[0] != '/' && strrchr (filename, '/')
+      && !strstr (backing, "://")) {
     const char *slash = strrchr (filename, '/');
     if (asprintf (&backing_path, "%.*s%s", (int) (slash - filename + 1),
                   filename, backing) < 0)

@@ -115,7 +115,7 @@ resolve_backing (const char *overlay, const char *name)
   const char *slash = strrchr (overlay, '/');
   char *out;
 
-  if (name[0] == '/' || !slash)
+  if (name[0] == '/' || !slash || nbd_is_uri (name))
     return strdup (name);
   if (asprintf (&out, "%.*s%s", (int) (slash - overlay + 1), overlay, name)
       < 0)
@@ -142,12 +142,16 @@ open_backing (strata_node *node, struct qcow2_state *s, const char *chain,
                s->backing_name, s->backing_name);
     return false;
   }
+  /* An NBD URI names no local file: it is used as written, neither
+   * joined with the overlay's directory nor resolved by realpath. */
   if (!(path = resolve_backing (fn, s->backing_name))
-      || !(mine = realpath (node->file->filename, NULL))) {
+      || !(mine = nbd_is_uri (node->file->filename)
+                      ? strdup (node->file->filename)
+                      : realpath (node->file->filename, NULL))) {
     error_set_errno (errp, errno, "%s: cannot resolve the image path", fn);
     return false;
   }
-  if (!(theirs = realpath (path, NULL))) {
+  if (!(theirs = nbd_is_uri (path) ? strdup (path) : realpath (path, NULL))) {
     error_set_errno (errp, errno, "%s: cannot open backing file '%s'", fn,
                      path);
     return false;

@@ -1,0 +1,374 @@
+"""The nbd protocol driver (src/drivers/nbd.c) against real NBD servers.
+
+qemu-nbd and nbdkit serve images on unix sockets in a short private
+directory (socket paths are limited to 108 bytes) or on 127.0.0.1 with a
+port found by binding port 0; every server is stopped by its PID.  qemu-io
+and qemu-img are the oracles for data and for block status.
+"""
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import binary, io_cmds, need, run
+
+
+@pytest.fixture
+def sockdir():
+    d = tempfile.mkdtemp(prefix="strata-nbd-", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Server:
+    """A server process started in the foreground, stopped by its PID."""
+
+    def __init__(self, argv, sock=None, port=None):
+        self.argv = [str(a) for a in argv]
+        self.sock, self.port = sock, port
+        self.proc = None
+        self.start()
+
+    def start(self):
+        if self.sock and os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.argv[0]} exited: "
+                                     f"{self.proc.stderr.read().decode()}")
+            if self.ready():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{self.argv[0]} did not start listening")
+
+    def ready(self):
+        if self.sock:
+            return os.path.exists(self.sock)
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self, sig=15):
+        """Stop the server; SIG 9 is a crash (nbdkit's graceful shutdown
+        waits for its clients)."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, 9)
+                self.proc.wait()
+        if self.proc:
+            self.proc.stderr.close()
+        self.proc = None
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(argv, sock=None, port=None):
+        srv = Server(argv, sock=sock, port=port)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def qemu_nbd(servers, sock, image, fmt, name):
+    return servers([need("qemu-nbd", "qemu-utils"), "-k", sock, "-f", fmt,
+                    "-x", name, "--persistent", image], sock=sock)
+
+
+def nbdkit(servers, sock, *plugin):
+    return servers([need("nbdkit", "nbdkit"), "-f", "-U", sock, *plugin],
+                   sock=sock)
+
+
+def unix_uri(sock, name=""):
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def sio(*args, check=True, timeout=30):
+    return run(binary("strata-io"), *args, check=check, timeout=timeout)
+
+
+def assert_io_ok(proc):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for bad in ("failed", "error", "Pattern verification"):
+        assert bad not in out, out
+
+
+def test_qemu_nbd_read_write(sockdir, servers, qemu_io, qemu_img, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-f", "qcow2", img, "8M")
+    run(qemu_io, "-f", "qcow2", *io_cmds("write -P 0x5a 0 64k",
+                                          "write -P 0xa5 3M 128k"), img)
+    sock = sockdir / "q.sock"
+    srv = qemu_nbd(servers, sock, img, "qcow2", "name")
+    uri = unix_uri(sock, "name")
+
+    p = sio("-f", "raw", *io_cmds("read -P 0x5a 0 64k",
+                                  "read -P 0xa5 3M 128k",
+                                  "read -P 0 64k 64k",
+                                  "write -P 0xc3 5M 192k",
+                                  "write -P 0x3c 1M 4k",
+                                  "length"), uri)
+    assert_io_ok(p)
+    assert "8 MiB" in p.stdout
+    srv.stop()
+    p = run(qemu_io, "-f", "qcow2", *io_cmds("read -P 0xc3 5M 192k",
+                                             "read -P 0x3c 1M 4k",
+                                             "read -P 0x5a 0 64k"), img)
+    assert "Pattern verification failed" not in p.stdout + p.stderr
+
+
+def test_map_matches_qemu_img(sockdir, servers, qemu_io, qemu_img, tmp_path):
+    img = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-f", "qcow2", img, "16M")
+    run(qemu_io, "-f", "qcow2", *io_cmds("write -P 1 0 1M",
+                                          "write -z 2M 1M",
+                                          "write -P 2 7M 64k",
+                                          "write -P 3 15M 1M"), img)
+    sock = sockdir / "q.sock"
+    qemu_nbd(servers, sock, img, "qcow2", "m")
+    uri = unix_uri(sock, "m")
+
+    ours = json.loads(run(binary("strata-img"), "map", "--output=json",
+                          "-f", "raw", uri).stdout)
+    theirs = json.loads(run(qemu_img, "map", "--output=json", "-f", "raw",
+                            uri).stdout)
+    key = lambda es: [(e["start"], e["length"], e["data"], e["zero"])
+                      for e in es]
+    assert key(ours) == key(theirs)
+    assert any(e["data"] for e in ours) and any(e["zero"] for e in ours)
+    # Probed over NBD (no -f): the top image is probed, raw here.
+    probed = json.loads(run(binary("strata-img"), "map", "--output=json",
+                            uri).stdout)
+    assert key(probed) == key(ours)
+
+
+@pytest.mark.parametrize("plugin", ["memory", "file"])
+def test_nbdkit_round_trips(sockdir, servers, tmp_path, plugin):
+    sock = sockdir / "k.sock"
+    if plugin == "memory":
+        nbdkit(servers, sock, "memory", "64M")
+    else:
+        f = tmp_path / "backing.raw"
+        with open(f, "wb") as fh:
+            fh.truncate(64 << 20)
+        nbdkit(servers, sock, "file", f)
+    uri = unix_uri(sock)
+    p = sio("-f", "raw", *io_cmds("write -P 0x77 0 2M",
+                                  "write -f -P 0x78 10M 4k",
+                                  "write -z 1M 64k",
+                                  "write -z -u 32M 1M",
+                                  "discard 1536k 64k",
+                                  "flush"), uri)
+    assert_io_ok(p)
+    p = sio("-r", "-f", "raw", *io_cmds("read -P 0x77 0 1M",
+                                        "read -P 0 1M 64k",
+                                        "read -P 0x77 1088k 448k",
+                                        "read -P 0x78 10M 4k",
+                                        "read -P 0 32M 1M"), uri)
+    assert_io_ok(p)
+    if plugin == "file":
+        data = (tmp_path / "backing.raw").read_bytes()
+        assert data[:1 << 20] == b"\x77" * (1 << 20)
+        assert data[(1 << 20):(1 << 20) + 65536] == bytes(65536)
+        assert data[10 << 20:(10 << 20) + 4096] == b"\x78" * 4096
+
+
+def test_inet_and_blockdev_options(servers, tmp_path):
+    port = free_port()
+    servers([need("nbdkit", "nbdkit"), "-f", "-i", "127.0.0.1", "-p",
+             str(port), "memory", "8M"], port=port)
+    uri = f"nbd://127.0.0.1:{port}/"
+    p = sio("-f", "raw", *io_cmds("write -P 0x42 0 64k",
+                                  "read -P 0x42 0 64k"), uri)
+    assert_io_ok(p)
+    # A URI and blockdev-style server options on one node conflict.
+    p = sio("-f", "raw", "-o",
+            f"file.server.type=inet,file.server.host=127.0.0.1,"
+            f"file.server.port={port}", *io_cmds("read 0 64k"), uri,
+            check=False)
+    assert p.returncode != 0
+    assert "cannot be combined" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_qcow2_overlay_on_nbd_backing(sockdir, servers, qemu_io, qemu_img,
+                                      tmp_path):
+    base = tmp_path / "base.raw"
+    run(qemu_img, "create", "-f", "raw", base, "16M")
+    run(qemu_io, "-f", "raw", *io_cmds("write -P 0x11 0 1M",
+                                        "write -P 0x22 9M 256k"), base)
+    base_before = base.read_bytes()
+    sock = sockdir / "b.sock"
+    srv = qemu_nbd(servers, sock, base, "raw", "base")
+    uri = unix_uri(sock, "base")
+
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    run(binary("strata-img"), "create", "-f", "qcow2", "-b", uri, "-F", "raw",
+        ours, "16M")
+    run(qemu_img, "create", "-f", "qcow2", "-b", uri, "-F", "raw", theirs)
+    info = json.loads(run(qemu_img, "info", "--output=json", "-U",
+                          ours).stdout)
+    assert info["backing-filename"] == uri
+
+    for img in (ours, theirs):
+        p = sio(*io_cmds("read -P 0x11 0 1M", "read -P 0x22 9M 256k",
+                         "write -P 0x99 4M 64k"), img)
+        assert_io_ok(p)
+    # The overlays' writes went to the overlays only (qemu-nbd serves one
+    # client at a time, so the comparisons run one by one).
+    srv.stop()
+    assert base.read_bytes() == base_before
+    local = tmp_path / "local.qcow2"
+    run(qemu_img, "create", "-f", "qcow2", "-b", base, "-F", "raw", local)
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 0x99 4M 64k", local)
+    srv.start()
+    for img in (ours, theirs):
+        run(qemu_img, "compare", "-U", local, img)
+
+
+class Interactive:
+    """strata-io reading commands from stdin, one prompt at a time."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([binary("strata-io"), *map(str, args)],
+                                     stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.prompt()
+
+    def prompt(self, timeout=20):
+        buf = b""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while not buf.endswith(b"strata-io> "):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no prompt within {timeout} s: {buf!r}"
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 4096)
+                assert chunk, f"strata-io exited: {buf!r}"
+                buf += chunk
+        return buf.decode()
+
+    def cmd(self, line, timeout=20):
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        return self.prompt(timeout)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=20)
+        err = self.proc.stderr.read().decode()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return err
+
+
+def test_reconnect_within_delay(sockdir, servers, tmp_path):
+    f = tmp_path / "disk.raw"
+    f.write_bytes(b"\x5e" * (1 << 20))
+    sock = sockdir / "r.sock"
+    srv = nbdkit(servers, sock, "file", f)
+    io = Interactive("-f", "raw", "-o", "file.reconnect-delay=5",
+                     unix_uri(sock))
+    try:
+        assert "read 4096/4096" in io.cmd("read -P 0x5e 0 4k")
+        srv.stop(9)
+        # The request waits while the server is away ...
+        io.proc.stdin.write(b"read -P 0x5e 8k 4k\n")
+        io.proc.stdin.flush()
+        time.sleep(1)
+        srv.start()
+        # ... and succeeds once it is back.
+        out = io.prompt()
+        assert "read 4096/4096" in out, out
+        assert "read 4096/4096" in io.cmd("read -P 0x5e 0 4k")
+        out = io.cmd("write -P 0x61 64k 4k")
+        assert "wrote 4096/4096" in out, out
+    finally:
+        err = io.close()
+    assert "error" not in err.lower(), err
+    assert f.read_bytes()[64 << 10:(64 << 10) + 4096] == b"\x61" * 4096
+
+
+def assert_one_error(out, err, uri, msg):
+    """The failed command printed one line naming URI and MSG."""
+    lines = [l for l in (out + err).splitlines()
+             if l.strip() and l.strip() != "strata-io>"]
+    assert len(lines) == 1, out + err
+    assert "read failed" in lines[0] and uri in lines[0] and msg in lines[0]
+
+
+def test_reconnect_gives_up(sockdir, servers, tmp_path):
+    f = tmp_path / "disk.raw"
+    f.write_bytes(bytes(1 << 20))
+    sock = sockdir / "r.sock"
+    uri = unix_uri(sock)
+    srv = nbdkit(servers, sock, "file", f)
+
+    # Delay 0: a request after the server died fails at once, one line.
+    io = Interactive("-r", "-f", "raw", uri)
+    assert "read 4096/4096" in io.cmd("read 0 4k")
+    srv.stop(9)
+    t0 = time.monotonic()
+    out = io.cmd("read 0 4k", timeout=10)
+    assert time.monotonic() - t0 < 3
+    assert_one_error(out, io.close(), uri, "connection to the NBD server lost")
+
+    # Delay 1: requests wait about a second, then fail naming the URI.
+    srv.start()
+    io = Interactive("-r", "-f", "raw", "-o", "file.reconnect-delay=1", uri)
+    assert "read 4096/4096" in io.cmd("read 0 4k")
+    srv.stop(9)
+    t0 = time.monotonic()
+    out = io.cmd("read 0 4k", timeout=10)
+    took = time.monotonic() - t0
+    assert 0.8 < took < 5, took
+    assert_one_error(out, io.close(), uri, "reconnect failed within 1 s")
+
+
+@pytest.mark.parametrize("uri,msg", [
+    ("nbd+unix:///e?socket=", "missing socket path"),
+    ("nbd+unix:///e", "missing ?socket=PATH"),
+    ("nbd+unix://host/e?socket=/x", "takes no host"),
+    ("nbd+unix:///e?socket=/x&foo=1", "unknown query parameter"),
+    ("nbd://:10809/e", "missing host name"),
+    ("nbd:///e", "missing host name"),
+    ("nbd://h:0/e", "bad port '0'"),
+    ("nbd://h:70000/e", "bad port '70000'"),
+    ("nbd://h:12ab/e", "bad port '12ab'"),
+    ("nbd://h/e?socket=/x", "unknown query parameter"),
+    ("nbds://h/e", "TLS"),
+    ("nbd+unix:///e?socket=/nonexistent/strata.sock", "cannot connect"),
+])
+def test_bad_uris(uri, msg):
+    for fmt in (["-f", "raw"], []):
+        p = sio(*fmt, "-c", "read 0 512", uri, check=False, timeout=20)
+        assert p.returncode != 0
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and msg in lines[0] and uri in lines[0], \
+            p.stderr
