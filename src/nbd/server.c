@@ -1,0 +1,1516 @@
+/* strata: NBD server (fixed newstyle handshake, simple and structured
+ * replies, base:allocation and qemu:allocation-depth).  Wire layouts are in
+ * protocol.h; the spec is the NetworkBlockDevice project's doc/proto.md.
+ *
+ *   accept loop ──> reader thread ──(job)──> worker pool ──(reply)──┐
+ *                    per connection           shared                 │
+ *                         ^                                          v
+ *                         └──── budget released ◄──── writer thread per
+ *                                                     connection (send)
+ *
+ * Invariants:
+ * - Only the reader reads the socket and only the writer writes it after
+ *   the handshake; a worker never touches the socket, so a client that
+ *   never reads blocks only its own writer, then its own reader (through
+ *   the budget: at most NBD_MAX_INFLIGHT requests and NBD_MAX_QUEUED
+ *   bytes of payload and reply per connection), never the pool.
+ * - A request is fully validated by the reader, before it reaches a
+ *   worker: every wire value is range-checked with checked arithmetic.
+ * - A connection is freed by its reader only once its budget is back to
+ *   zero, i.e. no job and no queued reply refers to it.
+ *
+ * Choices:
+ * - CAN_MULTI_CONN: advertised for read-only exports, and for writable
+ *   ones when the caller says every connection shares one node (strata-nbd
+ *   does: one process, one node, and strata_flush() on it is global).
+ * - FAST_ZERO: we cannot know whether the driver zeroes fast, so a
+ *   FAST_ZERO request succeeds only when the range already reads as zero
+ *   (nothing to do); otherwise ENOTSUP and the client falls back.
+ * - DF is not advertised (reads may be split into data and hole chunks).
+ * - Out-of-range WRITE and WRITE_ZEROES fail with ENOSPC, other commands
+ *   with EINVAL; a READ longer than the maximum block size fails with
+ *   EOVERFLOW when structured replies are on, else EINVAL.
+ */
+#include <arpa/inet.h>
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "nbd/protocol.h"
+#include "nbd/server.h"
+#include "util/checked.h"
+#include "util/error.h"
+
+#define NBD_MAX_NAME        4096
+#define NBD_MAX_OPTION      (16 * 1024)       /* longest option we parse */
+#define NBD_MAX_OPTION_SKIP (1024 * 1024)     /* longest we skip politely */
+#define NBD_MIN_BLOCK       1
+#define NBD_PREF_BLOCK      4096
+#define NBD_MAX_BLOCK       (32 * 1024 * 1024)
+#define NBD_MAX_INFLIGHT    64
+#define NBD_MAX_QUEUED      (64 * 1024 * 1024)
+#define NBD_MAX_EXTENTS     1024
+#define NBD_HANDSHAKE_MS    10000
+#define NBD_PAYLOAD_MS      30000
+#define NBD_WORKERS         16
+#define NBD_MAX_LISTEN      8
+
+#define CTX_BASE_ALLOCATION 1
+#define CTX_ALLOCATION_DEPTH 2
+
+struct nbd_export {
+  char *name, *description;
+  strata_node *node;
+  struct nbd_export_flags flags;
+  uint64_t size;
+  uint16_t tflags;
+};
+
+/* A reply ready to send. */
+struct reply {
+  struct reply *next;
+  size_t len;
+  uint64_t cost;            /* budget to release once sent */
+  unsigned char data[];
+};
+
+struct conn {
+  struct nbd_server *srv;
+  int fd;
+  struct conn *next;              /* server's list */
+
+  /* Set during the handshake, read-only afterwards. */
+  struct nbd_export *exp;
+  bool structured;
+  bool no_zeroes;
+  bool ctx_base, ctx_depth;       /* selected meta contexts */
+  char *ctx_export;               /* export they were selected for */
+
+  pthread_mutex_t lock;           /* protects everything below */
+  pthread_cond_t cond;            /* budget released, reply queued */
+  struct reply *head, *tail;
+  unsigned inflight;              /* jobs + queued replies */
+  uint64_t queued;                /* their bytes */
+  bool dead;                      /* socket failed: drop replies */
+  bool quit;                      /* writer: exit once queue empty */
+  pthread_t writer;
+};
+
+struct job {
+  struct job *next;
+  struct conn *conn;
+  uint64_t cookie, offset;
+  uint32_t len;
+  uint16_t flags, type;
+  uint64_t cost;
+  void *payload;
+};
+
+struct nbd_server {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;            /* connection ended, job queued */
+  struct nbd_export *exports;
+  size_t nr_exports;
+  int listen_fds[NBD_MAX_LISTEN];
+  size_t nr_listen;
+  int tcp_port;
+  int wake[2];                    /* self-pipe for the accept loop */
+  unsigned max_clients;
+  bool persistent;
+  bool stopping;
+  unsigned active;                /* connections alive */
+  bool had_client;
+  struct conn *conns;
+
+  /* Worker pool. */
+  pthread_cond_t job_cond;
+  struct job *jobs, *jobs_tail;
+  bool pool_quit;
+  pthread_t workers[NBD_WORKERS];
+  size_t nr_workers;
+};
+
+/* ---- byte order helpers ---- */
+
+static void
+put16 (unsigned char *p, uint16_t v)
+{
+  v = htobe16 (v);
+  memcpy (p, &v, 2);
+}
+
+static void
+put32 (unsigned char *p, uint32_t v)
+{
+  v = htobe32 (v);
+  memcpy (p, &v, 4);
+}
+
+static void
+put64 (unsigned char *p, uint64_t v)
+{
+  v = htobe64 (v);
+  memcpy (p, &v, 8);
+}
+
+static uint16_t
+get16 (const unsigned char *p)
+{
+  uint16_t v;
+  memcpy (&v, p, 2);
+  return be16toh (v);
+}
+
+static uint32_t
+get32 (const unsigned char *p)
+{
+  uint32_t v;
+  memcpy (&v, p, 4);
+  return be32toh (v);
+}
+
+static uint64_t
+get64 (const unsigned char *p)
+{
+  uint64_t v;
+  memcpy (&v, p, 8);
+  return be64toh (v);
+}
+
+/* ---- socket I/O ---- */
+
+/* Read exactly LEN bytes, waiting at most TIMEOUT_MS for each chunk (-1:
+ * forever).  False on EOF, error or timeout. */
+static bool
+read_full (int fd, void *buf, size_t len, int timeout_ms)
+{
+  unsigned char *p = buf;
+  while (len > 0) {
+    struct pollfd pfd = { .fd = fd, .events = POLLIN };
+    int r = poll (&pfd, 1, timeout_ms);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      return false;
+    ssize_t n = recv (fd, p, len, 0);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n <= 0)
+      return false;
+    p += n;
+    len -= (size_t) n;
+  }
+  return true;
+}
+
+static bool
+skip_bytes (int fd, uint64_t len, int timeout_ms)
+{
+  unsigned char buf[4096];
+  while (len > 0) {
+    size_t n = len < sizeof buf ? (size_t) len : sizeof buf;
+    if (!read_full (fd, buf, n, timeout_ms))
+      return false;
+    len -= n;
+  }
+  return true;
+}
+
+static bool
+write_full (int fd, const void *buf, size_t len)
+{
+  const unsigned char *p = buf;
+  while (len > 0) {
+    ssize_t n = send (fd, p, len, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n <= 0)
+      return false;
+    p += n;
+    len -= (size_t) n;
+  }
+  return true;
+}
+
+/* ---- handshake ---- */
+
+static struct nbd_export *
+find_export (struct nbd_server *srv, const char *name)
+{
+  for (size_t i = 0; i < srv->nr_exports; i++)
+    if (strcmp (srv->exports[i].name, name) == 0)
+      return &srv->exports[i];
+  return NULL;
+}
+
+static bool
+opt_reply (struct conn *c, uint32_t opt, uint32_t type, const void *data,
+           uint32_t len)
+{
+  unsigned char h[20];
+  put64 (h, NBD_OPT_REPLY_MAGIC);
+  put32 (h + 8, opt);
+  put32 (h + 12, type);
+  put32 (h + 16, len);
+  return write_full (c->fd, h, sizeof h) && write_full (c->fd, data, len);
+}
+
+static bool
+opt_error (struct conn *c, uint32_t opt, uint32_t type, const char *msg)
+{
+  return opt_reply (c, opt, type, msg, (uint32_t) strlen (msg));
+}
+
+/* Reads a 32-bit length-prefixed string at *POS of DATA[LEN] into a new
+ * NUL-terminated string (caller frees), or NULL when it does not fit. */
+static char *
+take_string (const unsigned char *data, uint32_t len, uint32_t *pos,
+             uint32_t max)
+{
+  uint32_t n;
+  char *s;
+  if (len - *pos < 4)
+    return NULL;
+  n = get32 (data + *pos);
+  *pos += 4;
+  if (n > max || n > len - *pos || memchr (data + *pos, 0, n))
+    return NULL;
+  s = malloc ((size_t) n + 1);
+  if (!s)
+    return NULL;
+  memcpy (s, data + *pos, n);
+  s[n] = 0;
+  *pos += n;
+  return s;
+}
+
+static bool
+send_info (struct conn *c, uint32_t opt, struct nbd_export *e,
+           const uint16_t *reqs, uint16_t nr_reqs)
+{
+  unsigned char b[18];
+  bool name = false, desc = false;
+
+  for (uint16_t i = 0; i < nr_reqs; i++) {
+    if (reqs[i] == NBD_INFO_NAME)
+      name = true;
+    if (reqs[i] == NBD_INFO_DESCRIPTION)
+      desc = true;
+  }
+  put16 (b, NBD_INFO_EXPORT);
+  put64 (b + 2, e->size);
+  put16 (b + 10, e->tflags);
+  if (!opt_reply (c, opt, NBD_REP_INFO, b, 12))
+    return false;
+  put16 (b, NBD_INFO_BLOCK_SIZE);
+  put32 (b + 2, NBD_MIN_BLOCK);
+  put32 (b + 6, NBD_PREF_BLOCK);
+  put32 (b + 10, NBD_MAX_BLOCK);
+  if (!opt_reply (c, opt, NBD_REP_INFO, b, 14))
+    return false;
+  for (int k = 0; k < 2; k++) {
+    const char *s = k == 0 ? (name ? e->name : NULL)
+                           : (desc ? e->description : NULL);
+    size_t n = s ? strlen (s) : 0;
+    unsigned char *p;
+    bool ok;
+    if (!s)
+      continue;
+    p = malloc (n + 2);
+    if (!p)
+      return false;
+    put16 (p, k == 0 ? NBD_INFO_NAME : NBD_INFO_DESCRIPTION);
+    memcpy (p + 2, s, n);
+    ok = opt_reply (c, opt, NBD_REP_INFO, p, (uint32_t) n + 2);
+    free (p);
+    if (!ok)
+      return false;
+  }
+  return true;
+}
+
+/* INFO and GO.  Returns -1 to disconnect, 0 to continue, 1 to start
+ * transmission. */
+static int
+opt_info_go (struct conn *c, uint32_t opt, const unsigned char *d,
+             uint32_t len)
+{
+  uint32_t pos = 0;
+  char *name = take_string (d, len, &pos, NBD_MAX_NAME);
+  uint16_t nr, reqs[64];
+  struct nbd_export *e;
+  int ret = 0;
+
+  if (!name || len - pos < 2)
+    goto invalid;
+  nr = get16 (d + pos);
+  pos += 2;
+  if ((uint64_t) nr * 2 != len - pos || nr > 64)
+    goto invalid;
+  for (uint16_t i = 0; i < nr; i++)
+    reqs[i] = get16 (d + pos + 2 * i);
+  e = find_export (c->srv, name);
+  if (!e) {
+    ret = opt_error (c, opt, NBD_REP_ERR_UNKNOWN, "no such export") ? 0 : -1;
+    free (name);
+    return ret;
+  }
+  if (!send_info (c, opt, e, reqs, nr) || !opt_reply (c, opt, NBD_REP_ACK,
+                                                     NULL, 0)) {
+    free (name);
+    return -1;
+  }
+  if (opt == NBD_OPT_GO) {
+    c->exp = e;
+    if (!c->ctx_export || strcmp (c->ctx_export, name) != 0)
+      c->ctx_base = c->ctx_depth = false;
+    ret = 1;
+  }
+  free (name);
+  return ret;
+
+invalid:
+  free (name);
+  return opt_error (c, opt, NBD_REP_ERR_INVALID, "malformed option") ? 0
+                                                                      : -1;
+}
+
+static bool
+opt_list (struct conn *c)
+{
+  for (size_t i = 0; i < c->srv->nr_exports; i++) {
+    struct nbd_export *e = &c->srv->exports[i];
+    size_t n = strlen (e->name);
+    size_t dn = e->description ? strlen (e->description) : 0;
+    unsigned char *p = malloc (4 + n + dn);
+    bool ok;
+    if (!p)
+      return false;
+    put32 (p, (uint32_t) n);
+    memcpy (p + 4, e->name, n);
+    if (dn)
+      memcpy (p + 4 + n, e->description, dn);
+    ok = opt_reply (c, NBD_OPT_LIST, NBD_REP_SERVER, p,
+                    (uint32_t) (4 + n + dn));
+    free (p);
+    if (!ok)
+      return false;
+  }
+  return opt_reply (c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
+}
+
+static bool
+send_context (struct conn *c, uint32_t opt, uint32_t id, const char *name)
+{
+  unsigned char b[64];
+  size_t n = strlen (name);
+  put32 (b, id);
+  memcpy (b + 4, name, n);
+  return opt_reply (c, opt, NBD_REP_META_CONTEXT, b, (uint32_t) (4 + n));
+}
+
+/* Which of our contexts a query names: bit 0 base:allocation, bit 1
+ * qemu:allocation-depth.  LIST accepts the namespace alone. */
+static unsigned
+match_query (const char *q, bool list, bool depth_ok)
+{
+  unsigned m = 0;
+  if (strcmp (q, "base:allocation") == 0 || (list && strcmp (q, "base:") == 0))
+    m |= 1;
+  if (depth_ok && (strcmp (q, "qemu:allocation-depth") == 0
+                   || (list && strcmp (q, "qemu:") == 0)))
+    m |= 2;
+  return m;
+}
+
+static int
+opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *d,
+                  uint32_t len)
+{
+  bool list = opt == NBD_OPT_LIST_META_CONTEXT;
+  uint32_t pos = 0, nr;
+  char *name = NULL;
+  struct nbd_export *e;
+  unsigned sel = 0;
+
+  if (!c->structured)
+    return opt_error (c, opt, NBD_REP_ERR_INVALID,
+                      "structured replies not negotiated") ? 0 : -1;
+  name = take_string (d, len, &pos, NBD_MAX_NAME);
+  if (!name || len - pos < 4)
+    goto invalid;
+  nr = get32 (d + pos);
+  pos += 4;
+  for (uint32_t i = 0; i < nr; i++) {
+    char *q = take_string (d, len, &pos, NBD_MAX_OPTION);
+    if (!q)
+      goto invalid;
+    sel |= match_query (q, list, true);
+    free (q);
+  }
+  if (pos != len)
+    goto invalid;
+  e = find_export (c->srv, name);
+  if (!e) {
+    free (name);
+    return opt_error (c, opt, NBD_REP_ERR_UNKNOWN, "no such export") ? 0
+                                                                     : -1;
+  }
+  if (!e->flags.allocation_depth)
+    sel &= ~2u;
+  if (list && nr == 0)
+    sel = e->flags.allocation_depth ? 3 : 1;
+  if (!list) {
+    c->ctx_base = sel & 1;
+    c->ctx_depth = sel & 2;
+    free (c->ctx_export);
+    c->ctx_export = name;
+    name = NULL;
+  }
+  free (name);
+  if ((sel & 1)
+      && !send_context (c, opt, CTX_BASE_ALLOCATION, "base:allocation"))
+    return -1;
+  if ((sel & 2)
+      && !send_context (c, opt, CTX_ALLOCATION_DEPTH,
+                        "qemu:allocation-depth"))
+    return -1;
+  return opt_reply (c, opt, NBD_REP_ACK, NULL, 0) ? 0 : -1;
+
+invalid:
+  free (name);
+  return opt_error (c, opt, NBD_REP_ERR_INVALID, "malformed option") ? 0
+                                                                      : -1;
+}
+
+/* One option.  Returns -1 to disconnect, 0 to continue, 1 to start
+ * transmission. */
+static int
+handle_option (struct conn *c, uint32_t opt, unsigned char *d, uint32_t len)
+{
+  switch (opt) {
+  case NBD_OPT_EXPORT_NAME: {
+    unsigned char b[10 + 124] = { 0 };
+    char name[NBD_MAX_NAME + 1];
+    struct nbd_export *e;
+    if (len > NBD_MAX_NAME || memchr (d, 0, len))
+      return -1;
+    if (len)
+      memcpy (name, d, len);
+    name[len] = 0;
+    e = find_export (c->srv, name);
+    if (!e)
+      return -1;  /* this option has no way to say no */
+    put64 (b, e->size);
+    put16 (b + 8, e->tflags);
+    if (!write_full (c->fd, b, c->no_zeroes ? 10 : sizeof b))
+      return -1;
+    c->exp = e;
+    if (!c->ctx_export || strcmp (c->ctx_export, name) != 0)
+      c->ctx_base = c->ctx_depth = false;
+    return 1;
+  }
+  case NBD_OPT_ABORT:
+    opt_reply (c, opt, NBD_REP_ACK, NULL, 0);
+    return -1;
+  case NBD_OPT_LIST:
+    if (len)
+      return opt_error (c, opt, NBD_REP_ERR_INVALID, "unexpected data") ? 0
+                                                                        : -1;
+    return opt_list (c) ? 0 : -1;
+  case NBD_OPT_INFO:
+  case NBD_OPT_GO:
+    return opt_info_go (c, opt, d, len);
+  case NBD_OPT_STRUCTURED_REPLY:
+    if (len)
+      return opt_error (c, opt, NBD_REP_ERR_INVALID, "unexpected data") ? 0
+                                                                        : -1;
+    c->structured = true;
+    return opt_reply (c, opt, NBD_REP_ACK, NULL, 0) ? 0 : -1;
+  case NBD_OPT_LIST_META_CONTEXT:
+  case NBD_OPT_SET_META_CONTEXT:
+    return opt_meta_context (c, opt, d, len);
+  default:
+    return opt_error (c, opt, NBD_REP_ERR_UNSUP, "option not supported")
+               ? 0 : -1;
+  }
+}
+
+/* True once the client has chosen an export. */
+static bool
+handshake (struct conn *c)
+{
+  unsigned char b[18];
+  uint32_t cflags;
+  unsigned char *data;
+
+  put64 (b, NBD_MAGIC);
+  put64 (b + 8, NBD_IHAVEOPT);
+  put16 (b + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+  if (!write_full (c->fd, b, 18) || !read_full (c->fd, b, 4,
+                                                NBD_HANDSHAKE_MS))
+    return false;
+  cflags = get32 (b);
+  if (!(cflags & NBD_FLAG_C_FIXED_NEWSTYLE)
+      || (cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)))
+    return false;
+  c->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
+
+  data = malloc (NBD_MAX_OPTION);
+  if (!data)
+    return false;
+  for (unsigned n = 0; n < 1024; n++) {  /* bound the option count too */
+    uint32_t opt, len;
+    int r;
+    if (!read_full (c->fd, b, 16, NBD_HANDSHAKE_MS)
+        || get64 (b) != NBD_IHAVEOPT)
+      break;
+    opt = get32 (b + 8);
+    len = get32 (b + 12);
+    if (len > NBD_MAX_OPTION) {
+      if (len > NBD_MAX_OPTION_SKIP || opt == NBD_OPT_EXPORT_NAME
+          || !skip_bytes (c->fd, len, NBD_HANDSHAKE_MS)
+          || !opt_error (c, opt, NBD_REP_ERR_TOO_BIG, "option too long"))
+        break;
+      continue;
+    }
+    if (!read_full (c->fd, data, len, NBD_HANDSHAKE_MS))
+      break;
+    r = handle_option (c, opt, data, len);
+    if (r) {
+      free (data);
+      return r > 0;
+    }
+  }
+  free (data);
+  return false;
+}
+
+/* ---- replies and the budget ---- */
+
+static struct reply *
+reply_new (size_t len)
+{
+  struct reply *r = malloc (sizeof *r + len);
+  if (r) {
+    r->next = NULL;
+    r->len = len;
+    r->cost = 0;
+  }
+  return r;
+}
+
+/* Queue R (or, when R is NULL because allocation failed, drop the
+ * connection) and hand the job's budget to the writer. */
+static void
+queue_reply (struct conn *c, struct reply *r, uint64_t cost)
+{
+  pthread_mutex_lock (&c->lock);
+  if (!r) {
+    c->dead = true;
+    shutdown (c->fd, SHUT_RDWR);
+    c->inflight--;
+    c->queued -= cost;
+  }
+  else {
+    r->cost = cost;
+    if (c->tail)
+      c->tail->next = r;
+    else
+      c->head = r;
+    c->tail = r;
+  }
+  pthread_cond_broadcast (&c->cond);
+  pthread_mutex_unlock (&c->lock);
+}
+
+static void *
+writer_thread (void *arg)
+{
+  struct conn *c = arg;
+
+  pthread_mutex_lock (&c->lock);
+  for (;;) {
+    struct reply *r = c->head;
+    if (!r) {
+      if (c->quit)
+        break;
+      pthread_cond_wait (&c->cond, &c->lock);
+      continue;
+    }
+    c->head = r->next;
+    if (!c->head)
+      c->tail = NULL;
+    if (!c->dead) {
+      bool ok;
+      pthread_mutex_unlock (&c->lock);
+      ok = write_full (c->fd, r->data, r->len);
+      pthread_mutex_lock (&c->lock);
+      if (!ok) {
+        c->dead = true;
+        shutdown (c->fd, SHUT_RDWR);  /* wakes the reader */
+      }
+    }
+    c->inflight--;
+    c->queued -= r->cost;
+    free (r);
+    pthread_cond_broadcast (&c->cond);
+  }
+  pthread_mutex_unlock (&c->lock);
+  return NULL;
+}
+
+static uint32_t
+nbd_errno (int err)
+{
+  switch (err) {
+  case 0: return 0;
+  case EPERM: case EROFS: return NBD_EPERM;
+  case ENOMEM: return NBD_ENOMEM;
+  case EINVAL: return NBD_EINVAL;
+  case ENOSPC: case EFBIG: case EDQUOT: return NBD_ENOSPC;
+  case EOVERFLOW: return NBD_EOVERFLOW;
+  case ENOTSUP: return NBD_ENOTSUP;
+  case ESHUTDOWN: return NBD_ESHUTDOWN;
+  default: return NBD_EIO;
+  }
+}
+
+static struct reply *
+simple_reply (uint64_t cookie, int err, size_t data_len)
+{
+  struct reply *r = reply_new (16 + data_len);
+  if (r) {
+    put32 (r->data, NBD_SIMPLE_REPLY_MAGIC);
+    put32 (r->data + 4, nbd_errno (err));
+    put64 (r->data + 8, cookie);
+  }
+  return r;
+}
+
+static void
+chunk_header (unsigned char *p, uint16_t flags, uint16_t type,
+              uint64_t cookie, uint32_t len)
+{
+  put32 (p, NBD_STRUCTURED_REPLY_MAGIC);
+  put16 (p + 4, flags);
+  put16 (p + 6, type);
+  put64 (p + 8, cookie);
+  put32 (p + 16, len);
+}
+
+static struct reply *
+error_reply (struct conn *c, const struct job *j, int err)
+{
+  struct reply *r;
+  bool chunked = c->structured && (j->type == NBD_CMD_READ
+                                   || j->type == NBD_CMD_BLOCK_STATUS);
+  if (!chunked)
+    return simple_reply (j->cookie, err, 0);
+  r = reply_new (20 + 6);
+  if (r) {
+    chunk_header (r->data, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
+                  j->cookie, 6);
+    put32 (r->data + 20, nbd_errno (err));
+    put16 (r->data + 24, 0);
+  }
+  return r;
+}
+
+/* ---- commands (worker threads) ---- */
+
+/* Extents of [OFFSET, OFFSET+LEN) into EXT[], at most MAX; returns how
+ * many, or a negative errno.  They may cover less than LEN. */
+static int
+get_extents (strata_node *node, uint64_t offset, uint64_t len,
+             struct strata_extent *ext, int max)
+{
+  int n = 0;
+  while (len > 0 && n < max) {
+    int r = strata_block_status (node, offset, len, &ext[n], 0);
+    if (r < 0)
+      return r;
+    if (ext[n].length == 0 || ext[n].length > len)
+      return -EIO;
+    offset += ext[n].length;
+    len -= ext[n].length;
+    n++;
+  }
+  return n;
+}
+
+static struct reply *
+do_read (struct conn *c, struct job *j)
+{
+  strata_node *node = c->exp->node;
+  struct strata_extent *ext;
+  struct reply *r;
+  uint64_t off = j->offset;
+  unsigned char *p;
+  int n, err;
+
+  if (!c->structured) {
+    r = simple_reply (j->cookie, 0, j->len);
+    if (!r)
+      return NULL;
+    err = strata_pread (node, r->data + 16, j->len, j->offset, 0);
+    if (err < 0) {
+      free (r);
+      return simple_reply (j->cookie, -err, 0);
+    }
+    return r;
+  }
+
+  /* Structured: a hole chunk per zero extent, a data chunk per other
+   * extent, the last one flagged DONE.  Past NBD_MAX_EXTENTS the rest is
+   * one data chunk. */
+  ext = malloc (sizeof *ext * (NBD_MAX_EXTENTS + 1));
+  if (!ext)
+    return NULL;
+  n = get_extents (node, j->offset, j->len, ext, NBD_MAX_EXTENTS);
+  if (n < 0) {
+    free (ext);
+    return error_reply (c, j, -n);
+  }
+  {
+    uint64_t covered = 0;
+    for (int i = 0; i < n; i++)
+      covered += ext[i].length;
+    if (covered < j->len)
+      ext[n++] = (struct strata_extent){ .length = j->len - covered };
+  }
+  r = reply_new ((size_t) j->len + (size_t) n * 32);
+  if (!r) {
+    free (ext);
+    return NULL;
+  }
+  p = r->data;
+  for (int i = 0; i < n; i++) {
+    uint64_t l = ext[i].length;
+    uint16_t done = i == n - 1 ? NBD_REPLY_FLAG_DONE : 0;
+    if (ext[i].flags & STRATA_BS_ZERO) {
+      chunk_header (p, done, NBD_REPLY_TYPE_OFFSET_HOLE, j->cookie, 12);
+      put64 (p + 20, off);
+      put32 (p + 28, (uint32_t) l);
+      p += 32;
+    }
+    else {
+      chunk_header (p, done, NBD_REPLY_TYPE_OFFSET_DATA, j->cookie,
+                    (uint32_t) (8 + l));
+      put64 (p + 20, off);
+      err = strata_pread (node, p + 28, l, off, 0);
+      if (err < 0) {
+        free (r);
+        free (ext);
+        return error_reply (c, j, -err);
+      }
+      p += 28 + l;
+    }
+    off += l;
+  }
+  free (ext);
+  r->len = (size_t) (p - r->data);
+  return r;
+}
+
+static uint32_t
+depth_value (const struct strata_extent *e)
+{
+  return (e->flags & STRATA_BS_ALLOCATED) ? (uint32_t) e->depth + 1 : 0;
+}
+
+static uint32_t
+base_value (const struct strata_extent *e)
+{
+  return ((e->flags & STRATA_BS_DATA) ? 0 : NBD_STATE_HOLE)
+         | ((e->flags & STRATA_BS_ZERO) ? NBD_STATE_ZERO : 0);
+}
+
+/* One BLOCK_STATUS chunk for context ID, merging neighbours with equal
+ * values; appended at P.  Returns the bytes written. */
+static size_t
+status_chunk (unsigned char *p, uint64_t cookie, uint32_t id,
+              const struct strata_extent *ext, int n, bool done,
+              uint32_t (*value) (const struct strata_extent *))
+{
+  unsigned char *d = p + 24;
+  int nd = 0;
+  for (int i = 0; i < n; i++) {
+    uint32_t v = value (&ext[i]);
+    if (nd > 0 && get32 (d - 4) == v) {
+      put32 (d - 8, get32 (d - 8) + (uint32_t) ext[i].length);
+      continue;
+    }
+    put32 (d, (uint32_t) ext[i].length);
+    put32 (d + 4, v);
+    d += 8;
+    nd++;
+  }
+  chunk_header (p, done ? NBD_REPLY_FLAG_DONE : 0,
+                NBD_REPLY_TYPE_BLOCK_STATUS, cookie,
+                (uint32_t) (4 + 8 * nd));
+  put32 (p + 20, id);
+  return (size_t) (d - p);
+}
+
+static struct reply *
+do_block_status (struct conn *c, struct job *j)
+{
+  struct strata_extent *ext;
+  struct reply *r;
+  int max = (j->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_MAX_EXTENTS;
+  int n;
+  size_t len = 0;
+
+  ext = malloc (sizeof *ext * NBD_MAX_EXTENTS);
+  if (!ext)
+    return NULL;
+  n = get_extents (c->exp->node, j->offset, j->len, ext, max);
+  if (n <= 0) {
+    free (ext);
+    return error_reply (c, j, n < 0 ? -n : EIO);
+  }
+  r = reply_new (2 * (24 + (size_t) n * 8));
+  if (r) {
+    if (c->ctx_base)
+      len += status_chunk (r->data, j->cookie, CTX_BASE_ALLOCATION, ext, n,
+                           !c->ctx_depth, base_value);
+    if (c->ctx_depth)
+      len += status_chunk (r->data + len, j->cookie, CTX_ALLOCATION_DEPTH,
+                           ext, n, true, depth_value);
+    r->len = len;
+  }
+  free (ext);
+  return r;
+}
+
+/* FAST_ZERO: fast only when there is nothing to do. */
+static int
+fast_zero (strata_node *node, uint64_t offset, uint64_t len)
+{
+  while (len > 0) {
+    struct strata_extent e;
+    int r = strata_block_status (node, offset, len, &e, 0);
+    if (r < 0)
+      return r;
+    if (!(e.flags & STRATA_BS_ZERO) || e.length == 0 || e.length > len)
+      return -ENOTSUP;
+    offset += e.length;
+    len -= e.length;
+  }
+  return 0;
+}
+
+static struct reply *
+run_job (struct conn *c, struct job *j)
+{
+  struct nbd_export *e = c->exp;
+  unsigned fua = ((j->flags & NBD_CMD_FLAG_FUA) || e->flags.writethrough)
+                     ? STRATA_REQ_FUA : 0;
+  int r = 0;
+
+  switch (j->type) {
+  case NBD_CMD_READ:
+    return do_read (c, j);
+  case NBD_CMD_BLOCK_STATUS:
+    return do_block_status (c, j);
+  case NBD_CMD_WRITE:
+    r = strata_pwrite (e->node, j->payload, j->len, j->offset, fua);
+    break;
+  case NBD_CMD_FLUSH:
+    r = strata_flush (e->node, 0);
+    break;
+  case NBD_CMD_TRIM:
+    if (e->flags.discard)
+      r = strata_pdiscard (e->node, j->offset, j->len, 0);
+    if (r == 0 && fua)
+      r = strata_flush (e->node, 0);
+    break;
+  case NBD_CMD_WRITE_ZEROES:
+    if (j->flags & NBD_CMD_FLAG_FAST_ZERO)
+      r = fast_zero (e->node, j->offset, j->len);
+    else
+      r = strata_pwrite_zeroes (e->node, j->offset, j->len,
+                                fua | ((e->flags.discard
+                                        && !(j->flags
+                                             & NBD_CMD_FLAG_NO_HOLE))
+                                           ? STRATA_REQ_MAY_UNMAP : 0));
+    break;
+  case NBD_CMD_CACHE:
+    break;
+  default:
+    r = -EINVAL;
+  }
+  return simple_reply (j->cookie, r < 0 ? -r : 0, 0);
+}
+
+static void *
+worker_thread (void *arg)
+{
+  struct nbd_server *srv = arg;
+
+  pthread_mutex_lock (&srv->lock);
+  for (;;) {
+    struct job *j = srv->jobs;
+    struct reply *r;
+    if (!j) {
+      if (srv->pool_quit)
+        break;
+      pthread_cond_wait (&srv->job_cond, &srv->lock);
+      continue;
+    }
+    srv->jobs = j->next;
+    if (!srv->jobs)
+      srv->jobs_tail = NULL;
+    pthread_mutex_unlock (&srv->lock);
+    r = run_job (j->conn, j);
+    queue_reply (j->conn, r, j->cost);
+    free (j->payload);
+    free (j);
+    pthread_mutex_lock (&srv->lock);
+  }
+  pthread_mutex_unlock (&srv->lock);
+  return NULL;
+}
+
+static void
+submit (struct nbd_server *srv, struct job *j)
+{
+  pthread_mutex_lock (&srv->lock);
+  j->next = NULL;
+  if (srv->jobs_tail)
+    srv->jobs_tail->next = j;
+  else
+    srv->jobs = j;
+  srv->jobs_tail = j;
+  pthread_cond_signal (&srv->job_cond);
+  pthread_mutex_unlock (&srv->lock);
+}
+
+/* ---- transmission (reader thread) ---- */
+
+/* Wait until COST more bytes fit in the connection's budget, then take
+ * them (and one request slot). */
+static void
+budget_take (struct conn *c, uint64_t cost)
+{
+  pthread_mutex_lock (&c->lock);
+  while (c->inflight >= NBD_MAX_INFLIGHT
+         || (c->inflight > 0 && c->queued + cost > NBD_MAX_QUEUED))
+    pthread_cond_wait (&c->cond, &c->lock);
+  c->inflight++;
+  c->queued += cost;
+  pthread_mutex_unlock (&c->lock);
+}
+
+/* The errno a request fails with before it runs, or 0. */
+static int
+check_request (struct conn *c, uint16_t flags, uint16_t type,
+               uint64_t offset, uint32_t len)
+{
+  struct nbd_export *e = c->exp;
+  uint16_t allowed = NBD_CMD_FLAG_FUA;
+  bool ranged = true, write = false;
+  uint64_t end;
+
+  switch (type) {
+  case NBD_CMD_READ:
+    if (len > NBD_MAX_BLOCK)
+      return c->structured ? EOVERFLOW : EINVAL;
+    break;
+  case NBD_CMD_WRITE:
+    write = true;
+    if (len > NBD_MAX_BLOCK)
+      return EINVAL;
+    break;
+  case NBD_CMD_WRITE_ZEROES:
+    write = true;
+    allowed |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+    break;
+  case NBD_CMD_TRIM:
+    write = true;
+    break;
+  case NBD_CMD_CACHE:
+    break;
+  case NBD_CMD_FLUSH:
+    ranged = false;
+    if (offset || len)
+      return EINVAL;
+    break;
+  case NBD_CMD_BLOCK_STATUS:
+    allowed |= NBD_CMD_FLAG_REQ_ONE;
+    if (!c->ctx_base && !c->ctx_depth)
+      return EINVAL;
+    break;
+  default:
+    return EINVAL;
+  }
+  if (flags & ~allowed)
+    return EINVAL;
+  if (write && !e->flags.writable)
+    return EPERM;
+  if (ranged) {
+    if (len == 0)
+      return EINVAL;
+    if (!checked_add_u64 (offset, len, &end) || end > e->size)
+      return (type == NBD_CMD_WRITE || type == NBD_CMD_WRITE_ZEROES)
+                 ? ENOSPC : EINVAL;
+  }
+  return 0;
+}
+
+static void
+transmission (struct conn *c)
+{
+  unsigned char h[28];
+
+  while (read_full (c->fd, h, 28, -1) && get32 (h) == NBD_REQUEST_MAGIC) {
+    uint16_t flags = get16 (h + 4), type = get16 (h + 6);
+    uint64_t cookie = get64 (h + 8), offset = get64 (h + 16);
+    uint32_t len = get32 (h + 24);
+    int err;
+    struct job *j;
+    uint64_t cost;
+
+    if (type == NBD_CMD_DISC)
+      return;
+    err = check_request (c, flags, type, offset, len);
+    if (type == NBD_CMD_WRITE && (err || len > NBD_MAX_BLOCK)) {
+      /* Stay in step: the payload follows the header regardless. */
+      if (!skip_bytes (c->fd, len, NBD_PAYLOAD_MS))
+        return;
+    }
+    cost = 32;
+    if (!err && (type == NBD_CMD_READ || type == NBD_CMD_WRITE))
+      cost += len;
+    if (!err && type == NBD_CMD_READ && c->structured)
+      cost += (uint64_t) NBD_MAX_EXTENTS * 32;
+    budget_take (c, cost);
+    j = calloc (1, sizeof *j);
+    if (!j) {
+      queue_reply (c, NULL, cost);
+      return;
+    }
+    *j = (struct job){ .conn = c, .cookie = cookie, .offset = offset,
+                       .len = len, .flags = flags, .type = type,
+                       .cost = cost };
+    if (err) {
+      queue_reply (c, error_reply (c, j, err), cost);
+      free (j);
+      continue;
+    }
+    if (type == NBD_CMD_WRITE) {
+      j->payload = malloc (len);
+      if (!j->payload || !read_full (c->fd, j->payload, len,
+                                     NBD_PAYLOAD_MS)) {
+        queue_reply (c, NULL, cost);  /* drops the connection */
+        free (j->payload);
+        free (j);
+        return;
+      }
+    }
+    submit (c->srv, j);
+  }
+}
+
+/* ---- connections ---- */
+
+static void
+conn_run (struct nbd_server *srv, int fd)
+{
+  struct conn *c = calloc (1, sizeof *c);
+  int one = 1;
+
+  if (!c) {
+    close (fd);
+    return;
+  }
+  c->srv = srv;
+  c->fd = fd;
+  pthread_mutex_init (&c->lock, NULL);
+  pthread_cond_init (&c->cond, NULL);
+  setsockopt (fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+
+  pthread_mutex_lock (&srv->lock);
+  c->next = srv->conns;
+  srv->conns = c;
+  bool stopping = srv->stopping;
+  pthread_mutex_unlock (&srv->lock);
+
+  if (!stopping && handshake (c)
+      && pthread_create (&c->writer, NULL, writer_thread, c) == 0) {
+    transmission (c);
+    pthread_mutex_lock (&c->lock);
+    while (c->inflight > 0)
+      pthread_cond_wait (&c->cond, &c->lock);
+    c->quit = true;
+    pthread_cond_broadcast (&c->cond);
+    pthread_mutex_unlock (&c->lock);
+    pthread_join (c->writer, NULL);
+  }
+
+  pthread_mutex_lock (&srv->lock);
+  for (struct conn **pp = &srv->conns; *pp; pp = &(*pp)->next)
+    if (*pp == c) {
+      *pp = c->next;
+      break;
+    }
+  pthread_mutex_unlock (&srv->lock);
+  close (fd);
+  free (c->ctx_export);
+  pthread_cond_destroy (&c->cond);
+  pthread_mutex_destroy (&c->lock);
+  free (c);
+}
+
+struct conn_arg {
+  struct nbd_server *srv;
+  int fd;
+};
+
+static void
+wake (struct nbd_server *srv)
+{
+  char b = 0;
+  if (write (srv->wake[1], &b, 1) < 0) {
+    /* The pipe is full: the loop is awake anyway. */
+  }
+}
+
+static void *
+conn_thread (void *arg)
+{
+  struct conn_arg a = *(struct conn_arg *) arg;
+  free (arg);
+  conn_run (a.srv, a.fd);
+  pthread_mutex_lock (&a.srv->lock);
+  a.srv->active--;
+  pthread_cond_broadcast (&a.srv->cond);
+  pthread_mutex_unlock (&a.srv->lock);
+  wake (a.srv);
+  return NULL;
+}
+
+void
+nbd_server_serve_fd (struct nbd_server *srv, int fd)
+{
+  conn_run (srv, fd);
+}
+
+/* ---- the server ---- */
+
+struct nbd_server *
+nbd_server_new (void)
+{
+  struct nbd_server *srv = calloc (1, sizeof *srv);
+  if (!srv)
+    return NULL;
+  if (pipe2 (srv->wake, O_CLOEXEC | O_NONBLOCK) < 0) {
+    free (srv);
+    return NULL;
+  }
+  pthread_mutex_init (&srv->lock, NULL);
+  pthread_cond_init (&srv->cond, NULL);
+  pthread_cond_init (&srv->job_cond, NULL);
+  srv->max_clients = 1;
+  srv->persistent = true;
+  for (size_t i = 0; i < NBD_WORKERS; i++)
+    if (pthread_create (&srv->workers[srv->nr_workers], NULL, worker_thread,
+                        srv) == 0)
+      srv->nr_workers++;
+  if (srv->nr_workers == 0) {
+    nbd_server_free (srv);
+    return NULL;
+  }
+  return srv;
+}
+
+bool
+nbd_server_add_export (struct nbd_server *srv, const char *name,
+                       const char *description, strata_node *node,
+                       const struct nbd_export_flags *flags,
+                       strata_error **errp)
+{
+  struct nbd_export *e, *v;
+  int64_t size = strata_length (node);
+
+  if (strlen (name) > NBD_MAX_NAME) {
+    error_set (errp, EINVAL, "export name longer than %d bytes",
+               NBD_MAX_NAME);
+    return false;
+  }
+  if (description && strlen (description) > NBD_MAX_NAME) {
+    error_set (errp, EINVAL, "export description longer than %d bytes",
+               NBD_MAX_NAME);
+    return false;
+  }
+  if (find_export (srv, name)) {
+    error_set (errp, EEXIST, "export '%s' already exists", name);
+    return false;
+  }
+  if (size < 0) {
+    error_set_errno (errp, (int) -size, "export '%s': cannot get its size",
+                     name);
+    return false;
+  }
+  v = realloc (srv->exports, (srv->nr_exports + 1) * sizeof *v);
+  if (!v) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  srv->exports = v;
+  e = &v[srv->nr_exports];
+  *e = (struct nbd_export){ .node = node, .flags = *flags,
+                            .size = (uint64_t) size };
+  e->name = strdup (name);
+  e->description = description ? strdup (description) : NULL;
+  if (!e->name || (description && !e->description)) {
+    free (e->name);
+    free (e->description);
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  e->tflags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA
+              | NBD_FLAG_SEND_CACHE;
+  if (flags->writable)
+    e->tflags |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES
+                 | NBD_FLAG_SEND_FAST_ZERO;
+  else
+    e->tflags |= NBD_FLAG_READ_ONLY;
+  if (!flags->writable || flags->multi_conn)
+    e->tflags |= NBD_FLAG_CAN_MULTI_CONN;
+  srv->nr_exports++;
+  return true;
+}
+
+void
+nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
+                       bool persistent)
+{
+  srv->max_clients = max_clients ? max_clients : 1;
+  srv->persistent = persistent;
+}
+
+static bool
+add_listen_fd (struct nbd_server *srv, int fd, strata_error **errp)
+{
+  if (srv->nr_listen >= NBD_MAX_LISTEN) {
+    close (fd);
+    error_set (errp, EMFILE, "too many listening sockets");
+    return false;
+  }
+  srv->listen_fds[srv->nr_listen++] = fd;
+  return true;
+}
+
+bool
+nbd_server_listen_unix (struct nbd_server *srv, const char *path,
+                        strata_error **errp)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  struct stat st;
+  int fd;
+
+  if (strlen (path) >= sizeof sun.sun_path) {
+    error_set (errp, ENAMETOOLONG, "%s: socket path too long", path);
+    return false;
+  }
+  strcpy (sun.sun_path, path);
+  if (lstat (path, &st) == 0 && S_ISSOCK (st.st_mode))
+    unlink (path);
+  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    error_set_errno (errp, errno, "socket");
+    return false;
+  }
+  if (bind (fd, (struct sockaddr *) &sun, sizeof sun) < 0
+      || listen (fd, 16) < 0) {
+    error_set_errno (errp, errno, "%s", path);
+    close (fd);
+    return false;
+  }
+  return add_listen_fd (srv, fd, errp);
+}
+
+bool
+nbd_server_listen_tcp (struct nbd_server *srv, const char *host,
+                       const char *port, strata_error **errp)
+{
+  struct addrinfo hints = { .ai_family = AF_UNSPEC,
+                            .ai_socktype = SOCK_STREAM,
+                            .ai_flags = AI_PASSIVE | AI_ADDRCONFIG };
+  struct addrinfo *res, *a;
+  int r, bound = 0, err = 0;
+
+  r = getaddrinfo (host, port, &hints, &res);
+  if (r != 0) {
+    error_set (errp, EINVAL, "%s:%s: %s", host ? host : "", port,
+               gai_strerror (r));
+    return false;
+  }
+  for (a = res; a; a = a->ai_next) {
+    int one = 1, fd;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    fd = socket (a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) {
+      err = errno;
+      continue;
+    }
+    setsockopt (fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (a->ai_family == AF_INET6)
+      setsockopt (fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    if (bind (fd, a->ai_addr, a->ai_addrlen) < 0 || listen (fd, 16) < 0) {
+      err = errno;
+      close (fd);
+      continue;
+    }
+    if (getsockname (fd, (struct sockaddr *) &ss, &sl) == 0)
+      srv->tcp_port = ntohs (ss.ss_family == AF_INET6
+                                 ? ((struct sockaddr_in6 *) &ss)->sin6_port
+                                 : ((struct sockaddr_in *) &ss)->sin_port);
+    if (!add_listen_fd (srv, fd, errp)) {
+      freeaddrinfo (res);
+      return false;
+    }
+    bound++;
+    /* Port 0: every address family must use the port the first got. */
+    if (strcmp (port, "0") == 0)
+      break;
+  }
+  freeaddrinfo (res);
+  if (!bound) {
+    error_set_errno (errp, err ? err : EADDRNOTAVAIL, "%s:%s",
+                     host ? host : "", port);
+    return false;
+  }
+  return true;
+}
+
+int
+nbd_server_tcp_port (struct nbd_server *srv)
+{
+  return srv->tcp_port;
+}
+
+static void
+accept_one (struct nbd_server *srv, int lfd)
+{
+  struct conn_arg *a;
+  pthread_t t;
+  pthread_attr_t attr;
+  int fd = accept4 (lfd, NULL, NULL, SOCK_CLOEXEC);
+
+  if (fd < 0)
+    return;
+  a = malloc (sizeof *a);
+  if (!a) {
+    close (fd);
+    return;
+  }
+  a->srv = srv;
+  a->fd = fd;
+  pthread_mutex_lock (&srv->lock);
+  srv->active++;
+  srv->had_client = true;
+  pthread_mutex_unlock (&srv->lock);
+  pthread_attr_init (&attr);
+  pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+  if (pthread_create (&t, &attr, conn_thread, a) != 0) {
+    free (a);
+    close (fd);
+    pthread_mutex_lock (&srv->lock);
+    srv->active--;
+    pthread_mutex_unlock (&srv->lock);
+  }
+  pthread_attr_destroy (&attr);
+}
+
+void
+nbd_server_run (struct nbd_server *srv)
+{
+  for (;;) {
+    struct pollfd pfd[NBD_MAX_LISTEN + 1];
+    size_t n = 0;
+    bool full;
+    char b[64];
+
+    pthread_mutex_lock (&srv->lock);
+    if (srv->stopping
+        || (!srv->persistent && srv->had_client && srv->active == 0)) {
+      pthread_mutex_unlock (&srv->lock);
+      break;
+    }
+    full = srv->active >= srv->max_clients;
+    pthread_mutex_unlock (&srv->lock);
+
+    pfd[n++] = (struct pollfd){ .fd = srv->wake[0], .events = POLLIN };
+    for (size_t i = 0; !full && i < srv->nr_listen; i++)
+      pfd[n++] = (struct pollfd){ .fd = srv->listen_fds[i],
+                                  .events = POLLIN };
+    if (poll (pfd, n, -1) < 0)
+      continue;
+    while (read (srv->wake[0], b, sizeof b) > 0)
+      ;
+    for (size_t i = 1; i < n; i++)
+      if (pfd[i].revents & POLLIN)
+        accept_one (srv, pfd[i].fd);
+  }
+
+  /* Disconnect whoever is left and wait for them. */
+  pthread_mutex_lock (&srv->lock);
+  for (struct conn *c = srv->conns; c; c = c->next)
+    shutdown (c->fd, SHUT_RDWR);
+  while (srv->active > 0)
+    pthread_cond_wait (&srv->cond, &srv->lock);
+  pthread_mutex_unlock (&srv->lock);
+}
+
+void
+nbd_server_stop (struct nbd_server *srv)
+{
+  pthread_mutex_lock (&srv->lock);
+  srv->stopping = true;
+  for (struct conn *c = srv->conns; c; c = c->next)
+    shutdown (c->fd, SHUT_RDWR);
+  pthread_mutex_unlock (&srv->lock);
+  wake (srv);
+}
+
+void
+nbd_server_free (struct nbd_server *srv)
+{
+  if (!srv)
+    return;
+  pthread_mutex_lock (&srv->lock);
+  srv->pool_quit = true;
+  pthread_cond_broadcast (&srv->job_cond);
+  pthread_mutex_unlock (&srv->lock);
+  for (size_t i = 0; i < srv->nr_workers; i++)
+    pthread_join (srv->workers[i], NULL);
+  for (size_t i = 0; i < srv->nr_listen; i++)
+    close (srv->listen_fds[i]);
+  for (size_t i = 0; i < srv->nr_exports; i++) {
+    free (srv->exports[i].name);
+    free (srv->exports[i].description);
+  }
+  free (srv->exports);
+  close (srv->wake[0]);
+  close (srv->wake[1]);
+  pthread_cond_destroy (&srv->job_cond);
+  pthread_cond_destroy (&srv->cond);
+  pthread_mutex_destroy (&srv->lock);
+  free (srv);
+}

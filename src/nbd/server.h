@@ -1,0 +1,69 @@
+/* strata: the NBD server module, shared by strata-nbd and stratad.
+ *
+ * Threads, not callbacks: each connection has a reader thread (handshake,
+ * then requests) and a writer thread (sends queued replies); a worker pool
+ * shared by all connections runs the requests, so a connection can have
+ * many requests in flight and replies may leave out of order.  A
+ * connection's in-flight requests and queued reply bytes are bounded, so a
+ * client that never reads its replies stalls only itself.
+ */
+#ifndef STRATA_NBD_SERVER_H
+#define STRATA_NBD_SERVER_H
+
+#include <stdbool.h>
+#include <strata/strata.h>
+
+struct nbd_server;
+
+struct nbd_export_flags {
+  bool writable;          /* else the export is read-only */
+  bool allocation_depth;  /* offer the qemu:allocation-depth context */
+  bool multi_conn;        /* advertise CAN_MULTI_CONN for a writable export:
+                           * every connection shares NODE and a flush is
+                           * global to it.  Read-only exports always do. */
+  bool discard;           /* TRIM and WRITE_ZEROES may unmap; else TRIM is
+                           * a successful no-op (qemu-nbd --discard=ignore) */
+  bool writethrough;      /* every write is FUA (cache=writethrough) */
+};
+
+/* A server with no exports and its worker pool.  Freed by
+ * nbd_server_free(). */
+struct nbd_server *nbd_server_new (void);
+
+/* Export NODE (borrowed: it must outlive the server) as NAME.
+ * DESCRIPTION may be NULL. */
+bool nbd_server_add_export (struct nbd_server *srv, const char *name,
+                            const char *description, strata_node *node,
+                            const struct nbd_export_flags *flags,
+                            strata_error **errp);
+
+/* How many clients may be connected at once (further ones wait in the
+ * listen backlog), and whether nbd_server_run() returns once the last
+ * client has gone (PERSISTENT false, like qemu-nbd without -t). */
+void nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
+                            bool persistent);
+
+bool nbd_server_listen_unix (struct nbd_server *srv, const char *path,
+                             strata_error **errp);
+/* HOST may be NULL (all addresses); PORT "0" picks a free port, which
+ * nbd_server_tcp_port() then reports. */
+bool nbd_server_listen_tcp (struct nbd_server *srv, const char *host,
+                            const char *port, strata_error **errp);
+int nbd_server_tcp_port (struct nbd_server *srv);
+
+/* Serve one connection on FD (a connected socket, which this closes) in
+ * the calling thread; returns when the client has gone. */
+void nbd_server_serve_fd (struct nbd_server *srv, int fd);
+
+/* Accept clients until nbd_server_stop(), or until the last client has
+ * gone when the server is not persistent.  Returns after every
+ * connection has ended. */
+void nbd_server_run (struct nbd_server *srv);
+
+/* Safe from any thread (not from a signal handler): stop accepting and
+ * disconnect every client. */
+void nbd_server_stop (struct nbd_server *srv);
+
+void nbd_server_free (struct nbd_server *srv);
+
+#endif

@@ -1,0 +1,397 @@
+"""strata-nbd against libnbd's, QEMU's and fio's NBD clients.
+
+Servers listen on unix sockets in tmp_path and are stopped by PID.  The
+image is a 3-deep qcow2 chain built with qemu-img/qemu-io; what clients
+read through strata-nbd must equal the image, what they write must be in
+the image afterwards, and the protocol's error cases must fail with the
+errno proto.md names.
+"""
+import errno
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import binary, need, run
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def chain(tmp_path, qemu_img, qemu_io):
+    """base <- mid <- top, with data at every depth, a zero cluster in mid
+    and unallocated space."""
+    base, mid, top = (tmp_path / n for n in ("base.qcow2", "mid.qcow2",
+                                              "top.qcow2"))
+    run(qemu_img, "create", "-q", "-f", "qcow2", base, str(SIZE))
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 1 0 1M", base)
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base.name, "-F",
+        "qcow2", mid)
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 2 2M 1M",
+        "-c", "write -z 4M 64k", mid)
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", mid.name, "-F",
+        "qcow2", top)
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 3 512k 1M", top)
+    return top
+
+
+class Server:
+    def __init__(self, tmp_path, image, *args, fmt="qcow2"):
+        self.sock = str(tmp_path / f"nbd{time.monotonic_ns()}.sock")
+        self.proc = subprocess.Popen(
+            [binary("strata-nbd"), "-f", fmt, "-k", self.sock, *args,
+             str(image)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"strata-nbd did not start: "
+                                     f"{self.proc.stderr.read()}")
+            time.sleep(0.02)
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+
+    def wait(self, timeout=15):
+        """Wait for a non-persistent server to exit by itself."""
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, err
+        return err
+
+    def stop(self):
+        """SIGTERM: the server must disconnect everyone and exit 0 (and
+        cleanly under the sanitizers)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, 15)
+            try:
+                _, err = self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, 9)
+                self.proc.communicate()
+                raise AssertionError("strata-nbd ignored SIGTERM")
+            assert self.proc.returncode == 0, err
+            assert "Sanitizer" not in err, err
+
+
+@pytest.fixture
+def servers():
+    started = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def serve(servers, *args, **kw):
+    s = Server(*args, **kw)
+    servers.append(s)
+    return s
+
+
+def runs(ranges):
+    """Merge adjacent (start, length, value) into (start, end, value)."""
+    out = []
+    for start, length, value in sorted(ranges):
+        if out and out[-1][1] == start and out[-1][2] == value:
+            out[-1] = (out[-1][0], start + length, value)
+        else:
+            out.append((start, start + length, value))
+    return out
+
+
+def test_list_and_info(tmp_path, chain, servers):
+    nbdinfo = need("nbdinfo", "libnbd-bin")
+    s = serve(servers, tmp_path, chain, "-t", "-A", "-x", "disk",
+              "-D", "a 3-deep chain", "-e", "2")
+    out = run(nbdinfo, "--list", "--json", s.uri).stdout
+    info = json.loads(out)
+    (exp,) = info["exports"]
+    assert exp["export-name"] == "disk"
+    assert exp["description"] == "a 3-deep chain"
+    assert exp["export-size"] == SIZE
+    assert set(exp["contexts"]) == {"base:allocation",
+                                    "qemu:allocation-depth"}
+    assert exp["block_size_minimum"] == 1
+    assert exp["block_size_preferred"] == 4096
+    assert exp["block_size_maximum"] == 32 * MiB
+    assert exp["is_read_only"] is False
+    assert exp["can_multi_conn"] is True      # -e 2, one shared node
+    for flag in ("can_flush", "can_fua", "can_trim", "can_zero",
+                 "can_fast_zero", "can_cache"):
+        assert exp[flag] is True, flag
+
+
+def test_map_matches_strata_img(tmp_path, chain, servers):
+    nbdinfo = need("nbdinfo", "libnbd-bin")
+    ours = json.loads(run(binary("strata-img"), "map", "--output=json",
+                          chain).stdout)
+    s = serve(servers, tmp_path, chain, "-t", "-A", "-r", "-e", "2")
+    depth = json.loads(run(nbdinfo, "--map=qemu:allocation-depth", "--json",
+                           s.uri).stdout)
+    base = json.loads(run(nbdinfo, "--map", "--json", s.uri).stdout)
+
+    want_depth = runs((e["start"], e["length"],
+                       e["depth"] + 1 if e["present"] else 0) for e in ours)
+    got_depth = runs((e["offset"], e["length"], e["type"]) for e in depth)
+    assert got_depth == want_depth
+    # The chain really is 3 deep through the server.
+    assert {v for _, _, v in got_depth} == {0, 1, 2, 3}
+
+    want_base = runs((e["start"], e["length"],
+                      (0 if e["data"] else 1) | (2 if e["zero"] else 0))
+                     for e in ours)
+    got_base = runs((e["offset"], e["length"], e["type"]) for e in base)
+    assert got_base == want_base
+
+
+def test_nbdcopy_and_convert_equal_image(tmp_path, chain, servers, qemu_img):
+    nbdcopy = need("nbdcopy", "libnbd-bin")
+    s = serve(servers, tmp_path, chain, "-r", "-e", "2", "-t")
+    run(nbdcopy, s.uri, tmp_path / "copy.raw")
+    run(qemu_img, "convert", "-O", "raw", s.uri, tmp_path / "conv.raw")
+    s.stop()
+    run(qemu_img, "compare", "-f", "raw", "-F", "qcow2",
+        tmp_path / "copy.raw", chain)
+    run(qemu_img, "compare", "-f", "raw", "-F", "qcow2",
+        tmp_path / "conv.raw", chain)
+
+
+def test_qemu_io_writes_land_in_image(tmp_path, chain, servers, qemu_io,
+                                      strata_io):
+    s = serve(servers, tmp_path, chain, "--discard=unmap")
+    out = run(qemu_io, "-f", "raw", "-c", "write -P 0xab 4k 64k",
+              "-c", "write -f -P 0xcd 3M 8k", "-c", "write -z 600k 4k",
+              "-c", "flush", "-c", "read -P 0xab 4k 64k", s.uri).stdout
+    assert "failed" not in out
+    s.wait()   # no -t: exits when the client leaves
+    out = run(strata_io, "-f", "qcow2", "-r", "-c", "read -P 0xab 4k 64k",
+              "-c", "read -P 0xcd 3M 8k", "-c", "read -P 0 600k 4k",
+              "-c", "read -P 3 604k 4k", "-c", "read -P 1 0 4k",
+              chain).stdout
+    assert "failed" not in out and out.count("read ") == 5
+
+
+def test_fio_randrw_verify(tmp_path, chain, servers):
+    fio = need("fio", "fio")
+    s = serve(servers, tmp_path, chain, "-t")
+    out = run(fio, "--name=v", "--ioengine=nbd", f"--uri={s.uri}",
+              "--rw=randrw", "--bs=4k", "--size=4M", "--iodepth=16",
+              "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
+              "--output-format=json", timeout=120, cwd=tmp_path).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] > 0 and job["read"]["io_bytes"] > 0
+
+
+def test_shared_clients(tmp_path, chain, servers, qemu_io):
+    s = serve(servers, tmp_path, chain, "-e", "4", "-r", "-t")
+    procs = [subprocess.Popen([qemu_io, "-f", "raw", "-r",
+                               "-c", "read -P 3 512k 1M",
+                               "-c", "read -P 2 2M 1M", s.uri],
+                              stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 0 and "failed" not in out, out
+
+
+def test_read_only_refuses_writes(tmp_path, chain, servers, qemu_io):
+    s = serve(servers, tmp_path, chain, "-r", "-t")
+    # QEMU sees NBD_FLAG_READ_ONLY and refuses to open it for writing,
+    # as it does with qemu-nbd -r; the server's EPERM for a write that is
+    # sent anyway is checked in test_protocol_errors.
+    proc = run(qemu_io, "-f", "raw", "-c", "write -P 9 0 4k", s.uri,
+               check=False)
+    assert proc.returncode != 0
+    assert "Could not open image: Permission denied" in proc.stderr, proc
+    out = run(qemu_io, "-f", "raw", "-r", "-c", "read -P 1 0 4k",
+              s.uri).stdout
+    assert "failed" not in out
+
+
+def nbd_handle(uri, structured=True):
+    try:
+        import nbd
+    except ImportError:
+        pytest.fail("libnbd's Python module missing: install python3-libnbd")
+    h = nbd.NBD()
+    h.set_strict_mode(0)           # let bad requests reach the server
+    h.set_request_structured_replies(structured)
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    return nbd, h
+
+
+def expect_errno(nbd, fn, want):
+    with pytest.raises(nbd.Error) as e:
+        fn()
+    assert e.value.errnum == want, (e.value.string, e.value.errno)
+
+
+def test_protocol_errors(tmp_path, chain, servers):
+    s = serve(servers, tmp_path, chain, "-t", "-e", "2")
+    nbd, h = nbd_handle(s.uri)
+    expect_errno(nbd, lambda: h.pread(512, SIZE), errno.EINVAL)
+    expect_errno(nbd, lambda: h.pread(4096, SIZE - 512), errno.EINVAL)
+    expect_errno(nbd, lambda: h.pread(0, 0), errno.EINVAL)
+    expect_errno(nbd, lambda: h.pread(33 * MiB, 0), errno.EOVERFLOW)
+    expect_errno(nbd, lambda: h.pwrite(b"x" * 512, SIZE - 256),
+                 errno.ENOSPC)
+    expect_errno(nbd, lambda: h.pread(512, 0, nbd.CMD_FLAG_DF),
+                 errno.EINVAL)            # DF was not negotiated
+    expect_errno(nbd, lambda: h.pread(512, 0, 1 << 7), errno.EINVAL)
+    expect_errno(nbd, lambda: h.zero(4096, 512 * 1024,
+                                     nbd.CMD_FLAG_FAST_ZERO),
+                 errno.ENOTSUP)           # would have to write
+    h.zero(4096, 8 * MiB, nbd.CMD_FLAG_FAST_ZERO)   # already zero: fast
+    # The connection survived all of it.
+    assert h.pread(4096, 512 * 1024) == b"\3" * 4096
+    h.shutdown()
+
+    # Without structured replies a too-long read is EINVAL.
+    nbd, h = nbd_handle(s.uri, structured=False)
+    expect_errno(nbd, lambda: h.pread(33 * MiB, 0), errno.EINVAL)
+    assert h.pread(4096, 2 * MiB) == b"\2" * 4096
+    h.shutdown()
+    s.stop()
+
+    s2 = serve(servers, tmp_path, chain, "-t", "-r", fmt="qcow2")
+    nbd, h = nbd_handle(s2.uri)
+    expect_errno(nbd, lambda: h.pwrite(b"x" * 512, 0), errno.EPERM)
+    expect_errno(nbd, lambda: h.trim(4096, 0), errno.EPERM)
+    h.shutdown()
+
+
+# ---- raw-socket clients for what libnbd will not send
+
+
+def recvn(sk, n):
+    b = b""
+    while len(b) < n:
+        chunk = sk.recv(n - len(b))
+        if not chunk:
+            raise EOFError
+        b += chunk
+    return b
+
+
+def raw_connect(sock):
+    sk = socket.socket(socket.AF_UNIX)
+    sk.settimeout(10)
+    sk.connect(sock)
+    greeting = recvn(sk, 18)
+    assert greeting[:16] == b"NBDMAGICIHAVEOPT"
+    sk.sendall(struct.pack(">I", 3))   # FIXED_NEWSTYLE | NO_ZEROES
+    return sk
+
+
+def send_opt(sk, opt, data=b""):
+    sk.sendall(b"IHAVEOPT" + struct.pack(">II", opt, len(data)) + data)
+
+
+def recv_opt_reply(sk):
+    magic, opt, typ, length = struct.unpack(">QIII", recvn(sk, 20))
+    assert magic == 0x3e889045565a9
+    return opt, typ, recvn(sk, length)
+
+
+def raw_go(sk):
+    send_opt(sk, 7, struct.pack(">IH", 0, 0))
+    while True:
+        _, typ, _ = recv_opt_reply(sk)
+        if typ == 1:
+            return
+
+
+def test_option_edge_cases(tmp_path, chain, servers):
+    s = serve(servers, tmp_path, chain, "-t", "-A")
+    sk = raw_connect(s.sock)
+    # SET_META_CONTEXT before STRUCTURED_REPLY: NBD_REP_ERR_INVALID.
+    query = b"base:allocation"
+    send_opt(sk, 10, struct.pack(">I", 0) + struct.pack(">I", 1)
+             + struct.pack(">I", len(query)) + query)
+    assert recv_opt_reply(sk)[1] == 0x80000003
+    # Unknown option: NBD_REP_ERR_UNSUP.  Too long: NBD_REP_ERR_TOO_BIG.
+    send_opt(sk, 200, b"abc")
+    assert recv_opt_reply(sk)[1] == 0x80000001
+    send_opt(sk, 6, b"\0" * 100000)
+    assert recv_opt_reply(sk)[1] == 0x80000009
+    # Unknown export: NBD_REP_ERR_UNKNOWN; malformed GO: ERR_INVALID.
+    send_opt(sk, 7, struct.pack(">I", 4) + b"nope" + struct.pack(">H", 0))
+    assert recv_opt_reply(sk)[1] == 0x80000006
+    send_opt(sk, 7, struct.pack(">I", 400) + b"short")
+    assert recv_opt_reply(sk)[1] == 0x80000003
+    raw_go(sk)
+    # Unknown command: EINVAL in a simple reply.  BLOCK_STATUS with no
+    # context selected: EINVAL.
+    sk.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 42, 7, 0, 512))
+    assert struct.unpack(">IIQ", recvn(sk, 16)) == (0x67446698, 22, 7)
+    sk.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 3, 8, 0, 0))  # flush
+    assert struct.unpack(">IIQ", recvn(sk, 16)) == (0x67446698, 0, 8)
+    sk.close()
+
+
+def test_bad_clients_do_not_hurt_others(tmp_path, chain, servers, qemu_io):
+    s = serve(servers, tmp_path, chain, "-t", "-e", "4")
+    # 1. A write header with half its payload, then gone.
+    sk = raw_connect(s.sock)
+    raw_go(sk)
+    sk.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, MiB)
+               + b"\xee" * 1000)
+    sk.close()
+    # 2. A client that sends many big reads and never reads a reply.
+    hog = raw_connect(s.sock)
+    raw_go(hog)
+    hog.setblocking(False)
+    sent = 0
+    req = struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 8 * MiB)
+    try:
+        for _ in range(1000):
+            sent += hog.send(req)
+    except BlockingIOError:
+        pass
+    assert sent > 0
+    # Others are served meanwhile, and the half write changed nothing.
+    t0 = time.monotonic()
+    out = run(qemu_io, "-f", "raw", "-c", "read -P 1 0 4k",
+              "-c", "write -P 7 8M 64k", "-c", "read -P 7 8M 64k",
+              s.uri, timeout=30).stdout
+    assert "failed" not in out and out.count("bytes at offset") == 3
+    assert time.monotonic() - t0 < 20
+    hog.close()
+    out = run(qemu_io, "-f", "raw", "-c", "read -P 1 0 4k", s.uri).stdout
+    assert "failed" not in out
+
+
+def test_fork_and_pid_file(tmp_path, chain, qemu_io):
+    sock = tmp_path / "f.sock"
+    pidf = tmp_path / "pid"
+    run(binary("strata-nbd"), "-f", "qcow2", "-k", sock, "--fork",
+        "--pid-file", pidf, "-r", chain, timeout=20)
+    assert sock.exists()          # listening once the parent returned
+    pid = int(pidf.read_text())
+    try:
+        out = run(qemu_io, "-f", "raw", "-r", "-c", "read -P 3 512k 4k",
+                  f"nbd+unix:///?socket={sock}").stdout
+        assert "failed" not in out
+        for _ in range(200):       # no -t: it exits after that client
+            if not alive(pid):
+                break
+            time.sleep(0.05)
+        assert not alive(pid)
+    finally:
+        if alive(pid):
+            os.kill(pid, 9)
+
+
+def alive(pid):
+    """True while PID runs (a zombie waiting for init counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
