@@ -13,7 +13,7 @@ if [[ ! -f $build/build.ninja ]]; then
   CC=clang meson setup "$build" -Dfuzzing=true -Db_sanitize=address,undefined \
     -Db_lundef=false -Dbuildtype=debugoptimized >/dev/null
 fi
-ninja -C "$build" fuzz-open-read >/dev/null
+ninja -C "$build" fuzz-open-read fuzz-nbd-server >/dev/null
 
 corpus=$(mktemp -d)
 trap 'rm -rf "$corpus"' EXIT
@@ -45,3 +45,33 @@ mkdir -p "$build/artifacts"
 "$build/fuzz-open-read" -max_total_time="$secs" -max_len=262144 \
   -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
   -artifact_prefix="$build/artifacts/" "$corpus" 2>&1 | tail -n 12
+
+# The NBD server: seeds are client byte streams (handshake, options,
+# requests) written by hand from proto.md's layouts.
+ncorpus=$(mktemp -d)
+trap 'rm -rf "$corpus" "$ncorpus"' EXIT
+/usr/bin/python3 - "$ncorpus" <<'PY'
+import struct, sys, os
+d = sys.argv[1]
+def opt(o, data=b""): return b"IHAVEOPT" + struct.pack(">II", o, len(data)) + data
+def req(t, off, ln, fl=0, payload=b""):
+    return struct.pack(">IHHQQI", 0x25609513, fl, t, 7, off, ln) + payload
+go = opt(7, struct.pack(">IH", 0, 1) + struct.pack(">H", 3))
+ctx = opt(10, struct.pack(">II", 0, 2) + struct.pack(">I", 15) + b"base:allocation"
+          + struct.pack(">I", 21) + b"qemu:allocation-depth")
+cmds = (req(0, 0, 8192) + req(1, 100, 4, 1, b"abcd") + req(7, 0, 1 << 20)
+        + req(7, 0, 65536, 8) + req(6, 8192, 4096, 2) + req(6, 0, 4096, 16)
+        + req(4, 0, 4096) + req(5, 0, 4096) + req(3, 0, 0) + req(2, 0, 0))
+seeds = {
+  "go-structured": struct.pack(">I", 3) + opt(8) + ctx + go + cmds,
+  "go-simple": struct.pack(">I", 1) + go + cmds,
+  "export-name": struct.pack(">I", 1) + opt(3) + opt(9, struct.pack(">II", 0, 0))
+                 + opt(1, b"") + cmds,
+  "info-abort": struct.pack(">I", 3) + opt(6, struct.pack(">IH", 0, 0)) + opt(2),
+}
+for name, data in seeds.items():
+    open(os.path.join(d, name), "wb").write(data)
+PY
+"$build/fuzz-nbd-server" -max_total_time="$secs" -max_len=65536 \
+  -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
+  -artifact_prefix="$build/artifacts/" "$ncorpus" 2>&1 | tail -n 12
