@@ -372,3 +372,36 @@ def test_bad_uris(uri, msg):
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and msg in lines[0] and uri in lines[0], \
             p.stderr
+
+
+def test_parallel_requests(sockdir, servers, tmp_path):
+    """Eight threads writing through one nbd node (strata-img bench) land
+    every byte."""
+    f = tmp_path / "disk.raw"
+    with open(f, "wb") as fh:
+        fh.truncate(8 << 20)
+    sock = sockdir / "p.sock"
+    nbdkit(servers, sock, "file", f)
+    run(binary("strata-img"), "bench", "-w", "-c", "2048", "-d", "8",
+        "--pattern=0x5c", "-f", "raw", unix_uri(sock), timeout=60)
+    assert f.read_bytes() == b"\x5c" * (8 << 20)
+
+
+def test_probed_qcow2_over_nbd(sockdir, servers, qemu_io, qemu_img, tmp_path):
+    """With no -f the format is probed over the nbd node: a qcow2 file
+    served as raw bytes opens as qcow2 on top of nbd.  (An NBD export
+    cannot grow, so only writes into allocated clusters fit.)"""
+    img = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-f", "qcow2", img, "4M")
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 0x6b 1M 64k", img)
+    sock = sockdir / "q.sock"
+    srv = qemu_nbd(servers, sock, img, "raw", "q")
+    p = sio(*io_cmds("read -P 0x6b 1M 64k", "write -P 0x6c 1M 4k",
+                     "info"), unix_uri(sock, "q"))
+    assert_io_ok(p)
+    assert "format name: qcow2" in p.stdout, p.stdout
+    srv.stop()
+    run(qemu_img, "check", img)
+    p = run(qemu_io, "-f", "qcow2", *io_cmds("read -P 0x6c 1M 4k",
+                                             "read -P 0x6b 1028k 60k"), img)
+    assert "Pattern verification failed" not in p.stdout
