@@ -1195,11 +1195,13 @@ conn_thread (void *arg)
   struct conn_arg a = *(struct conn_arg *) arg;
   free (arg);
   conn_run (a.srv, a.fd);
+  /* Wake the accept loop before the count drops: once it is zero the
+   * server may be freed. */
   pthread_mutex_lock (&a.srv->lock);
+  wake (a.srv);
   a.srv->active--;
   pthread_cond_broadcast (&a.srv->cond);
   pthread_mutex_unlock (&a.srv->lock);
-  wake (a.srv);
   return NULL;
 }
 

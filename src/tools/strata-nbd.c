@@ -270,7 +270,6 @@ main (int argc, char **argv)
     fprintf (stderr, "%s: cannot start the signal thread\n", progname);
     return 1;
   }
-  pthread_detach (sigthr);
   if (do_fork) {
     if (write (ready_pipe[1], &ready, 1) != 1) {
       /* The parent is gone; serve anyway. */
@@ -288,6 +287,9 @@ main (int argc, char **argv)
   }
 
   nbd_server_run (srv);
+  /* sigwait() is a cancellation point: no stop after the free. */
+  pthread_cancel (sigthr);
+  pthread_join (sigthr, NULL);
   nbd_server_free (srv);
   if (ef.writable)
     strata_flush (node, 0);

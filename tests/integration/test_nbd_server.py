@@ -367,6 +367,38 @@ def test_bad_clients_do_not_hurt_others(tmp_path, chain, servers, qemu_io):
     assert "failed" not in out
 
 
+def free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def test_tcp(tmp_path, chain, qemu_io):
+    nbdinfo = need("nbdinfo", "libnbd-bin")
+    port = free_port()
+    proc = subprocess.Popen([binary("strata-nbd"), "-f", "qcow2", "-r",
+                             "-t", "-b", "127.0.0.1", "-p", str(port),
+                             "-x", "tcp", str(chain)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        uri = f"nbd://127.0.0.1:{port}/tcp"
+        assert json.loads(run(nbdinfo, "--json", uri).stdout)[
+            "exports"][0]["export-size"] == SIZE
+        out = run(qemu_io, "-f", "raw", "-r", "-c", "read -P 2 2M 4k",
+                  uri).stdout
+        assert "failed" not in out
+    finally:
+        os.kill(proc.pid, 15)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+
+
 def test_fork_and_pid_file(tmp_path, chain, qemu_io):
     sock = tmp_path / "f.sock"
     pidf = tmp_path / "pid"
