@@ -902,6 +902,7 @@ out:
 struct bench {
   strata_node *node;
   bool write;
+  bool writethrough;              /* -t writethrough/directsync: FUA */
   uint64_t count, bufsize, offset, step, size, flush_interval;
   int pattern;
   atomic_uint_fast64_t next;      /* index of the next request to issue */
@@ -933,7 +934,8 @@ bench_worker (void *arg)
     off = i == 0 ? b->offset
                  : (uint64_t) (((unsigned __int128) b->offset
                                 + (unsigned __int128) i * b->step) % b->size);
-    r = b->write ? strata_pwrite (b->node, buf, b->bufsize, off, 0)
+    r = b->write ? strata_pwrite (b->node, buf, b->bufsize, off,
+                                  b->writethrough ? STRATA_REQ_FUA : 0)
                  : strata_pread (b->node, buf, b->bufsize, off, 0);
     if (r == 0 && b->flush_interval
         && (atomic_fetch_add (&b->done, 1) + 1) % b->flush_interval == 0) {
@@ -1056,14 +1058,8 @@ cmd_bench (int argc, char **argv)
   }
   if (!step_set)
     b.step = b.bufsize;
-  if (strcmp (cache, "none") == 0 || strcmp (cache, "directsync") == 0)
-    snprintf (extra, sizeof extra, "file.cache.direct=on");
-  else if (strcmp (cache, "writeback") == 0
-           || strcmp (cache, "writethrough") == 0)
-    snprintf (extra, sizeof extra, "file.cache.direct=off");
-  else if (strcmp (cache, "unsafe") == 0)
-    snprintf (extra, sizeof extra, "file.cache.no-flush=on");
-  else {
+  if (!cache_mode_options (cache, fmt, extra, sizeof extra,
+                           &b.writethrough)) {
     fprintf (stderr, "%s: Invalid cache mode\n", progname);
     return 1;
   }

@@ -644,31 +644,6 @@ usage (FILE *f)
     "  -V, --version        show the version\n", progname);
 }
 
-/* Translate a qemu cache mode into driver options and write semantics. */
-static bool
-cache_mode_options (const char *mode, const char *prefix, char *opts,
-                    size_t size, bool *writethrough)
-{
-  bool direct, no_flush = false;
-
-  *writethrough = false;
-  if (strcmp (mode, "none") == 0 || strcmp (mode, "off") == 0)
-    direct = true;
-  else if (strcmp (mode, "writeback") == 0)
-    direct = false;
-  else if (strcmp (mode, "writethrough") == 0)
-    direct = false, *writethrough = true;
-  else if (strcmp (mode, "directsync") == 0)
-    direct = true, *writethrough = true;
-  else if (strcmp (mode, "unsafe") == 0)
-    direct = false, no_flush = true;
-  else
-    return false;
-  snprintf (opts, size, "%scache.direct=%s,%scache.no-flush=%s", prefix,
-            direct ? "on" : "off", prefix, no_flush ? "on" : "off");
-  return true;
-}
-
 int
 main (int argc, char **argv)
 {
@@ -721,10 +696,8 @@ main (int argc, char **argv)
              "used with read-only images\n", progname, io.filename);
     return 1;
   }
-  if (!cache_mode_options (cache,
-                           io.format && strcmp (io.format, "file") == 0
-                               ? "" : "file.",
-                           cacheopts, sizeof cacheopts, &io.writethrough)) {
+  if (!cache_mode_options (cache, io.format, cacheopts, sizeof cacheopts,
+                           &io.writethrough)) {
     fprintf (stderr, "%s: Invalid cache option: %s\n", progname, cache);
     return 1;
   }

@@ -22,6 +22,7 @@
 #include <strata/strata.h>
 
 #include "nbd/server.h"
+#include "util/opts.h"
 
 static const char *progname = "strata-nbd";
 
@@ -49,31 +50,6 @@ usage (FILE *f)
     "      --pid-file FILE    write the server's PID to FILE\n"
     "  -U, --force-share      open read-only without taking locks\n"
     "  -h, --help             show this help\n", progname);
-}
-
-/* Translate a qemu cache mode into driver options and write semantics. */
-static bool
-cache_mode_options (const char *mode, const char *prefix, char *opts,
-                    size_t size, bool *writethrough)
-{
-  bool direct, no_flush = false;
-
-  *writethrough = false;
-  if (strcmp (mode, "none") == 0 || strcmp (mode, "off") == 0)
-    direct = true;
-  else if (strcmp (mode, "writeback") == 0)
-    direct = false;
-  else if (strcmp (mode, "writethrough") == 0)
-    direct = false, *writethrough = true;
-  else if (strcmp (mode, "directsync") == 0)
-    direct = true, *writethrough = true;
-  else if (strcmp (mode, "unsafe") == 0)
-    direct = false, no_flush = true;
-  else
-    return false;
-  snprintf (opts, size, "%scache.direct=%s,%scache.no-flush=%s", prefix,
-            direct ? "on" : "off", prefix, no_flush ? "on" : "off");
-  return true;
 }
 
 static void *
@@ -192,10 +168,8 @@ main (int argc, char **argv)
     fprintf (stderr, "%s: --force-share requires --read-only\n", progname);
     return 1;
   }
-  if (!cache_mode_options (cache,
-                           format && strcmp (format, "file") == 0 ? ""
-                                                                  : "file.",
-                           cacheopts, sizeof cacheopts, &ef.writethrough)) {
+  if (!cache_mode_options (cache, format, cacheopts, sizeof cacheopts,
+                           &ef.writethrough)) {
     fprintf (stderr, "%s: Invalid cache mode '%s'\n", progname, cache);
     return 1;
   }

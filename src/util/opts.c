@@ -1,6 +1,7 @@
 /* strata: driver options; see opts.h. */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -301,5 +302,30 @@ parse_size (const char *str, uint64_t *out)
     if (extra >= 18446744073709551616.0 || !checked_add_u64 (*out, e, out))
       return false;
   }
+  return true;
+}
+
+bool
+cache_mode_options (const char *mode, const char *format, char *buf,
+                    size_t size, bool *writethrough)
+{
+  const char *prefix = format && strcmp (format, "file") == 0 ? "" : "file.";
+  bool direct, no_flush = false;
+
+  *writethrough = false;
+  if (strcmp (mode, "none") == 0 || strcmp (mode, "off") == 0)
+    direct = true;
+  else if (strcmp (mode, "writeback") == 0)
+    direct = false;
+  else if (strcmp (mode, "writethrough") == 0)
+    direct = false, *writethrough = true;
+  else if (strcmp (mode, "directsync") == 0)
+    direct = true, *writethrough = true;
+  else if (strcmp (mode, "unsafe") == 0)
+    direct = false, no_flush = true;
+  else
+    return false;
+  snprintf (buf, size, "%scache.direct=%s,%scache.no-flush=%s", prefix,
+            direct ? "on" : "off", prefix, no_flush ? "on" : "off");
   return true;
 }

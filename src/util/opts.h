@@ -61,6 +61,15 @@ bool opts_check_used (const strata_opts *opts, const char *what,
  * Returns false on garbage or overflow. */
 bool parse_size (const char *str, uint64_t *out);
 
+/* Translate a QEMU cache mode (-t/--cache of qemu-io, qemu-img, qemu-nbd:
+ * none, writeback, writethrough, directsync, unsafe) into the options of
+ * the file node under an image of FORMAT (NULL = probed): "file.cache.*",
+ * or "cache.*" when FORMAT is the file driver itself.  *WRITETHROUGH says
+ * whether every write must be made durable (FUA).  False for an unknown
+ * mode. */
+bool cache_mode_options (const char *mode, const char *format, char *buf,
+                         size_t size, bool *writethrough);
+
 /* Parse "on/off/true/false/yes/no/1/0". */
 bool parse_bool (const char *str, bool *out);
 

@@ -133,7 +133,27 @@ test_size_garbage_and_overflow (void)
   CHECK (!parse_size ("1kk", &v));
 }
 
-TESTS (T (test_parse_pairs), T (test_comma_escape), T (test_later_key_wins),
+static void
+test_cache_modes (void)
+{
+  char buf[128];
+  bool wt;
+
+  CHECK (cache_mode_options ("none", "qcow2", buf, sizeof buf, &wt) && !wt);
+  CHECK (strcmp (buf, "file.cache.direct=on,file.cache.no-flush=off") == 0);
+  CHECK (cache_mode_options ("writeback", NULL, buf, sizeof buf, &wt) && !wt);
+  CHECK (strcmp (buf, "file.cache.direct=off,file.cache.no-flush=off") == 0);
+  CHECK (cache_mode_options ("writethrough", "raw", buf, sizeof buf, &wt)
+         && wt);
+  CHECK (strcmp (buf, "file.cache.direct=off,file.cache.no-flush=off") == 0);
+  CHECK (cache_mode_options ("directsync", "raw", buf, sizeof buf, &wt) && wt);
+  CHECK (strcmp (buf, "file.cache.direct=on,file.cache.no-flush=off") == 0);
+  CHECK (cache_mode_options ("unsafe", "file", buf, sizeof buf, &wt) && !wt);
+  CHECK (strcmp (buf, "cache.direct=off,cache.no-flush=on") == 0);
+  CHECK (!cache_mode_options ("fast", "raw", buf, sizeof buf, &wt));
+}
+
+TESTS (T (test_cache_modes), T (test_parse_pairs), T (test_comma_escape), T (test_later_key_wins),
        T (test_missing_equals_refused), T (test_extract_prefix),
        T (test_unused_option_named), T (test_bool_values), T (test_sizes),
        T (test_size_garbage_and_overflow))
