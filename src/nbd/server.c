@@ -52,6 +52,7 @@
 #include "nbd/server.h"
 #include "util/checked.h"
 #include "util/error.h"
+#include "util/bytes.h"
 
 #define NBD_MAX_NAME        4096
 #define NBD_MAX_OPTION      (16 * 1024)       /* longest option we parse */
@@ -142,53 +143,6 @@ struct nbd_server {
   size_t nr_workers;
 };
 
-/* ---- byte order helpers ---- */
-
-static void
-put16 (unsigned char *p, uint16_t v)
-{
-  v = htobe16 (v);
-  memcpy (p, &v, 2);
-}
-
-static void
-put32 (unsigned char *p, uint32_t v)
-{
-  v = htobe32 (v);
-  memcpy (p, &v, 4);
-}
-
-static void
-put64 (unsigned char *p, uint64_t v)
-{
-  v = htobe64 (v);
-  memcpy (p, &v, 8);
-}
-
-static uint16_t
-get16 (const unsigned char *p)
-{
-  uint16_t v;
-  memcpy (&v, p, 2);
-  return be16toh (v);
-}
-
-static uint32_t
-get32 (const unsigned char *p)
-{
-  uint32_t v;
-  memcpy (&v, p, 4);
-  return be32toh (v);
-}
-
-static uint64_t
-get64 (const unsigned char *p)
-{
-  uint64_t v;
-  memcpy (&v, p, 8);
-  return be64toh (v);
-}
-
 /* ---- socket I/O ---- */
 
 /* Read exactly LEN bytes, waiting at most TIMEOUT_MS for each chunk (-1:
@@ -260,10 +214,10 @@ opt_reply (struct conn *c, uint32_t opt, uint32_t type, const void *data,
            uint32_t len)
 {
   unsigned char h[20];
-  put64 (h, NBD_OPT_REPLY_MAGIC);
-  put32 (h + 8, opt);
-  put32 (h + 12, type);
-  put32 (h + 16, len);
+  be64_store (h, NBD_OPT_REPLY_MAGIC);
+  be32_store (h + 8, opt);
+  be32_store (h + 12, type);
+  be32_store (h + 16, len);
   return write_full (c->fd, h, sizeof h) && write_full (c->fd, data, len);
 }
 
@@ -283,7 +237,7 @@ take_string (const unsigned char *data, uint32_t len, uint32_t *pos,
   char *s;
   if (len - *pos < 4)
     return NULL;
-  n = get32 (data + *pos);
+  n = be32_load (data + *pos);
   *pos += 4;
   if (n > max || n > len - *pos || memchr (data + *pos, 0, n))
     return NULL;
@@ -309,15 +263,15 @@ send_info (struct conn *c, uint32_t opt, struct nbd_export *e,
     if (reqs[i] == NBD_INFO_DESCRIPTION)
       desc = true;
   }
-  put16 (b, NBD_INFO_EXPORT);
-  put64 (b + 2, e->size);
-  put16 (b + 10, e->tflags);
+  be16_store (b, NBD_INFO_EXPORT);
+  be64_store (b + 2, e->size);
+  be16_store (b + 10, e->tflags);
   if (!opt_reply (c, opt, NBD_REP_INFO, b, 12))
     return false;
-  put16 (b, NBD_INFO_BLOCK_SIZE);
-  put32 (b + 2, NBD_MIN_BLOCK);
-  put32 (b + 6, NBD_PREF_BLOCK);
-  put32 (b + 10, NBD_MAX_BLOCK);
+  be16_store (b, NBD_INFO_BLOCK_SIZE);
+  be32_store (b + 2, NBD_MIN_BLOCK);
+  be32_store (b + 6, NBD_PREF_BLOCK);
+  be32_store (b + 10, NBD_MAX_BLOCK);
   if (!opt_reply (c, opt, NBD_REP_INFO, b, 14))
     return false;
   for (int k = 0; k < 2; k++) {
@@ -331,7 +285,7 @@ send_info (struct conn *c, uint32_t opt, struct nbd_export *e,
     p = malloc (n + 2);
     if (!p)
       return false;
-    put16 (p, k == 0 ? NBD_INFO_NAME : NBD_INFO_DESCRIPTION);
+    be16_store (p, k == 0 ? NBD_INFO_NAME : NBD_INFO_DESCRIPTION);
     memcpy (p + 2, s, n);
     ok = opt_reply (c, opt, NBD_REP_INFO, p, (uint32_t) n + 2);
     free (p);
@@ -355,12 +309,12 @@ opt_info_go (struct conn *c, uint32_t opt, const unsigned char *d,
 
   if (!name || len - pos < 2)
     goto invalid;
-  nr = get16 (d + pos);
+  nr = be16_load (d + pos);
   pos += 2;
   if ((uint64_t) nr * 2 != len - pos || nr > 64)
     goto invalid;
   for (uint16_t i = 0; i < nr; i++)
-    reqs[i] = get16 (d + pos + 2 * i);
+    reqs[i] = be16_load (d + pos + 2 * i);
   e = find_export (c->srv, name);
   if (!e) {
     ret = opt_error (c, opt, NBD_REP_ERR_UNKNOWN, "no such export") ? 0 : -1;
@@ -398,7 +352,7 @@ opt_list (struct conn *c)
     bool ok;
     if (!p)
       return false;
-    put32 (p, (uint32_t) n);
+    be32_store (p, (uint32_t) n);
     memcpy (p + 4, e->name, n);
     if (dn)
       memcpy (p + 4 + n, e->description, dn);
@@ -416,7 +370,7 @@ send_context (struct conn *c, uint32_t opt, uint32_t id, const char *name)
 {
   unsigned char b[64];
   size_t n = strlen (name);
-  put32 (b, id);
+  be32_store (b, id);
   memcpy (b + 4, name, n);
   return opt_reply (c, opt, NBD_REP_META_CONTEXT, b, (uint32_t) (4 + n));
 }
@@ -451,7 +405,7 @@ opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *d,
   name = take_string (d, len, &pos, NBD_MAX_NAME);
   if (!name || len - pos < 4)
     goto invalid;
-  nr = get32 (d + pos);
+  nr = be32_load (d + pos);
   pos += 4;
   for (uint32_t i = 0; i < nr; i++) {
     char *q = take_string (d, len, &pos, NBD_MAX_OPTION);
@@ -513,8 +467,8 @@ handle_option (struct conn *c, uint32_t opt, unsigned char *d, uint32_t len)
     e = find_export (c->srv, name);
     if (!e)
       return -1;  /* this option has no way to say no */
-    put64 (b, e->size);
-    put16 (b + 8, e->tflags);
+    be64_store (b, e->size);
+    be16_store (b + 8, e->tflags);
     if (!write_full (c->fd, b, c->no_zeroes ? 10 : sizeof b))
       return -1;
     c->exp = e;
@@ -556,13 +510,13 @@ handshake (struct conn *c)
   uint32_t cflags;
   unsigned char *data;
 
-  put64 (b, NBD_MAGIC);
-  put64 (b + 8, NBD_IHAVEOPT);
-  put16 (b + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+  be64_store (b, NBD_MAGIC);
+  be64_store (b + 8, NBD_IHAVEOPT);
+  be16_store (b + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
   if (!write_full (c->fd, b, 18) || !read_full (c->fd, b, 4,
                                                 NBD_HANDSHAKE_MS))
     return false;
-  cflags = get32 (b);
+  cflags = be32_load (b);
   if (!(cflags & NBD_FLAG_C_FIXED_NEWSTYLE)
       || (cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)))
     return false;
@@ -575,10 +529,10 @@ handshake (struct conn *c)
     uint32_t opt, len;
     int r;
     if (!read_full (c->fd, b, 16, NBD_HANDSHAKE_MS)
-        || get64 (b) != NBD_IHAVEOPT)
+        || be64_load (b) != NBD_IHAVEOPT)
       break;
-    opt = get32 (b + 8);
-    len = get32 (b + 12);
+    opt = be32_load (b + 8);
+    len = be32_load (b + 12);
     if (len > NBD_MAX_OPTION) {
       if (len > NBD_MAX_OPTION_SKIP || opt == NBD_OPT_EXPORT_NAME
           || !skip_bytes (c->fd, len, NBD_HANDSHAKE_MS)
@@ -693,9 +647,9 @@ simple_reply (uint64_t cookie, int err, size_t data_len)
 {
   struct reply *r = reply_new (16 + data_len);
   if (r) {
-    put32 (r->data, NBD_SIMPLE_REPLY_MAGIC);
-    put32 (r->data + 4, nbd_errno (err));
-    put64 (r->data + 8, cookie);
+    be32_store (r->data, NBD_SIMPLE_REPLY_MAGIC);
+    be32_store (r->data + 4, nbd_errno (err));
+    be64_store (r->data + 8, cookie);
   }
   return r;
 }
@@ -704,11 +658,11 @@ static void
 chunk_header (unsigned char *p, uint16_t flags, uint16_t type,
               uint64_t cookie, uint32_t len)
 {
-  put32 (p, NBD_STRUCTURED_REPLY_MAGIC);
-  put16 (p + 4, flags);
-  put16 (p + 6, type);
-  put64 (p + 8, cookie);
-  put32 (p + 16, len);
+  be32_store (p, NBD_STRUCTURED_REPLY_MAGIC);
+  be16_store (p + 4, flags);
+  be16_store (p + 6, type);
+  be64_store (p + 8, cookie);
+  be32_store (p + 16, len);
 }
 
 static struct reply *
@@ -723,8 +677,8 @@ error_reply (struct conn *c, const struct job *j, int err)
   if (r) {
     chunk_header (r->data, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
                   j->cookie, 6);
-    put32 (r->data + 20, nbd_errno (err));
-    put16 (r->data + 24, 0);
+    be32_store (r->data + 20, nbd_errno (err));
+    be16_store (r->data + 24, 0);
   }
   return r;
 }
@@ -802,14 +756,14 @@ do_read (struct conn *c, struct job *j)
     uint16_t done = i == n - 1 ? NBD_REPLY_FLAG_DONE : 0;
     if (ext[i].flags & STRATA_BS_ZERO) {
       chunk_header (p, done, NBD_REPLY_TYPE_OFFSET_HOLE, j->cookie, 12);
-      put64 (p + 20, off);
-      put32 (p + 28, (uint32_t) l);
+      be64_store (p + 20, off);
+      be32_store (p + 28, (uint32_t) l);
       p += 32;
     }
     else {
       chunk_header (p, done, NBD_REPLY_TYPE_OFFSET_DATA, j->cookie,
                     (uint32_t) (8 + l));
-      put64 (p + 20, off);
+      be64_store (p + 20, off);
       err = strata_pread (node, p + 28, l, off, 0);
       if (err < 0) {
         free (r);
@@ -849,19 +803,19 @@ status_chunk (unsigned char *p, uint64_t cookie, uint32_t id,
   int nd = 0;
   for (int i = 0; i < n; i++) {
     uint32_t v = value (&ext[i]);
-    if (nd > 0 && get32 (d - 4) == v) {
-      put32 (d - 8, get32 (d - 8) + (uint32_t) ext[i].length);
+    if (nd > 0 && be32_load (d - 4) == v) {
+      be32_store (d - 8, be32_load (d - 8) + (uint32_t) ext[i].length);
       continue;
     }
-    put32 (d, (uint32_t) ext[i].length);
-    put32 (d + 4, v);
+    be32_store (d, (uint32_t) ext[i].length);
+    be32_store (d + 4, v);
     d += 8;
     nd++;
   }
   chunk_header (p, done ? NBD_REPLY_FLAG_DONE : 0,
                 NBD_REPLY_TYPE_BLOCK_STATUS, cookie,
                 (uint32_t) (4 + 8 * nd));
-  put32 (p + 20, id);
+  be32_store (p + 20, id);
   return (size_t) (d - p);
 }
 
@@ -1076,10 +1030,10 @@ transmission (struct conn *c)
 {
   unsigned char h[28];
 
-  while (read_full (c->fd, h, 28, -1) && get32 (h) == NBD_REQUEST_MAGIC) {
-    uint16_t flags = get16 (h + 4), type = get16 (h + 6);
-    uint64_t cookie = get64 (h + 8), offset = get64 (h + 16);
-    uint32_t len = get32 (h + 24);
+  while (read_full (c->fd, h, 28, -1) && be32_load (h) == NBD_REQUEST_MAGIC) {
+    uint16_t flags = be16_load (h + 4), type = be16_load (h + 6);
+    uint64_t cookie = be64_load (h + 8), offset = be64_load (h + 16);
+    uint32_t len = be32_load (h + 24);
     int err;
     struct job *j;
     uint64_t cost;

@@ -32,6 +32,7 @@
 
 #include "block/node.h"
 #include "block/tracker.h"
+#include "util/bytes.h"
 
 #define QCOW2_MAGIC 0x514649fbu  /* "QFI\xfb" */
 
@@ -299,38 +300,5 @@ int qcow2_check (strata_node *node, struct strata_check_result *res,
 bool qcow2_create (const char *filename, strata_opts *opts,
                    strata_error **errp);
 extern const char *const qcow2_create_options[];
-
-/* Helpers. */
-static inline uint64_t
-be64_load (const uint8_t *p)
-{
-  uint64_t v = 0;
-  for (int i = 0; i < 8; i++)
-    v = v << 8 | p[i];
-  return v;
-}
-static inline uint32_t
-be32_load (const uint8_t *p)
-{
-  return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 | (uint32_t) p[2] << 8
-         | p[3];
-}
-static inline uint16_t
-be16_load (const uint8_t *p)
-{
-  return (uint16_t) (p[0] << 8 | p[1]);
-}
-static inline void
-be64_store (uint8_t *p, uint64_t v)
-{
-  for (int i = 7; i >= 0; i--, v >>= 8)
-    p[i] = v & 0xff;
-}
-static inline void
-be32_store (uint8_t *p, uint32_t v)
-{
-  for (int i = 3; i >= 0; i--, v >>= 8)
-    p[i] = v & 0xff;
-}
 
 #endif
