@@ -11,20 +11,6 @@
 #include "block/node.h"
 #include "test.h"
 
-static char *
-make_image (const char *name, off_t size)
-{
-  char *path;
-  int fd;
-
-  if (asprintf (&path, "%s/%s", test_tmpdir (), name) < 0)
-    abort ();
-  fd = open (path, O_CREAT | O_TRUNC | O_RDWR, 0644);
-  CHECK (fd >= 0 && ftruncate (fd, size) == 0);
-  close (fd);
-  return path;
-}
-
 /* Does some other open file description hold a lock on BYTE? */
 static bool
 byte_locked (const char *path, int byte)
@@ -44,7 +30,7 @@ byte_locked (const char *path, int byte)
 static void
 test_rw_lock_bytes_match_qemu (void)
 {
-  char *img = make_image ("bytes.raw", 65536);
+  char *img = test_make_image ("bytes.raw", 65536);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
 
   CHECK (n);
@@ -63,7 +49,7 @@ test_rw_lock_bytes_match_qemu (void)
 static void
 test_ro_lock_bytes (void)
 {
-  char *img = make_image ("ro.raw", 65536);
+  char *img = test_make_image ("ro.raw", 65536);
   strata_node *n = strata_open (img, "raw", NULL, 0, NULL);
 
   CHECK (n);
@@ -76,7 +62,7 @@ test_ro_lock_bytes (void)
 static void
 test_second_writer_refused_naming_holder (void)
 {
-  char *img = make_image ("two.raw", 65536), pid[32];
+  char *img = test_make_image ("two.raw", 65536), pid[32];
   strata_node *a = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   strata_error *err = NULL;
   strata_node *b = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, &err);
@@ -98,7 +84,7 @@ test_second_writer_refused_naming_holder (void)
 static void
 test_reader_refused_while_writer_holds (void)
 {
-  char *img = make_image ("rw-ro.raw", 65536);
+  char *img = test_make_image ("rw-ro.raw", 65536);
   strata_node *a = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   strata_error *err = NULL;
   strata_node *b = strata_open (img, "raw", NULL, 0, &err);
@@ -114,7 +100,7 @@ test_reader_refused_while_writer_holds (void)
 static void
 test_readers_share_and_force_share_ignores_locks (void)
 {
-  char *img = make_image ("share.raw", 65536);
+  char *img = test_make_image ("share.raw", 65536);
   strata_node *a = strata_open (img, "raw", NULL, 0, NULL);
   strata_node *b = strata_open (img, "raw", NULL, 0, NULL);
   strata_node *w, *fs;
@@ -133,7 +119,7 @@ test_readers_share_and_force_share_ignores_locks (void)
 static void
 test_force_share_with_write_refused (void)
 {
-  char *img = make_image ("fsrw.raw", 4096);
+  char *img = test_make_image ("fsrw.raw", 4096);
   strata_error *err = NULL;
 
   CHECK (!strata_open (img, "raw", NULL,
@@ -146,7 +132,7 @@ test_force_share_with_write_refused (void)
 static void
 test_reopen_rw_checks_locks (void)
 {
-  char *img = make_image ("reopen.raw", 65536);
+  char *img = test_make_image ("reopen.raw", 65536);
   strata_node *a = strata_open (img, "raw", NULL, 0, NULL);
   strata_node *b = strata_open (img, "raw", NULL, 0, NULL);
   strata_error *err = NULL;
@@ -175,7 +161,7 @@ test_reopen_rw_checks_locks (void)
 static void
 test_locking_off (void)
 {
-  char *img = make_image ("off.raw", 4096);
+  char *img = test_make_image ("off.raw", 4096);
   strata_node *a = strata_open (img, "raw", "file.locking=off",
                                 STRATA_OPEN_RDWR, NULL);
 

@@ -8,20 +8,6 @@
 #include "block/node.h"
 #include "test.h"
 
-static char *
-make_image (const char *name, off_t size)
-{
-  char *path;
-  int fd;
-
-  if (asprintf (&path, "%s/%s", test_tmpdir (), name) < 0)
-    abort ();
-  fd = open (path, O_CREAT | O_TRUNC | O_RDWR, 0644);
-  CHECK (fd >= 0 && ftruncate (fd, size) == 0);
-  close (fd);
-  return path;
-}
-
 static off_t
 file_size (const char *path)
 {
@@ -50,7 +36,7 @@ all_bytes (const uint8_t *p, size_t len, uint8_t v)
 static void
 test_raw_roundtrip_and_file_bytes (void)
 {
-  char *img = make_image ("rt.raw", 1 << 20);
+  char *img = test_make_image ("rt.raw", 1 << 20);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   uint8_t buf[3000], back[3000];
 
@@ -69,7 +55,7 @@ test_raw_roundtrip_and_file_bytes (void)
 static void
 test_past_end_refused_naming_file (void)
 {
-  char *img = make_image ("end.raw", 4096);
+  char *img = test_make_image ("end.raw", 4096);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   uint8_t buf[512] = { 1 };
 
@@ -88,7 +74,7 @@ test_past_end_refused_naming_file (void)
 static void
 test_raw_window (void)
 {
-  char *img = make_image ("win.raw", 65536);
+  char *img = test_make_image ("win.raw", 65536);
   strata_node *n = strata_open (img, "raw", "offset=4096,size=8192",
                                 STRATA_OPEN_RDWR, NULL);
   strata_error *err = NULL;
@@ -112,7 +98,7 @@ test_raw_window (void)
 static void
 test_raw_window_past_file_refused (void)
 {
-  char *img = make_image ("winbad.raw", 8192);
+  char *img = test_make_image ("winbad.raw", 8192);
   strata_error *err = NULL;
 
   CHECK (!strata_open (img, "raw", "offset=4096,size=8192", 0, &err));
@@ -127,7 +113,7 @@ test_raw_window_past_file_refused (void)
 static void
 test_open_errors_are_named (void)
 {
-  char *img = make_image ("errs.raw", 4096), *missing;
+  char *img = test_make_image ("errs.raw", 4096), *missing;
   strata_error *err = NULL;
 
   CHECK (asprintf (&missing, "%s/nope.raw", test_tmpdir ()) > 0);
@@ -158,7 +144,7 @@ test_open_errors_are_named (void)
 static void
 test_probe_finds_raw (void)
 {
-  char *img = make_image ("probe.img", 4096);
+  char *img = test_make_image ("probe.img", 4096);
   strata_node *n = strata_open (img, NULL, NULL, 0, NULL);
   struct strata_info info;
 
@@ -173,7 +159,7 @@ test_probe_finds_raw (void)
 static void
 test_read_only_refuses_writes (void)
 {
-  char *img = make_image ("ro.raw", 4096);
+  char *img = test_make_image ("ro.raw", 4096);
   strata_node *n = strata_open (img, "raw", NULL, 0, NULL);
   uint8_t buf[16] = { 0 };
 
@@ -191,7 +177,7 @@ test_read_only_refuses_writes (void)
 static void
 test_direct_unaligned_rmw (void)
 {
-  char *img = make_image ("direct.raw", 10000);  /* not block-aligned */
+  char *img = test_make_image ("direct.raw", 10000);  /* not block-aligned */
   strata_node *n = strata_open (img, "raw", "file.cache.direct=on",
                                 STRATA_OPEN_RDWR, NULL);
   uint8_t buf[1000], back[1002];
@@ -213,7 +199,7 @@ test_direct_unaligned_rmw (void)
 static void
 test_zeroes_and_block_status (void)
 {
-  char *img = make_image ("zero.raw", 1 << 20);
+  char *img = test_make_image ("zero.raw", 1 << 20);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   static uint8_t buf[65536];
   struct strata_extent e;
@@ -266,7 +252,7 @@ worker_thread (void *arg)
 static void
 test_concurrent_io_from_threads (void)
 {
-  char *img = make_image ("mt.raw", 50 * 8 * 4096);
+  char *img = test_make_image ("mt.raw", 50 * 8 * 4096);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   pthread_t th[8];
   struct worker w[8];
@@ -304,7 +290,7 @@ flush_thread (void *arg)
 static void
 test_concurrent_flushes (void)
 {
-  char *img = make_image ("flush.raw", 8 * 512);
+  char *img = test_make_image ("flush.raw", 8 * 512);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   pthread_t th[8];
   struct worker w[8];
@@ -328,7 +314,7 @@ test_concurrent_flushes (void)
 static void
 test_truncate_grows_and_shrinks (void)
 {
-  char *img = make_image ("trunc.raw", 4096);
+  char *img = test_make_image ("trunc.raw", 4096);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   uint8_t buf[512];
 

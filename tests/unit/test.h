@@ -9,10 +9,12 @@
 #define STRATA_TEST_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static jmp_buf test_jmp;
 static const char *test_current;
@@ -83,6 +85,22 @@ test_tmpdir (void)
     atexit (test_dir_cleanup);
   }
   return test_dir;
+}
+
+/* A file of SIZE zero bytes named NAME in the test directory; returns
+ * its path (caller frees). */
+__attribute__ ((unused)) static char *
+test_make_image (const char *name, off_t size)
+{
+  char *path;
+  int fd;
+
+  if (asprintf (&path, "%s/%s", test_tmpdir (), name) < 0)
+    abort ();
+  fd = open (path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+  CHECK (fd >= 0 && ftruncate (fd, size) == 0);
+  close (fd);
+  return path;
 }
 
 #endif
