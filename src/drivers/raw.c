@@ -20,7 +20,9 @@
 
 struct raw_state {
   uint64_t offset;
-  uint64_t size;
+  uint64_t size;    /* guest length: the window, or the file's length as
+                     * of open and of our own truncates (no syscall per
+                     * request); atomic, a truncate may race with I/O */
   bool has_size;    /* a window was given: size is fixed */
 };
 
@@ -175,12 +177,8 @@ static int64_t
 raw_get_length (strata_node *node)
 {
   struct raw_state *s = node->opaque;
-  int64_t flen;
 
-  if (raw_windowed (s))
-    return s->size;
-  flen = node_length (node->file);
-  return flen;
+  return __atomic_load_n (&s->size, __ATOMIC_ACQUIRE);
 }
 
 static bool
@@ -194,7 +192,10 @@ raw_truncate (strata_node *node, uint64_t size, unsigned flags,
                "or size window", node->filename);
     return false;
   }
-  return node_truncate (node->file, size, flags, errp);
+  if (!node_truncate (node->file, size, flags, errp))
+    return false;
+  __atomic_store_n (&s->size, size, __ATOMIC_RELEASE);
+  return true;
 }
 
 static bool
