@@ -42,6 +42,7 @@
 
 #include "control/qmp.h"
 #include "control/server.h"
+#include "util/sockets.h"
 
 #ifndef STRATA_VERSION
 #define STRATA_VERSION "0.0.0"
@@ -942,12 +943,9 @@ qmp_server_listen (struct qmp_server *srv, const char *path, char **errmsg)
     }
     unlink (path);
   }
-  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0 || bind (fd, (struct sockaddr *) &addr, sizeof addr) < 0
-      || listen (fd, 64) < 0) {
-    *errmsg = errmsg_printf ("%s: %s", path, strerror (errno));
-    if (fd >= 0)
-      close (fd);
+  fd = unix_socket_listen (path, 64, true);
+  if (fd < 0) {
+    *errmsg = errmsg_printf ("%s: %s", path, strerror (-fd));
     return false;
   }
   l = calloc (1, sizeof *l);

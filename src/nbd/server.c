@@ -53,6 +53,7 @@
 #include "util/checked.h"
 #include "util/error.h"
 #include "util/bytes.h"
+#include "util/sockets.h"
 
 #define NBD_MAX_NAME        4096
 #define NBD_MAX_OPTION      (16 * 1024)       /* longest option we parse */
@@ -1286,15 +1287,9 @@ nbd_server_listen_unix (struct nbd_server *srv, const char *path,
   strcpy (sun.sun_path, path);
   if (lstat (path, &st) == 0 && S_ISSOCK (st.st_mode))
     unlink (path);
-  fd = socket (AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  fd = unix_socket_listen (path, 16, false);
   if (fd < 0) {
-    error_set_errno (errp, errno, "socket");
-    return false;
-  }
-  if (bind (fd, (struct sockaddr *) &sun, sizeof sun) < 0
-      || listen (fd, 16) < 0) {
-    error_set_errno (errp, errno, "%s", path);
-    close (fd);
+    error_set_errno (errp, -fd, "%s", path);
     return false;
   }
   return add_listen_fd (srv, fd, errp);

@@ -431,3 +431,33 @@ def test_stress_with_images(tmp_path):
     cmp = subprocess.run([qemu_img, "compare", str(top), str(flat_before)],
                          capture_output=True, text=True)
     assert cmp.returncode == 0, f"seed {seed}: {cmp.stdout}"
+
+
+@pytest.mark.parametrize("server", ["stratad", "strata-nbd"])
+def test_socket_appears_only_when_listening(tmp_path, server):
+    """Whoever waits for the socket file may connect at once: the file
+    appears only after listen() (bind to a temporary name, then rename),
+    so no start ever answers ECONNREFUSED."""
+    img = tmp_path / "d.raw"
+    img.write_bytes(b"\0" * 65536)
+    for i in range(25):
+        sock = tmp_path / f"s{i}.sock"
+        argv = ([binary("stratad"), "--qmp", str(sock)]
+                if server == "stratad" else
+                [binary("strata-nbd"), "-t", "-f", "raw", "-k", str(sock),
+                 str(img)])
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(sock))      # refused before the fix, sometimes
+            s.close()
+            assert not list(tmp_path.glob("*.tmp"))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+            proc.stderr.close()
