@@ -179,6 +179,56 @@ bool strata_create (const char *filename, const char *format,
                     const char *options, unsigned flags,
                     strata_error **errp);
 
+/* ---- chain edits (strata-img rebase/commit, block-stream) ---- */
+
+/* Rewrite the backing file name and format in NODE's image header (NULL
+ * BACKING_FILE: no backing file).  Only the header changes; the caller
+ * makes the content right first (rebase's safe mode).  NODE must be open
+ * read-write.  Crash-safe. */
+bool strata_change_backing_file (strata_node *node, const char *backing_file,
+                                 const char *backing_fmt, strata_error **errp);
+/* Drop every allocation of NODE's top layer (qemu-img commit without
+ * -d), so that it reads as its backing file. */
+bool strata_make_empty (strata_node *node, strata_error **errp);
+
+/* ---- internal snapshots (qemu-img snapshot) ---- */
+
+struct strata_snapshot_info {
+  char *id;                  /* "1", "2", ... */
+  char *name;
+  uint64_t vm_state_size;
+  uint64_t date_sec;
+  uint32_t date_nsec;
+  uint64_t vm_clock_nsec;
+  uint64_t icount;           /* UINT64_MAX when not recorded */
+  uint64_t disk_size;        /* guest size when taken */
+};
+/* The snapshot table: returns the count (0 when the format has none) and
+ * a malloc'd array, or -1 with *errp set. */
+int strata_snapshot_list (strata_node *node,
+                          struct strata_snapshot_info **list,
+                          strata_error **errp);
+void strata_snapshot_list_free (struct strata_snapshot_info *list, int n);
+/* NAME is a name or an id, as qemu-img snapshot -a/-d take it. */
+bool strata_snapshot_create (strata_node *node, const char *name,
+                             strata_error **errp);
+bool strata_snapshot_apply (strata_node *node, const char *name,
+                            strata_error **errp);
+bool strata_snapshot_delete (strata_node *node, const char *name,
+                             strata_error **errp);
+
+/* ---- amend and measure ---- */
+
+/* qemu-img amend -o OPTIONS on an image open read-write. */
+bool strata_amend (strata_node *node, const char *options,
+                   strata_error **errp);
+/* qemu-img measure: the file size FORMAT with OPTIONS ("size=..." and
+ * creation options) needs to hold SRC's data (SRC NULL: an empty image of
+ * "size"), and when fully allocated. */
+bool strata_measure (const char *format, const char *options,
+                     strata_node *src, uint64_t *required,
+                     uint64_t *fully_allocated, strata_error **errp);
+
 #ifdef __cplusplus
 }
 #endif

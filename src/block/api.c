@@ -325,6 +325,25 @@ strata_backing (strata_node *node)
   return node->backing;
 }
 
+/* Every key of OPTS is one of DRV's creation options. */
+static bool
+create_options_check (const struct strata_driver *drv, strata_opts *opts,
+                      const char *filename, strata_error **errp)
+{
+  for (size_t i = 0; i < opts->n; i++) {
+    const char *const *k = drv->create_options;
+
+    while (k && *k && strcmp (*k, opts->v[i].key) != 0)
+      k++;
+    if (!k || !*k) {
+      error_set (errp, EINVAL, "%s: Invalid parameter '%s' for format '%s'",
+                 filename, opts->v[i].key, drv->name);
+      return false;
+    }
+  }
+  return true;
+}
+
 bool
 strata_create (const char *filename, const char *format, const char *options,
                unsigned flags, strata_error **errp)
@@ -349,19 +368,139 @@ strata_create (const char *filename, const char *format, const char *options,
   }
   ok = !options || opts_parse (opts, options, errp);
   /* Refuse unknown options before anything touches the disk. */
-  for (size_t i = 0; ok && i < opts->n; i++) {
-    const char *const *k = drv->create_options;
-
-    while (k && *k && strcmp (*k, opts->v[i].key) != 0)
-      k++;
-    if (!k || !*k) {
-      error_set (errp, EINVAL, "%s: Invalid parameter '%s' for format '%s'",
-                 filename, opts->v[i].key, format);
-      ok = false;
-    }
-  }
+  ok = ok && create_options_check (drv, opts, filename, errp);
   if (!(flags & STRATA_CREATE_DRY_RUN))
     ok = ok && drv->create (filename, opts, errp);
   opts_free (opts);
   return ok;
+}
+
+/* ---- chain edits, snapshots, amend, measure: thin wrappers ---- */
+
+/* The format node: NODE itself, or the first format below filters. */
+static strata_node *
+format_node (strata_node *node)
+{
+  while (node->drv->is_filter && node->file)
+    node = node->file;
+  return node;
+}
+
+static bool
+unsupported (strata_node *node, const char *what, strata_error **errp)
+{
+  error_set (errp, ENOTSUP, "%s: format '%s' does not support %s",
+             node->filename, node->drv->name, what);
+  return false;
+}
+
+bool
+strata_change_backing_file (strata_node *node, const char *backing_file,
+                            const char *backing_fmt, strata_error **errp)
+{
+  return node_change_backing_file (format_node (node), backing_file,
+                                   backing_fmt, errp);
+}
+
+bool
+strata_make_empty (strata_node *node, strata_error **errp)
+{
+  return node_make_empty (format_node (node), errp);
+}
+
+int
+strata_snapshot_list (strata_node *node, struct strata_snapshot_info **list,
+                      strata_error **errp)
+{
+  node = format_node (node);
+  *list = NULL;
+  if (!node->drv->snapshot_list)
+    return 0;
+  return node->drv->snapshot_list (node, list, errp);
+}
+
+void
+strata_snapshot_list_free (struct strata_snapshot_info *list, int n)
+{
+  for (int i = 0; i < n; i++) {
+    free (list[i].id);
+    free (list[i].name);
+  }
+  free (list);
+}
+
+bool
+strata_snapshot_create (strata_node *node, const char *name,
+                        strata_error **errp)
+{
+  node = format_node (node);
+  if (!node->drv->snapshot_create)
+    return unsupported (node, "internal snapshots", errp);
+  return node->drv->snapshot_create (node, name, errp);
+}
+
+bool
+strata_snapshot_apply (strata_node *node, const char *name,
+                       strata_error **errp)
+{
+  node = format_node (node);
+  if (!node->drv->snapshot_apply)
+    return unsupported (node, "internal snapshots", errp);
+  return node->drv->snapshot_apply (node, name, errp);
+}
+
+bool
+strata_snapshot_delete (strata_node *node, const char *name,
+                        strata_error **errp)
+{
+  node = format_node (node);
+  if (!node->drv->snapshot_delete)
+    return unsupported (node, "internal snapshots", errp);
+  return node->drv->snapshot_delete (node, name, errp);
+}
+
+bool
+strata_amend (strata_node *node, const char *options, strata_error **errp)
+{
+  CLEANUP_OPTS strata_opts *opts = NULL;
+
+  node = format_node (node);
+  if (!node->drv->amend)
+    return unsupported (node, "amend", errp);
+  if (!(opts = opts_new ())) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  if (!opts_parse (opts, options ? options : "", errp)
+      || !create_options_check (node->drv, opts, node->filename, errp))
+    return false;
+  return node->drv->amend (node, opts, errp);
+}
+
+bool
+strata_measure (const char *format, const char *options, strata_node *src,
+                uint64_t *required, uint64_t *fully_allocated,
+                strata_error **errp)
+{
+  const struct strata_driver *drv = format ? driver_find (format) : NULL;
+  CLEANUP_OPTS strata_opts *opts = NULL;
+
+  if (!drv) {
+    error_set (errp, EINVAL, "Unknown file format '%s'",
+               format ? format : "(none)");
+    return false;
+  }
+  if (!drv->measure) {
+    error_set (errp, ENOTSUP, "Format driver '%s' does not support "
+               "measure", format);
+    return false;
+  }
+  if (!(opts = opts_new ())) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  if (!opts_parse (opts, options ? options : "", errp)
+      || !create_options_check (drv, opts, format, errp))
+    return false;
+  return drv->measure (opts, src, required, fully_allocated, errp);
 }

@@ -183,3 +183,55 @@ graph_parents (strata_node *node, struct graph_edge *edges, int max)
   pthread_mutex_unlock (&graph_lock);
   return n;
 }
+
+/* ---- users ---- */
+
+bool
+graph_add_user (strata_node *node, const char *who)
+{
+  char **v, *copy = strdup (who);
+
+  if (!copy)
+    return false;
+  pthread_mutex_lock (&graph_lock);
+  v = realloc (node->users, (node->nusers + 1) * sizeof *v);
+  if (v) {
+    node->users = v;
+    v[node->nusers++] = copy;
+  }
+  pthread_mutex_unlock (&graph_lock);
+  if (!v)
+    free (copy);
+  return v != NULL;
+}
+
+void
+graph_remove_user (strata_node *node, const char *who)
+{
+  pthread_mutex_lock (&graph_lock);
+  for (size_t i = 0; i < node->nusers; i++) {
+    if (strcmp (node->users[i], who) == 0) {
+      free (node->users[i]);
+      memmove (&node->users[i], &node->users[i + 1],
+               (node->nusers - i - 1) * sizeof *node->users);
+      if (--node->nusers == 0) {
+        free (node->users);
+        node->users = NULL;
+      }
+      break;
+    }
+  }
+  pthread_mutex_unlock (&graph_lock);
+}
+
+char *
+graph_first_user (strata_node *node)
+{
+  char *r = NULL;
+
+  pthread_mutex_lock (&graph_lock);
+  if (node->nusers > 0)
+    r = strdup (node->users[0]);
+  pthread_mutex_unlock (&graph_lock);
+  return r;
+}

@@ -37,4 +37,13 @@ struct graph_edge {
 };
 int graph_parents (strata_node *node, struct graph_edge *edges, int max);
 
+/* Users: who holds a node besides its parents (an export, a block job),
+ * so that blockdev-del and conflicting jobs can say who.  WHO is a phrase
+ * such as "export 'exp0'" or "block job 'job0'"; it is copied.  A node may
+ * have several users.  Thread-safe. */
+bool graph_add_user (strata_node *node, const char *who);
+void graph_remove_user (strata_node *node, const char *who);
+/* The first user's phrase (caller frees), or NULL when there is none. */
+char *graph_first_user (strata_node *node);
+
 #endif

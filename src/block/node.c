@@ -23,6 +23,8 @@ static const struct strata_driver *const drivers[] = {
   &nbd_driver,
   &qcow2_driver,
   &raw_driver,
+  &copy_on_read_driver,
+  &blkdebug_driver,
 };
 
 const struct strata_driver *
@@ -71,6 +73,9 @@ node_free (strata_node *node)
   }
   tracker_destroy (&node->tracker);
   pthread_mutex_destroy (&node->lock);
+  for (size_t i = 0; i < node->nusers; i++)
+    free (node->users[i]);
+  free (node->users);
   free (node->opaque);
   free (node->node_name);
   free (node->filename);
@@ -666,4 +671,38 @@ node_truncate (strata_node *node, uint64_t size, unsigned flags,
   error_set (errp, ENOTSUP, "%s: the %s driver cannot resize images",
              node->filename, node->drv->name);
   return false;
+}
+
+/* ---- chain edits ---- */
+
+bool
+node_change_backing_file (strata_node *node, const char *backing_file,
+                          const char *backing_fmt, strata_error **errp)
+{
+  if (!node->drv->change_backing_file) {
+    error_set (errp, ENOTSUP, "%s: format '%s' cannot record a backing file",
+               node->filename, node->drv->name);
+    return false;
+  }
+  if (node->read_only) {
+    error_set (errp, EROFS, "%s: image is open read-only", node->filename);
+    return false;
+  }
+  return node->drv->change_backing_file (node, backing_file, backing_fmt,
+                                         errp);
+}
+
+bool
+node_make_empty (strata_node *node, strata_error **errp)
+{
+  if (!node->drv->make_empty) {
+    error_set (errp, ENOTSUP, "%s: format '%s' cannot be emptied",
+               node->filename, node->drv->name);
+    return false;
+  }
+  if (node->read_only) {
+    error_set (errp, EROFS, "%s: image is open read-only", node->filename);
+    return false;
+  }
+  return node->drv->make_empty (node, errp);
 }

@@ -116,6 +116,38 @@ struct strata_driver {
    * the check completed, or a negative errno with *errp set. */
   int (*check) (struct strata_node *node, struct strata_check_result *res,
                 unsigned fix, strata_error **errp);
+
+  /* Chain edits (strata-img rebase/commit, block-stream).  Rewrite the
+   * backing file name and format recorded in the image header; NULL
+   * BACKING_FILE removes the backing file.  Crash-safe: after a crash the
+   * header names either the old or the new backing file. */
+  bool (*change_backing_file) (struct strata_node *node,
+                               const char *backing_file,
+                               const char *backing_fmt, strata_error **errp);
+  /* Drop every allocation of this layer so that it reads through to its
+   * backing file (qemu-img commit without -d). */
+  bool (*make_empty) (struct strata_node *node, strata_error **errp);
+
+  /* Internal snapshots (qcow2; src/drivers/qcow2/snapshot.c). */
+  int (*snapshot_list) (struct strata_node *node,
+                        struct strata_snapshot_info **list,
+                        strata_error **errp);
+  bool (*snapshot_create) (struct strata_node *node, const char *name,
+                           strata_error **errp);
+  bool (*snapshot_apply) (struct strata_node *node, const char *name,
+                          strata_error **errp);
+  bool (*snapshot_delete) (struct strata_node *node, const char *name,
+                           strata_error **errp);
+
+  /* Change creation options of an open image in place (qemu-img amend).
+   * OPTS was checked against create_options. */
+  bool (*amend) (struct strata_node *node, strata_opts *opts,
+                 strata_error **errp);
+  /* qemu-img measure: sizes for an image created with OPTS ("size" and
+   * the creation options) holding SRC's data (SRC may be NULL). */
+  bool (*measure) (strata_opts *opts, struct strata_node *src,
+                   uint64_t *required, uint64_t *fully_allocated,
+                   strata_error **errp);
 };
 
 struct strata_child {
@@ -145,6 +177,8 @@ struct strata_node {
   struct strata_node *backing;   /* == child "backing", or NULL */
 
   struct tracker tracker;        /* requests in flight on this node */
+  char **users;                  /* graph_add_user(): who holds this node */
+  size_t nusers;
   pthread_mutex_t lock;          /* driver metadata; see DESIGN.md */
 };
 typedef struct strata_node strata_node;
@@ -209,6 +243,25 @@ extern const struct strata_driver file_driver;
 extern const struct strata_driver raw_driver;
 extern const struct strata_driver qcow2_driver;
 extern const struct strata_driver nbd_driver;
+extern const struct strata_driver copy_on_read_driver;
+extern const struct strata_driver blkdebug_driver;
+
+/* Chain edits: the driver's operation or ENOTSUP naming the format. */
+bool node_change_backing_file (strata_node *node, const char *backing_file,
+                               const char *backing_fmt, strata_error **errp);
+bool node_make_empty (strata_node *node, strata_error **errp);
+
+/* Copy-up (src/block/populate.c), shared by the copy-on-read filter,
+ * block-stream and strata-img stream.  Copy into TOP every part of
+ * [OFFSET, OFFSET+LEN) that TOP does not allocate and that some layer
+ * below TOP and above BASE allocates (BASE NULL: the whole chain), reading
+ * it through TOP's backing chain.  Regions that read as zeros become zero
+ * clusters (pwrite_zeroes, never data).  The copy is serialised against
+ * writes to TOP so that a newer guest write is never overwritten by a
+ * stale copy.  *COPIED (may be NULL) gets the bytes written into TOP.
+ * Returns 0 or a negative errno with io_error() set. */
+int node_copy_up (strata_node *top, strata_node *base, uint64_t offset,
+                  uint64_t len, uint64_t *copied);
 
 /* NBD URIs as file names (drivers/nbd.c): nbd+unix:///EXPORT?socket=PATH
  * and nbd://HOST[:PORT]/EXPORT.  nbd_is_uri() only looks at the scheme;

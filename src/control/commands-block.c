@@ -391,6 +391,7 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
   struct graph_edge e[1];
   ssize_t i;
   json_t *ret = NULL;
+  CLEANUP_FREE char *who = NULL;
 
   if (!qmp_args_check (args, spec, err))
     return NULL;
@@ -406,6 +407,11 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
   if ((i = owned_index (node)) < 0) {
     qmp_error_set (err, "GenericError",
                    "Node %s is not owned by the monitor", name);
+    goto out;
+  }
+  if ((who = graph_first_user (node))) {
+    qmp_error_set (err, "GenericError", "Node '%s' is busy: in use by %s",
+                   name, who);
     goto out;
   }
   /* Ours and the monitor's references; any other is a user. */

@@ -122,3 +122,30 @@ qmp_default_socket_path (void)
     path = NULL;
   return path;
 }
+
+/* ---- the command tables ---- */
+
+static const struct qmp_command *const tables[] = {
+  qmp_block_commands,
+  qmp_export_commands,
+  qmp_job_commands,
+};
+
+const struct qmp_command *
+qmp_find_command (const char *name)
+{
+  for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
+    for (const struct qmp_command *c = tables[t]; c->name; c++)
+      if (strcmp (c->name, name) == 0)
+        return c;
+  return NULL;
+}
+
+void
+qmp_foreach_command (void (*fn) (const struct qmp_command *cmd, void *opaque),
+                     void *opaque)
+{
+  for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
+    for (const struct qmp_command *c = tables[t]; c->name; c++)
+      fn (c, opaque);
+}

@@ -39,6 +39,17 @@ struct qmp_command {
  * { NULL, NULL } entry.  stratad registers them with its own commands
  * (qmp_capabilities, query-version, query-commands, quit). */
 extern const struct qmp_command qmp_block_commands[];
+/* NBD server and exports (src/control/commands-export.c). */
+extern const struct qmp_command qmp_export_commands[];
+/* Jobs: block-stream and the job verbs (src/control/commands-job.c). */
+extern const struct qmp_command qmp_job_commands[];
+
+/* The command named NAME in any of the tables above, or NULL. */
+const struct qmp_command *qmp_find_command (const char *name);
+/* Call FN for every command of the tables above. */
+void qmp_foreach_command (void (*fn) (const struct qmp_command *cmd,
+                                      void *opaque),
+                          void *opaque);
 
 /* Broadcast an event to every negotiated monitor client, with the
  * timestamp taken now.  Takes over DATA (may be NULL).  Thread-safe: may be
@@ -69,5 +80,8 @@ char *qmp_default_socket_path (void);
 /* Called once at daemon shutdown: flush and close every node the commands
  * opened (in an order that closes overlays before what they use). */
 void qmp_block_shutdown (void);
+/* Called before qmp_block_shutdown(): cancel jobs, stop exports. */
+void qmp_job_shutdown (void);
+void qmp_export_shutdown (void);
 
 #endif

@@ -377,6 +377,12 @@ static const struct server_command server_commands[] = {
   { NULL, NULL },
 };
 
+static void
+list_command (const struct qmp_command *c, void *opaque)
+{
+  json_array_append_new (opaque, json_pack ("{s:s}", "name", c->name));
+}
+
 static json_t *
 cmd_query_commands (struct cmd_ctx *ctx, json_t *args, struct qmp_error *err)
 {
@@ -389,8 +395,7 @@ cmd_query_commands (struct cmd_ctx *ctx, json_t *args, struct qmp_error *err)
   }
   for (const struct server_command *c = server_commands; c->name; c++)
     json_array_append_new (list, json_pack ("{s:s}", "name", c->name));
-  for (const struct qmp_command *c = qmp_block_commands; c->name; c++)
-    json_array_append_new (list, json_pack ("{s:s}", "name", c->name));
+  qmp_foreach_command (list_command, list);
   return list;
 }
 
@@ -443,12 +448,11 @@ dispatch (struct client *c, json_t *msg)
                    "'qmp_capabilities'");
   if (!err.desc) {
     const struct server_command *sc = server_commands;
-    const struct qmp_command *bc = qmp_block_commands;
+    const struct qmp_command *bc;
     while (sc->name && strcmp (sc->name, name) != 0)
       sc++;
-    while (!sc->name && bc->name && strcmp (bc->name, name) != 0)
-      bc++;
-    if (!sc->name && !bc->name)
+    bc = sc->name ? NULL : qmp_find_command (name);
+    if (!sc->name && !bc)
       qmp_error_set (&err, "CommandNotFound",
                      "The command %s has not been found", name);
     else if (oob)

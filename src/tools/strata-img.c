@@ -31,86 +31,11 @@
 #include "util/checked.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
-
-static const char *progname = "strata-img";
-
-static void
-fail_msg (const char *msg)
-{
-  fprintf (stderr, "%s: %s\n", progname, msg);
-}
-
-static void
-fail_err (strata_error *err)
-{
-  fail_msg (strata_error_message (err));
-  strata_error_free (err);
-}
-
-enum output { OUTPUT_HUMAN, OUTPUT_JSON };
-
-static double
-now (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static bool
-parse_output (const char *s, enum output *out)
-{
-  if (strcmp (s, "human") == 0)
-    *out = OUTPUT_HUMAN;
-  else if (strcmp (s, "json") == 0)
-    *out = OUTPUT_JSON;
-  else {
-    fprintf (stderr, "%s: --output must be used with human or json as "
-             "argument.\n", progname);
-    return false;
-  }
-  return true;
-}
-
-/* qemu's size_to_str(): three significant digits, binary units, switching
- * to the next unit from 1000 of the current one. */
-static void
-size_to_str (uint64_t val, char *buf, size_t len)
-{
-  static const char *const suffixes[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi",
-                                          "Ei" };
-  int e, i;
-
-  frexp (val / (1000.0 / 1024.0), &e);
-  i = (e - 1) / 10;
-  if (i < 0)
-    i = 0;
-  if (i > 6)
-    i = 6;
-  snprintf (buf, len, "%0.3g %sB", (double) val / (double) (UINT64_C (1) << (i * 10)),
-            suffixes[i]);
-}
-
-static strata_node *
-open_image (const char *filename, const char *fmt, bool force_share, bool rw,
-            const char *extra)
-{
-  strata_error *err = NULL;
-  unsigned flags = (rw ? STRATA_OPEN_RDWR : 0)
-                   | (force_share ? STRATA_OPEN_FORCE_SHARE : 0);
-  strata_node *n = strata_open (filename, fmt, extra, flags, &err);
-
-  if (!n) {
-    fprintf (stderr, "%s: Could not open '%s': %s\n", progname, filename,
-             strata_error_message (err));
-    strata_error_free (err);
-  }
-  return n;
-}
+#include "tools/img.h"
 
 /* ---- create ---- */
 
-static int
+int
 cmd_create (int argc, char **argv)
 {
   static const struct option lopts[] = {
@@ -343,17 +268,7 @@ info_human (const struct strata_info *i)
   }
 }
 
-static void
-print_json (json_t *j)
-{
-  char *s = json_dumps (j, JSON_INDENT (4) | JSON_PRESERVE_ORDER);
-
-  if (s)
-    printf ("%s\n", s);
-  free (s);
-}
-
-static int
+int
 cmd_info (int argc, char **argv)
 {
   static const struct option lopts[] = {
@@ -465,7 +380,7 @@ map_entry_print (const struct map_entry *e, enum output out, bool first)
   return 0;
 }
 
-static int
+int
 cmd_map (int argc, char **argv)
 {
   static const struct option lopts[] = {
@@ -638,7 +553,7 @@ check_json (const struct strata_check_result *r, const char *filename,
   json_decref (j);
 }
 
-static int
+int
 cmd_check (int argc, char **argv)
 {
   static const struct option lopts[] = {
@@ -774,7 +689,7 @@ range_is_zero (strata_node *n, uint64_t off, uint64_t len, uint8_t *buf,
   return 0;
 }
 
-static int
+int
 cmd_compare (int argc, char **argv)
 {
   static const struct option lopts[] = {
@@ -952,7 +867,7 @@ bench_worker (void *arg)
   return NULL;
 }
 
-static int
+int
 cmd_bench (int argc, char **argv)
 {
   static const struct option lopts[] = {
@@ -1140,7 +1055,11 @@ main (int argc, char **argv)
   } cmds[] = {
     { "create", cmd_create }, { "info", cmd_info }, { "map", cmd_map },
     { "check", cmd_check }, { "compare", cmd_compare },
-    { "bench", cmd_bench },
+    { "bench", cmd_bench }, { "convert", cmd_convert },
+    { "measure", cmd_measure }, { "commit", cmd_commit },
+    { "rebase", cmd_rebase }, { "resize", cmd_resize },
+    { "snapshot", cmd_snapshot }, { "amend", cmd_amend },
+    { "stream", cmd_stream },
   };
 
   if (argc < 2) {

@@ -236,15 +236,13 @@ parse_args (struct options *o, int argc, char **argv)
 static bool
 add_blockdev (const char *arg)
 {
-  const struct qmp_command *cmd = qmp_block_commands;
+  const struct qmp_command *cmd = qmp_find_command ("blockdev-add");
   struct qmp_error err = { NULL, NULL };
   json_error_t je;
   char *errmsg = NULL;
   json_t *args, *ret;
 
-  while (cmd->name && strcmp (cmd->name, "blockdev-add") != 0)
-    cmd++;
-  if (!cmd->name) {
+  if (!cmd) {
     fprintf (stderr, "stratad: --blockdev: this build has no blockdev-add "
                      "command yet\n");
     return false;
@@ -392,6 +390,8 @@ main (int argc, char **argv)
   if (ok && o.pidfile)
     ok = write_pidfile (o.pidfile);
   if (!ok) {
+    qmp_job_shutdown ();
+    qmp_export_shutdown ();
     qmp_block_shutdown ();
     qmp_server_free (srv);
     free (fallback);
@@ -402,6 +402,8 @@ main (int argc, char **argv)
 
   qmp_server_run (srv);
 
+  qmp_job_shutdown ();
+  qmp_export_shutdown ();
   qmp_block_shutdown ();
   qmp_server_free (srv);
   if (o.pidfile)

@@ -30,6 +30,13 @@ typedef struct strata_opts {
 /* Caller frees with opts_free(). */
 strata_opts *opts_new (void);
 void opts_free (strata_opts *opts);
+static inline void
+cleanup_opts (strata_opts **p)
+{
+  if (*p)
+    opts_free (*p);
+}
+#define CLEANUP_OPTS __attribute__ ((cleanup (cleanup_opts)))
 
 /* Parse STR and add its options (later keys replace earlier ones). */
 bool opts_parse (strata_opts *opts, const char *str, strata_error **errp);

@@ -1,0 +1,56 @@
+/* strata-img: the seam between main() and the subcommands.
+ *
+ * Each subcommand lives in its own file (strata-img.c holds create, info,
+ * map, check, compare and bench; img-<name>.c the others) and is called as
+ * cmd_<name>(argc, argv) with argv[0] the subcommand name and optind reset
+ * to 1.  It returns the process exit code (qemu-img's codes).  Messages go
+ * to stderr as "strata-img: ...".
+ */
+#ifndef STRATA_TOOLS_IMG_H
+#define STRATA_TOOLS_IMG_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <strata/strata.h>
+
+extern const char *progname;
+
+enum output { OUTPUT_HUMAN, OUTPUT_JSON };
+
+/* "strata-img: MSG" on stderr. */
+void fail_msg (const char *msg);
+/* The same with ERR's message; frees ERR. */
+void fail_err (strata_error *err);
+/* CLOCK_MONOTONIC in seconds. */
+double now (void);
+/* --output=human|json, with qemu-img's message on anything else. */
+bool parse_output (const char *s, enum output *out);
+/* qemu's size_to_str(): "1.5 GiB". */
+void size_to_str (uint64_t val, char *buf, size_t len);
+/* Open FILENAME, printing qemu-img's "Could not open" message on failure.
+ * EXTRA is a dotted option string or NULL. */
+strata_node *open_image (const char *filename, const char *fmt,
+                         bool force_share, bool rw, const char *extra);
+/* JSON with qemu-img's four-space indentation on stdout. */
+void print_json (json_t *j);
+
+/* The subcommands. */
+int cmd_create (int argc, char **argv);
+int cmd_info (int argc, char **argv);
+int cmd_map (int argc, char **argv);
+int cmd_check (int argc, char **argv);
+int cmd_compare (int argc, char **argv);
+int cmd_bench (int argc, char **argv);
+int cmd_convert (int argc, char **argv);    /* img-convert.c */
+int cmd_measure (int argc, char **argv);    /* img-measure.c */
+int cmd_commit (int argc, char **argv);     /* img-commit.c */
+int cmd_rebase (int argc, char **argv);     /* img-rebase.c */
+int cmd_resize (int argc, char **argv);     /* img-resize.c */
+int cmd_snapshot (int argc, char **argv);   /* img-snapshot.c */
+int cmd_amend (int argc, char **argv);      /* img-amend.c */
+int cmd_stream (int argc, char **argv);     /* img-stream.c */
+
+#endif
