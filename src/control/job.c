@@ -1,0 +1,2 @@
+/* strata: job.  Placeholder until it lands. */
+#include "control/qmp.h"

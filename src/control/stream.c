@@ -1,0 +1,2 @@
+/* strata: stream.  Placeholder until it lands. */
+#include "control/qmp.h"

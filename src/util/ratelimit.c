@@ -1,0 +1,2 @@
+/* strata: rate limiter.  Placeholder until it lands. */
+#include <stddef.h>
