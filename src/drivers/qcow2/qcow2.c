@@ -404,4 +404,6 @@ const struct strata_driver qcow2_driver = {
   .check          = qcow2_check_written,
   .create         = qcow2_create,
   .create_options = qcow2_create_options,
+  .change_backing_file = qcow2_change_backing_file,
+  .make_empty     = qcow2_make_empty,
 };

@@ -292,6 +292,11 @@ int qcow2_flush (strata_node *node);
 bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
                      strata_error **errp);
 
+/* backing.c: chain edits (rewrite the backing file, empty the layer). */
+bool qcow2_change_backing_file (strata_node *node, const char *backing_file,
+                                const char *backing_fmt, strata_error **errp);
+bool qcow2_make_empty (strata_node *node, strata_error **errp);
+
 /* check.c: qemu-img check (and -r leaks|all). */
 int qcow2_check (strata_node *node, struct strata_check_result *res,
                  unsigned fix, strata_error **errp);

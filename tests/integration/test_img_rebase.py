@@ -1,0 +1,149 @@
+"""strata-img rebase against qemu-img rebase (7.2) as the oracle.
+
+Each case runs the same command with both tools on byte-identical copies
+of a generated chain and compares what QEMU's own tools see afterwards:
+'qemu-img info' backing fields, 'qemu-img check', guest content with
+'qemu-img compare' (against the image as it was before), and the header
+extensions.  Bad input must give qemu-img's exit code and leave every file
+byte-identical.
+"""
+import hashlib
+import json
+import os
+import shutil
+import struct
+
+import pytest
+
+from conftest import binary, run
+from qcow2_common import KiB, MiB, create, qemu_check, qemu_img, qio
+
+
+def strata_img():
+    return binary("strata-img")
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def info(path):
+    """qemu-img info run in PATH's directory, so names print relative."""
+    p = run(qemu_img(), "info", "--output=json", "-U", path.name,
+            cwd=path.parent)
+    return json.loads(p.stdout)
+
+
+def backing_fields(path):
+    i = info(path)
+    return {k: i.get(k) for k in ("backing-filename",
+                                  "backing-filename-format",
+                                  "full-backing-filename")}
+
+
+def check_alone(path):
+    """qemu-img check of PATH without opening its backing file (which may
+    not exist after -u)."""
+    spec = json.dumps({"driver": "qcow2", "backing": None,
+                       "file": {"driver": "file", "filename": str(path)}})
+    p = run(qemu_img(), "check", "json:" + spec, check=False)
+    assert p.returncode == 0 and "No errors were found" in p.stdout, (
+        p.stdout, p.stderr)
+
+
+def extensions(path):
+    """[(type, data)] of the header extensions, in order."""
+    with open(path, "rb") as f:
+        h = f.read(64 * KiB)
+    version, = struct.unpack(">I", h[4:8])
+    off = struct.unpack(">I", h[100:104])[0] if version >= 3 else 72
+    out = []
+    while off + 8 <= len(h):
+        t, n = struct.unpack(">II", h[off:off + 8])
+        if t == 0:
+            break
+        out.append((t, h[off + 8:off + 8 + n]))
+        off += 8 + (n + 7) // 8 * 8
+    return out
+
+
+def both(tmp_path, files, args, target):
+    """Copy FILES into q/ and s/ under TMP_PATH, run 'rebase ARGS TARGET'
+    with qemu-img in q/ and strata-img in s/; returns the two results."""
+    res = {}
+    for tool, d in ((qemu_img(), "q"), (strata_img(), "s")):
+        os.makedirs(tmp_path / d, exist_ok=True)
+        for f in files:
+            shutil.copy(tmp_path / f, tmp_path / d / f)
+        res[d] = run(tool, "rebase", *args, target, cwd=tmp_path / d,
+                     check=False)
+    return res["q"], res["s"]
+
+
+def test_unsafe_matches_qemu(tmp_path):
+    """-u only rewrites the header: same bytes as qemu-img for a new name
+    and format, a raw format, and removal."""
+    create(tmp_path / "base.qcow2", 4 * MiB)
+    create(tmp_path / "top.qcow2", 4 * MiB, backing="base.qcow2")
+    qio(tmp_path / "top.qcow2", ["write -P 7 64k 64k"])
+    for args in (["-u", "-b", "other.qcow2", "-F", "qcow2"],
+                 ["-u", "-b", "sub/dir/raw.img", "-F", "raw"],
+                 ["-u", "-b", "", "-F", "qcow2"],
+                 ["-u"]):
+        q, s = both(tmp_path, ["top.qcow2"], args, "top.qcow2")
+        assert (q.returncode, s.returncode) == (0, 0), (q.stderr, s.stderr)
+        qf, sf = tmp_path / "q" / "top.qcow2", tmp_path / "s" / "top.qcow2"
+        assert backing_fields(qf) == backing_fields(sf)
+        assert sha(qf) == sha(sf), args
+        check_alone(sf)
+
+
+def test_unsafe_keeps_extensions(tmp_path):
+    """Unknown header extensions and the feature table survive, in their
+    order, through a change and a removal."""
+    create(tmp_path / "t.qcow2", 1 * MiB)
+    before = extensions(tmp_path / "t.qcow2")
+    # An unknown (ignorable) extension after the feature table.
+    with open(tmp_path / "t.qcow2", "r+b") as f:
+        h = bytearray(f.read(4096))
+        off = struct.unpack(">I", h[100:104])[0]
+        for _ in before:
+            n = struct.unpack(">I", h[off + 4:off + 8])[0]
+            off += 8 + (n + 7) // 8 * 8
+        h[off:off + 24] = struct.pack(">II", 0x12345678, 5) + b"hello\0\0\0" \
+            + bytes(8)
+        f.seek(0)
+        f.write(h)
+    exts = extensions(tmp_path / "t.qcow2")
+    assert exts[-1] == (0x12345678, b"hello")
+    img = strata_img()
+    run(img, "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2",
+        cwd=tmp_path)
+    after = extensions(tmp_path / "t.qcow2")
+    assert after == [(0xE2792ACA, b"qcow2")] + exts
+    assert backing_fields(tmp_path / "t.qcow2")["backing-filename"] \
+        == "b.qcow2"
+    run(img, "rebase", "-u", "-b", "", "t.qcow2", cwd=tmp_path)
+    assert extensions(tmp_path / "t.qcow2") == exts
+    qemu_check(tmp_path / "t.qcow2")
+
+
+def test_unsafe_refusals(tmp_path):
+    """A name that does not fit the first cluster, a missing -F, a bad
+    format name, a missing image: qemu-img's exit code, files unchanged."""
+    create(tmp_path / "s.qcow2", 1 * MiB, cluster_size=512)
+    long = "y" * 400
+    cases = [
+        (["-u", "-b", long, "-F", "qcow2"], "s.qcow2", "fit"),
+        (["-u", "-b", "x.qcow2"], "s.qcow2", "backing format must be"),
+        (["-u", "-b", "x.qcow2", "-F", "bogus"], "s.qcow2", "bogus"),
+        (["-u", "-b", "x.qcow2", "-F", "qcow2"], "nope.qcow2", "nope.qcow2"),
+        (["-b", "x.qcow2", "-F", "qcow2", "a", "b"], "s.qcow2",
+         "Expecting one image file name"),
+        (["-F", "qcow2"], "s.qcow2", "Must specify backing file"),
+    ]
+    for args, target, msg in cases:
+        q, s = both(tmp_path, ["s.qcow2"], args, target)
+        assert q.returncode == s.returncode == 1, (args, q.stderr, s.stderr)
+        assert msg in s.stderr and s.stderr.count("\n") <= 2, s.stderr
+        assert sha(tmp_path / "s" / "s.qcow2") == sha(tmp_path / "s.qcow2")
