@@ -209,6 +209,32 @@ raw_create (const char *filename, strata_opts *opts, strata_error **errp)
                       errp);
 }
 
+/* qemu-img measure -O raw: the guest size (sector-aligned when given as
+ * an option); holes count, since the file's length is what is needed. */
+static bool
+raw_measure (strata_opts *opts, strata_node *src, uint64_t *required,
+             uint64_t *fully_allocated, strata_error **errp)
+{
+  uint64_t size;
+
+  if (!opts_get_size (opts, "size", 0, &size, errp))
+    return false;
+  opts_get (opts, "preallocation");
+  if (src) {
+    int64_t len = strata_length (src);
+    if (len < 0) {
+      error_set (errp, (int) -len, "%s: cannot get the image size",
+                 src->filename);
+      return false;
+    }
+    size = len;
+  }
+  else
+    size = (size + 511) / 512 * 512;
+  *required = *fully_allocated = size;
+  return true;
+}
+
 static const char *const raw_create_options[] = {
   "size", "preallocation", NULL,
 };
@@ -221,6 +247,7 @@ const struct strata_driver raw_driver = {
   .open           = raw_open,
   .create         = raw_create,
   .create_options = raw_create_options,
+  .measure        = raw_measure,
   .preadv         = raw_preadv,
   .pwritev        = raw_pwritev,
   .pwrite_zeroes  = raw_pwrite_zeroes,

@@ -399,6 +399,7 @@ const struct strata_driver qcow2_driver = {
   .block_status   = qcow2_block_status,
   .get_length     = qcow2_get_length,
   .truncate       = qcow2_truncate,
+  .measure        = qcow2_measure,
   .get_info       = qcow2_get_info,
   .reopen         = qcow2_reopen,
   .check          = qcow2_check_written,

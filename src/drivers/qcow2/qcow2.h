@@ -306,4 +306,8 @@ bool qcow2_create (const char *filename, strata_opts *opts,
                    strata_error **errp);
 extern const char *const qcow2_create_options[];
 
+/* measure.c: qemu-img measure -O qcow2. */
+bool qcow2_measure (strata_opts *opts, strata_node *src, uint64_t *required,
+                    uint64_t *fully_allocated, strata_error **errp);
+
 #endif
