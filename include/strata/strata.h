@@ -40,6 +40,8 @@ const char *strata_last_error_message (void);
 #define STRATA_OPEN_RDWR        (1u << 0) /* open for writing */
 #define STRATA_OPEN_FORCE_SHARE (1u << 1) /* -U: read-only, take no locks */
 #define STRATA_OPEN_NO_BACKING  (1u << 2) /* do not open backing files */
+#define STRATA_OPEN_COPY_ON_READ (1u << 3) /* -C: a copy-on-read filter on
+                                            * top (needs STRATA_OPEN_RDWR) */
 
 /* Open an image.  FORMAT may be NULL to probe (only the top image is ever
  * probed).  OPTIONS is NULL or a "key=value,key=value" list in QEMU's

@@ -374,6 +374,25 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
   return node;
 }
 
+/* A copy-on-read filter over NODE, taking over the caller's reference
+ * (STRATA_OPEN_COPY_ON_READ: qemu-io -C). */
+static strata_node *
+node_wrap_copy_on_read (strata_node *node, unsigned flags,
+                        strata_error **errp)
+{
+  strata_opts *opts = opts_new ();
+  strata_node *cor = NULL;
+
+  if (!opts || !opts_set (opts, "driver", "copy-on-read")
+      || !opts_set (opts, "file", node->node_name))
+    error_set (errp, ENOMEM, "out of memory");
+  else
+    cor = node_open (opts, flags, errp);
+  opts_free (opts);
+  node_unref (node);  /* the filter holds its own */
+  return cor;
+}
+
 strata_node *
 node_open_image (const char *filename, const char *format, strata_opts *extra,
                  unsigned flags, strata_error **errp)
@@ -381,6 +400,7 @@ node_open_image (const char *filename, const char *format, strata_opts *extra,
   strata_opts *opts = opts_new ();
   const struct strata_driver *drv = format ? driver_find (format) : NULL;
   strata_node *node = NULL;
+  bool cor = flags & STRATA_OPEN_COPY_ON_READ;
   bool ok;
 
   if (!opts) {
@@ -411,8 +431,11 @@ node_open_image (const char *filename, const char *format, strata_opts *extra,
     ok = opts_set (opts, "file.filename", filename);
   if (!ok)
     goto oom;
-  node = node_open (opts, flags, errp);
+  node = node_open (opts, flags & ~STRATA_OPEN_COPY_ON_READ, errp);
   opts_free (opts);
+  if (node && cor)
+    node = node_wrap_copy_on_read (node, flags & ~STRATA_OPEN_COPY_ON_READ,
+                                   errp);
   return node;
 
 oom:
@@ -467,10 +490,12 @@ node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
               const struct iovec *iov, int iovcnt, unsigned flags)
 {
   struct tracked_req req;
+  bool track = !(flags & NODE_REQ_SERIALISED);
   int r = check_overflow (node, offset, len);
 
   if (r == 0)
     r = check_writable (node);
+  flags &= ~NODE_REQ_SERIALISED;
   if (r < 0 || len == 0)
     return r;
   if ((flags & STRATA_REQ_COMPRESSED) && !node->drv->pwritev_compressed) {
@@ -484,13 +509,15 @@ node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
       return node_pwritev (node->file, offset, len, iov, iovcnt, flags);
     return -ENOTSUP;
   }
-  tracker_begin (&node->tracker, &req, offset, len, false);
+  if (track)
+    tracker_begin (&node->tracker, &req, offset, len, false);
   if (flags & STRATA_REQ_COMPRESSED)
     r = node->drv->pwritev_compressed (node, offset, len, iov, iovcnt,
                                        flags & ~STRATA_REQ_COMPRESSED);
   else
     r = node->drv->pwritev (node, offset, len, iov, iovcnt, flags);
-  tracker_end (&node->tracker, &req);
+  if (track)
+    tracker_end (&node->tracker, &req);
   return r;
 }
 
@@ -538,22 +565,26 @@ node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
                     unsigned flags)
 {
   struct tracked_req req;
+  bool track = !(flags & NODE_REQ_SERIALISED);
   int r = check_overflow (node, offset, len);
 
   if (r == 0)
     r = check_writable (node);
+  flags &= ~NODE_REQ_SERIALISED;
   if (r < 0 || len == 0)
     return r;
   if (!node->drv->pwrite_zeroes && !node->drv->pwritev
       && node->drv->is_filter && node->file)
     return node_pwrite_zeroes (node->file, offset, len, flags);
-  tracker_begin (&node->tracker, &req, offset, len, false);
+  if (track)
+    tracker_begin (&node->tracker, &req, offset, len, false);
   r = -ENOTSUP;
   if (node->drv->pwrite_zeroes)
     r = node->drv->pwrite_zeroes (node, offset, len, flags);
   if (r == -ENOTSUP && node->drv->pwritev)
     r = emulate_write_zeroes (node, offset, len, flags);
-  tracker_end (&node->tracker, &req);
+  if (track)
+    tracker_end (&node->tracker, &req);
   return r;
 }
 

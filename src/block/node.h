@@ -208,6 +208,10 @@ void node_detach_child (strata_node *parent, const char *name);
 
 /* Internal data path: requests between nodes.  No check against the
  * node's length (a format may grow its file); overflow is refused. */
+/* Internal request flag for writes and zeroes: the caller already holds a
+ * serialising request of NODE's tracker over the range (copy-up), so the
+ * core must not register another one, which would wait for it. */
+#define NODE_REQ_SERIALISED (1u << 16)
 int node_preadv (strata_node *node, uint64_t offset, uint64_t len,
                  const struct iovec *iov, int iovcnt, unsigned flags);
 int node_pwritev (strata_node *node, uint64_t offset, uint64_t len,

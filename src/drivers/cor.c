@@ -1,23 +1,101 @@
-/* strata: the copy-on-read filter driver.  Placeholder until it lands: opening
- * it fails. */
+/* strata: the copy-on-read filter driver (QEMU's "copy-on-read").
+ *
+ *      [copy-on-read] --file--> [qcow2 top] --backing--> ... [bottom] --> ...
+ *
+ * A read first copies into the format node under the filter (TOP) what
+ * TOP lacks of the read range and the chain holds (node_copy_up, which
+ * serialises against writes to TOP), then reads from TOP.  With `bottom`
+ * (a node name in TOP's backing chain) only data from the layers down to
+ * bottom, inclusive, is copied, as QEMU's filter does for block-stream.
+ * Everything else passes through to `file`, which the core does for a
+ * filter that leaves an operation NULL.
+ */
 #include <errno.h>
 
+#include "block/graph.h"
 #include "block/node.h"
 
-static bool
-copy_on_read_open (strata_node *node, strata_opts *opts, unsigned flags,
-            strata_error **errp)
+struct cor_state {
+  strata_node *bottom; /* a reference, or NULL */
+};
+
+static strata_node *
+cor_format_node (strata_node *node)
 {
-  (void) opts;
-  (void) flags;
-  error_set (errp, ENOTSUP, "%s: driver 'copy-on-read' is not implemented yet",
-             node->node_name ? node->node_name : "node");
+  strata_node *top = node->file;
+
+  while (top->drv->is_filter && top->file)
+    top = top->file;
+  return top;
+}
+
+static bool
+cor_in_chain (strata_node *top, strata_node *n)
+{
+  for (strata_node *l = top->backing; l; l = l->backing) {
+    while (l->drv->is_filter && l->file && l != n)
+      l = l->file;
+    if (l == n)
+      return true;
+  }
   return false;
+}
+
+static bool
+cor_open (strata_node *node, strata_opts *opts, unsigned flags,
+          strata_error **errp)
+{
+  struct cor_state *s = node->opaque;
+  const char *bottom = opts_get (opts, "bottom");
+
+  (void)flags;
+  if (node->read_only || node->file->read_only) {
+    error_set (errp, EPERM, "Can't use copy-on-read on read-only device");
+    return false;
+  }
+  if (!bottom)
+    return true;
+  if (!(s->bottom = graph_lookup (bottom))) {
+    error_set (errp, ENOENT, "Bottom node '%s' not found", bottom);
+    return false;
+  }
+  if (!cor_in_chain (cor_format_node (node), s->bottom)) {
+    error_set (errp, EINVAL,
+               "Bottom node '%s' is not in the backing chain "
+               "of '%s'",
+               bottom, node->file->node_name);
+    node_unref (s->bottom);
+    s->bottom = NULL;
+    return false;
+  }
+  return true;
+}
+
+static void
+cor_close (strata_node *node)
+{
+  struct cor_state *s = node->opaque;
+
+  node_unref (s->bottom);
+}
+
+static int
+cor_preadv (strata_node *node, uint64_t offset, uint64_t len,
+            const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  struct cor_state *s = node->opaque;
+  strata_node *base = s->bottom ? s->bottom->backing : NULL;
+  int r = node_copy_up (cor_format_node (node), base, offset, len, NULL);
+
+  return r < 0 ? r : node_preadv (node->file, offset, len, iov, iovcnt, flags);
 }
 
 const struct strata_driver copy_on_read_driver = {
   .name = "copy-on-read",
+  .state_size = sizeof (struct cor_state),
   .is_filter = true,
   .has_file_child = true,
-  .open = copy_on_read_open,
+  .open = cor_open,
+  .close = cor_close,
+  .preadv = cor_preadv,
 };

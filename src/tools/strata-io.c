@@ -639,6 +639,8 @@ usage (FILE *f)
     "  -t, --cache MODE     none, writeback (default), writethrough,\n"
     "                       directsync or unsafe\n"
     "  -n, --nocache        same as -t none\n"
+    "  -C, --copy-on-read   copy what reads fetch from backing files into\n"
+    "                       the image (a copy-on-read filter on top)\n"
     "  -o, --options OPTS   extra driver options, key=value,...\n"
     "  -h, --help           show this help\n"
     "  -V, --version        show the version\n", progname);
@@ -654,6 +656,7 @@ main (int argc, char **argv)
     { "force-share", no_argument, NULL, 'U' },
     { "cache", required_argument, NULL, 't' },
     { "nocache", no_argument, NULL, 'n' },
+    { "copy-on-read", no_argument, NULL, 'C' },
     { "options", required_argument, NULL, 'o' },
     { "help", no_argument, NULL, 'h' },
     { "version", no_argument, NULL, 'V' },
@@ -669,7 +672,7 @@ main (int argc, char **argv)
 
   if (!cmds)
     return 1;
-  while ((c = getopt_long (argc, argv, "+c:f:rUt:no:hV", long_options,
+  while ((c = getopt_long (argc, argv, "+c:f:rUt:nCo:hV", long_options,
                            NULL)) != -1) {
     switch (c) {
     case 'c': cmds[ncmds++] = optarg; break;
@@ -678,6 +681,7 @@ main (int argc, char **argv)
     case 'U': flags |= STRATA_OPEN_FORCE_SHARE; break;
     case 't': cache = optarg; break;
     case 'n': cache = "none"; break;
+    case 'C': flags |= STRATA_OPEN_COPY_ON_READ; break;
     case 'o': extra = optarg; break;
     case 'h': usage (stdout); return 0;
     case 'V': printf ("strata-io version 0.1.0\n"); return 0;
