@@ -1,0 +1,253 @@
+"""strata-img commit against qemu-img commit (7.2) as the oracle.
+
+Each case builds a 3-deep chain with qemu-io (overlapping writes, zero
+clusters from 'write -z', a compressed cluster from 'write -c', an
+unaligned write), copies it twice, runs the same commit with both tools
+and compares what QEMU's tools see: every layer's content with 'qemu-img
+compare', 'qemu-img check', the backing fields of 'qemu-img info', and
+the allocation map of the top ('qemu-img map' without host offsets).  The
+top's guest view must also equal the pristine chain's.
+"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import binary, run
+from qcow2_common import KiB, MiB, create, qemu_check, qemu_img, qio
+
+LAYERS = ("base.qcow2", "mid.qcow2", "top.qcow2")
+
+
+def strata_img():
+    return binary("strata-img")
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def make_chain(d, cs, top_size=None, **opts):
+    """base <- mid <- top in directory D with cluster size CS."""
+    os.makedirs(d, exist_ok=True)
+    size = max(4 * MiB, 16 * cs)
+    create(d / "base.qcow2", size, cluster_size=cs, **opts)
+    create(d / "mid.qcow2", size, backing="base.qcow2", cluster_size=cs,
+           **opts)
+    create(d / "top.qcow2", top_size or size, backing="mid.qcow2",
+           cluster_size=cs, **opts)
+    qio(d / "base.qcow2", [f"write -P 1 0 {8 * cs}",
+                           f"write -P 5 {12 * cs} {2 * cs}"])
+    qio(d / "mid.qcow2", [f"write -P 2 {2 * cs} {4 * cs}",
+                          f"write -z {10 * cs} {2 * cs}",
+                          f"write -P 6 {13 * cs} {3 * cs}"])
+    top = [f"write -P 3 {3 * cs} {3 * cs}", f"write -z 0 {cs}",
+           f"write -c -P 4 {8 * cs} {cs}", f"write -P 8 {5 * cs + 512} 1024",
+           f"write -z {13 * cs} {cs}"]
+    if top_size:
+        top.append(f"write -P 9 {top_size - 2 * cs} {cs}")
+    qio(d / "top.qcow2", top)
+
+
+def copies(tmp_path, names=("q", "s", "orig")):
+    for n in names:
+        shutil.copytree(tmp_path / "chain", tmp_path / n)
+
+
+def map_of(path):
+    """qemu-img map of PATH without host offsets, adjacent runs merged."""
+    p = run(qemu_img(), "map", "--output=json", path.name, cwd=path.parent)
+    out = []
+    for e in json.loads(p.stdout):
+        e = {k: v for k, v in e.items() if k != "offset"}
+        if out and all(out[-1][k] == e[k] for k in e if
+                       k not in ("start", "length")):
+            out[-1]["length"] += e["length"]
+        else:
+            out.append(e)
+    return out
+
+
+def backing_fields(path):
+    p = run(qemu_img(), "info", "--output=json", path.name, cwd=path.parent)
+    i = json.loads(p.stdout)
+    return {k: i.get(k) for k in ("backing-filename",
+                                  "backing-filename-format", "virtual-size")}
+
+
+def compare(a, b):
+    p = run(qemu_img(), "compare", a, b, check=False)
+    assert p.returncode == 0, f"{a} != {b}: {p.stdout}{p.stderr}"
+
+
+def both_commit(tmp_path, args):
+    q = run(qemu_img(), "commit", *args, "top.qcow2", cwd=tmp_path / "q",
+            check=False)
+    s = run(strata_img(), "commit", *args, "top.qcow2", cwd=tmp_path / "s",
+            check=False)
+    return q, s
+
+
+def assert_same_result(tmp_path):
+    q, s, o = tmp_path / "q", tmp_path / "s", tmp_path / "orig"
+    compare(s / "top.qcow2", o / "top.qcow2")
+    for name in LAYERS:
+        compare(q / name, s / name)
+        qemu_check(s / name)
+    assert backing_fields(s / "top.qcow2") == backing_fields(q / "top.qcow2")
+    assert map_of(s / "top.qcow2") == map_of(q / "top.qcow2")
+    assert backing_fields(s / "base.qcow2") == \
+        backing_fields(q / "base.qcow2")
+
+
+@pytest.mark.parametrize("cs", [4 * KiB, 64 * KiB, 2 * MiB])
+@pytest.mark.parametrize("args", [[], ["-d"], ["-b", "base.qcow2"],
+                                  ["-b", "mid.qcow2"]],
+                         ids=["empty", "d", "b-base", "b-mid"])
+def test_commit_matches_qemu(tmp_path, cs, args):
+    if cs == 2 * MiB and args in (["-d"], ["-b", "mid.qcow2"]):
+        pytest.skip("covered at the smaller cluster sizes; keeps it fast")
+    make_chain(tmp_path / "chain", cs)
+    copies(tmp_path)
+    q, s = both_commit(tmp_path, args)
+    assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
+    assert s.stdout == q.stdout == "Image committed.\n"
+    assert_same_result(tmp_path)
+    if not args:
+        # Emptied: nothing of the top's own is left mapped.
+        assert all(e["depth"] > 0 for e in map_of(tmp_path / "s" /
+                                                   "top.qcow2"))
+
+
+@pytest.mark.parametrize("opts", [{"compat": "0.10"},
+                                  {"extended_l2": "on"}],
+                         ids=["v2", "extl2"])
+def test_commit_other_layouts(tmp_path, opts):
+    make_chain(tmp_path / "chain", 64 * KiB, **opts)
+    copies(tmp_path)
+    q, s = both_commit(tmp_path, [])
+    assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
+    assert_same_result(tmp_path)
+
+
+def test_commit_grows_base(tmp_path):
+    """A top larger than its base: the base grows to the top's size."""
+    make_chain(tmp_path / "chain", 64 * KiB, top_size=6 * MiB)
+    copies(tmp_path)
+    q, s = both_commit(tmp_path, [])
+    assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
+    assert_same_result(tmp_path)
+    assert backing_fields(tmp_path / "s" / "mid.qcow2")["virtual-size"] \
+        == 6 * MiB
+
+
+def test_commit_top_with_snapshot(tmp_path):
+    """An internal snapshot shares the top's L2 tables and clusters:
+    emptying drops only the active image's references."""
+    make_chain(tmp_path / "chain", 64 * KiB)
+    run(qemu_img(), "snapshot", "-c", "s1", tmp_path / "chain" / "top.qcow2")
+    copies(tmp_path)
+    q, s = both_commit(tmp_path, [])
+    assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
+    assert_same_result(tmp_path)
+    for d in ("s", "orig"):
+        run(qemu_img(), "snapshot", "-a", "s1", tmp_path / d / "top.qcow2")
+    compare(tmp_path / "s" / "top.qcow2", tmp_path / "orig" / "top.qcow2")
+
+
+def test_progress_and_quiet(tmp_path):
+    """-p prints qemu-img's "    (xx.xx/100%)\r" lines and a newline;
+    -q silences both the progress and the message."""
+    make_chain(tmp_path / "chain", 64 * KiB)
+    copies(tmp_path, ("q", "s"))
+    outs = []
+    for tool, d in ((qemu_img(), "q"), (strata_img(), "s")):
+        p = subprocess.run([tool, "commit", "-p", "top.qcow2"],
+                           cwd=tmp_path / d, capture_output=True)
+        assert p.returncode == 0, p.stderr
+        outs.append(p.stdout)
+    for out in outs:
+        assert out.startswith(b"    (0.00/100%)\r"), out
+        assert out.endswith(b"    (100.00/100%)\r\nImage committed.\n"), out
+        steps = out.split(b"\r")[:-1]
+        assert all(x.startswith(b"    (") and x.endswith(b"/100%)")
+                   for x in steps[1:]), out
+    q, s = both_commit(tmp_path, ["-q", "-p"])
+    assert s.returncode == 0 and s.stdout == q.stdout == ""
+
+
+@pytest.mark.parametrize("args,target,msg", [
+    (["-b", "nope.qcow2"], "top.qcow2", "Did not find 'nope.qcow2' in the "
+                                        "backing chain of 'top.qcow2'"),
+    (["-b", "top.qcow2"], "top.qcow2", "Did not find"),
+    ([], "base.qcow2", "Image does not have a backing file"),
+    ([], "missing.qcow2", "Could not open 'missing.qcow2'"),
+    (["-r", "1x"], "top.qcow2", "Invalid rate limit"),
+    (["-t", "bogus"], "top.qcow2", "Invalid cache option: bogus"),
+    (["-f", "raw"], "top.qcow2", "Image does not have a backing file"),
+    ([], "", "Expecting one image file name"),
+])
+def test_bad_input(tmp_path, args, target, msg):
+    make_chain(tmp_path / "chain", 64 * KiB)
+    copies(tmp_path, ("q", "s"))
+    before = {n: sha(tmp_path / "s" / n) for n in LAYERS}
+    tail = [target] if target else []
+    q = run(qemu_img(), "commit", *args, *tail, cwd=tmp_path / "q",
+            check=False)
+    s = run(strata_img(), "commit", *args, *tail, cwd=tmp_path / "s",
+            check=False)
+    assert q.returncode == s.returncode == 1, (q.stderr, s.stderr)
+    assert msg in s.stderr, s.stderr
+    assert s.stderr.splitlines()[0].startswith("strata-img: ")
+    assert {n: sha(tmp_path / "s" / n) for n in LAYERS} == before
+
+
+def test_rate_limit(tmp_path):
+    """-r 1M over ~1.2 MiB of data takes about a second; unlimited does
+    not."""
+    d = tmp_path / "chain"
+    d.mkdir()
+    create(d / "base.qcow2", 4 * MiB)
+    create(d / "top.qcow2", 4 * MiB, backing="base.qcow2")
+    qio(d / "top.qcow2", ["write -P 7 0 1280k"])
+    copies(tmp_path, ("s", "orig"))
+    t0 = time.monotonic()
+    run(strata_img(), "commit", "-q", "-r", "1M", "top.qcow2",
+        cwd=tmp_path / "s")
+    assert time.monotonic() - t0 >= 0.9
+    compare(tmp_path / "s" / "base.qcow2", tmp_path / "orig" / "top.qcow2")
+
+
+def test_killed_commit_reruns(tmp_path):
+    """kill -9 part-way through a rate-limited commit, then run it again:
+    the content is right and every image passes check."""
+    d = tmp_path / "chain"
+    make_chain(d, 64 * KiB)
+    qio(d / "top.qcow2", ["write -P 10 1m 2m"])
+    copies(tmp_path, ("s", "orig"))
+    proc = subprocess.Popen([strata_img(), "commit", "-r", "512k",
+                             "top.qcow2"], cwd=tmp_path / "s",
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None, "commit finished before the kill"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    s = tmp_path / "s"
+    compare(s / "top.qcow2", tmp_path / "orig" / "top.qcow2")
+    # Part of the data reached mid already.
+    p = run(qemu_img(), "compare", s / "mid.qcow2",
+            tmp_path / "orig" / "mid.qcow2", check=False)
+    assert p.returncode == 1, "nothing was copied before the kill"
+    run(strata_img(), "commit", "top.qcow2", cwd=s)
+    compare(s / "top.qcow2", tmp_path / "orig" / "top.qcow2")
+    compare(s / "mid.qcow2", tmp_path / "orig" / "top.qcow2")
+    for name in LAYERS:
+        qemu_check(s / name)
