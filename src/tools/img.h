@@ -37,6 +37,11 @@ strata_node *open_image (const char *filename, const char *fmt,
 /* JSON with qemu-img's four-space indentation on stdout. */
 void print_json (json_t *j);
 
+/* img-snapshot.c: the snapshot table as qemu-img prints it (snapshot -l
+ * and info). */
+void snapshot_list_human (const struct strata_snapshot_info *l, int n);
+json_t *snapshot_list_json (const struct strata_snapshot_info *l, int n);
+
 /* The subcommands. */
 int cmd_create (int argc, char **argv);
 int cmd_info (int argc, char **argv);

@@ -180,13 +180,16 @@ cmd_create (int argc, char **argv)
 /* ---- info ---- */
 
 static json_t *
-info_json (const struct strata_info *i)
+info_json (const struct strata_info *i,
+           const struct strata_snapshot_info *snaps, int nsnaps)
 {
   json_t *o = json_object ();
 
   if (i->backing_format)
     json_object_set_new (o, "backing-filename-format",
                          json_string (i->backing_format));
+  if (nsnaps > 0)
+    json_object_set_new (o, "snapshots", snapshot_list_json (snaps, nsnaps));
   json_object_set_new (o, "virtual-size", json_integer (i->virtual_size));
   json_object_set_new (o, "filename", json_string (i->filename));
   if (i->cluster_size)
@@ -230,7 +233,8 @@ info_json (const struct strata_info *i)
 }
 
 static void
-info_human (const struct strata_info *i)
+info_human (const struct strata_info *i,
+            const struct strata_snapshot_info *snaps, int nsnaps)
 {
   char s[32];
 
@@ -252,6 +256,10 @@ info_human (const struct strata_info *i)
     printf ("\n");
     if (i->backing_format)
       printf ("backing file format: %s\n", i->backing_format);
+  }
+  if (nsnaps > 0) {
+    printf ("Snapshot list:\n");
+    snapshot_list_human (snaps, nsnaps);
   }
   if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
     printf ("Format specific information:\n");
@@ -310,20 +318,24 @@ cmd_info (int argc, char **argv)
   arr = json_array ();
   for (n = top; n; n = chain ? strata_backing (n) : NULL) {
     struct strata_info info;
+    struct strata_snapshot_info *snaps = NULL;
     strata_error *err = NULL;
+    int nsnaps = 0;
 
-    if (!strata_get_info (n, &info, 0, &err)) {
+    if (!strata_get_info (n, &info, 0, &err)
+        || (nsnaps = strata_snapshot_list (n, &snaps, &err)) < 0) {
       fail_err (err);
       ret = 1;
       break;
     }
     if (out == OUTPUT_JSON)
-      json_array_append_new (arr, info_json (&info));
+      json_array_append_new (arr, info_json (&info, snaps, nsnaps));
     else {
       if (n != top)
         printf ("\n");
-      info_human (&info);
+      info_human (&info, snaps, nsnaps);
     }
+    strata_snapshot_list_free (snaps, nsnaps);
   }
   if (ret == 0 && out == OUTPUT_JSON)
     print_json (chain ? arr : json_array_get (arr, 0));

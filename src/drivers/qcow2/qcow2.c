@@ -405,6 +405,11 @@ const struct strata_driver qcow2_driver = {
   .check          = qcow2_check_written,
   .create         = qcow2_create,
   .create_options = qcow2_create_options,
+  .snapshot_list  = qcow2_snapshot_list,
+  .snapshot_create = qcow2_snapshot_create,
+  .snapshot_apply = qcow2_snapshot_apply,
+  .snapshot_delete = qcow2_snapshot_delete,
+  .amend          = qcow2_amend,
   .change_backing_file = qcow2_change_backing_file,
   .make_empty     = qcow2_make_empty,
 };

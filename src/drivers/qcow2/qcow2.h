@@ -291,6 +291,23 @@ int qcow2_flush (strata_node *node);
 /* resize.c */
 bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
                      strata_error **errp);
+/* N contiguous clusters (refcounts written), usually past the end of the
+ * file; returns the first one's offset or a negative errno. */
+int64_t qcow2_alloc_contiguous_locked (strata_node *node, uint64_t n);
+
+/* snapshot.c: internal snapshots (qemu-img snapshot). */
+int qcow2_snapshot_list (strata_node *node,
+                         struct strata_snapshot_info **list,
+                         strata_error **errp);
+bool qcow2_snapshot_create (strata_node *node, const char *name,
+                            strata_error **errp);
+bool qcow2_snapshot_apply (strata_node *node, const char *name,
+                           strata_error **errp);
+bool qcow2_snapshot_delete (strata_node *node, const char *name,
+                            strata_error **errp);
+
+/* amend.c: qemu-img amend -o compat=...,lazy_refcounts=... */
+bool qcow2_amend (strata_node *node, strata_opts *opts, strata_error **errp);
 
 /* backing.c: chain edits (rewrite the backing file, empty the layer). */
 bool qcow2_change_backing_file (strata_node *node, const char *backing_file,

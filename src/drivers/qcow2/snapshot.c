@@ -1,2 +1,931 @@
-/* strata qcow2: snapshot.  Placeholder until it lands. */
+/* strata: qcow2 internal snapshots (qcow2.txt "Snapshots").
+ *
+ * The snapshot table is nb_snapshots entries starting at snapshots_offset
+ * (header bytes 60-71), each 8-byte aligned:
+ *
+ *   0- 7 l1_table_offset     8-11 l1_size       12-13 id_str_size
+ *  14-15 name_size          16-19 date_sec      20-23 date_nsec
+ *  24-31 vm_clock_nsec      32-35 vm_state_size 36-39 extra_data_size
+ *  extra data: 0-7 vm_state_size_large, 8-15 disk_size, 16-23 icount
+ *  then id_str, name (no NUL), padding to 8 bytes
+ *
+ * A snapshot is a copy of the active L1 table.  A host cluster's refcount
+ * counts the L1 tables (active and snapshots') that reach it, so taking a
+ * snapshot adds one to every L2 table and data cluster the active L1
+ * reaches, and the active image then copies before writing anything whose
+ * refcount is above one: bit 63 (COPIED) of an active L1/L2 entry is set
+ * exactly when the refcount of what it points at is 1 (sync_copied).
+ * Snapshot L1 tables carry no meaningful COPIED bits (strata writes none).
+ *
+ * Crash safety: references are added before anything points at the
+ * clusters and dropped only after the last pointer is gone; a new table
+ * (snapshot table or active L1) is written to new clusters and flushed,
+ * then published by one header write, then the old one is freed.  A crash
+ * leaks clusters at worst (or, between dropping a reference and setting
+ * COPIED again, leaves a cluster copied once more than needed).
+ *
+ * Limits, as QEMU's: at most 65536 snapshots, a table of at most 64 MiB,
+ * at most 1024 bytes of extra data per entry.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
 #include "drivers/qcow2/qcow2.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
+
+#define SNAP_MAX_COUNT 65536
+#define SNAP_MAX_TABLE (64ull << 20)
+#define SNAP_MAX_EXTRA 1024
+#define SNAP_EXTRA_KNOWN 24
+
+struct snap {
+  uint64_t l1_offset;
+  uint32_t l1_size;
+  uint32_t date_sec, date_nsec;
+  uint64_t vm_clock_nsec;
+  uint64_t vm_state_size;
+  uint64_t disk_size;
+  uint64_t icount; /* UINT64_MAX when not recorded */
+  uint32_t extra_size;
+  uint8_t *extra; /* as read: unknown fields are kept */
+  char *id, *name;
+};
+
+struct snap_table {
+  struct snap *sn;
+  uint32_t n;
+  uint64_t offset, bytes; /* where it is on disk */
+};
+
+static void
+table_free (struct snap_table *t)
+{
+  for (uint32_t i = 0; t->sn && i < t->n; i++) {
+    free (t->sn[i].extra);
+    free (t->sn[i].id);
+    free (t->sn[i].name);
+  }
+  free (t->sn);
+  *t = (struct snap_table){ 0 };
+}
+
+static size_t
+entry_bytes (uint32_t extra, size_t id_len, size_t name_len)
+{
+  return ROUND_UP (40 + (size_t) extra + id_len + name_len, 8);
+}
+
+/* A string of LEN bytes from P, refused when it holds a NUL. */
+static char *
+take_string (const uint8_t *p, size_t len)
+{
+  char *s;
+
+  if (memchr (p, 0, len) || !(s = malloc (len + 1)))
+    return NULL;
+  memcpy (s, p, len);
+  s[len] = 0;
+  return s;
+}
+
+/* Parse entry I (fixed part FIX, the rest at REST) into SN. */
+static bool
+parse_entry (strata_node *node, uint32_t i, const uint8_t *fix,
+             const uint8_t *rest, struct snap *sn, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  uint16_t id_len = be16_load (fix + 12), name_len = be16_load (fix + 14);
+  uint32_t extra = be32_load (fix + 36);
+
+  sn->l1_offset = be64_load (fix);
+  sn->l1_size = be32_load (fix + 8);
+  sn->date_sec = be32_load (fix + 16);
+  sn->date_nsec = be32_load (fix + 20);
+  sn->vm_clock_nsec = be64_load (fix + 24);
+  sn->vm_state_size = be32_load (fix + 32);
+  sn->extra_size = extra;
+  sn->disk_size = s->size;
+  sn->icount = UINT64_MAX;
+  if (extra >= 8)
+    sn->vm_state_size = be64_load (rest);
+  if (extra >= 16)
+    sn->disk_size = be64_load (rest + 8);
+  if (extra >= 24)
+    sn->icount = be64_load (rest + 16);
+  if (!(sn->extra = malloc (extra ? extra : 1))
+      || !(sn->id = take_string (rest + extra, id_len))
+      || !(sn->name = take_string (rest + extra + id_len, name_len))) {
+    error_set (errp, EINVAL,
+               "%s: snapshot table entry %" PRIu32 " has an "
+               "id or name with a NUL byte",
+               node->filename, i);
+    return false;
+  }
+  memcpy (sn->extra, rest, extra);
+  if (sn->disk_size > (1ull << 62) || sn->disk_size % 512) {
+    error_set (errp, EINVAL,
+               "%s: snapshot table entry %" PRIu32 " disk size "
+               "%" PRIu64 " is invalid",
+               node->filename, i, sn->disk_size);
+    return false;
+  }
+  return true;
+}
+
+/* Read and check the whole snapshot table. */
+static bool
+read_table_locked (strata_node *node, struct snap_table *t,
+                   strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  const char *fn = node->filename;
+  int64_t flen = node_length (node->file);
+  uint8_t h[12];
+  uint64_t pos;
+  int r;
+
+  *t = (struct snap_table){ 0 };
+  if (flen < 0 || (r = node_pread (node->file, 60, h, sizeof h, 0)) < 0) {
+    error_set (errp, EIO, "%s: cannot read the snapshot table location", fn);
+    return false;
+  }
+  t->n = be32_load (h);
+  t->offset = pos = be64_load (h + 4);
+  if (t->n == 0)
+    return true;
+  if (t->n > SNAP_MAX_COUNT) {
+    error_set (errp, EFBIG,
+               "%s: nb_snapshots %" PRIu32 " is too large (max "
+               "%d)",
+               fn, t->n, SNAP_MAX_COUNT);
+    return false;
+  }
+  if (pos % s->cluster_size || pos == 0 || pos >= QCOW2_MAX_OFFSET) {
+    error_set (errp, EINVAL,
+               "%s: snapshot table offset 0x%" PRIx64 " is "
+               "invalid",
+               fn, pos);
+    return false;
+  }
+  if (!(t->sn = calloc (t->n, sizeof *t->sn))) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  for (uint32_t i = 0; i < t->n; i++) {
+    uint8_t fix[40];
+    CLEANUP_FREE uint8_t *rest = NULL;
+    uint64_t len;
+
+    if (pos - t->offset + 40 > SNAP_MAX_TABLE || pos + 40 > (uint64_t) flen) {
+      error_set (errp, EINVAL,
+                 "%s: snapshot table entry %" PRIu32 " at 0x%" PRIx64
+                 " is past the end of the file or the table's size "
+                 "limit (%llu bytes)",
+                 fn, i, pos, SNAP_MAX_TABLE);
+      goto fail;
+    }
+    if ((r = node_pread (node->file, pos, fix, 40, 0)) < 0) {
+      error_set (errp, -r, "%s: cannot read snapshot table entry %" PRIu32, fn,
+                 i);
+      goto fail;
+    }
+    if (be32_load (fix + 36) > SNAP_MAX_EXTRA) {
+      error_set (errp, EINVAL,
+                 "%s: snapshot table entry %" PRIu32 " extra "
+                 "data size %" PRIu32 " is too large (max %d)",
+                 fn, i, be32_load (fix + 36), SNAP_MAX_EXTRA);
+      goto fail;
+    }
+    /* The padding of the last entry may be past the end of the file. */
+    len = 40ull + be32_load (fix + 36) + be16_load (fix + 12)
+          + be16_load (fix + 14);
+    if (pos - t->offset + len > SNAP_MAX_TABLE || pos + len > (uint64_t) flen) {
+      error_set (errp, EINVAL,
+                 "%s: snapshot table entry %" PRIu32 " at 0x%" PRIx64
+                 " is past the end of the file or the table's size "
+                 "limit (%llu bytes)",
+                 fn, i, pos, SNAP_MAX_TABLE);
+      goto fail;
+    }
+    if (!(rest = malloc (len - 40 + 1))) {
+      error_set (errp, ENOMEM, "out of memory");
+      goto fail;
+    }
+    if ((r = node_pread (node->file, pos + 40, rest, len - 40, 0)) < 0) {
+      error_set (errp, -r, "%s: cannot read snapshot table entry %" PRIu32, fn,
+                 i);
+      goto fail;
+    }
+    if (!parse_entry (node, i, fix, rest, &t->sn[i], errp))
+      goto fail;
+    pos += ROUND_UP (len, 8);
+  }
+  t->bytes = pos - t->offset;
+  return true;
+
+fail:
+  table_free (t);
+  return false;
+}
+
+/* ---- cluster helpers ---- */
+
+static int
+free_range_locked (strata_node *node, uint64_t off, uint64_t bytes)
+{
+  struct qcow2_state *s = node->opaque;
+  int r;
+
+  for (uint64_t c = off; bytes && c < off + bytes; c += s->cluster_size)
+    if ((r = qcow2_refcount_update_locked (node, c, -1)) < 0)
+      return r;
+  return 0;
+}
+
+/* Write BYTES of BUF to newly allocated clusters, flushed.  Returns the
+ * offset or a negative errno. */
+static int64_t
+write_new_locked (strata_node *node, const uint8_t *buf, uint64_t bytes)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t n = ROUND_UP (bytes, s->cluster_size) >> s->cluster_bits;
+  CLEANUP_FREE uint8_t *padded = calloc (n ? n : 1, s->cluster_size);
+  int64_t off;
+  int r;
+
+  if (!padded)
+    return -ENOMEM;
+  memcpy (padded, buf, bytes);
+  if ((off = qcow2_alloc_contiguous_locked (node, n)) < 0)
+    return off;
+  if ((r = qcow2_overlap_check_locked (node, off, n << s->cluster_bits, 0,
+                                       "snapshot metadata", UINT64_MAX))
+          < 0
+      || (r = node_pwrite (node->file, off, padded, n << s->cluster_bits, 0))
+             < 0
+      || (r = node_flush (node->file)) < 0) {
+    free_range_locked (node, off, n << s->cluster_bits);
+    return r;
+  }
+  return off;
+}
+
+/* An L1 table in host byte order as big-endian bytes, without COPIED. */
+static uint8_t *
+l1_to_disk (const uint64_t *l1, uint64_t n)
+{
+  uint8_t *raw = malloc (n ? n * 8 : 1);
+
+  for (uint64_t i = 0; raw && i < n; i++)
+    be64_store (raw + i * 8, l1[i] & ~QCOW2_OFLAG_COPIED);
+  return raw;
+}
+
+/* Check a snapshot's L1 table location and load it (host byte order). */
+static bool
+load_snap_l1_locked (strata_node *node, const struct snap *sn, uint64_t **l1,
+                     strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t bytes = (uint64_t) sn->l1_size * 8;
+  CLEANUP_FREE uint8_t *raw = NULL;
+  int64_t flen = node_length (node->file);
+  int r;
+
+  *l1 = NULL;
+  if (bytes > QCOW2_MAX_L1_BYTES || sn->l1_offset % s->cluster_size
+      || (bytes && sn->l1_offset == 0) || flen < 0
+      || !range_inside (sn->l1_offset, bytes, (uint64_t) flen)) {
+    error_set (errp, EINVAL,
+               "%s: snapshot '%s' L1 table (offset 0x%" PRIx64 ", %" PRIu32
+               " entries) is invalid",
+               node->filename, sn->name, sn->l1_offset, sn->l1_size);
+    return false;
+  }
+  if (!(raw = malloc (bytes ? bytes : 1))
+      || !(*l1 = calloc (sn->l1_size ? sn->l1_size : 1, sizeof **l1))) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  if (bytes
+      && (r = node_pread (node->file, sn->l1_offset, raw, bytes, 0)) < 0) {
+    free (*l1);
+    *l1 = NULL;
+    error_set (errp, -r, "%s: cannot read snapshot '%s' L1 table",
+               node->filename, sn->name);
+    return false;
+  }
+  for (uint32_t i = 0; i < sn->l1_size; i++)
+    (*l1)[i] = be64_load (raw + i * 8);
+  return true;
+}
+
+/* ---- walking an L1 tree ---- */
+
+/* Validated L2 table offset of L1 entry E (index I), 0 when none. */
+static int
+l2_of (strata_node *node, uint64_t i, uint64_t e, uint64_t *l2)
+{
+  struct qcow2_state *s = node->opaque;
+
+  *l2 = e & QCOW2_OFFSET_MASK;
+  if ((e & QCOW2_L1_RESERVED) || *l2 % s->cluster_size
+      || (*l2 && qcow2_past_end_locked (node, *l2)))
+    return io_error (EIO,
+                     "%s: L1 entry %" PRIu64 " 0x%" PRIx64 " is "
+                     "invalid",
+                     node->filename, i, e);
+  return 0;
+}
+
+/* A copy of the L2 table at OFF (the cache's pointer does not survive
+ * refcount updates that may evict). */
+static int
+read_l2_locked (strata_node *node, uint64_t off, uint8_t *buf)
+{
+  struct qcow2_state *s = node->opaque;
+  uint8_t *t;
+  int r = qcow2_cache_get_locked (node, &s->l2_cache, off, &t);
+
+  if (r < 0)
+    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
+                     node->filename, off);
+  memcpy (buf, t, s->cluster_size);
+  return 0;
+}
+
+/* Add DELTA to the refcount of every L2 table and cluster that L1 reaches.
+ * With DELTA 0, only check every entry (before a change that must not
+ * stop half-way on a bad one). */
+static int
+tree_ref_locked (strata_node *node, const uint64_t *l1, uint64_t n, int delta)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t span = s->l2_entries << s->cluster_bits, l2;
+  CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
+  int r;
+
+  if (!t)
+    return -ENOMEM;
+  for (uint64_t i = 0; i < n; i++) {
+    if ((r = l2_of (node, i, l1[i], &l2)) < 0)
+      return r;
+    if (!l2)
+      continue;
+    if ((r = read_l2_locked (node, l2, t)) < 0)
+      return r;
+    for (uint64_t j = 0; j < s->l2_entries; j++) {
+      uint8_t *p = t + j * s->l2_entry_size;
+      uint64_t e = be64_load (p), bm = s->ext_l2 ? be64_load (p + 8) : 0;
+      if ((r = qcow2_check_l2_entry (node, i * span + (j << s->cluster_bits),
+                                     e, bm))
+              < 0
+          || (delta && (r = qcow2_ref_entry_locked (node, e, delta)) < 0))
+        return r;
+    }
+    if (delta && (r = qcow2_refcount_update_locked (node, l2, delta)) < 0)
+      return r;
+    if (delta < 0)
+      qcow2_cache_forget_locked (&s->l2_cache, l2);
+  }
+  return 0;
+}
+
+/* Whether the cluster at OFF has refcount 1. */
+static int
+sole_owner (strata_node *node, uint64_t off)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t rc;
+  int r = qcow2_refcount_get_locked (node, off >> s->cluster_bits, &rc);
+
+  return r < 0 ? r : rc == 1;
+}
+
+/* Set COPIED in one L2 table's entries exactly where the refcount is 1;
+ * writes the table when it changed. */
+static int
+sync_l2_copied (strata_node *node, uint64_t l2, uint8_t *t)
+{
+  struct qcow2_state *s = node->opaque;
+  bool changed = false;
+  int r;
+
+  if ((r = read_l2_locked (node, l2, t)) < 0)
+    return r;
+  for (uint64_t j = 0; j < s->l2_entries; j++) {
+    uint8_t *p = t + j * s->l2_entry_size;
+    uint64_t e = be64_load (p), want = e & ~QCOW2_OFLAG_COPIED;
+    if (!(e & QCOW2_OFLAG_COMPRESSED) && (e & QCOW2_OFFSET_MASK)) {
+      if ((r = sole_owner (node, e & QCOW2_OFFSET_MASK)) < 0)
+        return r;
+      if (r)
+        want |= QCOW2_OFLAG_COPIED;
+    }
+    if (want != e) {
+      be64_store (p, want);
+      changed = true;
+    }
+  }
+  if (!changed)
+    return 0;
+  if ((r = qcow2_overlap_check_locked (node, l2, s->cluster_size,
+                                       QCOW2_META_L2, "L2 table", UINT64_MAX))
+          < 0
+      || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0)
+    return r;
+  return qcow2_cache_put_locked (node, &s->l2_cache, l2, t);
+}
+
+/* Make the COPIED bits of the active L1 table and its L2 tables say
+ * exactly "refcount is 1", after references were added or dropped. */
+static int
+sync_copied_locked (strata_node *node)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE uint8_t *t = malloc (s->cluster_size), *raw = NULL;
+  bool changed = false;
+  uint64_t l2;
+  int r;
+
+  if (!t)
+    return -ENOMEM;
+  for (uint64_t i = 0; i < s->l1_size; i++) {
+    uint64_t want;
+    if ((r = l2_of (node, i, s->l1[i], &l2)) < 0)
+      return r;
+    if (!l2)
+      continue;
+    if ((r = sync_l2_copied (node, l2, t)) < 0
+        || (r = sole_owner (node, l2)) < 0)
+      return r;
+    want = r ? s->l1[i] | QCOW2_OFLAG_COPIED : s->l1[i] & ~QCOW2_OFLAG_COPIED;
+    changed |= want != s->l1[i];
+    s->l1[i] = want;
+  }
+  if (!changed)
+    return 0;
+  if (!(raw = malloc (s->l1_size * 8ull)))
+    return -ENOMEM;
+  for (uint64_t i = 0; i < s->l1_size; i++)
+    be64_store (raw + i * 8, s->l1[i]);
+  return node_pwrite (node->file, s->l1_offset, raw, s->l1_size * 8ull, 0);
+}
+
+/* ---- writing the table ---- */
+
+static uint8_t *
+serialize (const struct snap_table *t, uint64_t *bytes)
+{
+  uint64_t total = 0, pos = 0;
+  uint8_t *buf;
+
+  for (uint32_t i = 0; i < t->n; i++)
+    total += entry_bytes (MAX (t->sn[i].extra_size, SNAP_EXTRA_KNOWN),
+                          strlen (t->sn[i].id), strlen (t->sn[i].name));
+  if (total > SNAP_MAX_TABLE || !(buf = calloc (1, total ? total : 1)))
+    return NULL;
+  for (uint32_t i = 0; i < t->n; i++) {
+    const struct snap *sn = &t->sn[i];
+    uint32_t extra = MAX (sn->extra_size, SNAP_EXTRA_KNOWN);
+    size_t il = strlen (sn->id), nl = strlen (sn->name);
+    uint8_t *p = buf + pos;
+
+    be64_store (p, sn->l1_offset);
+    be32_store (p + 8, sn->l1_size);
+    be16_store (p + 12, il);
+    be16_store (p + 14, nl);
+    be32_store (p + 16, sn->date_sec);
+    be32_store (p + 20, sn->date_nsec);
+    be64_store (p + 24, sn->vm_clock_nsec);
+    be32_store (p + 32, (uint32_t) MIN (sn->vm_state_size, UINT32_MAX));
+    be32_store (p + 36, extra);
+    memcpy (p + 40, sn->extra, sn->extra_size);
+    be64_store (p + 40, sn->vm_state_size);
+    be64_store (p + 48, sn->disk_size);
+    be64_store (p + 56, sn->icount);
+    memcpy (p + 40 + extra, sn->id, il);
+    memcpy (p + 40 + extra + il, sn->name, nl);
+    pos += entry_bytes (extra, il, nl);
+  }
+  *bytes = total;
+  return buf;
+}
+
+/* Write T to new clusters, publish it with one header write, free OLD's
+ * clusters. */
+static bool
+publish_table_locked (strata_node *node, const struct snap_table *t,
+                      const struct snap_table *old, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE uint8_t *buf = NULL;
+  uint64_t bytes = 0;
+  int64_t off = 0;
+  uint8_t h[12];
+  int r;
+
+  if (!(buf = serialize (t, &bytes))) {
+    error_set (errp, EFBIG,
+               "%s: the snapshot table would be larger than "
+               "%llu bytes",
+               node->filename, SNAP_MAX_TABLE);
+    return false;
+  }
+  if (t->n && (off = write_new_locked (node, buf, bytes)) < 0) {
+    r = (int) off;
+    goto fail;
+  }
+  be32_store (h, t->n);
+  be64_store (h + 4, (uint64_t) off);
+  if ((r = qcow2_write_header_field (node, 60, h, sizeof h)) < 0
+      || (r = node_flush (node->file)) < 0)
+    goto fail;
+  s->nb_snapshots = t->n;
+  /* Unreferenced now: a failure from here on only leaks the old table. */
+  if (old->n)
+    free_range_locked (node, old->offset, old->bytes);
+  return true;
+
+fail:
+  error_set (errp, -r, "%s: cannot write the snapshot table: %s",
+             node->filename, strerror (-r));
+  return false;
+}
+
+/* ---- lookups ---- */
+
+static int
+find_by_name (const struct snap_table *t, const char *name)
+{
+  for (uint32_t i = 0; i < t->n; i++)
+    if (strcmp (t->sn[i].name, name) == 0)
+      return (int) i;
+  return -1;
+}
+
+/* As qemu-img snapshot -a: an id first, then a name. */
+static int
+find_by_id_or_name (const struct snap_table *t, const char *arg)
+{
+  for (uint32_t i = 0; i < t->n; i++)
+    if (strcmp (t->sn[i].id, arg) == 0)
+      return (int) i;
+  return find_by_name (t, arg);
+}
+
+/* The next id: one more than the largest numeric id (QEMU's rule; an id
+ * that is not a number counts as 0). */
+static char *
+new_id (const struct snap_table *t)
+{
+  unsigned long max = 0;
+  char *id;
+
+  for (uint32_t i = 0; i < t->n; i++) {
+    unsigned long v = strtoul (t->sn[i].id, NULL, 10);
+    max = MAX (max, v);
+  }
+  if (asprintf (&id, "%lu", max + 1) < 0)
+    return NULL;
+  return id;
+}
+
+/* ---- the driver operations ---- */
+
+/* Run FN with every guest request drained and kept out, under the lock,
+ * and rebuild the overlap sets afterwards (tables moved). */
+static bool
+exclusive (strata_node *node, const char *name,
+           bool (*fn) (strata_node *, const char *, strata_error **),
+           strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  struct tracked_req req;
+  strata_error *err = NULL;
+  bool ok;
+
+  io_error_clear ();
+  tracker_begin (&s->clusters, &req, 0, UINT64_MAX / 2, true);
+  pthread_mutex_lock (&node->lock);
+  ok = fn (node, name, errp);
+  qcow2_overlap_destroy (s);
+  if (!qcow2_overlap_init (node, &err)) {
+    error_propagate (ok ? errp : NULL, err);
+    ok = false;
+  }
+  pthread_mutex_unlock (&node->lock);
+  tracker_end (&s->clusters, &req);
+  return ok;
+}
+
+static bool
+writable (strata_node *node, strata_error **errp)
+{
+  int r;
+
+  if (node->read_only) {
+    error_set (errp, EROFS, "%s: the image is open read-only", node->filename);
+    return false;
+  }
+  if ((r = qcow2_writes_refused (node)) < 0
+      || (r = qcow2_writeback_locked (node)) < 0
+      || (r = node_flush (node->file)) < 0) {
+    error_set (errp, -r, "%s: %s", node->filename,
+               strata_last_error_message () ? strata_last_error_message ()
+                                            : strerror (-r));
+    return false;
+  }
+  return true;
+}
+
+static bool
+io_fail (strata_node *node, int r, const char *what, strata_error **errp)
+{
+  const char *m = strata_last_error_message ();
+
+  /* The data path's message names the file already. */
+  if (m && *m)
+    error_set (errp, -r, "%s: %s", what, m);
+  else
+    error_set (errp, -r, "%s: %s: %s", node->filename, what, strerror (-r));
+  return false;
+}
+
+static bool
+create_locked (strata_node *node, const char *name, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  struct snap_table old, t;
+  CLEANUP_FREE uint8_t *raw = NULL;
+  struct timespec ts;
+  struct snap *sn;
+  int64_t l1_off;
+  bool ok = false;
+  int r;
+
+  if (!writable (node, errp) || !read_table_locked (node, &old, errp))
+    return false;
+  t = old;
+  if (old.n >= SNAP_MAX_COUNT) {
+    error_set (errp, EFBIG, "%s: too many snapshots (max %d)", node->filename,
+               SNAP_MAX_COUNT);
+    goto out;
+  }
+  if (strlen (name) > UINT16_MAX) {
+    error_set (errp, EINVAL, "%s: snapshot name is longer than %d bytes",
+               node->filename, UINT16_MAX);
+    goto out;
+  }
+  if (!(t.sn = calloc (old.n + 1, sizeof *t.sn))) {
+    error_set (errp, ENOMEM, "out of memory");
+    goto out;
+  }
+  if (old.n)
+    memcpy (t.sn, old.sn, old.n * sizeof *t.sn);
+  t.n = old.n + 1;
+  sn = &t.sn[old.n];
+  clock_gettime (CLOCK_REALTIME, &ts);
+  *sn = (struct snap){ .l1_size = s->l1_size,
+                       .date_sec = ts.tv_sec,
+                       .date_nsec = ts.tv_nsec / 1000 * 1000,
+                       .disk_size = s->size,
+                       .icount = 0 };
+  if (!(sn->id = new_id (&old)) || !(sn->name = strdup (name))
+      || !(sn->extra = calloc (1, SNAP_EXTRA_KNOWN))
+      || !(raw = l1_to_disk (s->l1, s->l1_size))) {
+    error_set (errp, ENOMEM, "out of memory");
+    goto out_new;
+  }
+  sn->extra_size = SNAP_EXTRA_KNOWN;
+  /* References first, then COPIED cleared, then the copy and the table
+   * that point at them. */
+  if ((r = tree_ref_locked (node, s->l1, s->l1_size, 0)) < 0
+      || (r = tree_ref_locked (node, s->l1, s->l1_size, 1)) < 0
+      || (r = node_flush (node->file)) < 0
+      || (r = sync_copied_locked (node)) < 0) {
+    io_fail (node, r, "cannot add the snapshot's references", errp);
+    goto out_new;
+  }
+  if ((l1_off = write_new_locked (node, raw, s->l1_size * 8ull)) < 0) {
+    io_fail (node, (int) l1_off, "cannot write the snapshot's L1 table", errp);
+    goto out_new;
+  }
+  sn->l1_offset = l1_off;
+  ok = publish_table_locked (node, &t, &old, errp);
+
+out_new:
+  free (sn->id);
+  free (sn->name);
+  free (sn->extra);
+  free (t.sn);
+out:
+  table_free (&old);
+  return ok;
+}
+
+bool
+qcow2_snapshot_create (strata_node *node, const char *name,
+                       strata_error **errp)
+{
+  return exclusive (node, name, create_locked, errp);
+}
+
+/* Drop the active tree OLD (N entries at OFF) after the header stopped
+ * pointing at it. */
+static void
+drop_old_active_locked (strata_node *node, uint64_t *old, uint64_t n,
+                        uint64_t off)
+{
+  struct qcow2_state *s = node->opaque;
+
+  /* Failures only leak: nothing points at these any more. */
+  tree_ref_locked (node, old, n, -1);
+  free_range_locked (node, off, ROUND_UP (n * 8, s->cluster_size));
+}
+
+static bool
+apply_locked (strata_node *node, const char *name, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t span = s->l2_entries << s->cluster_bits, need, n;
+  CLEANUP_FREE uint64_t *sl1 = NULL;
+  CLEANUP_FREE uint8_t *raw = NULL;
+  uint64_t *l1, *old_l1 = s->l1, old_n = s->l1_size, old_off = s->l1_offset;
+  struct snap_table t;
+  struct snap *sn;
+  int64_t off;
+  uint8_t h[24] = { 0 };
+  bool ok = false;
+  int i, r;
+
+  if (!writable (node, errp) || !read_table_locked (node, &t, errp))
+    return false;
+  if ((i = find_by_id_or_name (&t, name)) < 0) {
+    error_set (errp, ENOENT,
+               "Failed to load snapshot: No such file or "
+               "directory");
+    goto out;
+  }
+  sn = &t.sn[i];
+  need = sn->disk_size / span + !!(sn->disk_size % span);
+  n = MAX (need, sn->l1_size);
+  if (n * 8 > QCOW2_MAX_L1_BYTES) {
+    error_set (errp, EFBIG,
+               "%s: snapshot '%s' needs an L1 table larger than "
+               "%u bytes",
+               node->filename, sn->name, QCOW2_MAX_L1_BYTES);
+    goto out;
+  }
+  if (!load_snap_l1_locked (node, sn, &sl1, errp))
+    goto out;
+  if (!(l1 = calloc (n ? n : 1, sizeof *l1))) {
+    error_set (errp, ENOMEM, "out of memory");
+    goto out;
+  }
+  for (uint64_t k = 0; k < sn->l1_size; k++)
+    l1[k] = sl1[k] & ~QCOW2_OFLAG_COPIED;
+  if (!(raw = l1_to_disk (l1, n))) {
+    free (l1);
+    error_set (errp, ENOMEM, "out of memory");
+    goto out;
+  }
+  if ((r = tree_ref_locked (node, l1, n, 0)) < 0
+      || (r = tree_ref_locked (node, l1, n, 1)) < 0
+      || (r = node_flush (node->file)) < 0
+      || (off = write_new_locked (node, raw, n * 8)) < 0) {
+    free (l1);
+    io_fail (node, r < 0 ? r : (int) off, "cannot load the snapshot", errp);
+    goto out;
+  }
+  /* Size, crypt_method (0) and the L1 table in one write. */
+  be64_store (h, sn->disk_size);
+  be32_store (h + 12, (uint32_t) n);
+  be64_store (h + 16, (uint64_t) off);
+  if ((r = qcow2_write_header_field (node, 24, h, sizeof h)) < 0
+      || (r = node_flush (node->file)) < 0) {
+    free (l1);
+    io_fail (node, r, "cannot switch to the snapshot", errp);
+    goto out;
+  }
+  s->l1 = l1;
+  s->l1_size = n;
+  s->l1_offset = off;
+  s->size = sn->disk_size;
+  drop_old_active_locked (node, old_l1, old_n, old_off);
+  free (old_l1);
+  if ((r = sync_copied_locked (node)) < 0)
+    io_fail (node, r, "cannot update the COPIED flags", errp);
+  else
+    ok = true;
+out:
+  table_free (&t);
+  return ok;
+}
+
+bool
+qcow2_snapshot_apply (strata_node *node, const char *name, strata_error **errp)
+{
+  return exclusive (node, name, apply_locked, errp);
+}
+
+static bool
+delete_locked (strata_node *node, const char *name, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE uint64_t *sl1 = NULL;
+  struct snap_table old, t;
+  struct snap gone;
+  bool ok = false;
+  int i, r;
+
+  if (!writable (node, errp) || !read_table_locked (node, &old, errp))
+    return false;
+  if ((i = find_by_name (&old, name)) < 0) {
+    error_set (errp, ENOENT, "snapshot not found");
+    goto out;
+  }
+  gone = old.sn[i];
+  if (!load_snap_l1_locked (node, &gone, &sl1, errp))
+    goto out;
+  if ((r = tree_ref_locked (node, sl1, gone.l1_size, 0)) < 0) {
+    io_fail (node, r, "snapshot's tables are damaged; not deleting it", errp);
+    goto out;
+  }
+  t = old;
+  if (!(t.sn = malloc ((old.n ? old.n : 1) * sizeof *t.sn))) {
+    error_set (errp, ENOMEM, "out of memory");
+    goto out;
+  }
+  memcpy (t.sn, old.sn, i * sizeof *t.sn);
+  memcpy (t.sn + i, old.sn + i + 1, (old.n - i - 1) * sizeof *t.sn);
+  t.n = old.n - 1;
+  ok = publish_table_locked (node, &t, &old, errp);
+  free (t.sn);
+  if (!ok)
+    goto out;
+  /* Unreachable now: drop its references, then set COPIED where the
+   * active image became the only owner. */
+  if ((r = tree_ref_locked (node, sl1, gone.l1_size, -1)) < 0
+      || (r = free_range_locked (
+              node, gone.l1_offset,
+              ROUND_UP (gone.l1_size * 8ull, s->cluster_size)))
+             < 0
+      || (r = node_flush (node->file)) < 0
+      || (r = sync_copied_locked (node)) < 0)
+    ok = io_fail (node, r, "cannot release the snapshot's clusters", errp);
+out:
+  table_free (&old);
+  return ok;
+}
+
+bool
+qcow2_snapshot_delete (strata_node *node, const char *name,
+                       strata_error **errp)
+{
+  return exclusive (node, name, delete_locked, errp);
+}
+
+int
+qcow2_snapshot_list (strata_node *node, struct strata_snapshot_info **list,
+                     strata_error **errp)
+{
+  struct snap_table t;
+  struct strata_snapshot_info *out;
+  bool ok;
+  int n;
+
+  pthread_mutex_lock (&node->lock);
+  ok = read_table_locked (node, &t, errp);
+  pthread_mutex_unlock (&node->lock);
+  if (!ok)
+    return -1;
+  if (!(out = calloc (t.n ? t.n : 1, sizeof *out))) {
+    table_free (&t);
+    error_set (errp, ENOMEM, "out of memory");
+    return -1;
+  }
+  for (uint32_t i = 0; i < t.n; i++) {
+    const struct snap *sn = &t.sn[i];
+    out[i] = (struct strata_snapshot_info){
+      .id = sn->id,
+      .name = sn->name,
+      .vm_state_size = sn->vm_state_size,
+      .date_sec = sn->date_sec,
+      .date_nsec = sn->date_nsec,
+      .vm_clock_nsec = sn->vm_clock_nsec,
+      .icount = sn->icount,
+      .disk_size = sn->disk_size,
+    };
+    t.sn[i].id = t.sn[i].name = NULL; /* moved */
+  }
+  *list = out;
+  n = (int) t.n;
+  table_free (&t);
+  return n;
+}

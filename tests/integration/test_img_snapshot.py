@@ -1,0 +1,323 @@
+"""strata-img snapshot (and info's snapshot list) against qemu-img 7.2.
+
+Snapshots made by strata are listed, applied and read by qemu-img and
+qemu-io; snapshots made by qemu-img are listed, applied and deleted by
+strata-img.  After every change qemu-img check must find nothing, and the
+guest data is read back with 'read -P' against a model.  Listings are
+compared byte for byte (both tools read the same table, so even the dates
+agree); bad input must give qemu-img's message and exit code and leave the
+file untouched.
+"""
+import json
+import shutil
+import struct
+
+import pytest
+
+from conftest import binary, file_state, run
+from qcow2_common import (KiB, MiB, Model, check_reads, create, header,
+                          patch, qemu_check, qemu_img, qio, sio)
+
+
+def simg(*args, cwd=None, check=True):
+    return run(binary("strata-img"), *args, cwd=cwd, check=check)
+
+
+def qimg(*args, cwd=None, check=True):
+    return run(qemu_img(), *args, cwd=cwd, check=check)
+
+
+def same_output(args, cwd, rc=None):
+    """Both tools give the same stdout, exit code and stderr (progname
+    aside); returns qemu-img's process."""
+    q = qimg(*args, cwd=cwd, check=False)
+    s = simg(*args, cwd=cwd, check=False)
+    msg = f"qemu-img:\n{q.stdout}{q.stderr}\nstrata-img:\n{s.stdout}{s.stderr}"
+    assert s.returncode == q.returncode, msg
+    if rc is not None:
+        assert q.returncode == rc, msg
+    assert s.stdout == q.stdout, msg
+    assert (s.stderr.replace("strata-img", "qemu-img")
+            == q.stderr), msg
+    return q
+
+
+def table(path):
+    """[(l1_offset, l1_size, id, name, disk_size)] from the image."""
+    h = header(path)
+    data = open(path, "rb").read()
+    off, out = h["snapshots_offset"], []
+    for _ in range(h["nb_snapshots"]):
+        (l1o, l1s, idl, nl, _ds, _dn, _vc, _vs,
+         extra) = struct.unpack(">QIHHIIQII", data[off:off + 40])
+        e = data[off + 40:off + 40 + extra]
+        p = off + 40 + extra
+        disk = struct.unpack(">Q", e[8:16])[0] if extra >= 16 else None
+        out.append((l1o, l1s, data[p:p + idl].decode(),
+                    data[p + idl:p + idl + nl].decode(), disk))
+        off += (40 + extra + idl + nl + 7) & ~7
+    return out
+
+
+def listings_agree(img):
+    same_output(["snapshot", "-l", img.name], img.parent, rc=0)
+    same_output(["info", img.name], img.parent, rc=0)
+    q = same_output(["info", "--output=json", img.name], img.parent, rc=0)
+    return json.loads(q.stdout)
+
+
+def populate(img, model):
+    qio(img, [model.write(0, 1 * MiB, 0x11), model.write(5 * MiB, 64 * KiB,
+                                                         0x22),
+              model.write(9 * MiB + 512, 4 * KiB, 0x23)])
+
+
+# ---- listing ---------------------------------------------------------------
+
+def test_list_and_info_match_qemu(tmp_path):
+    img = tmp_path / "a.qcow2"
+    create(img, 16 * MiB)
+    populate(img, Model(16 * MiB))
+    same_output(["snapshot", "-l", img.name], tmp_path, rc=0)  # none: empty
+    for name in ("first", "a-much-longer-snapshot-name", "1"):
+        qimg("snapshot", "-c", name, img.name, cwd=tmp_path)
+    info = listings_agree(img)
+    assert [s["name"] for s in info["snapshots"]] == [
+        "first", "a-much-longer-snapshot-name", "1"]
+    # VM state, a VM clock over 100 hours and no icount (all ones): the
+    # columns and the JSON members qemu-img prints for them.
+    off = header(img)["snapshots_offset"]
+    patch(img, off + 24, ">QI", 370000 * 10**9 + 3725123456789, 1572864)
+    patch(img, off + 40, ">Q", 1572864)
+    patch(img, off + 56, ">Q", 2**64 - 1)
+    info = listings_agree(img)
+    assert "icount" not in info["snapshots"][0]
+    assert info["snapshots"][1]["icount"] == 0
+
+
+def test_list_on_backed_image_and_v2(tmp_path):
+    base = tmp_path / "base.qcow2"
+    create(base, 4 * MiB)
+    top = tmp_path / "top.qcow2"
+    create(top, 4 * MiB, backing="base.qcow2")
+    v2 = tmp_path / "v2.qcow2"
+    create(v2, 4 * MiB, compat="0.10")
+    for img in (top, v2):
+        simg("snapshot", "-c", "s", img.name, cwd=tmp_path)
+        listings_agree(img)
+        qemu_check(img)
+
+
+# ---- create ----------------------------------------------------------------
+
+def test_strata_snapshots_are_qemu_snapshots(tmp_path):
+    img = tmp_path / "a.qcow2"
+    create(img, 16 * MiB)
+    m0 = Model(16 * MiB)
+    populate(img, m0)
+    simg("snapshot", "-c", "s1", img.name, cwd=tmp_path)
+    qemu_check(img)
+    # Writes after the snapshot copy the shared clusters.
+    m1 = Model(16 * MiB, m0)
+    sio(img, [m1.write(0, 64 * KiB, 0x33), m1.write(8 * MiB, 128 * KiB, 0x44),
+              m1.write(5 * MiB + 4 * KiB, 4 * KiB, 0x45)])
+    qemu_check(img)
+    check_reads(qio, img, m1)
+    simg("snapshot", "-c", "s2", img.name, cwd=tmp_path)
+    sio(img, [m1.zero(0, 2 * MiB), m1.write(12 * MiB, 64 * KiB, 0x66)])
+    qemu_check(img)
+    listings_agree(img)
+    assert [(i, n) for _, _, i, n, _ in table(img)] == [("1", "s1"),
+                                                      ("2", "s2")]
+    qimg("snapshot", "-a", "s1", img.name, cwd=tmp_path)
+    qemu_check(img)
+    check_reads(qio, img, m0)
+    check_reads(sio, img, m0)
+
+
+def test_ids_and_duplicate_names_as_qemu(tmp_path):
+    """qemu-img accepts an existing name on -c (a new id); ids continue
+    from the largest; both tools end with the same table."""
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    create(a, 4 * MiB)
+    qio(a, ["write -P 7 0 64k"])
+    shutil.copy(a, b)
+    steps = [("-c", "x"), ("-c", "x"), ("-c", "2"), ("-d", "x"), ("-c", "y"),
+             ("-d", "y"), ("-c", "z")]
+    for act, name in steps:
+        q = qimg("snapshot", act, name, a.name, cwd=tmp_path, check=False)
+        s = simg("snapshot", act, name, b.name, cwd=tmp_path, check=False)
+        assert (q.returncode, q.stderr) == (s.returncode, s.stderr.replace(
+            "strata-img", "qemu-img")), (q.stderr, s.stderr)
+    assert ([t[2:] for t in table(a)] == [t[2:] for t in table(b)]
+            == [("2", "x", 4 * MiB), ("3", "2", 4 * MiB),
+                ("4", "z", 4 * MiB)])
+    qemu_check(b)
+
+
+def test_compressed_ext_l2_and_zero_clusters(tmp_path):
+    for opts in ({}, {"extended_l2": "on", "cluster_size": "64k"},
+                 {"cluster_size": "4k", "refcount_bits": "1"}):
+        img = tmp_path / "c.qcow2"
+        if img.exists():
+            img.unlink()
+        create(img, 8 * MiB, **opts)
+        m = Model(8 * MiB)
+        qio(img, ["write -c -P 0x5a 0 64k", m.write(1 * MiB, 256 * KiB, 0x21),
+                  "write -z 2M 128k"])
+        m.write(0, 64 * KiB, 0x5a)
+        if opts.get("refcount_bits") == "1":
+            # One bit of refcount cannot count two owners: qemu-img refuses.
+            p = simg("snapshot", "-c", "s", img.name, cwd=tmp_path,
+                     check=False)
+            assert p.returncode == 1 and "overflow" in p.stderr, p.stderr
+            continue
+        simg("snapshot", "-c", "s", img.name, cwd=tmp_path)
+        qemu_check(img)
+        m2 = Model(8 * MiB, m)
+        sio(img, [m2.write(0, 4 * KiB, 0x77), m2.write(2 * MiB, 4 * KiB, 0x78),
+                  m2.write(1 * MiB, 64 * KiB, 0x79)])
+        qemu_check(img)
+        check_reads(qio, img, m2)
+        simg("snapshot", "-a", "s", img.name, cwd=tmp_path)
+        qemu_check(img)
+        check_reads(qio, img, m)
+        simg("snapshot", "-d", "s", img.name, cwd=tmp_path)
+        qemu_check(img)
+        check_reads(qio, img, m)
+
+
+# ---- apply and delete qemu-img's snapshots -----------------------------------
+
+def test_apply_and_delete_qemu_snapshots(tmp_path):
+    img = tmp_path / "a.qcow2"
+    create(img, 16 * MiB)
+    m0 = Model(16 * MiB)
+    populate(img, m0)
+    qimg("snapshot", "-c", "s1", img.name, cwd=tmp_path)
+    m1 = Model(16 * MiB, m0)
+    qio(img, [m1.write(0, 256 * KiB, 0x31), m1.write(15 * MiB, 64 * KiB,
+                                                     0x32)])
+    qimg("snapshot", "-c", "s2", img.name, cwd=tmp_path)
+    qio(img, ["write -P 0x99 0 8M"])
+    # -a takes an id too.
+    simg("snapshot", "-a", "1", img.name, cwd=tmp_path)
+    qemu_check(img)
+    check_reads(qio, img, m0)
+    simg("snapshot", "-a", "s2", img.name, cwd=tmp_path)
+    qemu_check(img)
+    check_reads(qio, img, m1)
+    simg("snapshot", "-d", "s1", img.name, cwd=tmp_path)
+    qemu_check(img)
+    check_reads(qio, img, m1)
+    simg("snapshot", "-d", "s2", img.name, cwd=tmp_path)
+    qemu_check(img)
+    check_reads(qio, img, m1)
+    h = header(img)
+    assert (h["nb_snapshots"], h["snapshots_offset"]) == (0, 0)
+    # Now the only owner again: writes go in place, and the file does not
+    # grow.
+    before = img.stat().st_size
+    sio(img, [m1.write(0, 64 * KiB, 0x41)])
+    assert img.stat().st_size == before
+    qemu_check(img)
+    check_reads(qio, img, m1)
+
+
+def test_apply_restores_the_snapshot_size(tmp_path):
+    img = tmp_path / "a.qcow2"
+    create(img, 4 * MiB)
+    m = Model(4 * MiB)
+    qio(img, [m.write(3 * MiB, 64 * KiB, 0x12)])
+    simg("snapshot", "-c", "small", img.name, cwd=tmp_path)
+    qimg("resize", img.name, "64M", cwd=tmp_path)
+    qio(img, ["write -P 0x13 60M 64k"])
+    simg("snapshot", "-a", "small", img.name, cwd=tmp_path)
+    assert header(img)["size"] == 4 * MiB
+    qemu_check(img)
+    check_reads(qio, img, m)
+    listings_agree(img)
+
+
+# ---- bad input ---------------------------------------------------------------
+
+@pytest.mark.parametrize("args,rc", [
+    (["-a", "nope"], 1),
+    (["-d", "nope"], 1),
+    (["-d", "1"], 1),         # -d takes names only
+    (["-l", "-c", "x"], 1),
+    (["-a", "s", "-a", "s"], 1),
+    (["-z"], 1),
+    ([], 0),                  # no action: nothing
+])
+def test_errors_match_qemu(tmp_path, args, rc):
+    img = tmp_path / "a.qcow2"
+    create(img, 4 * MiB)
+    qimg("snapshot", "-c", "s", img.name, cwd=tmp_path)
+    before = file_state(img)
+    same_output(["snapshot", *args, img.name], tmp_path, rc=rc)
+    assert file_state(img) == before
+
+
+def test_usage_errors_and_raw(tmp_path):
+    same_output(["snapshot", "-l"], tmp_path, rc=1)
+    same_output(["snapshot", "-l", "a", "b"], tmp_path, rc=1)
+    same_output(["snapshot", "-c"], tmp_path, rc=1)
+    raw = tmp_path / "r.img"
+    raw.write_bytes(bytes(MiB))
+    before = file_state(raw)
+    for act in ("-c", "-a", "-d"):
+        q = qimg("snapshot", act, "x", raw.name, cwd=tmp_path, check=False)
+        s = simg("snapshot", act, "x", raw.name, cwd=tmp_path, check=False)
+        # qemu-img warns about probing raw first; the message is the last
+        # line.
+        assert s.returncode == q.returncode == 1
+        assert (s.stderr.replace("strata-img", "qemu-img").splitlines()[-1]
+                == q.stderr.splitlines()[-1])
+    same_output(["snapshot", "-l", raw.name], tmp_path, rc=0)
+    assert file_state(raw) == before
+
+
+def hostile(tmp_path, what):
+    img = tmp_path / "h.qcow2"
+    create(img, 4 * MiB)
+    qio(img, ["write -P 1 0 128k"])
+    qimg("snapshot", "-c", "s", img.name, cwd=tmp_path)
+    qimg("snapshot", "-c", "t", img.name, cwd=tmp_path)
+    off = header(img)["snapshots_offset"]
+    if what == "count":
+        patch(img, 60, ">I", 65537)
+    elif what == "offset":
+        patch(img, 64, ">Q", 1 << 40)
+    elif what == "unaligned":
+        patch(img, 64, ">Q", off + 8)
+    elif what == "extra":
+        patch(img, off + 36, ">I", 0x10000)
+    elif what == "names":
+        patch(img, off + 14, ">H", 0xffff)
+    elif what == "l1":
+        patch(img, off, ">Q", (1 << 40) + 0x10000)
+    elif what == "l1size":
+        patch(img, off + 8, ">I", 0x10000000)
+    return img
+
+
+@pytest.mark.parametrize("what", ["count", "offset", "unaligned", "extra",
+                                  "names", "l1", "l1size"])
+def test_hostile_snapshot_table(tmp_path, what):
+    img = hostile(tmp_path, what)
+    before = file_state(img)
+    # Only a damaged snapshot L1 table: listing works, the table is fine.
+    damaged_l1 = what in ("l1", "l1size")
+    for args in ([["-a", "s"], ["-d", "s"]] if damaged_l1 else
+                 [["-c", "new"], ["-a", "s"], ["-d", "s"], ["-l"]]):
+        p = simg("snapshot", *args, img.name, cwd=tmp_path, check=False)
+        assert p.returncode == 1, (args, p.stdout, p.stderr)
+        err = p.stderr.strip()
+        assert err.startswith("strata-img: ") and "\n" not in err, err
+        assert file_state(img) == before, args
+    if damaged_l1:
+        p = simg("snapshot", "-l", img.name, cwd=tmp_path)
+        assert "Snapshot list:" in p.stdout
+        # The healthy snapshot still applies.
+        simg("snapshot", "-a", "t", img.name, cwd=tmp_path)
