@@ -1,2 +1,681 @@
-/* strata: job.  Placeholder until it lands. */
-#include "control/qmp.h"
+/* strata: the block-job framework; the model is described in job.h.
+ *
+ * The tables below are QEMU's job state machine as its QAPI schema
+ * documents it (qapi/job.json): which status may follow which, and in
+ * which states each verb is accepted.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "block/graph.h"
+#include "control/job.h"
+#include "util/cleanup.h"
+
+static pthread_mutex_t jobs_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t threads_cond = PTHREAD_COND_INITIALIZER;
+static struct job *jobs; /* oldest first */
+static int live_threads;
+
+static const char *const status_names[JOB_STATUS_MAX] = {
+  "created", "running", "paused",   "ready",     "standby",
+  "waiting", "pending", "aborting", "concluded", "null",
+};
+
+static const char *const verb_names[JOB_VERB_MAX] = {
+  "cancel", "pause", "resume", "set-speed", "complete", "finalize", "dismiss",
+};
+
+/* transition[from][to]; columns in enum order: C R P Y S W D X E N. */
+static const bool transition[JOB_STATUS_MAX][JOB_STATUS_MAX] = {
+  [JOB_CREATED] = { 0, 1, 0, 0, 0, 0, 0, 1, 0, 1 },
+  [JOB_RUNNING] = { 0, 0, 1, 1, 0, 1, 0, 1, 0, 0 },
+  [JOB_PAUSED] = { 0, 1, 0, 0, 0, 0, 0, 0, 0, 0 },
+  [JOB_READY] = { 0, 0, 0, 0, 1, 1, 0, 1, 0, 0 },
+  [JOB_STANDBY] = { 0, 0, 0, 1, 0, 0, 0, 0, 0, 0 },
+  [JOB_WAITING] = { 0, 0, 0, 0, 0, 0, 1, 1, 0, 0 },
+  [JOB_PENDING] = { 0, 0, 0, 0, 0, 0, 0, 1, 1, 0 },
+  [JOB_ABORTING] = { 0, 0, 0, 0, 0, 0, 0, 1, 1, 0 },
+  [JOB_CONCLUDED] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 },
+  [JOB_NULL] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
+};
+
+/* verb_allowed[verb][status]. */
+static const bool verb_allowed[JOB_VERB_MAX][JOB_STATUS_MAX] = {
+  [JOB_VERB_CANCEL] = { 0, 1, 1, 1, 1, 1, 1, 0, 0, 0 },
+  [JOB_VERB_PAUSE] = { 0, 1, 1, 1, 1, 1, 0, 0, 0, 0 },
+  [JOB_VERB_RESUME] = { 0, 1, 1, 1, 1, 1, 0, 0, 0, 0 },
+  [JOB_VERB_SET_SPEED] = { 0, 1, 1, 1, 1, 1, 0, 0, 0, 0 },
+  [JOB_VERB_COMPLETE] = { 0, 0, 0, 1, 0, 0, 0, 0, 0, 0 },
+  [JOB_VERB_FINALIZE] = { 0, 0, 0, 0, 0, 0, 1, 0, 0, 0 },
+  [JOB_VERB_DISMISS] = { 0, 0, 0, 0, 0, 0, 0, 0, 1, 0 },
+};
+
+void
+job_lock (void)
+{
+  pthread_mutex_lock (&jobs_mutex);
+}
+
+void
+job_unlock (void)
+{
+  pthread_mutex_unlock (&jobs_mutex);
+}
+
+/* ---- state ---- */
+
+static void
+set_status_locked (struct job *job, enum job_status s)
+{
+  json_t *data;
+
+  if (!transition[job->status][s])
+    fprintf (stderr, "stratad: job '%s': unexpected transition %s -> %s\n",
+             job->id, status_names[job->status], status_names[s]);
+  job->status = s;
+  data = json_pack ("{s:s, s:s}", "id", job->id, "status", status_names[s]);
+  qmp_event_emit ("JOB_STATUS_CHANGE", data);
+}
+
+static bool
+apply_verb_locked (struct job *job, enum job_verb verb, struct qmp_error *err)
+{
+  if (verb_allowed[verb][job->status])
+    return true;
+  qmp_error_set (err, "GenericError",
+                 "Job '%s' in state '%s' cannot accept command verb '%s'",
+                 job->id, status_names[job->status], verb_names[verb]);
+  return false;
+}
+
+static void
+wake_locked (struct job *job)
+{
+  job->kick = true;
+  pthread_cond_broadcast (&job->cond);
+}
+
+/* Paused -> running, at once when the verb that ends the pause runs (so
+ * a query right after block-job-resume says "running", as QEMU's does),
+ * or when the job thread wakes. */
+static void
+unpause_locked (struct job *job)
+{
+  if (job->status != JOB_PAUSED || (job->pause_count > 0 && !job->cancelled))
+    return;
+  job->busy = true;
+  set_status_locked (job, JOB_RUNNING);
+}
+
+bool
+job_id_wellformed (const char *id)
+{
+  if (!((*id >= 'a' && *id <= 'z') || (*id >= 'A' && *id <= 'Z')))
+    return false;
+  for (const char *p = id + 1; *p; p++)
+    if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z')
+          || (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_'))
+      return false;
+  return true;
+}
+
+struct job *
+job_find_locked (const char *id)
+{
+  for (struct job *j = jobs; j; j = j->next)
+    if (strcmp (j->id, id) == 0)
+      return j;
+  return NULL;
+}
+
+struct job *
+job_holding_locked (strata_node *node)
+{
+  for (struct job *j = jobs; j; j = j->next)
+    for (int i = 0; i < j->nnodes; i++)
+      if (j->nodes[i] == node)
+        return j;
+  return NULL;
+}
+
+void
+job_foreach_locked (void (*fn) (struct job *job, void *opaque), void *opaque)
+{
+  for (struct job *j = jobs; j; j = j->next)
+    fn (j, opaque);
+}
+
+/* ---- life ---- */
+
+static void
+unlink_locked (struct job *job)
+{
+  for (struct job **p = &jobs; *p; p = &(*p)->next)
+    if (*p == job) {
+      *p = job->next;
+      return;
+    }
+}
+
+/* Drop the nodes (references and graph users); no lock held. */
+static void
+release_nodes (struct job *job)
+{
+  for (int i = job->nnodes - 1; i >= 0; i--) {
+    graph_remove_user (job->nodes[i], job->user);
+    node_unref (job->nodes[i]);
+  }
+  job->nnodes = 0;
+}
+
+static void
+job_free (struct job *job)
+{
+  pthread_cond_destroy (&job->cond);
+  free (job->id);
+  free (job->user);
+  free (job->error);
+  free (job);
+}
+
+struct job *
+job_create (const char *id, const struct job_driver *drv, int64_t speed,
+            bool auto_finalize, bool auto_dismiss, enum job_on_error on_error,
+            struct qmp_error *err)
+{
+  struct job *job;
+
+  if (!job_id_wellformed (id)) {
+    qmp_error_set (err, "GenericError", "Invalid job ID '%s'", id);
+    return NULL;
+  }
+  if (job_find_locked (id)) {
+    qmp_error_set (err, "GenericError", "Job ID '%s' already in use", id);
+    return NULL;
+  }
+  if (!(job = calloc (1, sizeof *job)) || !(job->id = strdup (id))
+      || asprintf (&job->user, "block device is in use by block job: %s",
+                   drv->type)
+             < 0) {
+    if (job)
+      free (job->id);
+    free (job);
+    qmp_error_set (err, "GenericError", "out of memory");
+    return NULL;
+  }
+  pthread_cond_init (&job->cond, NULL);
+  job->drv = drv;
+  job->auto_finalize = auto_finalize;
+  job->auto_dismiss = auto_dismiss;
+  job->on_error = on_error;
+  job->iostatus = "ok";
+  job->status = JOB_CREATED;
+  ratelimit_init (&job->rl, 0, ratelimit_now_ns ());
+  /* Appended before the speed check, as QEMU does: a bad speed shows as
+   * created -> null. */
+  {
+    struct job **p = &jobs;
+    while (*p)
+      p = &(*p)->next;
+    *p = job;
+  }
+  qmp_event_emit ("JOB_STATUS_CHANGE",
+                  json_pack ("{s:s, s:s}", "id", id, "status", "created"));
+  if (speed < 0) {
+    qmp_error_set (err, "GenericError",
+                   "Parameter 'speed' expects a non-negative value");
+    job_discard (job);
+    return NULL;
+  }
+  job->rl.speed = speed;
+  return job;
+}
+
+bool
+job_add_node (struct job *job, strata_node *node)
+{
+  if (job->nnodes == JOB_MAX_NODES || !graph_add_user (node, job->user))
+    return false;
+  node_ref (node);
+  job->nodes[job->nnodes++] = node;
+  return true;
+}
+
+void
+job_discard (struct job *job)
+{
+  set_status_locked (job, JOB_NULL);
+  unlink_locked (job);
+  job_unlock ();
+  release_nodes (job);
+  if (job->drv->clean)
+    job->drv->clean (job);
+  job_lock ();
+  job_free (job);
+}
+
+/* ---- ending ---- */
+
+static json_t *
+completion_data (struct job *job, bool with_error)
+{
+  json_t *d = json_pack ("{s:s, s:s, s:I, s:I, s:I}", "type", job->drv->type,
+                         "device", job->id, "len", (json_int_t)job->len,
+                         "offset", (json_int_t)job->offset, "speed",
+                         (json_int_t)job->rl.speed);
+  if (with_error && d && job->error)
+    json_object_set_new (d, "error", json_string (job->error));
+  return d;
+}
+
+static void
+fail_locked (struct job *job, int ret)
+{
+  job->ret = ret;
+  if (!job->error)
+    job->error = strdup (strerror (-ret));
+}
+
+/* Success: waiting, pending, (wait for job-finalize), prepare.  Returns
+ * false when the job must abort instead. */
+static bool
+finish_locked (struct job *job)
+{
+  int r;
+
+  set_status_locked (job, JOB_WAITING);
+  set_status_locked (job, JOB_PENDING);
+  if (!job->auto_finalize) {
+    qmp_event_emit (
+        "BLOCK_JOB_PENDING",
+        json_pack ("{s:s, s:s}", "type", job->drv->type, "id", job->id));
+    while (!job->finalize_requested && !job->cancelled)
+      pthread_cond_wait (&job->cond, &jobs_mutex);
+    if (job->cancelled) {
+      fail_locked (job, -ECANCELED);
+      return false;
+    }
+  }
+  if (!job->drv->prepare)
+    return true;
+  job_unlock ();
+  r = job->drv->prepare (job);
+  job_lock ();
+  if (r < 0) {
+    fail_locked (job, r);
+    return false;
+  }
+  return true;
+}
+
+static void
+conclude (struct job *job, int ret)
+{
+  bool ok;
+
+  job_lock ();
+  if (ret == 0 && job->cancelled)
+    ret = -ECANCELED;
+  if (ret < 0)
+    fail_locked (job, ret);
+  job->busy = false;
+  ok = ret == 0 && finish_locked (job);
+  if (!ok)
+    set_status_locked (job, JOB_ABORTING);
+  job_unlock ();
+
+  if (!ok && job->drv->abort)
+    job->drv->abort (job);
+  if (job->drv->clean)
+    job->drv->clean (job);
+  /* Before the completion event, so that a client reacting to it finds
+   * the nodes free. */
+  release_nodes (job);
+
+  job_lock ();
+  if (!ok && job->cancelled)
+    qmp_event_emit ("BLOCK_JOB_CANCELLED", completion_data (job, false));
+  else
+    qmp_event_emit ("BLOCK_JOB_COMPLETED", completion_data (job, !ok));
+  set_status_locked (job, JOB_CONCLUDED);
+  if (job->auto_dismiss) {
+    set_status_locked (job, JOB_NULL);
+    unlink_locked (job);
+    job_free (job);
+  }
+  else
+    job->thread_done = true;
+  live_threads--;
+  pthread_cond_broadcast (&threads_cond);
+  job_unlock ();
+}
+
+static void *
+job_thread (void *arg)
+{
+  struct job *job = arg;
+
+  conclude (job, job->drv->run (job));
+  return NULL;
+}
+
+bool
+job_start (struct job *job, struct qmp_error *err)
+{
+  pthread_t t;
+  pthread_attr_t attr;
+  int r;
+
+  set_status_locked (job, JOB_RUNNING);
+  job->busy = true;
+  pthread_attr_init (&attr);
+  pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+  r = pthread_create (&t, &attr, job_thread, job);
+  pthread_attr_destroy (&attr);
+  if (r != 0) {
+    qmp_error_set (err, "GenericError", "cannot start job thread: %s",
+                   strerror (r));
+    job->status = JOB_CREATED;
+    job_discard (job);
+    return false;
+  }
+  live_threads++;
+  return true;
+}
+
+/* ---- the job thread's side ---- */
+
+static void
+wait_until_locked (struct job *job, uint64_t deadline_ns)
+{
+  struct timespec ts;
+  uint64_t now = ratelimit_now_ns ();
+
+  /* The condition variable's clock is CLOCK_REALTIME: convert. */
+  clock_gettime (CLOCK_REALTIME, &ts);
+  uint64_t abs = (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec
+                 + (deadline_ns > now ? deadline_ns - now : 0);
+  ts.tv_sec = abs / 1000000000ull;
+  ts.tv_nsec = abs % 1000000000ull;
+  while (!job->kick
+         && pthread_cond_timedwait (&job->cond, &jobs_mutex, &ts) == 0)
+    ;
+}
+
+bool
+job_yield (struct job *job)
+{
+  LOCK_GUARD (&jobs_mutex);
+  for (;;) {
+    uint64_t now, d;
+
+    if (job->cancelled)
+      return false;
+    if (job->pause_count > 0) {
+      set_status_locked (job, JOB_PAUSED);
+      job->busy = false;
+      while (job->pause_count > 0 && !job->cancelled)
+        pthread_cond_wait (&job->cond, &jobs_mutex);
+      unpause_locked (job);
+      continue;
+    }
+    now = ratelimit_now_ns ();
+    if ((d = ratelimit_delay (&job->rl, now)) == 0)
+      return true;
+    job->kick = false;
+    job->busy = false;
+    wait_until_locked (job, now + d);
+    job->busy = true;
+  }
+}
+
+bool
+job_sleep_ns (struct job *job, uint64_t ns)
+{
+  uint64_t deadline = ratelimit_now_ns () + ns;
+
+  {
+    LOCK_GUARD (&jobs_mutex);
+    if (job->cancelled)
+      return false;
+    job->kick = false;
+    job->busy = false;
+    wait_until_locked (job, deadline);
+    job->busy = true;
+  }
+  return job_yield (job);
+}
+
+void
+job_account (struct job *job, uint64_t bytes, uint64_t start)
+{
+  LOCK_GUARD (&jobs_mutex);
+  ratelimit_account (&job->rl, bytes, start);
+}
+
+void
+job_set_progress (struct job *job, uint64_t offset, uint64_t len)
+{
+  LOCK_GUARD (&jobs_mutex);
+  job->offset = offset;
+  job->len = len;
+}
+
+bool
+job_is_cancelled (struct job *job)
+{
+  LOCK_GUARD (&jobs_mutex);
+  return job->cancelled;
+}
+
+void
+job_set_error (struct job *job, const char *fmt, ...)
+{
+  va_list ap;
+  char *msg;
+
+  va_start (ap, fmt);
+  if (vasprintf (&msg, fmt, ap) < 0)
+    msg = NULL;
+  va_end (ap);
+  LOCK_GUARD (&jobs_mutex);
+  free (job->error);
+  job->error = msg;
+}
+
+enum job_on_error
+job_io_error (struct job *job, int err, bool is_read)
+{
+  enum job_on_error action;
+  static const char *const action_names[] = {
+    [JOB_ON_ERROR_REPORT] = "report",
+    [JOB_ON_ERROR_IGNORE] = "ignore",
+    [JOB_ON_ERROR_STOP] = "stop",
+  };
+  LOCK_GUARD (&jobs_mutex);
+
+  switch (job->on_error) {
+  case JOB_ON_ERROR_ENOSPC:
+    action = err == -ENOSPC ? JOB_ON_ERROR_STOP : JOB_ON_ERROR_REPORT;
+    break;
+  default: action = job->on_error;
+  }
+  qmp_event_emit ("BLOCK_JOB_ERROR",
+                  json_pack ("{s:s, s:s, s:s}", "device", job->id, "operation",
+                             is_read ? "read" : "write", "action",
+                             action_names[action]));
+  if (action == JOB_ON_ERROR_STOP) {
+    job->iostatus = err == -ENOSPC ? "nospace" : "failed";
+    job->user_paused = true;
+    job->pause_count++;
+  }
+  return action;
+}
+
+/* ---- verbs ---- */
+
+bool
+job_user_pause_locked (struct job *job, struct qmp_error *err)
+{
+  if (!apply_verb_locked (job, JOB_VERB_PAUSE, err))
+    return false;
+  if (job->user_paused) {
+    qmp_error_set (err, "GenericError", "Job is already paused");
+    return false;
+  }
+  job->user_paused = true;
+  job->pause_count++;
+  wake_locked (job);
+  return true;
+}
+
+bool
+job_user_resume_locked (struct job *job, struct qmp_error *err)
+{
+  if (!job->user_paused) {
+    qmp_error_set (err, "GenericError",
+                   "Can't resume a job that was not paused");
+    return false;
+  }
+  if (!apply_verb_locked (job, JOB_VERB_RESUME, err))
+    return false;
+  job->user_paused = false;
+  job->pause_count--;
+  job->iostatus = "ok";
+  unpause_locked (job);
+  wake_locked (job);
+  return true;
+}
+
+bool
+job_cancel_locked (struct job *job, bool force, struct qmp_error *err)
+{
+  if (!apply_verb_locked (job, JOB_VERB_CANCEL, err))
+    return false;
+  if (job->user_paused) {
+    job->user_paused = false;
+    job->pause_count--;
+    job->iostatus = "ok";
+  }
+  job->cancelled = true;
+  job->force_cancel |= force;
+  unpause_locked (job);
+  wake_locked (job);
+  return true;
+}
+
+bool
+job_complete_locked (struct job *job, struct qmp_error *err)
+{
+  if (!apply_verb_locked (job, JOB_VERB_COMPLETE, err))
+    return false;
+  if (job->cancelled || !job->drv->complete) {
+    qmp_error_set (err, "GenericError",
+                   "The active block job '%s' cannot be completed", job->id);
+    return false;
+  }
+  return job->drv->complete (job, err);
+}
+
+bool
+job_finalize_locked (struct job *job, struct qmp_error *err)
+{
+  if (!apply_verb_locked (job, JOB_VERB_FINALIZE, err))
+    return false;
+  job->finalize_requested = true;
+  wake_locked (job);
+  return true;
+}
+
+bool
+job_dismiss_locked (struct job *job, struct qmp_error *err)
+{
+  if (!apply_verb_locked (job, JOB_VERB_DISMISS, err))
+    return false;
+  set_status_locked (job, JOB_NULL);
+  unlink_locked (job);
+  job_free (job);
+  return true;
+}
+
+bool
+job_set_speed_locked (struct job *job, int64_t speed, struct qmp_error *err)
+{
+  if (!apply_verb_locked (job, JOB_VERB_SET_SPEED, err))
+    return false;
+  if (speed < 0) {
+    qmp_error_set (err, "GenericError",
+                   "Parameter 'speed' expects a non-negative value");
+    return false;
+  }
+  ratelimit_set_speed (&job->rl, speed, ratelimit_now_ns ());
+  wake_locked (job);
+  return true;
+}
+
+/* ---- queries ---- */
+
+json_t *
+job_block_info_locked (struct job *job)
+{
+  json_t *o = json_object ();
+
+  json_object_set_new (o, "type", json_string (job->drv->type));
+  json_object_set_new (o, "device", json_string (job->id));
+  json_object_set_new (o, "len", json_integer (job->len));
+  json_object_set_new (o, "offset", json_integer (job->offset));
+  json_object_set_new (o, "busy", json_boolean (job->busy));
+  json_object_set_new (o, "paused", json_boolean (job->pause_count > 0));
+  json_object_set_new (o, "speed", json_integer (job->rl.speed));
+  json_object_set_new (o, "io-status", json_string (job->iostatus));
+  json_object_set_new (o, "ready", json_boolean (job->status == JOB_READY));
+  json_object_set_new (o, "status", json_string (status_names[job->status]));
+  json_object_set_new (o, "auto-finalize", json_boolean (job->auto_finalize));
+  json_object_set_new (o, "auto-dismiss", json_boolean (job->auto_dismiss));
+  if (job->ret < 0 && job->error)
+    json_object_set_new (o, "error", json_string (job->error));
+  return o;
+}
+
+json_t *
+job_info_locked (struct job *job)
+{
+  json_t *o = json_object ();
+
+  json_object_set_new (o, "id", json_string (job->id));
+  json_object_set_new (o, "type", json_string (job->drv->type));
+  json_object_set_new (o, "status", json_string (status_names[job->status]));
+  json_object_set_new (o, "current-progress", json_integer (job->offset));
+  json_object_set_new (o, "total-progress", json_integer (job->len));
+  if (job->ret < 0 && job->error)
+    json_object_set_new (o, "error", json_string (job->error));
+  return o;
+}
+
+/* ---- shutdown ---- */
+
+void
+job_shutdown (void)
+{
+  LOCK_GUARD (&jobs_mutex);
+  for (struct job *j = jobs; j; j = j->next)
+    if (j->status != JOB_CONCLUDED) {
+      j->cancelled = j->force_cancel = true;
+      if (j->user_paused) {
+        j->user_paused = false;
+        j->pause_count--;
+      }
+      wake_locked (j);
+    }
+  while (live_threads > 0)
+    pthread_cond_wait (&threads_cond, &jobs_mutex);
+  while (jobs) {
+    struct job *j = jobs;
+    jobs = j->next;
+    job_free (j);
+  }
+}

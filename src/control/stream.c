@@ -1,2 +1,557 @@
-/* strata: stream.  Placeholder until it lands. */
-#include "control/qmp.h"
+/* strata: block-stream and x-block-pull-range.
+ *
+ * block-stream copies into TOP everything TOP reads from the layers
+ * between it and BASE, then makes BASE (or nothing) TOP's backing file:
+ *
+ *   base <- mid <- top        stream top, base=base      base <- top
+ *
+ * The job walks TOP in chunks: where TOP allocates (block status), it
+ * skips; elsewhere node_copy_up() copies what some layer above BASE holds
+ * (serialised against guest writes, so a newer guest write is never
+ * overwritten).  Progress is QEMU's: len is the image length and offset
+ * moves over skipped and copied chunks alike; the rate limit counts only
+ * the bytes written.  After the last chunk TOP is flushed, and only then
+ * (prepare) is the header's backing name rewritten and the graph edge
+ * moved, so a crash at any point leaves either the old chain (with part
+ * of it copied up, reading the same) or the new one.  A new stream after
+ * a crash finds the copied chunks allocated and skips them.
+ *
+ * Idle-aware streaming (x-yield-to-guest): before each chunk the job
+ * looks at the requests in flight on TOP (its own are finished by then,
+ * so they are the guest's).  None: the chunk goes at the set speed.  Some:
+ * it goes at x-guest-floor-speed at most (0: it waits, looking again every
+ * 10 ms), so the guest keeps the disk while it is busy.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/graph.h"
+#include "control/job.h"
+#include "util/cleanup.h"
+
+#define STREAM_CHUNK (512 * 1024) /* QEMU's STREAM_CHUNK */
+#define STREAM_MIN_CHUNK (64 * 1024)
+#define PULL_RANGE_MAX (16 * 1024 * 1024)
+#define IDLE_POLL_NS 10000000ull /* 10 ms */
+
+struct stream {
+  strata_node *top, *base; /* references; BASE may be NULL */
+  char *backing_file;      /* backing-file argument, or NULL */
+  bool yield_to_guest;
+  uint64_t floor_speed;
+  struct ratelimit floor_rl;
+  strata_node *old_backing; /* kept until clean, see prepare */
+};
+
+/* ---- the job ---- */
+
+/* Bytes per chunk: QEMU's 512 KiB, smaller under a low speed limit so
+ * that one chunk is at most 1/20 s of the rate (whole 64 KiB units). */
+static uint64_t
+chunk_size (struct job *job)
+{
+  uint64_t speed, c = STREAM_CHUNK;
+
+  job_lock ();
+  speed = job->rl.speed;
+  job_unlock ();
+  if (speed > 0 && speed / 20 < c)
+    c = speed / 20 / STREAM_MIN_CHUNK * STREAM_MIN_CHUNK;
+  return c < STREAM_MIN_CHUNK ? STREAM_MIN_CHUNK : c;
+}
+
+/* Idle-aware pacing: false when cancelled. */
+static bool
+yield_to_guest (struct job *job, struct stream *s)
+{
+  for (;;) {
+    uint64_t now = ratelimit_now_ns (), d;
+
+    if (tracker_count (&s->top->tracker) == 0) {
+      ratelimit_init (&s->floor_rl, s->floor_speed, now);
+      return true;
+    }
+    d = s->floor_speed ? ratelimit_delay (&s->floor_rl, now) : IDLE_POLL_NS;
+    if (d == 0)
+      return true;
+    if (!job_sleep_ns (job, d))
+      return false;
+  }
+}
+
+/* One chunk at OFFSET: *N gets the bytes it covers.  Returns 0 or a
+ * negative errno from the copy. */
+static int
+stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
+              uint64_t *n)
+{
+  struct bstat bs;
+  uint64_t copied = 0, start;
+  int r;
+
+  if ((r = node_block_status (s->top, offset, len, &bs)) < 0)
+    return r;
+  *n = bs.pnum < len ? bs.pnum : len;
+  if (bs.flags & BS_ALLOCATED)
+    return 0;
+  start = ratelimit_now_ns ();
+  r = node_copy_up (s->top, s->base, offset, *n, &copied);
+  job_account (job, copied, start);
+  if (s->yield_to_guest && s->floor_speed)
+    ratelimit_account (&s->floor_rl, copied, start);
+  return r;
+}
+
+static int
+stream_run (struct job *job)
+{
+  struct stream *s = job->opaque;
+  int64_t len = 0;
+  uint64_t offset = 0, n;
+  int r, error = 0;
+
+  /* Nothing between TOP and BASE: nothing to copy (QEMU reports len 0). */
+  if (!s->top->backing || s->top->backing == s->base)
+    return 0;
+  if ((len = node_length (s->top)) < 0)
+    return len;
+  job_set_progress (job, 0, len);
+  while (offset < (uint64_t)len) {
+    uint64_t c = chunk_size (job);
+
+    if (!job_yield (job) || (s->yield_to_guest && !yield_to_guest (job, s)))
+      return -ECANCELED;
+    if (c > (uint64_t)len - offset)
+      c = len - offset;
+    r = stream_chunk (job, s, offset, c, &n);
+    if (r < 0) {
+      switch (job_io_error (job, r, r != -ENOSPC)) {
+      case JOB_ON_ERROR_STOP: continue; /* paused; retried when resumed */
+      case JOB_ON_ERROR_IGNORE:
+        error = r;
+        n = c;
+        break;
+      default: return r;
+      }
+    }
+    offset += n;
+    job_set_progress (job, offset, len);
+  }
+  if (error)
+    return error;
+  return node_flush (s->top);
+}
+
+/* Rewrite the header, then move the graph edge: TOP's backing becomes
+ * BASE.  The old backing node keeps a reference until clean, after the
+ * requests that may still read through it have drained. */
+static int
+stream_prepare (struct job *job)
+{
+  struct stream *s = job->opaque;
+  strata_error *e = NULL;
+  const char *name = s->backing_file;
+  int r = 0;
+
+  if (!s->top->backing)
+    return 0;
+  if (!name && s->base)
+    name = s->base->filename;
+  qmp_block_lock ();
+  if (!node_change_backing_file (s->top, name,
+                                 s->base ? s->base->drv->name : NULL, &e)) {
+    job_set_error (job, "%s", e ? strata_error_message (e) : "unknown error");
+    strata_error_free (e);
+    r = -EIO;
+    goto out;
+  }
+  tracker_wait_idle (&s->top->tracker, 0, 0);
+  s->old_backing = s->top->backing;
+  node_ref (s->old_backing);
+  node_detach_child (s->top, "backing");
+  if (s->base) {
+    node_ref (s->base);
+    if (!node_attach_child (s->top, "backing", s->base, &e)) {
+      node_unref (s->base);
+      job_set_error (job, "%s",
+                     e ? strata_error_message (e) : "unknown error");
+      strata_error_free (e);
+      r = -EIO;
+    }
+  }
+out:
+  qmp_block_unlock ();
+  return r;
+}
+
+static void
+stream_clean (struct job *job)
+{
+  struct stream *s = job->opaque;
+
+  if (!s)
+    return;
+  if (s->old_backing) {
+    tracker_wait_idle (&s->top->tracker, 0, 0);
+    node_unref (s->old_backing);
+  }
+  if (s->base)
+    node_unref (s->base);
+  node_unref (s->top);
+  free (s->backing_file);
+  free (s);
+  job->opaque = NULL;
+}
+
+static const struct job_driver stream_driver = {
+  .type = "stream",
+  .run = stream_run,
+  .prepare = stream_prepare,
+  .clean = stream_clean,
+};
+
+/* ---- argument checks ---- */
+
+static strata_node *
+lookup (const char *device, const char *name, struct qmp_error *err)
+{
+  strata_node *node = graph_lookup (name);
+
+  if (!node)
+    qmp_error_set (err, "GenericError",
+                   "Cannot find device='%s' nor node-name='%s'", device, name);
+  return node;
+}
+
+/* Is NODE strictly below TOP in its backing chain? */
+static bool
+chain_contains (strata_node *top, strata_node *node)
+{
+  for (strata_node *n = top->backing; n; n = n->backing)
+    if (n == node)
+      return true;
+  return false;
+}
+
+static bool
+same_file (const char *a, const char *b)
+{
+  CLEANUP_FREE char *ra = realpath (a, NULL);
+  CLEANUP_FREE char *rb = realpath (b, NULL);
+
+  return strcmp (a, b) == 0 || (ra && rb && strcmp (ra, rb) == 0);
+}
+
+/* The node below TOP whose file is NAME (a new reference), or NULL. */
+static strata_node *
+find_backing_image (strata_node *top, const char *name)
+{
+  for (strata_node *n = top->backing; n; n = n->backing)
+    if (same_file (n->filename, name)) {
+      node_ref (n);
+      return n;
+    }
+  return NULL;
+}
+
+static const char *const on_error_names[] = {
+  [JOB_ON_ERROR_REPORT] = "report",
+  [JOB_ON_ERROR_IGNORE] = "ignore",
+  [JOB_ON_ERROR_ENOSPC] = "enospc",
+  [JOB_ON_ERROR_STOP] = "stop",
+};
+
+static bool
+parse_on_error (json_t *args, enum job_on_error *out, struct qmp_error *err)
+{
+  const char *v = json_string_value (json_object_get (args, "on-error"));
+
+  *out = JOB_ON_ERROR_REPORT;
+  if (!v)
+    return true;
+  for (int i = 0; i < 4; i++)
+    if (strcmp (v, on_error_names[i]) == 0) {
+      *out = i;
+      return true;
+    }
+  qmp_error_set (err, "GenericError",
+                 "Parameter 'on-error' does not accept value '%s'", v);
+  return false;
+}
+
+static const char *
+str_arg (json_t *args, const char *key)
+{
+  return json_string_value (json_object_get (args, key));
+}
+
+/* BASE for block-stream's base, base-node and bottom arguments; NULL with
+ * *BASEP NULL means the whole chain. */
+static bool
+find_base (json_t *args, strata_node *top, strata_node **basep,
+           struct qmp_error *err)
+{
+  const char *base = str_arg (args, "base");
+  const char *base_node = str_arg (args, "base-node");
+  const char *bottom = str_arg (args, "bottom");
+  strata_node *n;
+
+  *basep = NULL;
+  if (base && base_node) {
+    qmp_error_set (err, "GenericError",
+                   "'base' and 'base-node' cannot be specified at the same "
+                   "time");
+    return false;
+  }
+  if (base && bottom) {
+    qmp_error_set (err, "GenericError",
+                   "'base' and 'bottom' cannot be specified at the same "
+                   "time");
+    return false;
+  }
+  if (bottom && base_node) {
+    qmp_error_set (err, "GenericError",
+                   "'bottom' and 'base-node' cannot be specified at the same "
+                   "time");
+    return false;
+  }
+  if (base) {
+    if (!(*basep = find_backing_image (top, base))) {
+      qmp_error_set (err, "GenericError",
+                     "Can't find '%s' in the backing chain", base);
+      return false;
+    }
+  }
+  if (base_node) {
+    if (!(n = lookup ("", base_node, err)))
+      return false;
+    if (!chain_contains (top, n)) {
+      qmp_error_set (err, "GenericError",
+                     "Node '%s' is not a backing image of '%s'", base_node,
+                     top->node_name);
+      node_unref (n);
+      return false;
+    }
+    *basep = n;
+  }
+  if (bottom) {
+    if (!(n = lookup ("", bottom, err)))
+      return false;
+    if (n != top && !chain_contains (top, n)) {
+      qmp_error_set (err, "GenericError",
+                     "Node '%s' is not in a chain starting from '%s'", bottom,
+                     top->node_name);
+      node_unref (n);
+      return false;
+    }
+    if ((*basep = n->backing))
+      node_ref (*basep);
+    node_unref (n);
+  }
+  return true;
+}
+
+/* The nodes from TOP down to BASE (excluded) must be free of other jobs. */
+static bool
+check_not_busy_locked (strata_node *top, strata_node *base,
+                       struct qmp_error *err)
+{
+  for (strata_node *n = top; n && n != base; n = n->backing) {
+    struct job *j = job_holding_locked (n);
+    if (j) {
+      qmp_error_set (err, "GenericError", "Node '%s' is busy: %s",
+                     n->node_name, j->user);
+      return false;
+    }
+  }
+  return true;
+}
+
+static struct stream *
+stream_new (strata_node *top, strata_node *base, json_t *args)
+{
+  struct stream *s = calloc (1, sizeof *s);
+  const char *bf = str_arg (args, "backing-file");
+  json_t *floor = json_object_get (args, "x-guest-floor-speed");
+
+  if (!s)
+    return NULL;
+  if (bf && !(s->backing_file = strdup (bf))) {
+    free (s);
+    return NULL;
+  }
+  s->top = top;
+  s->base = base;
+  s->yield_to_guest
+      = json_is_true (json_object_get (args, "x-yield-to-guest"));
+  s->floor_speed = floor ? json_integer_value (floor) : 0;
+  return s;
+}
+
+/* Create and start the job, job lock held; takes over TOP and BASE. */
+static bool
+start_locked (json_t *args, strata_node *top, strata_node *base,
+              enum job_on_error on_error, struct qmp_error *err)
+{
+  const char *id = str_arg (args, "job-id");
+  json_t *speed = json_object_get (args, "speed");
+  json_t *af = json_object_get (args, "auto-finalize");
+  json_t *ad = json_object_get (args, "auto-dismiss");
+  struct job *job;
+  struct stream *s;
+
+  job = job_create (id ? id : top->node_name, &stream_driver,
+                    speed ? json_integer_value (speed) : 0,
+                    af ? json_is_true (af) : true,
+                    ad ? json_is_true (ad) : true, on_error, err);
+  if (!job)
+    goto fail;
+  if (!(s = stream_new (top, base, args))) {
+    qmp_error_set (err, "GenericError", "out of memory");
+    job_discard (job);
+    goto fail;
+  }
+  job->opaque = s;
+  /* The length is known before the first query, as QEMU's is. */
+  if (top->backing && top->backing != base) {
+    int64_t len = node_length (top);
+    job->len = len > 0 ? len : 0;
+  }
+  for (strata_node *n = top; n && n != base; n = n->backing)
+    if (!job_add_node (job, n)) {
+      qmp_error_set (err, "GenericError", "out of memory");
+      job_discard (job);
+      return false;
+    }
+  return job_start (job, err);
+fail:
+  node_unref (top);
+  if (base)
+    node_unref (base);
+  return false;
+}
+
+json_t *
+stream_cmd_block_stream (json_t *args, struct qmp_error *err)
+{
+  static const struct qmp_arg spec[] = {
+    { "job-id", "string", false },
+    { "device", "string", true },
+    { "base", "string", false },
+    { "base-node", "string", false },
+    { "backing-file", "string", false },
+    { "bottom", "string", false },
+    { "speed", "int", false },
+    { "on-error", "string", false },
+    { "filter-node-name", "string", false },
+    { "auto-finalize", "bool", false },
+    { "auto-dismiss", "bool", false },
+    { "x-yield-to-guest", "bool", false },
+    { "x-guest-floor-speed", "int", false },
+    { NULL },
+  };
+  const char *device;
+  strata_node *top = NULL, *base = NULL;
+  enum job_on_error on_error;
+  json_t *floor;
+  bool ok = false;
+
+  if (!qmp_args_check (args, spec, err)
+      || !parse_on_error (args, &on_error, err))
+    return NULL;
+  floor = json_object_get (args, "x-guest-floor-speed");
+  if (floor && json_integer_value (floor) < 0) {
+    qmp_error_set (err, "GenericError",
+                   "Parameter 'x-guest-floor-speed' expects a non-negative "
+                   "value");
+    return NULL;
+  }
+  device = str_arg (args, "device");
+  qmp_block_lock ();
+  if (!(top = lookup (device, device, err))
+      || !find_base (args, top, &base, err))
+    goto out;
+  job_lock ();
+  if (!check_not_busy_locked (top, base, err))
+    ;
+  else if (!base && str_arg (args, "backing-file"))
+    qmp_error_set (err, "GenericError",
+                   "backing file specified, but streaming the entire chain");
+  else {
+    ok = start_locked (args, top, base, on_error, err);
+    top = base = NULL; /* taken over */
+  }
+  job_unlock ();
+out:
+  if (top)
+    node_unref (top);
+  if (base)
+    node_unref (base);
+  qmp_block_unlock ();
+  return ok ? json_object () : NULL;
+}
+
+/* ---- x-block-pull-range ---- */
+
+json_t *
+stream_cmd_pull_range (json_t *args, struct qmp_error *err)
+{
+  static const struct qmp_arg spec[] = {
+    { "device", "string", true },
+    { "offset", "int", true },
+    { "length", "int", true },
+    { "base-node", "string", false },
+    { NULL },
+  };
+  const char *device;
+  strata_node *top = NULL, *base = NULL;
+  json_int_t offset, length;
+  int64_t size;
+  uint64_t copied = 0;
+  json_t *ret = NULL;
+
+  if (!qmp_args_check (args, spec, err))
+    return NULL;
+  device = str_arg (args, "device");
+  offset = json_integer_value (json_object_get (args, "offset"));
+  length = json_integer_value (json_object_get (args, "length"));
+  qmp_block_lock ();
+  if (!(top = lookup (device, device, err))
+      || !find_base (args, top, &base, err))
+    goto out;
+  if ((size = node_length (top)) < 0) {
+    qmp_error_set (err, "GenericError", "%s: cannot get the image length",
+                   top->filename);
+    goto out;
+  }
+  if (offset < 0 || length < 0 || offset > size || length > size - offset) {
+    qmp_error_set (err, "GenericError",
+                   "Range offset %lld length %lld is outside the image "
+                   "(%lld bytes)",
+                   (long long)offset, (long long)length, (long long)size);
+    goto out;
+  }
+  if (length > PULL_RANGE_MAX) {
+    qmp_error_set (err, "GenericError",
+                   "Parameter 'length' must be at most %d (use "
+                   "block-stream for more)",
+                   PULL_RANGE_MAX);
+    goto out;
+  }
+  if (length > 0 && top->backing && top->backing != base
+      && node_copy_up (top, base, offset, length, &copied) < 0) {
+    qmp_error_set (err, "GenericError", "%s: copy-up failed: %s",
+                   top->node_name, strata_last_error_message ());
+    goto out;
+  }
+  ret = json_pack ("{s:I}", "copied", (json_int_t)copied);
+out:
+  if (top)
+    node_unref (top);
+  if (base)
+    node_unref (base);
+  qmp_block_unlock ();
+  return ret;
+}

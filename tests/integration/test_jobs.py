@@ -1,0 +1,524 @@
+"""Block jobs in stratad: the job verbs, queries and events, against
+qemu-storage-daemon as the oracle.
+
+Each comparison runs one QMP scenario on qemu-storage-daemon and on
+stratad, each on a fresh copy of the same chain, and compares the event
+sequences (names and the fields that do not depend on timing) and the
+replies.  Jobs that must stay alive for a while run with a low speed;
+nothing asserts tight timing.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import binary, need, run
+from qmp import QMP
+
+MIB = 1024 * 1024
+
+
+class Daemon:
+    """A QMP daemon (stratad or qemu-storage-daemon) in TMP."""
+
+    def __init__(self, argv0, tmp, name, extra=()):
+        self.sock_path = tmp / f"{name}.sock"
+        self.proc = subprocess.Popen(
+            [argv0, "--chardev",
+             f"socket,id=m,path={self.sock_path},server=on,wait=off",
+             "--monitor", "chardev=m", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            self.qmp = QMP(self.sock_path, timeout=30)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def cmd(self, name, **args):
+        rsp = self.qmp.cmd(name, args or None)
+        rsp.pop("id", None)
+        return rsp
+
+    def ok(self, name, **args):
+        rsp = self.cmd(name, **args)
+        assert "return" in rsp, f"{name} {args}: {rsp}"
+        return rsp["return"]
+
+    def event(self, name, timeout=30, **match):
+        """The next event NAME whose data has MATCH's fields."""
+        deadline = time.monotonic() + timeout
+        while True:
+            e = self.qmp.event(name, timeout=max(0.01, deadline
+                                                  - time.monotonic()))
+            if all(e["data"].get(k) == v for k, v in match.items()):
+                return e
+
+    def events_until(self, name, timeout=30, **match):
+        """Read events in order until NAME (with MATCH's fields) arrives;
+        return them all (timestamps dropped), keeping none aside."""
+        out = []
+        deadline = time.monotonic() + timeout
+        pending = self.qmp.events
+        self.qmp.events = []
+        while True:
+            if pending:
+                msg = pending.pop(0)
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {name} event; got {out}")
+                msg = self.qmp.recv(left)
+                assert msg is not None, "daemon closed the connection"
+                if "event" not in msg:
+                    continue
+            msg.pop("timestamp", None)
+            out.append(msg)
+            if msg["event"] == name and all(
+                    msg["data"].get(k) == v for k, v in match.items()):
+                self.qmp.events = pending
+                return out
+
+    def stop(self):
+        """quit; returns the exit status."""
+        try:
+            self.qmp.cmd("quit")
+        except Exception:
+            self.proc.send_signal(signal.SIGTERM)
+        self.qmp.close()
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            self.proc.stderr.close()
+
+    def kill(self):
+        self.qmp.close()
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stderr.close()
+
+
+def start(kind, tmp, extra=()):
+    if kind == "qsd":
+        return Daemon(need("qemu-storage-daemon", "qemu-system-common"), tmp,
+                      "qsd", extra)
+    return Daemon(binary("stratad"), tmp, "stratad", extra)
+
+
+def make_chain(tmp, qemu_img, qemu_io, size_mib=4, names=("base", "mid",
+                                                          "top")):
+    """base <- mid <- top (absolute backing names): base fully written
+    with 1s, mid with 2s at [1M, 2M), top with 3s at [0, 64k)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    p = {n: str(tmp / f"{n}.qcow2") for n in names}
+    prev = None
+    for n in names:
+        args = ["-F", "qcow2", "-b", p[prev]] if prev else []
+        run(qemu_img, "create", "-q", "-f", "qcow2", *args, p[n],
+            f"{size_mib}M")
+        prev = n
+    cmds = {names[0]: f"write -P 1 0 {size_mib}M",
+            names[1]: "write -P 2 1M 1M",
+            names[2]: "write -P 3 0 64k"}
+    for n in names:
+        run(qemu_io, "-f", "qcow2", "-c", cmds[n], p[n])
+    return p
+
+
+def add_top(d, path, name="top"):
+    d.ok("blockdev-add", **{"driver": "qcow2", "node-name": name,
+                            "file": {"driver": "file", "filename": path}})
+
+
+def both(tmp, qemu_img, qemu_io, scenario, size_mib=4):
+    """SCENARIO(daemon, paths) on qsd then stratad, each on a fresh chain;
+    returns (qsd result, stratad result, qsd paths, stratad paths)."""
+    out = []
+    for kind in ("qsd", "stratad"):
+        p = make_chain(tmp / kind, qemu_img, qemu_io, size_mib)
+        d = start(kind, tmp / kind)
+        try:
+            out.append((scenario(d, p), p))
+        finally:
+            assert d.stop() == 0
+    return out[0][0], out[1][0], out[0][1], out[1][1]
+
+
+def statuses(events):
+    """The job's event sequence: JOB_STATUS_CHANGE as their status, other
+    events by name."""
+    return [e["data"]["status"] if e["event"] == "JOB_STATUS_CHANGE"
+            else e["event"] for e in events]
+
+
+def check_image(qemu_img, path):
+    r = run(qemu_img, "check", path, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---- scenarios compared with qemu-storage-daemon ----
+
+
+def test_plain_finish_matches_qsd(tmp_path, qemu_img, qemu_io):
+    def scenario(d, p):
+        add_top(d, p["top"])
+        assert d.ok("block-stream", **{"job-id": "j1", "device": "top"}) == {}
+        evs = d.events_until("JOB_STATUS_CHANGE", status="null")
+        assert d.ok("query-block-jobs") == []
+        assert d.ok("query-jobs") == []
+        return evs
+
+    q, s, qp, sp = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert statuses(q) == ["created", "running", "waiting", "pending",
+                           "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert s == q
+    done = [e for e in s if e["event"] == "BLOCK_JOB_COMPLETED"][0]["data"]
+    assert list(done) == ["type", "device", "len", "offset", "speed"]
+    assert done["offset"] == done["len"] == 4 * MIB
+    # Same content, same header, no backing file left.
+    run(qemu_img, "compare", qp["top"], sp["top"])
+    for path in (qp["top"], sp["top"]):
+        info = json.loads(run(qemu_img, "info", "--output=json",
+                              path).stdout)
+        assert "backing-filename" not in info
+    check_image(qemu_img, sp["top"])
+
+
+def test_manual_finalize_and_dismiss_match_qsd(tmp_path, qemu_img, qemu_io):
+    def scenario(d, p):
+        add_top(d, p["top"])
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "auto-finalize": False,
+                                "auto-dismiss": False})
+        evs = d.events_until("BLOCK_JOB_PENDING")
+        replies = [d.cmd("query-jobs"),
+                   d.cmd("block-job-dismiss", id="j1"),
+                   d.cmd("job-complete", id="j1"),
+                   d.cmd("block-job-set-speed", device="j1", speed=1),
+                   d.cmd("job-finalize", id="j1")]
+        evs += d.events_until("JOB_STATUS_CHANGE", status="concluded")
+        replies += [d.cmd("query-jobs"), d.cmd("query-block-jobs"),
+                    d.cmd("job-cancel", id="j1"),
+                    d.cmd("job-finalize", id="j1"),
+                    d.cmd("job-dismiss", id="j1")]
+        evs += d.events_until("JOB_STATUS_CHANGE", status="null")
+        replies.append(d.cmd("query-jobs"))
+        return evs, replies
+
+    q, s, qp, sp = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert statuses(q[0]) == [
+        "created", "running", "waiting", "pending", "BLOCK_JOB_PENDING",
+        "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert s == q
+    run(qemu_img, "compare", qp["top"], sp["top"])
+
+
+def test_cancel_in_pending_matches_qsd(tmp_path, qemu_img, qemu_io):
+    def scenario(d, p):
+        add_top(d, p["top"])
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "auto-finalize": False,
+                                "auto-dismiss": False})
+        evs = d.events_until("BLOCK_JOB_PENDING")
+        d.ok("job-cancel", id="j1")
+        evs += d.events_until("JOB_STATUS_CHANGE", status="concluded")
+        replies = [d.cmd("query-jobs"), d.cmd("query-block-jobs")]
+        d.ok("job-dismiss", id="j1")
+        evs += d.events_until("JOB_STATUS_CHANGE", status="null")
+        return evs, replies
+
+    q, s, qp, sp = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert statuses(q[0])[4:] == ["BLOCK_JOB_PENDING", "aborting",
+                                  "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    assert q[1][0]["return"][0]["error"] == "Operation canceled"
+    assert s == q
+    # Cancelled before prepare: the backing file is still there.
+    for path in (qp["top"], sp["top"]):
+        info = json.loads(run(qemu_img, "info", "--output=json",
+                              path).stdout)
+        assert info["backing-filename"].endswith("mid.qcow2")
+
+
+def test_pause_and_cancel_match_qsd(tmp_path, qemu_img, qemu_io):
+    """A slow job: pause (twice), set-speed while paused, cancel refused
+    while paused unless forced; events and errors as QEMU's."""
+    def scenario(d, p):
+        add_top(d, p["top"])
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "speed": 65536})
+        replies = [d.cmd("block-job-pause", device="j1")]
+        evs = d.events_until("JOB_STATUS_CHANGE", status="paused")
+        replies += [d.cmd("block-job-pause", device="j1"),
+                    d.cmd("job-pause", id="j1"),
+                    d.cmd("block-job-set-speed", device="j1", speed=131072),
+                    d.cmd("block-job-cancel", device="j1"),
+                    d.cmd("block-job-complete", device="j1")]
+        info = d.ok("query-block-jobs")[0]
+        replies.append({k: info[k] for k in (
+            "type", "device", "len", "paused", "speed", "io-status",
+            "ready", "status", "auto-finalize", "auto-dismiss")})
+        replies.append(d.cmd("block-job-cancel", device="j1", force=True))
+        evs += d.events_until("JOB_STATUS_CHANGE", status="null")
+        for e in evs:
+            e["data"].pop("offset", None)  # depends on timing
+        return evs, replies
+
+    q, s, _, _ = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert statuses(q[0]) == ["created", "running", "paused", "running",
+                              "aborting", "BLOCK_JOB_CANCELLED", "concluded",
+                              "null"]
+    assert s == q
+
+
+def test_verb_errors_match_qsd(tmp_path, qemu_img, qemu_io):
+    def scenario(d, p):
+        add_top(d, p["top"])
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "speed": 65536})
+        calls = [
+            ("block-job-resume", {"device": "j1"}),
+            ("job-resume", {"id": "j1"}),
+            ("block-job-complete", {"device": "j1"}),
+            ("job-complete", {"id": "j1"}),
+            ("block-job-finalize", {"id": "j1"}),
+            ("block-job-dismiss", {"id": "j1"}),
+            ("job-finalize", {"id": "j1"}),
+            ("job-dismiss", {"id": "j1"}),
+            ("block-job-set-speed", {"device": "j1", "speed": -1}),
+            ("block-job-set-speed", {"device": "j1"}),
+            ("block-job-cancel", {"device": "j1", "bogus": 1}),
+            ("job-cancel", {"id": "j1", "force": True}),
+            ("job-pause", {"id": 5}),
+            ("block-job-pause", {}),
+            ("query-jobs", {"x": 1}),
+            ("query-block-jobs", {"x": 1}),
+        ]
+        for verb in ("set-speed", "pause", "resume", "cancel", "complete"):
+            args = {"device": "nope"}
+            if verb == "set-speed":
+                args["speed"] = 1
+            calls.append((f"block-job-{verb}", args))
+        for verb in ("finalize", "dismiss"):
+            calls.append((f"block-job-{verb}", {"id": "nope"}))
+        for verb in ("pause", "resume", "cancel", "complete", "finalize",
+                     "dismiss"):
+            calls.append((f"job-{verb}", {"id": "nope"}))
+        replies = [(name, d.cmd(name, **args)) for name, args in calls]
+        d.ok("block-job-cancel", device="j1", force=True)
+        d.events_until("JOB_STATUS_CHANGE", status="null")
+        return replies
+
+    q, s, _, _ = both(tmp_path, qemu_img, qemu_io, scenario)
+    for (name, qr), (_, sr) in zip(q, s):
+        assert "error" in qr, name
+        assert sr == qr, name
+
+
+def test_block_stream_errors_match_qsd(tmp_path, qemu_img, qemu_io):
+    def scenario(d, p):
+        add_top(d, p["top"])
+        calls = [
+            {"job-id": "1bad", "device": "top"},
+            {"job-id": "j1", "device": "nonode"},
+            {"job-id": "j1", "device": "top", "base-node": "top"},
+            {"job-id": "j1", "device": "top", "base-node": "nonode"},
+            {"job-id": "j1", "device": "top", "base": "nofile.qcow2"},
+            {"job-id": "j1", "device": "top", "base": "x", "base-node": "x"},
+            {"job-id": "j1", "device": "top", "base": "x", "bottom": "x"},
+            {"job-id": "j1", "device": "top", "bottom": "x",
+             "base-node": "x"},
+            {"job-id": "j1", "device": "top", "bottom": "nonode"},
+            {"job-id": "j1", "device": "top", "backing-file": "foo"},
+            {"job-id": "j1", "device": "top", "on-error": "bogus"},
+            {"job-id": "j1", "device": "top", "bogus": 1},
+            {"job-id": "j1"},
+        ]
+        replies = [d.cmd("block-stream", **a) for a in calls]
+        # A bad speed fails after the job was created: created, null.
+        replies.append(d.cmd("block-stream", **{"job-id": "j1",
+                                                "device": "top",
+                                                "speed": -5}))
+        evs = d.events_until("JOB_STATUS_CHANGE", status="null")
+        # A second job on a node in use.
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "speed": 65536})
+        replies.append(d.cmd("block-stream", **{"job-id": "j2",
+                                                "device": "top"}))
+        replies.append(d.cmd("query-jobs"))
+        d.ok("job-cancel", id="j1")
+        evs += d.events_until("JOB_STATUS_CHANGE", status="null")
+        replies.append(d.cmd("query-jobs"))
+        for e in evs:
+            e["data"].pop("offset", None)
+        for r in replies:
+            for j in r.get("return", []):
+                j.pop("current-progress", None)
+        return evs, replies
+
+    q, s, _, _ = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert statuses(q[0])[:2] == ["created", "null"]
+    for qr, sr in zip(q[1], s[1]):
+        assert sr == qr
+    assert s == q
+
+
+def test_job_id_in_use_matches_qsd(tmp_path, qemu_img, qemu_io):
+    def scenario(d, p):
+        add_top(d, p["top"])
+        other = str(Path(p["top"]).parent / "other.qcow2")
+        run(qemu_img, "create", "-q", "-f", "qcow2", other, "1M")
+        add_top(d, other, "other")
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "speed": 65536})
+        r = d.cmd("block-stream", **{"job-id": "j1", "device": "other"})
+        d.ok("job-cancel", id="j1")
+        d.events_until("JOB_STATUS_CHANGE", status="null")
+        return r
+
+    q, s, _, _ = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert q["error"]["desc"] == "Job ID 'j1' already in use"
+    assert s == q
+
+
+def test_no_backing_completes_at_once_matches_qsd(tmp_path, qemu_img,
+                                                  qemu_io):
+    """Streaming a node without a backing file is no error in QEMU: the
+    job completes with len 0."""
+    def scenario(d, p):
+        add_top(d, p["base"], "base")
+        d.ok("block-stream", **{"job-id": "j1", "device": "base"})
+        return d.events_until("JOB_STATUS_CHANGE", status="null")
+
+    q, s, _, _ = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert s == q
+
+
+# ---- stratad alone ----
+
+
+@pytest.fixture
+def slow(tmp_path, qemu_img, qemu_io):
+    """stratad with a 32 MiB chain and the top node added."""
+    p = make_chain(tmp_path, qemu_img, qemu_io, 32)
+    d = start("stratad", tmp_path)
+    add_top(d, p["top"])
+    yield d, p
+    if d.proc.poll() is None:
+        assert d.stop() == 0
+
+
+def progress(d):
+    j = d.ok("query-jobs")
+    return j[0]["current-progress"] if j else None
+
+
+def test_default_job_id_is_the_node_name(slow):
+    d, _ = slow
+    d.ok("block-stream", device="top", speed=65536)
+    assert d.ok("query-jobs")[0]["id"] == "top"
+    d.ok("job-cancel", id="top")
+    d.event("JOB_STATUS_CHANGE", status="null")
+
+
+def test_pause_stops_progress_and_resume_continues(slow):
+    d, _ = slow
+    d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                            "speed": 4 * MIB})
+    d.ok("job-pause", id="j1")
+    d.event("JOB_STATUS_CHANGE", status="paused")
+    a = progress(d)
+    time.sleep(0.5)
+    assert progress(d) == a
+    info = d.ok("query-block-jobs")[0]
+    assert info["paused"] and not info["busy"] and info["status"] == "paused"
+    d.ok("job-resume", id="j1")
+    assert d.ok("query-jobs")[0]["status"] == "running"
+    time.sleep(0.5)
+    assert progress(d) > a
+    d.ok("job-cancel", id="j1")
+    d.event("JOB_STATUS_CHANGE", status="null")
+
+
+def test_set_speed_wakes_a_sleeping_job(slow):
+    """At 1 byte/s the job sleeps for hours after its first chunk; raising
+    the limit must take effect at once, not after that sleep."""
+    d, _ = slow
+    d.ok("block-stream", **{"job-id": "j1", "device": "top", "speed": 1})
+    time.sleep(0.3)
+    assert d.ok("query-block-jobs")[0]["busy"] is False
+    d.ok("block-job-set-speed", device="j1", speed=0)
+    e = d.event("BLOCK_JOB_COMPLETED", timeout=20)
+    assert e["data"]["offset"] == e["data"]["len"] == 32 * MIB
+    assert e["data"]["speed"] == 0
+
+
+def test_cancel_and_pause_wake_a_sleeping_job(slow):
+    d, _ = slow
+    d.ok("block-stream", **{"job-id": "j1", "device": "top", "speed": 1})
+    time.sleep(0.3)
+    t = time.monotonic()
+    d.ok("job-pause", id="j1")
+    d.event("JOB_STATUS_CHANGE", status="paused", timeout=5)
+    d.ok("job-cancel", id="j1")
+    d.event("BLOCK_JOB_CANCELLED", timeout=5)
+    assert time.monotonic() - t < 5
+
+
+def test_progress_is_monotonic_and_ends_at_len(slow):
+    d, _ = slow
+    d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                            "speed": 16 * MIB, "auto-dismiss": False})
+    seen = []
+    while True:
+        j = d.ok("query-jobs")[0]
+        seen.append(j["current-progress"])
+        assert j["total-progress"] == 32 * MIB
+        if j["status"] == "concluded":
+            break
+        time.sleep(0.05)
+    assert seen == sorted(seen) and len(set(seen)) > 3
+    assert seen[-1] == 32 * MIB
+    e = d.event("BLOCK_JOB_COMPLETED")
+    assert e["data"]["offset"] == e["data"]["len"]
+    d.ok("job-dismiss", id="j1")
+
+
+def test_rate_limit_is_honoured(slow):
+    """2 MiB/s over 3 s, measured after the first second: within 10 %."""
+    d, _ = slow
+    d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                            "speed": 2 * MIB})
+    time.sleep(1)
+    a, t0 = progress(d), time.monotonic()
+    time.sleep(3)
+    b, t1 = progress(d), time.monotonic()
+    rate = (b - a) / (t1 - t0)
+    assert abs(rate - 2 * MIB) < 0.1 * 2 * MIB, rate
+    d.ok("job-cancel", id="j1")
+    d.event("JOB_STATUS_CHANGE", status="null")
+
+
+def test_blockdev_del_refused_while_streaming(slow):
+    d, _ = slow
+    d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                            "speed": 65536})
+    r = d.cmd("blockdev-del", **{"node-name": "top"})
+    assert r["error"]["desc"].startswith("Node 'top' is busy: ")
+    assert "block job" in r["error"]["desc"]
+    d.ok("job-cancel", id="j1")
+    d.event("JOB_STATUS_CHANGE", status="null")
+    assert d.ok("blockdev-del", **{"node-name": "top"}) == {}
+
+
+def test_shutdown_cancels_running_job(slow, qemu_img):
+    d, p = slow
+    d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                            "speed": 65536})
+    t = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t < 10
+    check_image(qemu_img, p["top"])
