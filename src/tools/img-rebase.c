@@ -29,7 +29,11 @@
 
 #include "block/node.h"
 #include "tools/img.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
 #include "util/opts.h"
+
+#define CHUNK (1u << 20) /* bytes compared at a time: bounds the memory */
 
 struct rebase {
   const char *file, *fmt, *cache, *src_cache;
@@ -141,6 +145,220 @@ rebase_unsafe (const struct rebase *rb, const char *cacheopts)
   return ok ? 0 : 1;
 }
 
+/* NAME relative to FILE's directory, as qemu-img resolves -b.  Caller
+ * frees. */
+static char *
+relative_to (const char *file, const char *name)
+{
+  const char *slash = strrchr (file, '/');
+  char *out;
+
+  if (name[0] == '/' || !slash)
+    return strdup (name);
+  if (asprintf (&out, "%.*s%s", (int)(slash - file + 1), file, name) < 0)
+    return NULL;
+  return out;
+}
+
+/* Depth of the layer of FILE's chain that is the file PATH opened as
+ * FMT, or -1. */
+static int
+depth_in_chain (strata_node *file, const char *path, const char *fmt)
+{
+  CLEANUP_FREE char *want = realpath (path, NULL);
+  strata_node *n = strata_backing (file);
+
+  for (int d = 1; want && n; n = strata_backing (n), d++) {
+    struct strata_info i;
+    strata_error *err = NULL;
+    CLEANUP_FREE char *have = NULL;
+    if (!strata_get_info (n, &i, 0, &err)) {
+      strata_error_free (err);
+      return -1;
+    }
+    have = i.filename ? realpath (i.filename, NULL) : NULL;
+    if (have && strcmp (have, want) == 0)
+      return strcmp (i.format, fmt) == 0 ? d : -1;
+  }
+  return -1;
+}
+
+struct safe {
+  strata_node *file, *newb; /* newb NULL: -b "" */
+  uint64_t len, newlen;
+  int skip_depth; /* allocated at or below: same in both */
+  bool old_zero;  /* no old backing: write zeros as such */
+  uint8_t *old, *cur;
+};
+
+/* Read N bytes of the new chain at OFF into BUF (zeros past its end). */
+static int
+read_new (struct safe *sf, uint64_t off, uint64_t n, uint8_t *buf)
+{
+  uint64_t have = off < sf->newlen ? MIN (n, sf->newlen - off) : 0;
+
+  memset (buf + have, 0, n - have);
+  return have ? strata_pread (sf->newb, buf, have, off, 0) : 0;
+}
+
+/* Write into FILE the sectors of [OFF, OFF+N) where the old view (in
+ * sf->old) and the new one (sf->cur) differ, as runs of sectors. */
+static int
+write_differences (struct safe *sf, uint64_t off, uint64_t n)
+{
+  for (uint64_t i = 0; i < n;) {
+    uint64_t j, step = MIN (512, n - i);
+    if (memcmp (sf->old + i, sf->cur + i, step) == 0) {
+      i += step;
+      continue;
+    }
+    for (j = i + step; j < n; j += MIN (512, n - j))
+      if (memcmp (sf->old + j, sf->cur + j, MIN (512, n - j)) == 0)
+        break;
+    int r = sf->old_zero
+                ? strata_pwrite_zeroes (sf->file, off + i, j - i, 0)
+                : strata_pwrite (sf->file, sf->old + i, j - i, off + i, 0);
+    if (r < 0)
+      return r;
+    i = j;
+  }
+  return 0;
+}
+
+/* One window: the ranges FILE does not allocate itself, unless a layer
+ * the old and new chains share defines them. */
+static int
+rebase_window (struct safe *sf, uint64_t off, uint64_t end)
+{
+  struct strata_extent ext;
+  int r;
+
+  for (; off < end; off += ext.length) {
+    if ((r = strata_block_status (sf->file, off, end - off, &ext, 0)) < 0)
+      return r;
+    if ((ext.depth == 0 && (ext.flags & STRATA_BS_ALLOCATED))
+        || (sf->skip_depth > 0 && ext.depth >= sf->skip_depth))
+      continue;
+    if ((r = strata_pread (sf->file, sf->old, ext.length, off, 0)) < 0
+        || (r = read_new (sf, off, ext.length, sf->cur)) < 0
+        || (r = write_differences (sf, off, ext.length)) < 0)
+      return r;
+  }
+  return 0;
+}
+
+static int
+copy_differences (struct safe *sf, bool progress)
+{
+  for (uint64_t off = 0; off < sf->len; off += CHUNK) {
+    int r = rebase_window (sf, off, MIN (sf->len, off + CHUNK));
+    if (r < 0)
+      return r;
+    if (progress) {
+      printf ("    (%3.2f/100%%)\r",
+              MIN (sf->len, off + CHUNK) * 100.0 / sf->len);
+      fflush (stdout);
+    }
+  }
+  return strata_flush (sf->file, 0);
+}
+
+/* Open the new backing file (read-only, with its own chain). */
+static strata_node *
+open_new_base (const struct rebase *rb, const char *srcopts, uint64_t *len)
+{
+  CLEANUP_FREE char *path = relative_to (rb->file, rb->base);
+  strata_error *err = NULL;
+  strata_node *n;
+  int64_t l;
+
+  if (!path) {
+    fail_msg ("out of memory");
+    return NULL;
+  }
+  if (!(n = strata_open (path, rb->base_fmt, srcopts, 0, &err))) {
+    fprintf (stderr, "%s: Could not open new backing file '%s': %s\n",
+             progname, rb->base, strata_error_message (err));
+    strata_error_free (err);
+    return NULL;
+  }
+  if ((l = strata_length (n)) < 0) {
+    fprintf (stderr,
+             "%s: Could not get the size of the new backing file "
+             "'%s': %s\n",
+             progname, rb->base, strerror ((int)-l));
+    strata_close (n);
+    return NULL;
+  }
+  *len = (uint64_t)l;
+  return n;
+}
+
+static int
+rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
+{
+  int64_t l = strata_length (sf->file);
+  int r;
+
+  if (l < 0) {
+    fprintf (stderr, "%s: Could not get the size of '%s': %s\n", progname,
+             rb->file, strerror ((int)-l));
+    return 1;
+  }
+  sf->len = (uint64_t)l;
+  /* As qemu-img: without an old backing file the differences are zeros
+   * and become zero writes, otherwise data. */
+  sf->old_zero = !strata_backing (sf->file);
+  if (rb->base) {
+    CLEANUP_FREE char *path = relative_to (rb->file, rb->base);
+    if (!(sf->newb = open_new_base (rb, srcopts, &sf->newlen)))
+      return 1;
+    sf->skip_depth = path ? depth_in_chain (sf->file, path, rb->base_fmt) : -1;
+  }
+  if (rb->progress) {
+    printf ("    (%3.2f/100%%)\r", 0.0);
+    fflush (stdout);
+  }
+  if ((r = copy_differences (sf, rb->progress)) < 0) {
+    const char *m = strata_last_error_message ();
+    fprintf (stderr,
+             "%s: Could not copy the differing data into '%s': "
+             "%s\n",
+             progname, rb->file, m ? m : strerror (-r));
+    return 1;
+  }
+  if (!set_backing (sf->file, rb))
+    return 1;
+  if (rb->progress)
+    printf ("    (%3.2f/100%%)\r\n", 100.0);
+  return 0;
+}
+
+static int
+rebase_safe (const struct rebase *rb, const char *cacheopts,
+             const char *srcopts)
+{
+  struct safe sf = { 0 };
+  int r;
+
+  if (!(sf.file = open_image (rb->file, rb->fmt, false, true, cacheopts)))
+    return 1;
+  sf.old = malloc (CHUNK);
+  sf.cur = malloc (CHUNK);
+  if (!sf.old || !sf.cur) {
+    fail_msg ("out of memory");
+    r = 1;
+  }
+  else
+    r = rebase_safe_run (rb, &sf, srcopts);
+  free (sf.old);
+  free (sf.cur);
+  if (sf.newb)
+    strata_close (sf.newb);
+  strata_close (sf.file);
+  return r;
+}
+
 int
 cmd_rebase (int argc, char **argv)
 {
@@ -173,6 +391,5 @@ cmd_rebase (int argc, char **argv)
   }
   if (rb.unsafe)
     return rebase_unsafe (&rb, cacheopts);
-  fail_msg ("rebase: safe mode is not implemented yet; use -u");
-  return 1;
+  return rebase_safe (&rb, cacheopts, srcopts);
 }

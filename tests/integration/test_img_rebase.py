@@ -17,6 +17,7 @@ import pytest
 
 from conftest import binary, run
 from qcow2_common import KiB, MiB, create, qemu_check, qemu_img, qio
+from test_img_commit import make_chain, map_of
 
 
 def strata_img():
@@ -147,3 +148,121 @@ def test_unsafe_refusals(tmp_path):
         assert q.returncode == s.returncode == 1, (args, q.stderr, s.stderr)
         assert msg in s.stderr and s.stderr.count("\n") <= 2, s.stderr
         assert sha(tmp_path / "s" / "s.qcow2") == sha(tmp_path / "s.qcow2")
+
+
+# ---- safe mode --------------------------------------------------------
+
+
+def other_base(d, cs, size=None):
+    """A standalone image unlike the chain's layers, partly equal."""
+    create(d / "other.qcow2", size or max(4 * MiB, 16 * cs), cluster_size=cs)
+    qio(d / "other.qcow2", [f"write -P 1 0 {2 * cs}",
+                            f"write -P 2 {2 * cs} {cs}",
+                            f"write -P 11 {6 * cs} {4 * cs}"])
+
+
+def safe_case(tmp_path, cs, args, sub=""):
+    """Run rebase ARGS on top.qcow2 (in SUB/ when given, from its parent)
+    with both tools and compare the results with the oracle's and with
+    the chain as it was."""
+    chain = tmp_path / "chain" / sub if sub else tmp_path / "chain"
+    for d in ("q", "s", "orig"):
+        shutil.copytree(tmp_path / "chain", tmp_path / d)
+    target = f"{sub}/top.qcow2" if sub else "top.qcow2"
+    q = run(qemu_img(), "rebase", *args, target, cwd=tmp_path / "q",
+            check=False)
+    s = run(strata_img(), "rebase", *args, target, cwd=tmp_path / "s",
+            check=False)
+    assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
+    assert s.stdout == q.stdout == ""
+    at = (lambda d: tmp_path / d / sub) if sub else (lambda d: tmp_path / d)
+    compare_images(at("s") / "top.qcow2", at("orig") / "top.qcow2")
+    compare_images(at("s") / "top.qcow2", at("q") / "top.qcow2")
+    qemu_check(at("s") / "top.qcow2")
+    assert backing_fields(at("s") / "top.qcow2") == \
+        backing_fields(at("q") / "top.qcow2")
+    assert map_of(at("s") / "top.qcow2") == map_of(at("q") / "top.qcow2")
+    assert chain.exists()
+
+
+def compare_images(a, b):
+    p = run(qemu_img(), "compare", a, b, check=False)
+    assert p.returncode == 0, f"{a} != {b}: {p.stdout}{p.stderr}"
+
+
+@pytest.mark.parametrize("cs", [4 * KiB, 64 * KiB])
+@pytest.mark.parametrize("args", [["-b", "base.qcow2", "-F", "qcow2"],
+                                  ["-b", "other.qcow2", "-F", "qcow2"],
+                                  ["-b", ""]],
+                         ids=["onto-base", "onto-other", "detach"])
+def test_safe_matches_qemu(tmp_path, cs, args):
+    make_chain(tmp_path / "chain", cs)
+    other_base(tmp_path / "chain", cs)
+    safe_case(tmp_path, cs, args)
+
+
+def test_safe_big_clusters_and_shorter_base(tmp_path):
+    """2 MiB clusters, a new base shorter than the image (it reads as
+    zeros past its end)."""
+    cs = 2 * MiB
+    make_chain(tmp_path / "chain", cs)
+    other_base(tmp_path / "chain", cs, size=10 * cs)
+    safe_case(tmp_path, cs, ["-b", "other.qcow2", "-F", "qcow2"])
+
+
+def test_safe_relative_to_image_dir(tmp_path):
+    """-b is relative to the image's directory, not to the cwd; -p."""
+    make_chain(tmp_path / "chain" / "sub", 64 * KiB)
+    other_base(tmp_path / "chain" / "sub", 64 * KiB)
+    safe_case(tmp_path, 64 * KiB, ["-q", "-p", "-b", "other.qcow2", "-F",
+                                   "qcow2"], sub="sub")
+
+
+def test_safe_no_old_backing(tmp_path):
+    """An image without a backing file put on one: where the new base has
+    data and the image has none, zeros are written."""
+    d = tmp_path / "chain"
+    d.mkdir()
+    create(d / "top.qcow2", 4 * MiB)
+    qio(d / "top.qcow2", ["write -P 3 64k 64k"])
+    other_base(d, 64 * KiB)
+    safe_case(tmp_path, 64 * KiB, ["-b", "other.qcow2", "-F", "qcow2"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-b", "nope.qcow2", "-F", "qcow2"],
+     "Could not open new backing file 'nope.qcow2'"),
+    (["-b", "junk.img", "-F", "qcow2"],
+     "Could not open new backing file 'junk.img'"),
+    (["-b", "other.qcow2"], "backing format must be specified"),
+    (["-b", "other.qcow2", "-F", "qcow2", "-T", "bogus"],
+     "Invalid source cache option: bogus"),
+])
+def test_safe_refusals(tmp_path, args, msg):
+    """A new base that cannot be opened, no -F: exit 1, one line, every
+    file unchanged (qemu-img 7.2 copies data before failing on a missing
+    -F; strata checks first)."""
+    d = tmp_path / "chain"
+    make_chain(d, 64 * KiB)
+    other_base(d, 64 * KiB)
+    (d / "junk.img").write_bytes(b"not an image" * 100)
+    shutil.copytree(d, tmp_path / "q")
+    before = {f: sha(d / f) for f in os.listdir(d)}
+    q = run(qemu_img(), "rebase", *args, "top.qcow2", cwd=tmp_path / "q",
+            check=False)
+    s = run(strata_img(), "rebase", *args, "top.qcow2", cwd=d, check=False)
+    assert q.returncode == s.returncode == 1, (q.stderr, s.stderr)
+    assert msg in s.stderr and s.stderr.count("\n") == 1, s.stderr
+    assert {f: sha(d / f) for f in os.listdir(d)} == before
+
+
+def test_safe_old_backing_missing(tmp_path):
+    d = tmp_path / "chain"
+    make_chain(d, 64 * KiB)
+    other_base(d, 64 * KiB)
+    os.unlink(d / "mid.qcow2")
+    before = sha(d / "top.qcow2")
+    s = run(strata_img(), "rebase", "-b", "other.qcow2", "-F", "qcow2",
+            "top.qcow2", cwd=d, check=False)
+    assert s.returncode == 1 and "Could not open 'top.qcow2'" in s.stderr
+    assert sha(d / "top.qcow2") == before
