@@ -25,25 +25,10 @@
 
 #include "block/graph.h"
 #include "block/node.h"
-#include "control/job.h"
 #include "control/qmp.h"
 #include "util/cleanup.h"
 
 static pthread_mutex_t block_lock = PTHREAD_MUTEX_INITIALIZER;
-
-/* For graph edits from job threads (control/job.h). */
-void
-qmp_block_lock (void)
-{
-  pthread_mutex_lock (&block_lock);
-}
-
-void
-qmp_block_unlock (void)
-{
-  pthread_mutex_unlock (&block_lock);
-}
-
 static strata_node **owned;
 static size_t nowned, capowned;
 
@@ -425,8 +410,13 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
     goto out;
   }
   if ((who = graph_first_user (node))) {
-    qmp_error_set (err, "GenericError", "Node '%s' is busy: in use by %s",
-                   name, who);
+    /* QEMU's texts: an export holds a reference ("in use"); a job blocks
+     * the node and says why. */
+    if (strncmp (who, "export ", 7) == 0)
+      qmp_error_set (err, "GenericError", "Node %s is in use", name);
+    else
+      qmp_error_set (err, "GenericError", "Node '%s' is busy: %s", name,
+                     who);
     goto out;
   }
   /* Ours and the monitor's references; any other is a user. */

@@ -20,7 +20,8 @@
 static const char *const string_keys[] = {
   "driver", "node-name", "filename", "file", "backing", "format", "node",
   "overlay", "snapshot-file", "snapshot-node-name", "data-file", "path",
-  "host", "export", "name", "id", NULL,
+  "host", "export", "name", "id", "description", "type", "port",
+  "iothread", "tls-creds", "tls-authz", NULL,
 };
 
 static char *

@@ -62,8 +62,8 @@ type_name (const char *type)
 }
 
 bool
-qmp_args_check (json_t *args, const struct qmp_arg *spec,
-                struct qmp_error *err)
+qmp_args_check_at (json_t *args, const struct qmp_arg *spec,
+                   const char *prefix, struct qmp_error *err)
 {
   const char *key;
   json_t *v;
@@ -77,16 +77,16 @@ qmp_args_check (json_t *args, const struct qmp_arg *spec,
     v = args ? json_object_get (args, a->name) : NULL;
     if (!v) {
       if (a->required) {
-        qmp_error_set (err, "GenericError", "Parameter '%s' is missing",
-                       a->name);
+        qmp_error_set (err, "GenericError", "Parameter '%s%s' is missing",
+                       prefix, a->name);
         return false;
       }
       continue;
     }
     if (!type_matches (v, a->type)) {
       qmp_error_set (err, "GenericError",
-                     "Invalid parameter type for '%s', expected: %s",
-                     a->name, type_name (a->type));
+                     "Invalid parameter type for '%s%s', expected: %s",
+                     prefix, a->name, type_name (a->type));
       return false;
     }
   }
@@ -96,13 +96,20 @@ qmp_args_check (json_t *args, const struct qmp_arg *spec,
       while (a->name && strcmp (a->name, key) != 0)
         a++;
       if (!a->name) {
-        qmp_error_set (err, "GenericError", "Parameter '%s' is unexpected",
-                       key);
+        qmp_error_set (err, "GenericError", "Parameter '%s%s' is unexpected",
+                       prefix, key);
         return false;
       }
     }
   }
   return true;
+}
+
+bool
+qmp_args_check (json_t *args, const struct qmp_arg *spec,
+                struct qmp_error *err)
+{
+  return qmp_args_check_at (args, spec, "", err);
 }
 
 char *

@@ -70,6 +70,10 @@ struct qmp_arg {
 };
 bool qmp_args_check (json_t *args, const struct qmp_arg *spec,
                      struct qmp_error *err);
+/* The same for a nested object: PREFIX ("addr.data.") starts the names
+ * in the messages. */
+bool qmp_args_check_at (json_t *args, const struct qmp_arg *spec,
+                        const char *prefix, struct qmp_error *err);
 
 /* Where stratad listens and the strata client connects when no socket is
  * named: $XDG_RUNTIME_DIR/strata/stratad.sock, else

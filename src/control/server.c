@@ -266,6 +266,8 @@ send_error (struct client *c, json_t *id, const char *class, const char *desc)
 
 /* ---- the server's own commands ---- */
 
+static void deliver_events (struct qmp_server *srv);
+
 struct cmd_ctx {
   struct qmp_server *srv;
   struct client *client;
@@ -471,6 +473,9 @@ dispatch (struct client *c, json_t *msg)
     json_decref (ret);
     return;
   }
+  /* Events the command raised go out before its reply, as in QEMU where
+   * they are sent while the command runs. */
+  deliver_events (c->srv);
   reply = json_object ();
   json_object_set_new (reply, "return", ret);
   if (id)

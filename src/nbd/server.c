@@ -35,6 +35,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -72,12 +73,18 @@
 #define CTX_BASE_ALLOCATION 1
 #define CTX_ALLOCATION_DEPTH 2
 
+/* An export is referenced by the server's list and by every connection
+ * that chose it (srv->lock protects REFS); it is freed, and GONE called,
+ * when the last reference goes. */
 struct nbd_export {
   char *name, *description;
   strata_node *node;
   struct nbd_export_flags flags;
   uint64_t size;
   uint16_t tflags;
+  unsigned refs;
+  void (*gone) (void *opaque);
+  void *gone_opaque;
 };
 
 /* A reply ready to send. */
@@ -123,7 +130,7 @@ struct job {
 struct nbd_server {
   pthread_mutex_t lock;
   pthread_cond_t cond;            /* connection ended, job queued */
-  struct nbd_export *exports;
+  struct nbd_export **exports;   /* newest last */
   size_t nr_exports;
   int listen_fds[NBD_MAX_LISTEN];
   size_t nr_listen;
@@ -201,13 +208,63 @@ write_full (int fd, const void *buf, size_t len)
 
 /* ---- handshake ---- */
 
+/* With srv->lock held. */
+static ssize_t
+export_index (struct nbd_server *srv, const char *name)
+{
+  for (size_t i = 0; i < srv->nr_exports; i++)
+    if (strcmp (srv->exports[i]->name, name) == 0)
+      return (ssize_t) i;
+  return -1;
+}
+
+/* The export named NAME with a new reference (export_unref), or NULL. */
 static struct nbd_export *
 find_export (struct nbd_server *srv, const char *name)
 {
-  for (size_t i = 0; i < srv->nr_exports; i++)
-    if (strcmp (srv->exports[i].name, name) == 0)
-      return &srv->exports[i];
-  return NULL;
+  struct nbd_export *e = NULL;
+  ssize_t i;
+
+  pthread_mutex_lock (&srv->lock);
+  if ((i = export_index (srv, name)) >= 0) {
+    e = srv->exports[i];
+    e->refs++;
+  }
+  pthread_mutex_unlock (&srv->lock);
+  return e;
+}
+
+/* Drop a reference taken with srv->lock held; returns the export when it
+ * must be freed (outside the lock: GONE may take the caller's locks). */
+static struct nbd_export *
+export_unref_locked (struct nbd_export *e)
+{
+  return --e->refs == 0 ? e : NULL;
+}
+
+static void
+export_free (struct nbd_export *e)
+{
+  if (!e)
+    return;
+  if (e->gone)
+    e->gone (e->gone_opaque);
+  free (e->name);
+  free (e->description);
+  free (e);
+}
+
+static void
+export_unref (struct nbd_server *srv, struct nbd_export *e)
+{
+  struct nbd_export *dead;
+
+  if (!e)
+    return;
+  pthread_mutex_lock (&srv->lock);
+  dead = export_unref_locked (e);
+  pthread_mutex_unlock (&srv->lock);
+  export_free (dead);
 }
 
 static bool
@@ -324,15 +381,18 @@ opt_info_go (struct conn *c, uint32_t opt, const unsigned char *d,
   }
   if (!send_info (c, opt, e, reqs, nr) || !opt_reply (c, opt, NBD_REP_ACK,
                                                      NULL, 0)) {
+    export_unref (c->srv, e);
     free (name);
     return -1;
   }
   if (opt == NBD_OPT_GO) {
-    c->exp = e;
+    c->exp = e;  /* keeps the reference */
     if (!c->ctx_export || strcmp (c->ctx_export, name) != 0)
       c->ctx_base = c->ctx_depth = false;
     ret = 1;
   }
+  else
+    export_unref (c->srv, e);
   free (name);
   return ret;
 
@@ -342,28 +402,44 @@ invalid:
                                                                       : -1;
 }
 
+/* One NBD_REP_SERVER reply per export.  The replies are built under the
+ * lock and sent after it, since a client may be slow to read. */
 static bool
 opt_list (struct conn *c)
 {
-  for (size_t i = 0; i < c->srv->nr_exports; i++) {
-    struct nbd_export *e = &c->srv->exports[i];
-    size_t n = strlen (e->name);
+  struct nbd_server *srv = c->srv;
+  unsigned char **msgs = NULL;
+  uint32_t *lens = NULL;
+  size_t n = 0;
+  bool ok = true;
+
+  pthread_mutex_lock (&srv->lock);
+  msgs = calloc (srv->nr_exports + 1, sizeof *msgs);
+  lens = calloc (srv->nr_exports + 1, sizeof *lens);
+  for (size_t i = 0; msgs && lens && i < srv->nr_exports; i++) {
+    struct nbd_export *e = srv->exports[i];
+    size_t nl = strlen (e->name);
     size_t dn = e->description ? strlen (e->description) : 0;
-    unsigned char *p = malloc (4 + n + dn);
-    bool ok;
+    unsigned char *p = malloc (4 + nl + dn);
     if (!p)
-      return false;
-    be32_store (p, (uint32_t) n);
-    memcpy (p + 4, e->name, n);
+      break;
+    be32_store (p, (uint32_t) nl);
+    memcpy (p + 4, e->name, nl);
     if (dn)
-      memcpy (p + 4 + n, e->description, dn);
-    ok = opt_reply (c, NBD_OPT_LIST, NBD_REP_SERVER, p,
-                    (uint32_t) (4 + n + dn));
-    free (p);
-    if (!ok)
-      return false;
+      memcpy (p + 4 + nl, e->description, dn);
+    msgs[n] = p;
+    lens[n++] = (uint32_t) (4 + nl + dn);
   }
-  return opt_reply (c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
+  if (!msgs || !lens || n != srv->nr_exports)
+    ok = false;
+  pthread_mutex_unlock (&srv->lock);
+  for (size_t i = 0; ok && i < n; i++)
+    ok = opt_reply (c, NBD_OPT_LIST, NBD_REP_SERVER, msgs[i], lens[i]);
+  for (size_t i = 0; i < n; i++)
+    free (msgs[i]);
+  free (msgs);
+  free (lens);
+  return ok && opt_reply (c, NBD_OPT_LIST, NBD_REP_ACK, NULL, 0);
 }
 
 static bool
@@ -427,6 +503,7 @@ opt_meta_context (struct conn *c, uint32_t opt, const unsigned char *d,
     sel &= ~2u;
   if (list && nr == 0)
     sel = e->flags.allocation_depth ? 3 : 1;
+  export_unref (c->srv, e);
   if (!list) {
     c->ctx_base = sel & 1;
     c->ctx_depth = sel & 2;
@@ -470,9 +547,11 @@ handle_option (struct conn *c, uint32_t opt, unsigned char *d, uint32_t len)
       return -1;  /* this option has no way to say no */
     be64_store (b, e->size);
     be16_store (b + 8, e->tflags);
-    if (!write_full (c->fd, b, c->no_zeroes ? 10 : sizeof b))
+    if (!write_full (c->fd, b, c->no_zeroes ? 10 : sizeof b)) {
+      export_unref (c->srv, e);
       return -1;
-    c->exp = e;
+    }
+    c->exp = e;  /* keeps the reference */
     if (!c->ctx_export || strcmp (c->ctx_export, name) != 0)
       c->ctx_base = c->ctx_depth = false;
     return 1;
@@ -1124,6 +1203,7 @@ conn_run (struct nbd_server *srv, int fd)
     }
   pthread_mutex_unlock (&srv->lock);
   close (fd);
+  export_unref (srv, c->exp);
   free (c->ctx_export);
   pthread_cond_destroy (&c->cond);
   pthread_mutex_destroy (&c->lock);
@@ -1200,7 +1280,18 @@ nbd_server_add_export (struct nbd_server *srv, const char *name,
                        const struct nbd_export_flags *flags,
                        strata_error **errp)
 {
-  struct nbd_export *e, *v;
+  return nbd_server_add_export_full (srv, name, description, node, flags,
+                                     NULL, NULL, errp);
+}
+
+bool
+nbd_server_add_export_full (struct nbd_server *srv, const char *name,
+                            const char *description, strata_node *node,
+                            const struct nbd_export_flags *flags,
+                            void (*gone) (void *opaque), void *opaque,
+                            strata_error **errp)
+{
+  struct nbd_export *e, **v;
   int64_t size = strata_length (node);
 
   if (strlen (name) > NBD_MAX_NAME) {
@@ -1213,29 +1304,22 @@ nbd_server_add_export (struct nbd_server *srv, const char *name,
                NBD_MAX_NAME);
     return false;
   }
-  if (find_export (srv, name)) {
-    error_set (errp, EEXIST, "export '%s' already exists", name);
-    return false;
-  }
   if (size < 0) {
     error_set_errno (errp, (int) -size, "export '%s': cannot get its size",
                      name);
     return false;
   }
-  v = realloc (srv->exports, (srv->nr_exports + 1) * sizeof *v);
-  if (!v) {
+  e = calloc (1, sizeof *e);
+  if (!e) {
     error_set (errp, ENOMEM, "out of memory");
     return false;
   }
-  srv->exports = v;
-  e = &v[srv->nr_exports];
   *e = (struct nbd_export){ .node = node, .flags = *flags,
-                            .size = (uint64_t) size };
+                            .size = (uint64_t) size, .refs = 1 };
   e->name = strdup (name);
   e->description = description ? strdup (description) : NULL;
   if (!e->name || (description && !e->description)) {
-    free (e->name);
-    free (e->description);
+    export_free (e);
     error_set (errp, ENOMEM, "out of memory");
     return false;
   }
@@ -1248,7 +1332,59 @@ nbd_server_add_export (struct nbd_server *srv, const char *name,
     e->tflags |= NBD_FLAG_READ_ONLY;
   if (!flags->writable || flags->multi_conn)
     e->tflags |= NBD_FLAG_CAN_MULTI_CONN;
-  srv->nr_exports++;
+
+  pthread_mutex_lock (&srv->lock);
+  if (export_index (srv, name) >= 0) {
+    pthread_mutex_unlock (&srv->lock);
+    export_free (e);
+    error_set (errp, EEXIST, "export '%s' already exists", name);
+    return false;
+  }
+  v = realloc (srv->exports, (srv->nr_exports + 1) * sizeof *v);
+  if (!v) {
+    pthread_mutex_unlock (&srv->lock);
+    export_free (e);
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  srv->exports = v;
+  v[srv->nr_exports++] = e;
+  /* Only now: a failed add must not report the export gone. */
+  e->gone = gone;
+  e->gone_opaque = opaque;
+  pthread_mutex_unlock (&srv->lock);
+  return true;
+}
+
+bool
+nbd_server_remove_export (struct nbd_server *srv, const char *name,
+                          bool hard, strata_error **errp)
+{
+  struct nbd_export *e, *dead;
+  ssize_t i;
+
+  pthread_mutex_lock (&srv->lock);
+  if ((i = export_index (srv, name)) < 0) {
+    pthread_mutex_unlock (&srv->lock);
+    error_set (errp, ENOENT, "export '%s' not found", name);
+    return false;
+  }
+  e = srv->exports[i];
+  if (e->refs > 1 && !hard) {
+    pthread_mutex_unlock (&srv->lock);
+    error_set (errp, EBUSY, "export '%s' still in use", name);
+    return false;
+  }
+  memmove (&srv->exports[i], &srv->exports[i + 1],
+           (srv->nr_exports - (size_t) i - 1) * sizeof *srv->exports);
+  srv->nr_exports--;
+  /* Disconnect its clients; each drops its reference as it ends. */
+  for (struct conn *c = srv->conns; c; c = c->next)
+    if (c->exp == e)
+      shutdown (c->fd, SHUT_RDWR);
+  dead = export_unref_locked (e);
+  pthread_mutex_unlock (&srv->lock);
+  export_free (dead);
   return true;
 }
 
@@ -1256,7 +1392,7 @@ void
 nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
                        bool persistent)
 {
-  srv->max_clients = max_clients ? max_clients : 1;
+  srv->max_clients = max_clients ? max_clients : UINT_MAX;
   srv->persistent = persistent;
 }
 
@@ -1453,10 +1589,10 @@ nbd_server_free (struct nbd_server *srv)
     pthread_join (srv->workers[i], NULL);
   for (size_t i = 0; i < srv->nr_listen; i++)
     close (srv->listen_fds[i]);
-  for (size_t i = 0; i < srv->nr_exports; i++) {
-    free (srv->exports[i].name);
-    free (srv->exports[i].description);
-  }
+  /* Connections have ended (nbd_server_run waits for them), so the
+   * list holds the last references. */
+  for (size_t i = 0; i < srv->nr_exports; i++)
+    export_free (export_unref_locked (srv->exports[i]));
   free (srv->exports);
   close (srv->wake[0]);
   close (srv->wake[1]);

@@ -36,8 +36,21 @@ bool nbd_server_add_export (struct nbd_server *srv, const char *name,
                             const char *description, strata_node *node,
                             const struct nbd_export_flags *flags,
                             strata_error **errp);
+/* The same, and call GONE(OPAQUE) once the export is removed and its last
+ * client has gone (from whichever thread that happens in), or when the
+ * server is freed.  NODE must stay valid until then. */
+bool nbd_server_add_export_full (struct nbd_server *srv, const char *name,
+                                 const char *description, strata_node *node,
+                                 const struct nbd_export_flags *flags,
+                                 void (*gone) (void *opaque), void *opaque,
+                                 strata_error **errp);
+/* Stop offering export NAME.  Connected clients keep using it unless HARD,
+ * which disconnects them; without HARD an export with clients is not
+ * removed (EBUSY: "export 'x' still in use").  ENOENT when unknown. */
+bool nbd_server_remove_export (struct nbd_server *srv, const char *name,
+                               bool hard, strata_error **errp);
 
-/* How many clients may be connected at once (further ones wait in the
+/* How many clients may be connected at once (0: no limit) (further ones wait in the
  * listen backlog), and whether nbd_server_run() returns once the last
  * client has gone (PERSISTENT false, like qemu-nbd without -t). */
 void nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,

@@ -24,6 +24,7 @@
 
 #include "control/qmp.h"
 #include "control/server.h"
+#include "util/cleanup.h"
 
 #define MAX_SOCKETS 16
 
@@ -38,8 +39,12 @@ struct options {
   int nchardevs;
   const char *sockets[MAX_SOCKETS];
   int nsockets;
-  const char *blockdevs[64];
-  int nblockdevs;
+  /* --blockdev, --nbd-server and --export, run in command-line order as
+   * qemu-storage-daemon does. */
+  struct {
+    const char *option, *arg;
+  } cmds[64];
+  int ncmds;
   const char *pidfile;
   bool daemonize;
 };
@@ -58,7 +63,13 @@ usage (FILE *f)
 "  --qmp PATH                      shorthand for the two above\n"
 "  --pidfile PATH                  write the daemon's PID there\n"
 "  --daemonize                     detach once the sockets listen\n"
-"  --export, --nbd-server          not supported yet\n"
+"  --nbd-server addr.type=unix,addr.path=PATH[,max-connections=N]\n"
+"  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT[,...]\n"
+"                                  start the NBD server (as nbd-server-start)\n"
+"  --export [type=]nbd,id=ID,node-name=NODE[,name=NAME][,writable=on|off]\n"
+"           [,description=TEXT][,allocation-depth=on|off]\n"
+"                                  export a node over NBD (as block-export-add;\n"
+"                                  needs --nbd-server first)\n"
 "  -h, --help                      this help\n"
 "\n"
 "Without a monitor, QMP is served on %s.\n",
@@ -195,9 +206,13 @@ parse_args (struct options *o, int argc, char **argv)
   while ((c = getopt_long_only (argc, argv, "h", longopts, NULL)) != -1) {
     switch (c) {
     case O_BLOCKDEV:
-      if (o->nblockdevs == 64)
-        die ("--blockdev: at most 64");
-      o->blockdevs[o->nblockdevs++] = optarg;
+    case O_EXPORT:
+    case O_NBD:
+      if (o->ncmds == 64)
+        die ("at most 64 --blockdev, --nbd-server and --export options");
+      o->cmds[o->ncmds].option = c == O_BLOCKDEV ? "blockdev"
+                                 : c == O_EXPORT ? "export" : "nbd-server";
+      o->cmds[o->ncmds++].arg = optarg;
       break;
     case O_CHARDEV:
       parse_chardev (o, optarg);
@@ -210,10 +225,6 @@ parse_args (struct options *o, int argc, char **argv)
         die ("--qmp: at most %d", MAX_SOCKETS);
       o->sockets[o->nsockets++] = optarg;
       break;
-    case O_EXPORT:
-      die ("--export: not supported yet");
-    case O_NBD:
-      die ("--nbd-server: not supported yet");
     case O_PIDFILE:
       o->pidfile = optarg;
       break;
@@ -232,43 +243,81 @@ parse_args (struct options *o, int argc, char **argv)
     die ("unexpected argument '%s' (see --help)", argv[optind]);
 }
 
-/* Open one --blockdev through the blockdev-add command. */
-static bool
-add_blockdev (const char *arg)
+/* --nbd-server takes a flat SocketAddress (addr.type=unix,addr.path=P);
+ * nbd-server-start the legacy one ({"type": "unix", "data": {...}}). */
+static void
+nbd_server_args (json_t *args)
 {
-  const struct qmp_command *cmd = qmp_find_command ("blockdev-add");
+  json_t *addr = json_object_get (args, "addr"), *data, *type;
+  const char *key;
+  json_t *v;
+  void *tmp;
+
+  if (!json_is_object (addr) || !(type = json_object_get (addr, "type")))
+    return;
+  data = json_object ();
+  json_object_foreach_safe (addr, tmp, key, v) {
+    if (strcmp (key, "type") != 0) {
+      json_object_set (data, key, v);
+      json_object_del (addr, key);
+    }
+  }
+  json_object_set_new (addr, "data", data);
+}
+
+/* Run one --blockdev, --nbd-server or --export through its QMP command,
+ * with the option and its argument named in any error, as
+ * qemu-storage-daemon does. */
+static bool
+run_option (const char *option, const char *arg)
+{
+  const char *command = strcmp (option, "blockdev") == 0 ? "blockdev-add"
+                        : strcmp (option, "export") == 0 ? "block-export-add"
+                                                          : "nbd-server-start";
+  const struct qmp_command *cmd = qmp_find_command (command);
   struct qmp_error err = { NULL, NULL };
   json_error_t je;
   char *errmsg = NULL;
   json_t *args, *ret;
 
-  if (!cmd) {
-    fprintf (stderr, "stratad: --blockdev: this build has no blockdev-add "
-                     "command yet\n");
-    return false;
-  }
   if (arg[0] == '{') {
     args = json_loads (arg, 0, &je);
     if (!args) {
-      fprintf (stderr, "stratad: --blockdev: %s (column %d)\n", je.text,
-               je.column);
+      fprintf (stderr, "stratad: --%s %s: %s (column %d)\n", option, arg,
+               je.text, je.column);
       return false;
     }
   }
   else {
+    /* --export's type may be implied: "--export nbd,id=...". */
+    CLEANUP_FREE char *full = NULL;
     char *a = (char *) arg;
+    size_t first = strcspn (arg, ",");
+
+    if (strcmp (option, "export") == 0 && !memchr (arg, '=', first)) {
+      if (asprintf (&full, "type=%s", arg) < 0)
+        die ("out of memory");
+      a = full;
+    }
     args = qmp_keyval_parse (&a, 1, &errmsg);
     if (!args) {
-      fprintf (stderr, "stratad: --blockdev: %s\n", errmsg);
+      fprintf (stderr, "stratad: --%s %s: %s\n", option, arg, errmsg);
       free (errmsg);
       return false;
     }
   }
+  if (strcmp (option, "nbd-server") == 0)
+    nbd_server_args (args);
   ret = cmd->fn (args, &err);
   json_decref (args);
   if (!ret) {
-    fprintf (stderr, "stratad: --blockdev: %s\n",
-             err.desc ? err.desc : "blockdev-add failed");
+    /* The command line names the flat address: addr.path, not
+     * addr.data.path. */
+    char *p = err.desc ? strstr (err.desc, "'addr.data.") : NULL;
+    if (p)
+      memmove (p + 6, p + 11, strlen (p + 11) + 1);
+    fprintf (stderr, "stratad: --%s %s: %s\n", option, arg,
+             err.desc ? err.desc : "failed");
     qmp_error_clear (&err);
     return false;
   }
@@ -379,8 +428,8 @@ main (int argc, char **argv)
   srv = qmp_server_new (&errmsg);
   if (!srv)
     die ("%s", errmsg);
-  for (int i = 0; ok && i < o.nblockdevs; i++)
-    ok = add_blockdev (o.blockdevs[i]);
+  for (int i = 0; ok && i < o.ncmds; i++)
+    ok = run_option (o.cmds[i].option, o.cmds[i].arg);
   for (int i = 0; ok && i < o.nsockets; i++)
     if (!qmp_server_listen (srv, o.sockets[i], &errmsg)) {
       fprintf (stderr, "stratad: %s\n", errmsg);
@@ -389,29 +438,22 @@ main (int argc, char **argv)
     }
   if (ok && o.pidfile)
     ok = write_pidfile (o.pidfile);
-  if (!ok) {
-    qmp_job_shutdown ();
-    qmp_export_shutdown ();
-    qmp_block_shutdown ();
-    qmp_server_free (srv);
-    free (fallback);
-    return 1;
+  if (ok) {
+    if (ready_fd >= 0)
+      daemon_ready (ready_fd);
+    qmp_server_run (srv);
   }
-  if (ready_fd >= 0)
-    daemon_ready (ready_fd);
-
-  qmp_server_run (srv);
 
   qmp_job_shutdown ();
   qmp_export_shutdown ();
   qmp_block_shutdown ();
   qmp_server_free (srv);
-  if (o.pidfile)
+  if (ok && o.pidfile)
     unlink (o.pidfile);
   free (fallback);
   for (int i = 0; i < o.nchardevs; i++) {
     free (o.chardevs[i].id);
     free (o.chardevs[i].path);
   }
-  return 0;
+  return ok ? 0 : 1;
 }

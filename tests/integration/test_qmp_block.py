@@ -38,7 +38,9 @@ class Monitor:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(60)
         self.sock.connect(self.sock_path)
-        self.f = self.sock.makefile("rw")
+        # Read-only: writing through a text "rw" file drops what it has
+        # already read ahead, such as an event that came with a reply.
+        self.f = self.sock.makefile("r")
         assert "QMP" in self._read()
         assert self.cmd("qmp_capabilities") == {"return": {}}
 
@@ -54,8 +56,7 @@ class Monitor:
         req = {"execute": execute}
         if args:
             req["arguments"] = args
-        self.f.write(json.dumps(req) + "\n")
-        self.f.flush()
+        self.sock.sendall((json.dumps(req) + "\n").encode())
         return self._read()
 
     def ok(self, execute, **args):

@@ -321,15 +321,6 @@ def test_sigterm_exit_status(tmp_path):
     assert not (tmp_path / "pid").exists()
 
 
-@pytest.mark.parametrize("opt", ["--export", "--nbd-server"])
-def test_unsupported_options(tmp_path, opt):
-    proc = subprocess.run([binary("stratad"), "--qmp", str(tmp_path / "s"),
-                           opt, "type=nbd"], capture_output=True, text=True,
-                          timeout=10)
-    assert proc.returncode == 1
-    assert "not supported yet" in proc.stderr
-
-
 def test_chardev_monitor_and_live_socket(tmp_path):
     sock = str(tmp_path / "m.sock")
     proc = start([binary("stratad"), "--chardev",
