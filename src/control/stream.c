@@ -526,18 +526,18 @@ stream_cmd_pull_range (json_t *args, struct qmp_error *err)
                    top->filename);
     goto out;
   }
-  if (offset < 0 || length < 0 || offset > size || length > size - offset) {
-    qmp_error_set (err, "GenericError",
-                   "Range offset %lld length %lld is outside the image "
-                   "(%lld bytes)",
-                   (long long)offset, (long long)length, (long long)size);
-    goto out;
-  }
   if (length > PULL_RANGE_MAX) {
     qmp_error_set (err, "GenericError",
                    "Parameter 'length' must be at most %d (use "
                    "block-stream for more)",
                    PULL_RANGE_MAX);
+    goto out;
+  }
+  if (offset < 0 || length < 0 || offset > size || length > size - offset) {
+    qmp_error_set (err, "GenericError",
+                   "Range offset %lld length %lld is outside the image "
+                   "(%lld bytes)",
+                   (long long)offset, (long long)length, (long long)size);
     goto out;
   }
   if (length > 0 && top->backing && top->backing != base
