@@ -47,6 +47,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "nbd/protocol.h"
@@ -69,6 +70,9 @@
 #define NBD_PAYLOAD_MS      30000
 #define NBD_WORKERS         16
 #define NBD_MAX_LISTEN      8
+/* A full server with a client waiting frees the slot of a connection idle
+ * this long (no request for it and none in flight). */
+#define NBD_EVICT_MS        30000
 
 #define CTX_BASE_ALLOCATION 1
 #define CTX_ALLOCATION_DEPTH 2
@@ -109,6 +113,7 @@ struct conn {
 
   pthread_mutex_t lock;           /* protects everything below */
   pthread_cond_t cond;            /* budget released, reply queued */
+  uint64_t last_request_ms;       /* monotonic; 0 until transmission */
   struct reply *head, *tail;
   unsigned inflight;              /* jobs + queued replies */
   uint64_t queued;                /* their bytes */
@@ -137,6 +142,7 @@ struct nbd_server {
   int tcp_port;
   int wake[2];                    /* self-pipe for the accept loop */
   unsigned max_clients;
+  unsigned idle_ms;               /* 0: idle connections stay */
   bool persistent;
   bool stopping;
   unsigned active;                /* connections alive */
@@ -150,6 +156,50 @@ struct nbd_server {
   pthread_t workers[NBD_WORKERS];
   size_t nr_workers;
 };
+
+static uint64_t
+now_ms (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
+}
+
+/* How long C has been idle (ms): no request in flight and none received
+ * for that long; 0 when busy or still negotiating.  c->lock held. */
+static uint64_t
+idle_for_locked (struct conn *c, uint64_t now)
+{
+  if (c->inflight > 0 || c->last_request_ms == 0 || c->dead)
+    return 0;
+  return now > c->last_request_ms ? now - c->last_request_ms : 0;
+}
+
+/* Wait until the next request header can be read.  False when the
+ * connection has been idle for the server's idle timeout, or on error. */
+static bool
+wait_request (struct conn *c)
+{
+  unsigned idle_ms = c->srv->idle_ms;
+
+  for (;;) {
+    struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+    int r = poll (&pfd, 1, idle_ms ? 1000 : -1);
+    uint64_t idle;
+
+    if (r > 0)
+      return true;
+    if (r < 0 && errno != EINTR)
+      return false;
+    if (r == 0) {
+      pthread_mutex_lock (&c->lock);
+      idle = idle_for_locked (c, now_ms ());
+      pthread_mutex_unlock (&c->lock);
+      if (idle >= idle_ms)
+        return false;
+    }
+  }
+}
 
 /* ---- socket I/O ---- */
 
@@ -1110,7 +1160,11 @@ transmission (struct conn *c)
 {
   unsigned char h[28];
 
-  while (read_full (c->fd, h, 28, -1) && be32_load (h) == NBD_REQUEST_MAGIC) {
+  pthread_mutex_lock (&c->lock);
+  c->last_request_ms = now_ms ();
+  pthread_mutex_unlock (&c->lock);
+  while (wait_request (c) && read_full (c->fd, h, 28, NBD_PAYLOAD_MS)
+         && be32_load (h) == NBD_REQUEST_MAGIC) {
     uint16_t flags = be16_load (h + 4), type = be16_load (h + 6);
     uint64_t cookie = be64_load (h + 8), offset = be64_load (h + 16);
     uint32_t len = be32_load (h + 24);
@@ -1132,6 +1186,9 @@ transmission (struct conn *c)
     if (!err && type == NBD_CMD_READ && c->structured)
       cost += (uint64_t) NBD_MAX_EXTENTS * 32;
     budget_take (c, cost);
+    pthread_mutex_lock (&c->lock);
+    c->last_request_ms = now_ms ();
+    pthread_mutex_unlock (&c->lock);
     j = calloc (1, sizeof *j);
     if (!j) {
       queue_reply (c, NULL, cost);
@@ -1389,6 +1446,12 @@ nbd_server_remove_export (struct nbd_server *srv, const char *name,
 }
 
 void
+nbd_server_set_idle_timeout (struct nbd_server *srv, unsigned seconds)
+{
+  srv->idle_ms = seconds > UINT_MAX / 1000 ? UINT_MAX : seconds * 1000;
+}
+
+void
 nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
                        bool persistent)
 {
@@ -1525,13 +1588,42 @@ accept_one (struct nbd_server *srv, int lfd)
   pthread_attr_destroy (&attr);
 }
 
+/* Is a connection idle for NBD_EVICT_MS?  With EVICT, disconnect the one
+ * idle longest. */
+static bool
+evict_candidate (struct nbd_server *srv, bool evict)
+{
+  uint64_t now = now_ms (), best_idle = 0;
+  struct conn *best = NULL;
+
+  pthread_mutex_lock (&srv->lock);
+  for (struct conn *c = srv->conns; c; c = c->next) {
+    uint64_t idle;
+    pthread_mutex_lock (&c->lock);
+    idle = idle_for_locked (c, now);
+    pthread_mutex_unlock (&c->lock);
+    if (idle >= NBD_EVICT_MS && idle > best_idle) {
+      best = c;
+      best_idle = idle;
+    }
+  }
+  if (best && evict) {
+    pthread_mutex_lock (&best->lock);
+    best->dead = true;  /* not a candidate twice */
+    pthread_mutex_unlock (&best->lock);
+    shutdown (best->fd, SHUT_RDWR);
+  }
+  pthread_mutex_unlock (&srv->lock);
+  return best != NULL;
+}
+
 void
 nbd_server_run (struct nbd_server *srv)
 {
   for (;;) {
     struct pollfd pfd[NBD_MAX_LISTEN + 1];
     size_t n = 0;
-    bool full;
+    bool full, evictable = false;
     char b[64];
 
     pthread_mutex_lock (&srv->lock);
@@ -1543,17 +1635,26 @@ nbd_server_run (struct nbd_server *srv)
     full = srv->active >= srv->max_clients;
     pthread_mutex_unlock (&srv->lock);
 
+    /* When full, look at the listening sockets only while some
+     * connection could make room, so that a waiting client does not make
+     * this loop spin. */
+    if (full)
+      evictable = evict_candidate (srv, false);
     pfd[n++] = (struct pollfd){ .fd = srv->wake[0], .events = POLLIN };
-    for (size_t i = 0; !full && i < srv->nr_listen; i++)
+    for (size_t i = 0; (!full || evictable) && i < srv->nr_listen; i++)
       pfd[n++] = (struct pollfd){ .fd = srv->listen_fds[i],
                                   .events = POLLIN };
-    if (poll (pfd, n, -1) < 0)
+    if (poll (pfd, n, full ? 1000 : -1) < 0)
       continue;
     while (read (srv->wake[0], b, sizeof b) > 0)
       ;
     for (size_t i = 1; i < n; i++)
-      if (pfd[i].revents & POLLIN)
-        accept_one (srv, pfd[i].fd);
+      if (pfd[i].revents & POLLIN) {
+        if (full)
+          evict_candidate (srv, true);  /* its slot frees up shortly */
+        else
+          accept_one (srv, pfd[i].fd);
+      }
   }
 
   /* Disconnect whoever is left and wait for them. */
