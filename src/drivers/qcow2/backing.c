@@ -258,29 +258,85 @@ table_empty (const struct qcow2_state *s, const uint8_t *t)
   return true;
 }
 
+/* Drop one reference from the data cluster at HOST, leaving the refcount
+ * block dirty in the cache: written once per block at the end instead of
+ * once per cluster.  A crash before that write leaves the old, higher
+ * refcount: a leak.  Sets *FREED when the count reached 0. */
+static int
+drop_ref_deferred_locked (strata_node *node, uint64_t host, bool *freed)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t idx = host >> s->cluster_bits, rc, boff, first;
+  uint8_t *blk;
+  unsigned n;
+  int r;
+
+  /* Validates the refcount table entry and loads the block. */
+  if ((r = qcow2_refcount_get_locked (node, idx, &rc)) < 0)
+    return r;
+  if (rc == 0)
+    return io_error (EIO,
+                     "%s: refcount of host cluster 0x%" PRIx64 " (0) "
+                     "would drop below zero",
+                     node->filename, host);
+  boff = s->rt[idx / s->rc_per_block] & ~0x1ffull;
+  if ((r = qcow2_cache_get_locked (node, &s->rc_cache, boff, &blk)) < 0)
+    return r;
+  qcow2_rc_store (s, blk, idx % s->rc_per_block, rc - 1, &first, &n);
+  qcow2_cache_mark_dirty_locked (&s->rc_cache, boff);
+  if (rc == 1 && idx < s->free_hint)
+    s->free_hint = idx;
+  *freed = rc == 1;
+  return 0;
+}
+
+/* Freed host clusters, merged into runs, handed back to the file system
+ * (QEMU's emptied image is short too). */
+struct punch {
+  uint64_t start, len;
+};
+
+static void
+punch_flush (strata_node *node, struct punch *p)
+{
+  if (p->len)
+    node_pdiscard (node->file, p->start, p->len, 0);
+  p->len = 0;
+}
+
+static void
+punch_add (strata_node *node, struct punch *p, uint64_t host, uint64_t len)
+{
+  if (p->len && p->start + p->len == host) {
+    p->len += len;
+    return;
+  }
+  punch_flush (node, p);
+  p->start = host;
+  p->len = len;
+}
+
 /* Drop one reference from what the entries of OLD (a copy of an L2 table
  * no longer reachable from this layer's L1 table) mapped. */
 static int
 release_entries_locked (strata_node *node, const uint8_t *old)
 {
   struct qcow2_state *s = node->opaque;
-  int r;
+  struct punch p = { 0 };
+  int r = 0;
 
-  for (uint64_t j = 0; j < s->l2_entries; j++) {
+  for (uint64_t j = 0; j < s->l2_entries && r == 0; j++) {
     uint64_t e = be64_load (old + j * s->l2_entry_size);
-    uint64_t host = e & QCOW2_OFFSET_MASK, rc;
-    if (!(e & ~QCOW2_OFLAG_COPIED))
-      continue;
-    if ((r = qcow2_free_entry_locked (node, e)) < 0)
-      return r;
-    if (e & QCOW2_OFLAG_COMPRESSED || !host)
-      continue;
-    /* Give the space back, as QEMU's emptied image is short. */
-    if (qcow2_refcount_get_locked (node, host >> s->cluster_bits, &rc) == 0
-        && rc == 0)
-      node_pdiscard (node->file, host, s->cluster_size, 0);
+    uint64_t host = e & QCOW2_OFFSET_MASK;
+    bool freed = false;
+    if (e & QCOW2_OFLAG_COMPRESSED)
+      r = qcow2_free_entry_locked (node, e);
+    else if (host && (r = drop_ref_deferred_locked (node, host, &freed)) == 0
+             && freed)
+      punch_add (node, &p, host, s->cluster_size);
   }
-  return 0;
+  punch_flush (node, &p);
+  return r;
 }
 
 static int
