@@ -5,10 +5,11 @@
  * Commands: nodes, add KEY=VALUE...|JSON, del NODE,
  * snapshot NODE OVERLAY [--format FMT] [--node-name NAME], events,
  * raw '{json}', and the block jobs as virsh has them: pull NODE (virsh
- * blockpull), jobs, job ID (virsh blockjob).  It speaks plain QMP, so it works with
- * qemu-storage-daemon too.  The socket is --socket, else $STRATA_SOCKET,
- * else stratad's default path.  Exit status 1 when the command failed,
- * with the QMP error's description on stderr.
+ * blockpull), jobs, job ID (virsh blockjob); see docs/client.md.  It
+ * speaks plain QMP, so it works with qemu-storage-daemon too.  The socket
+ * is --socket, else $STRATA_SOCKET, else stratad's default path.  Exit
+ * status 1 when the command failed, with the QMP error's description on
+ * stderr.
  */
 #include <ctype.h>
 #include <errno.h>

@@ -520,3 +520,56 @@ def test_bad_options(fake, args, msg):
     p = strata(d.path, "pull", "top", *args)
     assert (p.returncode, p.stderr) == (1, f"strata: {msg}\n")
     assert d.names() == ["qmp_capabilities"]
+
+
+def test_second_sigint_stops_waiting(fake):
+    """Ctrl-C cancels and waits; a daemon slow to end the job can be left
+    with a second Ctrl-C."""
+    def script(d, name, args):
+        return ({} if name in ("block-stream", "block-job-cancel")
+                else [job(10, 100)]), []
+    d = fake(script)
+    proc = subprocess.Popen([binary("strata"), "--socket", d.path, "pull",
+                             "top", "--wait"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for signals in (1, 2):
+            while "query-block-jobs" not in d.names():
+                assert proc.poll() is None
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            if signals == 1:
+                deadline = time.monotonic() + 10
+                while "block-job-cancel" not in d.names():
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+                assert proc.poll() is None      # waiting for the end
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, out, err) == (1, "Pull aborted\n", "")
+    assert d.names().count("block-job-cancel") == 1
+
+
+def test_jobs_and_job_output(fake):
+    """The table, virsh's --info line, and --json, for a job whose length
+    is not known yet (no percentage) and one with a limit."""
+    jobs_ = [job(0, 0), dict(job(3 * MiB, 8 * MiB, 2 * MiB), device="a-much"
+                             "-longer-id")]
+    d = fake(lambda d, name, args: (jobs_, []))
+    assert strata(d.path, "jobs").stdout.splitlines() == [
+        "ID                TYPE      STATUS         DONE  OFFSET/LENGTH"
+        "             SPEED",
+        "top               stream    running           -  0 B / 0 B     "
+        "            unlimited",
+        "a-much-longer-id  stream    running     37.50 %  3 MiB / 8 MiB "
+        "            2 MiB/s"]
+    assert json.loads(strata(d.path, "--json", "jobs").stdout) == jobs_
+    assert strata(d.path, "job", "top").stdout == "Block Pull: [ 0.00 %]\n"
+    assert strata(d.path, "job", "a-much-longer-id", "--info").stdout == (
+        "Block Pull: [37.50 %]    Bandwidth limit: 2097152 bytes/s "
+        "(2.000 MiB/s)\n")
+    assert json.loads(strata(d.path, "--json", "job", "top").stdout) == \
+        jobs_[0]
+    assert strata(d.path, "--json", "job", "nope").stdout == "null\n"
