@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# block-stream in stratad against qemu-storage-daemon on the same 3-deep
+# qcow2 chain (base fully allocated, mid holding a quarter, top empty):
+#   1. no speed limit: seconds from block-stream to BLOCK_JOB_COMPLETED,
+#      each daemon on a fresh copy of the top, and strata's ratio;
+#   2. speed 100 MiB/s, then block-job-set-speed to 50 MiB/s: the rate
+#      achieved over a window after each change (the first second skipped);
+#   3. a plain copy of the same bytes (dd with fsync) as the ceiling.
+# Caches are warm for everyone (nothing is dropped).
+#   bench/stream-bench.sh [BUILD_DIR]
+#   STREAM_BENCH_SIZE=512M bench/stream-bench.sh   (default 4G)
+#   STREAM_BENCH_WINDOW=5                          (seconds per rate window)
+set -euo pipefail
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+build=$(cd "${1:-$top/build}" && pwd)
+size=${STREAM_BENCH_SIZE:-4G}
+window=${STREAM_BENCH_WINDOW:-5}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+qemu-img create -q -f qcow2 base.qcow2 "$size"
+bytes=$(qemu-img info --output=json base.qcow2 |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')
+mib=$((bytes / 1048576))
+qemu-io -f qcow2 -c "write -P 1 0 ${mib}M" base.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
+qemu-io -f qcow2 -c "write -P 2 $((mib / 4))M $((mib / 4))M" mid.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2
+echo "chain: base ${mib} MiB allocated, mid $((mib / 4)) MiB, top empty"
+
+STRATAD=$build/stratad QMP_PY=$top/tests/integration MIB=$mib \
+WINDOW=$window python3 - <<'EOF'
+import os, shutil, subprocess, sys, time
+sys.path.insert(0, os.environ["QMP_PY"])
+from qmp import QMP
+
+MIB = 1 << 20
+size = int(os.environ["MIB"]) * MIB
+window = float(os.environ["WINDOW"])
+daemons = {"stratad": os.environ["STRATAD"],
+           "qsd": shutil.which("qemu-storage-daemon")}
+
+
+def start(name, tag):
+    shutil.copy("top.qcow2", f"top-{tag}.qcow2")
+    sock = f"{tag}.sock"
+    proc = subprocess.Popen([daemons[name], "--chardev",
+                             f"socket,id=m,path={sock},server=on,wait=off",
+                             "--monitor", "chardev=m"],
+                            stdout=subprocess.DEVNULL)
+    q = QMP(sock, timeout=600)
+    q.execute("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                               "file": {"driver": "file",
+                                        "filename": f"top-{tag}.qcow2"}})
+    return proc, q
+
+
+def stop(proc, q):
+    q.cmd("quit")
+    q.close()
+    proc.wait()
+
+
+def offset(q):
+    return q.execute("query-block-jobs")[0]["offset"]
+
+
+def rate_over(q):
+    time.sleep(1)
+    a, t0 = offset(q), time.monotonic()
+    time.sleep(window)
+    b, t1 = offset(q), time.monotonic()
+    return (b - a) / (t1 - t0) / MIB
+
+
+full = {}
+for name in daemons:
+    proc, q = start(name, name + "-full")
+    t = time.monotonic()
+    q.execute("block-stream", {"job-id": "j", "device": "top"})
+    q.event("BLOCK_JOB_COMPLETED", timeout=3600)
+    full[name] = time.monotonic() - t
+    stop(proc, q)
+    print(f"{name:8s} unlimited: {full[name]:7.2f} s  "
+          f"({size / MIB / full[name]:7.1f} MiB/s)")
+print(f"ratio stratad/qsd time: {full['stratad'] / full['qsd']:.2f}")
+
+need = (2 + 2 * window) * 100 * MIB
+if size < need:
+    print(f"rate limit: skipped (needs at least {need // MIB} MiB)")
+else:
+    for name in daemons:
+        proc, q = start(name, name + "-rate")
+        q.execute("block-stream", {"job-id": "j", "device": "top",
+                                   "speed": 100 * MIB})
+        r100 = rate_over(q)
+        q.execute("block-job-set-speed", {"device": "j", "speed": 50 * MIB})
+        r50 = rate_over(q)
+        q.execute("block-job-cancel", {"device": "j"})
+        q.event("BLOCK_JOB_CANCELLED", timeout=60)
+        stop(proc, q)
+        print(f"{name:8s} set 100 MiB/s: {r100:6.2f} MiB/s "
+              f"({(r100 - 100) / 100 * 100:+.2f} %);  set 50 MiB/s: "
+              f"{r50:6.2f} MiB/s ({(r50 - 50) / 50 * 100:+.2f} %)")
+EOF
+
+t0=$(date +%s.%N)
+dd if=base.qcow2 of=copy.raw bs=4M conv=fsync status=none
+t1=$(date +%s.%N)
+python3 -c "import sys; t=$t1-$t0; print(f'plain copy (dd, fsync): {t:7.2f} s  ({$mib / t:7.1f} MiB/s)')"
