@@ -276,7 +276,9 @@ open_new_base (const struct rebase *rb, const char *srcopts, uint64_t *len)
     fail_msg ("out of memory");
     return NULL;
   }
-  if (!(n = strata_open (path, rb->base_fmt, srcopts, 0, &err))) {
+  if (!(n
+        = strata_open (path, rb->base_fmt, srcopts,
+                       rb->force_share ? STRATA_OPEN_FORCE_SHARE : 0, &err))) {
     fprintf (stderr, "%s: Could not open new backing file '%s': %s\n",
              progname, rb->base, strata_error_message (err));
     strata_error_free (err);
