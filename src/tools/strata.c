@@ -696,7 +696,8 @@ struct job_wait {
   char *error;         /* the job's error message, malloc'd */
 
   json_int_t len, offset;  /* len 0: not known yet */
-  json_int_t shown_offset, shown_len;
+  bool shown;              /* a percentage was printed: shown_pct */
+  double shown_pct;
   int64_t sample_ms;       /* when offset was sampled */
   double rate;             /* bytes/s, smoothed; 0: unknown */
   bool drawn;              /* a bar is on the terminal's line */
@@ -734,7 +735,7 @@ parse_rate (const char *cmd, const char *s, bool bytes)
          cmd, s);
   if (*end) {
     unit = strchr (units, toupper ((unsigned char) *end));
-    if (!unit || !*unit
+    if (!unit
         || !(end[1] == '\0' || (unit > units && strcmp (end + 1, "iB") == 0)))
       die ("%s: bandwidth '%s' has an unknown unit '%s' (use K, M, G or T: "
            "powers of 1024 bytes/s)",
@@ -838,7 +839,7 @@ job_draw_bar (struct job_wait *w, double pct)
 }
 
 /* Show the progress: a bar on a terminal, else virsh's line, printed when
- * the numbers changed.  Nothing until the job's length is known. */
+ * the percentage changed.  Nothing until the job's length is known. */
 static void
 job_show (struct job_wait *w, bool done)
 {
@@ -848,10 +849,10 @@ job_show (struct job_wait *w, bool done)
     return;
   if (w->tty)
     job_draw_bar (w, pct);
-  else if (done || w->offset != w->shown_offset || w->len != w->shown_len)
+  else if (!w->shown || pct != w->shown_pct)
     fprintf (stderr, "%s: [%5.2f %%]\n", w->label, pct);
-  w->shown_offset = w->offset;
-  w->shown_len = w->len;
+  w->shown = true;
+  w->shown_pct = pct;
   fflush (stderr);
 }
 
