@@ -386,7 +386,7 @@ def end_event(name, length, offset, **extra):
 
 def test_length_unknown_at_first(fake):
     """The first queries say len 0: no percentage is printed until the
-    length is known, and never a misleading 100."""
+    length is known, and never a misleading 100; 100 is printed once."""
     def script(d, name, args):
         n = d.state["queries"] = d.state.get("queries", 0) + (
             name == "query-block-jobs")
@@ -396,6 +396,8 @@ def test_length_unknown_at_first(fake):
             return [job(0, 0)], []
         if n == 3:
             return [job(50, 100)], []
+        if n == 4:
+            return [dict(job(100, 100), status="concluded")], []
         return [], [end_event("BLOCK_JOB_COMPLETED", 100, 100)]
     d = fake(script)
     p = strata(d.path, "pull", "top", "--wait", "--verbose", "--bandwidth",
