@@ -17,14 +17,6 @@
 #include "tools/img.h"
 #include "util/opts.h"
 
-static int
-usage_error (const char *msg)
-{
-  fprintf (stderr, "%s: %s\nTry '%s --help' for more information\n", progname,
-           msg, progname);
-  return 1;
-}
-
 /* SIZE as qemu-img takes it: [+|-]N[suffix]. */
 static bool
 parse_new_size (const char *arg, int *sign, uint64_t *n)
@@ -84,10 +76,9 @@ cmd_resize (int argc, char **argv)
   strata_node *node;
   int64_t cur;
   int c, sign;
-  char buf[128];
 
   if (argc < 3)
-    return usage_error ("Not enough arguments");
+    return img_usage_error ("Not enough arguments");
   size_arg = argv[--argc];
   opterr = 0;
   while ((c = getopt_long (argc, argv, ":f:hq", lopts, NULL)) != -1) {
@@ -101,18 +92,12 @@ cmd_resize (int argc, char **argv)
               "[--shrink] [-q] FILE [+|-]SIZE\n",
               progname);
       return 0;
-    case ':':
-      snprintf (buf, sizeof buf, "missing argument for option '%.40s'",
-                argv[optind - 1]);
-      return usage_error (buf);
     default:
-      snprintf (buf, sizeof buf, "unrecognized option '%.40s'",
-                argv[optind - 1]);
-      return usage_error (buf);
+      return img_option_error (c, argv);
     }
   }
   if (optind != argc - 1)
-    return usage_error ("Expecting image file name and size");
+    return img_usage_error ("Expecting image file name and size");
   if (!valid_prealloc (prealloc)) {
     fprintf (stderr, "%s: Invalid preallocation mode '%s'\n", progname,
              prealloc);

@@ -65,12 +65,23 @@ snapshot_list_json (const struct strata_snapshot_info *l, int n)
   return arr;
 }
 
-static int
-usage_error (const char *msg)
+int
+img_usage_error (const char *msg)
 {
   fprintf (stderr, "%s: %s\nTry '%s --help' for more information\n", progname,
            msg, progname);
   return 1;
+}
+
+int
+img_option_error (int c, char **argv)
+{
+  char buf[128];
+
+  snprintf (buf, sizeof buf, c == ':' ? "missing argument for option '%.40s'"
+                                      : "unrecognized option '%.40s'",
+            argv[optind - 1]);
+  return img_usage_error (buf);
 }
 
 static int
@@ -116,7 +127,6 @@ cmd_snapshot (int argc, char **argv)
   strata_error *err = NULL;
   strata_node *n;
   int c, action = 0;
-  char buf[128];
 
   opterr = 0;
   while ((c = getopt_long (argc, argv, ":la:c:d:hqU", lopts, NULL)) != -1) {
@@ -126,7 +136,7 @@ cmd_snapshot (int argc, char **argv)
     case 'c':
     case 'd':
       if (action)
-        return usage_error ("Cannot mix '-l', '-a', '-c', '-d'");
+        return img_usage_error ("Cannot mix '-l', '-a', '-c', '-d'");
       action = c;
       name = optarg;
       break;
@@ -137,19 +147,13 @@ cmd_snapshot (int argc, char **argv)
               "| -d snapshot] filename\n",
               progname);
       return 0;
-    case ':':
-      snprintf (buf, sizeof buf, "missing argument for option '%.40s'",
-                argv[optind - 1]);
-      return usage_error (buf);
     default:
-      snprintf (buf, sizeof buf, "unrecognized option '%.40s'",
-                argv[optind - 1]);
-      return usage_error (buf);
+      return img_option_error (c, argv);
     }
   }
   (void) quiet; /* qemu-img snapshot prints nothing it could silence */
   if (optind != argc - 1)
-    return usage_error ("Expecting one image file name");
+    return img_usage_error ("Expecting one image file name");
   file = argv[optind];
   if (!(n
         = open_image (file, NULL, force_share, action && action != 'l', NULL)))

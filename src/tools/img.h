@@ -42,6 +42,13 @@ void print_json (json_t *j);
 void snapshot_list_human (const struct strata_snapshot_info *l, int n);
 json_t *snapshot_list_json (const struct strata_snapshot_info *l, int n);
 
+/* img-snapshot.c, for the subcommands that parse options as qemu-img:
+ * "strata-img: MSG" and the "Try ... --help" line; returns 1. */
+int img_usage_error (const char *msg);
+/* qemu-img's message for getopt_long's ':' (missing argument, when C is
+ * ':') or '?' (unknown option) at ARGV[optind - 1]; returns 1. */
+int img_option_error (int c, char **argv);
+
 /* The subcommands. */
 int cmd_create (int argc, char **argv);
 int cmd_info (int argc, char **argv);

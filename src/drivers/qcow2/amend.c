@@ -1,13 +1,438 @@
-/* strata qcow2: amend. */
+/* strata qcow2: qemu-img amend (qcow2.txt "Header": version, feature bits,
+ * refcount_order, header_length; "Header extensions").
+ *
+ * What changes, in QEMU 7.2's order and with its messages:
+ *   compat=1.1 (upgrade)  the header is rewritten as version 3 (112 bytes,
+ *                         extensions and backing name moved after it);
+ *   lazy_refcounts=on|off the compatible bit 0 (strata keeps refcounts
+ *                         exact either way, so nothing else changes);
+ *   size=                 resize.c (growing, or shrinking as QEMU's amend
+ *                         does, without --shrink);
+ *   compat=0.10 (last)    refused for incompatible features (extended L2,
+ *                         external data file) and refcount widths other
+ *                         than 16; zstd is dropped when no cluster is
+ *                         compressed; zero clusters of every L1 table
+ *                         (active and snapshots') become unallocated when
+ *                         there is no backing file, which reads the same;
+ *                         then the header is rewritten as version 2.
+ * Refused, because they need data rewritten (QEMU does rewrite): changing
+ * refcount_bits, and downgrading zero clusters that would have to become
+ * data (over a backing file, or preallocated ones).
+ *
+ * The header rewrite is one write from offset 0 of at most a cluster,
+ * after everything else is flushed, as backing.c does for a backing file
+ * change.
+ */
 #include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "drivers/qcow2/qcow2.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
+
+#define V3_HEADER_LENGTH 112
+
+struct amend {
+  int version;                /* 0: unchanged */
+  int lazy;                   /* -1 unchanged, 0 off, 1 on */
+  bool has_size;
+  uint64_t size;
+  uint64_t refcount_bits;     /* 0: unchanged */
+};
+
+static const char *const creation_only[] = {
+  "cluster_size", "extended_l2", "compression_type", "preallocation", NULL,
+};
+
+static bool
+parse_compat (strata_node *node, const char *v, int *version,
+              strata_error **errp)
+{
+  (void) node;
+  if (!strcmp (v, "0.10") || !strcmp (v, "v2"))
+    *version = 2;
+  else if (!strcmp (v, "1.1") || !strcmp (v, "v3"))
+    *version = 3;
+  else {
+    error_set (errp, EINVAL, "Unknown compatibility level %s", v);
+    return false;
+  }
+  return true;
+}
+
+/* The backing options may only repeat what the image says. */
+static bool
+same_backing (const char *want, const char *have)
+{
+  return !want || (have && !strcmp (want, have));
+}
+
+static bool
+parse_options (strata_node *node, strata_opts *opts, struct amend *a,
+               strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  const char *v, *bf = NULL, *bfmt = NULL;
+
+  *a = (struct amend){ .lazy = -1 };
+  for (size_t i = 0; i < opts->n; i++)
+    for (const char *const *k = creation_only; *k; k++)
+      if (!strcmp (opts->v[i].key, *k)) {
+        error_set (errp, EINVAL, "Invalid parameter '%s'\nThis option is "
+                   "only supported for image creation", *k);
+        return false;
+      }
+  if ((v = opts_get (opts, "compat"))
+      && !parse_compat (node, v, &a->version, errp))
+    return false;
+  if ((v = opts_get (opts, "size"))) {
+    a->has_size = true;
+    if (!parse_size (v, &a->size) || a->size > INT64_MAX) {
+      error_set (errp, EINVAL, "Parameter 'size' expects a non-negative "
+                 "number below 2^64\nOptional suffix k, M, G, T, P or E "
+                 "means kilo-, mega-, giga-, tera-, peta-\nand exabytes, "
+                 "respectively.");
+      return false;
+    }
+  }
+  if (opts_has (opts, "backing_file") || opts_has (opts, "backing_fmt")) {
+    bf = opts_get (opts, "backing_file");
+    bfmt = opts_get (opts, "backing_fmt");
+    if (!same_backing (bf, s->backing_name)
+        || !same_backing (bfmt, s->backing_format)) {
+      error_set (errp, EINVAL, "Cannot amend the backing file\nYou can use "
+                 "'qemu-img rebase' instead.");
+      return false;
+    }
+  }
+  if ((v = opts_get (opts, "lazy_refcounts"))) {
+    if (strcmp (v, "on") && strcmp (v, "off")) {
+      error_set (errp, EINVAL, "Parameter 'lazy_refcounts' expects 'on' or "
+                 "'off'");
+      return false;
+    }
+    a->lazy = !strcmp (v, "on");
+  }
+  if ((v = opts_get (opts, "refcount_bits"))) {
+    char *end;
+    unsigned long long b = strtoull (v, &end, 10);
+    if (!*v || *end || b == 0 || b > 64 || (b & (b - 1))) {
+      error_set (errp, EINVAL, "Refcount width must be a power of two and "
+                 "may not exceed 64 bits");
+      return false;
+    }
+    a->refcount_bits = b;
+  }
+  return true;
+}
+
+/* QEMU's checks across options, then strata's refusals. */
+static bool
+check_combination (strata_node *node, const struct amend *a,
+                   strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  int version = a->version ? a->version : (int) s->version;
+
+  /* Only an explicit lazy_refcounts=on counts: a downgrade drops the bit. */
+  if (a->lazy == 1 && version < 3) {
+    error_set (errp, EINVAL, "Lazy refcounts only supported with "
+               "compatibility level 1.1 and above (use compat=1.1 or "
+               "greater)");
+    return false;
+  }
+  if (a->refcount_bits && a->refcount_bits != 16 && version < 3) {
+    error_set (errp, EINVAL, "Refcount widths other than 16 bits require "
+               "compatibility level 1.1 or above (use compat=1.1 or "
+               "greater)");
+    return false;
+  }
+  if (a->refcount_bits && a->refcount_bits != s->refcount_bits) {
+    error_set (errp, ENOTSUP, "%s: changing refcount_bits (from %" PRIu32
+               " to %" PRIu64 ") would rewrite every refcount block; strata "
+               "does not do it", node->filename, s->refcount_bits,
+               a->refcount_bits);
+    return false;
+  }
+  return true;
+}
+
+/* ---- the header ---- */
+
+/* End of the extension area of the first cluster H (LEN bytes). */
+static uint64_t
+extensions_end (const struct qcow2_state *s, const uint8_t *h, uint64_t len)
+{
+  uint64_t off = s->header_length;
+
+  while (off + 8 <= len && be32_load (h + off) != QCOW2_EXT_END) {
+    uint64_t step = 8 + ROUND_UP ((uint64_t) be32_load (h + off + 4), 8);
+    if (step > len - off)
+      return len;
+    off += step;
+  }
+  return MIN (off, len);
+}
+
+/* Rewrite the first cluster as VERSION with feature bits COMPAT and
+ * INCOMPAT: header fields, the same extensions, end marker, backing name.
+ */
+static int
+write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
+                     uint64_t incompat, uint8_t compression)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE uint8_t *old = calloc (1, s->cluster_size);
+  CLEANUP_FREE uint8_t *out = calloc (1, s->cluster_size);
+  int64_t flen = node_length (node->file);
+  uint64_t hl = version >= 3 ? V3_HEADER_LENGTH : 72, old_len, ext_end;
+  uint64_t exts, pos, name_len = s->backing_name ? strlen (s->backing_name)
+                                                 : 0;
+  uint64_t old_used, bf_end;
+  int r;
+
+  if (!old || !out)
+    return -ENOMEM;
+  if (flen < 0)
+    return (int) flen;
+  old_len = MIN (s->cluster_size, (uint64_t) flen);
+  if ((r = node_pread (node->file, 0, old, old_len, 0)) < 0)
+    return r;
+  ext_end = extensions_end (s, old, old_len);
+  exts = ext_end - s->header_length;
+  if (hl + exts + 8 + name_len > s->cluster_size)
+    return io_error (ENOSPC, "%s: the header extensions and backing file "
+                     "name do not fit in the first cluster", node->filename);
+  memcpy (out, old, 72);
+  be32_store (out + 4, version);
+  if (version >= 3) {
+    be64_store (out + 72, incompat);
+    be64_store (out + 80, compat);
+    be64_store (out + 88, 0);
+    be32_store (out + 96, s->refcount_order);
+    be32_store (out + 100, (uint32_t) hl);
+    out[104] = compression;
+  }
+  memcpy (out + hl, old + s->header_length, exts);
+  pos = hl + exts + 8;  /* after the end marker (zeros) */
+  be64_store (out + 8, name_len ? pos : 0);
+  be32_store (out + 16, (uint32_t) name_len);
+  memcpy (out + pos, s->backing_name ? s->backing_name : "", name_len);
+  /* Also clear what the old header used past the new one. */
+  old_used = MIN (ext_end + 8, old_len);
+  if (checked_add_u64 (be64_load (old + 8), be32_load (old + 16), &bf_end)
+      && be64_load (old + 8) && bf_end <= old_len)
+    old_used = MAX (old_used, bf_end);
+  return qcow2_write_header_field (
+      node, 0, out,
+      MIN (ROUND_UP (MAX (pos + name_len, old_used), 512), s->cluster_size));
+}
+
+/* ---- downgrade ---- */
+
+/* For every L2 table of L1 (N entries): count compressed entries, and
+ * with FIX clear the zero flags (the caller checked there is nothing that
+ * needs data).  BAD gets zero entries that would need data. */
+static int
+scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
+                  bool fix, uint64_t *compressed, uint64_t *bad,
+                  uint64_t *zeros)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
+  uint8_t *cached;
+  int r;
+
+  if (!t)
+    return -ENOMEM;
+  for (uint64_t i = 0; i < n; i++) {
+    uint64_t l2 = l1[i] & QCOW2_OFFSET_MASK;
+    bool changed = false;
+    if (!l2)
+      continue;
+    if (l2 % s->cluster_size || qcow2_past_end_locked (node, l2))
+      return io_error (EIO, "%s: L1 entry %" PRIu64 " 0x%" PRIx64 " is "
+                       "invalid", node->filename, i, l1[i]);
+    if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2, &cached)) < 0)
+      return r;
+    memcpy (t, cached, s->cluster_size);
+    for (uint64_t j = 0; j < s->l2_entries; j++) {
+      uint64_t e = be64_load (t + j * s->l2_entry_size);
+      if (e & QCOW2_OFLAG_COMPRESSED) {
+        (*compressed)++;
+        continue;
+      }
+      if (!(e & QCOW2_OFLAG_ZERO))
+        continue;
+      (*zeros)++;
+      if ((e & QCOW2_OFFSET_MASK) || s->backing_name)
+        (*bad)++;
+      else if (fix) {
+        be64_store (t + j * s->l2_entry_size, 0);
+        changed = true;
+      }
+    }
+    if (changed
+        && ((r = qcow2_overlap_check_locked (node, l2, s->cluster_size,
+                                             QCOW2_META_L2, "L2 table",
+                                             UINT64_MAX)) < 0
+            || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0
+            || (r = qcow2_cache_put_locked (node, &s->l2_cache, l2, t)) < 0))
+      return r;
+  }
+  return 0;
+}
+
+/* Run scan_zero_locked over the active L1 and every snapshot's. */
+static int
+scan_all_locked (strata_node *node, bool fix, uint64_t *compressed,
+                 uint64_t *bad, uint64_t *zeros)
+{
+  struct qcow2_state *s = node->opaque;
+  struct qcow2_snapshot_l1 *l1s = NULL;
+  int n, r;
+
+  *compressed = *bad = *zeros = 0;
+  if ((r = scan_zero_locked (node, s->l1, s->l1_size, fix, compressed, bad,
+                             zeros)) < 0)
+    return r;
+  if ((n = qcow2_snapshot_l1s_locked (node, &l1s)) < 0)
+    return n;
+  for (int i = 0; i < n && r == 0; i++)
+    r = scan_zero_locked (node, l1s[i].l1, l1s[i].size, fix, compressed, bad,
+                          zeros);
+  qcow2_snapshot_l1s_free (l1s, n);
+  return r;
+}
+
+static bool
+downgrade_locked (strata_node *node, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t incompat = s->incompat & ~QCOW2_INCOMPAT_DIRTY;
+  uint64_t compressed, bad, zeros;
+  const char *m;
+  int r;
+
+  if (incompat & ~QCOW2_INCOMPAT_COMPRESSION) {
+    error_set (errp, ENOTSUP, "Cannot downgrade an image with incompatible "
+               "features 0x%" PRIx64 " set", incompat);
+    return false;
+  }
+  if (s->refcount_bits != 16) {
+    error_set (errp, ENOTSUP, "compat=0.10 requires refcount_bits=16");
+    return false;
+  }
+  io_error_clear ();
+  if ((r = qcow2_writeback_locked (node)) < 0
+      || (r = node_flush (node->file)) < 0
+      || (r = scan_all_locked (node, false, &compressed, &bad, &zeros)) < 0)
+    goto fail;
+  if (s->compression != QCOW2_COMP_ZLIB && compressed) {
+    error_set (errp, ENOTSUP, "Cannot downgrade an image with zstd "
+               "compression type and existing compressed clusters");
+    return false;
+  }
+  if (bad) {
+    error_set (errp, ENOTSUP, "%s: cannot downgrade to compat=0.10: %" PRIu64
+               " zero clusters would have to be written as data (%s); "
+               "strata does not rewrite data in amend", node->filename, bad,
+               s->backing_name ? "the image has a backing file"
+                               : "they are preallocated");
+    return false;
+  }
+  if ((zeros && ((r = scan_all_locked (node, true, &compressed, &bad,
+                                       &zeros)) < 0
+                 || (r = node_flush (node->file)) < 0))
+      || (r = write_header_locked (node, 2, 0, 0, 0)) < 0
+      || (r = node_flush (node->file)) < 0)
+    goto fail;
+  s->version = 2;
+  s->header_length = 72;
+  s->compat = s->incompat = s->autoclear = 0;
+  s->compression = QCOW2_COMP_ZLIB;
+  return true;
+
+fail:
+  m = strata_last_error_message ();
+  error_set (errp, -r, "%s: cannot downgrade the image: %s", node->filename,
+             m && *m ? m : strerror (-r));
+  return false;
+}
+
+/* Upgrade to version 3 (TO_V3) and/or set lazy refcounts (LAZY -1:
+ * unchanged). */
+static bool
+upgrade_locked (strata_node *node, bool to_v3, int lazy, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t compat = s->compat;
+  uint8_t be[8];
+  int r;
+
+  if (lazy >= 0)
+    compat = lazy ? compat | QCOW2_COMPAT_LAZY_REFCOUNTS
+                  : compat & ~QCOW2_COMPAT_LAZY_REFCOUNTS;
+  if (s->version < 3 && !to_v3)
+    return true;  /* lazy_refcounts=off on version 2: nothing to do */
+  if (s->version >= 3 && compat == s->compat)
+    return true;
+  be64_store (be, compat);
+  if ((r = qcow2_writeback_locked (node)) < 0
+      || (r = node_flush (node->file)) < 0
+      || (r = s->version >= 3
+                  ? qcow2_write_header_field (node, 80, be, sizeof be)
+                  : write_header_locked (node, 3, compat, s->incompat,
+                                         s->compression)) < 0
+      || (r = node_flush (node->file)) < 0) {
+    error_set (errp, -r, "%s: cannot write the header: %s", node->filename,
+               strerror (-r));
+    return false;
+  }
+  if (s->version < 3) {
+    s->version = 3;
+    s->header_length = V3_HEADER_LENGTH;
+  }
+  s->compat = compat;
+  return true;
+}
 
 bool
 qcow2_amend (strata_node *node, strata_opts *opts, strata_error **errp)
 {
-  (void) opts;
-  error_set (errp, ENOTSUP, "%s: amend is not implemented yet",
-             node->filename);
-  return false;
+  struct qcow2_state *s = node->opaque;
+  struct amend a;
+  bool ok;
+
+  if (!parse_options (node, opts, &a, errp)
+      || !check_combination (node, &a, errp))
+    return false;
+  if (node->read_only) {
+    error_set (errp, EROFS, "%s: the image is open read-only",
+               node->filename);
+    return false;
+  }
+  if (a.version != 2) {
+    pthread_mutex_lock (&node->lock);
+    ok = upgrade_locked (node, a.version == 3, a.lazy, errp);
+    pthread_mutex_unlock (&node->lock);
+    if (!ok)
+      return false;
+  }
+  if (a.has_size && a.size != s->size
+      && !qcow2_truncate (node, a.size, 0, errp))
+    return false;
+  if (a.version == 2 && s->version >= 3) {
+    struct tracked_req req;
+    tracker_begin (&s->clusters, &req, 0, UINT64_MAX / 2, true);
+    pthread_mutex_lock (&node->lock);
+    ok = downgrade_locked (node, errp);
+    pthread_mutex_unlock (&node->lock);
+    tracker_end (&s->clusters, &req);
+    return ok;
+  }
+  return true;
 }

@@ -305,6 +305,15 @@ bool qcow2_snapshot_apply (strata_node *node, const char *name,
                            strata_error **errp);
 bool qcow2_snapshot_delete (strata_node *node, const char *name,
                             strata_error **errp);
+/* Every snapshot's L1 table, loaded and checked (for amend): returns the
+ * count or a negative errno (io_error); free with qcow2_snapshot_l1s_free. */
+struct qcow2_snapshot_l1 {
+  uint64_t *l1;               /* host byte order */
+  uint32_t size;
+};
+int qcow2_snapshot_l1s_locked (strata_node *node,
+                               struct qcow2_snapshot_l1 **out);
+void qcow2_snapshot_l1s_free (struct qcow2_snapshot_l1 *l1s, int n);
 
 /* amend.c: qemu-img amend -o compat=...,lazy_refcounts=... */
 bool qcow2_amend (strata_node *node, strata_opts *opts, strata_error **errp);

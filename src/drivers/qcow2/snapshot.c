@@ -929,3 +929,47 @@ qcow2_snapshot_list (strata_node *node, struct strata_snapshot_info **list,
   table_free (&t);
   return n;
 }
+
+int
+qcow2_snapshot_l1s_locked (strata_node *node, struct qcow2_snapshot_l1 **out)
+{
+  struct snap_table t;
+  strata_error *err = NULL;
+  int r = 0;
+
+  *out = NULL;
+  if (!read_table_locked (node, &t, &err)) {
+    r = io_error (strata_error_errno (err), "%s",
+                  strata_error_message (err));
+    strata_error_free (err);
+    return r;
+  }
+  if (!(*out = calloc (t.n ? t.n : 1, sizeof **out))) {
+    table_free (&t);
+    return -ENOMEM;
+  }
+  for (uint32_t i = 0; i < t.n && r == 0; i++) {
+    if (!load_snap_l1_locked (node, &t.sn[i], &(*out)[i].l1, &err)) {
+      r = io_error (strata_error_errno (err), "%s",
+                    strata_error_message (err));
+      strata_error_free (err);
+      err = NULL;
+    }
+    (*out)[i].size = t.sn[i].l1_size;
+  }
+  r = r < 0 ? r : (int) t.n;
+  if (r < 0) {
+    qcow2_snapshot_l1s_free (*out, t.n);
+    *out = NULL;
+  }
+  table_free (&t);
+  return r;
+}
+
+void
+qcow2_snapshot_l1s_free (struct qcow2_snapshot_l1 *l1s, int n)
+{
+  for (int i = 0; l1s && i < n; i++)
+    free (l1s[i].l1);
+  free (l1s);
+}
