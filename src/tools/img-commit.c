@@ -60,13 +60,6 @@ progress_show (struct progress *p, double pct, bool force)
   fflush (stdout);
 }
 
-static void
-usage_error (const char *msg)
-{
-  fprintf (stderr, "%s: %s\nTry '%s --help' for more information\n", progname,
-           msg, progname);
-}
-
 static bool
 parse_rate (const char *s, uint64_t *out)
 {
@@ -92,7 +85,7 @@ parse_args (int argc, char **argv, struct commit *c)
   bool keep = false;
   int o;
 
-  while ((o = getopt_long (argc, argv, "+f:ht:b:dpqr:", lopts, NULL)) != -1) {
+  while ((o = getopt_long (argc, argv, ":f:ht:b:dpqr:", lopts, NULL)) != -1) {
     switch (o) {
     case 'f': c->fmt = optarg; break;
     case 't': c->cache = optarg; break;
@@ -109,16 +102,13 @@ parse_args (int argc, char **argv, struct commit *c)
               "[-r rate_limit] [-d] [-p] filename\n",
               progname);
       exit (0);
-    default:
-      fprintf (stderr, "Try '%s --help' for more information\n", progname);
-      return 1;
+    default: return img_option_error (o, argv);
     }
   }
   if (c->quiet)
     c->progress = false;
   if (optind != argc - 1) {
-    usage_error ("Expecting one image file name");
-    return 1;
+    return img_usage_error ("Expecting one image file name");
   }
   c->file = argv[optind];
   /* -b implies -d: the layers between TOP and BASE no longer match it. */

@@ -41,13 +41,6 @@ struct rebase {
   bool unsafe, quiet, progress, force_share;
 };
 
-static void
-usage_error (const char *msg)
-{
-  fprintf (stderr, "%s: %s\nTry '%s --help' for more information\n", progname,
-           msg, progname);
-}
-
 /* 0 when parsed, else the exit code. */
 static int
 parse_args (int argc, char **argv, struct rebase *rb)
@@ -60,7 +53,7 @@ parse_args (int argc, char **argv, struct rebase *rb)
   bool have_b = false;
   int c;
 
-  while ((c = getopt_long (argc, argv, "+hf:F:b:upt:T:qU", lopts, NULL))
+  while ((c = getopt_long (argc, argv, ":hf:F:b:upt:T:qU", lopts, NULL))
          != -1) {
     switch (c) {
     case 'f': rb->fmt = optarg; break;
@@ -81,21 +74,18 @@ parse_args (int argc, char **argv, struct rebase *rb)
               "filename\n",
               progname);
       exit (0);
-    default:
-      fprintf (stderr, "Try '%s --help' for more information\n", progname);
-      return 1;
+    default: return img_option_error (c, argv);
     }
   }
   if (rb->quiet)
     rb->progress = false;
   if (optind != argc - 1) {
-    usage_error ("Expecting one image file name");
-    return 1;
+    return img_usage_error ("Expecting one image file name");
   }
   rb->file = argv[optind];
   if (!rb->unsafe && !have_b) {
-    usage_error ("Must specify backing file (-b) or use unsafe mode (-u)");
-    return 1;
+    return img_usage_error (
+        "Must specify backing file (-b) or use unsafe mode (-u)");
   }
   if (rb->base && !*rb->base)
     rb->base = NULL;

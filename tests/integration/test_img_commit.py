@@ -191,6 +191,8 @@ def test_progress_and_quiet(tmp_path):
     (["-t", "bogus"], "top.qcow2", "Invalid cache option: bogus"),
     (["-f", "raw"], "top.qcow2", "Image does not have a backing file"),
     ([], "", "Expecting one image file name"),
+    (["-x"], "top.qcow2", "unrecognized option '-x'"),
+    (["-b"], "", "missing argument for option '-b'"),
 ])
 def test_bad_input(tmp_path, args, target, msg):
     make_chain(tmp_path / "chain", 64 * KiB)

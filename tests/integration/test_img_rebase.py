@@ -142,6 +142,8 @@ def test_unsafe_refusals(tmp_path):
         (["-b", "x.qcow2", "-F", "qcow2", "a", "b"], "s.qcow2",
          "Expecting one image file name"),
         (["-F", "qcow2"], "s.qcow2", "Must specify backing file"),
+        (["-c", "-b", "x", "-F", "qcow2"], "s.qcow2",
+         "unrecognized option '-c'"),
     ]
     for args, target, msg in cases:
         q, s = both(tmp_path, ["s.qcow2"], args, target)
