@@ -1,13 +1,296 @@
-/* strata-img stream: placeholder until its implementation lands. */
+/* strata-img stream: pull the backing chain's data into an image that no
+ * daemon has open (block-stream, offline).
+ *
+ *   strata-img stream [-q] [-p] [-f FMT] [-t CACHE] [-r RATE] [-b BASE] FILE
+ *
+ * Copies into FILE everything its chain holds above BASE (without -b: the
+ * whole chain) that FILE does not allocate itself, with node_copy_up in
+ * chunks (zeros as zero clusters; chunks FILE allocates are skipped without
+ * reading them), flushes, then rewrites FILE's header to name BASE as its
+ * backing file (without -b: none).  The guest view never changes, so a
+ * kill at any moment leaves a good image on the old chain with some data
+ * copied, and running the command again copies only what is still
+ * missing.
+ *
+ * BASE names a layer of the chain as the header above it records it, or
+ * by a path to the same file.  The new header records that same name when
+ * it means the same file from FILE's directory, else the absolute path.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 
+#include "block/node.h"
 #include "tools/img.h"
+#include "util/checked.h"
+#include "util/cleanup.h"
+#include "util/opts.h"
+#include "util/ratelimit.h"
+
+/* Progress is made durable (a flush) this often, so that a run that is
+ * killed leaves its copies mapped and the next run skips them. */
+#define FLUSH_BYTES (UINT64_C (64) << 20)
+#define FLUSH_NS (UINT64_C (500) * 1000 * 1000)
+
+/* Bytes per node_copy_up call, rounded up to whole clusters: small enough
+ * for a smooth rate and progress, large enough for long sequential I/O. */
+#define STREAM_CHUNK (UINT64_C (1) << 20)
+
+struct stream {
+  const char *file, *fmt, *cache, *base;
+  uint64_t rate; /* bytes per second, 0 = unlimited */
+  bool progress, quiet;
+};
+
+static int
+usage_error (const char *msg)
+{
+  fprintf (stderr, "%s: %s\nTry '%s --help' for more information\n", progname,
+           msg, progname);
+  return 1;
+}
+
+/* 0 when parsed, else the exit code. */
+static int
+parse_args (int argc, char **argv, struct stream *st)
+{
+  static const struct option lopts[] = {
+    { "help", no_argument, NULL, 'h' },
+    { NULL, 0, NULL, 0 },
+  };
+  int c;
+
+  while ((c = getopt_long (argc, argv, "+hf:t:b:r:pq", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'f': st->fmt = optarg; break;
+    case 't': st->cache = optarg; break;
+    case 'b': st->base = optarg; break;
+    case 'p': st->progress = true; break;
+    case 'q': st->quiet = true; break;
+    case 'r':
+      if (!parse_size (optarg, &st->rate)) {
+        fprintf (stderr,
+                 "%s: Invalid rate limit specified. You may use k, "
+                 "M, G, T, P or E suffixes for\n%s: kilobytes, megabytes, "
+                 "gigabytes, terabytes, petabytes and exabytes.\n",
+                 progname, progname);
+        return 1;
+      }
+      break;
+    case 'h':
+      printf ("usage: %s stream [-q] [-p] [-f fmt] [-t cache] "
+              "[-r rate_limit] [-b base] filename\n",
+              progname);
+      exit (0);
+    default:
+      fprintf (stderr, "Try '%s --help' for more information\n", progname);
+      return 1;
+    }
+  }
+  if (optind != argc - 1)
+    return usage_error ("Expecting one image file name");
+  st->file = argv[optind];
+  st->progress = st->progress && !st->quiet && isatty (STDOUT_FILENO);
+  return 0;
+}
+
+/* The directory of PATH, resolved (caller frees), or NULL. */
+static char *
+real_dir (const char *path)
+{
+  CLEANUP_FREE char *copy = strdup (path);
+
+  return copy ? realpath (dirname (copy), NULL) : NULL;
+}
+
+/* Does NAME, given on the command line, mean layer L? */
+static bool
+names_layer (const char *name, const char *recorded, strata_node *l)
+{
+  CLEANUP_FREE char *a = NULL, *b = NULL;
+
+  if ((recorded && strcmp (name, recorded) == 0)
+      || strcmp (name, l->filename) == 0)
+    return true;
+  a = realpath (name, NULL);
+  b = realpath (l->filename, NULL);
+  return a && b && strcmp (a, b) == 0;
+}
+
+/* Find BASE in TOP's chain: the layer, and the name and format to record
+ * in TOP's header for it (*NAME is malloc'd). */
+static strata_node *
+find_base (strata_node *top, const struct stream *st, char **name)
+{
+  strata_node *parent = top;
+
+  for (strata_node *l = top->backing; l; parent = l, l = l->backing) {
+    struct strata_info info = { 0 };
+    CLEANUP_FREE char *pdir = NULL, *tdir = NULL;
+    const char *rec;
+
+    if (!strata_get_info (parent, &info, 0, NULL))
+      continue;
+    rec = info.backing_filename;
+    if (!names_layer (st->base, rec, l))
+      continue;
+    /* A relative name in PARENT's header is relative to PARENT's
+     * directory; keep it only when TOP's is the same. */
+    pdir = real_dir (parent->filename);
+    tdir = real_dir (top->filename);
+    if (rec
+        && (rec[0] == '/' || nbd_is_uri (rec)
+            || (pdir && tdir && strcmp (pdir, tdir) == 0)))
+      *name = strdup (rec);
+    else
+      *name = realpath (l->filename, NULL);
+    if (!*name)
+      fprintf (stderr, "%s: %s: %s\n", progname, l->filename,
+               strerror (errno));
+    return *name ? l : NULL;
+  }
+  fprintf (stderr, "%s: Did not find '%s' in the backing chain of '%s'\n",
+           progname, st->base, st->file);
+  return NULL;
+}
+
+static void
+show_progress (const struct stream *st, uint64_t done, uint64_t size)
+{
+  if (st->progress) {
+    printf ("    (%.2f/100%%)\r", size ? 100.0 * done / size : 100.0);
+    fflush (stdout);
+  }
+}
+
+static void
+sleep_ns (uint64_t ns)
+{
+  struct timespec ts
+      = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
+
+  while (nanosleep (&ts, &ts) < 0 && errno == EINTR)
+    ;
+}
+
+/* Copy the chain above BASE into TOP, chunk by chunk. */
+static bool
+pull (strata_node *top, strata_node *base, const struct stream *st)
+{
+  int64_t size = strata_length (top);
+  struct strata_info info = { 0 };
+  uint64_t chunk = STREAM_CHUNK, unflushed = 0;
+  uint64_t flushed_at = ratelimit_now_ns ();
+  struct ratelimit rl;
+
+  if (size < 0) {
+    fprintf (stderr, "%s: %s: cannot get the image length: %s\n", progname,
+             st->file, strerror (-size));
+    return false;
+  }
+  if (strata_get_info (top, &info, 0, NULL) && info.cluster_size)
+    chunk = ROUND_UP (chunk, info.cluster_size);
+  ratelimit_init (&rl, st->rate, ratelimit_now_ns ());
+  show_progress (st, 0, size);
+  for (uint64_t pos = 0; pos < (uint64_t)size;) {
+    uint64_t n = MIN (chunk, size - pos), copied;
+    uint64_t start = ratelimit_now_ns ();
+    int r = node_copy_up (top, base, pos, n, &copied);
+
+    if (r < 0) {
+      fprintf (
+          stderr, "%s: error while streaming at offset %" PRIu64 ": %s (%s)\n",
+          progname, pos, strerror (-r), strata_last_error_message () ?: "");
+      return false;
+    }
+    pos += n;
+    unflushed += copied;
+    if (unflushed >= FLUSH_BYTES
+        || (unflushed && ratelimit_now_ns () - flushed_at >= FLUSH_NS)) {
+      if ((r = strata_flush (top, 0)) < 0) {
+        fprintf (stderr, "%s: cannot flush '%s': %s\n", progname, st->file,
+                 strerror (-r));
+        return false;
+      }
+      unflushed = 0;
+      flushed_at = ratelimit_now_ns ();
+    }
+    show_progress (st, pos, size);
+    if (copied) {
+      ratelimit_account (&rl, copied, start);
+      sleep_ns (ratelimit_delay (&rl, ratelimit_now_ns ()));
+    }
+  }
+  if (st->progress)
+    printf ("\n");
+  return true;
+}
+
+static int
+stream (strata_node *top, const struct stream *st)
+{
+  CLEANUP_FREE char *name = NULL;
+  strata_node *base = NULL;
+  strata_error *err = NULL;
+  int r;
+
+  if (!top->backing) {
+    fprintf (stderr, "%s: '%s' does not have a backing file\n", progname,
+             st->file);
+    return 1;
+  }
+  if (st->base && !(base = find_base (top, st, &name)))
+    return 1;
+  /* With BASE the direct backing file, nothing lies between. */
+  if (base != top->backing) {
+    if (!pull (top, base, st))
+      return 1;
+    if ((r = strata_flush (top, 0)) < 0) {
+      fprintf (stderr, "%s: cannot flush '%s': %s\n", progname, st->file,
+               strerror (-r));
+      return 1;
+    }
+    if (!strata_change_backing_file (top, name, base ? base->drv->name : NULL,
+                                     &err)) {
+      fail_err (err);
+      return 1;
+    }
+  }
+  if (!st->quiet)
+    printf ("Image streamed.\n");
+  return 0;
+}
 
 int
 cmd_stream (int argc, char **argv)
 {
-  (void) argc;
-  (void) argv;
-  fprintf (stderr, "%s: stream: not implemented yet\n", progname);
-  return 1;
+  struct stream st = { .cache = "writeback" };
+  char cacheopts[128];
+  strata_node *top;
+  bool wt;
+  int r = parse_args (argc, argv, &st);
+
+  if (r)
+    return r;
+  if (st.fmt && !driver_find (st.fmt)) {
+    fprintf (stderr, "%s: Invalid format name: '%s'\n", progname, st.fmt);
+    return 1;
+  }
+  if (!cache_mode_options (st.cache, st.fmt, cacheopts, sizeof cacheopts,
+                           &wt)) {
+    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, st.cache);
+    return 1;
+  }
+  if (!(top = open_image (st.file, st.fmt, false, true, cacheopts)))
+    return 1;
+  r = stream (top, &st);
+  strata_close (top);
+  return r;
 }
