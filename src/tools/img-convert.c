@@ -1,13 +1,892 @@
-/* strata-img convert: placeholder until its implementation lands. */
+/* strata-img convert: copy one or more images into a new one (qemu-img
+ * convert).
+ *
+ *   convert [-f FMT] [-O FMT] [-B BACKING [-F BFMT]] [-c] [-o OPTS] [-n]
+ *           [--target-is-zero] [-p] [-q] [-S SPARSE] [-m N] [-W] [-U]
+ *           [-t CACHE] [-T SRC_CACHE] [-C] SRC [SRC...] DST
+ *
+ * The sources are concatenated into one address space and copied in
+ * chunks of at most 2 MiB.  Each chunk has one status, from the source's
+ * block status:
+ *
+ *   DATA     read it, then write runs of data and turn runs of zeros of at
+ *            least SPARSE bytes (-S, default 4 KiB) into zeros
+ *   ZERO     nothing to read: zeros
+ *   BACKING  with -B only: not allocated in the top image of the source, so
+ *            left unallocated for the new backing file to show through
+ *            (qemu-img copies only the top layer with -B; it does not
+ *            compare with the new backing file)
+ *
+ * Zeros cost nothing on a target that reads as zeros from the start (a new
+ * image without a backing file, or -n --target-is-zero); otherwise they are
+ * written as write-zeroes requests that may unmap.  -S 0 writes every
+ * non-BACKING byte as data.  -c writes whole clusters compressed and skips
+ * clusters that are all zeros.
+ *
+ * -m N threads (default 8) take chunks in order from a shared cursor and
+ * read in parallel; each thread owns one buffer, so memory stays below
+ * N * 2 MiB whatever the image size.  Without -W a thread waits for the
+ * chunks before its own to be written, so the target is written in order.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <strata/strata.h>
+
+#include "util/checked.h"
+#include "util/cleanup.h"
+#include "util/opts.h"
 #include "tools/img.h"
+
+#define CONVERT_BUF (2u << 20) /* bytes per chunk, as qemu-img */
+#define SECTOR 512u
+
+enum chunk_status { ST_DATA, ST_ZERO, ST_BACKING };
+
+struct source {
+  const char *name;
+  strata_node *node;
+  uint64_t base; /* offset of its first byte in the copy */
+  uint64_t size; /* rounded up to whole sectors, as qemu-img */
+  uint64_t real; /* the image's own length */
+};
+
+struct chunk {
+  uint64_t off, len, seq;
+  enum chunk_status status;
+};
+
+struct convert {
+  /* Set up before the threads start. */
+  struct source *src;
+  int nsrc;
+  uint64_t total;
+  strata_node *dst;
+  bool compressed, backing_mode, zero_init, out_of_order, progress;
+  uint64_t min_sparse; /* bytes; 0 = no zero detection */
+  uint64_t align;      /* sectors: zero runs are cut at these */
+  uint64_t cluster;    /* target cluster size (compressed chunks) */
+  uint64_t bufsize;
+  unsigned wflags; /* STRATA_REQ_FUA for writethrough caches */
+
+  pthread_mutex_t lock;
+  pthread_cond_t turn;
+  /* The cursor and the cached block status, under lock. */
+  uint64_t next, seq;
+  uint64_t status_end;
+  enum chunk_status status;
+  /* In-order writes: the sequence number whose turn it is. */
+  uint64_t written_seq;
+  uint64_t done; /* bytes finished, for -p */
+  double shown;  /* last percentage printed */
+  /* The first failure. */
+  int err;
+  char *err_msg;
+};
+
+/* ---- zero detection ---- */
+
+static bool
+is_zero (const uint8_t *p, size_t len)
+{
+  static const uint8_t zeros[64];
+
+  /* Compare a short head with zeros, then the buffer with itself shifted:
+   * both run at memcmp's speed. */
+  if (len <= sizeof zeros)
+    return memcmp (p, zeros, len) == 0;
+  return memcmp (p, zeros, sizeof zeros) == 0
+         && memcmp (p, p + sizeof zeros, len - sizeof zeros) == 0;
+}
+
+/* The run of sectors at the start of BUF (N sectors, the first at SECTOR
+ * NUM) that are all zero or all data.  A run that stops short of N ends on
+ * an ALIGN boundary of the target: data grows to the next boundary, zeros
+ * shrink to the previous one, and zeros that would vanish that way count
+ * as data.  Returns whether the run is data; *LEN gets its length. */
+static bool
+first_run (const uint8_t *buf, uint64_t n, uint64_t num, uint64_t align,
+           uint64_t *len)
+{
+  bool zero = is_zero (buf, SECTOR);
+  uint64_t i = 1, tail;
+
+  while (i < n && is_zero (buf + i * SECTOR, SECTOR) == zero)
+    i++;
+  tail = (num + i) % align;
+  if (i < n && tail) {
+    if (zero && i <= tail)
+      zero = false;
+    if (zero)
+      i -= tail;
+    else
+      i = MIN (i + align - tail, n);
+  }
+  *len = i;
+  return !zero;
+}
+
+/* The next run to write: a data run swallows runs of zeros shorter than
+ * MIN sectors that have data after them; a zero run is returned as it is.
+ * Returns whether the run is data. */
+static bool
+next_run (const uint8_t *buf, uint64_t n, uint64_t num, uint64_t align,
+          uint64_t min, uint64_t *len)
+{
+  uint64_t used, checked, l;
+
+  if (!first_run (buf, n, num, align, &l)) {
+    *len = l;
+    return false;
+  }
+  used = checked = l;
+  min = MIN (min, n);
+  while (checked < n) {
+    bool data = first_run (buf + checked * SECTOR, n - checked, num + checked,
+                           align, &l);
+    checked += l;
+    if (data)
+      used = checked;
+    else if (l >= min)
+      break;
+  }
+  *len = used;
+  return true;
+}
+
+/* ---- errors and progress ---- */
+
+/* Record the first failure (the message from this thread's last error). */
+static void
+convert_fail (struct convert *c, int r, const char *what, uint64_t off)
+{
+  const char *detail = strata_last_error_message ();
+  char *m = NULL;
+
+  if (asprintf (&m, "error while %s at byte %" PRIu64 ": %s%s%s%s", what, off,
+                strerror (-r), detail ? " (" : "", detail ? detail : "",
+                detail ? ")" : "")
+      < 0)
+    m = NULL;
+  pthread_mutex_lock (&c->lock);
+  if (!c->err) {
+    c->err = r;
+    c->err_msg = m;
+    m = NULL;
+  }
+  pthread_cond_broadcast (&c->turn);
+  pthread_mutex_unlock (&c->lock);
+  free (m);
+}
+
+/* qemu-img's progress line; LOCKED. */
+static void
+progress_show_locked (struct convert *c, bool force)
+{
+  double pct = c->total ? 100.0 * c->done / c->total : 100.0;
+
+  if (!c->progress || (!force && pct - c->shown < 1.0))
+    return;
+  c->shown = pct;
+  printf ("    (%.2f/100%%)\r", pct);
+  fflush (stdout);
+}
+
+/* ---- the chunk cursor ---- */
+
+static struct source *
+source_at (struct convert *c, uint64_t off)
+{
+  int i = 0;
+
+  while (i + 1 < c->nsrc && off >= c->src[i].base + c->src[i].size)
+    i++;
+  return &c->src[i];
+}
+
+/* Block status of the copy at C->next, cached in status/status_end;
+ * LOCKED.  Returns 0 or a negative errno. */
+static int
+refresh_status_locked (struct convert *c)
+{
+  struct source *s = source_at (c, c->next);
+  uint64_t local = c->next - s->base;
+  struct strata_extent e;
+  int r;
+
+  if (local >= s->real) {
+    /* The padding to a whole sector past an odd-sized image. */
+    c->status_end = s->base + s->size;
+    c->status = ST_ZERO;
+    return 0;
+  }
+  r = strata_block_status (s->node, local, s->real - local, &e, 0);
+  if (r < 0)
+    return r;
+  c->status_end = c->next + e.length;
+  if (c->backing_mode && e.depth > 0)
+    c->status = ST_BACKING; /* below the top layer */
+  else if (e.flags & STRATA_BS_ZERO)
+    c->status = ST_ZERO;
+  else if ((e.flags & STRATA_BS_DATA) || !c->backing_mode)
+    c->status = ST_DATA;
+  else
+    c->status = ST_BACKING;
+  return 0;
+}
+
+/* Hand out the next chunk; LOCKED.  False at the end or after a failure. */
+static bool
+next_chunk_locked (struct convert *c, struct chunk *ch)
+{
+  uint64_t end;
+
+  if (c->err || c->next >= c->total)
+    return false;
+  if (c->status_end <= c->next) {
+    int r = refresh_status_locked (c);
+    if (r < 0) {
+      const char *d = strata_last_error_message ();
+      if (asprintf (&c->err_msg,
+                    "error while reading block status at "
+                    "byte %" PRIu64 ": %s",
+                    c->next, d ? d : strerror (-r))
+          < 0)
+        c->err_msg = NULL;
+      c->err = r;
+      return false;
+    }
+  }
+  ch->status = c->status;
+  end = c->next + MIN (c->status_end - c->next, c->bufsize);
+  if (c->compressed && end < c->total) {
+    /* Whole clusters only: a shorter run makes its cluster data. */
+    if (ROUND_DOWN (end, c->cluster) > c->next)
+      end = ROUND_DOWN (end, c->cluster);
+    else {
+      end = MIN (ROUND_UP (c->next + 1, c->cluster), c->total);
+      ch->status = ST_DATA;
+    }
+  }
+  ch->off = c->next;
+  ch->len = end - c->next;
+  ch->seq = c->seq++;
+  c->next = end;
+  return true;
+}
+
+/* ---- reading and writing ---- */
+
+/* Read [OFF, OFF+LEN) of the concatenated sources. */
+static int
+read_sources (struct convert *c, uint8_t *buf, uint64_t off, uint64_t len)
+{
+  while (len) {
+    struct source *s = source_at (c, off);
+    uint64_t local = off - s->base, n = MIN (len, s->size - local);
+    uint64_t have = local < s->real ? MIN (n, s->real - local) : 0;
+    int r = have ? strata_pread (s->node, buf, have, local, 0) : 0;
+
+    memset (buf + have, 0, n - have);
+    if (r < 0) {
+      convert_fail (c, r, "reading", off);
+      return r;
+    }
+    buf += n;
+    off += n;
+    len -= n;
+  }
+  return 0;
+}
+
+static int
+write_data (struct convert *c, const uint8_t *buf, uint64_t off, uint64_t len,
+            unsigned flags)
+{
+  int r = strata_pwrite (c->dst, buf, len, off, flags | c->wflags);
+
+  if (r < 0)
+    convert_fail (c, r, "writing", off);
+  return r;
+}
+
+static int
+write_zeroes (struct convert *c, uint64_t off, uint64_t len)
+{
+  int r;
+
+  if (c->zero_init || !len)
+    return 0;
+  r = strata_pwrite_zeroes (c->dst, off, len,
+                            STRATA_REQ_MAY_UNMAP | c->wflags);
+  if (r < 0)
+    convert_fail (c, r, "writing", off);
+  return r;
+}
+
+/* Compressed: each cluster that is not all zeros, in batches of adjacent
+ * clusters. */
+static int
+write_compressed (struct convert *c, const uint8_t *buf, struct chunk *ch)
+{
+  uint64_t pos = 0;
+
+  while (pos < ch->len) {
+    uint64_t n = MIN (c->cluster, ch->len - pos), start = pos;
+    int r;
+
+    if (is_zero (buf + pos, n)) {
+      for (; pos < ch->len
+             && is_zero (buf + pos, MIN (c->cluster, ch->len - pos));
+           pos += MIN (c->cluster, ch->len - pos))
+        ;
+      r = write_zeroes (c, ch->off + start, pos - start);
+    }
+    else {
+      for (; pos < ch->len
+             && !is_zero (buf + pos, MIN (c->cluster, ch->len - pos));
+           pos += MIN (c->cluster, ch->len - pos))
+        ;
+      r = write_data (c, buf + start, ch->off + start, pos - start,
+                      STRATA_REQ_COMPRESSED);
+    }
+    if (r < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Data with zero detection: runs of data are written, runs of zeros
+ * become zeros.  BUF is padded with zeros to whole sectors. */
+static int
+write_sparse (struct convert *c, const uint8_t *buf, struct chunk *ch)
+{
+  uint64_t n = (ch->len + SECTOR - 1) / SECTOR, pos = 0;
+  uint64_t min = c->min_sparse / SECTOR;
+
+  while (pos < n) {
+    uint64_t l, off = pos * SECTOR, len;
+    bool data = next_run (buf + off, n - pos, ch->off / SECTOR + pos, c->align,
+                          min, &l);
+    int r;
+
+    len = MIN (l * SECTOR, ch->len - off);
+    r = data ? write_data (c, buf + off, ch->off + off, len, 0)
+             : write_zeroes (c, ch->off + off, len);
+    if (r < 0)
+      return r;
+    pos += l;
+  }
+  return 0;
+}
+
+static int
+write_chunk (struct convert *c, const uint8_t *buf, struct chunk *ch)
+{
+  if (ch->status == ST_BACKING)
+    return 0;
+  if (c->compressed)
+    return ch->status == ST_ZERO ? write_zeroes (c, ch->off, ch->len)
+                                 : write_compressed (c, buf, ch);
+  if (!c->min_sparse)
+    return write_data (c, buf, ch->off, ch->len, 0);
+  if (ch->status == ST_ZERO)
+    return write_zeroes (c, ch->off, ch->len);
+  return write_sparse (c, buf, ch);
+}
+
+/* Without -W: wait until every earlier chunk is written.  False when the
+ * copy failed meanwhile. */
+static bool
+wait_turn (struct convert *c, uint64_t seq)
+{
+  bool ok;
+
+  pthread_mutex_lock (&c->lock);
+  while (!c->err && c->written_seq != seq)
+    pthread_cond_wait (&c->turn, &c->lock);
+  ok = !c->err;
+  pthread_mutex_unlock (&c->lock);
+  return ok;
+}
+
+static void
+chunk_done (struct convert *c, const struct chunk *ch)
+{
+  pthread_mutex_lock (&c->lock);
+  c->done += ch->len;
+  if (!c->out_of_order) {
+    c->written_seq++;
+    pthread_cond_broadcast (&c->turn);
+  }
+  progress_show_locked (c, false);
+  pthread_mutex_unlock (&c->lock);
+}
+
+static void *
+convert_worker (void *arg)
+{
+  struct convert *c = arg;
+  uint8_t *buf = NULL;
+
+  if (posix_memalign ((void **)&buf, 4096, c->bufsize) != 0) {
+    pthread_mutex_lock (&c->lock);
+    if (!c->err) {
+      c->err = -ENOMEM;
+      c->err_msg = strdup ("out of memory");
+    }
+    pthread_cond_broadcast (&c->turn);
+    pthread_mutex_unlock (&c->lock);
+    return NULL;
+  }
+  for (;;) {
+    struct chunk ch;
+    bool ok;
+    uint64_t padded;
+
+    pthread_mutex_lock (&c->lock);
+    ok = next_chunk_locked (c, &ch);
+    pthread_mutex_unlock (&c->lock);
+    if (!ok)
+      break;
+    /* Zero chunks written as data (-S 0, or a compressed cluster) read as
+     * zeros without asking the source. */
+    padded = ROUND_UP (ch.len, SECTOR);
+    if (ch.status == ST_DATA) {
+      if (read_sources (c, buf, ch.off, ch.len) < 0)
+        break;
+      memset (buf + ch.len, 0, padded - ch.len);
+    }
+    else if (ch.status == ST_ZERO && !c->min_sparse)
+      memset (buf, 0, padded);
+    if (!c->out_of_order && !wait_turn (c, ch.seq))
+      break;
+    if (write_chunk (c, buf, &ch) < 0)
+      break;
+    chunk_done (c, &ch);
+  }
+  free (buf);
+  return NULL;
+}
+
+/* Run the copy with N threads.  Returns 0 or 1 (the message printed). */
+static int
+convert_run (struct convert *c, int n)
+{
+  pthread_t tids[16];
+  int started = 0, r;
+
+  pthread_mutex_init (&c->lock, NULL);
+  pthread_cond_init (&c->turn, NULL);
+  progress_show_locked (c, true);
+  for (; started < n; started++)
+    if (pthread_create (&tids[started], NULL, convert_worker, c) != 0)
+      break;
+  if (started == 0)
+    convert_worker (c);
+  for (int i = 0; i < started; i++)
+    pthread_join (tids[i], NULL);
+  if (!c->err && c->next < c->total) {
+    c->err = -EIO;
+    c->err_msg = strdup ("the copy stopped early");
+  }
+  r = c->err ? 1 : 0;
+  if (!c->err && strata_flush (c->dst, 0) < 0) {
+    fail_msg ("error while flushing the target");
+    r = 1;
+  }
+  if (c->progress) {
+    c->done = c->total;
+    progress_show_locked (c, true);
+    printf ("\n");
+  }
+  if (c->err)
+    fail_msg (c->err_msg ? c->err_msg : strerror (-c->err));
+  free (c->err_msg);
+  pthread_cond_destroy (&c->turn);
+  pthread_mutex_destroy (&c->lock);
+  return r;
+}
+
+/* ---- the command ---- */
+
+struct convert_args {
+  const char *fmt, *ofmt, *backing, *bfmt, *cache, *src_cache;
+  char *options;
+  bool compressed, skip_create, quiet, progress, force_share, target_is_zero;
+  bool out_of_order;
+  uint64_t min_sparse;
+  int threads;
+};
+
+/* "DST: error while converting FMT: MSG" as qemu-img words a failed
+ * creation, without the file name strata's message starts with. */
+static void
+fail_create (const char *dst, const char *ofmt, strata_error *err)
+{
+  const char *m = strata_error_message (err);
+  size_t n = strlen (dst);
+
+  if (strncmp (m, dst, n) == 0 && strncmp (m + n, ": ", 2) == 0)
+    m += n + 2;
+  fprintf (stderr, "%s: %s: error while converting %s: %s\n", progname, dst,
+           ofmt, m);
+  strata_error_free (err);
+}
+
+/* Whether OPTIONS set KEY to something other than "off". */
+static bool
+option_set (const char *options, const char *key)
+{
+  CLEANUP_OPTS strata_opts *o = opts_new ();
+  const char *v;
+
+  if (!o || !options || !opts_parse (o, options, NULL))
+    return false;
+  v = opts_get (o, key);
+  return v && strcmp (v, "off") != 0;
+}
+
+static bool
+same_file (const char *a, const char *b)
+{
+  struct stat sa, sb;
+
+  return stat (a, &sa) == 0 && stat (b, &sb) == 0 && sa.st_dev == sb.st_dev
+         && sa.st_ino == sb.st_ino;
+}
+
+/* The -B backing file must open, relative to the new image's directory
+ * (checked before anything is created). */
+static bool
+check_backing (const char *dst, const struct convert_args *a)
+{
+  CLEANUP_FREE char *path = NULL;
+  const char *slash = strrchr (dst, '/');
+  strata_error *err = NULL;
+  strata_node *b;
+
+  if (a->backing[0] != '/' && slash && !strstr (a->backing, "://")) {
+    if (asprintf (&path, "%.*s%s", (int)(slash - dst + 1), dst, a->backing)
+        < 0)
+      return false;
+  }
+  b = strata_open (path ? path : a->backing, a->bfmt, NULL,
+                   STRATA_OPEN_FORCE_SHARE, &err);
+  if (!b) {
+    fprintf (stderr,
+             "%s: Could not open '%s': Could not open backing file: "
+             "%s\n",
+             progname, dst, strata_error_message (err));
+    strata_error_free (err);
+    return false;
+  }
+  strata_close (b);
+  return true;
+}
+
+/* Validate the options that need no file, in qemu-img's order. */
+static bool
+check_args (const struct convert_args *a)
+{
+  bool raw = strcmp (a->ofmt, "raw") == 0;
+
+  if (a->target_is_zero && !a->skip_create) {
+    fail_msg ("--target-is-zero requires use of -n flag");
+    return false;
+  }
+  if (a->skip_create && a->options) {
+    fail_msg ("-o has no effect when skipping image creation");
+    return false;
+  }
+  if (!a->skip_create && raw && a->backing) {
+    fprintf (stderr,
+             "%s: Backing file not supported for file format "
+             "'raw'\n",
+             progname);
+    return false;
+  }
+  if (!a->skip_create && raw && a->bfmt) {
+    fprintf (stderr,
+             "%s: Backing file format not supported for file format "
+             "'raw'\n",
+             progname);
+    return false;
+  }
+  if (a->compressed && strcmp (a->ofmt, "qcow2") != 0) {
+    fail_msg ("Compression not supported for this file format");
+    return false;
+  }
+  if (a->compressed && option_set (a->options, "preallocation")) {
+    fail_msg ("Compression and preallocation not supported at the same "
+              "time");
+    return false;
+  }
+  if (!a->skip_create && a->backing && !a->bfmt) {
+    fail_msg ("Use of backing file requires explicit backing format");
+    return false;
+  }
+  return true;
+}
+
+/* Create DST for TOTAL bytes; nothing is left behind on failure. */
+static bool
+create_target (const char *dst, uint64_t total, const struct convert_args *a)
+{
+  CLEANUP_FREE char *all = NULL;
+  strata_error *err = NULL;
+
+  if (asprintf (&all, "size=%" PRIu64 "%s%s%s%s%s%s", total,
+                a->backing ? ",backing_file=" : "",
+                a->backing ? a->backing : "", a->bfmt ? ",backing_fmt=" : "",
+                a->bfmt ? a->bfmt : "", a->options ? "," : "",
+                a->options ? a->options : "")
+      < 0)
+    return false;
+  if (!strata_create (dst, a->ofmt, all, STRATA_CREATE_DRY_RUN, &err)) {
+    fail_create (dst, a->ofmt, err);
+    return false;
+  }
+  if (a->backing && !check_backing (dst, a))
+    return false;
+  if (!strata_create (dst, a->ofmt, all, 0, &err)) {
+    fail_create (dst, a->ofmt, err);
+    return false;
+  }
+  return true;
+}
+
+static int
+parse_convert_args (int argc, char **argv, struct convert_args *a)
+{
+  enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED };
+  static const struct option lopts[] = {
+    { "help", no_argument, NULL, 'h' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
+    { "object", required_argument, NULL, OPT_UNSUPPORTED },
+    { "image-opts", no_argument, NULL, OPT_UNSUPPORTED },
+    { "target-image-opts", no_argument, NULL, OPT_UNSUPPORTED },
+    { "salvage", no_argument, NULL, OPT_UNSUPPORTED },
+    { "bitmaps", no_argument, NULL, OPT_UNSUPPORTED },
+    { NULL, 0, NULL, 0 },
+  };
+  int c, idx;
+
+  while ((c = getopt_long (argc, argv, "hf:O:B:F:co:l:S:pt:T:qnm:WUr:C", lopts,
+                           &idx))
+         != -1) {
+    switch (c) {
+    case 'f': a->fmt = optarg; break;
+    case 'O': a->ofmt = optarg; break;
+    case 'B': a->backing = optarg; break;
+    case 'F': a->bfmt = optarg; break;
+    case 'c': a->compressed = true; break;
+    case 'n': a->skip_create = true; break;
+    case 'p': a->progress = true; break;
+    case 'q': a->quiet = true; break;
+    case 'W': a->out_of_order = true; break;
+    case 'U': a->force_share = true; break;
+    case 'C': break; /* copy offloading: the result is the same */
+    case 't': a->cache = optarg; break;
+    case 'T': a->src_cache = optarg; break;
+    case OPT_TARGET_IS_ZERO: a->target_is_zero = true; break;
+    case 'o': {
+      char *n;
+      if (asprintf (&n, "%s%s%s", a->options ? a->options : "",
+                    a->options ? "," : "", optarg)
+          < 0)
+        return 1;
+      free (a->options);
+      a->options = n;
+      break;
+    }
+    case 'S': {
+      uint64_t v;
+      if (optarg[0] == '-' || !parse_size (optarg, &v)) {
+        fail_msg ("Invalid buffer size for sparse output specified. You may "
+                  "use k, M, G, T, P or E suffixes for");
+        fail_msg ("kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                  "exabytes.");
+        return 1;
+      }
+      if (v % SECTOR || v > (16u << 20)) {
+        fail_msg ("Invalid buffer size for sparse output specified. Valid "
+                  "sizes are multiples of 512 up to 16777216. Select 0 to "
+                  "disable sparse detection (fully allocates output).");
+        return 1;
+      }
+      a->min_sparse = v;
+      break;
+    }
+    case 'm': {
+      char *end;
+      long v = strtol (optarg, &end, 10);
+      if (*optarg == '\0' || *end || v < 1 || v > 16) {
+        fail_msg ("Invalid number of coroutines. Allowed number of "
+                  "coroutines is between 1 and 16");
+        return 1;
+      }
+      a->threads = v;
+      break;
+    }
+    case 'l':
+      fail_msg ("Failed to load snapshot: internal snapshots are not "
+                "supported by convert");
+      return 1;
+    case 'r':
+      fail_msg ("-r (rate limit) is not supported by convert");
+      return 1;
+    case OPT_UNSUPPORTED:
+      fprintf (stderr, "%s: --%s is not supported\n", progname,
+               lopts[idx].name);
+      return 1;
+    case 'h':
+      printf ("usage: %s convert [-f FMT] [-O FMT] [-B BACKING [-F BFMT]] "
+              "[-c] [-o OPTS] [-n] [--target-is-zero] [-p] [-q] [-S SIZE] "
+              "[-m N] [-W] [-U] [-t CACHE] [-T CACHE] [-C] SRC [SRC...] "
+              "DST\n",
+              progname);
+      return -1;
+    default: return 1;
+    }
+  }
+  if (a->quiet)
+    a->progress = false;
+  if (argc - optind < 2) {
+    fail_msg ("Must specify image file name");
+    return 1;
+  }
+  return 0;
+}
+
+/* Open the sources (SRC...) and add up their sizes. */
+static bool
+open_sources (struct convert *c, char **names, int n,
+              const struct convert_args *a)
+{
+  char extra[256];
+  bool wt;
+
+  if (!cache_mode_options (a->src_cache, a->fmt, extra, sizeof extra, &wt)) {
+    fprintf (stderr, "%s: Invalid source cache option: %s\n", progname,
+             a->src_cache);
+    return false;
+  }
+  c->src = calloc (n, sizeof *c->src);
+  if (!c->src)
+    return false;
+  for (int i = 0; i < n; i++) {
+    int64_t len;
+
+    c->src[i].name = names[i];
+    c->src[i].node
+        = open_image (names[i], a->fmt, a->force_share, false, extra);
+    if (!c->src[i].node)
+      return false;
+    c->nsrc = i + 1;
+    len = strata_length (c->src[i].node);
+    if (len < 0) {
+      fprintf (stderr, "%s: Could not get size of %s: %s\n", progname,
+               names[i], strerror ((int)-len));
+      return false;
+    }
+    c->src[i].base = c->total;
+    c->src[i].real = len;
+    c->src[i].size = ROUND_UP ((uint64_t)len, SECTOR);
+    c->total += c->src[i].size;
+  }
+  return true;
+}
+
+/* Open (and first create, without -n) the target. */
+static bool
+open_target (struct convert *c, const char *dst, const struct convert_args *a)
+{
+  struct strata_info info;
+  strata_error *err = NULL;
+  char extra[256];
+  bool wt;
+  int64_t len;
+
+  if (!cache_mode_options (a->cache, a->ofmt, extra, sizeof extra, &wt)) {
+    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, a->cache);
+    return false;
+  }
+  c->wflags = wt ? STRATA_REQ_FUA : 0;
+  for (int i = 0; i < c->nsrc; i++)
+    if (same_file (c->src[i].name, dst)) {
+      fprintf (stderr,
+               "%s: %s: error while converting %s: Failed to get "
+               "\"write\" lock\nIs another process using the image [%s]?\n",
+               progname, dst, a->ofmt, dst);
+      return false;
+    }
+  if (!a->skip_create && !create_target (dst, c->total, a))
+    return false;
+  c->dst = open_image (dst, a->ofmt, false, true, extra);
+  if (!c->dst)
+    return false;
+  len = strata_length (c->dst);
+  if (a->skip_create && len >= 0 && (uint64_t)len < c->total) {
+    fail_msg ("output file is smaller than input file");
+    return false;
+  }
+  if (!strata_get_info (c->dst, &info, 0, &err)) {
+    fail_err (err);
+    return false;
+  }
+  c->cluster = info.cluster_size ? info.cluster_size : 65536;
+  /* A new image reads as zeros unless a backing file shows through. */
+  c->zero_init = a->skip_create ? a->target_is_zero : !info.has_backing;
+  return true;
+}
 
 int
 cmd_convert (int argc, char **argv)
 {
-  (void) argc;
-  (void) argv;
-  fprintf (stderr, "%s: convert: not implemented yet\n", progname);
-  return 1;
+  struct convert_args a = { .ofmt = "raw",
+                            .cache = "unsafe",
+                            .src_cache = "writeback",
+                            .min_sparse = 4096,
+                            .threads = 8 };
+  struct convert c = { 0 };
+  const char *dst;
+  int r = parse_convert_args (argc, argv, &a);
+
+  if (r != 0) {
+    free (a.options);
+    return r < 0 ? 0 : r;
+  }
+  dst = argv[argc - 1];
+  r = 1;
+  if (!check_args (&a)
+      || !open_sources (&c, argv + optind, argc - 1 - optind, &a)
+      || !open_target (&c, dst, &a))
+    goto out;
+  c.compressed = a.compressed;
+  c.backing_mode = a.backing != NULL;
+  c.out_of_order = a.out_of_order;
+  c.progress = a.progress;
+  c.min_sparse = a.min_sparse;
+  c.align = MAX (a.min_sparse, SECTOR) / SECTOR;
+  while (c.align & (c.align - 1))
+    c.align &= c.align - 1; /* the power of two at or below */
+  c.bufsize = c.compressed ? MAX (CONVERT_BUF, c.cluster) : CONVERT_BUF;
+  r = convert_run (&c, a.threads);
+out:
+  if (c.dst)
+    strata_close (c.dst);
+  for (int i = 0; i < c.nsrc; i++)
+    strata_close (c.src[i].node);
+  free (c.src);
+  free (a.options);
+  return r;
 }
