@@ -311,3 +311,25 @@ def test_crash_while_emptying(tmp_path, crash_shim):
         assert all(e["depth"] > 0 for e in map_of(s / "top.qcow2"))
         run(qemu_img(), "check", "-r", "leaks", s / "top.qcow2")
         qemu_check(s / "top.qcow2")
+
+
+@pytest.mark.parametrize("form,ok", [("base.qcow2", True),
+                                     ("ABS", True),
+                                     ("./base.qcow2", True),
+                                     ("sub/base.qcow2", False)])
+def test_base_name_forms(tmp_path, form, ok):
+    """-b is looked up as qemu-img does: the recorded name, or a path
+    relative to the directory of the layer that names it (not the cwd)."""
+    make_chain(tmp_path / "chain" / "sub", 64 * KiB)
+    for d in ("q", "s"):
+        shutil.copytree(tmp_path / "chain", tmp_path / d)
+    res = []
+    for tool, d in ((qemu_img(), "q"), (strata_img(), "s")):
+        name = str(tmp_path / d / "sub" / "base.qcow2") if form == "ABS" \
+            else form
+        res.append(run(tool, "commit", "-q", "-b", name, "sub/top.qcow2",
+                       cwd=tmp_path / d, check=False))
+    assert [p.returncode for p in res] == ([0, 0] if ok else [1, 1]), res
+    if ok:
+        compare(tmp_path / "q" / "sub" / "base.qcow2",
+                tmp_path / "s" / "sub" / "base.qcow2")

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -313,3 +314,19 @@ def test_crash_during_safe_rebase(tmp_path):
         names.add(backing_fields(s / "top.qcow2")["backing-filename"])
     # Some crash points come before the header rewrite, some after.
     assert names == {"mid.qcow2", "other.qcow2"}, names
+
+
+def test_safe_progress(tmp_path):
+    """-p: qemu-img's "    (x.xx/100%)\\r" steps, then a newline."""
+    make_chain(tmp_path / "chain", 64 * KiB)
+    other_base(tmp_path / "chain", 64 * KiB)
+    for tool, d in ((qemu_img(), "q"), (strata_img(), "s")):
+        shutil.copytree(tmp_path / "chain", tmp_path / d)
+        p = subprocess.run([tool, "rebase", "-p", "-b", "other.qcow2", "-F",
+                            "qcow2", "top.qcow2"], cwd=tmp_path / d,
+                           capture_output=True)
+        assert p.returncode == 0, p.stderr
+        out = p.stdout
+        assert out.startswith(b"    (0.00/100%)\r"), out
+        assert out.endswith(b"    (100.00/100%)\r\n"), out
+    compare_images(tmp_path / "q" / "top.qcow2", tmp_path / "s" / "top.qcow2")
