@@ -12,32 +12,36 @@
 #include "tools/img.h"
 #include "util/cleanup.h"
 
-static const char qcow2_amend_help[] =
-  "Amend options for 'qcow2':\n"
-  "  backing_file=<str>     - File name of a base image\n"
-  "  backing_fmt=<str>      - Image format of the base image\n"
-  "  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n"
-  "  data_file=<str>        - File name of an external data file\n"
-  "  data_file_raw=<bool (on/off)> - The external data file must stay valid "
-  "as a raw image\n"
-  "  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds\n"
-  "  encrypt.keyslot=<num>  - Select a single keyslot to modify explicitly\n"
-  "  encrypt.new-secret=<str> - New secret to set in the matching keyslots. "
-  "Empty string to erase\n"
-  "  encrypt.old-secret=<str> - Select all keyslots that match this "
-  "password\n"
-  "  encrypt.state=<str>    - Select new state of affected keyslots "
-  "(active/inactive)\n"
-  "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
-  "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
-  "  size=<size>            - Virtual disk size\n";
+static const char qcow2_amend_help[]
+    = "Amend options for 'qcow2':\n"
+      "  backing_file=<str>     - File name of a base image\n"
+      "  backing_fmt=<str>      - Image format of the base image\n"
+      "  compat=<str>           - Compatibility level (v2 [0.10] or v3 "
+      "[1.1])\n"
+      "  data_file=<str>        - File name of an external data file\n"
+      "  data_file_raw=<bool (on/off)> - The external data file must stay "
+      "valid "
+      "as a raw image\n"
+      "  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds\n"
+      "  encrypt.keyslot=<num>  - Select a single keyslot to modify "
+      "explicitly\n"
+      "  encrypt.new-secret=<str> - New secret to set in the matching "
+      "keyslots. "
+      "Empty string to erase\n"
+      "  encrypt.old-secret=<str> - Select all keyslots that match this "
+      "password\n"
+      "  encrypt.state=<str>    - Select new state of affected keyslots "
+      "(active/inactive)\n"
+      "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n"
+      "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
+      "  size=<size>            - Virtual disk size\n";
 
 /* Keys qemu-img knows for qcow2 (amendable or creation-only); any other
  * is "Invalid parameter". */
 static const char *const qcow2_keys[] = {
-  "backing_file", "backing_fmt", "compat", "lazy_refcounts", "refcount_bits",
-  "size", "cluster_size", "extended_l2", "compression_type", "preallocation",
-  NULL,
+  "backing_file",     "backing_fmt",   "compat",       "lazy_refcounts",
+  "refcount_bits",    "size",          "cluster_size", "extended_l2",
+  "compression_type", "preallocation", NULL,
 };
 
 static bool
@@ -113,8 +117,10 @@ amend (const char *file, const char *fmt, const char *options, bool show)
   if (!strata_get_info (n, &info, 0, &err))
     fail_err (err);
   else if (strcmp (info.format, "qcow2"))
-    fprintf (stderr, "%s: Format driver '%s' does not support option "
-             "amendment\n", progname, info.format);
+    fprintf (stderr,
+             "%s: Format driver '%s' does not support option "
+             "amendment\n",
+             progname, info.format);
   else if (has_help (options)) {
     printf ("%s", qcow2_amend_help);
     ret = 0;
@@ -155,16 +161,16 @@ cmd_amend (int argc, char **argv)
         return 1;
       break;
     case 'f': fmt = optarg; break;
-    case 't': break;          /* the cache mode changes nothing here */
+    case 't': break; /* the cache mode changes nothing here */
     case 'p': show = true; break;
     case 'q': quiet = true; break;
     case OPT_FORCE: break;
     case 'h':
       printf ("usage: %s amend [-p] [-q] [-f FMT] [-t CACHE] [--force] -o "
-              "OPTIONS FILE\n", progname);
+              "OPTIONS FILE\n",
+              progname);
       return 0;
-    default:
-      return img_option_error (c, argv);
+    default: return img_option_error (c, argv);
     }
   }
   if (!options)

@@ -92,8 +92,7 @@ cmd_resize (int argc, char **argv)
               "[--shrink] [-q] FILE [+|-]SIZE\n",
               progname);
       return 0;
-    default:
-      return img_option_error (c, argv);
+    default: return img_option_error (c, argv);
     }
   }
   if (optind != argc - 1)

@@ -78,8 +78,9 @@ img_option_error (int c, char **argv)
 {
   char buf[128];
 
-  snprintf (buf, sizeof buf, c == ':' ? "missing argument for option '%.40s'"
-                                      : "unrecognized option '%.40s'",
+  snprintf (buf, sizeof buf,
+            c == ':' ? "missing argument for option '%.40s'"
+                     : "unrecognized option '%.40s'",
             argv[optind - 1]);
   return img_usage_error (buf);
 }
@@ -147,8 +148,7 @@ cmd_snapshot (int argc, char **argv)
               "| -d snapshot] filename\n",
               progname);
       return 0;
-    default:
-      return img_option_error (c, argv);
+    default: return img_option_error (c, argv);
     }
   }
   (void) quiet; /* qemu-img snapshot prints nothing it could silence */

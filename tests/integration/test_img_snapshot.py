@@ -299,18 +299,32 @@ def hostile(tmp_path, what):
         patch(img, off, ">Q", (1 << 40) + 0x10000)
     elif what == "l1size":
         patch(img, off + 8, ">I", 0x10000000)
+    elif what == "l1-on-active":
+        patch(img, off, ">Q", header(img)["l1_table_offset"])
+    elif what == "shared-l1":
+        second = off + ((40 + 24 + 1 + 1 + 7) & ~7)
+        patch(img, second, ">Q", struct.unpack(">Q", open(img, "rb").read()[
+            off:off + 8])[0])
+    elif what == "table-on-reftable":
+        patch(img, 64, ">Q", header(img)["refcount_table_offset"])
     return img
 
 
 @pytest.mark.parametrize("what", ["count", "offset", "unaligned", "extra",
-                                  "names", "l1", "l1size"])
+                                  "names", "l1", "l1size", "l1-on-active",
+                                  "shared-l1", "table-on-reftable"])
 def test_hostile_snapshot_table(tmp_path, what):
     img = hostile(tmp_path, what)
     before = file_state(img)
     # Only a damaged snapshot L1 table: listing works, the table is fine.
-    damaged_l1 = what in ("l1", "l1size")
-    for args in ([["-a", "s"], ["-d", "s"]] if damaged_l1 else
-                 [["-c", "new"], ["-a", "s"], ["-d", "s"], ["-l"]]):
+    damaged_l1 = what in ("l1", "l1size", "l1-on-active", "shared-l1")
+    if what == "shared-l1":
+        attempts = [["-d", "s"], ["-d", "t"]]   # either would free the other's
+    elif damaged_l1:
+        attempts = [["-a", "s"], ["-d", "s"]]
+    else:
+        attempts = [["-c", "new"], ["-a", "s"], ["-d", "s"], ["-l"]]
+    for args in attempts:
         p = simg("snapshot", *args, img.name, cwd=tmp_path, check=False)
         assert p.returncode == 1, (args, p.stdout, p.stderr)
         err = p.stderr.strip()

@@ -36,11 +36,11 @@
 #define V3_HEADER_LENGTH 112
 
 struct amend {
-  int version;                /* 0: unchanged */
-  int lazy;                   /* -1 unchanged, 0 off, 1 on */
+  int version; /* 0: unchanged */
+  int lazy;    /* -1 unchanged, 0 off, 1 on */
   bool has_size;
   uint64_t size;
-  uint64_t refcount_bits;     /* 0: unchanged */
+  uint64_t refcount_bits; /* 0: unchanged */
 };
 
 static const char *const creation_only[] = {
@@ -81,8 +81,10 @@ parse_options (strata_node *node, strata_opts *opts, struct amend *a,
   for (size_t i = 0; i < opts->n; i++)
     for (const char *const *k = creation_only; *k; k++)
       if (!strcmp (opts->v[i].key, *k)) {
-        error_set (errp, EINVAL, "Invalid parameter '%s'\nThis option is "
-                   "only supported for image creation", *k);
+        error_set (errp, EINVAL,
+                   "Invalid parameter '%s'\nThis option is "
+                   "only supported for image creation",
+                   *k);
         return false;
       }
   if ((v = opts_get (opts, "compat"))
@@ -91,7 +93,8 @@ parse_options (strata_node *node, strata_opts *opts, struct amend *a,
   if ((v = opts_get (opts, "size"))) {
     a->has_size = true;
     if (!parse_size (v, &a->size) || a->size > INT64_MAX) {
-      error_set (errp, EINVAL, "Parameter 'size' expects a non-negative "
+      error_set (errp, EINVAL,
+                 "Parameter 'size' expects a non-negative "
                  "number below 2^64\nOptional suffix k, M, G, T, P or E "
                  "means kilo-, mega-, giga-, tera-, peta-\nand exabytes, "
                  "respectively.");
@@ -103,14 +106,16 @@ parse_options (strata_node *node, strata_opts *opts, struct amend *a,
     bfmt = opts_get (opts, "backing_fmt");
     if (!same_backing (bf, s->backing_name)
         || !same_backing (bfmt, s->backing_format)) {
-      error_set (errp, EINVAL, "Cannot amend the backing file\nYou can use "
+      error_set (errp, EINVAL,
+                 "Cannot amend the backing file\nYou can use "
                  "'qemu-img rebase' instead.");
       return false;
     }
   }
   if ((v = opts_get (opts, "lazy_refcounts"))) {
     if (strcmp (v, "on") && strcmp (v, "off")) {
-      error_set (errp, EINVAL, "Parameter 'lazy_refcounts' expects 'on' or "
+      error_set (errp, EINVAL,
+                 "Parameter 'lazy_refcounts' expects 'on' or "
                  "'off'");
       return false;
     }
@@ -120,7 +125,8 @@ parse_options (strata_node *node, strata_opts *opts, struct amend *a,
     char *end;
     unsigned long long b = strtoull (v, &end, 10);
     if (!*v || *end || b == 0 || b > 64 || (b & (b - 1))) {
-      error_set (errp, EINVAL, "Refcount width must be a power of two and "
+      error_set (errp, EINVAL,
+                 "Refcount width must be a power of two and "
                  "may not exceed 64 bits");
       return false;
     }
@@ -139,22 +145,25 @@ check_combination (strata_node *node, const struct amend *a,
 
   /* Only an explicit lazy_refcounts=on counts: a downgrade drops the bit. */
   if (a->lazy == 1 && version < 3) {
-    error_set (errp, EINVAL, "Lazy refcounts only supported with "
+    error_set (errp, EINVAL,
+               "Lazy refcounts only supported with "
                "compatibility level 1.1 and above (use compat=1.1 or "
                "greater)");
     return false;
   }
   if (a->refcount_bits && a->refcount_bits != 16 && version < 3) {
-    error_set (errp, EINVAL, "Refcount widths other than 16 bits require "
+    error_set (errp, EINVAL,
+               "Refcount widths other than 16 bits require "
                "compatibility level 1.1 or above (use compat=1.1 or "
                "greater)");
     return false;
   }
   if (a->refcount_bits && a->refcount_bits != s->refcount_bits) {
-    error_set (errp, ENOTSUP, "%s: changing refcount_bits (from %" PRIu32
-               " to %" PRIu64 ") would rewrite every refcount block; strata "
-               "does not do it", node->filename, s->refcount_bits,
-               a->refcount_bits);
+    error_set (errp, ENOTSUP,
+               "%s: changing refcount_bits (from %" PRIu32 " to %" PRIu64
+               ") would rewrite every refcount block; strata "
+               "does not do it",
+               node->filename, s->refcount_bits, a->refcount_bits);
     return false;
   }
   return true;
@@ -189,8 +198,8 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
   CLEANUP_FREE uint8_t *out = calloc (1, s->cluster_size);
   int64_t flen = node_length (node->file);
   uint64_t hl = version >= 3 ? V3_HEADER_LENGTH : 72, old_len, ext_end;
-  uint64_t exts, pos, name_len = s->backing_name ? strlen (s->backing_name)
-                                                 : 0;
+  uint64_t exts, pos,
+      name_len = s->backing_name ? strlen (s->backing_name) : 0;
   uint64_t old_used, bf_end;
   int r;
 
@@ -204,8 +213,10 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
   ext_end = extensions_end (s, old, old_len);
   exts = ext_end - s->header_length;
   if (hl + exts + 8 + name_len > s->cluster_size)
-    return io_error (ENOSPC, "%s: the header extensions and backing file "
-                     "name do not fit in the first cluster", node->filename);
+    return io_error (ENOSPC,
+                     "%s: the header extensions and backing file "
+                     "name do not fit in the first cluster",
+                     node->filename);
   memcpy (out, old, 72);
   be32_store (out + 4, version);
   if (version >= 3) {
@@ -217,7 +228,7 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
     out[104] = compression;
   }
   memcpy (out + hl, old + s->header_length, exts);
-  pos = hl + exts + 8;  /* after the end marker (zeros) */
+  pos = hl + exts + 8; /* after the end marker (zeros) */
   be64_store (out + 8, name_len ? pos : 0);
   be32_store (out + 16, (uint32_t) name_len);
   memcpy (out + pos, s->backing_name ? s->backing_name : "", name_len);
@@ -237,9 +248,8 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
  * with FIX clear the zero flags (the caller checked there is nothing that
  * needs data).  BAD gets zero entries that would need data. */
 static int
-scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
-                  bool fix, uint64_t *compressed, uint64_t *bad,
-                  uint64_t *zeros)
+scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n, bool fix,
+                  uint64_t *compressed, uint64_t *bad, uint64_t *zeros)
 {
   struct qcow2_state *s = node->opaque;
   CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
@@ -254,8 +264,10 @@ scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
     if (!l2)
       continue;
     if (l2 % s->cluster_size || qcow2_past_end_locked (node, l2))
-      return io_error (EIO, "%s: L1 entry %" PRIu64 " 0x%" PRIx64 " is "
-                       "invalid", node->filename, i, l1[i]);
+      return io_error (EIO,
+                       "%s: L1 entry %" PRIu64 " 0x%" PRIx64 " is "
+                       "invalid",
+                       node->filename, i, l1[i]);
     if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2, &cached)) < 0)
       return r;
     memcpy (t, cached, s->cluster_size);
@@ -278,7 +290,8 @@ scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
     if (changed
         && ((r = qcow2_overlap_check_locked (node, l2, s->cluster_size,
                                              QCOW2_META_L2, "L2 table",
-                                             UINT64_MAX)) < 0
+                                             UINT64_MAX))
+                < 0
             || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0
             || (r = qcow2_cache_put_locked (node, &s->l2_cache, l2, t)) < 0))
       return r;
@@ -297,7 +310,8 @@ scan_all_locked (strata_node *node, bool fix, uint64_t *compressed,
 
   *compressed = *bad = *zeros = 0;
   if ((r = scan_zero_locked (node, s->l1, s->l1_size, fix, compressed, bad,
-                             zeros)) < 0)
+                             zeros))
+      < 0)
     return r;
   if ((n = qcow2_snapshot_l1s_locked (node, &l1s)) < 0)
     return n;
@@ -318,8 +332,10 @@ downgrade_locked (strata_node *node, strata_error **errp)
   int r;
 
   if (incompat & ~QCOW2_INCOMPAT_COMPRESSION) {
-    error_set (errp, ENOTSUP, "Cannot downgrade an image with incompatible "
-               "features 0x%" PRIx64 " set", incompat);
+    error_set (errp, ENOTSUP,
+               "Cannot downgrade an image with incompatible "
+               "features 0x%" PRIx64 " set",
+               incompat);
     return false;
   }
   if (s->refcount_bits != 16) {
@@ -332,21 +348,24 @@ downgrade_locked (strata_node *node, strata_error **errp)
       || (r = scan_all_locked (node, false, &compressed, &bad, &zeros)) < 0)
     goto fail;
   if (s->compression != QCOW2_COMP_ZLIB && compressed) {
-    error_set (errp, ENOTSUP, "Cannot downgrade an image with zstd "
+    error_set (errp, ENOTSUP,
+               "Cannot downgrade an image with zstd "
                "compression type and existing compressed clusters");
     return false;
   }
   if (bad) {
-    error_set (errp, ENOTSUP, "%s: cannot downgrade to compat=0.10: %" PRIu64
+    error_set (errp, ENOTSUP,
+               "%s: cannot downgrade to compat=0.10: %" PRIu64
                " zero clusters would have to be written as data (%s); "
-               "strata does not rewrite data in amend", node->filename, bad,
+               "strata does not rewrite data in amend",
+               node->filename, bad,
                s->backing_name ? "the image has a backing file"
                                : "they are preallocated");
     return false;
   }
-  if ((zeros && ((r = scan_all_locked (node, true, &compressed, &bad,
-                                       &zeros)) < 0
-                 || (r = node_flush (node->file)) < 0))
+  if ((zeros
+       && ((r = scan_all_locked (node, true, &compressed, &bad, &zeros)) < 0
+           || (r = node_flush (node->file)) < 0))
       || (r = write_header_locked (node, 2, 0, 0, 0)) < 0
       || (r = node_flush (node->file)) < 0)
     goto fail;
@@ -377,7 +396,7 @@ upgrade_locked (strata_node *node, bool to_v3, int lazy, strata_error **errp)
     compat = lazy ? compat | QCOW2_COMPAT_LAZY_REFCOUNTS
                   : compat & ~QCOW2_COMPAT_LAZY_REFCOUNTS;
   if (s->version < 3 && !to_v3)
-    return true;  /* lazy_refcounts=off on version 2: nothing to do */
+    return true; /* lazy_refcounts=off on version 2: nothing to do */
   if (s->version >= 3 && compat == s->compat)
     return true;
   be64_store (be, compat);
@@ -386,7 +405,8 @@ upgrade_locked (strata_node *node, bool to_v3, int lazy, strata_error **errp)
       || (r = s->version >= 3
                   ? qcow2_write_header_field (node, 80, be, sizeof be)
                   : write_header_locked (node, 3, compat, s->incompat,
-                                         s->compression)) < 0
+                                         s->compression))
+             < 0
       || (r = node_flush (node->file)) < 0) {
     error_set (errp, -r, "%s: cannot write the header: %s", node->filename,
                strerror (-r));
@@ -411,8 +431,7 @@ qcow2_amend (strata_node *node, strata_opts *opts, strata_error **errp)
       || !check_combination (node, &a, errp))
     return false;
   if (node->read_only) {
-    error_set (errp, EROFS, "%s: the image is open read-only",
-               node->filename);
+    error_set (errp, EROFS, "%s: the image is open read-only", node->filename);
     return false;
   }
   if (a.version != 2) {

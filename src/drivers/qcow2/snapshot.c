@@ -137,6 +137,22 @@ parse_entry (strata_node *node, uint32_t i, const uint8_t *fix,
   return true;
 }
 
+/* Whether host bytes [off, off+len) touch the header cluster, the active
+ * L1 table or the refcount table: a table placed there by a hostile image
+ * must never be freed. */
+static bool
+overlaps_core (const struct qcow2_state *s, uint64_t off, uint64_t len)
+{
+  uint64_t end = off + len, l1_end = s->l1_offset + s->l1_size * 8ull;
+  uint64_t rt_end
+      = s->rt_offset + ((uint64_t) s->rt_clusters << s->cluster_bits);
+
+  return len
+         && (off < s->cluster_size
+             || (s->l1_size && off < l1_end && s->l1_offset < end)
+             || (off < rt_end && s->rt_offset < end));
+}
+
 /* Read and check the whole snapshot table. */
 static bool
 read_table_locked (strata_node *node, struct snap_table *t,
@@ -226,6 +242,13 @@ read_table_locked (strata_node *node, struct snap_table *t,
     pos += ROUND_UP (len, 8);
   }
   t->bytes = pos - t->offset;
+  if (overlaps_core (s, t->offset, t->bytes)) {
+    error_set (errp, EINVAL,
+               "%s: snapshot table at 0x%" PRIx64 " overlaps "
+               "the header, the L1 table or the refcount table",
+               fn, t->offset);
+    goto fail;
+  }
   return true;
 
 fail:
@@ -300,7 +323,8 @@ load_snap_l1_locked (strata_node *node, const struct snap *sn, uint64_t **l1,
   *l1 = NULL;
   if (bytes > QCOW2_MAX_L1_BYTES || sn->l1_offset % s->cluster_size
       || (bytes && sn->l1_offset == 0) || flen < 0
-      || !range_inside (sn->l1_offset, bytes, (uint64_t) flen)) {
+      || !range_inside (sn->l1_offset, bytes, (uint64_t) flen)
+      || overlaps_core (s, sn->l1_offset, bytes)) {
     error_set (errp, EINVAL,
                "%s: snapshot '%s' L1 table (offset 0x%" PRIx64 ", %" PRIu32
                " entries) is invalid",
@@ -851,6 +875,15 @@ delete_locked (strata_node *node, const char *name, strata_error **errp)
     goto out;
   }
   gone = old.sn[i];
+  for (uint32_t k = 0; k < old.n; k++)
+    if (k != (uint32_t) i && gone.l1_size
+        && old.sn[k].l1_offset == gone.l1_offset) {
+      error_set (errp, EINVAL,
+                 "%s: snapshots '%s' and '%s' share an L1 "
+                 "table at 0x%" PRIx64 "; not deleting either",
+                 node->filename, gone.name, old.sn[k].name, gone.l1_offset);
+      goto out;
+    }
   if (!load_snap_l1_locked (node, &gone, &sl1, errp))
     goto out;
   if ((r = tree_ref_locked (node, sl1, gone.l1_size, 0)) < 0) {
@@ -939,8 +972,7 @@ qcow2_snapshot_l1s_locked (strata_node *node, struct qcow2_snapshot_l1 **out)
 
   *out = NULL;
   if (!read_table_locked (node, &t, &err)) {
-    r = io_error (strata_error_errno (err), "%s",
-                  strata_error_message (err));
+    r = io_error (strata_error_errno (err), "%s", strata_error_message (err));
     strata_error_free (err);
     return r;
   }
