@@ -73,14 +73,15 @@ set_error_from (struct qmp_error *err, strata_error *e)
 
 /* ---- BlockdevOptions ---- */
 
-enum kind { K_STR, K_BOOL, K_INT, K_ENUM, K_OBJ, K_REF, K_REF_OR_NULL };
+enum kind { K_STR, K_BOOL, K_INT, K_ENUM, K_OBJ, K_REF, K_REF_OR_NULL,
+            K_LIST /* of objects with MEMBERS */ };
 
 struct member {
   const char *name;
   enum kind kind;
   bool required;
   const char *const *values;        /* K_ENUM */
-  const struct member *members;     /* K_OBJ */
+  const struct member *members;     /* K_OBJ, K_LIST */
   bool pass;                        /* hand to the core */
 };
 
@@ -89,7 +90,8 @@ static const char *const dz_values[] = { "off", "on", "unmap", NULL };
 static const char *const locking_values[] = { "off", "on", "auto", NULL };
 static const char *const aio_values[] = { "threads", "native", "io_uring",
                                           NULL };
-static const char *const driver_values[] = { "file", "qcow2", "raw", NULL };
+static const char *const driver_values[] = { "blkdebug", "copy-on-read",
+                                             "file", "qcow2", "raw", NULL };
 
 static const struct member cache_members[] = {
   { "direct", K_BOOL, false, NULL, NULL, true },
@@ -128,11 +130,38 @@ static const struct member qcow2_members[] = {
   { NULL },
 };
 
+static const struct member cor_members[] = {
+  { "file", K_REF, true, NULL, NULL, true },
+  { "bottom", K_STR, false, NULL, NULL, true },
+  { NULL },
+};
+static const struct member inject_error_members[] = {
+  { "event", K_STR, true, NULL, NULL, true },
+  { "state", K_INT, false, NULL, NULL, true },
+  { "iotype", K_STR, false, NULL, NULL, true },
+  { "errno", K_INT, false, NULL, NULL, true },
+  { "sector", K_INT, false, NULL, NULL, true },
+  { "once", K_BOOL, false, NULL, NULL, true },
+  { "immediately", K_BOOL, false, NULL, NULL, true },
+  { NULL },
+};
+/* The subset of QEMU's BlockdevOptionsBlkdebug in drivers/blkdebug.c. */
+static const struct member blkdebug_members[] = {
+  { "image", K_REF, true, NULL, NULL, true },
+  { "config", K_STR, false, NULL, NULL, true },
+  { "inject-error", K_LIST, false, NULL, inject_error_members, true },
+  { NULL },
+};
+
 static const struct member *
 variant_members (const char *driver)
 {
   if (strcmp (driver, "file") == 0)
     return file_members;
+  if (strcmp (driver, "copy-on-read") == 0)
+    return cor_members;
+  if (strcmp (driver, "blkdebug") == 0)
+    return blkdebug_members;
   if (strcmp (driver, "raw") == 0)
     return raw_members;
   return qcow2_members;
@@ -140,6 +169,9 @@ variant_members (const char *driver)
 
 static bool visit_blockdev (json_t *obj, const char *path, strata_opts *out,
                             const char *prefix, struct qmp_error *err);
+static bool visit_list (json_t *list, const struct member *spec,
+                        const char *path, strata_opts *out,
+                        const char *prefix, struct qmp_error *err);
 
 static bool
 put (strata_opts *out, const char *prefix, const char *name,
@@ -168,6 +200,7 @@ kind_name (enum kind k)
   case K_OBJ: return "object";
   case K_REF: return "BlockdevRef";
   case K_REF_OR_NULL: return "BlockdevRefOrNull";
+  case K_LIST: return "array";
   default: return "string";
   }
 }
@@ -203,6 +236,7 @@ visit_members (json_t *obj, const struct member *spec, const char *path,
     case K_INT: ok = json_is_integer (v); break;
     case K_OBJ: ok = json_is_object (v); break;
     case K_REF: ok = json_is_string (v) || json_is_object (v); break;
+    case K_LIST: ok = json_is_array (v); break;
     default: ok = json_is_string (v) || json_is_object (v) || json_is_null (v);
     }
     if (!ok) {
@@ -227,6 +261,11 @@ visit_members (json_t *obj, const struct member *spec, const char *path,
       qmp_error_set (err, "GenericError", "strata does not implement "
                      "detect-zeroes=%s", json_string_value (v));
       return false;
+    }
+    if (m->kind == K_LIST) {
+      if (!visit_list (v, m->members, p, out, px, err))
+        return false;
+      continue;
     }
     if (json_is_object (v)) {
       CLEANUP_FREE char *np = NULL;
@@ -284,6 +323,36 @@ check_unknown (json_t *obj, const struct member *a, const struct member *b,
           || !check_unknown (v, m->members, NULL, np, err))
         return false;
     }
+  }
+  return true;
+}
+
+/* A list of objects: element I is checked as PATH[I] and flattened
+ * under PREFIX.I. (QEMU's dotted list syntax). */
+static bool
+visit_list (json_t *list, const struct member *spec, const char *path,
+            strata_opts *out, const char *prefix, struct qmp_error *err)
+{
+  size_t i;
+  json_t *e;
+
+  json_array_foreach (list, i, e) {
+    CLEANUP_FREE char *p = NULL, *np = NULL, *px = NULL;
+
+    if (asprintf (&p, "%s[%zu]", path, i) < 0
+        || asprintf (&np, "%s.", p) < 0
+        || asprintf (&px, "%s%zu.", prefix, i) < 0) {
+      qmp_error_set (err, "GenericError", "out of memory");
+      return false;
+    }
+    if (!json_is_object (e)) {
+      qmp_error_set (err, "GenericError",
+                     "Invalid parameter type for '%s', expected: object", p);
+      return false;
+    }
+    if (!visit_members (e, spec, np, out, px, err)
+        || !check_unknown (e, spec, NULL, np, err))
+      return false;
   }
   return true;
 }
