@@ -330,3 +330,25 @@ def test_safe_progress(tmp_path):
         assert out.startswith(b"    (0.00/100%)\r"), out
         assert out.endswith(b"    (100.00/100%)\r\n"), out
     compare_images(tmp_path / "q" / "top.qcow2", tmp_path / "s" / "top.qcow2")
+
+
+def test_unsafe_first_cluster_boundary(tmp_path):
+    """Names around the largest that fits a 512-byte first cluster, with
+    and without a backing format already there: the same verdict and the
+    same bytes as qemu-img."""
+    create(tmp_path / "p.qcow2", 1 * MiB, cluster_size=512)
+    codes = set()
+    for start in ("", "x" * 360):
+        if start:
+            run(qemu_img(), "rebase", "-u", "-b", start, "-F", "qcow2",
+                tmp_path / "p.qcow2")
+        for n in range(372, 382):
+            for d in ("q", "s"):
+                shutil.copy(tmp_path / "p.qcow2", tmp_path / f"{d}.qcow2")
+            args = ["rebase", "-u", "-b", "y" * n, "-F", "qcow2"]
+            q = run(qemu_img(), *args, tmp_path / "q.qcow2", check=False)
+            s = run(strata_img(), *args, tmp_path / "s.qcow2", check=False)
+            assert q.returncode == s.returncode, (n, q.stderr, s.stderr)
+            assert sha(tmp_path / "q.qcow2") == sha(tmp_path / "s.qcow2"), n
+            codes.add(s.returncode)
+    assert codes == {0, 1}, "the boundary was not crossed"

@@ -80,8 +80,14 @@ build_header (strata_node *node, const struct qcow2_state *s,
 
   if (!extensions_end (node, s, old, old_len, &ext_end, errp))
     return false;
-  /* Bytes needed: header, extensions (the format may grow), end, name. */
-  need = ext_end + 8 + ROUND_UP (fmtlen, 8) + 8 + flen;
+  /* Bytes needed: header, the kept extensions, the format, end, name. */
+  need = s->header_length + (fmt ? 8 + ROUND_UP (fmtlen, 8) : 0) + 8 + flen;
+  for (off = s->header_length; off < ext_end;) {
+    uint64_t step = 8 + ROUND_UP ((uint64_t)be32_load (old + off + 4), 8);
+    if (be32_load (old + off) != QCOW2_EXT_BACKING_FORMAT)
+      need += step;
+    off += step;
+  }
   if (need > s->cluster_size) {
     error_set (errp, ENOSPC,
                "%s: the backing file name and format do not "
