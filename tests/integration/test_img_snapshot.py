@@ -372,9 +372,9 @@ def test_crash_points(tmp_path, op):
     run(binary("strata-img"), "snapshot", *CRASH_OPS[op], img,
         env=crash_env(str(shim_so), img, CRASH_COUNT=count))
     total, *hdr = map(int, count.read_text().split())
-    points = set(range(1, total + 1, max(1, total // 12))) | {total}
+    points = set(range(1, total + 1, max(1, total // 6))) | {total}
     for h in hdr:
-        points |= set(range(max(1, h - 2), min(total, h + 2) + 1))
+        points |= set(range(max(1, h - 1), min(total, h + 1) + 1))
     for n in sorted(points):
         for lose in (0, 1, 3):
             shutil.copy(orig, img)
