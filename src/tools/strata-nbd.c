@@ -49,6 +49,9 @@ usage (FILE *f)
     "      --fork             go to the background once listening\n"
     "      --pid-file FILE    write the server's PID to FILE\n"
     "  -U, --force-share      open read-only without taking locks\n"
+    "      --copy-on-read     copy what reads fetch from backing files into\n"
+    "                         the image (with -r too: clients still cannot\n"
+    "                         write)\n"
     "  -h, --help             show this help\n", progname);
 }
 
@@ -72,7 +75,7 @@ int
 main (int argc, char **argv)
 {
   enum { OPT_CACHE = 256, OPT_DISCARD, OPT_DETECT_ZEROES, OPT_FORK,
-         OPT_PID_FILE };
+         OPT_PID_FILE, OPT_COPY_ON_READ };
   static const struct option long_options[] = {
     { "format", required_argument, NULL, 'f' },
     { "export-name", required_argument, NULL, 'x' },
@@ -90,6 +93,7 @@ main (int argc, char **argv)
     { "detect-zeroes", required_argument, NULL, OPT_DETECT_ZEROES },
     { "fork", no_argument, NULL, OPT_FORK },
     { "pid-file", required_argument, NULL, OPT_PID_FILE },
+    { "copy-on-read", no_argument, NULL, OPT_COPY_ON_READ },
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
@@ -97,6 +101,7 @@ main (int argc, char **argv)
   const char *port = "10809", *bind_addr = NULL, *cache = "writeback";
   const char *pid_file = NULL;
   bool persistent = false, do_fork = false, force_share = false;
+  bool copy_on_read = false;
   struct nbd_export_flags ef = { .writable = true };
   unsigned shared = 1;
   unsigned oflags = STRATA_OPEN_RDWR;
@@ -155,6 +160,7 @@ main (int argc, char **argv)
       break;
     case OPT_FORK: do_fork = true; break;
     case OPT_PID_FILE: pid_file = optarg; break;
+    case OPT_COPY_ON_READ: copy_on_read = true; break;
     case 'h': usage (stdout); return 0;
     default: usage (stderr); return 1;
     }
@@ -177,6 +183,14 @@ main (int argc, char **argv)
     oflags &= ~STRATA_OPEN_RDWR;
   if (force_share)
     oflags |= STRATA_OPEN_FORCE_SHARE;
+  if (copy_on_read && force_share) {
+    fprintf (stderr, "%s: --copy-on-read writes to the image and cannot be "
+             "used with --force-share\n", progname);
+    return 1;
+  }
+  /* The image takes the copies even when clients may not write. */
+  if (copy_on_read)
+    oflags |= STRATA_OPEN_RDWR | STRATA_OPEN_COPY_ON_READ;
   ef.multi_conn = shared > 1;
 
   /* Fork before any thread exists; the parent waits for "listening". */

@@ -140,3 +140,89 @@ def test_guest_writes_win_over_copy_up(tmp_path, stress):
     qemu_check(top)
     run(qemu_img(), "convert", "-O", "raw", top, out)
     assert out.read_bytes() == expected.read_bytes()
+
+
+# ---- strata-nbd --copy-on-read ----
+
+def test_nbd_copy_on_read_read_only_export(chain):
+    from test_nbd_server import Server
+    base, top = chain
+    srv = Server(top.parent, top, "-r", "-t", "--copy-on-read")
+    try:
+        p = run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x33 1M 100k",
+                srv.uri)
+        assert "verification failed" not in p.stdout
+        p = run("qemu-io", "-f", "raw", "-c", "write 0 4k", srv.uri,
+                check=False)
+        assert p.returncode == 1 and "Permission denied" in p.stderr
+    finally:
+        srv.stop()
+    m = cluster_map(top)
+    assert m[MiB] == (0, False, True) and m[MiB + CS] == (0, False, True)
+    assert m[0][0] != 0  # not read
+    run(qemu_img(), "compare", top, base)
+    qemu_check(top)
+
+
+def test_nbd_copy_on_read_refuses_force_share(chain):
+    base, top = chain
+    p = run(binary("strata-nbd"), "-r", "-U", "--copy-on-read", "-k",
+            top.parent / "s.sock", top, check=False)
+    assert p.returncode == 1 and "--force-share" in p.stderr
+
+
+# ---- the filter from blockdev-add, with bottom ----
+
+def test_blockdev_add_bottom_as_qsd(tmp_path):
+    """A <- B <- C; copy-on-read over C with bottom=B copies B's data
+    only; qemu-storage-daemon leaves the same map."""
+    from test_qmp_block import Monitor
+    maps = {}
+    for name, argv0 in (("qsd", "qemu-storage-daemon"),
+                        ("stratad", binary("stratad"))):
+        d = tmp_path / name
+        d.mkdir()
+        a, b, c = d / "A.qcow2", d / "B.qcow2", d / "C.qcow2"
+        create(a, 2 * MiB)
+        qio(a, ["write -q -P 1 0 2M"])
+        create(b, 2 * MiB, backing="A.qcow2")
+        qio(b, ["write -q -P 2 64k 64k", "write -q -z 256k 64k"])
+        create(c, 2 * MiB, backing="B.qcow2")
+        qio(c, ["write -q -P 3 128k 64k"])
+        raw = d / "orig.raw"
+        run(qemu_img(), "convert", "-O", "raw", c, raw)
+        mon = Monitor(argv0, d, name)
+        sock = str(d / "nbd.sock")
+        try:
+            for node, path in (("a", a), ("b", b)):
+                mon.ok("blockdev-add", driver="qcow2", **{"node-name": node},
+                       file={"driver": "file", "filename": str(path)},
+                       **({"backing": "a"} if node == "b" else {}),
+                       **{"read-only": True})
+            mon.ok("blockdev-add", driver="qcow2", **{"node-name": "c"},
+                   file={"driver": "file", "filename": str(c)}, backing="b")
+            bad = mon.cmd("blockdev-add", driver="copy-on-read",
+                          **{"node-name": "x"}, file="c", bottom="nope")
+            assert "error" in bad
+            mon.ok("blockdev-add", driver="copy-on-read",
+                   **{"node-name": "cor"}, file="c", bottom="b")
+            mon.ok("nbd-server-start",
+                   addr={"type": "unix", "data": {"path": sock}})
+            mon.ok("block-export-add", type="nbd", id="e0",
+                   **{"node-name": "cor"}, name="disk")
+            run("qemu-io", "-r", "-f", "raw", "-c", "read 0 1M",
+                f"nbd+unix:///disk?socket={sock}")
+            mon.ok("block-export-del", id="e0")
+            mon.ok("nbd-server-stop")
+        finally:
+            assert mon.stop() == 0
+        run(qemu_img(), "compare", "-F", "raw", c, raw)
+        qemu_check(c)
+        maps[name] = cluster_map(c)
+        # B's data is in C now; A's stays in A.  Both NBD servers answer
+        # zero extents with holes without reading, so B's zero cluster is
+        # not read and not copied.
+        assert maps[name][64 * KiB] == (0, False, True)
+        assert maps[name][256 * KiB][0] == 1
+        assert maps[name][0][0] != 0
+    assert maps["stratad"] == maps["qsd"]
