@@ -25,10 +25,25 @@
 
 #include "block/graph.h"
 #include "block/node.h"
+#include "control/job.h"
 #include "control/qmp.h"
 #include "util/cleanup.h"
 
 static pthread_mutex_t block_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* For graph edits from job threads (control/job.h). */
+void
+qmp_block_lock (void)
+{
+  pthread_mutex_lock (&block_lock);
+}
+
+void
+qmp_block_unlock (void)
+{
+  pthread_mutex_unlock (&block_lock);
+}
+
 static strata_node **owned;
 static size_t nowned, capowned;
 
