@@ -17,10 +17,11 @@
  * a crash finds the copied chunks allocated and skips them.
  *
  * Idle-aware streaming (x-yield-to-guest): before each chunk the job
- * looks at the requests in flight on TOP (its own are finished by then,
- * so they are the guest's).  None: the chunk goes at the set speed.  Some:
- * it goes at x-guest-floor-speed at most (0: it waits, looking again every
- * 10 ms), so the guest keeps the disk while it is busy.
+ * looks at TOP's request tracker: requests in flight, or begun since its
+ * own last chunk ended, are the guest's.  None (and, after a busy spell,
+ * none for 50 ms): the chunk goes at the set speed.  Some: it goes at
+ * x-guest-floor-speed at most (0: it waits, looking again every 10 ms),
+ * so the guest keeps the disk while it is busy.
  */
 #include <errno.h>
 #include <limits.h>
@@ -34,7 +35,8 @@
 #define STREAM_CHUNK (512 * 1024) /* QEMU's STREAM_CHUNK */
 #define STREAM_MIN_CHUNK (64 * 1024)
 #define PULL_RANGE_MAX (16 * 1024 * 1024)
-#define IDLE_POLL_NS 10000000ull /* 10 ms */
+#define IDLE_POLL_NS 10000000ull  /* 10 ms */
+#define IDLE_GRACE_NS 50000000ull /* 50 ms */
 
 struct stream {
   strata_node *top, *base; /* references; BASE may be NULL */
@@ -42,6 +44,8 @@ struct stream {
   bool yield_to_guest;
   uint64_t floor_speed;
   struct ratelimit floor_rl;
+  uint64_t last_seq;        /* TOP's request count after our chunk */
+  bool guest_active;        /* busy at the last look */
   strata_node *old_backing; /* kept until clean, see prepare */
 };
 
@@ -62,17 +66,46 @@ chunk_size (struct job *job)
   return c < STREAM_MIN_CHUNK ? STREAM_MIN_CHUNK : c;
 }
 
-/* Idle-aware pacing: false when cancelled. */
+/* Requests ever begun on T. */
+static uint64_t
+tracker_seq (struct tracker *t)
+{
+  LOCK_GUARD (&t->lock);
+  return t->next_seq;
+}
+
+/* Has the guest used TOP since LAST_SEQ, or is it using it now? */
+static bool
+guest_busy (struct stream *s)
+{
+  return tracker_count (&s->top->tracker) > 0
+         || tracker_seq (&s->top->tracker) != s->last_seq;
+}
+
+/* Idle-aware pacing: false when cancelled.  A guest that was busy counts
+ * as idle again only after IDLE_GRACE_NS without a new request, so one
+ * that is between two requests when we look does not let a full-speed
+ * chunk through. */
 static bool
 yield_to_guest (struct job *job, struct stream *s)
 {
   for (;;) {
-    uint64_t now = ratelimit_now_ns (), d;
+    uint64_t now, d;
+    bool busy = guest_busy (s);
 
-    if (tracker_count (&s->top->tracker) == 0) {
+    if (!busy && s->guest_active) {
+      s->last_seq = tracker_seq (&s->top->tracker);
+      if (!job_sleep_ns (job, IDLE_GRACE_NS))
+        return false;
+      busy = guest_busy (s);
+    }
+    s->guest_active = busy;
+    now = ratelimit_now_ns ();
+    if (!busy) {
       ratelimit_init (&s->floor_rl, s->floor_speed, now);
       return true;
     }
+    s->last_seq = tracker_seq (&s->top->tracker);
     d = s->floor_speed ? ratelimit_delay (&s->floor_rl, now) : IDLE_POLL_NS;
     if (d == 0)
       return true;
@@ -99,8 +132,10 @@ stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
   start = ratelimit_now_ns ();
   r = node_copy_up (s->top, s->base, offset, *n, &copied);
   job_account (job, copied, start);
-  if (s->yield_to_guest && s->floor_speed)
+  if (s->yield_to_guest) {
     ratelimit_account (&s->floor_rl, copied, start);
+    s->last_seq = tracker_seq (&s->top->tracker);
+  }
   return r;
 }
 
@@ -387,6 +422,7 @@ stream_new (strata_node *top, strata_node *base, json_t *args)
   s->yield_to_guest
       = json_is_true (json_object_get (args, "x-yield-to-guest"));
   s->floor_speed = floor ? json_integer_value (floor) : 0;
+  ratelimit_init (&s->floor_rl, s->floor_speed, ratelimit_now_ns ());
   return s;
 }
 

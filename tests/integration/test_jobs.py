@@ -99,14 +99,31 @@ class Daemon:
         self.qmp.close()
         self.proc.kill()
         self.proc.wait()
-        self.proc.stderr.close()
+        if not self.proc.stderr.closed:
+            self.proc.stderr.close()
+
+
+_started = []
+
+
+@pytest.fixture(autouse=True)
+def reap_daemons():
+    """Kill (by PID) any daemon a failed test left running."""
+    yield
+    while _started:
+        d = _started.pop()
+        if d.proc.poll() is None:
+            d.kill()
 
 
 def start(kind, tmp, extra=()):
     if kind == "qsd":
-        return Daemon(need("qemu-storage-daemon", "qemu-system-common"), tmp,
-                      "qsd", extra)
-    return Daemon(binary("stratad"), tmp, "stratad", extra)
+        d = Daemon(need("qemu-storage-daemon", "qemu-system-common"), tmp,
+                   "qsd", extra)
+    else:
+        d = Daemon(binary("stratad"), tmp, "stratad", extra)
+    _started.append(d)
+    return d
 
 
 def make_chain(tmp, qemu_img, qemu_io, size_mib=4, names=("base", "mid",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import need, run
-from test_jobs import (MIB, add_top, both, check_image, make_chain, start,
-                       statuses)
+from test_jobs import (MIB, add_top, both, check_image, make_chain,  # noqa
+                       reap_daemons, start, statuses)
 
 
 def sha256(path):
@@ -317,4 +317,57 @@ def test_guest_writes_during_stream_win(tmp_path, qemu_img, qemu_io):
     d.ok("block-export-del", id="e0")
     assert d.stop() == 0
     run(qemu_img, "compare", "-f", "qcow2", "-F", "raw", p["top"], ref)
+    check_image(qemu_img, p["top"])
+
+
+def test_yield_to_guest_backs_off_while_guest_writes(tmp_path, qemu_img,
+                                                     qemu_io):
+    """x-yield-to-guest with a floor of 1 MiB/s: while a guest writes
+    through the export without pause the job crawls near the floor; once
+    the guest stops it runs unthrottled to the end."""
+    import threading
+    nbd = pytest.importorskip("nbd")
+    p = make_chain(tmp_path, qemu_img, qemu_io, 64)
+    d = start("stratad", tmp_path)
+    cmds = [c["name"] for c in d.ok("query-commands")]
+    if "block-export-add" not in cmds:
+        d.stop()
+        pytest.skip("needs block-export-add in stratad (NBD export)")
+    add_top(d, p["top"])
+    sock = str(tmp_path / "nbd.sock")
+    d.ok("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+    d.ok("block-export-add", type="nbd", id="e0", **{"node-name": "top"},
+         writable=True)
+    h = nbd.NBD()
+    h.connect_uri(f"nbd+unix:///top?socket={sock}")
+    stop = threading.Event()
+
+    def guest():
+        buf = b"\x55" * 65536
+        while not stop.is_set():
+            h.pwrite(buf, 63 * MIB)
+
+    t = threading.Thread(target=guest)
+    t.start()
+    try:
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "x-yield-to-guest": True,
+                                "x-guest-floor-speed": MIB})
+        time.sleep(0.5)
+        a, t0 = d.ok("query-jobs")[0]["current-progress"], time.monotonic()
+        time.sleep(1.5)
+        b, t1 = d.ok("query-jobs")[0]["current-progress"], time.monotonic()
+    finally:
+        stop.set()
+        t.join()
+    busy_rate = (b - a) / (t1 - t0)
+    assert busy_rate < 4 * MIB, busy_rate
+    e = d.event("BLOCK_JOB_COMPLETED", timeout=30)
+    assert "error" not in e["data"] and e["data"]["offset"] == 64 * MIB
+    h.shutdown()
+    d.ok("block-export-del", id="e0")
+    assert d.stop() == 0
+    out = run(qemu_io, "-f", "qcow2", "-c", "read -P 0x55 63M 64k",
+              "-c", "read -P 1 32M 1M", p["top"]).stdout
+    assert "Pattern verification failed" not in out
     check_image(qemu_img, p["top"])

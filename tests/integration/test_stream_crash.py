@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import run
-from test_jobs import MIB, add_top, make_chain, start
+from test_jobs import MIB, add_top, make_chain, reap_daemons, start  # noqa
 
 SIZE_MIB = 32
 SEEDS = ([int(os.environ["STRATA_SEED"])] if os.environ.get("STRATA_SEED")

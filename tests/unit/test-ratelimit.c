@@ -13,8 +13,9 @@
 
 struct sim {
   struct ratelimit rl;
-  uint64_t now, bytes;
+  uint64_t now, bytes, chunks;
   uint64_t chunk, copy_ns, oversleep_ns;
+  uint64_t stall_every, stall_ns; /* every Nth chunk takes longer */
 };
 
 /* Run the job until the fake clock reaches UNTIL. */
@@ -29,6 +30,8 @@ sim_run (struct sim *s, uint64_t until)
     }
     uint64_t start = s->now;
     s->now += s->copy_ns;
+    if (s->stall_every && ++s->chunks % s->stall_every == 0)
+      s->now += s->stall_ns;
     s->bytes += s->chunk;
     ratelimit_account (&s->rl, s->chunk, start);
   }
@@ -67,6 +70,26 @@ test_rate_accuracy (void)
   check_windows (50 * MIB, 64 * KIB, 100000, 60000);
   check_windows (1 * MIB, 64 * KIB, 1 * MS, 100000);
   check_windows (3333333, 512 * KIB, 1 * MS, 0); /* not a divisor of 1e9 */
+}
+
+/* Writeback stalls of 40 ms every 50 chunks (each shorter than the
+ * slack) cost nothing over a window. */
+static void
+test_stalls_are_made_good (void)
+{
+  struct sim s = { .chunk = 512 * KIB,
+                   .copy_ns = 1 * MS,
+                   .oversleep_ns = 50000,
+                   .stall_every = 50,
+                   .stall_ns = 40 * MS };
+
+  ratelimit_init (&s.rl, 100 * MIB, 0);
+  sim_run (&s, 1 * SEC);
+  uint64_t b0 = s.bytes, t0 = s.now;
+  sim_run (&s, t0 + 10 * SEC);
+  CHECK (rel_error ((double)(s.bytes - b0) * SEC / (double)(s.now - t0),
+                    100.0 * MIB)
+         < 0.01);
 }
 
 static void
@@ -141,6 +164,7 @@ test_idle_builds_no_burst (void)
   CHECK (ratelimit_delay (&rl, 100 * SEC) == SEC - RATELIMIT_SLACK_NS);
 }
 
-TESTS (T (test_rate_accuracy), T (test_unlimited), T (test_exact_delay),
+TESTS (T (test_rate_accuracy), T (test_stalls_are_made_good),
+       T (test_unlimited), T (test_exact_delay),
        T (test_set_speed_rescales_debt), T (test_set_speed_rate),
        T (test_idle_builds_no_burst))
