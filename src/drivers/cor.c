@@ -84,9 +84,13 @@ cor_preadv (strata_node *node, uint64_t offset, uint64_t len,
             const struct iovec *iov, int iovcnt, unsigned flags)
 {
   struct cor_state *s = node->opaque;
+  strata_node *top = cor_format_node (node);
   strata_node *base = s->bottom ? s->bottom->backing : NULL;
-  int r = node_copy_up (cor_format_node (node), base, offset, len, NULL);
+  int r = 0;
 
+  /* Reopened read-only (strata-io reopen -r): plain reads. */
+  if (!top->read_only)
+    r = node_copy_up (top, base, offset, len, NULL);
   return r < 0 ? r : node_preadv (node->file, offset, len, iov, iovcnt, flags);
 }
 

@@ -226,3 +226,12 @@ def test_blockdev_add_bottom_as_qsd(tmp_path):
         assert maps[name][256 * KiB][0] == 1
         assert maps[name][0][0] != 0
     assert maps["stratad"] == maps["qsd"]
+
+
+def test_reopened_read_only_reads_without_copying(chain):
+    base, top = chain
+    p = sio(top, ["reopen -r", "read -P 0x11 0 64k", "reopen -w",
+                  "read -P 0x33 1M 64k"], extra=["-C"])
+    assert "verification failed" not in p.stdout
+    m = cluster_map(top)
+    assert m[0][0] != 0 and m[MiB] == (0, False, True)
