@@ -151,3 +151,19 @@ def test_kill_mid_stream_then_rerun(tmp_path):
     run(qemu_img(), "compare", "-F", "raw", top, raw)
     p = run(qemu_img(), "check", top, check=False)
     assert p.returncode in (0, 3) and "ERROR" not in p.stdout, p.stdout
+
+
+def test_short_intermediate_layer_keeps_zeros(tmp_path):
+    """C reads zeros past the end of a short B; with A (longer, all data)
+    as the new backing file those zeros must be in C."""
+    a, b, c = (tmp_path / n for n in ("A.qcow2", "B.qcow2", "C.qcow2"))
+    create(a, 2 * MiB)
+    qio(a, ["write -q -P 9 0 2M"])
+    create(b, MiB, backing="A.qcow2")
+    create(c, 2 * MiB, backing="B.qcow2")
+    raw = tmp_path / "orig.raw"
+    run(qemu_img(), "convert", "-O", "raw", c, raw)
+    img("stream", "-b", a, c)
+    run(qemu_img(), "compare", "-F", "raw", c, raw)
+    assert depths(c)[MiB] == (0, True)
+    qemu_check(c)
