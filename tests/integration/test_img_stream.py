@@ -50,8 +50,8 @@ def make_chain(d):
 def test_intermediate_stream_to_base(tmp_path):
     a, b, c, raw = make_chain(tmp_path)
     a_before, b_before = file_state(a), file_state(b)
-    p = img("stream", "-b", a, c)
-    assert p.stdout == "Image streamed.\n"
+    p = img("stream", "-p", "-b", a, c)
+    assert p.stdout == "Image streamed.\n"  # no progress off a terminal
     assert file_state(a) == a_before and file_state(b) == b_before
     i = info(c)
     assert i["backing-filename"] == "A.qcow2"
@@ -167,3 +167,26 @@ def test_short_intermediate_layer_keeps_zeros(tmp_path):
     run(qemu_img(), "compare", "-F", "raw", c, raw)
     assert depths(c)[MiB] == (0, True)
     qemu_check(c)
+
+
+def test_progress_on_a_terminal(tmp_path):
+    import pty
+    a, b, c, raw = make_chain(tmp_path)
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(binary("strata-img"), ["strata-img", "stream", "-p",
+                                        str(c)])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    text = out.decode()
+    assert "    (0.00/100%)\r" in text and "    (100.00/100%)\r" in text
+    assert text.endswith("Image streamed.\r\n")
