@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The demo: strata's tools on a generated disk image, with QEMU's tools
-# reading the result.  Everything lives in a temporary directory that is
-# removed at the end; every process started here is stopped here.
+# The demo: first the main job (a copy-on-read overlay over a base served
+# over NBD, populated by `strata pull` while a guest reads and writes it),
+# then a tour of the tools, with QEMU's tools checking every result.
+# Everything lives in a temporary directory that is removed at the end;
+# every process started here is stopped here.
 #   scripts/demo.sh [BUILD_DIR]
 set -euo pipefail
 
@@ -14,13 +16,83 @@ holder=
 cleanup() {
   if [[ -n $holder ]]; then kill "$holder" 2>/dev/null || true; wait "$holder" 2>/dev/null || true; fi
   if [[ -f $work/stratad.pid ]]; then kill "$(cat "$work/stratad.pid")" 2>/dev/null || true; fi
+  stop_all
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
+pids=()
+stop_all() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  pids=()
+}
 
+cd "$work"
+# ---------------------------------------------------------------------------
+# The main job: a VM disk on a thin copy-on-read overlay over a remote base,
+# populated in the background by a rate-limited stream while the guest runs.
+# ---------------------------------------------------------------------------
+step "The source host: a 3-deep qcow2 chain (the golden image), 128 MiB"
+show "$simg" create -q -f qcow2 gold-base.qcow2 128M
+show "$sio" -c 'write -P 0x11 0 48M' -c 'write -z 48M 16M' gold-base.qcow2 >/dev/null
+show "$simg" create -q -f qcow2 -b gold-base.qcow2 -F qcow2 gold-mid.qcow2
+show "$sio" -c 'write -P 0x22 64M 32M' gold-mid.qcow2 >/dev/null
+show "$simg" create -q -f qcow2 -b gold-mid.qcow2 -F qcow2 gold.qcow2
+show "$sio" -c 'write -c -P 0x33 100M 8M' -c 'write -P 0x44 120M 4M' gold.qcow2 >/dev/null
+
+step "It serves the disk read-only over NBD (strata-nbd, qemu-nbd's options)"
+show "$build/strata-nbd" -f qcow2 -r -t -e 8 -x disk -k "$work/source.sock" gold.qcow2 &
+pids+=($!)
+for _ in $(seq 100); do [[ -S $work/source.sock ]] && break; sleep 0.05; done
+show nbdinfo "nbd+unix:///disk?socket=$work/source.sock"
+
+step "The destination: a local overlay whose backing file is the export"
+show "$simg" create -f qcow2 -b "nbd+unix:///disk?socket=$work/source.sock" -F raw vm.qcow2
+show "$simg" info vm.qcow2
+
+step "stratad opens it under a copy-on-read filter and serves it to the guest over NBD"
+show "$build/stratad" --qmp "$work/stratad.sock" --pidfile "$work/stratad.pid" --daemonize \
+  --blockdev "driver=qcow2,node-name=vm,file.driver=file,file.filename=$work/vm.qcow2" \
+  --blockdev driver=copy-on-read,node-name=vm-cor,file=vm \
+  --nbd-server "addr.type=unix,addr.path=$work/guest.sock" \
+  --export nbd,id=guest,node-name=vm-cor,name=vm,writable=on
+guest="nbd+unix:///vm?socket=$work/guest.sock"
+
+step "The guest boots: it reads its first megabytes and writes a log"
+show qemu-io -f raw -c 'read -P 0x11 0 4M' -c 'write -P 0x55 8M 1M' "$guest"
+echo "What the guest read is local now (depth 0), the rest still remote:"
+show "$simg" map -U vm.qcow2 | head -6
+
+step "strata pull: stream the rest in at 40 MiB/s while the guest keeps writing"
+( for i in $(seq 0 7); do
+    qemu-io -f raw -c "write -P 0x66 $((70 + i))M 256k" "$guest" >/dev/null
+    sleep 0.3
+  done ) &
+writer=$!
+show "$build/strata" --socket "$work/stratad.sock" pull vm --wait --verbose --bandwidth 40
+wait "$writer"
+show "$build/strata" --socket "$work/stratad.sock" jobs
+
+step "Stop the daemon and the source: the image stands alone"
+kill "$(cat "$work/stratad.pid")"
+for _ in $(seq 200); do [[ -e $work/stratad.pid ]] || break; sleep 0.05; done
+stop_all
+show "$simg" info vm.qcow2
+show qemu-img check vm.qcow2
+
+step "Verified against the source plus the guest's writes (QEMU is the oracle)"
+show qemu-img convert -O qcow2 gold.qcow2 expect.qcow2
+show qemu-io -c 'write -P 0x55 8M 1M' expect.qcow2 >/dev/null
+for i in $(seq 0 7); do qemu-io -c "write -P 0x66 $((70 + i))M 256k" expect.qcow2 >/dev/null; done
+show qemu-img compare vm.qcow2 expect.qcow2
+echo "The zero range of the base stayed zero clusters (no data written):"
+show qemu-img map --output=json vm.qcow2 | grep '"start": 50331648' || true
+
+# ---------------------------------------------------------------------------
+# A short tour of the rest.
+# ---------------------------------------------------------------------------
 img=$work/disk.raw
 step "A 64 MiB sparse raw disk"
 show truncate -s 64M "$img"
@@ -63,7 +135,6 @@ wait "$holder"
 holder=
 
 step "A qcow2 backing chain made with strata-img: base <- overlay"
-cd "$work"
 show "$simg" create -f qcow2 base.qcow2 64M
 show "$sio" -c 'write -P 0x11 0 8M' -c 'write -c -P 0x22 16M 4M' base.qcow2 >/dev/null
 show "$simg" create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
