@@ -520,6 +520,7 @@ convert_run (struct convert *c, int n)
 struct convert_args {
   const char *fmt, *ofmt, *backing, *bfmt, *cache, *src_cache;
   char *options;
+  char *opt_backing, *opt_bfmt; /* -o backing_file/backing_fmt: as -B/-F */
   bool compressed, skip_create, quiet, progress, force_share, target_is_zero;
   bool out_of_order;
   uint64_t min_sparse;
@@ -541,16 +542,25 @@ fail_create (const char *dst, const char *ofmt, strata_error *err)
   strata_error_free (err);
 }
 
-/* Whether OPTIONS set KEY to something other than "off". */
-static bool
-option_set (const char *options, const char *key)
+/* The value OPTIONS give KEY, malloc'd, or NULL. */
+static char *
+option_value (const char *options, const char *key)
 {
   CLEANUP_OPTS strata_opts *o = opts_new ();
   const char *v;
 
   if (!o || !options || !opts_parse (o, options, NULL))
-    return false;
+    return NULL;
   v = opts_get (o, key);
+  return v ? strdup (v) : NULL;
+}
+
+/* Whether OPTIONS set KEY to something other than "off". */
+static bool
+option_set (const char *options, const char *key)
+{
+  CLEANUP_FREE char *v = option_value (options, key);
+
   return v && strcmp (v, "off") != 0;
 }
 
@@ -760,6 +770,13 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
   }
   if (a->quiet)
     a->progress = false;
+  /* qemu-img takes -o backing_file=... as -B (and backing_fmt as -F). */
+  if (!a->backing
+      && (a->opt_backing = option_value (a->options, "backing_file"))) {
+    a->backing = a->opt_backing;
+    if (!a->bfmt)
+      a->bfmt = a->opt_bfmt = option_value (a->options, "backing_fmt");
+  }
   if (argc - optind < 2) {
     fail_msg ("Must specify image file name");
     return 1;
@@ -863,6 +880,8 @@ cmd_convert (int argc, char **argv)
 
   if (r != 0) {
     free (a.options);
+    free (a.opt_backing);
+    free (a.opt_bfmt);
     return r < 0 ? 0 : r;
   }
   dst = argv[argc - 1];
@@ -888,5 +907,7 @@ out:
     strata_close (c.src[i].node);
   free (c.src);
   free (a.options);
+  free (a.opt_backing);
+  free (a.opt_bfmt);
   return r;
 }

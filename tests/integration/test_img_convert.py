@@ -158,6 +158,14 @@ def test_backing_B_copies_top_layer_only(imgs):
                 "cluster_size=4k"], ["mid.qcow2"], "qcow2")
 
 
+def test_backing_from_o_option(imgs):
+    # -o backing_file=...,backing_fmt=... works as -B/-F.
+    q, s = both(imgs, ["-O", "qcow2", "-o",
+                       "backing_file=base.qcow2,backing_fmt=qcow2"],
+                ["top.qcow2"], "qcow2")
+    assert info(s)["backing-filename"] == "base.qcow2"
+
+
 def test_backing_B_same_chain_is_identical(imgs):
     q, s = both(imgs, ["-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2"],
                 ["top.qcow2"], "qcow2")
@@ -239,6 +247,8 @@ BAD = [
      "Invalid parameter 'foo'"),
     (["-T", "bogus", "top.qcow2", "OUT"], "Invalid source cache option"),
     (["-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "OUT"],
+     "requires explicit backing format"),
+    (["-O", "qcow2", "-o", "backing_file=base.qcow2", "top.qcow2", "OUT"],
      "requires explicit backing format"),
     (["-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "OUT"],
      "Backing file not supported for file format 'raw'"),
