@@ -70,6 +70,7 @@
 #define NBD_PAYLOAD_MS      30000
 #define NBD_WORKERS         16
 #define NBD_MAX_LISTEN      8
+#define NBD_RBUF            (128 * 1024)      /* reader's buffer */
 /* A full server with a client waiting frees the slot of a connection idle
  * this long (no request for it and none in flight). */
 #define NBD_EVICT_MS        30000
@@ -95,6 +96,7 @@ struct nbd_export {
 struct reply {
   struct reply *next;
   size_t len;
+  size_t off;               /* bytes already sent */
   uint64_t cost;            /* budget to release once sent */
   unsigned char data[];
 };
@@ -111,12 +113,19 @@ struct conn {
   bool ctx_base, ctx_depth;       /* selected meta contexts */
   char *ctx_export;               /* export they were selected for */
 
+  /* The reader's buffer: requests arrive many per recv under load. */
+  unsigned char *rbuf;
+  size_t rpos, rlen;
+
   pthread_mutex_t lock;           /* protects everything below */
-  pthread_cond_t cond;            /* budget released, reply queued */
+  pthread_cond_t cond;            /* budget released (reader waits) */
+  pthread_cond_t wcond;           /* reply queued, quit (writer waits) */
   uint64_t last_request_ms;       /* monotonic; 0 until transmission */
   struct reply *head, *tail;
   unsigned inflight;              /* jobs + queued replies */
   uint64_t queued;                /* their bytes */
+  bool reader_waits;              /* in cond_wait on COND */
+  bool sending;                   /* the writer is sending outside LOCK */
   bool dead;                      /* socket failed: drop replies */
   bool quit;                      /* writer: exit once queue empty */
   pthread_t writer;
@@ -149,9 +158,11 @@ struct nbd_server {
   bool had_client;
   struct conn *conns;
 
-  /* Worker pool. */
+  /* Worker pool, with its own lock: the hot path never takes LOCK. */
+  pthread_mutex_t pool_lock;
   pthread_cond_t job_cond;
   struct job *jobs, *jobs_tail;
+  unsigned idle_workers;
   bool pool_quit;
   pthread_t workers[NBD_WORKERS];
   size_t nr_workers;
@@ -182,6 +193,8 @@ wait_request (struct conn *c)
 {
   unsigned idle_ms = c->srv->idle_ms;
 
+  if (c->rpos < c->rlen || idle_ms == 0)
+    return true;  /* conn_read waits without a limit */
   for (;;) {
     struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
     int r = poll (&pfd, 1, idle_ms ? 1000 : -1);
@@ -203,37 +216,80 @@ wait_request (struct conn *c)
 
 /* ---- socket I/O ---- */
 
-/* Read exactly LEN bytes, waiting at most TIMEOUT_MS for each chunk (-1:
- * forever).  False on EOF, error or timeout. */
+/* Wait up to TIMEOUT_MS (-1: forever) for FD to be readable. */
 static bool
-read_full (int fd, void *buf, size_t len, int timeout_ms)
+wait_readable (int fd, int timeout_ms)
 {
-  unsigned char *p = buf;
-  while (len > 0) {
+  for (;;) {
     struct pollfd pfd = { .fd = fd, .events = POLLIN };
     int r = poll (&pfd, 1, timeout_ms);
     if (r < 0 && errno == EINTR)
       continue;
-    if (r <= 0)
-      return false;
-    ssize_t n = recv (fd, p, len, 0);
-    if (n < 0 && errno == EINTR)
+    return r > 0;
+  }
+}
+
+/* recv without blocking; waits (TIMEOUT_MS per chunk) only when nothing
+ * has arrived, so a busy connection costs one syscall per recv. */
+static ssize_t
+recv_some (int fd, void *buf, size_t len, int timeout_ms)
+{
+  for (;;) {
+    ssize_t n = recv (fd, buf, len, MSG_DONTWAIT);
+    if (n > 0)
+      return n;
+    if (n == 0)
+      return -1;
+    if (errno == EINTR)
       continue;
-    if (n <= 0)
+    if ((errno != EAGAIN && errno != EWOULDBLOCK)
+        || !wait_readable (fd, timeout_ms))
+      return -1;
+  }
+}
+
+/* Read exactly LEN bytes from C (its buffer first), waiting at most
+ * TIMEOUT_MS (-1: forever) for each chunk.  False on EOF, error or
+ * timeout.  Only the connection's reader calls this. */
+static bool
+conn_read (struct conn *c, void *buf, size_t len, int timeout_ms)
+{
+  unsigned char *p = buf;
+
+  while (len > 0) {
+    size_t have = c->rlen - c->rpos;
+    ssize_t n;
+
+    if (have > 0) {
+      size_t k = have < len ? have : len;
+      memcpy (p, c->rbuf + c->rpos, k);
+      c->rpos += k;
+      p += k;
+      len -= k;
+      continue;
+    }
+    if (len >= NBD_RBUF / 2) {  /* big payloads go straight to BUF */
+      if ((n = recv_some (c->fd, p, len, timeout_ms)) < 0)
+        return false;
+      p += n;
+      len -= (size_t) n;
+      continue;
+    }
+    c->rpos = c->rlen = 0;
+    if ((n = recv_some (c->fd, c->rbuf, NBD_RBUF, timeout_ms)) < 0)
       return false;
-    p += n;
-    len -= (size_t) n;
+    c->rlen = (size_t) n;
   }
   return true;
 }
 
 static bool
-skip_bytes (int fd, uint64_t len, int timeout_ms)
+skip_bytes (struct conn *c, uint64_t len, int timeout_ms)
 {
   unsigned char buf[4096];
   while (len > 0) {
     size_t n = len < sizeof buf ? (size_t) len : sizeof buf;
-    if (!read_full (fd, buf, n, timeout_ms))
+    if (!conn_read (c, buf, n, timeout_ms))
       return false;
     len -= n;
   }
@@ -643,8 +699,7 @@ handshake (struct conn *c)
   be64_store (b, NBD_MAGIC);
   be64_store (b + 8, NBD_IHAVEOPT);
   be16_store (b + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-  if (!write_full (c->fd, b, 18) || !read_full (c->fd, b, 4,
-                                                NBD_HANDSHAKE_MS))
+  if (!write_full (c->fd, b, 18) || !conn_read (c, b, 4, NBD_HANDSHAKE_MS))
     return false;
   cflags = be32_load (b);
   if (!(cflags & NBD_FLAG_C_FIXED_NEWSTYLE)
@@ -658,19 +713,19 @@ handshake (struct conn *c)
   for (unsigned n = 0; n < 1024; n++) {  /* bound the option count too */
     uint32_t opt, len;
     int r;
-    if (!read_full (c->fd, b, 16, NBD_HANDSHAKE_MS)
+    if (!conn_read (c, b, 16, NBD_HANDSHAKE_MS)
         || be64_load (b) != NBD_IHAVEOPT)
       break;
     opt = be32_load (b + 8);
     len = be32_load (b + 12);
     if (len > NBD_MAX_OPTION) {
       if (len > NBD_MAX_OPTION_SKIP || opt == NBD_OPT_EXPORT_NAME
-          || !skip_bytes (c->fd, len, NBD_HANDSHAKE_MS)
+          || !skip_bytes (c, len, NBD_HANDSHAKE_MS)
           || !opt_error (c, opt, NBD_REP_ERR_TOO_BIG, "option too long"))
         break;
       continue;
     }
-    if (!read_full (c->fd, data, len, NBD_HANDSHAKE_MS))
+    if (!conn_read (c, data, len, NBD_HANDSHAKE_MS))
       break;
     r = handle_option (c, opt, data, len);
     if (r) {
@@ -698,6 +753,17 @@ reply_new (size_t len)
 
 /* Queue R (or, when R is NULL because allocation failed, drop the
  * connection) and hand the job's budget to the writer. */
+/* A reply left the connection (sent or dropped): give its budget back.
+ * c->lock held. */
+static void
+budget_release_locked (struct conn *c, uint64_t cost)
+{
+  c->inflight--;
+  c->queued -= cost;
+  if (c->reader_waits)
+    pthread_cond_signal (&c->cond);
+}
+
 static void
 queue_reply (struct conn *c, struct reply *r, uint64_t cost)
 {
@@ -705,21 +771,48 @@ queue_reply (struct conn *c, struct reply *r, uint64_t cost)
   if (!r) {
     c->dead = true;
     shutdown (c->fd, SHUT_RDWR);
-    c->inflight--;
-    c->queued -= cost;
+    budget_release_locked (c, cost);
+  }
+  else if (c->dead) {
+    budget_release_locked (c, cost);
+    free (r);
   }
   else {
     r->cost = cost;
+    r->off = 0;
+    /* Nothing ahead of it: send from this thread without blocking, and
+     * leave the writer asleep when it all goes out. */
+    if (!c->head && !c->sending) {
+      ssize_t n;
+      do
+        n = send (c->fd, r->data, r->len, MSG_DONTWAIT | MSG_NOSIGNAL);
+      while (n < 0 && errno == EINTR);
+      if (n > 0)
+        r->off = (size_t) n;
+      else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+        c->dead = true;
+        shutdown (c->fd, SHUT_RDWR);  /* wakes the reader */
+      }
+      if (r->off == r->len || c->dead) {
+        budget_release_locked (c, cost);
+        free (r);
+        pthread_mutex_unlock (&c->lock);
+        return;
+      }
+    }
     if (c->tail)
       c->tail->next = r;
     else
       c->head = r;
     c->tail = r;
+    pthread_cond_signal (&c->wcond);
   }
-  pthread_cond_broadcast (&c->cond);
   pthread_mutex_unlock (&c->lock);
 }
 
+/* Sends what queue_reply could not send at once; the only thread that
+ * blocks on the socket, so a client that does not read stalls only its
+ * own connection. */
 static void *
 writer_thread (void *arg)
 {
@@ -731,7 +824,7 @@ writer_thread (void *arg)
     if (!r) {
       if (c->quit)
         break;
-      pthread_cond_wait (&c->cond, &c->lock);
+      pthread_cond_wait (&c->wcond, &c->lock);
       continue;
     }
     c->head = r->next;
@@ -739,18 +832,18 @@ writer_thread (void *arg)
       c->tail = NULL;
     if (!c->dead) {
       bool ok;
+      c->sending = true;
       pthread_mutex_unlock (&c->lock);
-      ok = write_full (c->fd, r->data, r->len);
+      ok = write_full (c->fd, r->data + r->off, r->len - r->off);
       pthread_mutex_lock (&c->lock);
+      c->sending = false;
       if (!ok) {
         c->dead = true;
         shutdown (c->fd, SHUT_RDWR);  /* wakes the reader */
       }
     }
-    c->inflight--;
-    c->queued -= r->cost;
+    budget_release_locked (c, r->cost);
     free (r);
-    pthread_cond_broadcast (&c->cond);
   }
   pthread_mutex_unlock (&c->lock);
   return NULL;
@@ -1045,42 +1138,46 @@ worker_thread (void *arg)
 {
   struct nbd_server *srv = arg;
 
-  pthread_mutex_lock (&srv->lock);
+  pthread_mutex_lock (&srv->pool_lock);
   for (;;) {
     struct job *j = srv->jobs;
     struct reply *r;
     if (!j) {
       if (srv->pool_quit)
         break;
-      pthread_cond_wait (&srv->job_cond, &srv->lock);
+      srv->idle_workers++;
+      pthread_cond_wait (&srv->job_cond, &srv->pool_lock);
+      srv->idle_workers--;
       continue;
     }
     srv->jobs = j->next;
     if (!srv->jobs)
       srv->jobs_tail = NULL;
-    pthread_mutex_unlock (&srv->lock);
+    pthread_mutex_unlock (&srv->pool_lock);
     r = run_job (j->conn, j);
     queue_reply (j->conn, r, j->cost);
     free (j->payload);
     free (j);
-    pthread_mutex_lock (&srv->lock);
+    pthread_mutex_lock (&srv->pool_lock);
   }
-  pthread_mutex_unlock (&srv->lock);
+  pthread_mutex_unlock (&srv->pool_lock);
   return NULL;
 }
 
 static void
 submit (struct nbd_server *srv, struct job *j)
 {
-  pthread_mutex_lock (&srv->lock);
+  pthread_mutex_lock (&srv->pool_lock);
   j->next = NULL;
   if (srv->jobs_tail)
     srv->jobs_tail->next = j;
   else
     srv->jobs = j;
   srv->jobs_tail = j;
-  pthread_cond_signal (&srv->job_cond);
-  pthread_mutex_unlock (&srv->lock);
+  /* A busy worker takes it when done; wake one only if one sleeps. */
+  if (srv->idle_workers > 0)
+    pthread_cond_signal (&srv->job_cond);
+  pthread_mutex_unlock (&srv->pool_lock);
 }
 
 /* ---- transmission (reader thread) ---- */
@@ -1092,10 +1189,14 @@ budget_take (struct conn *c, uint64_t cost)
 {
   pthread_mutex_lock (&c->lock);
   while (c->inflight >= NBD_MAX_INFLIGHT
-         || (c->inflight > 0 && c->queued + cost > NBD_MAX_QUEUED))
+         || (c->inflight > 0 && c->queued + cost > NBD_MAX_QUEUED)) {
+    c->reader_waits = true;
     pthread_cond_wait (&c->cond, &c->lock);
+  }
+  c->reader_waits = false;
   c->inflight++;
   c->queued += cost;
+  c->last_request_ms = now_ms ();
   pthread_mutex_unlock (&c->lock);
 }
 
@@ -1163,7 +1264,11 @@ transmission (struct conn *c)
   pthread_mutex_lock (&c->lock);
   c->last_request_ms = now_ms ();
   pthread_mutex_unlock (&c->lock);
-  while (wait_request (c) && read_full (c->fd, h, 28, NBD_PAYLOAD_MS)
+  /* The first bytes of a request may take forever (an idle client); the
+   * rest of it must follow promptly. */
+  while (wait_request (c)
+         && conn_read (c, h, 4, c->srv->idle_ms ? NBD_PAYLOAD_MS : -1)
+         && conn_read (c, h + 4, 24, NBD_PAYLOAD_MS)
          && be32_load (h) == NBD_REQUEST_MAGIC) {
     uint16_t flags = be16_load (h + 4), type = be16_load (h + 6);
     uint64_t cookie = be64_load (h + 8), offset = be64_load (h + 16);
@@ -1177,7 +1282,7 @@ transmission (struct conn *c)
     err = check_request (c, flags, type, offset, len);
     if (type == NBD_CMD_WRITE && (err || len > NBD_MAX_BLOCK)) {
       /* Stay in step: the payload follows the header regardless. */
-      if (!skip_bytes (c->fd, len, NBD_PAYLOAD_MS))
+      if (!skip_bytes (c, len, NBD_PAYLOAD_MS))
         return;
     }
     cost = 32;
@@ -1186,9 +1291,6 @@ transmission (struct conn *c)
     if (!err && type == NBD_CMD_READ && c->structured)
       cost += (uint64_t) NBD_MAX_EXTENTS * 32;
     budget_take (c, cost);
-    pthread_mutex_lock (&c->lock);
-    c->last_request_ms = now_ms ();
-    pthread_mutex_unlock (&c->lock);
     j = calloc (1, sizeof *j);
     if (!j) {
       queue_reply (c, NULL, cost);
@@ -1204,8 +1306,7 @@ transmission (struct conn *c)
     }
     if (type == NBD_CMD_WRITE) {
       j->payload = malloc (len);
-      if (!j->payload || !read_full (c->fd, j->payload, len,
-                                     NBD_PAYLOAD_MS)) {
+      if (!j->payload || !conn_read (c, j->payload, len, NBD_PAYLOAD_MS)) {
         queue_reply (c, NULL, cost);  /* drops the connection */
         free (j->payload);
         free (j);
@@ -1230,8 +1331,14 @@ conn_run (struct nbd_server *srv, int fd)
   }
   c->srv = srv;
   c->fd = fd;
+  if (!(c->rbuf = malloc (NBD_RBUF))) {
+    free (c);
+    close (fd);
+    return;
+  }
   pthread_mutex_init (&c->lock, NULL);
   pthread_cond_init (&c->cond, NULL);
+  pthread_cond_init (&c->wcond, NULL);
   setsockopt (fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 
   pthread_mutex_lock (&srv->lock);
@@ -1244,10 +1351,13 @@ conn_run (struct nbd_server *srv, int fd)
       && pthread_create (&c->writer, NULL, writer_thread, c) == 0) {
     transmission (c);
     pthread_mutex_lock (&c->lock);
-    while (c->inflight > 0)
+    while (c->inflight > 0) {
+      c->reader_waits = true;
       pthread_cond_wait (&c->cond, &c->lock);
+    }
+    c->reader_waits = false;
     c->quit = true;
-    pthread_cond_broadcast (&c->cond);
+    pthread_cond_signal (&c->wcond);
     pthread_mutex_unlock (&c->lock);
     pthread_join (c->writer, NULL);
   }
@@ -1262,6 +1372,8 @@ conn_run (struct nbd_server *srv, int fd)
   close (fd);
   export_unref (srv, c->exp);
   free (c->ctx_export);
+  free (c->rbuf);
+  pthread_cond_destroy (&c->wcond);
   pthread_cond_destroy (&c->cond);
   pthread_mutex_destroy (&c->lock);
   free (c);
@@ -1317,6 +1429,7 @@ nbd_server_new (void)
   }
   pthread_mutex_init (&srv->lock, NULL);
   pthread_cond_init (&srv->cond, NULL);
+  pthread_mutex_init (&srv->pool_lock, NULL);
   pthread_cond_init (&srv->job_cond, NULL);
   srv->max_clients = 1;
   srv->persistent = true;
@@ -1682,10 +1795,10 @@ nbd_server_free (struct nbd_server *srv)
 {
   if (!srv)
     return;
-  pthread_mutex_lock (&srv->lock);
+  pthread_mutex_lock (&srv->pool_lock);
   srv->pool_quit = true;
   pthread_cond_broadcast (&srv->job_cond);
-  pthread_mutex_unlock (&srv->lock);
+  pthread_mutex_unlock (&srv->pool_lock);
   for (size_t i = 0; i < srv->nr_workers; i++)
     pthread_join (srv->workers[i], NULL);
   for (size_t i = 0; i < srv->nr_listen; i++)
@@ -1698,6 +1811,7 @@ nbd_server_free (struct nbd_server *srv)
   close (srv->wake[0]);
   close (srv->wake[1]);
   pthread_cond_destroy (&srv->job_cond);
+  pthread_mutex_destroy (&srv->pool_lock);
   pthread_cond_destroy (&srv->cond);
   pthread_mutex_destroy (&srv->lock);
   free (srv);
