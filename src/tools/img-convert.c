@@ -77,7 +77,11 @@ struct convert {
   unsigned wflags; /* STRATA_REQ_FUA for writethrough caches */
 
   pthread_mutex_t lock;
-  pthread_cond_t turn;
+  /* Waiters for their turn to write: chunk SEQ waits on turn[SEQ % nturn].
+   * Each thread holds one chunk, so the waiting chunks are fewer than
+   * nturn apart and never share a condition. */
+  pthread_cond_t turn[16];
+  unsigned nturn;
   /* The cursor and the cached block status, under lock. */
   uint64_t next, seq;
   uint64_t status_end;
@@ -163,6 +167,14 @@ next_run (const uint8_t *buf, uint64_t n, uint64_t num, uint64_t align,
 
 /* ---- errors and progress ---- */
 
+/* After a failure: every waiter must see it.  LOCKED. */
+static void
+wake_all_locked (struct convert *c)
+{
+  for (unsigned i = 0; i < c->nturn; i++)
+    pthread_cond_broadcast (&c->turn[i]);
+}
+
 /* Record the first failure (the message from this thread's last error). */
 static void
 convert_fail (struct convert *c, int r, const char *what, uint64_t off)
@@ -181,7 +193,7 @@ convert_fail (struct convert *c, int r, const char *what, uint64_t off)
     c->err_msg = m;
     m = NULL;
   }
-  pthread_cond_broadcast (&c->turn);
+  wake_all_locked (c);
   pthread_mutex_unlock (&c->lock);
   free (m);
 }
@@ -261,6 +273,7 @@ next_chunk_locked (struct convert *c, struct chunk *ch)
           < 0)
         c->err_msg = NULL;
       c->err = r;
+      wake_all_locked (c);
       return false;
     }
   }
@@ -411,7 +424,7 @@ wait_turn (struct convert *c, uint64_t seq)
 
   pthread_mutex_lock (&c->lock);
   while (!c->err && c->written_seq != seq)
-    pthread_cond_wait (&c->turn, &c->lock);
+    pthread_cond_wait (&c->turn[seq % c->nturn], &c->lock);
   ok = !c->err;
   pthread_mutex_unlock (&c->lock);
   return ok;
@@ -424,7 +437,7 @@ chunk_done (struct convert *c, const struct chunk *ch)
   c->done += ch->len;
   if (!c->out_of_order) {
     c->written_seq++;
-    pthread_cond_broadcast (&c->turn);
+    pthread_cond_signal (&c->turn[c->written_seq % c->nturn]);
   }
   progress_show_locked (c, false);
   pthread_mutex_unlock (&c->lock);
@@ -442,7 +455,7 @@ convert_worker (void *arg)
       c->err = -ENOMEM;
       c->err_msg = strdup ("out of memory");
     }
-    pthread_cond_broadcast (&c->turn);
+    wake_all_locked (c);
     pthread_mutex_unlock (&c->lock);
     return NULL;
   }
@@ -484,7 +497,9 @@ convert_run (struct convert *c, int n)
   int started = 0, r;
 
   pthread_mutex_init (&c->lock, NULL);
-  pthread_cond_init (&c->turn, NULL);
+  c->nturn = n;
+  for (int i = 0; i < n; i++)
+    pthread_cond_init (&c->turn[i], NULL);
   progress_show_locked (c, true);
   for (; started < n; started++)
     if (pthread_create (&tids[started], NULL, convert_worker, c) != 0)
@@ -510,7 +525,8 @@ convert_run (struct convert *c, int n)
   if (c->err)
     fail_msg (c->err_msg ? c->err_msg : strerror (-c->err));
   free (c->err_msg);
-  pthread_cond_destroy (&c->turn);
+  for (int i = 0; i < n; i++)
+    pthread_cond_destroy (&c->turn[i]);
   pthread_mutex_destroy (&c->lock);
   return r;
 }
