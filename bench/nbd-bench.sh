@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # strata-nbd against qemu-nbd serving the same 3-deep qcow2 chain on a unix
-# socket, with nbdkit's file plugin on the flattened raw image as a ceiling.
+# socket and on 127.0.0.1, with nbdkit's file plugin on the flattened raw
+# image as a ceiling.
 # fio (ioengine=nbd): 4 KiB randread and randwrite at iodepth 32 with 1 and
 # 2 jobs (one connection each), 1 MiB sequential read; then nbdcopy of the
 # whole export to null:.  Prints IOPS, MiB/s and p99 latency per server and
@@ -32,25 +33,46 @@ qemu-io -f qcow2 -c "write -P 3 $((${size%G} * 2048 / 3))M $((${size%G} * 1024 /
   top.qcow2 >/dev/null
 qemu-img convert -O raw top.qcow2 flat.raw
 
-start() {  # NAME: a fresh writable copy of the top layer, served at NAME.sock
-  local name=$1 sock=$work/$1.sock
+free_port() {
+  /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start NAME TRANSPORT: a fresh writable copy of the top layer, served on
+# NAME.sock (unix) or on 127.0.0.1:$port (tcp); sets $uri.
+start() {
+  local name=$1 tr=$2 sock=$work/$1.sock
+  local -a where
   rm -f "$sock"
+  if [[ $tr == unix ]]; then
+    uri="nbd+unix:///?socket=$sock"
+    case $name in nbdkit) where=(-U "$sock") ;; *) where=(-k "$sock") ;; esac
+  else
+    port=$(free_port)
+    uri="nbd://127.0.0.1:$port/"
+    case $name in
+      nbdkit) where=(-i 127.0.0.1 -p "$port") ;;
+      *) where=(-b 127.0.0.1 -p "$port") ;;
+    esac
+  fi
   case $name in
     strata)
       cp --sparse=always top.qcow2 top-strata.qcow2
-      "$build/strata-nbd" -f qcow2 -k "$sock" -t -e 4 top-strata.qcow2 &
+      "$build/strata-nbd" -f qcow2 "${where[@]}" -t -e 4 top-strata.qcow2 &
       ;;
     qemu)
       cp --sparse=always top.qcow2 top-qemu.qcow2
-      qemu-nbd -f qcow2 -k "$sock" -t -e 4 top-qemu.qcow2 &
+      qemu-nbd -f qcow2 "${where[@]}" -t -e 4 top-qemu.qcow2 &
       ;;
     nbdkit)
       cp --sparse=always flat.raw flat-nbdkit.raw
-      nbdkit -f -U "$sock" file file=flat-nbdkit.raw &
+      nbdkit -f "${where[@]}" file file=flat-nbdkit.raw &
       ;;
   esac
   pids+=($!)
-  for _ in $(seq 100); do [[ -S $sock ]] && return; sleep 0.05; done
+  for _ in $(seq 100); do
+    nbdinfo --size "$uri" >/dev/null 2>&1 && return
+    sleep 0.05
+  done
   echo "$name did not start" >&2
   exit 1
 }
@@ -62,10 +84,9 @@ stop() {
   unset 'pids[-1]'
 }
 
-fiojob() {  # NAME RW BS JOBS -> "iops mibs p99_us"
-  local uri="nbd+unix:///?socket=$work/$1.sock"
-  fio --name=b --ioengine=nbd --uri="$uri" --rw="$2" --bs="$3" \
-    --numjobs="$4" --iodepth=32 --time_based --runtime="$secs" \
+fiojob() {  # RW BS JOBS -> "iops mibs p99_us" against $uri
+  fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" \
+    --numjobs="$3" --iodepth=32 --time_based --runtime="$secs" \
     --size="$size" --group_reporting --output-format=json 2>/dev/null |
     /usr/bin/python3 -c '
 import json, sys
@@ -80,32 +101,35 @@ print(f"{iops:.0f} {bw:.1f} {p99:.0f}")'
 tests=("randread 4k 1" "randread 4k 2" "randwrite 4k 1" "randwrite 4k 2"
        "read 1M 1")
 declare -A res
-for srv in strata qemu nbdkit; do
-  start $srv
-  for t in "${tests[@]}"; do
-    set -- $t
-    res[$srv,$t]=$(fiojob $srv "$1" "$2" "$3")
-  done
-  s0=$(date +%s.%N)
-  nbdcopy "nbd+unix:///?socket=$work/$srv.sock" null:
-  s1=$(date +%s.%N)
-  res[$srv,nbdcopy]=$(/usr/bin/python3 -c "
-import sys
+for tr in unix tcp; do
+  for srv in strata qemu nbdkit; do
+    start $srv $tr
+    for t in "${tests[@]}"; do
+      set -- $t
+      res[$srv,$tr,$t]=$(fiojob "$1" "$2" "$3")
+    done
+    s0=$(date +%s.%N)
+    nbdcopy "$uri" null:
+    s1=$(date +%s.%N)
+    res[$srv,$tr,nbdcopy]=$(/usr/bin/python3 -c "
 mib = $(stat -c %s flat.raw) / 2**20
 print(f'- {mib / ($s1 - $s0):.1f} -')")
-  stop
+    stop
+  done
 done
 
-printf '%-18s %-8s %10s %10s %10s\n' test server IOPS MiB/s p99_us
-for t in "${tests[@]}" nbdcopy; do
-  for srv in strata qemu nbdkit; do
-    read -r iops mibs p99 <<<"${res[$srv,$t]}"
-    printf '%-18s %-8s %10s %10s %10s\n' "${t// /-}" "$srv" "$iops" "$mibs" "$p99"
-  done
-  read -r si sm _ <<<"${res[strata,$t]}"
-  read -r qi qm _ <<<"${res[qemu,$t]}"
-  /usr/bin/python3 -c "
+printf '%-22s %-8s %10s %10s %10s\n' test server IOPS MiB/s p99_us
+for tr in unix tcp; do
+  for t in "${tests[@]}" nbdcopy; do
+    for srv in strata qemu nbdkit; do
+      read -r iops mibs p99 <<<"${res[$srv,$tr,$t]}"
+      printf '%-22s %-8s %10s %10s %10s\n' "$tr-${t// /-}" "$srv" "$iops" "$mibs" "$p99"
+    done
+    read -r si sm _ <<<"${res[strata,$tr,$t]}"
+    read -r qi qm _ <<<"${res[qemu,$tr,$t]}"
+    /usr/bin/python3 -c "
 si, sm, qi, qm = '$si', float('$sm'), '$qi', float('$qm')
 r = (float(si) / float(qi)) if si != '-' and float(qi) else sm / qm
-print(\"%-18s %-8s %10.2f  (strata / qemu-nbd)\" % (\"\", \"ratio\", r))"
+print(\"%-22s %-8s %10.2f  (strata / qemu-nbd)\" % (\"\", \"ratio\", r))"
+  done
 done

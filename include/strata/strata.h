@@ -88,6 +88,12 @@ struct strata_extent {
   uint64_t map;       /* host offset, when STRATA_BS_OFFSET */
   const char *file;   /* filename holding the data, when known */
 };
+/* FLAGS: STRATA_BS_SHALLOW trusts a format layer's answer for its data
+ * clusters instead of asking the file under it whether those bytes are a
+ * hole (as QEMU does): no lseek(SEEK_DATA) per qcow2 cluster, and a data
+ * cluster that happens to be a hole in its file is reported as data.  Raw
+ * images still report their holes. */
+#define STRATA_BS_SHALLOW (1u << 0)
 int strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
                          struct strata_extent *ext, unsigned flags);
 

@@ -147,7 +147,6 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
   int r = check_range (node, offset, len);
   int depth = 0;
 
-  (void) flags;
   if (r < 0)
     return r;
   if (len == 0)
@@ -168,7 +167,8 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
       return 0;
     }
     len = MIN (len, (uint64_t) size - offset);
-    r = node_block_status (node, offset, len, &bs);
+    r = node_block_status_flags (node, offset, len, &bs,
+                                 flags & STRATA_BS_SHALLOW);
     if (r < 0)
       return r;
     len = bs.pnum;

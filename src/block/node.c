@@ -628,6 +628,13 @@ int
 node_block_status (strata_node *node, uint64_t offset, uint64_t len,
                    struct bstat *bs)
 {
+  return node_block_status_flags (node, offset, len, bs, 0);
+}
+
+int
+node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
+                         struct bstat *bs, unsigned flags)
+{
   struct bstat fbs;
   int r = check_overflow (node, offset, len);
 
@@ -652,6 +659,8 @@ node_block_status (strata_node *node, uint64_t offset, uint64_t len,
                      bs->pnum, len);
   if (!(bs->flags & BS_OFFSET) || !bs->file || bs->file == node)
     return 0;
+  if ((flags & STRATA_BS_SHALLOW) && !(bs->flags & BS_RECURSE))
+    return 0;  /* the format knows: data (QEMU's want_zero=false) */
 
   /* Refine with what the file below says of those bytes. */
   r = node_block_status (bs->file, bs->map, bs->pnum, &fbs);

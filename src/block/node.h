@@ -228,6 +228,11 @@ int node_flush (strata_node *node);
 /* One layer (and the file below it for DATA/ZERO). */
 int node_block_status (strata_node *node, uint64_t offset, uint64_t len,
                        struct bstat *bs);
+/* The same; with STRATA_BS_SHALLOW the file below is consulted only when
+ * the driver asks for it (BS_RECURSE: raw over a file), not to refine a
+ * format's data clusters. */
+int node_block_status_flags (strata_node *node, uint64_t offset,
+                             uint64_t len, struct bstat *bs, unsigned flags);
 int64_t node_length (strata_node *node);
 bool node_truncate (strata_node *node, uint64_t size, unsigned flags,
                     strata_error **errp);

@@ -912,11 +912,11 @@ error_reply (struct conn *c, const struct job *j, int err)
  * many, or a negative errno.  They may cover less than LEN. */
 static int
 get_extents (strata_node *node, uint64_t offset, uint64_t len,
-             struct strata_extent *ext, int max)
+             struct strata_extent *ext, int max, unsigned flags)
 {
   int n = 0;
   while (len > 0 && n < max) {
-    int r = strata_block_status (node, offset, len, &ext[n], 0);
+    int r = strata_block_status (node, offset, len, &ext[n], flags);
     if (r < 0)
       return r;
     if (ext[n].length == 0 || ext[n].length > len)
@@ -956,7 +956,11 @@ do_read (struct conn *c, struct job *j)
   ext = malloc (sizeof *ext * (NBD_MAX_EXTENTS + 1));
   if (!ext)
     return NULL;
-  n = get_extents (node, j->offset, j->len, ext, NBD_MAX_EXTENTS);
+  /* What a format knows to be zero becomes a hole chunk; its data
+   * clusters are not checked for holes in the file (lseek per cluster
+   * costs more than it saves), as QEMU does not. */
+  n = get_extents (node, j->offset, j->len, ext, NBD_MAX_EXTENTS,
+                   STRATA_BS_SHALLOW);
   if (n < 0) {
     free (ext);
     return error_reply (c, j, -n);
@@ -1054,7 +1058,8 @@ do_block_status (struct conn *c, struct job *j)
   ext = malloc (sizeof *ext * NBD_MAX_EXTENTS);
   if (!ext)
     return NULL;
-  n = get_extents (c->exp->node, j->offset, j->len, ext, max);
+  n = get_extents (c->exp->node, j->offset, j->len, ext, max,
+                   STRATA_BS_SHALLOW);
   if (n <= 0) {
     free (ext);
     return error_reply (c, j, n < 0 ? -n : EIO);
