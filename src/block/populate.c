@@ -43,7 +43,7 @@ enum source { SRC_NONE, SRC_ZERO, SRC_DATA };
 
 struct copy_up {
   strata_node *top, *base;
-  uint64_t cluster; /* TOP's cluster size (1 when it has none) */
+  uint64_t cluster; /* TOP's cluster size (64 KiB when it has none) */
   uint64_t chunk;   /* bytes per chunk, a multiple of cluster */
   uint8_t *buf;     /* chunk bytes, allocated when first needed */
   uint64_t copied;
@@ -215,7 +215,7 @@ cluster_size (strata_node *top)
   if (top->drv->get_info && top->drv->get_info (top, &info, NULL)
       && info.cluster_size)
     return info.cluster_size;
-  return 1;
+  return 65536; /* a format without clusters: QEMU's default size */
 }
 
 int
