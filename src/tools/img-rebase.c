@@ -38,7 +38,7 @@
 struct rebase {
   const char *file, *fmt, *cache, *src_cache;
   const char *base, *base_fmt; /* base NULL: none (-u without -b) */
-  bool unsafe, quiet, progress, force_share;
+  bool unsafe, quiet, progress, force_share, compress;
 };
 
 /* 0 when parsed, else the exit code. */
@@ -53,7 +53,7 @@ parse_args (int argc, char **argv, struct rebase *rb)
   bool have_b = false;
   int c;
 
-  while ((c = getopt_long (argc, argv, ":hf:F:b:upt:T:qU", lopts, NULL))
+  while ((c = getopt_long (argc, argv, ":hf:F:b:upt:T:qUc", lopts, NULL))
          != -1) {
     switch (c) {
     case 'f': rb->fmt = optarg; break;
@@ -68,10 +68,11 @@ parse_args (int argc, char **argv, struct rebase *rb)
     case 'T': rb->src_cache = optarg; break;
     case 'q': rb->quiet = true; break;
     case 'U': rb->force_share = true; break;
+    case 'c': rb->compress = true; break;
     case 'h':
       printf ("usage: %s rebase [-U] [-q] [-f fmt] [-t cache] "
-              "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] "
-              "filename\n",
+              "[-T src_cache] [-p] [-u] [-c] -b backing_file "
+              "[-F backing_fmt] filename\n",
               progname);
       exit (0);
     default: return img_option_error (c, argv);
@@ -178,6 +179,8 @@ struct safe {
   uint64_t len, newlen;
   int skip_depth; /* allocated at or below: same in both */
   bool old_zero;  /* no old backing: write zeros as such */
+  bool compress;  /* -c: whole clusters, compressed */
+  uint64_t cluster, window;
   uint8_t *old, *cur;
 };
 
@@ -237,16 +240,70 @@ rebase_window (struct safe *sf, uint64_t off, uint64_t end)
   return 0;
 }
 
+/* Whether the cluster piece [POS, POS+N) has bytes FILE allocates itself
+ * (*OWN) and bytes to compare (*NEED). */
+static int
+classify_piece (struct safe *sf, uint64_t pos, uint64_t n, bool *own,
+                bool *need)
+{
+  struct strata_extent ext;
+  int r;
+
+  *own = *need = false;
+  for (uint64_t q = pos; q < pos + n; q += ext.length) {
+    if ((r = strata_block_status (sf->file, q, pos + n - q, &ext, 0)) < 0)
+      return r;
+    if (ext.depth == 0 && (ext.flags & STRATA_BS_ALLOCATED))
+      *own = true;
+    else if (sf->skip_depth <= 0 || ext.depth < sf->skip_depth)
+      *need = true;
+  }
+  return 0;
+}
+
+/* -c: a cluster FILE does not allocate at all and whose content differs
+ * is written whole and compressed (with its old content); one FILE
+ * partly allocates goes the uncompressed way. */
+static int
+rebase_window_compressed (struct safe *sf, uint64_t off, uint64_t end)
+{
+  for (uint64_t pos = off, n; pos < end; pos += n) {
+    bool own, need;
+    int r;
+    n = MIN (sf->cluster - pos % sf->cluster, end - pos);
+    if ((r = classify_piece (sf, pos, n, &own, &need)) < 0)
+      return r;
+    if (!need)
+      continue;
+    if (own || pos % sf->cluster) {
+      if ((r = rebase_window (sf, pos, pos + n)) < 0)
+        return r;
+      continue;
+    }
+    if ((r = strata_pread (sf->file, sf->old, n, pos, 0)) < 0
+        || (r = read_new (sf, pos, n, sf->cur)) < 0)
+      return r;
+    if (memcmp (sf->old, sf->cur, n) != 0
+        && (r
+            = strata_pwrite (sf->file, sf->old, n, pos, STRATA_REQ_COMPRESSED))
+               < 0)
+      return r;
+  }
+  return 0;
+}
+
 static int
 copy_differences (struct safe *sf, bool progress)
 {
-  for (uint64_t off = 0; off < sf->len; off += CHUNK) {
-    int r = rebase_window (sf, off, MIN (sf->len, off + CHUNK));
+  for (uint64_t off = 0; off < sf->len; off += sf->window) {
+    uint64_t end = MIN (sf->len, off + sf->window);
+    int r = sf->compress && !sf->old_zero
+                ? rebase_window_compressed (sf, off, end)
+                : rebase_window (sf, off, end);
     if (r < 0)
       return r;
     if (progress) {
-      printf ("    (%3.2f/100%%)\r",
-              MIN (sf->len, off + CHUNK) * 100.0 / sf->len);
+      printf ("    (%3.2f/100%%)\r", end * 100.0 / sf->len);
       fflush (stdout);
     }
   }
@@ -326,6 +383,28 @@ rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
   return 0;
 }
 
+/* FILE's cluster size and the window compared at a time; -c needs a
+ * format that stores compressed clusters. */
+static bool
+file_geometry (const struct rebase *rb, struct safe *sf)
+{
+  struct strata_info i;
+  strata_error *err = NULL;
+
+  if (!strata_get_info (sf->file, &i, 0, &err)) {
+    fail_err (err);
+    return false;
+  }
+  if (rb->compress && strcmp (i.format, "qcow2") != 0) {
+    fail_msg ("Compression not supported for this file format");
+    return false;
+  }
+  sf->compress = rb->compress;
+  sf->cluster = i.cluster_size ? i.cluster_size : 512;
+  sf->window = MAX (CHUNK, sf->cluster);
+  return true;
+}
+
 static int
 rebase_safe (const struct rebase *rb, const char *cacheopts,
              const char *srcopts)
@@ -335,8 +414,12 @@ rebase_safe (const struct rebase *rb, const char *cacheopts,
 
   if (!(sf.file = open_image (rb->file, rb->fmt, false, true, cacheopts)))
     return 1;
-  sf.old = malloc (CHUNK);
-  sf.cur = malloc (CHUNK);
+  if (!file_geometry (rb, &sf)) {
+    strata_close (sf.file);
+    return 1;
+  }
+  sf.old = malloc (sf.window);
+  sf.cur = malloc (sf.window);
   if (!sf.old || !sf.cur) {
     fail_msg ("out of memory");
     r = 1;
@@ -379,6 +462,10 @@ cmd_rebase (int argc, char **argv)
              "%s: Could not change the backing file to '%s': "
              "backing format must be specified\n",
              progname, rb.base);
+    return 1;
+  }
+  if (rb.unsafe && rb.compress) {
+    fail_msg ("Compression is not supported in unsafe mode");
     return 1;
   }
   if (rb.unsafe)
