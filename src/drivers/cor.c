@@ -94,6 +94,24 @@ cor_preadv (strata_node *node, uint64_t offset, uint64_t len,
   return r < 0 ? r : node_preadv (node->file, offset, len, iov, iovcnt, flags);
 }
 
+/* What QEMU's bdrv_get_info() answers for a filter: the child's cluster
+ * size, VM state offset and dirty flag; the rest stays the filter's. */
+static bool
+cor_get_info (strata_node *node, struct strata_info *info, strata_error **errp)
+{
+  strata_node *f = node->file;
+  struct strata_info fi = { 0 };
+
+  if (!f->drv->get_info)
+    return true;
+  if (!f->drv->get_info (f, &fi, errp))
+    return false;
+  info->cluster_size = fi.cluster_size;
+  info->vm_state_offset = fi.vm_state_offset;
+  info->dirty = fi.dirty;
+  return true;
+}
+
 const struct strata_driver copy_on_read_driver = {
   .name = "copy-on-read",
   .state_size = sizeof (struct cor_state),
@@ -102,4 +120,5 @@ const struct strata_driver copy_on_read_driver = {
   .open = cor_open,
   .close = cor_close,
   .preadv = cor_preadv,
+  .get_info = cor_get_info,
 };
