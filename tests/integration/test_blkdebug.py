@@ -172,3 +172,60 @@ def test_blockdev_add_errors_as_qsd(tmp_path, img, rules):
             mon.stop()
     assert "error" in replies["qsd"], replies
     assert replies["stratad"] == replies["qsd"]
+
+
+# ---- block-stream on-error with a blkdebug layer, against qsd ----
+
+def test_stream_on_error_stop_then_resume_as_qsd(tmp_path):
+    """base <- mid <- top, mid's file under blkdebug failing once at mid's
+    first data cluster: block-stream with on-error=stop pauses at the
+    error and completes after a resume, with the chain's content."""
+    from test_jobs import reap_daemons, start, statuses  # noqa: F401
+    qimg = need("qemu-img", "qemu-utils")
+    results = {}
+    for kind in ("qsd", "stratad"):
+        d = tmp_path / kind
+        d.mkdir()
+        names = {n: d / f"{n}.qcow2" for n in ("base", "mid", "top")}
+        run(qimg, "create", "-q", "-f", "qcow2", names["base"], "4M")
+        run("qemu-io", "-c", "write -P 1 0 4M", names["base"])
+        run(qimg, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
+            "qcow2", names["mid"])
+        run("qemu-io", "-c", "write -P 2 1M 1M", names["mid"])
+        run(qimg, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F",
+            "qcow2", names["top"])
+        raw = d / "orig.raw"
+        run(qimg, "convert", "-O", "raw", names["top"], raw)
+        host = [e for e in json.loads(run(qimg, "map", "--output=json",
+                                          names["mid"]).stdout)
+                if e["depth"] == 0 and e["data"]][0]["offset"]
+        dmn = start(kind, d)
+        dmn.ok("blockdev-add", driver="qcow2", **{"node-name": "base"},
+               file={"driver": "file", "filename": str(names["base"])},
+               **{"read-only": True})
+        dmn.ok("blockdev-add", driver="qcow2", **{"node-name": "mid"},
+               backing="base", **{"read-only": True}, file={
+                   "driver": "blkdebug", "image": {
+                       "driver": "file", "filename": str(names["mid"])},
+                   "inject-error": [{"event": "read_aio",
+                                     "sector": host // 512,
+                                     "once": True}]})
+        dmn.ok("blockdev-add", driver="qcow2", **{"node-name": "top"},
+               backing="mid",
+               file={"driver": "file", "filename": str(names["top"])})
+        dmn.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                  "on-error": "stop"})
+        evs = dmn.events_until("JOB_STATUS_CHANGE", status="paused")
+        dmn.ok("block-job-resume", device="j1")
+        evs += dmn.events_until("JOB_STATUS_CHANGE", status="null")
+        for e in evs:
+            if e["event"] != "JOB_STATUS_CHANGE":
+                e["data"].pop("offset", None)
+        results[kind] = evs
+        assert dmn.stop() == 0
+        run(qimg, "compare", "-F", "raw", names["top"], raw)
+        run(qimg, "check", names["top"])
+    assert results["stratad"] == results["qsd"]
+    seq = statuses(results["qsd"])
+    assert "BLOCK_JOB_ERROR" in seq and seq[-3:] == [
+        "BLOCK_JOB_COMPLETED", "concluded", "null"]
