@@ -669,11 +669,13 @@ create_target (const char *dst, uint64_t total, const struct convert_args *a)
   CLEANUP_FREE char *all = NULL;
   strata_error *err = NULL;
 
-  if (asprintf (&all, "size=%" PRIu64 "%s%s%s%s%s%s", total,
+  /* The size and backing come last: they replace any given with -o, as
+   * qemu-img ignores -o size. */
+  if (asprintf (&all, "%s%ssize=%" PRIu64 "%s%s%s%s",
+                a->options ? a->options : "", a->options ? "," : "", total,
                 a->backing ? ",backing_file=" : "",
                 a->backing ? a->backing : "", a->bfmt ? ",backing_fmt=" : "",
-                a->bfmt ? a->bfmt : "", a->options ? "," : "",
-                a->options ? a->options : "")
+                a->bfmt ? a->bfmt : "")
       < 0)
     return false;
   if (!strata_create (dst, a->ofmt, all, STRATA_CREATE_DRY_RUN, &err)) {
