@@ -149,13 +149,14 @@ rule_event (struct rule *r, const char *event, const char *key,
       return false;
     }
   }
-  error_set (errp, EINVAL, "%s: invalid parameter value: %s", key, event);
+  /* QEMU's schema check, which names the member only. */
+  error_set (errp, EINVAL, "Parameter 'event' does not accept value '%s'",
+             event);
   return false;
 }
 
 static bool
-rule_iotype (struct rule *r, const char *name, const char *key,
-             strata_error **errp)
+rule_iotype (struct rule *r, const char *name, strata_error **errp)
 {
   for (int i = 0; i < IO_TYPES; i++) {
     if (strcmp (iotype_names[i], name) == 0) {
@@ -163,7 +164,8 @@ rule_iotype (struct rule *r, const char *name, const char *key,
       return true;
     }
   }
-  error_set (errp, EINVAL, "%s: invalid parameter value: %s", key, name);
+  error_set (errp, EINVAL, "Parameter 'iotype' does not accept value '%s'",
+             name);
   return false;
 }
 
@@ -207,7 +209,7 @@ rule_parse (strata_opts *opts, size_t n, struct rule *r, strata_error **errp)
   }
   if (!rule_event (r, v, key, errp))
     return false;
-  if ((v = opts_get (opts, KEY ("iotype"))) && !rule_iotype (r, v, key, errp))
+  if ((v = opts_get (opts, KEY ("iotype"))) && !rule_iotype (r, v, errp))
     return false;
   if (!rule_int (opts_get (opts, KEY ("errno")), key, 1, 4095, &x, errp))
     return false;

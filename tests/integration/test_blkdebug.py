@@ -100,7 +100,9 @@ def test_under_qcow2(tmp_path):
 
 @pytest.mark.parametrize("opts,msg", [
     (rule(event="l2_load"), "event 'l2_load' is not supported"),
-    (rule(event="bogus"), "invalid parameter value: bogus"),
+    (rule(event="bogus"), "Parameter 'event' does not accept value 'bogus'"),
+    (rule(event="read_aio", iotype="x"),
+     "Parameter 'iotype' does not accept value 'x'"),
     (rule(sector=3), "Missing event name for rule"),
     (rule(event="read_aio", foo=1), "unknown option 'inject-error.0.foo'"),
     (rule(event="read_aio", errno="x"), "expected an integer"),
@@ -159,7 +161,8 @@ def test_blockdev_add_and_export(tmp_path, img):
 
 @pytest.mark.parametrize("rules", [
     "x", ["x"], [{"sector": 1}], [{"event": "read_aio", "foo": 1}],
-    [{"event": "read_aio", "errno": "five"}],
+    [{"event": "read_aio", "errno": "five"}], [{"event": "bogus"}],
+    [{"event": "read_aio", "iotype": "bogus"}],
 ])
 def test_blockdev_add_errors_as_qsd(tmp_path, img, rules):
     replies = {}
