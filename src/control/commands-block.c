@@ -427,6 +427,20 @@ check_not_backing (strata_node *node, struct qmp_error *err)
   return !p;
 }
 
+/* A node a block job holds takes no snapshot: QEMU's op blocker. */
+static bool
+check_no_job (strata_node *node, struct qmp_error *err)
+{
+  struct job *j;
+
+  job_lock ();
+  if ((j = job_holding_locked (node)))
+    qmp_error_set (err, "GenericError", "Node '%s' is busy: %s",
+                   node->node_name, j->user);
+  job_unlock ();
+  return !j;
+}
+
 /* ---- blockdev-add ---- */
 
 static json_t *
@@ -912,7 +926,8 @@ cmd_blockdev_snapshot_sync (json_t *args, struct qmp_error *err)
     return NULL;
   }
   pthread_mutex_lock (&block_lock);
-  if (!(node = find_node (device, name, err)) || !check_not_backing (node, err))
+  if (!(node = find_node (device, name, err)) || !check_not_backing (node, err)
+      || !check_no_job (node, err))
     goto out;
   if (snap && (taken = graph_lookup (snap))) {
     node_unref (taken);
@@ -997,7 +1012,7 @@ cmd_blockdev_snapshot (json_t *args, struct qmp_error *err)
   pthread_mutex_lock (&block_lock);
   if (!(node = find_node (name, name, err))
       || !(overlay = find_node (oname, oname, err))
-      || !check_not_backing (node, err))
+      || !check_not_backing (node, err) || !check_no_job (node, err))
     goto out;
   if (overlay == node || graph_parents (overlay, e, 1) > 0) {
     qmp_error_set (err, "GenericError", "The overlay is already in use");

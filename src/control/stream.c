@@ -47,6 +47,7 @@ struct stream {
   uint64_t last_seq;        /* TOP's request count after our chunk */
   bool guest_active;        /* busy at the last look */
   strata_node *old_backing; /* kept until clean, see prepare */
+  bool restore_ro;          /* TOP was read-only: made so again at the end */
 };
 
 /* ---- the job ---- */
@@ -182,6 +183,16 @@ stream_run (struct job *job)
 /* Rewrite the header, then move the graph edge: TOP's backing becomes
  * BASE.  The old backing node keeps a reference until clean, after the
  * requests that may still read through it have drained. */
+/* Make TOP read-only again if the job made it writable; block lock held
+ * (or the control thread's own, for a job that never started). */
+static void
+restore_read_only_locked (struct stream *s)
+{
+  if (s->restore_ro)
+    strata_reopen (s->top, false, 0, NULL);
+  s->restore_ro = false;
+}
+
 static int
 stream_prepare (struct job *job)
 {
@@ -190,11 +201,11 @@ stream_prepare (struct job *job)
   const char *name = s->backing_file;
   int r = 0;
 
-  if (!s->top->backing)
-    return 0;
   if (!name && s->base)
     name = s->base->filename;
   qmp_block_lock ();
+  if (!s->top->backing)
+    goto out;
   if (!node_change_backing_file (s->top, name,
                                  s->base ? s->base->drv->name : NULL, &e)) {
     job_set_error (job, "%s", e ? strata_error_message (e) : "unknown error");
@@ -217,8 +228,17 @@ stream_prepare (struct job *job)
     }
   }
 out:
+  restore_read_only_locked (s);
   qmp_block_unlock ();
   return r;
+}
+
+static void
+stream_abort (struct job *job)
+{
+  qmp_block_lock ();
+  restore_read_only_locked (job->opaque);
+  qmp_block_unlock ();
 }
 
 static void
@@ -228,6 +248,7 @@ stream_clean (struct job *job)
 
   if (!s)
     return;
+  restore_read_only_locked (s);
   if (s->old_backing) {
     tracker_wait_idle (&s->top->tracker, 0, 0);
     node_unref (s->old_backing);
@@ -244,6 +265,7 @@ static const struct job_driver stream_driver = {
   .type = "stream",
   .run = stream_run,
   .prepare = stream_prepare,
+  .abort = stream_abort,
   .clean = stream_clean,
 };
 
@@ -461,6 +483,18 @@ start_locked (json_t *args, strata_node *top, strata_node *base,
       job_discard (job);
       return false;
     }
+  /* As QEMU: a read-only device is made writable for the job's life. */
+  if (top->read_only && top->backing && top->backing != base) {
+    strata_error *e = NULL;
+    if (!strata_reopen (top, true, 0, &e)) {
+      qmp_error_set (err, "GenericError", "%s",
+                     e ? strata_error_message (e) : "unknown error");
+      strata_error_free (e);
+      job_discard (job);
+      return false;
+    }
+    s->restore_ro = true;
+  }
   return job_start (job, err);
 fail:
   node_unref (top);

@@ -539,3 +539,23 @@ def test_shutdown_cancels_running_job(slow, qemu_img):
     assert d.stop() == 0
     assert time.monotonic() - t < 10
     check_image(qemu_img, p["top"])
+
+
+def test_snapshot_of_a_streamed_node_refused_matches_qsd(tmp_path, qemu_img,
+                                                         qemu_io):
+    def scenario(d, p):
+        add_top(d, p["top"])
+        d.ok("block-stream", **{"job-id": "j1", "device": "top",
+                                "speed": 65536})
+        snap = str(Path(p["top"]).parent / "snap.qcow2")
+        r = d.cmd("blockdev-snapshot-sync", **{
+            "node-name": "top", "snapshot-file": snap,
+            "snapshot-node-name": "snap", "format": "qcow2"})
+        d.ok("job-cancel", id="j1")
+        d.events_until("JOB_STATUS_CHANGE", status="null")
+        return r
+
+    q, s, _, _ = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert q["error"]["desc"] == ("Node 'top' is busy: block device is in "
+                                  "use by block job: stream")
+    assert s == q

@@ -363,3 +363,25 @@ def test_yield_to_guest_backs_off_while_guest_writes(tmp_path, qemu_img,
               "-c", "read -P 1 32M 1M", p["top"]).stdout
     assert "Pattern verification failed" not in out
     check_image(qemu_img, p["top"])
+
+
+def test_read_only_device_streams_and_stays_read_only(tmp_path, qemu_img,
+                                                      qemu_io):
+    """QEMU makes a read-only device writable for the job and read-only
+    again afterwards."""
+    def scenario(d, p):
+        d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "top",
+                                "read-only": True,
+                                "file": {"driver": "file",
+                                         "filename": p["top"]}})
+        d.ok("block-stream", **{"job-id": "j1", "device": "top"})
+        evs = d.events_until("JOB_STATUS_CHANGE", status="null")
+        ro = [n["ro"] for n in d.ok("query-named-block-nodes")
+              if n["node-name"] == "top"]
+        return evs, ro
+
+    q, s, qp, sp = both(tmp_path, qemu_img, qemu_io, scenario)
+    assert q[1] == [True]
+    assert s == q
+    run(qemu_img, "compare", qp["top"], sp["top"])
+    assert "backing-filename" not in info(qemu_img, sp["top"])
