@@ -66,6 +66,7 @@
 #define NBD_MAX_INFLIGHT    64
 #define NBD_MAX_QUEUED      (64 * 1024 * 1024)
 #define NBD_MAX_EXTENTS     1024
+#define NBD_SPARSE_MIN      (64 * 1024)       /* smaller reads: no holes */
 #define NBD_HANDSHAKE_MS    10000
 #define NBD_PAYLOAD_MS      30000
 #define NBD_WORKERS         16
@@ -950,27 +951,45 @@ do_read (struct conn *c, struct job *j)
     return r;
   }
 
-  /* Structured: a hole chunk per zero extent, a data chunk per other
-   * extent, the last one flagged DONE.  Past NBD_MAX_EXTENTS the rest is
-   * one data chunk. */
+  /* Structured: a hole chunk per zero extent, a data chunk per run of
+   * other extents, the last one flagged DONE.  Past NBD_MAX_EXTENTS the
+   * rest is one data chunk.  A small read is one data chunk: looking for
+   * holes would cost more than sending its zeros. */
   ext = malloc (sizeof *ext * (NBD_MAX_EXTENTS + 1));
   if (!ext)
     return NULL;
-  /* What a format knows to be zero becomes a hole chunk; its data
-   * clusters are not checked for holes in the file (lseek per cluster
-   * costs more than it saves), as QEMU does not. */
-  n = get_extents (node, j->offset, j->len, ext, NBD_MAX_EXTENTS,
-                   STRATA_BS_SHALLOW);
-  if (n < 0) {
-    free (ext);
-    return error_reply (c, j, -n);
+  if (j->len <= NBD_SPARSE_MIN)
+    n = 0;
+  else {
+    /* What a format knows to be zero becomes a hole chunk; its data
+     * clusters are not checked for holes in the file (lseek per cluster
+     * costs more than it saves), as QEMU does not. */
+    n = get_extents (node, j->offset, j->len, ext, NBD_MAX_EXTENTS,
+                     STRATA_BS_SHALLOW);
+    if (n < 0) {
+      free (ext);
+      return error_reply (c, j, -n);
+    }
   }
   {
     uint64_t covered = 0;
-    for (int i = 0; i < n; i++)
+    int m = 0;
+    for (int i = 0; i < n; i++) {
       covered += ext[i].length;
-    if (covered < j->len)
-      ext[n++] = (struct strata_extent){ .length = j->len - covered };
+      /* Merge runs of the same kind: one pread for data at any depth. */
+      if (m > 0 && !(ext[m - 1].flags & STRATA_BS_ZERO)
+                       == !(ext[i].flags & STRATA_BS_ZERO))
+        ext[m - 1].length += ext[i].length;
+      else
+        ext[m++] = ext[i];
+    }
+    n = m;
+    if (covered < j->len) {
+      if (n > 0 && !(ext[n - 1].flags & STRATA_BS_ZERO))
+        ext[n - 1].length += j->len - covered;
+      else
+        ext[n++] = (struct strata_extent){ .length = j->len - covered };
+    }
   }
   r = reply_new ((size_t) j->len + (size_t) n * 32);
   if (!r) {
