@@ -125,7 +125,9 @@ stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
   uint64_t copied = 0, start;
   int r;
 
-  if ((r = node_block_status (s->top, offset, len, &bs)) < 0)
+  /* Only "allocated here?" matters: no lseek on the file below. */
+  r = node_block_status_flags (s->top, offset, len, &bs, STRATA_BS_SHALLOW);
+  if (r < 0)
     return r;
   *n = bs.pnum < len ? bs.pnum : len;
   if (bs.flags & BS_ALLOCATED)
