@@ -82,6 +82,8 @@ strata_preadv (strata_node *node, const struct iovec *iov, int iovcnt,
   uint64_t len = iov_size (iov, iovcnt);
   int r = check_range (node, offset, len);
 
+  if (flags)
+    return io_error (EINVAL, "invalid read flags 0x%x", flags);
   return r < 0 ? r : node_preadv (node, offset, len, iov, iovcnt, flags);
 }
 
@@ -119,6 +121,8 @@ strata_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
 {
   int r = check_range (node, offset, len);
 
+  if (flags & ~(STRATA_REQ_FUA | STRATA_REQ_MAY_UNMAP))
+    return io_error (EINVAL, "invalid write-zeroes flags 0x%x", flags);
   return r < 0 ? r : node_pwrite_zeroes (node, offset, len, flags);
 }
 
