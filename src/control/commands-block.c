@@ -579,7 +579,8 @@ display_filename (strata_node *node)
   json_t *o;
   char *s, *out = NULL;
 
-  if (!node->file || !backing_overridden (node))
+  /* A filter (copy-on-read, blkdebug) is never told by a file name. */
+  if (!node->file || (!node->drv->is_filter && !backing_overridden (node)))
     return strdup (node->filename ? node->filename : "");
   o = full_options (node);
   s = json_dumps (o, JSON_SORT_KEYS);
