@@ -421,6 +421,8 @@ job_yield (struct job *job)
       while (job->pause_count > 0 && !job->cancelled)
         pthread_cond_wait (&job->cond, &jobs_mutex);
       unpause_locked (job);
+      /* No burst for the time spent paused. */
+      ratelimit_init (&job->rl, job->rl.speed, ratelimit_now_ns ());
       continue;
     }
     now = ratelimit_now_ns ();

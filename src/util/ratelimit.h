@@ -7,8 +7,8 @@
  * the time the chunk was dispatched, so the chunk's own I/O time counts as
  * time paid.  NEXT never lags the clock by more than RATELIMIT_SLACK_NS:
  * a late wake-up or a short I/O stall (page-cache writeback) is made
- * good, and an idle job builds no burst beyond it (50 ms: at most 0.5 %
- * of a 10 s window).  The time per
+ * good, and an idle job builds no burst beyond it (100 ms: at most 1 % of
+ * a 10 s window, the accuracy the limiter promises).  The time per
  * byte is computed exactly (the nanosecond remainder is carried), so a job
  * that always has work moves SPEED bytes per second to within one chunk.
  *
@@ -23,7 +23,7 @@
 
 /* How far NEXT may fall behind the clock: credit for oversleeping and
  * stalls. */
-#define RATELIMIT_SLACK_NS 50000000ull /* 50 ms */
+#define RATELIMIT_SLACK_NS 100000000ull /* 100 ms */
 
 struct ratelimit {
   uint64_t speed; /* bytes per second; 0 = unlimited */

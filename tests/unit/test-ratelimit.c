@@ -72,7 +72,7 @@ test_rate_accuracy (void)
   check_windows (3333333, 512 * KIB, 1 * MS, 0); /* not a divisor of 1e9 */
 }
 
-/* Writeback stalls of 40 ms every 50 chunks (each shorter than the
+/* Writeback stalls of 90 ms every 50 chunks (each shorter than the
  * slack) cost nothing over a window. */
 static void
 test_stalls_are_made_good (void)
@@ -81,7 +81,7 @@ test_stalls_are_made_good (void)
                    .copy_ns = 1 * MS,
                    .oversleep_ns = 50000,
                    .stall_every = 50,
-                   .stall_ns = 40 * MS };
+                   .stall_ns = 90 * MS };
 
   ratelimit_init (&s.rl, 100 * MIB, 0);
   sim_run (&s, 1 * SEC);
