@@ -605,6 +605,14 @@ full_backing_filename (strata_node *node, const char *name)
   return out;
 }
 
+/* The node QEMU describes as "backing-image" and counts in the depth: a
+ * filter's child, or a format's backing node. */
+static strata_node *
+filtered_or_backing (strata_node *node)
+{
+  return node->drv->is_filter ? node->file : node->backing;
+}
+
 static json_t *
 image_info (strata_node *node, bool nested, struct qmp_error *err)
 {
@@ -648,8 +656,8 @@ image_info (strata_node *node, bool nested, struct qmp_error *err)
   if (info.backing_format)
     json_object_set_new (o, "backing-filename-format",
                          json_string (info.backing_format));
-  if (nested && node->backing) {
-    json_t *b = image_info (node->backing, true, err);
+  if (nested && filtered_or_backing (node)) {
+    json_t *b = image_info (filtered_or_backing (node), true, err);
     if (!b) {
       json_decref (o);
       return NULL;
@@ -672,7 +680,8 @@ block_device_info (strata_node *node, bool flat, struct qmp_error *err)
   while (bottom->file)
     bottom = bottom->file;
   /* QEMU counts the chain it described in "image": none when flat. */
-  for (strata_node *b = node->backing; !flat && b; b = b->backing)
+  for (strata_node *b = filtered_or_backing (node); !flat && b;
+       b = filtered_or_backing (b))
     depth++;
   fn = display_filename (node);
   o = json_pack ("{s:s, s:s, s:s?, s:b, s:b, s:s, s:i, s:o, s:i, s:i, s:i,"

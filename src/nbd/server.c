@@ -460,6 +460,15 @@ send_info (struct conn *c, uint32_t opt, struct nbd_export *e,
   return true;
 }
 
+/* C uses export E from now on (taking over the caller's reference). */
+static void
+conn_bind (struct conn *c, struct nbd_export *e)
+{
+  pthread_mutex_lock (&c->srv->lock);
+  c->exp = e;
+  pthread_mutex_unlock (&c->srv->lock);
+}
+
 /* INFO and GO.  Returns -1 to disconnect, 0 to continue, 1 to start
  * transmission. */
 static int
@@ -486,14 +495,17 @@ opt_info_go (struct conn *c, uint32_t opt, const unsigned char *d,
     free (name);
     return ret;
   }
+  /* Bound before the client hears it is: a removal must see it. */
+  if (opt == NBD_OPT_GO)
+    conn_bind (c, e);
   if (!send_info (c, opt, e, reqs, nr) || !opt_reply (c, opt, NBD_REP_ACK,
                                                      NULL, 0)) {
-    export_unref (c->srv, e);
+    if (opt != NBD_OPT_GO)
+      export_unref (c->srv, e);  /* else conn_run drops c->exp's */
     free (name);
     return -1;
   }
   if (opt == NBD_OPT_GO) {
-    c->exp = e;  /* keeps the reference */
     if (!c->ctx_export || strcmp (c->ctx_export, name) != 0)
       c->ctx_base = c->ctx_depth = false;
     ret = 1;
@@ -654,11 +666,9 @@ handle_option (struct conn *c, uint32_t opt, unsigned char *d, uint32_t len)
       return -1;  /* this option has no way to say no */
     be64_store (b, e->size);
     be16_store (b + 8, e->tflags);
-    if (!write_full (c->fd, b, c->no_zeroes ? 10 : sizeof b)) {
-      export_unref (c->srv, e);
+    conn_bind (c, e);  /* keeps the reference; conn_run drops it */
+    if (!write_full (c->fd, b, c->no_zeroes ? 10 : sizeof b))
       return -1;
-    }
-    c->exp = e;  /* keeps the reference */
     if (!c->ctx_export || strcmp (c->ctx_export, name) != 0)
       c->ctx_base = c->ctx_depth = false;
     return 1;
@@ -1550,6 +1560,25 @@ nbd_server_add_export_full (struct nbd_server *srv, const char *name,
   return true;
 }
 
+/* Does a client that has not hung up use E?  A client that closed its
+ * end a moment ago still holds a reference until its reader notices;
+ * it does not make the export busy.  srv->lock held. */
+static bool
+export_has_live_client_locked (struct nbd_server *srv, struct nbd_export *e)
+{
+  for (struct conn *c = srv->conns; c; c = c->next) {
+    struct pollfd pfd = { .fd = c->fd, .events = POLLRDHUP };
+    if (c->exp != e)
+      continue;
+    if (poll (&pfd, 1, 0) == 0
+        || !(pfd.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+      return true;
+  }
+  /* Other references are options (INFO, meta contexts) being answered
+   * in a handshake: not clients of the export yet. */
+  return false;
+}
+
 bool
 nbd_server_remove_export (struct nbd_server *srv, const char *name,
                           bool hard, strata_error **errp)
@@ -1564,7 +1593,7 @@ nbd_server_remove_export (struct nbd_server *srv, const char *name,
     return false;
   }
   e = srv->exports[i];
-  if (e->refs > 1 && !hard) {
+  if (!hard && e->refs > 1 && export_has_live_client_locked (srv, e)) {
     pthread_mutex_unlock (&srv->lock);
     error_set (errp, EBUSY, "export '%s' still in use", name);
     return false;

@@ -138,6 +138,13 @@ def nested_sequence(p):
     ]
 
 
+def filter_sequence(p):
+    return by_name_sequence(p) + [
+        ("blockdev-add", {"driver": "copy-on-read", "node-name": "cor",
+                          "file": "top"}),
+    ]
+
+
 def run_sequence(mon, seq):
     replies = [mon.cmd(c, **a) for c, a in seq]
     replies.append(mon.cmd("query-named-block-nodes"))
@@ -160,7 +167,8 @@ def compare(theirs, ours):
             assert o == t
 
 
-@pytest.mark.parametrize("sequence", [by_name_sequence, nested_sequence])
+@pytest.mark.parametrize("sequence", [by_name_sequence, nested_sequence,
+                                      filter_sequence])
 def test_chain_matches_qsd(tmp_path, chain, sequence):
     seq = sequence(chain)
     m = qsd(tmp_path)
