@@ -36,14 +36,6 @@ static const char qcow2_amend_help[]
       "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
       "  size=<size>            - Virtual disk size\n";
 
-/* Keys qemu-img knows for qcow2 (amendable or creation-only); any other
- * is "Invalid parameter". */
-static const char *const qcow2_keys[] = {
-  "backing_file",     "backing_fmt",   "compat",       "lazy_refcounts",
-  "refcount_bits",    "size",          "cluster_size", "extended_l2",
-  "compression_type", "preallocation", NULL,
-};
-
 static bool
 has_help (const char *options)
 {
@@ -57,25 +49,80 @@ has_help (const char *options)
   return false;
 }
 
-/* The first key of OPTIONS that qemu-img would not know, or NULL. */
-static char *
-unknown_key (const char *options)
+/* What qemu-img's qcow2 can amend, and what it only knows at creation. */
+static const char *const amend_keys[] = {
+  "backing_file",   "backing_fmt",   "compat", "data_file", "data_file_raw",
+  "lazy_refcounts", "refcount_bits", "size",   NULL,
+};
+static const char *const create_only_keys[] = {
+  "cluster_size",
+  "extended_l2",
+  "compression_type",
+  "preallocation",
+  "encryption",
+  "encrypt.format",
+  NULL,
+};
+
+static bool
+in_list (const char *const *list, const char *key)
+{
+  if (!strncmp (key, "encrypt.", 8) && strcmp (key, "encrypt.format"))
+    return list == amend_keys;
+  for (; *list; list++)
+    if (!strcmp (*list, key))
+      return true;
+  return false;
+}
+
+/* qemu-img's checks of the keys, before the driver sees them: the first
+ * key it cannot amend is an "Invalid parameter" (with a hint when every
+ * key is at least a creation option); the external data file and
+ * encryption options strata's qcow2 does not have are refused as QEMU
+ * refuses them on such an image, after a bad compat value.  Returns true
+ * when the options may go to the driver. */
+static bool
+keys_ok (const char *options)
 {
   CLEANUP_FREE char *copy = strdup (options);
+  const char *bad = NULL, *refused = NULL, *compat = NULL;
+  bool all_create = true;
   char *save = NULL;
 
   for (char *t = copy ? strtok_r (copy, ",", &save) : NULL; t;
        t = strtok_r (NULL, ",", &save)) {
-    const char *const *k = qcow2_keys;
     char *eq = strchr (t, '=');
     if (eq)
       *eq = 0;
-    while (*k && strcmp (*k, t))
-      k++;
-    if (!*k)
-      return strdup (t);
+    if (!in_list (amend_keys, t) && !bad)
+      bad = t;
+    if (!in_list (amend_keys, t) && !in_list (create_only_keys, t))
+      all_create = false;
+    if (!strcmp (t, "compat"))
+      compat = eq ? eq + 1 : "";
+    if (!refused
+        && (!strncmp (t, "data_file", 9) || !strncmp (t, "encrypt.", 8)))
+      refused = t;
   }
-  return NULL;
+  if (bad) {
+    fprintf (stderr, "%s: Invalid parameter '%s'\n%s", progname, bad,
+             all_create ? "This option is only supported for image creation\n"
+                        : "");
+    return false;
+  }
+  if (!refused)
+    return true;
+  if (compat && strcmp (compat, "0.10") && strcmp (compat, "v2")
+      && strcmp (compat, "1.1") && strcmp (compat, "v3"))
+    fprintf (stderr, "%s: Unknown compatibility level %s\n", progname, compat);
+  else if (!strcmp (refused, "data_file"))
+    fail_msg ("data-file can only be set for images that use an external "
+              "data file");
+  else if (!strcmp (refused, "data_file_raw"))
+    fail_msg ("data-file-raw cannot be set on existing images");
+  else
+    fail_msg ("Can't amend encryption options - encryption not present");
+  return false;
 }
 
 static void
@@ -108,7 +155,6 @@ amend (const char *file, const char *fmt, const char *options, bool show)
 {
   struct strata_info info;
   strata_error *err = NULL;
-  CLEANUP_FREE char *bad = NULL;
   strata_node *n = open_image (file, fmt, false, true, NULL);
   int ret = 1;
 
@@ -125,9 +171,7 @@ amend (const char *file, const char *fmt, const char *options, bool show)
     printf ("%s", qcow2_amend_help);
     ret = 0;
   }
-  else if ((bad = unknown_key (options)))
-    fprintf (stderr, "%s: Invalid parameter '%s'\n", progname, bad);
-  else {
+  else if (keys_ok (options)) {
     progress (show, false);
     if (!strata_amend (n, options, &err))
       fail_err (err);
