@@ -195,3 +195,41 @@ def test_refusals_that_would_rewrite_data(tmp_path, why):
     assert p.returncode == 1 and err.startswith("strata-img: ")
     assert "\n" not in err and "strata does not" in err, err
     assert file_state(img) == before
+
+
+@pytest.mark.parametrize("copts,args", [
+    ({}, ["-o", "compat=0.10"]),
+    ({"compat": "0.10"}, ["-o", "compat=1.1,lazy_refcounts=on"]),
+])
+def test_crash_points(tmp_path, copts, args):
+    """A power failure before any write or flush of an amend leaves an
+    image qemu-img check finds consistent, of the old or the new version,
+    with the same guest data."""
+    import os
+    from conftest import need
+    from test_qcow2_crash import crash_env
+    shim_so = tmp_path / "crash.so"
+    run(need("cc", "gcc"), "-shared", "-fPIC", "-O1", "-o", shim_so,
+        os.path.join(os.path.dirname(__file__), "qcow2_crash_shim.c"), "-ldl")
+    orig = tmp_path / "orig.qcow2"
+    ops = ("write -z -u 4M 1M",) if "compat" not in copts else ()
+    m = build(orig, copts, ops)
+    run(qemu_img(), "snapshot", "-c", "s", str(orig))
+    img, count = tmp_path / "img.qcow2", tmp_path / "count"
+    shutil.copy(orig, img)
+    run(binary("strata-img"), "amend", *args, img,
+        env=crash_env(str(shim_so), img, CRASH_COUNT=count))
+    total = int(count.read_text().split()[0])
+    for n in range(1, total + 1):
+        for lose in (0, 1, 3):
+            shutil.copy(orig, img)
+            p = run(binary("strata-img"), "amend", *args, img, check=False,
+                    env=crash_env(str(shim_so), img, CRASH_AT=n,
+                                  CRASH_LOSE=lose))
+            where = f"crash before event {n}/{total} (lose={lose})"
+            assert p.returncode == 99, (where, p.stderr)
+            c = run(qemu_img(), "check", img, check=False)
+            assert c.returncode in (0, 3) and "ERROR" not in (
+                c.stdout + c.stderr), f"{where}:\n{c.stdout}{c.stderr}"
+            assert header(img)["version"] in (2, 3)
+            check_reads(qio, img, m)
