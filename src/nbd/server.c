@@ -965,11 +965,14 @@ do_read (struct conn *c, struct job *j)
    * other extents, the last one flagged DONE.  Past NBD_MAX_EXTENTS the
    * rest is one data chunk.  A small read is one data chunk: looking for
    * holes would cost more than sending its zeros. */
-  ext = malloc (sizeof *ext * (NBD_MAX_EXTENTS + 1));
-  if (!ext)
-    return NULL;
-  if (j->len <= NBD_SPARSE_MIN)
+  struct strata_extent one;
+
+  if (j->len <= NBD_SPARSE_MIN) {
+    ext = &one;  /* filled in below: the whole read is data */
     n = 0;
+  }
+  else if (!(ext = malloc (sizeof *ext * (NBD_MAX_EXTENTS + 1))))
+    return NULL;
   else {
     /* What a format knows to be zero becomes a hole chunk; its data
      * clusters are not checked for holes in the file (lseek per cluster
@@ -977,7 +980,8 @@ do_read (struct conn *c, struct job *j)
     n = get_extents (node, j->offset, j->len, ext, NBD_MAX_EXTENTS,
                      STRATA_BS_SHALLOW);
     if (n < 0) {
-      free (ext);
+      if (ext != &one)
+        free (ext);
       return error_reply (c, j, -n);
     }
   }
@@ -1003,7 +1007,8 @@ do_read (struct conn *c, struct job *j)
   }
   r = reply_new ((size_t) j->len + (size_t) n * 32);
   if (!r) {
-    free (ext);
+    if (ext != &one)
+      free (ext);
     return NULL;
   }
   p = r->data;
@@ -1023,14 +1028,16 @@ do_read (struct conn *c, struct job *j)
       err = strata_pread (node, p + 28, l, off, 0);
       if (err < 0) {
         free (r);
-        free (ext);
+        if (ext != &one)
+          free (ext);
         return error_reply (c, j, -err);
       }
       p += 28 + l;
     }
     off += l;
   }
-  free (ext);
+  if (ext != &one)
+    free (ext);
   r->len = (size_t) (p - r->data);
   return r;
 }
