@@ -56,6 +56,13 @@ struct source {
   uint64_t base; /* offset of its first byte in the copy */
   uint64_t size; /* rounded up to whole sectors, as qemu-img */
   uint64_t real; /* the image's own length */
+  /* qemu-img's chunking, which zero detection depends on: QEMU's qcow2
+   * answers block status up to the end of one L2 table's span at most
+   * (spans[k] for layer k of the chain, 0 for other formats), and
+   * qemu-img trims each answer to the top image's cluster size (align). */
+  uint64_t *spans;
+  int nlayers;
+  uint64_t align;
 };
 
 struct chunk {
@@ -223,6 +230,25 @@ source_at (struct convert *c, uint64_t off)
   return &c->src[i];
 }
 
+/* E's length as qemu-img's chunking would cut it at LOCAL in S: at the
+ * L2 span boundaries of every qcow2 layer consulted (the top one alone
+ * with -B), then down to the top's cluster alignment when longer. */
+static uint64_t
+qemu_extent (const struct convert *c, const struct source *s, uint64_t local,
+             const struct strata_extent *e)
+{
+  int last = c->backing_mode ? 0 : MIN (e->depth, s->nlayers - 1);
+  uint64_t len = e->length, tail;
+
+  for (int k = 0; k <= last; k++)
+    if (s->spans[k])
+      len = MIN (len, ROUND_UP (local + 1, s->spans[k]) - local);
+  tail = (local + len) % s->align;
+  if (len > tail)
+    len -= tail;
+  return len;
+}
+
 /* Block status of the copy at C->next, cached in status/status_end;
  * LOCKED.  Returns 0 or a negative errno. */
 static int
@@ -242,7 +268,7 @@ refresh_status_locked (struct convert *c)
   r = strata_block_status (s->node, local, s->real - local, &e, 0);
   if (r < 0)
     return r;
-  c->status_end = c->next + e.length;
+  c->status_end = c->next + qemu_extent (c, s, local, &e);
   if (c->backing_mode && e.depth > 0)
     c->status = ST_BACKING; /* below the top layer */
   else if (e.flags & STRATA_BS_ZERO)
@@ -802,6 +828,38 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
   return 0;
 }
 
+/* Record each layer's L2 span and the top's alignment (see struct
+ * source). */
+static bool
+source_layers (struct source *s)
+{
+  int n = 0;
+
+  for (strata_node *l = s->node; l; l = strata_backing (l))
+    n++;
+  if (!(s->spans = calloc (n, sizeof *s->spans)))
+    return false;
+  s->nlayers = n;
+  s->align = SECTOR;
+  n = 0;
+  for (strata_node *l = s->node; l; l = strata_backing (l), n++) {
+    struct strata_info info;
+    strata_error *err = NULL;
+    uint64_t cs;
+
+    if (!strata_get_info (l, &info, 0, &err)) {
+      strata_error_free (err);
+      continue;
+    }
+    cs = info.cluster_size;
+    if (cs && strcmp (info.format, "qcow2") == 0)
+      s->spans[n] = cs * (cs / (info.qcow2.extended_l2 ? 16 : 8));
+    if (n == 0 && cs > s->align)
+      s->align = cs;
+  }
+  return true;
+}
+
 /* Open the sources (SRC...) and add up their sizes. */
 static bool
 open_sources (struct convert *c, char **names, int n,
@@ -837,6 +895,10 @@ open_sources (struct convert *c, char **names, int n,
     c->src[i].real = len;
     c->src[i].size = ROUND_UP ((uint64_t)len, SECTOR);
     c->total += c->src[i].size;
+    if (!source_layers (&c->src[i])) {
+      fail_msg ("out of memory");
+      return false;
+    }
   }
   return true;
 }
@@ -921,8 +983,10 @@ cmd_convert (int argc, char **argv)
 out:
   if (c.dst)
     strata_close (c.dst);
-  for (int i = 0; i < c.nsrc; i++)
+  for (int i = 0; i < c.nsrc; i++) {
     strata_close (c.src[i].node);
+    free (c.src[i].spans);
+  }
   free (c.src);
   free (a.options);
   free (a.opt_backing);
