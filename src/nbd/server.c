@@ -1114,6 +1114,16 @@ do_block_status (struct conn *c, struct job *j)
   return r;
 }
 
+static bool
+buffer_is_zero (const unsigned char *p, size_t len)
+{
+  /* First bytes, then the rest against itself shifted by 16. */
+  static const unsigned char zero[16];
+  if (len < 16)
+    return len == 0 || (p[0] == 0 && memcmp (p, p + 1, len - 1) == 0);
+  return memcmp (p, zero, 16) == 0 && memcmp (p, p + 16, len - 16) == 0;
+}
+
 /* FAST_ZERO: fast only when there is nothing to do. */
 static int
 fast_zero (strata_node *node, uint64_t offset, uint64_t len)
@@ -1145,7 +1155,13 @@ run_job (struct conn *c, struct job *j)
   case NBD_CMD_BLOCK_STATUS:
     return do_block_status (c, j);
   case NBD_CMD_WRITE:
-    r = strata_pwrite (e->node, j->payload, j->len, j->offset, fua);
+    if (e->flags.detect_zeroes != ZEROES_OFF
+        && buffer_is_zero (j->payload, j->len))
+      r = strata_pwrite_zeroes (e->node, j->offset, j->len,
+                                fua | (e->flags.detect_zeroes == ZEROES_UNMAP
+                                           ? STRATA_REQ_MAY_UNMAP : 0));
+    else
+      r = strata_pwrite (e->node, j->payload, j->len, j->offset, fua);
     break;
   case NBD_CMD_FLUSH:
     r = strata_flush (e->node, 0);

@@ -24,6 +24,9 @@ struct nbd_export_flags {
   bool discard;           /* TRIM and WRITE_ZEROES may unmap; else TRIM is
                            * a successful no-op (qemu-nbd --discard=ignore) */
   bool writethrough;      /* every write is FUA (cache=writethrough) */
+  /* detect-zeroes: a WRITE whose payload is all zeros is done as
+   * WRITE_ZEROES (ZEROES_UNMAP: which may unmap, needs DISCARD). */
+  enum { ZEROES_OFF, ZEROES_ON, ZEROES_UNMAP } detect_zeroes;
 };
 
 /* A server with no exports and its worker pool.  Freed by

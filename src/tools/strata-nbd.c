@@ -2,7 +2,7 @@
  *
  *   strata-nbd [-f FMT] [-x NAME] [-D DESC] (-k SOCKET | [-b ADDR] [-p PORT])
  *              [-r] [-t] [-e N] [-A] [--cache MODE] [--discard MODE]
- *              [--detect-zeroes off] [--fork] [--pid-file FILE] [-U] FILE
+ *              [--detect-zeroes off|on|unmap] [--fork] [--pid-file FILE] [-U] FILE
  *
  * Without -t the server exits once the last client has disconnected, as
  * qemu-nbd does.  Every client shares the one open node, so a writable
@@ -45,7 +45,9 @@ usage (FILE *f)
     "      --cache MODE       none, writeback (default), writethrough,\n"
     "                         directsync or unsafe\n"
     "      --discard MODE     ignore (default) or unmap\n"
-    "      --detect-zeroes M  off (only)\n"
+    "      --detect-zeroes M  off (default), on or unmap (needs\n"
+    "                         --discard=unmap): all-zero writes become\n"
+    "                         write-zeroes\n"
     "      --fork             go to the background once listening\n"
     "      --pid-file FILE    write the server's PID to FILE\n"
     "  -U, --force-share      open read-only without taking locks\n"
@@ -152,9 +154,15 @@ main (int argc, char **argv)
       }
       break;
     case OPT_DETECT_ZEROES:
-      if (strcmp (optarg, "off") != 0) {
-        fprintf (stderr, "%s: --detect-zeroes=%s is not supported\n",
-                 progname, optarg);
+      if (strcmp (optarg, "off") == 0)
+        ef.detect_zeroes = ZEROES_OFF;
+      else if (strcmp (optarg, "on") == 0)
+        ef.detect_zeroes = ZEROES_ON;
+      else if (strcmp (optarg, "unmap") == 0)
+        ef.detect_zeroes = ZEROES_UNMAP;
+      else {
+        fprintf (stderr, "%s: Failed to parse detect_zeroes mode: invalid "
+                 "parameter value: %s\n", progname, optarg);
         return 1;
       }
       break;
@@ -168,6 +176,11 @@ main (int argc, char **argv)
   if (optind != argc - 1) {
     fprintf (stderr, "%s: %s\n", progname,
              optind == argc ? "no image file given" : "too many arguments");
+    return 1;
+  }
+  if (ef.detect_zeroes == ZEROES_UNMAP && !ef.discard) {
+    fprintf (stderr, "%s: setting detect-zeroes to unmap is not allowed "
+             "without setting discard operation to unmap\n", progname);
     return 1;
   }
   if (force_share && ef.writable) {

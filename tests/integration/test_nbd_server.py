@@ -427,3 +427,49 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.parametrize("mode,discard,zero,data", [
+    ("off", "ignore", False, True),
+    ("on", "ignore", True, False),
+    ("unmap", "unmap", True, False),
+])
+def test_detect_zeroes(tmp_path, mode, discard, zero, data):
+    """An all-zero WRITE becomes a zero cluster with --detect-zeroes, as
+    with qemu-nbd; qemu-img map tells which."""
+    img = tmp_path / "z.qcow2"
+    run(need("qemu-img", "qemu-utils"), "create", "-q", "-f", "qcow2",
+        str(img), "4M")
+    sock = str(tmp_path / "z.sock")
+    p = subprocess.Popen([binary("strata-nbd"), "-f", "qcow2", "-k", sock,
+                          f"--detect-zeroes={mode}", f"--discard={discard}",
+                          str(img)], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.025)
+        run(need("qemu-io", "qemu-utils"), "-f", "raw", "-c",
+            "write -P 0 0 1M", f"nbd+unix:///?socket={sock}")
+    finally:
+        assert p.wait(timeout=30) == 0, p.stderr.read()
+        p.stderr.close()
+    m = json.loads(run(need("qemu-img", "qemu-utils"), "map",
+                       "--output=json", str(img)).stdout)
+    assert m[0]["start"] == 0 and m[0]["length"] >= 1 << 20
+    assert m[0]["zero"] is zero and m[0]["data"] is data
+
+
+def test_detect_zeroes_refusals(tmp_path):
+    img = tmp_path / "z.qcow2"
+    run(need("qemu-img", "qemu-utils"), "create", "-q", "-f", "qcow2",
+        str(img), "1M")
+    for args, qemu_args in [(["--detect-zeroes=bogus"], ["--detect-zeroes=bogus"]),
+                            (["--detect-zeroes=unmap"], ["--detect-zeroes=unmap"])]:
+        ours = subprocess.run([binary("strata-nbd"), *args, str(img)],
+                              capture_output=True, text=True, timeout=30)
+        theirs = subprocess.run([need("qemu-nbd", "qemu-utils"), *qemu_args,
+                                 str(img)], capture_output=True, text=True,
+                                timeout=30)
+        assert ours.returncode == theirs.returncode == 1
+        assert ours.stderr.split(": ", 1)[1] == theirs.stderr.split(": ", 1)[1]
