@@ -163,3 +163,40 @@ def test_measure_bad_input(sources, args):
         assert qfirst.split("'")[1] in sfirst
     else:
         assert sfirst == qfirst
+
+
+def random_chain(d, rnd, size):
+    """A 1- to 3-deep qcow2 chain with random cluster sizes and random
+    data, zero, compressed and partial-cluster zero writes (which punch
+    holes in the file and can make QEMU take the image for preallocated).
+    Returns the top's name."""
+    qio = need("qemu-io", "qemu-utils")
+    backing = None
+    for i in range(rnd.choice([1, 2, 3])):
+        img = d / f"l{i}.qcow2"
+        args = ["-o", f"cluster_size={rnd.choice(['512', '4k', '64k'])}"]
+        if backing:
+            args += ["-b", backing, "-F", "qcow2"]
+        run(QEMU_IMG, "create", "-q", "-f", "qcow2", *args, img, str(size))
+        cmds = []
+        for c in rnd.sample(range(size // 65536), rnd.randrange(0, 3)):
+            cmds += ["-c", f"write -c -P 9 {c * 65536} 65536"]
+        for _ in range(10):
+            off = rnd.randrange(0, size // 512 - 1) * 512
+            length = min(rnd.randrange(1, 600) * 512, size - off)
+            kind = rnd.choice(["-P 7", "-z", "-P 0"])
+            cmds += ["-c", f"write {kind} {off} {length}"]
+        run(qio, *cmds, img)
+        backing = img.name
+    return backing
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_measure_random_chains(tmp_path, seed):
+    import random
+    rnd = random.Random(seed)
+    top = random_chain(tmp_path, rnd, 8 << 20)
+    for opts in ["cluster_size=512", "cluster_size=4k", "cluster_size=64k",
+                 "extended_l2=on"]:
+        assert_same("-O", "qcow2", "-o", opts, "--output=json", top,
+                    cwd=tmp_path)

@@ -23,6 +23,8 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "drivers/qcow2/qcow2.h"
@@ -145,12 +147,87 @@ full_size (uint64_t vsize, const struct measure_params *p)
   return meta + vsize;
 }
 
+/* The layers of a source's chain (filters skipped), and for each whether
+ * QEMU 7.2 asks the file below about its data clusters. */
+struct chain {
+  strata_node **layer;
+  bool *refine;
+  int n;
+};
+
+/* QEMU 7.2 consults the file under a qcow2 data cluster only when it takes
+ * the image for metadata-preallocated: when at least max(real * 10 / 9,
+ * real + 2) clusters of the file have a refcount, REAL being the clusters
+ * the file really allocates on the host. */
+static bool
+looks_preallocated (strata_node *node)
+{
+  struct qcow2_state *s = node->opaque;
+  struct strata_info fi;
+  strata_error *err = NULL;
+  uint64_t real, threshold, end, count = 0;
+  int64_t flen = node_length (node->file);
+
+  if (flen < 0 || !strata_get_info (node->file, &fi, 0, &err)) {
+    strata_error_free (err);
+    return false;
+  }
+  real = fi.actual_size / s->cluster_size;
+  threshold = MAX (real * 10 / 9, real + 2);
+  end = ((uint64_t)flen + s->cluster_size - 1) / s->cluster_size;
+  pthread_mutex_lock (&node->lock);
+  for (uint64_t i = 0; i < end && count < threshold; i++) {
+    uint64_t rc;
+    if (qcow2_refcount_get_locked (node, i, &rc) < 0)
+      break;
+    count += rc != 0;
+  }
+  pthread_mutex_unlock (&node->lock);
+  return count >= threshold;
+}
+
+static void
+chain_free (struct chain *c)
+{
+  free (c->layer);
+  free (c->refine);
+}
+
+static int
+chain_init (struct chain *c, strata_node *node)
+{
+  int n = 0;
+
+  for (strata_node *l = node; l; l = l->backing, n++) {
+    while (l->drv->is_filter && l->file)
+      l = l->file;
+    if (n > QCOW2_MAX_CHAIN_DEPTH)
+      return io_error (ELOOP, "%s: backing chain too deep", node->filename);
+  }
+  c->layer = calloc (n, sizeof *c->layer);
+  c->refine = calloc (n, sizeof *c->refine);
+  if (!c->layer || !c->refine)
+    return io_error (ENOMEM, "out of memory");
+  c->n = n;
+  n = 0;
+  for (strata_node *l = node; l; l = l->backing, n++) {
+    while (l->drv->is_filter && l->file)
+      l = l->file;
+    c->layer[n] = l;
+    c->refine[n] = strcmp (l->drv->name, "qcow2") == 0 && l->file
+                   && looks_preallocated (l);
+  }
+  return 0;
+}
+
 /* One layer's status as QEMU 7.2 reports it to qemu-img measure: the
  * file below is consulted only when the driver asks (BS_RECURSE, as raw
- * does), so a qcow2 data cluster counts even where its host cluster is a
- * hole.  node_block_status refines every answer, hence the direct call. */
+ * does) or, for qcow2 data, when REFINE says so; otherwise a qcow2 data
+ * cluster counts even where its host cluster is a hole.  node_block_status
+ * refines every answer, hence the direct call. */
 static int
-layer_status (strata_node *node, uint64_t off, uint64_t len, struct bstat *bs)
+layer_status (strata_node *node, bool refine, uint64_t off, uint64_t len,
+              struct bstat *bs)
 {
   int r;
 
@@ -165,32 +242,31 @@ layer_status (strata_node *node, uint64_t off, uint64_t len, struct bstat *bs)
                      "%s: block status answered %" PRIu64 " bytes of "
                      "%" PRIu64,
                      node->filename, bs->pnum, len);
-  if (bs->flags & BS_RECURSE)
+  if ((bs->flags & BS_RECURSE)
+      || (refine && (bs->flags & BS_DATA) && !(bs->flags & BS_ZERO)
+          && (bs->flags & BS_OFFSET)))
     return node_block_status (node, off, bs->pnum, bs);
   return 0;
 }
 
-/* Status of [OFF, OFF+LEN) through SRC's backing chain: *FLAGS gets
- * BS_DATA for allocated data, BS_ZERO for zeros (unallocated at the
- * bottom included), *PNUM the bytes it covers. */
+/* Status of [OFF, OFF+LEN) through the chain: *FLAGS gets BS_DATA for
+ * allocated data, BS_ZERO for zeros (unallocated at the bottom included),
+ * *PNUM the bytes it covers. */
 static int
-chain_status (strata_node *node, uint64_t off, uint64_t len, unsigned *flags,
-              uint64_t *pnum)
+chain_status (const struct chain *c, uint64_t off, uint64_t len,
+              unsigned *flags, uint64_t *pnum)
 {
-  for (int depth = 0; node; depth++) {
+  for (int k = 0; k < c->n; k++) {
     struct bstat bs;
-    int64_t size;
+    int64_t size = node_length (c->layer[k]);
     int r;
 
-    while (node->drv->is_filter && node->file)
-      node = node->file;
-    size = node_length (node);
     if (size < 0)
       return (int)size;
     if ((uint64_t)size <= off)
       break; /* past the end of a shorter backing file */
     len = MIN (len, (uint64_t)size - off);
-    r = layer_status (node, off, len, &bs);
+    r = layer_status (c->layer[k], c->refine[k], off, len, &bs);
     if (r < 0)
       return r;
     len = bs.pnum;
@@ -199,9 +275,6 @@ chain_status (strata_node *node, uint64_t off, uint64_t len, unsigned *flags,
       *pnum = len;
       return 0;
     }
-    if (depth >= QCOW2_MAX_CHAIN_DEPTH)
-      return io_error (ELOOP, "%s: backing chain too deep", node->filename);
-    node = node->backing;
   }
   *flags = BS_ZERO;
   *pnum = len;
@@ -214,15 +287,17 @@ chain_status (strata_node *node, uint64_t off, uint64_t len, unsigned *flags,
 static int
 allocated_data (strata_node *src, uint64_t size, uint64_t csize, uint64_t *out)
 {
+  struct chain c = { 0 };
   uint64_t off = 0, n = 0;
+  int r = chain_init (&c, src);
 
-  while (off < size) {
+  while (r == 0 && off < size) {
     uint64_t pnum = 0;
     unsigned flags = 0;
-    int r = chain_status (src, off, size - off, &flags, &pnum);
 
+    r = chain_status (&c, off, size - off, &flags, &pnum);
     if (r < 0)
-      return r;
+      break;
     if (!(flags & BS_ZERO) && (flags & BS_DATA)) {
       uint64_t end = ROUND_UP (off + pnum, csize);
       n += end - ROUND_DOWN (off, csize);
@@ -231,8 +306,9 @@ allocated_data (strata_node *src, uint64_t size, uint64_t csize, uint64_t *out)
     else
       off += pnum;
   }
+  chain_free (&c);
   *out = n;
-  return 0;
+  return r;
 }
 
 bool
