@@ -73,6 +73,14 @@ CASES = [
     ({}, ["-o", "size=128M"], ()),
     ({}, ["-o", "size=32M"], ()),
     ({}, ["-o", "refcount_bits=16"], ()),
+    # refcount width changes (compressed clusters span host clusters)
+    ({}, ["-o", "refcount_bits=8"], ("write -c 2M 128k",)),
+    ({}, ["-o", "refcount_bits=64"], ("write -c 2M 128k",)),
+    ({}, ["-o", "refcount_bits=1"], ()),
+    ({"cluster_size": "512"}, ["-o", "refcount_bits=64"], ()),
+    ({"refcount_bits": "8"}, ["-o", "compat=0.10,refcount_bits=16"], ()),
+    ({"compat": "0.10"}, ["-o", "compat=1.1,refcount_bits=4"], ()),
+    ({}, ["-o", "refcount_bits=2,size=128M"], ()),
     ({}, ["-p", "-o", "compat=0.10"], ()),
     ({}, ["-q", "-p", "-o", "compat=0.10"], ()),
     ({}, ["-o", "help"], ()),
@@ -175,19 +183,16 @@ def test_downgrade_converts_snapshot_tables(tmp_path):
     check_reads(qio, img, m)
 
 
-@pytest.mark.parametrize("why", ["backing", "preallocated", "refcount_bits"])
+@pytest.mark.parametrize("why", ["backing", "preallocated"])
 def test_refusals_that_would_rewrite_data(tmp_path, why):
     img = tmp_path / "a.qcow2"
     if why == "backing":
         create(tmp_path / "b.qcow2", 64 * MiB)
         build(img, {}, ("write -z 0 64k",), backing="b.qcow2")
         args = ["-o", "compat=0.10"]
-    elif why == "preallocated":
+    else:
         build(img, {}, ("write -z 0 64k",))   # keeps its host cluster
         args = ["-o", "compat=0.10"]
-    else:
-        build(img, {})
-        args = ["-o", "refcount_bits=8"]
     before = file_state(img)
     p = run(binary("strata-img"), "amend", *args, img.name, cwd=tmp_path,
             check=False)
@@ -200,6 +205,7 @@ def test_refusals_that_would_rewrite_data(tmp_path, why):
 @pytest.mark.parametrize("copts,args", [
     ({}, ["-o", "compat=0.10"]),
     ({"compat": "0.10"}, ["-o", "compat=1.1,lazy_refcounts=on"]),
+    ({}, ["-o", "refcount_bits=4"]),
 ])
 def test_crash_points(tmp_path, copts, args):
     """A power failure before any write or flush of an amend leaves an
@@ -233,3 +239,33 @@ def test_crash_points(tmp_path, copts, args):
                 c.stdout + c.stderr), f"{where}:\n{c.stdout}{c.stderr}"
             assert header(img)["version"] in (2, 3)
             check_reads(qio, img, m)
+
+
+def test_refcount_width_with_snapshots(tmp_path):
+    """Shared clusters keep their counts across widths; a width too narrow
+    for them is refused as qemu-img refuses it, the file untouched."""
+    img = tmp_path / "a.qcow2"
+    m = build(img, {})
+    run(qemu_img(), "snapshot", "-c", "s", str(img))
+    before = file_state(img)
+    q = run(qemu_img(), "amend", "-o", "refcount_bits=1", str(img),
+            check=False)
+    assert file_state(img) == before
+    s = run(binary("strata-img"), "amend", "-o", "refcount_bits=1", str(img),
+            check=False)
+    assert s.returncode == q.returncode == 1
+    assert s.stderr.replace("strata-img", "qemu-img") == q.stderr
+    assert file_state(img) == before
+    for bits in ("2", "64", "16"):
+        run(binary("strata-img"), "amend", "-o", f"refcount_bits={bits}",
+            str(img))
+        qemu_check(img)
+        assert info(img)["format-specific"]["data"]["refcount-bits"] == int(
+            bits)
+    m2 = Model(64 * MiB, m)
+    run(binary("strata-io"), "-f", "qcow2", "-c", m2.write(0, 128 * 1024, 0x5),
+        str(img))
+    qemu_check(img)
+    check_reads(qio, img, m2)
+    run(qemu_img(), "snapshot", "-a", "s", str(img))
+    check_reads(qio, img, m)

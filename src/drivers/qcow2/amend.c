@@ -8,6 +8,12 @@
  *                         exact either way, so nothing else changes);
  *   size=                 resize.c (growing, or shrinking as QEMU's amend
  *                         does, without --shrink);
+ *   refcount_bits=        a new refcount table and blocks of the new width
+ *                         written past the end of the file, covering it
+ *                         and themselves, flushed, then published with one
+ *                         header write (table place and refcount_order),
+ *                         then the old ones freed; refused when a count
+ *                         does not fit, with QEMU's message;
  *   compat=0.10 (last)    refused for incompatible features (extended L2,
  *                         external data file) and refcount widths other
  *                         than 16; zstd is dropped when no cluster is
@@ -15,9 +21,9 @@
  *                         (active and snapshots') become unallocated when
  *                         there is no backing file, which reads the same;
  *                         then the header is rewritten as version 2.
- * Refused, because they need data rewritten (QEMU does rewrite): changing
- * refcount_bits, and downgrading zero clusters that would have to become
- * data (over a backing file, or preallocated ones).
+ * Refused, because data would have to be written (QEMU writes it):
+ * downgrading zero clusters that must become data (over a backing file,
+ * or preallocated ones).
  *
  * The header rewrite is one write from offset 0 of at most a cluster,
  * after everything else is flushed, as backing.c does for a backing file
@@ -156,14 +162,6 @@ check_combination (strata_node *node, const struct amend *a,
                "Refcount widths other than 16 bits require "
                "compatibility level 1.1 or above (use compat=1.1 or "
                "greater)");
-    return false;
-  }
-  if (a->refcount_bits && a->refcount_bits != s->refcount_bits) {
-    error_set (errp, ENOTSUP,
-               "%s: changing refcount_bits (from %" PRIu32 " to %" PRIu64
-               ") would rewrite every refcount block; strata "
-               "does not do it",
-               node->filename, s->refcount_bits, a->refcount_bits);
     return false;
   }
   return true;
@@ -420,6 +418,137 @@ upgrade_locked (strata_node *node, bool to_v3, int lazy, strata_error **errp)
   return true;
 }
 
+/* ---- refcount width ---- */
+
+/* The refcount of every host cluster below the end of the file. */
+static int
+read_refcounts_locked (strata_node *node, uint64_t n, uint64_t *rc)
+{
+  int r;
+
+  for (uint64_t c = 0; c < n; c++)
+    if ((r = qcow2_refcount_get_locked (node, c, &rc[c])) < 0)
+      return r;
+  return 0;
+}
+
+/* Rewrite the refcount structures with BITS-wide entries: a new table and
+ * blocks covering the whole file (themselves included) written past its
+ * end and flushed, then one header write of the table's place and
+ * refcount_order, then the old table and blocks freed in the new ones.
+ * A crash leaks the new or the old structures at worst. */
+static bool
+change_width_locked (strata_node *node, uint32_t bits, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  struct qcow2_state w = { .refcount_bits = bits };
+  uint64_t cs = s->cluster_size, per_cl = cs / 8, rpb = cs * 8 / bits;
+  uint64_t n = s->file_end >> s->cluster_bits, T = 1, K = 1, total, max;
+  uint64_t old_off = s->rt_offset, old_cl = s->rt_clusters, old_n;
+  CLEANUP_FREE uint64_t *rc = NULL, *old_rt = NULL;
+  CLEANUP_FREE uint8_t *blocks = NULL, *table = NULL;
+  uint64_t *rt = NULL;
+  uint8_t h[52];
+  const char *m;
+  int r;
+
+  max = bits == 64 ? UINT64_MAX : (1ull << bits) - 1;
+  for (int i = 0; i < 64; i++) { /* the structures cover themselves */
+    total = n + T + K;
+    K = (total + rpb - 1) / rpb;
+    T = (K + per_cl - 1) / per_cl;
+  }
+  total = n + T + K;
+  if (T * cs > QCOW2_MAX_REFTABLE_BYTES) {
+    error_set (errp, EFBIG, "%s: the refcount table would be too large",
+               node->filename);
+    return false;
+  }
+  if (!(rc = calloc (total, sizeof *rc)) || !(blocks = calloc (K, cs))
+      || !(table = calloc (T, cs)) || !(rt = calloc (T * per_cl, 8))) {
+    free (rt);
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  io_error_clear ();
+  if ((r = qcow2_writeback_locked (node)) < 0
+      || (r = node_flush (node->file)) < 0
+      || (r = read_refcounts_locked (node, n, rc)) < 0)
+    goto fail;
+  for (uint64_t c = n; c < total; c++)
+    rc[c] = 1;
+  for (uint64_t c = 0; c < total; c++) {
+    uint64_t first;
+    unsigned len;
+    if (rc[c] > max) {
+      free (rt);
+      error_set (errp, EINVAL,
+                 "Cannot decrease refcount entry width to %" PRIu32
+                 " bits: Cluster at offset 0x%" PRIx64 " has a "
+                 "refcount of %" PRIu64,
+                 bits, c * cs, rc[c]);
+      return false;
+    }
+    qcow2_rc_store (&w, blocks + (c / rpb) * cs, c % rpb, rc[c], &first, &len);
+  }
+  for (uint64_t k = 0; k < K; k++) {
+    rt[k] = (n + T + k) * cs;
+    be64_store (table + k * 8, rt[k]);
+  }
+  /* Bytes 48-99: the table's place, then the fields between it and
+   * refcount_order as they are. */
+  if ((r = node_pread (node->file, 48, h, sizeof h, 0)) < 0
+      || (r = qcow2_overlap_check_locked (node, n * cs, (T + K) * cs, 0,
+                                          "refcount table", UINT64_MAX))
+             < 0
+      || (r = node_pwrite (node->file, n * cs, table, T * cs, 0)) < 0
+      || (r = node_pwrite (node->file, (n + T) * cs, blocks, K * cs, 0)) < 0
+      || (r = node_flush (node->file)) < 0)
+    goto fail;
+  be64_store (h, n * cs);
+  be32_store (h + 8, (uint32_t) T);
+  be32_store (h + 48, (uint32_t) __builtin_ctz (bits));
+  if ((r = qcow2_write_header_field (node, 48, h, sizeof h)) < 0
+      || (r = node_flush (node->file)) < 0)
+    goto fail;
+  old_rt = s->rt;
+  old_n = s->rt_entries;
+  s->rt = rt;
+  s->rt_entries = T * per_cl;
+  s->rt_offset = n * cs;
+  s->rt_clusters = (uint32_t) T;
+  s->refcount_order = __builtin_ctz (bits);
+  s->refcount_bits = bits;
+  s->rc_per_block = rpb;
+  s->free_hint = 1;
+  s->file_end = total * cs;
+  qcow2_cache_destroy (&s->rc_cache);
+  if (!qcow2_cache_init (&s->rc_cache, 4, cs)) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  /* Unreferenced now: a failure from here on only leaks them. */
+  for (uint64_t i = 0; i < old_n; i++)
+    if (old_rt[i] & ~0x1ffull)
+      qcow2_refcount_update_locked (node, old_rt[i] & ~0x1ffull, -1);
+  for (uint64_t c = 0; c < old_cl; c++)
+    qcow2_refcount_update_locked (node, old_off + c * cs, -1);
+  return true;
+
+fail:
+  free (rt);
+  m = strata_last_error_message ();
+  error_set (errp, -r, "%s: cannot change the refcount width: %s",
+             node->filename, m && *m ? m : strerror (-r));
+  return false;
+}
+
+static bool
+width_locked (strata_node *node, const void *bits, strata_error **errp)
+{
+  return change_width_locked (node, *(const uint32_t *)bits, errp);
+}
+
 bool
 qcow2_amend (strata_node *node, strata_opts *opts, strata_error **errp)
 {
@@ -439,6 +568,11 @@ qcow2_amend (strata_node *node, strata_opts *opts, strata_error **errp)
     ok = upgrade_locked (node, a.version == 3, a.lazy, errp);
     pthread_mutex_unlock (&node->lock);
     if (!ok)
+      return false;
+  }
+  if (a.refcount_bits && a.refcount_bits != s->refcount_bits) {
+    uint32_t bits = (uint32_t) a.refcount_bits;
+    if (!qcow2_run_exclusive (node, width_locked, &bits, errp))
       return false;
   }
   if (a.has_size && a.size != s->size

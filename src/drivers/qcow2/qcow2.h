@@ -305,6 +305,13 @@ bool qcow2_snapshot_apply (strata_node *node, const char *name,
                            strata_error **errp);
 bool qcow2_snapshot_delete (strata_node *node, const char *name,
                             strata_error **errp);
+/* Run FN (node, ARG, errp) with guest requests drained and kept out,
+ * under node->lock, then rebuild the overlap sets (for operations that
+ * move or free tables). */
+bool qcow2_run_exclusive (strata_node *node,
+                          bool (*fn) (strata_node *, const void *,
+                                      strata_error **),
+                          const void *arg, strata_error **errp);
 /* Every snapshot's L1 table, loaded and checked (for amend): returns the
  * count or a negative errno (io_error); free with qcow2_snapshot_l1s_free. */
 struct qcow2_snapshot_l1 {

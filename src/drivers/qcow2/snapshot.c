@@ -622,12 +622,13 @@ new_id (const struct snap_table *t)
 
 /* ---- the driver operations ---- */
 
-/* Run FN with every guest request drained and kept out, under the lock,
- * and rebuild the overlap sets afterwards (tables moved). */
-static bool
-exclusive (strata_node *node, const char *name,
-           bool (*fn) (strata_node *, const char *, strata_error **),
-           strata_error **errp)
+/* Run FN (node, ARG, errp) with every guest request drained and kept
+ * out, under the lock, and rebuild the overlap sets afterwards (tables
+ * moved or were freed). */
+bool
+qcow2_run_exclusive (strata_node *node,
+                     bool (*fn) (strata_node *, const void *, strata_error **),
+                     const void *arg, strata_error **errp)
 {
   struct qcow2_state *s = node->opaque;
   struct tracked_req req;
@@ -637,7 +638,7 @@ exclusive (strata_node *node, const char *name,
   io_error_clear ();
   tracker_begin (&s->clusters, &req, 0, UINT64_MAX / 2, true);
   pthread_mutex_lock (&node->lock);
-  ok = fn (node, name, errp);
+  ok = fn (node, arg, errp);
   qcow2_overlap_destroy (s);
   if (!qcow2_overlap_init (node, &err)) {
     error_propagate (ok ? errp : NULL, err);
@@ -682,8 +683,9 @@ io_fail (strata_node *node, int r, const char *what, strata_error **errp)
 }
 
 static bool
-create_locked (strata_node *node, const char *name, strata_error **errp)
+create_locked (strata_node *node, const void *arg, strata_error **errp)
 {
+  const char *name = arg;
   struct qcow2_state *s = node->opaque;
   struct snap_table old, t;
   CLEANUP_FREE uint8_t *raw = NULL;
@@ -757,7 +759,7 @@ bool
 qcow2_snapshot_create (strata_node *node, const char *name,
                        strata_error **errp)
 {
-  return exclusive (node, name, create_locked, errp);
+  return qcow2_run_exclusive (node, create_locked, name, errp);
 }
 
 /* Drop the active tree OLD (N entries at OFF) after the header stopped
@@ -774,8 +776,9 @@ drop_old_active_locked (strata_node *node, uint64_t *old, uint64_t n,
 }
 
 static bool
-apply_locked (strata_node *node, const char *name, strata_error **errp)
+apply_locked (strata_node *node, const void *arg, strata_error **errp)
 {
+  const char *name = arg;
   struct qcow2_state *s = node->opaque;
   uint64_t span = s->l2_entries << s->cluster_bits, need, n;
   CLEANUP_FREE uint64_t *sl1 = NULL;
@@ -855,12 +858,13 @@ out:
 bool
 qcow2_snapshot_apply (strata_node *node, const char *name, strata_error **errp)
 {
-  return exclusive (node, name, apply_locked, errp);
+  return qcow2_run_exclusive (node, apply_locked, name, errp);
 }
 
 static bool
-delete_locked (strata_node *node, const char *name, strata_error **errp)
+delete_locked (strata_node *node, const void *arg, strata_error **errp)
 {
+  const char *name = arg;
   struct qcow2_state *s = node->opaque;
   CLEANUP_FREE uint64_t *sl1 = NULL;
   struct snap_table old, t;
@@ -921,7 +925,7 @@ bool
 qcow2_snapshot_delete (strata_node *node, const char *name,
                        strata_error **errp)
 {
-  return exclusive (node, name, delete_locked, errp);
+  return qcow2_run_exclusive (node, delete_locked, name, errp);
 }
 
 int
