@@ -80,7 +80,8 @@ chain_source (struct copy_up *c, uint64_t offset, uint64_t len, uint64_t *pnum,
       return 0;
     }
     len = MIN (len, (uint64_t)size - offset);
-    if ((r = node_block_status (l, offset, len, &bs)) < 0)
+    if ((r = node_block_status_flags (l, offset, len, &bs,
+                                      STRATA_BS_SHALLOW)) < 0)
       return r;
     len = bs.pnum;
     if (bs.flags & BS_ALLOCATED) {
@@ -181,7 +182,8 @@ copy_chunk (struct copy_up *c, uint64_t offset, uint64_t len, bool dry)
     uint64_t n;
     enum source src = SRC_NONE;
 
-    if ((r = node_block_status (c->top, pos, end - pos, &bs)) < 0)
+    if ((r = node_block_status_flags (c->top, pos, end - pos, &bs,
+                                      STRATA_BS_SHALLOW)) < 0)
       return r;
     n = bs.pnum;
     if (!(bs.flags & BS_ALLOCATED)

@@ -136,7 +136,7 @@ cmd_nbd_server_start (json_t *args, struct qmp_error *err)
 {
   static const struct qmp_arg spec[] = {
     { "addr", "object", true }, { "tls-creds", "string", false },
-    { "tls-authz", "string", false }, { "max-connections", "int", false },
+    { "tls-authz", "string", false }, { "max-connections", "any", false },
     { NULL },
   };
   struct nbd_server *srv;
@@ -146,6 +146,12 @@ cmd_nbd_server_start (json_t *args, struct qmp_error *err)
   if (!qmp_args_check (args, spec, err))
     return NULL;
   if ((v = json_object_get (args, "max-connections"))) {
+    /* QEMU's input visitor: a uint32 is read as a uint64 first. */
+    if (!json_is_integer (v)) {
+      qmp_error_set (err, "GenericError", "Parameter 'max-connections' "
+                     "expects uint64");
+      return NULL;
+    }
     max = json_integer_value (v);
     if (max < 0 || max > UINT_MAX) {
       qmp_error_set (err, "GenericError", "Parameter 'max-connections' "
@@ -282,7 +288,7 @@ cmd_block_export_add (json_t *args, struct qmp_error *err)
     { "fixed-iothread", "bool", false }, { "iothread", "string", false },
     { "node-name", "string", true }, { "writable", "bool", false },
     { "writethrough", "bool", false }, { "name", "string", false },
-    { "description", "string", false }, { "bitmaps", "any", false },
+    { "description", "string", false }, { "bitmaps", "array", false },
     { "allocation-depth", "bool", false }, { NULL },
   };
   const char *type, *id, *node_name, *name, *desc;

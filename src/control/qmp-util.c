@@ -46,6 +46,8 @@ type_matches (json_t *v, const char *type)
     return json_is_integer (v);
   if (strcmp (type, "object") == 0)
     return json_is_object (v);
+  if (strcmp (type, "array") == 0)
+    return json_is_array (v);
   if (strcmp (type, "str-or-null") == 0)
     return json_is_string (v) || json_is_null (v);
   return false;
@@ -58,6 +60,8 @@ type_name (const char *type)
     return "string";
   if (strcmp (type, "bool") == 0)
     return "boolean";
+  if (strcmp (type, "int") == 0)
+    return "integer";
   return type;
 }
 

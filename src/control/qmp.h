@@ -62,7 +62,7 @@ void qmp_event_emit (const char *name, json_t *data);
  *   wrong type:  "Invalid parameter type for 'node-name', expected: string"
  *   unknown:     "Parameter 'foo' is unexpected"
  * SPEC is an array of { name, type, required } ended by { NULL }.  Types:
- * "string", "bool", "int", "object", "str-or-null", "any". */
+ * "string", "bool", "int", "object", "array", "str-or-null", "any". */
 struct qmp_arg {
   const char *name;
   const char *type;
