@@ -5,7 +5,10 @@
 #      each daemon on a fresh copy of the top, and strata's ratio;
 #   2. speed 100 MiB/s, then block-job-set-speed to 50 MiB/s: the rate
 #      achieved over a window after each change (the first second skipped);
-#   3. a plain copy of the same bytes (dd with fsync) as the ceiling.
+#   3. a plain copy of the same bytes (dd with fsync) as the ceiling;
+#   4. a guest's 4 KiB random-read p99 latency over stratad's NBD export
+#      (fio, iodepth 1) with no job, during an unlimited stream, and
+#      during one with x-yield-to-guest; and stratad's peak RSS.
 # Caches are warm for everyone (nothing is dropped).
 #   bench/stream-bench.sh [BUILD_DIR]
 #   STREAM_BENCH_SIZE=512M bench/stream-bench.sh   (default 4G)
@@ -95,6 +98,50 @@ for name in daemons:
     print(f"{name:8s} unlimited: {full[name]:7.2f} s  "
           f"({size / MIB / full[name]:7.1f} MiB/s)")
 print(f"ratio stratad/qsd time: {full['stratad'] / full['qsd']:.2f}")
+
+
+def fio_p99(sock, secs=8):
+    out = subprocess.run(
+        ["fio", "--name=g", "--ioengine=nbd",
+         f"--uri=nbd+unix:///top?socket={os.path.abspath(sock)}",
+         "--rw=randread", "--bs=4k", "--iodepth=1", "--time_based",
+         f"--runtime={secs}", f"--size={size}", "--output-format=json"],
+        capture_output=True, text=True).stdout
+    import json
+    j = json.loads(out[out.index("{"):])["jobs"][0]["read"]
+    return j["clat_ns"]["percentile"]["99.000000"] / 1000, j["iops"]
+
+
+def peak_rss_mib(proc):
+    with open(f"/proc/{proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0
+
+
+print("guest 4 KiB randread over NBD (iodepth 1), stratad:")
+for mode in ("no job", "stream", "stream, x-yield-to-guest"):
+    proc, q = start("stratad", "lat")
+    sock = "lat-nbd.sock"
+    q.execute("nbd-server-start", {"addr": {"type": "unix",
+                                            "data": {"path": sock}}})
+    q.execute("block-export-add", {"type": "nbd", "id": "e",
+                                   "node-name": "top"})
+    if mode != "no job":
+        args = {"job-id": "j", "device": "top"}
+        if "yield" in mode:
+            args.update({"x-yield-to-guest": True,
+                         "x-guest-floor-speed": 8 * MIB})
+        q.execute("block-stream", args)
+    p99, iops = fio_p99(sock)
+    rss = peak_rss_mib(proc)
+    if mode != "no job" and q.execute("query-block-jobs"):
+        q.execute("block-job-cancel", {"device": "j"})
+        q.event("BLOCK_JOB_CANCELLED", timeout=60)
+    stop(proc, q)
+    print(f"  {mode:26s} p99 {p99:8.0f} us  {iops:7.0f} IOPS  "
+          f"stratad peak RSS {rss:6.1f} MiB")
 
 need = (2 + 2 * window) * 100 * MIB
 if size < need:
