@@ -11,18 +11,21 @@
  *     nbd+unix:///EXPORT?socket=PATH
  *     nbd://HOST[:PORT][/EXPORT]          (also nbd+tcp://)
  *
- * One libnbd handle serves the node.  libnbd is thread-safe and runs the
- * synchronous calls of one handle one after another, so requests from
- * several threads are correct but not overlapped on the wire; a node-level
- * mutex around each call costs nothing more and lets a request replace a
- * dead handle.
+ * Connections: libnbd runs the synchronous calls of one handle one after
+ * another, so the node keeps a small pool of handles (connections) and a
+ * request borrows a free one.  A second connection is opened only when
+ * the server advertises CAN_MULTI_CONN (then a flush on any connection
+ * covers the writes of all of them) and a request finds every handle
+ * busy; up to NBD_MAX_CONNS.  Without multi-conn one handle serves the
+ * node, as before: correct, not overlapped.
  *
- * Reconnect: a request that finds the connection dead (the server went
- * away or answered ESHUTDOWN, not another error reply) closes the handle and connects again, every
- * 100 ms until reconnect-delay seconds after the connection died; then it
- * is re-run on the new handle.  Once that window has passed, a request
- * makes one attempt and fails with EIO at once if it does not connect.
- * With reconnect-delay=0 a lost connection fails every request.
+ * Reconnect: a request that finds its connection dead (the server went
+ * away or answered ESHUTDOWN, not another error reply) closes that handle
+ * and connects again, every 100 ms until reconnect-delay seconds after the
+ * connection died; then it is re-run on the new handle.  Once that window
+ * has passed, a request makes one attempt and fails with EIO at once if
+ * it does not connect.  With reconnect-delay=0 a lost connection fails
+ * every request.
  *
  * Block status asks for the base:allocation meta context before
  * connecting; NBD_STATE_HOLE clear means data, NBD_STATE_ZERO means reads
@@ -31,6 +34,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <libnbd.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,14 +50,29 @@
 #define NBD_STATE_HOLE_BIT 1u
 #define NBD_STATE_ZERO_BIT 2u
 
+#define NBD_MAX_CONNS 4
+#define NBD_GROW_TIMEOUT_MS 5000
+
+/* One connection of the pool; its handle and dead_since belong to the
+ * request that holds it (busy). */
+struct nbd_conn {
+  struct nbd_handle *h;        /* NULL while disconnected */
+  struct timespec dead_since;
+  bool busy;
+};
+
 struct nbd_state {
   struct nbd_uri uri;
   uint64_t reconnect_delay;    /* seconds */
   bool no_flush;
 
-  pthread_mutex_t lock;        /* h and dead_since */
-  struct nbd_handle *h;        /* NULL while disconnected */
-  struct timespec dead_since;
+  pthread_mutex_t lock;        /* the pool's busy flags and count */
+  pthread_cond_t cond;         /* a connection became free */
+  struct nbd_conn conns[NBD_MAX_CONNS];
+  int nconns;                  /* connections in the pool */
+  int max_conns;               /* 1, or NBD_MAX_CONNS with multi-conn */
+  bool growing;                /* nbd_grow() is connecting one more */
+  atomic_bool closing;
 
   int64_t size;
   bool can_fua, can_trim, can_zero, can_flush, have_alloc;
@@ -272,11 +291,16 @@ nbd_uri_format (const struct nbd_uri *u)
 
 /* ---- connections ---- */
 
-/* A connected handle, or NULL with the reason in MSG. */
+/* A connected handle, or NULL with the reason in MSG.  TIMEOUT_MS < 0
+ * waits as long as the connection takes; otherwise the handshake must be
+ * done by then (a server at its client limit keeps a new connection in
+ * its listen backlog, unanswered). */
 static struct nbd_handle *
-nbd_connect_handle (const struct nbd_state *s, char *msg, size_t msglen)
+nbd_connect_handle_timeout (struct nbd_state *s, int timeout_ms,
+                            char *msg, size_t msglen)
 {
   struct nbd_handle *h = nbd_create ();
+  struct timespec deadline, now;
   int r;
 
   if (!h) {
@@ -289,16 +313,45 @@ nbd_connect_handle (const struct nbd_state *s, char *msg, size_t msglen)
     nbd_close (h);
     return NULL;
   }
-  if (s->uri.socket)
-    r = nbd_connect_unix (h, s->uri.socket);
-  else
-    r = nbd_connect_tcp (h, s->uri.host, s->uri.port);
+  if (timeout_ms < 0)
+    r = s->uri.socket ? nbd_connect_unix (h, s->uri.socket)
+                      : nbd_connect_tcp (h, s->uri.host, s->uri.port);
+  else {
+    clock_gettime (CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long) (timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+      deadline.tv_sec++;
+      deadline.tv_nsec -= 1000000000L;
+    }
+    r = s->uri.socket ? nbd_aio_connect_unix (h, s->uri.socket)
+                      : nbd_aio_connect_tcp (h, s->uri.host, s->uri.port);
+    while (r == 0 && nbd_aio_is_ready (h) != 1) {
+      long left;
+      clock_gettime (CLOCK_MONOTONIC, &now);
+      left = (deadline.tv_sec - now.tv_sec) * 1000L
+             + (deadline.tv_nsec - now.tv_nsec) / 1000000L;
+      /* In slices, so that closing the node need not wait long. */
+      if (left <= 0 || atomic_load (&s->closing) || nbd_aio_is_dead (h) == 1
+          || nbd_aio_is_closed (h) == 1)
+        r = -1;
+      else if (nbd_poll (h, (int) MIN (left, 100)) < 0)
+        r = -1;
+    }
+  }
   if (r < 0) {
-    snprintf (msg, msglen, "%s", nbd_get_error ());
+    snprintf (msg, msglen, "%s", nbd_get_error () ? nbd_get_error ()
+                                                    : "timed out");
     nbd_close (h);
     return NULL;
   }
   return h;
+}
+
+static struct nbd_handle *
+nbd_connect_handle (struct nbd_state *s, char *msg, size_t msglen)
+{
+  return nbd_connect_handle_timeout (s, -1, msg, msglen);
 }
 
 static bool
@@ -308,14 +361,15 @@ timespec_before (const struct timespec *a, const struct timespec *b)
          || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
 }
 
-/* Connect again after the connection died at s->dead_since: retry until
+/* Connect C again after it died at c->dead_since: retry until
  * reconnect-delay seconds after that, or once when that time is past.
- * Caller holds s->lock. */
+ * The caller holds C (busy). */
 static bool
-nbd_reconnect_locked (strata_node *node, char *msg, size_t msglen)
+nbd_reconnect (strata_node *node, struct nbd_conn *c, char *msg,
+               size_t msglen)
 {
   struct nbd_state *s = node->opaque;
-  struct timespec deadline = s->dead_since, now;
+  struct timespec deadline = c->dead_since, now;
   struct nbd_handle *h;
 
   if (s->reconnect_delay == 0)
@@ -330,7 +384,7 @@ nbd_reconnect_locked (strata_node *node, char *msg, size_t msglen)
         nbd_close (h);
         return false;
       }
-      s->h = h;
+      c->h = h;
       return true;
     }
     clock_gettime (CLOCK_MONOTONIC, &now);
@@ -338,6 +392,76 @@ nbd_reconnect_locked (strata_node *node, char *msg, size_t msglen)
       return false;
     nanosleep (&(struct timespec){ 0, NBD_RECONNECT_INTERVAL_NS }, NULL);
   }
+}
+
+/* Open one more connection in the background, so that no request waits
+ * for a handshake that may never come. */
+static void *
+nbd_grow (void *arg)
+{
+  struct nbd_state *s = arg;
+  char msg[256];
+  struct nbd_handle *h = nbd_connect_handle_timeout (s, NBD_GROW_TIMEOUT_MS,
+                                                     msg, sizeof msg);
+
+  if (h && nbd_get_size (h) != s->size) {
+    nbd_close (h);
+    h = NULL;
+  }
+  pthread_mutex_lock (&s->lock);
+  if (h && s->nconns < NBD_MAX_CONNS)
+    s->conns[s->nconns++] = (struct nbd_conn){ .h = h };
+  else {
+    if (h)
+      nbd_close (h);
+    s->max_conns = s->nconns;  /* the server takes no more: stop asking */
+  }
+  s->growing = false;
+  pthread_cond_broadcast (&s->cond);
+  pthread_mutex_unlock (&s->lock);
+  return NULL;
+}
+
+/* Borrow a free connection, waiting for one; when all are busy and the
+ * pool may grow, a background thread opens another. */
+static struct nbd_conn *
+nbd_conn_get (struct nbd_state *s)
+{
+  struct nbd_conn *c;
+
+  pthread_mutex_lock (&s->lock);
+  for (;;) {
+    c = NULL;
+    for (int i = 0; i < s->nconns && !c; i++)
+      if (!s->conns[i].busy)
+        c = &s->conns[i];
+    if (c)
+      break;
+    if (s->nconns < s->max_conns && !s->growing
+        && !atomic_load (&s->closing)) {
+      pthread_attr_t attr;
+      pthread_t t;
+      pthread_attr_init (&attr);
+      pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+      s->growing = pthread_create (&t, &attr, nbd_grow, s) == 0;
+      pthread_attr_destroy (&attr);
+      if (!s->growing)
+        s->max_conns = s->nconns;
+    }
+    pthread_cond_wait (&s->cond, &s->lock);
+  }
+  c->busy = true;
+  pthread_mutex_unlock (&s->lock);
+  return c;
+}
+
+static void
+nbd_conn_put (struct nbd_state *s, struct nbd_conn *c)
+{
+  pthread_mutex_lock (&s->lock);
+  c->busy = false;
+  pthread_cond_signal (&s->cond);
+  pthread_mutex_unlock (&s->lock);
 }
 
 /* ---- requests ---- */
@@ -404,41 +528,50 @@ nbd_op_name (enum nbd_op op)
   return names[op];
 }
 
-/* Run R, reconnecting when the connection is lost (see the top). */
+/* Run R on a connection of the pool, reconnecting it when it is lost
+ * (see the top). */
 static int
 nbd_run (strata_node *node, struct nbd_req *r)
 {
   struct nbd_state *s = node->opaque;
+  struct nbd_conn *c = nbd_conn_get (s);
   char msg[512] = "";
-  int err;
+  int err, ret;
 
-  LOCK_GUARD (&s->lock);
   for (;;) {
-    if (s->h) {
-      if (nbd_issue (s->h, r) == 0)
-        return 0;
+    if (c->h) {
+      if (nbd_issue (c->h, r) == 0) {
+        ret = 0;
+        break;
+      }
       err = nbd_get_errno ();
       snprintf (msg, sizeof msg, "%s", nbd_get_error ());
       /* ESHUTDOWN is the server's answer while it shuts down: the
        * connection is as good as lost. */
-      if (err != ESHUTDOWN && !nbd_aio_is_dead (s->h)
-          && !nbd_aio_is_closed (s->h))
-        return io_error (err ? err : EIO, "%s: NBD %s at offset %" PRIu64
-                         " length %" PRIu64 " failed: %s", node->filename,
-                         nbd_op_name (r->op), r->offset, r->len, msg);
-      nbd_close (s->h);
-      s->h = NULL;
-      clock_gettime (CLOCK_MONOTONIC, &s->dead_since);
+      if (err != ESHUTDOWN && !nbd_aio_is_dead (c->h)
+          && !nbd_aio_is_closed (c->h)) {
+        ret = io_error (err ? err : EIO, "%s: NBD %s at offset %" PRIu64
+                        " length %" PRIu64 " failed: %s", node->filename,
+                        nbd_op_name (r->op), r->offset, r->len, msg);
+        break;
+      }
+      nbd_close (c->h);
+      c->h = NULL;
+      clock_gettime (CLOCK_MONOTONIC, &c->dead_since);
     }
-    if (!nbd_reconnect_locked (node, msg, sizeof msg)) {
+    if (!nbd_reconnect (node, c, msg, sizeof msg)) {
       if (s->reconnect_delay == 0)
-        return io_error (EIO, "%s: connection to the NBD server lost%s%s",
-                         node->filename, *msg ? ": " : "", msg);
-      return io_error (EIO, "%s: connection to the NBD server lost, "
-                       "reconnect failed within %" PRIu64 " s: %s",
-                       node->filename, s->reconnect_delay, msg);
+        ret = io_error (EIO, "%s: connection to the NBD server lost%s%s",
+                        node->filename, *msg ? ": " : "", msg);
+      else
+        ret = io_error (EIO, "%s: connection to the NBD server lost, "
+                        "reconnect failed within %" PRIu64 " s: %s",
+                        node->filename, s->reconnect_delay, msg);
+      break;
     }
   }
+  nbd_conn_put (s, c);
+  return ret;
 }
 
 /* Split a vectored request into chunks the server takes, bouncing a chunk
@@ -698,6 +831,7 @@ nbd_open (strata_node *node, strata_opts *opts, unsigned flags,
   bool ok;
 
   pthread_mutex_init (&((struct nbd_state *) node->opaque)->lock, NULL);
+  pthread_cond_init (&((struct nbd_state *) node->opaque)->cond, NULL);
   ok = nbd_open_connect (node, opts, flags, errp);
   if (!ok)
     nbd_node_close (node);
@@ -709,6 +843,7 @@ nbd_open_connect (strata_node *node, strata_opts *opts, unsigned flags,
                   strata_error **errp)
 {
   struct nbd_state *s = node->opaque;
+  struct nbd_handle *h;
   char msg[512];
 
   if (!nbd_options (node, opts, errp))
@@ -717,26 +852,29 @@ nbd_open_connect (strata_node *node, strata_opts *opts, unsigned flags,
     error_set (errp, ENOMEM, "out of memory");
     return false;
   }
-  if (!(s->h = nbd_connect_handle (s, msg, sizeof msg))) {
+  if (!(h = nbd_connect_handle (s, msg, sizeof msg))) {
     error_set (errp, EIO, "%s: cannot connect to the NBD server: %s",
                node->filename, msg);
     return false;
   }
-  if ((s->size = nbd_get_size (s->h)) < 0) {
+  s->conns[0].h = h;
+  s->nconns = 1;
+  s->max_conns = nbd_can_multi_conn (h) == 1 ? NBD_MAX_CONNS : 1;
+  if ((s->size = nbd_get_size (h)) < 0) {
     error_set (errp, EIO, "%s: %s", node->filename, nbd_get_error ());
     return false;
   }
-  if ((flags & STRATA_OPEN_RDWR) && nbd_is_read_only (s->h) == 1) {
+  if ((flags & STRATA_OPEN_RDWR) && nbd_is_read_only (h) == 1) {
     error_set (errp, EROFS, "%s: the NBD export is read-only",
                node->filename);
     return false;
   }
-  s->can_fua = nbd_can_fua (s->h) == 1;
-  s->can_trim = nbd_can_trim (s->h) == 1;
-  s->can_zero = nbd_can_zero (s->h) == 1;
-  s->can_flush = nbd_can_flush (s->h) == 1;
+  s->can_fua = nbd_can_fua (h) == 1;
+  s->can_trim = nbd_can_trim (h) == 1;
+  s->can_zero = nbd_can_zero (h) == 1;
+  s->can_flush = nbd_can_flush (h) == 1;
   s->have_alloc
-      = nbd_can_meta_context (s->h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
+      = nbd_can_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
   return true;
 }
 
@@ -745,12 +883,20 @@ nbd_node_close (strata_node *node)
 {
   struct nbd_state *s = node->opaque;
 
-  if (s->h) {
-    nbd_shutdown (s->h, 0);
-    nbd_close (s->h);
-    s->h = NULL;
-  }
+  /* Wait for a connection being opened in the background. */
+  pthread_mutex_lock (&s->lock);
+  atomic_store (&s->closing, true);
+  while (s->growing)
+    pthread_cond_wait (&s->cond, &s->lock);
+  pthread_mutex_unlock (&s->lock);
+  for (int i = 0; i < s->nconns; i++)
+    if (s->conns[i].h) {
+      nbd_shutdown (s->conns[i].h, 0);
+      nbd_close (s->conns[i].h);
+      s->conns[i].h = NULL;
+    }
   nbd_uri_clear (&s->uri);
+  pthread_cond_destroy (&s->cond);
   pthread_mutex_destroy (&s->lock);
 }
 

@@ -405,3 +405,38 @@ def test_probed_qcow2_over_nbd(sockdir, servers, qemu_io, qemu_img, tmp_path):
     p = run(qemu_io, "-f", "qcow2", *io_cmds("read -P 0x6c 1M 4k",
                                              "read -P 0x6b 1028k 60k"), img)
     assert "Pattern verification failed" not in p.stdout
+
+
+def test_multi_conn_pool(sockdir, servers, tmp_path):
+    """A server that advertises multi-conn gets more than one connection
+    when requests overlap (nbdkit's log filter counts them), and the data
+    written through all of them lands."""
+    f = tmp_path / "disk.raw"
+    with open(f, "wb") as fh:
+        fh.truncate(8 << 20)
+    log = tmp_path / "nbdkit.log"
+    sock = sockdir / "mc.sock"
+    nbdkit(servers, sock, "--filter=log", "file", f, f"logfile={log}")
+    run(binary("strata-img"), "bench", "-w", "-c", "4096", "-d", "8",
+        "--pattern=0x6d", "-f", "raw", unix_uri(sock), timeout=60)
+    assert f.read_bytes() == b"\x6d" * (8 << 20)
+    connects = [l for l in log.read_text().splitlines() if " Connect " in l]
+    assert len(connects) > 1, connects
+
+
+def test_pool_with_a_single_client_server(sockdir, servers, qemu_img,
+                                          tmp_path):
+    """qemu-nbd -r advertises multi-conn but takes one client (-e 1): the
+    extra connection never gets its handshake, and requests go on over the
+    one they have."""
+    img = tmp_path / "d.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", str(img), "8M")
+    run(need("qemu-io", "qemu-utils"), "-c", "write -P 0x2a 0 8M", str(img))
+    sock = sockdir / "one.sock"
+    servers([need("qemu-nbd", "qemu-utils"), "-r", "-k", sock, "-f", "qcow2",
+             "--persistent", img], sock=sock)
+    p = run(binary("strata-img"), "bench", "-c", "4096", "-d", "8",
+            "-f", "raw", unix_uri(sock), timeout=60)
+    assert "Run completed" in p.stdout
+    p = sio("-f", "raw", "-r", "-c", "read -P 0x2a 0 8M", unix_uri(sock))
+    assert_io_ok(p)
