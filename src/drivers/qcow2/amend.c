@@ -21,9 +21,12 @@
  *                         (active and snapshots') become unallocated when
  *                         there is no backing file, which reads the same;
  *                         then the header is rewritten as version 2.
- * Refused, because data would have to be written (QEMU writes it):
- * downgrading zero clusters that must become data (over a backing file,
- * or preallocated ones).
+ * Zero clusters that must become data are written: a preallocated one
+ * (refcount 1) gets zeros in its own cluster, one over a backing file in
+ * an L2 table only the active image uses gets a new cluster of zeros;
+ * zeros first, flushed, then the entries.  Zero clusters shared with
+ * internal snapshots that would need data are refused (QEMU converts
+ * them, and in 7.2 leaves OFLAG_COPIED errors behind).
  *
  * The header rewrite is one write from offset 0 of at most a cluster,
  * after everything else is flushed, as backing.c does for a backing file
@@ -242,23 +245,83 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
 
 /* ---- downgrade ---- */
 
-/* For every L2 table of L1 (N entries): count compressed entries, and
- * with FIX clear the zero flags (the caller checked there is nothing that
- * needs data).  BAD gets zero entries that would need data. */
+/* What a version 2 image needs instead of a zero cluster. */
+enum zero_fix {
+  ZERO_CLEAR, /* unallocated: no backing file, reads as zeros */
+  ZERO_FILL,  /* write zeros into its own host cluster (refcount 1) */
+  ZERO_ALLOC, /* a new cluster of zeros (over a backing file, in an L2
+                 table only the active image uses) */
+  ZERO_BAD,   /* shared with a snapshot: strata does not untangle it */
+};
+
 static int
-scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n, bool fix,
-                  uint64_t *compressed, uint64_t *bad, uint64_t *zeros)
+zero_fix_of (strata_node *node, uint64_t e, bool owned_table,
+             enum zero_fix *fix)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t host = e & QCOW2_OFFSET_MASK, rc;
+  int r;
+
+  if (!host) {
+    *fix = !s->backing_name ? ZERO_CLEAR : owned_table ? ZERO_ALLOC : ZERO_BAD;
+    return 0;
+  }
+  if ((r = qcow2_refcount_get_locked (node, host >> s->cluster_bits, &rc)) < 0)
+    return r;
+  *fix = rc == 1 ? ZERO_FILL : ZERO_BAD;
+  return 0;
+}
+
+/* Give the zero entry E (in table T at J) its version 2 form: zeros
+ * written first (the caller flushes before writing T). */
+static int
+fix_zero_entry (strata_node *node, uint8_t *t, uint64_t j, uint64_t e,
+                enum zero_fix fix, const uint8_t *zeros)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t host = e & QCOW2_OFFSET_MASK;
+  int64_t a;
+  int r;
+
+  if (fix == ZERO_CLEAR) {
+    be64_store (t + j * s->l2_entry_size, 0);
+    return 0;
+  }
+  if (fix == ZERO_ALLOC) {
+    if ((a = qcow2_alloc_cluster_locked (node)) < 0)
+      return (int) a;
+    host = (uint64_t) a;
+  }
+  if ((r = qcow2_overlap_check_locked (node, host, s->cluster_size, 0, "data",
+                                       UINT64_MAX))
+          < 0
+      || (r = node_pwrite (node->file, host, zeros, s->cluster_size, 0)) < 0)
+    return r;
+  be64_store (t + j * s->l2_entry_size, fix == ZERO_ALLOC
+                                            ? host | QCOW2_OFLAG_COPIED
+                                            : e & ~QCOW2_OFLAG_ZERO);
+  return 0;
+}
+
+/* For every L2 table of L1 (N entries; ACTIVE: the active image's): count
+ * compressed entries, zero entries and those strata cannot convert (BAD),
+ * and with FIX convert them (the caller checked BAD is 0). */
+static int
+scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
+                  bool active, bool fix, uint64_t *compressed, uint64_t *bad,
+                  uint64_t *zeros)
 {
   struct qcow2_state *s = node->opaque;
   CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
+  CLEANUP_FREE uint8_t *zbuf = calloc (1, s->cluster_size);
   uint8_t *cached;
   int r;
 
-  if (!t)
+  if (!t || !zbuf)
     return -ENOMEM;
   for (uint64_t i = 0; i < n; i++) {
     uint64_t l2 = l1[i] & QCOW2_OFFSET_MASK;
-    bool changed = false;
+    bool changed = false, owned = false;
     if (!l2)
       continue;
     if (l2 % s->cluster_size || qcow2_past_end_locked (node, l2))
@@ -266,11 +329,19 @@ scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n, bool fix,
                        "%s: L1 entry %" PRIu64 " 0x%" PRIx64 " is "
                        "invalid",
                        node->filename, i, l1[i]);
+    if (active) {
+      uint64_t rc;
+      if ((r = qcow2_refcount_get_locked (node, l2 >> s->cluster_bits, &rc))
+          < 0)
+        return r;
+      owned = rc == 1;
+    }
     if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2, &cached)) < 0)
       return r;
     memcpy (t, cached, s->cluster_size);
     for (uint64_t j = 0; j < s->l2_entries; j++) {
       uint64_t e = be64_load (t + j * s->l2_entry_size);
+      enum zero_fix zf;
       if (e & QCOW2_OFLAG_COMPRESSED) {
         (*compressed)++;
         continue;
@@ -278,18 +349,23 @@ scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n, bool fix,
       if (!(e & QCOW2_OFLAG_ZERO))
         continue;
       (*zeros)++;
-      if ((e & QCOW2_OFFSET_MASK) || s->backing_name)
+      if ((r = zero_fix_of (node, e, owned, &zf)) < 0)
+        return r;
+      if (zf == ZERO_BAD)
         (*bad)++;
       else if (fix) {
-        be64_store (t + j * s->l2_entry_size, 0);
+        if ((r = fix_zero_entry (node, t, j, e, zf, zbuf)) < 0)
+          return r;
         changed = true;
       }
     }
+    /* The zeros, then the entries that map them. */
     if (changed
-        && ((r = qcow2_overlap_check_locked (node, l2, s->cluster_size,
-                                             QCOW2_META_L2, "L2 table",
-                                             UINT64_MAX))
-                < 0
+        && ((r = node_flush (node->file)) < 0
+            || (r = qcow2_overlap_check_locked (node, l2, s->cluster_size,
+                                                QCOW2_META_L2, "L2 table",
+                                                UINT64_MAX))
+                   < 0
             || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0
             || (r = qcow2_cache_put_locked (node, &s->l2_cache, l2, t)) < 0))
       return r;
@@ -307,15 +383,15 @@ scan_all_locked (strata_node *node, bool fix, uint64_t *compressed,
   int n, r;
 
   *compressed = *bad = *zeros = 0;
-  if ((r = scan_zero_locked (node, s->l1, s->l1_size, fix, compressed, bad,
-                             zeros))
+  if ((r = scan_zero_locked (node, s->l1, s->l1_size, true, fix, compressed,
+                             bad, zeros))
       < 0)
     return r;
   if ((n = qcow2_snapshot_l1s_locked (node, &l1s)) < 0)
     return n;
   for (int i = 0; i < n && r == 0; i++)
-    r = scan_zero_locked (node, l1s[i].l1, l1s[i].size, fix, compressed, bad,
-                          zeros);
+    r = scan_zero_locked (node, l1s[i].l1, l1s[i].size, false, fix, compressed,
+                          bad, zeros);
   qcow2_snapshot_l1s_free (l1s, n);
   return r;
 }
@@ -354,11 +430,10 @@ downgrade_locked (strata_node *node, strata_error **errp)
   if (bad) {
     error_set (errp, ENOTSUP,
                "%s: cannot downgrade to compat=0.10: %" PRIu64
-               " zero clusters would have to be written as data (%s); "
-               "strata does not rewrite data in amend",
-               node->filename, bad,
-               s->backing_name ? "the image has a backing file"
-                               : "they are preallocated");
+               " zero clusters shared with internal snapshots would have to "
+               "be written as data; strata does not untangle them (delete "
+               "the snapshots first)",
+               node->filename, bad);
     return false;
   }
   if ((zeros
