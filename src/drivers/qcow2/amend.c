@@ -18,10 +18,10 @@
  *                         external data file) and refcount widths other
  *                         than 16; zstd is dropped when no cluster is
  *                         compressed; zero clusters of every L1 table
- *                         (active and snapshots') become unallocated when
- *                         there is no backing file, which reads the same;
+ *                         (active and snapshots') are converted (below);
  *                         then the header is rewritten as version 2.
- * Zero clusters that must become data are written: a preallocated one
+ * Zero clusters without a backing file become unallocated, which reads
+ * the same.  Those that must become data are written: a preallocated one
  * (refcount 1) gets zeros in its own cluster, one over a backing file in
  * an L2 table only the active image uses gets a new cluster of zeros;
  * zeros first, flushed, then the entries.  Zero clusters shared with

@@ -303,30 +303,16 @@ shrink_locked (strata_node *node, uint64_t size)
 }
 
 static bool
-shrink (strata_node *node, uint64_t size, strata_error **errp)
+shrink_exclusive (strata_node *node, const void *size, strata_error **errp)
 {
-  struct qcow2_state *s = node->opaque;
-  struct tracked_req req;
-  strata_error *err = NULL;
+  uint64_t sz = *(const uint64_t *) size;
   const char *m;
-  int r;
+  int r = shrink_locked (node, sz);
 
-  io_error_clear ();
-  tracker_begin (&s->clusters, &req, 0, UINT64_MAX / 2, true);
-  pthread_mutex_lock (&node->lock);
-  r = shrink_locked (node, size);
-  /* Tables were freed: protect what is metadata now. */
-  qcow2_overlap_destroy (s);
-  if (!qcow2_overlap_init (node, &err) && r == 0)
-    r = -strata_error_errno (err);
-  strata_error_free (err);
-  pthread_mutex_unlock (&node->lock);
-  tracker_end (&s->clusters, &req);
   if (r < 0) {
     m = strata_last_error_message ();
-    error_set (errp, -r,
-               "%s: cannot shrink the image to %" PRIu64 " bytes: %s",
-               node->filename, size, m && *m ? m : strerror (-r));
+    error_set (errp, -r, "%s: cannot shrink the image to %" PRIu64
+               " bytes: %s", node->filename, sz, m && *m ? m : strerror (-r));
     return false;
   }
   return true;
@@ -355,8 +341,8 @@ qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
     error_set (errp, EINVAL, "The new size must be a multiple of 512");
     return false;
   }
-  if (size < old)
-    return shrink (node, size, errp);
+  if (size < old)   /* tables are freed: the overlap sets are rebuilt */
+    return qcow2_run_exclusive (node, shrink_exclusive, &size, errp);
   if (size == old)
     return true;
   need = size / span + !!(size % span);
