@@ -27,10 +27,26 @@
 bool
 qcow2_cache_init (struct qcow2_cache *c, unsigned n, size_t table_size)
 {
+  unsigned nb = 16;
+
+  while (nb < 2 * n)
+    nb *= 2;
   c->e = calloc (n, sizeof *c->e);
-  if (!c->e)
+  c->bucket = malloc (nb * sizeof *c->bucket);
+  if (!c->e || !c->bucket) {
+    free (c->e);
+    free (c->bucket);
+    c->e = NULL;
+    c->bucket = NULL;
     return false;
+  }
+  for (unsigned i = 0; i < nb; i++)
+    c->bucket[i] = -1;
+  for (unsigned i = 0; i < n; i++)
+    c->e[i].next = -1;
+  c->nbuckets = nb;
   c->n = n;
+  c->last = -1;
   c->table_size = table_size;
   c->tick = 0;
   return true;
@@ -42,8 +58,55 @@ qcow2_cache_destroy (struct qcow2_cache *c)
   for (unsigned i = 0; c->e && i < c->n; i++)
     free (c->e[i].buf);
   free (c->e);
+  free (c->bucket);
   c->e = NULL;
+  c->bucket = NULL;
   c->n = 0;
+}
+
+/* ---- the index: offset -> entry, so that a lookup is not a scan ---- */
+
+static unsigned
+cache_hash (const struct qcow2_cache *c, uint64_t offset)
+{
+  /* Offsets are cluster-aligned: mix the bits above 512. */
+  return (unsigned) (((offset >> 9) * UINT64_C (0x9e3779b97f4a7c15)) >> 32)
+         & (c->nbuckets - 1);
+}
+
+static int
+cache_find (const struct qcow2_cache *c, uint64_t offset)
+{
+  if (c->last >= 0 && c->e[c->last].offset == offset)
+    return c->last;
+  for (int i = c->bucket[cache_hash (c, offset)]; i >= 0; i = c->e[i].next)
+    if (c->e[i].offset == offset)
+      return i;
+  return -1;
+}
+
+/* Give entry E a new OFFSET (0: empty), keeping the index true. */
+static void
+cache_set_offset (struct qcow2_cache *c, struct qcow2_cache_entry *e,
+                  uint64_t offset)
+{
+  int i = (int) (e - c->e);
+
+  if (e->offset) {
+    int *pp = &c->bucket[cache_hash (c, e->offset)];
+    while (*pp != i)
+      pp = &c->e[*pp].next;
+    *pp = e->next;
+    e->next = -1;
+  }
+  e->offset = offset;
+  if (offset) {
+    int *b = &c->bucket[cache_hash (c, offset)];
+    e->next = *b;
+    *b = i;
+  }
+  if (c->last == i)
+    c->last = -1;
 }
 
 /* The entry for OFFSET, or the clean entry to replace (NULL when every
@@ -52,16 +115,17 @@ static struct qcow2_cache_entry *
 cache_slot (struct qcow2_cache *c, uint64_t offset, bool *hit)
 {
   struct qcow2_cache_entry *victim = NULL;
+  int i = offset ? cache_find (c, offset) : -1;
 
-  for (unsigned i = 0; i < c->n; i++) {
-    if (c->e[i].offset == offset) {
-      *hit = true;
-      c->e[i].lru = ++c->tick;
-      return &c->e[i];
-    }
-    if (!c->e[i].dirty && (!victim || c->e[i].lru < victim->lru))
-      victim = &c->e[i];
+  if (i >= 0) {
+    *hit = true;
+    c->e[i].lru = ++c->tick;
+    c->last = i;
+    return &c->e[i];
   }
+  for (unsigned k = 0; k < c->n; k++)
+    if (!c->e[k].dirty && (!victim || c->e[k].lru < victim->lru))
+      victim = &c->e[k];
   *hit = false;
   return victim;
 }
@@ -89,7 +153,7 @@ cache_fill (struct qcow2_cache_entry *e, struct qcow2_cache *c,
 {
   if (!e->buf && !(e->buf = malloc (c->table_size)))
     return -ENOMEM;
-  e->offset = offset;
+  cache_set_offset (c, e, offset);
   e->lru = ++c->tick;
   return 0;
 }
@@ -109,7 +173,7 @@ qcow2_cache_get_locked (strata_node *node, struct qcow2_cache *c,
       return r;
     r = node_pread (node->file, offset, e->buf, c->table_size, 0);
     if (r < 0) {
-      e->offset = 0;
+      cache_set_offset (c, e, 0);
       return r;
     }
   }
@@ -138,19 +202,23 @@ qcow2_cache_forget_locked (struct qcow2_cache *c, uint64_t offset)
 {
   /* A dirty entry is the only copy of its changes: keep it, and let the
    * write-back write it whole. */
-  for (unsigned i = 0; i < c->n; i++)
-    if (c->e[i].offset == offset && !c->e[i].dirty)
-      c->e[i].offset = 0, c->e[i].lru = 0;
+  int i = offset ? cache_find (c, offset) : -1;
+
+  if (i >= 0 && !c->e[i].dirty) {
+    cache_set_offset (c, &c->e[i], 0);
+    c->e[i].lru = 0;
+  }
 }
 
 void
 qcow2_cache_mark_dirty_locked (struct qcow2_cache *c, uint64_t offset)
 {
-  for (unsigned i = 0; i < c->n; i++)
-    if (c->e[i].offset == offset && !c->e[i].dirty) {
-      c->e[i].dirty = true;
-      c->ndirty++;
-    }
+  int i = offset ? cache_find (c, offset) : -1;
+
+  if (i >= 0 && !c->e[i].dirty) {
+    c->e[i].dirty = true;
+    c->ndirty++;
+  }
 }
 
 /* Write every dirty entry of C whole (checked against the metadata of

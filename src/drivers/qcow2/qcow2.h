@@ -94,10 +94,14 @@ struct qcow2_cache_entry {
   uint64_t lru;
   uint8_t *buf;
   bool dirty;                 /* changed since written (cache.c) */
+  int next;                   /* hash chain: next entry index, -1 = end */
 };
 struct qcow2_cache {
   struct qcow2_cache_entry *e;
   unsigned n;
+  int *bucket;                /* hash of offset -> first entry, -1 = none */
+  unsigned nbuckets;          /* a power of two */
+  int last;                   /* entry of the last hit, -1 = none */
   unsigned ndirty;
   uint64_t tick;
   size_t table_size;
