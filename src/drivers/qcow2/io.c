@@ -224,7 +224,51 @@ struct write_batch {
   struct pending *p;
   size_t n;
   bool any_free;
+  /* Data writes of whole stretches of the caller's buffers to adjacent
+   * host clusters go out as one pwritev (run_len 0: none pending). */
+  uint64_t run_host, run_len, run_skip;
+  const struct iovec *run_iov;
+  int run_iovcnt;
 };
+
+static int
+batch_flush_run (strata_node *node, struct write_batch *b)
+{
+  CLEANUP_FREE struct iovec *tmp = NULL;
+  uint64_t len = b->run_len;
+  int cnt;
+
+  if (!len)
+    return 0;
+  b->run_len = 0;
+  if (!(tmp = malloc ((b->run_iovcnt + 1) * sizeof *tmp)))
+    return -ENOMEM;
+  cnt = iov_slice (b->run_iov, b->run_iovcnt, b->run_skip, len, tmp);
+  return node_pwritev (node->file, b->run_host, len, tmp, cnt, 0);
+}
+
+/* Write bytes [SKIP, SKIP+N) of IOV at HOST, joining the pending run when
+ * both continue it. */
+static int
+batch_write (strata_node *node, struct write_batch *b, uint64_t host,
+             uint64_t n, const struct iovec *iov, int iovcnt, uint64_t skip)
+{
+  int r;
+
+  if (b->run_len && b->run_iov == iov && b->run_host + b->run_len == host
+      && b->run_skip + b->run_len == skip && b->run_len + n <= (64u << 20)) {
+    b->run_len += n;
+    return 0;
+  }
+  if ((r = batch_flush_run (node, b)) < 0)
+    return r;
+  b->run_host = host;
+  b->run_len = n;
+  b->run_skip = skip;
+  b->run_iov = iov;
+  b->run_iovcnt = iovcnt;
+  return 0;
+}
 
 static bool
 in_place (const struct qcow2_state *s, uint64_t entry, uint64_t bitmap,
@@ -339,10 +383,7 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
       return r;
     if (buf)
       return node_pwrite (node->file, host, buf, n, 0);
-    if (!(tmp = malloc ((iovcnt + 1) * sizeof *tmp)))
-      return -ENOMEM;
-    return node_pwritev (node->file, host,  n, tmp,
-                         iov_slice (iov, iovcnt, skip, n, tmp), 0);
+    return batch_write (node, b, host, n, iov, iovcnt, skip);
   }
   reuse = !(entry & QCOW2_OFLAG_COMPRESSED) && (entry & QCOW2_OFLAG_COPIED)
           && (entry & QCOW2_OFFSET_MASK);
@@ -376,6 +417,14 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
     else
       r = node_pwritev (node->file, host + in_cl, n, tmp,
                         iov_slice (iov, iovcnt, skip, n, tmp), 0);
+    if (r < 0)
+      return r;
+  }
+  else if (n == cs) {
+    /* A whole cluster: straight from the caller's buffers, joined with
+     * the clusters next to it on the host. */
+    r = buf ? node_pwrite (node->file, host, buf, n, 0)
+            : batch_write (node, b, host, n, iov, iovcnt, skip);
     if (r < 0)
       return r;
   }
@@ -446,6 +495,7 @@ batch_init (const struct qcow2_state *s, struct write_batch *b,
 {
   b->n = 0;
   b->any_free = false;
+  b->run_len = 0;
   b->p = malloc ((clen / s->cluster_size) * sizeof *b->p);
   return b->p != NULL;
 }
@@ -473,6 +523,8 @@ qcow2_pwritev (strata_node *node, uint64_t offset, uint64_t len,
     r = write_cluster (node, pos, n, iov, iovcnt, done, NULL, &b);
     done += n;
   }
+  if (r == 0)
+    r = batch_flush_run (node, &b);
   if (r == 0)
     r = commit_batch (node, &b);
   if (r == 0 && (flags & STRATA_REQ_FUA))
