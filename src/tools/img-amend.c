@@ -125,17 +125,6 @@ keys_ok (const char *options)
   return false;
 }
 
-static void
-progress (bool on, bool done)
-{
-  if (!on)
-    return;
-  if (!done)
-    printf ("    (0.00/100%%)\r");
-  else
-    printf ("    (100.00/100%%)\r    (100.00/100%%)\r\n");
-  fflush (stdout);
-}
 
 static char *
 join (char *options, const char *more)
@@ -172,12 +161,13 @@ amend (const char *file, const char *fmt, const char *options, bool show)
     ret = 0;
   }
   else if (keys_ok (options)) {
-    progress (show, false);
+    struct img_progress pr;
+    img_progress_start (&pr, show, 1);
     if (!strata_amend (n, options, &err))
       fail_err (err);
     else
       ret = 0;
-    progress (show && ret == 0, true);
+    img_progress_end (&pr, ret == 0);
   }
   strata_close (n);
   return ret;

@@ -43,22 +43,6 @@ struct commit {
   uint64_t rate; /* bytes per second, 0 = unlimited */
 };
 
-/* qemu-img's progress: "    (xx.xx/100%)\r" whenever it moves a percent,
- * a newline at the end. */
-struct progress {
-  bool on;
-  double last;
-};
-
-static void
-progress_show (struct progress *p, double pct, bool force)
-{
-  if (!p->on || (!force && pct - p->last < 1.0))
-    return;
-  p->last = pct;
-  printf ("    (%3.2f/100%%)\r", pct);
-  fflush (stdout);
-}
 
 static bool
 parse_rate (const char *s, uint64_t *out)
@@ -235,7 +219,7 @@ next_run (strata_node *top, int base_depth, uint64_t off, uint64_t end,
  * so that zeros reach it as whole zero clusters, not partial writes). */
 static int
 copy_down (strata_node *top, strata_node *base, int base_depth, uint64_t len,
-           uint64_t chunk, const struct commit *c, struct progress *pr)
+           uint64_t chunk, const struct commit *c, struct img_progress *pr)
 {
   CLEANUP_FREE uint8_t *buf = malloc (chunk);
   struct ratelimit rl;
@@ -259,7 +243,7 @@ copy_down (strata_node *top, strata_node *base, int base_depth, uint64_t len,
         return r;
       ratelimit_account (&rl, n, start);
     }
-    progress_show (pr, (off + n) * 100.0 / len, false);
+    img_progress_update (pr, off + n);
   }
   return 0;
 }
@@ -302,7 +286,7 @@ chunk_size (strata_node *base)
 static int
 run_commit (strata_node *top, const struct commit *c)
 {
-  struct progress pr = { .on = c->progress, .last = -100 };
+  struct img_progress pr;
   strata_error *err = NULL;
   strata_node *base;
   int64_t len = strata_length (top);
@@ -321,7 +305,7 @@ run_commit (strata_node *top, const struct commit *c)
     strata_error_free (err);
     return 1;
   }
-  progress_show (&pr, 0, true);
+  img_progress_start (&pr, c->progress, (uint64_t) len);
   if (!grow_base (base, (uint64_t)len))
     return 1;
   if ((r = copy_down (top, base, depth, (uint64_t)len, chunk_size (base), c,
@@ -329,6 +313,7 @@ run_commit (strata_node *top, const struct commit *c)
           < 0
       || (r = strata_flush (base, 0)) < 0) {
     const char *m = strata_last_error_message ();
+    img_progress_end (&pr, false);
     fprintf (stderr, "%s: Block job failed: %s\n", progname,
              m ? m : strerror (-r));
     return 1;
@@ -339,9 +324,7 @@ run_commit (strata_node *top, const struct commit *c)
     strata_error_free (err);
     return 1;
   }
-  progress_show (&pr, 100, true);
-  if (pr.on)
-    printf ("\n");
+  img_progress_end (&pr, true);
   return 0;
 }
 

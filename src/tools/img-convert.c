@@ -96,7 +96,7 @@ struct convert {
   /* In-order writes: the sequence number whose turn it is. */
   uint64_t written_seq;
   uint64_t done; /* bytes finished, for -p */
-  double shown;  /* last percentage printed */
+  struct img_progress prog;
   /* The first failure. */
   int err;
   char *err_msg;
@@ -205,17 +205,11 @@ convert_fail (struct convert *c, int r, const char *what, uint64_t off)
   free (m);
 }
 
-/* qemu-img's progress line; LOCKED. */
+/* -p (img.h); LOCKED. */
 static void
-progress_show_locked (struct convert *c, bool force)
+progress_show_locked (struct convert *c)
 {
-  double pct = c->total ? 100.0 * c->done / c->total : 100.0;
-
-  if (!c->progress || (!force && pct - c->shown < 1.0))
-    return;
-  c->shown = pct;
-  printf ("    (%.2f/100%%)\r", pct);
-  fflush (stdout);
+  img_progress_update (&c->prog, c->done);
 }
 
 /* ---- the chunk cursor ---- */
@@ -465,7 +459,7 @@ chunk_done (struct convert *c, const struct chunk *ch)
     c->written_seq++;
     pthread_cond_signal (&c->turn[c->written_seq % c->nturn]);
   }
-  progress_show_locked (c, false);
+  progress_show_locked (c);
   pthread_mutex_unlock (&c->lock);
 }
 
@@ -526,7 +520,7 @@ convert_run (struct convert *c, int n)
   c->nturn = n;
   for (int i = 0; i < n; i++)
     pthread_cond_init (&c->turn[i], NULL);
-  progress_show_locked (c, true);
+  img_progress_start (&c->prog, c->progress, c->total);
   for (; started < n; started++)
     if (pthread_create (&tids[started], NULL, convert_worker, c) != 0)
       break;
@@ -543,11 +537,7 @@ convert_run (struct convert *c, int n)
     fail_msg ("error while flushing the target");
     r = 1;
   }
-  if (c->progress) {
-    c->done = c->total;
-    progress_show_locked (c, true);
-    printf ("\n");
-  }
+  img_progress_end (&c->prog, !c->err && r == 0);
   if (c->err)
     fail_msg (c->err_msg ? c->err_msg : strerror (-c->err));
   free (c->err_msg);

@@ -293,7 +293,7 @@ rebase_window_compressed (struct safe *sf, uint64_t off, uint64_t end)
 }
 
 static int
-copy_differences (struct safe *sf, bool progress)
+copy_differences (struct safe *sf, struct img_progress *pr)
 {
   for (uint64_t off = 0; off < sf->len; off += sf->window) {
     uint64_t end = MIN (sf->len, off + sf->window);
@@ -302,10 +302,7 @@ copy_differences (struct safe *sf, bool progress)
                 : rebase_window (sf, off, end);
     if (r < 0)
       return r;
-    if (progress) {
-      printf ("    (%3.2f/100%%)\r", end * 100.0 / sf->len);
-      fflush (stdout);
-    }
+    img_progress_update (pr, end);
   }
   return strata_flush (sf->file, 0);
 }
@@ -346,6 +343,7 @@ open_new_base (const struct rebase *rb, const char *srcopts, uint64_t *len)
 static int
 rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
 {
+  struct img_progress pr;
   int64_t l = strata_length (sf->file);
   int r;
 
@@ -364,11 +362,9 @@ rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
       return 1;
     sf->skip_depth = path ? depth_in_chain (sf->file, path, rb->base_fmt) : -1;
   }
-  if (rb->progress) {
-    printf ("    (%3.2f/100%%)\r", 0.0);
-    fflush (stdout);
-  }
-  if ((r = copy_differences (sf, rb->progress)) < 0) {
+  img_progress_start (&pr, rb->progress, sf->len);
+  if ((r = copy_differences (sf, &pr)) < 0) {
+    img_progress_end (&pr, false);
     const char *m = strata_last_error_message ();
     fprintf (stderr,
              "%s: Could not copy the differing data into '%s': "
@@ -378,8 +374,7 @@ rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
   }
   if (!set_backing (sf->file, rb))
     return 1;
-  if (rb->progress)
-    printf ("    (%3.2f/100%%)\r\n", 100.0);
+  img_progress_end (&pr, true);
   return 0;
 }
 

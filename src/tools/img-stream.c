@@ -97,7 +97,7 @@ parse_args (int argc, char **argv, struct stream *st)
   if (optind != argc - 1)
     return usage_error ("Expecting one image file name");
   st->file = argv[optind];
-  st->progress = st->progress && !st->quiet && isatty (STDOUT_FILENO);
+  st->progress = st->progress && !st->quiet;
   return 0;
 }
 
@@ -162,15 +162,6 @@ find_base (strata_node *top, const struct stream *st, char **name)
 }
 
 static void
-show_progress (const struct stream *st, uint64_t done, uint64_t size)
-{
-  if (st->progress) {
-    printf ("    (%.2f/100%%)\r", size ? 100.0 * done / size : 100.0);
-    fflush (stdout);
-  }
-}
-
-static void
 sleep_ns (uint64_t ns)
 {
   struct timespec ts
@@ -186,6 +177,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
 {
   int64_t size = strata_length (top);
   struct strata_info info = { 0 };
+  struct img_progress pr;
   uint64_t chunk = STREAM_CHUNK, unflushed = 0;
   uint64_t flushed_at = ratelimit_now_ns ();
   struct ratelimit rl;
@@ -198,7 +190,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
   if (strata_get_info (top, &info, 0, NULL) && info.cluster_size)
     chunk = ROUND_UP (chunk, info.cluster_size);
   ratelimit_init (&rl, st->rate, ratelimit_now_ns ());
-  show_progress (st, 0, size);
+  img_progress_start (&pr, st->progress, (uint64_t) size);
   for (uint64_t pos = 0; pos < (uint64_t)size;) {
     uint64_t n = MIN (chunk, size - pos), copied;
     uint64_t start = ratelimit_now_ns ();
@@ -208,6 +200,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
       fprintf (
           stderr, "%s: error while streaming at offset %" PRIu64 ": %s (%s)\n",
           progname, pos, strerror (-r), strata_last_error_message () ?: "");
+      img_progress_end (&pr, false);
       return false;
     }
     pos += n;
@@ -222,14 +215,13 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
       unflushed = 0;
       flushed_at = ratelimit_now_ns ();
     }
-    show_progress (st, pos, size);
+    img_progress_update (&pr, pos);
     if (copied) {
       ratelimit_account (&rl, copied, start);
       sleep_ns (ratelimit_delay (&rl, ratelimit_now_ns ()));
     }
   }
-  if (st->progress)
-    printf ("\n");
+  img_progress_end (&pr, true);
   return true;
 }
 

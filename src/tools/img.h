@@ -37,6 +37,22 @@ strata_node *open_image (const char *filename, const char *fmt,
 /* JSON with qemu-img's four-space indentation on stdout. */
 void print_json (json_t *j);
 
+/* -p: on a terminal, one line redrawn in place with a bar, the percent,
+ * the rate and the time left; nothing at all when stdout is not a
+ * terminal, so that logs and pipes stay clean.  Not thread-safe: callers
+ * with threads serialise the updates. */
+struct img_progress {
+  bool on;
+  double start, drawn_at;
+  uint64_t total;
+};
+void img_progress_start (struct img_progress *p, bool wanted,
+                         uint64_t total);
+/* DONE bytes of TOTAL; redraws at most ten times a second. */
+void img_progress_update (struct img_progress *p, uint64_t done);
+/* The final line (100 % when OK) and a newline. */
+void img_progress_end (struct img_progress *p, bool ok);
+
 /* img-snapshot.c: the snapshot table as qemu-img prints it (snapshot -l
  * and info). */
 void snapshot_list_human (const struct strata_snapshot_info *l, int n);

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,57 @@ def make_image(path, size=0, data=None):
         with open(path, "wb") as f:
             f.truncate(size)
     return path
+
+
+# ---- -p: strata-img draws progress only on a terminal -------------------
+
+QEMU_PROGRESS_RE = re.compile(r"(?:    \(\d+\.\d\d/100%\)[\r\n])+\n?")
+
+
+def drop_qemu_progress(text):
+    """qemu-img -p writes "    (xx.xx/100%)\\r" steps and a newline even
+    into a pipe; strata-img writes nothing there.  What remains to
+    compare."""
+    if isinstance(text, bytes):
+        return QEMU_PROGRESS_RE.sub("", text.decode()).encode()
+    return QEMU_PROGRESS_RE.sub("", text)
+
+
+def run_on_pty(argv, cwd=None, timeout=120):
+    """Run ARGV with stdout and stderr on a pseudo-terminal; returns the
+    exit status and everything it wrote."""
+    import pty
+    import select
+    pid, fd = pty.fork()
+    if pid == 0:
+        try:
+            if cwd:
+                os.chdir(cwd)
+            os.execv(str(argv[0]), [str(a) for a in argv])
+        finally:
+            os._exit(127)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 1)
+        if not r:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+PROGRESS_BAR_RE = re.compile(
+    r"\r\[[# ]{30}\] +100\.00%  +[0-9.]+ [KMGTPE]?i?B/s")
+
+
+def assert_progress_bar(text):
+    """The bar strata-img draws on a terminal reached 100 %, with a rate."""
+    assert "\r[" in text and PROGRESS_BAR_RE.search(text), repr(text)

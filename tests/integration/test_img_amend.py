@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from conftest import binary, file_state, run
+from conftest import (assert_progress_bar, binary, drop_qemu_progress,
+                      file_state, run, run_on_pty)
 from qcow2_common import (MiB, Model, check_reads, create, header,
                           qemu_check, qemu_img, qio)
 
@@ -55,7 +56,9 @@ def both(tmp_path, src, args):
             check=False)
     msg = f"qemu-img:\n{q.stdout}{q.stderr}\nstrata-img:\n{s.stdout}{s.stderr}"
     assert s.returncode == q.returncode, msg
-    assert s.stdout == q.stdout, msg
+    # -p: qemu-img draws its steps into the pipe, strata-img only on a
+    # terminal (test_progress_on_a_terminal).
+    assert s.stdout == drop_qemu_progress(q.stdout), msg
     assert s.stderr.replace("strata-img", "qemu-img") == q.stderr, msg
     return q, qp, sp
 
@@ -290,3 +293,13 @@ def test_refcount_width_with_snapshots(tmp_path):
     check_reads(qio, img, m2)
     run(qemu_img(), "snapshot", "-a", "s", str(img))
     check_reads(qio, img, m)
+
+
+def test_progress_on_a_terminal(tmp_path):
+    """-p draws strata-img's bar on a terminal (nothing in a pipe)."""
+    src = tmp_path / "t.qcow2"
+    run(qemu_img(), "create", "-q", "-f", "qcow2", str(src), "16M")
+    status, out = run_on_pty([binary("strata-img"), "amend", "-p", "-o",
+                              "compat=0.10", str(src)])
+    assert status == 0, out
+    assert_progress_bar(out)
