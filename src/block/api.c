@@ -495,8 +495,8 @@ strata_measure (const char *format, const char *options, strata_node *src,
     return false;
   }
   if (!drv->measure) {
-    error_set (errp, ENOTSUP, "Format driver '%s' does not support "
-               "measure", format);
+    error_set (errp, ENOTSUP, "Block driver '%s' does not support size "
+               "measurement", format);
     return false;
   }
   if (!(opts = opts_new ())) {

@@ -123,6 +123,11 @@ def test_commit_matches_qemu(tmp_path, cs, args):
         # Emptied: nothing of the top's own is left mapped.
         assert all(e["depth"] > 0 for e in map_of(tmp_path / "s" /
                                                    "top.qcow2"))
+        # ... and the file is cut after its last used cluster, as
+        # qemu-img cuts it (give or take the emptied L2 tables kept).
+        qs = os.path.getsize(tmp_path / "q" / "top.qcow2")
+        ss = os.path.getsize(tmp_path / "s" / "top.qcow2")
+        assert ss <= qs + 4 * cs, (ss, qs)
 
 
 @pytest.mark.parametrize("opts", [{"compat": "0.10"},

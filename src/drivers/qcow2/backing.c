@@ -423,7 +423,8 @@ qcow2_make_empty (strata_node *node, strata_error **errp)
       goto fail;
   }
   if ((r = qcow2_writeback_locked (node)) < 0
-      || (r = node_flush (node->file)) < 0)
+      || (r = node_flush (node->file)) < 0
+      || (r = qcow2_truncate_file_locked (node)) < 0)
     goto fail;
   return true;
 

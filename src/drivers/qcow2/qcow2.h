@@ -293,6 +293,9 @@ int qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
 int qcow2_flush (strata_node *node);
 
 /* resize.c */
+/* Cut the file after the last cluster with a reference; refcounts must
+ * be on disk.  Failing to cut loses only space. */
+int qcow2_truncate_file_locked (strata_node *node);
 bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
                      strata_error **errp);
 /* N contiguous clusters (refcounts written), usually past the end of the

@@ -233,9 +233,10 @@ drop_table_locked (strata_node *node, uint64_t l2)
   return qcow2_refcount_update_locked (node, l2, -1);
 }
 
-/* Step 4: cut the file after the last cluster with a reference. */
-static int
-truncate_file_locked (strata_node *node)
+/* Step 4: cut the file after the last cluster with a reference (also
+ * after make_empty). */
+int
+qcow2_truncate_file_locked (strata_node *node)
 {
   struct qcow2_state *s = node->opaque;
   int64_t flen = node_length (node->file);
@@ -299,7 +300,7 @@ shrink_locked (strata_node *node, uint64_t size)
       || (r = node_flush (node->file)) < 0)
     return r;
   s->size = size;
-  return truncate_file_locked (node);
+  return qcow2_truncate_file_locked (node);
 }
 
 static bool
