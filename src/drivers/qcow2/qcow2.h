@@ -156,6 +156,9 @@ struct qcow2_state {
   atomic_bool writes_refused;      /* a metadata overlap was caught */
 
   struct tracker clusters;    /* guest-cluster-granular request tracker */
+  /* Refcount increments stay dirty in the cache until the caller writes
+   * them back (many at once: snapshot create and apply). */
+  bool defer_increments;
 };
 
 /* header.c */

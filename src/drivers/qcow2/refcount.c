@@ -286,7 +286,7 @@ refcount_update (strata_node *node, uint64_t host_offset, int delta,
                      delta < 0 ? "drop below zero" : "overflow");
   v += delta;
   qcow2_rc_store (s, blk, idx % s->rc_per_block, v, &first, &n);
-  if (defer && delta > 0)
+  if ((defer || s->defer_increments) && delta > 0)
     qcow2_cache_mark_dirty_locked (&s->rc_cache, boff);
   else if ((r = node_pwrite (node->file, boff + first, blk + first, n, 0))
            < 0) {

@@ -420,6 +420,24 @@ tree_ref_locked (strata_node *node, const uint64_t *l1, uint64_t n, int delta)
   return 0;
 }
 
+/* tree_ref_locked (+1) with the increments collected in the refcount
+ * cache and written once per block, not once per cluster.  The caller
+ * flushes before anything points at the new references. */
+static int
+tree_ref_increment_locked (strata_node *node, const uint64_t *l1,
+                           uint64_t n)
+{
+  struct qcow2_state *s = node->opaque;
+  int r;
+
+  s->defer_increments = true;
+  r = tree_ref_locked (node, l1, n, 1);
+  s->defer_increments = false;
+  if (r == 0)
+    r = qcow2_writeback_refcounts_locked (node);
+  return r;
+}
+
 /* Whether the cluster at OFF has refcount 1. */
 static int
 sole_owner (strata_node *node, uint64_t off)
@@ -732,7 +750,7 @@ create_locked (strata_node *node, const void *arg, strata_error **errp)
   /* References first, then COPIED cleared, then the copy and the table
    * that point at them. */
   if ((r = tree_ref_locked (node, s->l1, s->l1_size, 0)) < 0
-      || (r = tree_ref_locked (node, s->l1, s->l1_size, 1)) < 0
+      || (r = tree_ref_increment_locked (node, s->l1, s->l1_size)) < 0
       || (r = node_flush (node->file)) < 0
       || (r = sync_copied_locked (node)) < 0) {
     io_fail (node, r, "cannot add the snapshot's references", errp);
@@ -823,7 +841,7 @@ apply_locked (strata_node *node, const void *arg, strata_error **errp)
     goto out;
   }
   if ((r = tree_ref_locked (node, l1, n, 0)) < 0
-      || (r = tree_ref_locked (node, l1, n, 1)) < 0
+      || (r = tree_ref_increment_locked (node, l1, n)) < 0
       || (r = node_flush (node->file)) < 0
       || (off = write_new_locked (node, raw, n * 8)) < 0) {
     free (l1);
