@@ -175,6 +175,11 @@ def test_on_error_matches_qsd(tmp_path, qemu_img, failing_backing, mode):
         for e in evs:
             if mode != "ignore" and e["event"] != "JOB_STATUS_CHANGE":
                 e["data"].pop("offset", None)
+        if mode == "ignore":
+            # How many chunks fail before the test removes ERRFILE depends
+            # on timing: compare one error event for each run of them.
+            evs = [e for i, e in enumerate(evs)
+                   if i == 0 or e != evs[i - 1]]
         results[kind] = (evs, replies)
         assert d.stop() == 0
         check_image(qemu_img, top)
