@@ -48,12 +48,22 @@ export_find_locked (const char *id)
   return NULL;
 }
 
-/* The NBD server's callback: the export is removed and unused. */
 static void
-export_gone (void *opaque)
+export_append (struct export *e)
 {
-  struct export *e = opaque;
+  struct export **pp = &exports;
 
+  pthread_mutex_lock (&exp_lock);
+  while (*pp)
+    pp = &(*pp)->next;
+  e->next = NULL;
+  *pp = e;
+  pthread_mutex_unlock (&exp_lock);
+}
+
+static void
+export_unlink (struct export *e)
+{
   pthread_mutex_lock (&exp_lock);
   for (struct export **pp = &exports; *pp; pp = &(*pp)->next)
     if (*pp == e) {
@@ -61,13 +71,31 @@ export_gone (void *opaque)
       break;
     }
   pthread_mutex_unlock (&exp_lock);
-  qmp_event_emit ("BLOCK_EXPORT_DELETED", json_pack ("{s:s}", "id", e->id));
-  graph_remove_user (e->node, e->user);
-  node_unref (e->node);
+}
+
+/* The record's own memory (not the node reference or the graph user). */
+static void
+export_free (struct export *e)
+{
+  if (!e)
+    return;
   free (e->id);
   free (e->name);
   free (e->user);
   free (e);
+}
+
+/* The NBD server's callback: the export is removed and unused. */
+static void
+export_gone (void *opaque)
+{
+  struct export *e = opaque;
+
+  export_unlink (e);
+  qmp_event_emit ("BLOCK_EXPORT_DELETED", json_pack ("{s:s}", "id", e->id));
+  graph_remove_user (e->node, e->user);
+  node_unref (e->node);
+  export_free (e);
 }
 
 static void *
@@ -361,31 +389,17 @@ cmd_block_export_add (json_t *args, struct qmp_error *err)
     qmp_error_set (err, "GenericError", "description '%s' too long", desc);
     goto fail;
   }
-  e = calloc (1, sizeof *e);
-  if (!e || !(e->id = strdup (id)) || !(e->name = strdup (name))
-      || asprintf (&e->user, "export '%s'", id) < 0) {
-    if (e)
-      e->user = NULL;
+  if ((e = calloc (1, sizeof *e))
+      && asprintf (&e->user, "export '%s'", id) < 0)
+    e->user = NULL;  /* asprintf leaves it undefined */
+  if (!e || !e->user || !(e->id = strdup (id)) || !(e->name = strdup (name))
+      || !graph_add_user (node, e->user)) {
     qmp_error_set (err, "GenericError", "out of memory");
     goto fail;
   }
   e->node = node;
-  /* On the list before the server knows it: export_gone may run as soon
-   * as it is added (a hard removal races nothing here, but the monitor
-   * is single-threaded and stays so). */
-  if (!graph_add_user (node, e->user)) {
-    qmp_error_set (err, "GenericError", "out of memory");
-    goto fail;
-  }
-  pthread_mutex_lock (&exp_lock);
-  e->next = NULL;
-  {
-    struct export **pp = &exports;
-    while (*pp)
-      pp = &(*pp)->next;
-    *pp = e;
-  }
-  pthread_mutex_unlock (&exp_lock);
+  /* Listed before the server knows it, so that export_gone finds it. */
+  export_append (e);
   if (!nbd_server_add_export_full (srv, name, desc, node, &flags,
                                    export_gone, e, &se)) {
     if (strata_error_errno (se) == EEXIST)
@@ -394,25 +408,14 @@ cmd_block_export_add (json_t *args, struct qmp_error *err)
     else
       qmp_error_set (err, "GenericError", "%s", strata_error_message (se));
     strata_error_free (se);
-    pthread_mutex_lock (&exp_lock);
-    for (struct export **pp = &exports; *pp; pp = &(*pp)->next)
-      if (*pp == e) {
-        *pp = e->next;
-        break;
-      }
-    pthread_mutex_unlock (&exp_lock);
+    export_unlink (e);
     graph_remove_user (node, e->user);
     goto fail;
   }
   return json_object ();
 
 fail:
-  if (e) {
-    free (e->id);
-    free (e->name);
-    free (e->user);
-    free (e);
-  }
+  export_free (e);
   node_unref (node);
   return NULL;
 }
@@ -445,27 +448,18 @@ cmd_block_export_del (json_t *args, struct qmp_error *err)
   pthread_mutex_lock (&exp_lock);
   e = export_find_locked (id);
   srv = server;
-  if (e && e->shutting_down) {
-    pthread_mutex_unlock (&exp_lock);
+  if (!e)
+    qmp_error_set (err, "GenericError", "Export '%s' is not found", id);
+  else if (e->shutting_down)
     qmp_error_set (err, "GenericError", "Export '%s' is already shutting "
                    "down", id);
-    return NULL;
-  }
-  if (e)
-    name = strdup (e->name);
-  pthread_mutex_unlock (&exp_lock);
-  if (!e) {
-    qmp_error_set (err, "GenericError", "Export '%s' is not found", id);
-    return NULL;
-  }
-  if (!name) {
+  else if (!(name = strdup (e->name)))
     qmp_error_set (err, "GenericError", "out of memory");
-    return NULL;
-  }
-  /* Mark first: the removal may free E through export_gone at once. */
-  pthread_mutex_lock (&exp_lock);
-  e->shutting_down = true;
+  else
+    e->shutting_down = true;  /* first: the removal may free E at once */
   pthread_mutex_unlock (&exp_lock);
+  if (!name)
+    return NULL;
   if (!nbd_server_remove_export (srv, name, hard, &se)) {
     pthread_mutex_lock (&exp_lock);
     if ((e = export_find_locked (id)))

@@ -152,7 +152,6 @@ struct nbd_server {
   int tcp_port;
   int wake[2];                    /* self-pipe for the accept loop */
   unsigned max_clients;
-  unsigned idle_ms;               /* 0: idle connections stay */
   bool persistent;
   bool stopping;
   unsigned active;                /* connections alive */
@@ -185,34 +184,6 @@ idle_for_locked (struct conn *c, uint64_t now)
   if (c->inflight > 0 || c->last_request_ms == 0 || c->dead)
     return 0;
   return now > c->last_request_ms ? now - c->last_request_ms : 0;
-}
-
-/* Wait until the next request header can be read.  False when the
- * connection has been idle for the server's idle timeout, or on error. */
-static bool
-wait_request (struct conn *c)
-{
-  unsigned idle_ms = c->srv->idle_ms;
-
-  if (c->rpos < c->rlen || idle_ms == 0)
-    return true;  /* conn_read waits without a limit */
-  for (;;) {
-    struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
-    int r = poll (&pfd, 1, idle_ms ? 1000 : -1);
-    uint64_t idle;
-
-    if (r > 0)
-      return true;
-    if (r < 0 && errno != EINTR)
-      return false;
-    if (r == 0) {
-      pthread_mutex_lock (&c->lock);
-      idle = idle_for_locked (c, now_ms ());
-      pthread_mutex_unlock (&c->lock);
-      if (idle >= idle_ms)
-        return false;
-    }
-  }
 }
 
 /* ---- socket I/O ---- */
@@ -1323,9 +1294,7 @@ transmission (struct conn *c)
   pthread_mutex_unlock (&c->lock);
   /* The first bytes of a request may take forever (an idle client); the
    * rest of it must follow promptly. */
-  while (wait_request (c)
-         && conn_read (c, h, 4, c->srv->idle_ms ? NBD_PAYLOAD_MS : -1)
-         && conn_read (c, h + 4, 24, NBD_PAYLOAD_MS)
+  while (conn_read (c, h, 4, -1) && conn_read (c, h + 4, 24, NBD_PAYLOAD_MS)
          && be32_load (h) == NBD_REQUEST_MAGIC) {
     uint16_t flags = be16_load (h + 4), type = be16_load (h + 6);
     uint64_t cookie = be64_load (h + 8), offset = be64_load (h + 16);
@@ -1632,12 +1601,6 @@ nbd_server_remove_export (struct nbd_server *srv, const char *name,
   pthread_mutex_unlock (&srv->lock);
   export_free (dead);
   return true;
-}
-
-void
-nbd_server_set_idle_timeout (struct nbd_server *srv, unsigned seconds)
-{
-  srv->idle_ms = seconds > UINT_MAX / 1000 ? UINT_MAX : seconds * 1000;
 }
 
 void

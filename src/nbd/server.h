@@ -59,12 +59,9 @@ bool nbd_server_remove_export (struct nbd_server *srv, const char *name,
 void nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
                             bool persistent);
 
-/* Disconnect a client that has sent no request for SECONDS and has none
- * in flight (0, the default: never).  Independently of this, a full
- * server with a client waiting for a slot disconnects the connection idle
- * longest once it has been idle for 30 s, so that a vanished client
- * cannot hold a slot forever. */
-void nbd_server_set_idle_timeout (struct nbd_server *srv, unsigned seconds);
+/* A full server with a client waiting for a slot disconnects the
+ * connection idle longest (no request for 30 s, none in flight), so that
+ * a vanished client cannot hold a slot forever. */
 
 bool nbd_server_listen_unix (struct nbd_server *srv, const char *path,
                              strata_error **errp);
