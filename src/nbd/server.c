@@ -152,6 +152,7 @@ struct nbd_server {
   int tcp_port;
   int wake[2];                    /* self-pipe for the accept loop */
   unsigned max_clients;
+  unsigned evict_ms;              /* see nbd_server_set_evict_after */
   bool persistent;
   bool stopping;
   unsigned active;                /* connections alive */
@@ -1458,6 +1459,7 @@ nbd_server_new (void)
   pthread_mutex_init (&srv->pool_lock, NULL);
   pthread_cond_init (&srv->job_cond, NULL);
   srv->max_clients = 1;
+  srv->evict_ms = NBD_EVICT_MS;
   srv->persistent = true;
   for (size_t i = 0; i < NBD_WORKERS; i++)
     if (pthread_create (&srv->workers[srv->nr_workers], NULL, worker_thread,
@@ -1604,6 +1606,12 @@ nbd_server_remove_export (struct nbd_server *srv, const char *name,
 }
 
 void
+nbd_server_set_evict_after (struct nbd_server *srv, unsigned ms)
+{
+  srv->evict_ms = ms;
+}
+
+void
 nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
                        bool persistent)
 {
@@ -1740,7 +1748,7 @@ accept_one (struct nbd_server *srv, int lfd)
   pthread_attr_destroy (&attr);
 }
 
-/* Is a connection idle for NBD_EVICT_MS?  With EVICT, disconnect the one
+/* Is a connection idle for srv->evict_ms?  With EVICT, disconnect the one
  * idle longest. */
 static bool
 evict_candidate (struct nbd_server *srv, bool evict)
@@ -1754,7 +1762,7 @@ evict_candidate (struct nbd_server *srv, bool evict)
     pthread_mutex_lock (&c->lock);
     idle = idle_for_locked (c, now);
     pthread_mutex_unlock (&c->lock);
-    if (idle >= NBD_EVICT_MS && idle > best_idle) {
+    if (idle >= srv->evict_ms && idle > best_idle) {
       best = c;
       best_idle = idle;
     }

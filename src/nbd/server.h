@@ -60,8 +60,10 @@ void nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
                             bool persistent);
 
 /* A full server with a client waiting for a slot disconnects the
- * connection idle longest (no request for 30 s, none in flight), so that
- * a vanished client cannot hold a slot forever. */
+ * connection idle longest (no request for MS milliseconds, 30 s by
+ * default, and none in flight), so that a vanished client cannot hold a
+ * slot forever. */
+void nbd_server_set_evict_after (struct nbd_server *srv, unsigned ms);
 
 bool nbd_server_listen_unix (struct nbd_server *srv, const char *path,
                              strata_error **errp);
