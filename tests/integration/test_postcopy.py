@@ -135,7 +135,8 @@ def test_postcopy_recipe(tmp_path, peer):
     run(qemu_img(), "compare", str(dest), str(expect))
     # The zero region stayed zero clusters: no data was written for it.
     m = json.loads(run(qemu_img(), "map", "--output=json", str(dest)).stdout)
-    for e in m:
-        if e["start"] < (16 << 20) and e["start"] + e["length"] > (8 << 20):
-            if e["start"] >= (8 << 20):
-                assert e["zero"] and not e["data"], e
+    zeroed = [e for e in m
+              if e["start"] < (16 << 20) and e["start"] + e["length"] > (8 << 20)]
+    assert zeroed, m
+    for e in zeroed:
+        assert e["zero"] and not e["data"] and e["depth"] == 0, e
