@@ -111,6 +111,16 @@ unpause_locked (struct job *job)
   set_status_locked (job, JOB_RUNNING);
 }
 
+/* Undo a user pause (block-job-pause, or on-error=stop): the caller
+ * wakes the job. */
+static void
+end_user_pause_locked (struct job *job)
+{
+  job->user_paused = false;
+  job->pause_count--;
+  job->iostatus = "ok";
+}
+
 bool
 job_id_wellformed (const char *id)
 {
@@ -180,6 +190,16 @@ job_free (struct job *job)
   free (job->user);
   free (job->error);
   free (job);
+}
+
+/* The end of a concluded job (or one never started): null, out of the
+ * list, freed. */
+static void
+remove_locked (struct job *job)
+{
+  set_status_locked (job, JOB_NULL);
+  unlink_locked (job);
+  job_free (job);
 }
 
 struct job *
@@ -342,11 +362,8 @@ conclude (struct job *job, int ret)
   else
     qmp_event_emit ("BLOCK_JOB_COMPLETED", completion_data (job, !ok));
   set_status_locked (job, JOB_CONCLUDED);
-  if (job->auto_dismiss) {
-    set_status_locked (job, JOB_NULL);
-    unlink_locked (job);
-    job_free (job);
-  }
+  if (job->auto_dismiss)
+    remove_locked (job);
   else
     job->thread_done = true;
   live_threads--;
@@ -545,9 +562,7 @@ job_user_resume_locked (struct job *job, struct qmp_error *err)
   }
   if (!apply_verb_locked (job, JOB_VERB_RESUME, err))
     return false;
-  job->user_paused = false;
-  job->pause_count--;
-  job->iostatus = "ok";
+  end_user_pause_locked (job);
   unpause_locked (job);
   wake_locked (job);
   return true;
@@ -558,11 +573,8 @@ job_cancel_locked (struct job *job, bool force, struct qmp_error *err)
 {
   if (!apply_verb_locked (job, JOB_VERB_CANCEL, err))
     return false;
-  if (job->user_paused) {
-    job->user_paused = false;
-    job->pause_count--;
-    job->iostatus = "ok";
-  }
+  if (job->user_paused)
+    end_user_pause_locked (job);
   job->cancelled = true;
   job->force_cancel |= force;
   unpause_locked (job);
@@ -598,9 +610,7 @@ job_dismiss_locked (struct job *job, struct qmp_error *err)
 {
   if (!apply_verb_locked (job, JOB_VERB_DISMISS, err))
     return false;
-  set_status_locked (job, JOB_NULL);
-  unlink_locked (job);
-  job_free (job);
+  remove_locked (job);
   return true;
 }
 
@@ -667,10 +677,8 @@ job_shutdown (void)
   for (struct job *j = jobs; j; j = j->next)
     if (j->status != JOB_CONCLUDED) {
       j->cancelled = j->force_cancel = true;
-      if (j->user_paused) {
-        j->user_paused = false;
-        j->pause_count--;
-      }
+      if (j->user_paused)
+        end_user_pause_locked (j);
       wake_locked (j);
     }
   while (live_threads > 0)

@@ -50,6 +50,13 @@ struct stream {
   bool restore_ro;          /* TOP was read-only: made so again at the end */
 };
 
+/* E's message, for an error path that may have got none. */
+static const char *
+error_text (const strata_error *e)
+{
+  return e ? strata_error_message (e) : "unknown error";
+}
+
 /* ---- the job ---- */
 
 /* Bytes per chunk: QEMU's 512 KiB, smaller under a low speed limit so
@@ -182,9 +189,6 @@ stream_run (struct job *job)
   return node_flush (s->top);
 }
 
-/* Rewrite the header, then move the graph edge: TOP's backing becomes
- * BASE.  The old backing node keeps a reference until clean, after the
- * requests that may still read through it have drained. */
 /* Make TOP read-only again if the job made it writable; block lock held
  * (or the control thread's own, for a job that never started). */
 static void
@@ -195,6 +199,9 @@ restore_read_only_locked (struct stream *s)
   s->restore_ro = false;
 }
 
+/* Rewrite the header, then move the graph edge: TOP's backing becomes
+ * BASE.  The old backing node keeps a reference until clean, after the
+ * requests that may still read through it have drained. */
 static int
 stream_prepare (struct job *job)
 {
@@ -210,7 +217,7 @@ stream_prepare (struct job *job)
     goto out;
   if (!node_change_backing_file (s->top, name,
                                  s->base ? s->base->drv->name : NULL, &e)) {
-    job_set_error (job, "%s", e ? strata_error_message (e) : "unknown error");
+    job_set_error (job, "%s", error_text (e));
     strata_error_free (e);
     r = -EIO;
     goto out;
@@ -223,8 +230,7 @@ stream_prepare (struct job *job)
     node_ref (s->base);
     if (!node_attach_child (s->top, "backing", s->base, &e)) {
       node_unref (s->base);
-      job_set_error (job, "%s",
-                     e ? strata_error_message (e) : "unknown error");
+      job_set_error (job, "%s", error_text (e));
       strata_error_free (e);
       r = -EIO;
     }
@@ -330,7 +336,7 @@ parse_on_error (json_t *args, enum job_on_error *out, struct qmp_error *err)
   *out = JOB_ON_ERROR_REPORT;
   if (!v)
     return true;
-  for (int i = 0; i < 4; i++)
+  for (size_t i = 0; i < sizeof on_error_names / sizeof *on_error_names; i++)
     if (strcmp (v, on_error_names[i]) == 0) {
       *out = i;
       return true;
@@ -489,8 +495,7 @@ start_locked (json_t *args, strata_node *top, strata_node *base,
   if (top->read_only && top->backing && top->backing != base) {
     strata_error *e = NULL;
     if (!strata_reopen (top, true, 0, &e)) {
-      qmp_error_set (err, "GenericError", "%s",
-                     e ? strata_error_message (e) : "unknown error");
+      qmp_error_set (err, "GenericError", "%s", error_text (e));
       strata_error_free (e);
       job_discard (job);
       return false;
