@@ -106,6 +106,12 @@ def test_under_qcow2(tmp_path):
     (rule(sector=3), "Missing event name for rule"),
     (rule(event="read_aio", foo=1), "unknown option 'inject-error.0.foo'"),
     (rule(event="read_aio", errno="x"), "expected an integer"),
+    (rule(event="read_aio", errno=0),
+     "inject-error.0.errno: expected an integer from 1 to 4095, got '0'"),
+    (rule(event="read_aio", sector=-2),
+     "inject-error.0.sector: expected an integer from -1 to"),
+    (rule(event="read_aio", once="maybe"), "expects 'on' or 'off'"),
+    ("file.image=x,file.image.filename=y", "give one of 'image'"),
     (rule(event="read_aio", state=2), "states are not supported"),
     ("file.config=/dev/null", "config files are not supported"),
 ])
