@@ -191,16 +191,17 @@ copy_chunk (struct copy_up *c, uint64_t offset, uint64_t len, bool dry)
       return r;
     if (src != SRC_NONE && dry)
       return 1;
-    if (src != SRC_NONE && region && rstart + region == pos) {
+    /* A region ends where the next part to copy does not follow it. */
+    if (src != SRC_NONE && region && rstart + region != pos) {
+      if ((r = copy_region (c, rstart, region, rzero)) < 0)
+        return r;
+      region = 0;
+    }
+    if (src != SRC_NONE) {
+      if (!region)
+        rstart = pos, rzero = true;
       region += n;
       rzero = rzero && src == SRC_ZERO;
-    }
-    else if (src != SRC_NONE) {
-      if (region && (r = copy_region (c, rstart, region, rzero)) < 0)
-        return r;
-      rstart = pos;
-      region = n;
-      rzero = src == SRC_ZERO;
     }
     pos += n;
   }
