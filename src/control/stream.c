@@ -361,27 +361,22 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
   const char *base = str_arg (args, "base");
   const char *base_node = str_arg (args, "base-node");
   const char *bottom = str_arg (args, "bottom");
+  /* The pairs that exclude each other, in QEMU's order of checking. */
+  static const char *const conflicts[][2] = {
+    { "base", "base-node" },
+    { "base", "bottom" },
+    { "bottom", "base-node" },
+  };
   strata_node *n;
 
   *basep = NULL;
-  if (base && base_node) {
-    qmp_error_set (err, "GenericError",
-                   "'base' and 'base-node' cannot be specified at the same "
-                   "time");
-    return false;
-  }
-  if (base && bottom) {
-    qmp_error_set (err, "GenericError",
-                   "'base' and 'bottom' cannot be specified at the same "
-                   "time");
-    return false;
-  }
-  if (bottom && base_node) {
-    qmp_error_set (err, "GenericError",
-                   "'bottom' and 'base-node' cannot be specified at the same "
-                   "time");
-    return false;
-  }
+  for (size_t i = 0; i < sizeof conflicts / sizeof *conflicts; i++)
+    if (str_arg (args, conflicts[i][0]) && str_arg (args, conflicts[i][1])) {
+      qmp_error_set (err, "GenericError",
+                     "'%s' and '%s' cannot be specified at the same time",
+                     conflicts[i][0], conflicts[i][1]);
+      return false;
+    }
   if (base) {
     if (!(*basep = find_backing_image (top, base))) {
       qmp_error_set (err, "GenericError",
