@@ -153,6 +153,22 @@ overlaps_core (const struct qcow2_state *s, uint64_t off, uint64_t len)
              || (off < rt_end && s->rt_offset < end));
 }
 
+/* Whether LEN bytes of entry I at POS lie inside the file (FLEN bytes)
+ * and within the table's size limit. */
+static bool
+entry_fits (strata_node *node, const struct snap_table *t, uint32_t i,
+            uint64_t pos, uint64_t len, int64_t flen, strata_error **errp)
+{
+  if (pos - t->offset + len <= SNAP_MAX_TABLE && pos + len <= (uint64_t) flen)
+    return true;
+  error_set (errp, EINVAL,
+             "%s: snapshot table entry %" PRIu32 " at 0x%" PRIx64
+             " is past the end of the file or the table's size "
+             "limit (%llu bytes)",
+             node->filename, i, pos, SNAP_MAX_TABLE);
+  return false;
+}
+
 /* Read and check the whole snapshot table. */
 static bool
 read_table_locked (strata_node *node, struct snap_table *t,
@@ -197,14 +213,8 @@ read_table_locked (strata_node *node, struct snap_table *t,
     CLEANUP_FREE uint8_t *rest = NULL;
     uint64_t len;
 
-    if (pos - t->offset + 40 > SNAP_MAX_TABLE || pos + 40 > (uint64_t) flen) {
-      error_set (errp, EINVAL,
-                 "%s: snapshot table entry %" PRIu32 " at 0x%" PRIx64
-                 " is past the end of the file or the table's size "
-                 "limit (%llu bytes)",
-                 fn, i, pos, SNAP_MAX_TABLE);
+    if (!entry_fits (node, t, i, pos, 40, flen, errp))
       goto fail;
-    }
     if ((r = node_pread (node->file, pos, fix, 40, 0)) < 0) {
       error_set (errp, -r, "%s: cannot read snapshot table entry %" PRIu32, fn,
                  i);
@@ -220,14 +230,8 @@ read_table_locked (strata_node *node, struct snap_table *t,
     /* The padding of the last entry may be past the end of the file. */
     len = 40ull + be32_load (fix + 36) + be16_load (fix + 12)
           + be16_load (fix + 14);
-    if (pos - t->offset + len > SNAP_MAX_TABLE || pos + len > (uint64_t) flen) {
-      error_set (errp, EINVAL,
-                 "%s: snapshot table entry %" PRIu32 " at 0x%" PRIx64
-                 " is past the end of the file or the table's size "
-                 "limit (%llu bytes)",
-                 fn, i, pos, SNAP_MAX_TABLE);
+    if (!entry_fits (node, t, i, pos, len, flen, errp))
       goto fail;
-    }
     if (!(rest = malloc (len - 40 + 1))) {
       error_set (errp, ENOMEM, "out of memory");
       goto fail;
@@ -436,6 +440,20 @@ tree_ref_increment_locked (strata_node *node, const uint64_t *l1,
   if (r == 0)
     r = qcow2_writeback_refcounts_locked (node);
   return r;
+}
+
+/* Check every entry of the tree L1 (N entries) reaches, then add one
+ * reference to each, flushed: nothing may point at the tree before this
+ * returns 0, and a bad entry stops it before anything changed. */
+static int
+tree_ref_add_locked (strata_node *node, const uint64_t *l1, uint64_t n)
+{
+  int r;
+
+  if ((r = tree_ref_locked (node, l1, n, 0)) < 0
+      || (r = tree_ref_increment_locked (node, l1, n)) < 0)
+    return r;
+  return node_flush (node->file);
 }
 
 /* Whether the cluster at OFF has refcount 1. */
@@ -749,9 +767,7 @@ create_locked (strata_node *node, const void *arg, strata_error **errp)
   sn->extra_size = SNAP_EXTRA_KNOWN;
   /* References first, then COPIED cleared, then the copy and the table
    * that point at them. */
-  if ((r = tree_ref_locked (node, s->l1, s->l1_size, 0)) < 0
-      || (r = tree_ref_increment_locked (node, s->l1, s->l1_size)) < 0
-      || (r = node_flush (node->file)) < 0
+  if ((r = tree_ref_add_locked (node, s->l1, s->l1_size)) < 0
       || (r = sync_copied_locked (node)) < 0) {
     io_fail (node, r, "cannot add the snapshot's references", errp);
     goto out_new;
@@ -801,7 +817,8 @@ apply_locked (strata_node *node, const void *arg, strata_error **errp)
   uint64_t span = s->l2_entries << s->cluster_bits, need, n;
   CLEANUP_FREE uint64_t *sl1 = NULL;
   CLEANUP_FREE uint8_t *raw = NULL;
-  uint64_t *l1, *old_l1 = s->l1, old_n = s->l1_size, old_off = s->l1_offset;
+  CLEANUP_FREE uint64_t *l1 = NULL; /* until it becomes the active L1 */
+  uint64_t *old_l1 = s->l1, old_n = s->l1_size, old_off = s->l1_offset;
   struct snap_table t;
   struct snap *sn;
   int64_t off;
@@ -836,15 +853,11 @@ apply_locked (strata_node *node, const void *arg, strata_error **errp)
   for (uint64_t k = 0; k < sn->l1_size; k++)
     l1[k] = sl1[k] & ~QCOW2_OFLAG_COPIED;
   if (!(raw = l1_to_disk (l1, n))) {
-    free (l1);
     error_set (errp, ENOMEM, "out of memory");
     goto out;
   }
-  if ((r = tree_ref_locked (node, l1, n, 0)) < 0
-      || (r = tree_ref_increment_locked (node, l1, n)) < 0
-      || (r = node_flush (node->file)) < 0
+  if ((r = tree_ref_add_locked (node, l1, n)) < 0
       || (off = write_new_locked (node, raw, n * 8)) < 0) {
-    free (l1);
     io_fail (node, r < 0 ? r : (int) off, "cannot load the snapshot", errp);
     goto out;
   }
@@ -854,11 +867,11 @@ apply_locked (strata_node *node, const void *arg, strata_error **errp)
   be64_store (h + 16, (uint64_t) off);
   if ((r = qcow2_write_header_field (node, 24, h, sizeof h)) < 0
       || (r = node_flush (node->file)) < 0) {
-    free (l1);
     io_fail (node, r, "cannot switch to the snapshot", errp);
     goto out;
   }
   s->l1 = l1;
+  l1 = NULL;
   s->l1_size = n;
   s->l1_offset = off;
   s->size = sn->disk_size;
