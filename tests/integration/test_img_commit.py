@@ -308,7 +308,8 @@ def test_crash_while_emptying(tmp_path, crash_shim):
     for n in range(1, events + 1):
         shutil.rmtree(s)
         shutil.copytree(d, s)
-        crashing_commit(crash_shim, s, CRASH_AT=n, CRASH_LOSE=n % 4)
+        p = crashing_commit(crash_shim, s, CRASH_AT=n, CRASH_LOSE=n % 4)
+        assert p.returncode == 99, (n, p.returncode, p.stderr)
         compare(s / "top.qcow2", tmp_path / "orig" / "top.qcow2")
         c = run(qemu_img(), "check", s / "top.qcow2", check=False)
         assert c.returncode in (0, 3), (n, c.stdout, c.stderr)
@@ -360,8 +361,9 @@ def test_crash_while_copying(tmp_path, crash_shim):
     for n in sorted(set(range(1, events + 1, max(1, events // 12)))):
         shutil.rmtree(s)
         shutil.copytree(d, s)
-        crashing_commit(crash_shim, s, target="mid.qcow2", CRASH_AT=n,
-                        CRASH_LOSE=n % 4)
+        p = crashing_commit(crash_shim, s, target="mid.qcow2", CRASH_AT=n,
+                            CRASH_LOSE=n % 4)
+        assert p.returncode == 99, (n, p.returncode, p.stderr)
         # (The last events, when the base is closed, come after the top
         # was emptied: compare the guest view, not the bytes.)
         compare(s / "top.qcow2", tmp_path / "orig" / "top.qcow2")
