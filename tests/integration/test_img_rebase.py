@@ -309,7 +309,8 @@ def test_crash_during_safe_rebase(tmp_path):
     for n in range(1, events + 1):
         shutil.rmtree(s)
         shutil.copytree(d, s)
-        crashing(CRASH_AT=n, CRASH_LOSE=n % 4)
+        p = crashing(CRASH_AT=n, CRASH_LOSE=n % 4)
+        assert p.returncode == 99, (n, p.returncode, p.stderr)
         compare_images(s / "top.qcow2", tmp_path / "orig" / "top.qcow2")
         c = run(qemu_img(), "check", s / "top.qcow2", check=False)
         assert c.returncode in (0, 3), (n, c.stdout, c.stderr)
