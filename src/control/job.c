@@ -364,8 +364,6 @@ conclude (struct job *job, int ret)
   set_status_locked (job, JOB_CONCLUDED);
   if (job->auto_dismiss)
     remove_locked (job);
-  else
-    job->thread_done = true;
   live_threads--;
   pthread_cond_broadcast (&threads_cond);
   job_unlock ();

@@ -111,7 +111,6 @@ struct job {
   bool busy; /* not sleeping or paused */
   bool kick; /* wake from a rate-limit sleep */
   bool auto_finalize, auto_dismiss;
-  bool thread_done;
   uint64_t len, offset; /* progress: total and current */
   struct ratelimit rl;
   enum job_on_error on_error;
