@@ -43,21 +43,6 @@ struct commit {
   uint64_t rate; /* bytes per second, 0 = unlimited */
 };
 
-
-static bool
-parse_rate (const char *s, uint64_t *out)
-{
-  if (!parse_size (s, out) || *out > INT64_MAX) {
-    fprintf (stderr,
-             "%s: Invalid rate limit specified. You may use k, M, "
-             "G, T, P or E suffixes for\n%s: kilobytes, megabytes, "
-             "gigabytes, terabytes, petabytes and exabytes.\n",
-             progname, progname);
-    return false;
-  }
-  return true;
-}
-
 /* 0 when parsed, else the exit code. */
 static int
 parse_args (int argc, char **argv, struct commit *c)
@@ -78,7 +63,7 @@ parse_args (int argc, char **argv, struct commit *c)
     case 'p': c->progress = true; break;
     case 'q': c->quiet = true; break;
     case 'r':
-      if (!parse_rate (optarg, &c->rate))
+      if (!img_parse_rate (optarg, &c->rate))
         return 1;
       break;
     case 'h':
@@ -168,15 +153,6 @@ find_base (strata_node *top, const struct commit *c, int *depth)
   return NULL;
 }
 
-static void
-sleep_ns (uint64_t ns)
-{
-  struct timespec ts
-      = { .tv_sec = ns / 1000000000ull, .tv_nsec = ns % 1000000000ull };
-  while (nanosleep (&ts, &ts) < 0 && errno == EINTR)
-    ;
-}
-
 /* Copy one extent (at most CHUNK bytes) of TOP's view into BASE. */
 static int
 copy_extent (strata_node *top, strata_node *base, uint64_t off, uint64_t n,
@@ -235,9 +211,7 @@ copy_down (strata_node *top, strata_node *base, int base_depth, uint64_t len,
     if ((r = next_run (top, base_depth, off, end, &n, &copy, &zero)) < 0)
       return r;
     if (copy) {
-      uint64_t wait = ratelimit_delay (&rl, ratelimit_now_ns ());
-      if (wait)
-        sleep_ns (wait);
+      img_ratelimit_wait (&rl);
       start = ratelimit_now_ns ();
       if ((r = copy_extent (top, base, off, n, zero, buf)) < 0)
         return r;
@@ -339,10 +313,8 @@ cmd_commit (int argc, char **argv)
 
   if (r)
     return r;
-  if (!cache_mode_options (c.cache, c.fmt, cacheopts, sizeof cacheopts, &wt)) {
-    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, c.cache);
+  if (!img_cache_options (c.cache, c.fmt, cacheopts, sizeof cacheopts, &wt))
     return 1;
-  }
   if (!(top = open_image (c.file, c.fmt, false, true, cacheopts)))
     return 1;
   r = run_commit (top, &c);

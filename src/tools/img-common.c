@@ -12,6 +12,8 @@
 #include <strata/strata.h>
 
 #include "tools/img.h"
+#include "util/opts.h"
+#include "util/ratelimit.h"
 
 const char *progname = "strata-img";
 
@@ -95,6 +97,44 @@ print_json (json_t *j)
   if (s)
     printf ("%s\n", s);
   free (s);
+}
+
+bool
+img_parse_rate (const char *s, uint64_t *out)
+{
+  if (!parse_size (s, out) || *out > INT64_MAX) {
+    fprintf (stderr,
+             "%s: Invalid rate limit specified. You may use k, M, "
+             "G, T, P or E suffixes for\n%s: kilobytes, megabytes, "
+             "gigabytes, terabytes, petabytes and exabytes.\n",
+             progname, progname);
+    return false;
+  }
+  return true;
+}
+
+bool
+img_cache_options (const char *mode, const char *fmt, char *buf, size_t size,
+                   bool *writethrough)
+{
+  if (!cache_mode_options (mode, fmt, buf, size, writethrough)) {
+    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, mode);
+    return false;
+  }
+  return true;
+}
+
+void
+img_ratelimit_wait (const struct ratelimit *rl)
+{
+  uint64_t ns = ratelimit_delay (rl, ratelimit_now_ns ());
+  struct timespec ts
+      = { .tv_sec = ns / 1000000000u, .tv_nsec = ns % 1000000000u };
+
+  if (!ns)
+    return;
+  while (nanosleep (&ts, &ts) < 0 && errno == EINTR)
+    ;
 }
 
 

@@ -903,10 +903,8 @@ open_target (struct convert *c, const char *dst, const struct convert_args *a)
   bool wt;
   int64_t len;
 
-  if (!cache_mode_options (a->cache, a->ofmt, extra, sizeof extra, &wt)) {
-    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, a->cache);
+  if (!img_cache_options (a->cache, a->ofmt, extra, sizeof extra, &wt))
     return false;
-  }
   c->wflags = wt ? STRATA_REQ_FUA : 0;
   for (int i = 0; i < c->nsrc; i++)
     if (same_file (c->src[i].name, dst)) {

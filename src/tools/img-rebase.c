@@ -439,11 +439,8 @@ cmd_rebase (int argc, char **argv)
 
   if (r)
     return r;
-  if (!cache_mode_options (rb.cache, rb.fmt, cacheopts, sizeof cacheopts,
-                           &wt)) {
-    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, rb.cache);
+  if (!img_cache_options (rb.cache, rb.fmt, cacheopts, sizeof cacheopts, &wt))
     return 1;
-  }
   if (!cache_mode_options (rb.src_cache, rb.base_fmt, srcopts, sizeof srcopts,
                            &wt)) {
     fprintf (stderr, "%s: Invalid source cache option: %s\n", progname,

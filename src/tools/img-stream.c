@@ -49,14 +49,6 @@ struct stream {
   bool progress, quiet;
 };
 
-static int
-usage_error (const char *msg)
-{
-  fprintf (stderr, "%s: %s\nTry '%s --help' for more information\n", progname,
-           msg, progname);
-  return 1;
-}
-
 /* 0 when parsed, else the exit code. */
 static int
 parse_args (int argc, char **argv, struct stream *st)
@@ -75,14 +67,8 @@ parse_args (int argc, char **argv, struct stream *st)
     case 'p': st->progress = true; break;
     case 'q': st->quiet = true; break;
     case 'r':
-      if (!parse_size (optarg, &st->rate)) {
-        fprintf (stderr,
-                 "%s: Invalid rate limit specified. You may use k, "
-                 "M, G, T, P or E suffixes for\n%s: kilobytes, megabytes, "
-                 "gigabytes, terabytes, petabytes and exabytes.\n",
-                 progname, progname);
+      if (!img_parse_rate (optarg, &st->rate))
         return 1;
-      }
       break;
     case 'h':
       printf ("usage: %s stream [-q] [-p] [-f fmt] [-t cache] "
@@ -95,7 +81,7 @@ parse_args (int argc, char **argv, struct stream *st)
     }
   }
   if (optind != argc - 1)
-    return usage_error ("Expecting one image file name");
+    return img_usage_error ("Expecting one image file name");
   st->file = argv[optind];
   st->progress = st->progress && !st->quiet;
   return 0;
@@ -161,16 +147,6 @@ find_base (strata_node *top, const struct stream *st, char **name)
   return NULL;
 }
 
-static void
-sleep_ns (uint64_t ns)
-{
-  struct timespec ts
-      = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
-
-  while (nanosleep (&ts, &ts) < 0 && errno == EINTR)
-    ;
-}
-
 /* Copy the chain above BASE into TOP, chunk by chunk. */
 static bool
 pull (strata_node *top, strata_node *base, const struct stream *st)
@@ -218,7 +194,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
     img_progress_update (&pr, pos);
     if (copied) {
       ratelimit_account (&rl, copied, start);
-      sleep_ns (ratelimit_delay (&rl, ratelimit_now_ns ()));
+      img_ratelimit_wait (&rl);
     }
   }
   img_progress_end (&pr, true);
@@ -275,11 +251,8 @@ cmd_stream (int argc, char **argv)
     fprintf (stderr, "%s: Invalid format name: '%s'\n", progname, st.fmt);
     return 1;
   }
-  if (!cache_mode_options (st.cache, st.fmt, cacheopts, sizeof cacheopts,
-                           &wt)) {
-    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, st.cache);
+  if (!img_cache_options (st.cache, st.fmt, cacheopts, sizeof cacheopts, &wt))
     return 1;
-  }
   if (!(top = open_image (st.file, st.fmt, false, true, cacheopts)))
     return 1;
   r = stream (top, &st);

@@ -36,6 +36,16 @@ strata_node *open_image (const char *filename, const char *fmt,
                          bool force_share, bool rw, const char *extra);
 /* JSON with qemu-img's four-space indentation on stdout. */
 void print_json (json_t *j);
+/* -r RATE of commit and stream: a size (k, M, ... suffixes) up to
+ * INT64_MAX, with qemu-img's message on anything else. */
+bool img_parse_rate (const char *s, uint64_t *out);
+/* -t MODE as the file-node options under FMT (cache_mode_options()), with
+ * qemu-img's "Invalid cache option" message on an unknown mode. */
+bool img_cache_options (const char *mode, const char *fmt, char *buf,
+                        size_t size, bool *writethrough);
+/* Sleep as long as RL asks before more bytes may go (not at all at 0). */
+struct ratelimit;
+void img_ratelimit_wait (const struct ratelimit *rl);
 
 /* -p: on a terminal, one line redrawn in place with a bar, the percent,
  * the rate and the time left; nothing at all when stdout is not a

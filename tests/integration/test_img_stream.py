@@ -110,6 +110,16 @@ def test_errors_change_nothing(tmp_path):
     assert p.returncode == 1 and "Invalid rate limit" in p.stderr
     p = img("stream", "-b", c, c, check=False)
     assert p.returncode == 1 and "Did not find" in p.stderr
+    p = img("stream", "-t", "sometimes", c, check=False)
+    assert p.returncode == 1
+    assert p.stderr == "strata-img: Invalid cache option: sometimes\n"
+    p = img("stream", check=False)
+    assert p.returncode == 1
+    assert p.stderr.startswith("strata-img: Expecting one image file name\n")
+    p = img("stream", tmp_path / "missing.qcow2", check=False)
+    assert p.returncode == 1
+    assert p.stderr.startswith(
+        f"strata-img: Could not open '{tmp_path}/missing.qcow2'")
     assert [file_state(x) for x in (a, b, c)] == before
 
 
