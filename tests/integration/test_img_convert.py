@@ -252,6 +252,7 @@ BAD = [
     (["-O", "qcow2", "-o", "foo=bar", "top.qcow2", "OUT"],
      "Invalid parameter 'foo'"),
     (["-T", "bogus", "top.qcow2", "OUT"], "Invalid source cache option"),
+    (["-t", "bogus", "top.qcow2", "OUT"], "Invalid cache option: bogus"),
     (["-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "OUT"],
      "requires explicit backing format"),
     (["-O", "qcow2", "-o", "backing_file=base.qcow2", "top.qcow2", "OUT"],
