@@ -159,8 +159,7 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
     struct bstat bs;
     int64_t size;
 
-    while (node->drv->is_filter && node->file)
-      node = node->file;
+    node = node_skip_filters (node);
     size = node_length (node);
     if (size < 0)
       return (int) size;
@@ -297,8 +296,7 @@ strata_check (strata_node *node, struct strata_check_result *res,
   void *opaque = res->opaque;
   int r;
 
-  while (node->drv->is_filter && node->file)
-    node = node->file;
+  node = node_skip_filters (node);
   *res = (struct strata_check_result){ .message = message,
                                        .opaque = opaque };
   if (!node->drv->check) {
@@ -324,9 +322,7 @@ strata_check (strata_node *node, struct strata_check_result *res,
 strata_node *
 strata_backing (strata_node *node)
 {
-  while (node->drv->is_filter && node->file)
-    node = node->file;
-  return node->backing;
+  return node_skip_filters (node)->backing;
 }
 
 /* Every key of OPTS is one of DRV's creation options. */
@@ -381,15 +377,6 @@ strata_create (const char *filename, const char *format, const char *options,
 
 /* ---- chain edits, snapshots, amend, measure: thin wrappers ---- */
 
-/* The format node: NODE itself, or the first format below filters. */
-static strata_node *
-format_node (strata_node *node)
-{
-  while (node->drv->is_filter && node->file)
-    node = node->file;
-  return node;
-}
-
 static bool
 unsupported (strata_node *node, const char *what, strata_error **errp)
 {
@@ -402,21 +389,21 @@ bool
 strata_change_backing_file (strata_node *node, const char *backing_file,
                             const char *backing_fmt, strata_error **errp)
 {
-  return node_change_backing_file (format_node (node), backing_file,
+  return node_change_backing_file (node_skip_filters (node), backing_file,
                                    backing_fmt, errp);
 }
 
 bool
 strata_make_empty (strata_node *node, strata_error **errp)
 {
-  return node_make_empty (format_node (node), errp);
+  return node_make_empty (node_skip_filters (node), errp);
 }
 
 int
 strata_snapshot_list (strata_node *node, struct strata_snapshot_info **list,
                       strata_error **errp)
 {
-  node = format_node (node);
+  node = node_skip_filters (node);
   *list = NULL;
   if (!node->drv->snapshot_list)
     return 0;
@@ -437,7 +424,7 @@ bool
 strata_snapshot_create (strata_node *node, const char *name,
                         strata_error **errp)
 {
-  node = format_node (node);
+  node = node_skip_filters (node);
   if (!node->drv->snapshot_create)
     return unsupported (node, "internal snapshots", errp);
   return node->drv->snapshot_create (node, name, errp);
@@ -447,7 +434,7 @@ bool
 strata_snapshot_apply (strata_node *node, const char *name,
                        strata_error **errp)
 {
-  node = format_node (node);
+  node = node_skip_filters (node);
   if (!node->drv->snapshot_apply)
     return unsupported (node, "internal snapshots", errp);
   return node->drv->snapshot_apply (node, name, errp);
@@ -457,7 +444,7 @@ bool
 strata_snapshot_delete (strata_node *node, const char *name,
                         strata_error **errp)
 {
-  node = format_node (node);
+  node = node_skip_filters (node);
   if (!node->drv->snapshot_delete)
     return unsupported (node, "internal snapshots", errp);
   return node->drv->snapshot_delete (node, name, errp);
@@ -468,7 +455,7 @@ strata_amend (strata_node *node, const char *options, strata_error **errp)
 {
   CLEANUP_OPTS strata_opts *opts = NULL;
 
-  node = format_node (node);
+  node = node_skip_filters (node);
   if (!node->drv->amend)
     return unsupported (node, "amend", errp);
   if (!(opts = opts_new ())) {

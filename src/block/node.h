@@ -198,6 +198,16 @@ strata_node *node_open_image (const char *filename, const char *format,
                               strata_error **errp);
 
 void node_ref (strata_node *node);
+
+/* NODE, or the first node below it that is not a filter (NULL stays
+ * NULL): the format node a filter chain stands for. */
+static inline strata_node *
+node_skip_filters (strata_node *node)
+{
+  while (node && node->drv->is_filter && node->file)
+    node = node->file;
+  return node;
+}
 void node_unref (strata_node *node);
 
 /* Attach CHILD (taking over the caller's reference) under NAME. */

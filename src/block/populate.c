@@ -49,22 +49,14 @@ struct copy_up {
   uint64_t copied;
 };
 
-static strata_node *
-skip_filters (strata_node *node)
-{
-  while (node && node->drv->is_filter && node->file)
-    node = node->file;
-  return node;
-}
-
 /* What the layers between TOP and BASE hold at [offset, offset+len): sets
  * *PNUM (> 0, at most LEN) and *SRC. */
 static int
 chain_source (struct copy_up *c, uint64_t offset, uint64_t len, uint64_t *pnum,
               enum source *src)
 {
-  for (strata_node *l = skip_filters (c->top->backing); l && l != c->base;
-       l = skip_filters (l->backing)) {
+  for (strata_node *l = node_skip_filters (c->top->backing); l && l != c->base;
+       l = node_skip_filters (l->backing)) {
     int64_t size = node_length (l);
     struct bstat bs;
     int r;
@@ -226,7 +218,7 @@ node_copy_up (strata_node *top, strata_node *base, uint64_t offset,
               uint64_t len, uint64_t *copied)
 {
   struct copy_up c
-      = { .top = skip_filters (top), .base = skip_filters (base) };
+      = { .top = node_skip_filters (top), .base = node_skip_filters (base) };
   uint64_t start, end;
   int64_t size;
   int r = 0;

@@ -22,11 +22,7 @@ struct cor_state {
 static strata_node *
 cor_format_node (strata_node *node)
 {
-  strata_node *top = node->file;
-
-  while (top->drv->is_filter && top->file)
-    top = top->file;
-  return top;
+  return node_skip_filters (node->file);
 }
 
 static bool
