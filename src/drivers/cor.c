@@ -81,7 +81,9 @@ cor_preadv (strata_node *node, uint64_t offset, uint64_t len,
 {
   struct cor_state *s = node->opaque;
   strata_node *top = cor_format_node (node);
-  strata_node *base = s->bottom ? s->bottom->backing : NULL;
+  /* Below a filter named as bottom: the format node it stands for. */
+  strata_node *base = s->bottom ? node_skip_filters (s->bottom)->backing
+                                : NULL;
   int r = 0;
 
   /* Reopened read-only (strata-io reopen -r): plain reads. */
