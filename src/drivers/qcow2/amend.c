@@ -172,21 +172,6 @@ check_combination (strata_node *node, const struct amend *a,
 
 /* ---- the header ---- */
 
-/* End of the extension area of the first cluster H (LEN bytes). */
-static uint64_t
-extensions_end (const struct qcow2_state *s, const uint8_t *h, uint64_t len)
-{
-  uint64_t off = s->header_length;
-
-  while (off + 8 <= len && be32_load (h + off) != QCOW2_EXT_END) {
-    uint64_t step = 8 + ROUND_UP ((uint64_t) be32_load (h + off + 4), 8);
-    if (step > len - off)
-      return len;
-    off += step;
-  }
-  return MIN (off, len);
-}
-
 /* Rewrite the first cluster as VERSION with feature bits COMPAT and
  * INCOMPAT: header fields, the same extensions, end marker, backing name.
  */
@@ -201,7 +186,7 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
   uint64_t hl = version >= 3 ? V3_HEADER_LENGTH : 72, old_len, ext_end;
   uint64_t exts, pos,
       name_len = s->backing_name ? strlen (s->backing_name) : 0;
-  uint64_t old_used, bf_end;
+  strata_error *err = NULL;
   int r;
 
   if (!old || !out)
@@ -211,7 +196,11 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
   old_len = MIN (s->cluster_size, (uint64_t) flen);
   if ((r = node_pread (node->file, 0, old, old_len, 0)) < 0)
     return r;
-  ext_end = extensions_end (s, old, old_len);
+  if (!qcow2_extensions_end (node, s, old, old_len, &ext_end, &err)) {
+    r = io_error (EINVAL, "%s", strata_error_message (err));
+    strata_error_free (err);
+    return r;
+  }
   exts = ext_end - s->header_length;
   if (hl + exts + 8 + name_len > s->cluster_size)
     return io_error (ENOSPC,
@@ -234,13 +223,12 @@ write_header_locked (strata_node *node, uint32_t version, uint64_t compat,
   be32_store (out + 16, (uint32_t) name_len);
   memcpy (out + pos, s->backing_name ? s->backing_name : "", name_len);
   /* Also clear what the old header used past the new one. */
-  old_used = MIN (ext_end + 8, old_len);
-  if (checked_add_u64 (be64_load (old + 8), be32_load (old + 16), &bf_end)
-      && be64_load (old + 8) && bf_end <= old_len)
-    old_used = MAX (old_used, bf_end);
   return qcow2_write_header_field (
       node, 0, out,
-      MIN (ROUND_UP (MAX (pos + name_len, old_used), 512), s->cluster_size));
+      MIN (ROUND_UP (MAX (pos + name_len,
+                          qcow2_header_used (node, s, old, old_len)),
+                     512),
+           s->cluster_size));
 }
 
 /* ---- downgrade ---- */

@@ -31,10 +31,10 @@
 
 /* Where the extensions end in H (the first cluster, LEN bytes): the
  * offset of the end marker, or LEN when the area runs to the end. */
-static bool
-extensions_end (strata_node *node, const struct qcow2_state *s,
-                const uint8_t *h, uint64_t len, uint64_t *end,
-                strata_error **errp)
+bool
+qcow2_extensions_end (strata_node *node, const struct qcow2_state *s,
+                      const uint8_t *h, uint64_t len, uint64_t *end,
+                      strata_error **errp)
 {
   uint64_t off = s->header_length;
 
@@ -78,7 +78,7 @@ build_header (strata_node *node, const struct qcow2_state *s,
   size_t flen = file ? strlen (file) : 0, fmtlen = fmt ? strlen (fmt) : 0;
   bool fmt_done = false;
 
-  if (!extensions_end (node, s, old, old_len, &ext_end, errp))
+  if (!qcow2_extensions_end (node, s, old, old_len, &ext_end, errp))
     return false;
   /* Bytes needed: header, the kept extensions, the format, end, name. */
   need = s->header_length + (fmt ? 8 + ROUND_UP (fmtlen, 8) : 0) + 8 + flen;
@@ -151,15 +151,15 @@ check_names (strata_node *node, const char *file, const char *fmt,
 
 /* The end of what the old header uses (extensions and name), so the write
  * also clears a longer old name. */
-static uint64_t
-old_used (strata_node *node, const struct qcow2_state *s, const uint8_t *old,
-          uint64_t old_len)
+uint64_t
+qcow2_header_used (strata_node *node, const struct qcow2_state *s,
+                   const uint8_t *old, uint64_t old_len)
 {
   uint64_t bf_off = be64_load (old + 8), bf_end;
   uint32_t bf_size = be32_load (old + 16);
   uint64_t end = s->header_length;
 
-  extensions_end (node, s, old, old_len, &end, NULL);
+  qcow2_extensions_end (node, s, old, old_len, &end, NULL);
   end = MIN (end + 8, old_len);
   if (bf_off && checked_add_u64 (bf_off, bf_size, &bf_end)
       && bf_end <= old_len)
@@ -202,7 +202,7 @@ rewrite_header_locked (strata_node *node, const char *file, const char *fmt,
   }
   if (!build_header (node, s, old, old_len, file, fmt, out, &used, errp))
     return false;
-  wlen = MIN (ROUND_UP (MAX (used, old_used (node, s, old, old_len)), 512),
+  wlen = MIN (ROUND_UP (MAX (used, qcow2_header_used (node, s, old, old_len)), 512),
               s->cluster_size);
   if ((r = qcow2_write_header_field (node, 0, out, wlen)) < 0
       || (r = node_flush (node->file)) < 0) {

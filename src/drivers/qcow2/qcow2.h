@@ -298,6 +298,16 @@ int qcow2_flush (strata_node *node);
 /* resize.c */
 /* Cut the file after the last cluster with a reference; refcounts must
  * be on disk.  Failing to cut loses only space. */
+/* The first cluster H (LEN bytes) as read from the file: where its header
+ * extensions end (the end marker, or LEN), false with *errp set when an
+ * extension runs past LEN; and the end of everything the header uses
+ * (extensions, end marker, backing file name), so that a rewrite can
+ * clear what a shorter new header leaves (backing.c). */
+bool qcow2_extensions_end (strata_node *node, const struct qcow2_state *s,
+                           const uint8_t *h, uint64_t len, uint64_t *end,
+                           strata_error **errp);
+uint64_t qcow2_header_used (strata_node *node, const struct qcow2_state *s,
+                            const uint8_t *h, uint64_t len);
 int qcow2_truncate_file_locked (strata_node *node);
 bool qcow2_truncate (strata_node *node, uint64_t size, unsigned flags,
                      strata_error **errp);
