@@ -594,8 +594,7 @@ change_width_locked (strata_node *node, uint32_t bits, strata_error **errp)
   for (uint64_t i = 0; i < old_n; i++)
     if (old_rt[i] & ~0x1ffull)
       qcow2_refcount_update_locked (node, old_rt[i] & ~0x1ffull, -1);
-  for (uint64_t c = 0; c < old_cl; c++)
-    qcow2_refcount_update_locked (node, old_off + c * cs, -1);
+  qcow2_free_clusters_locked (node, old_off, old_cl * cs);
   return true;
 
 fail:

@@ -232,6 +232,9 @@ void qcow2_rc_store (const struct qcow2_state *s, uint8_t *blk, uint64_t j,
                      uint64_t v, uint64_t *first, unsigned *n);
 int qcow2_refcount_get_locked (strata_node *node, uint64_t cluster_index,
                                uint64_t *rc);
+/* Drop one reference from every cluster of [OFF, OFF+BYTES). */
+int qcow2_free_clusters_locked (strata_node *node, uint64_t off,
+                                uint64_t bytes);
 int qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
                                   int delta);
 /* Allocate one cluster with refcount 1; returns its host offset (> 0) or a

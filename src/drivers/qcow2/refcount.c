@@ -199,10 +199,7 @@ grow_table_locked (strata_node *node, uint64_t bi, uint64_t avoid)
     qcow2_cache_put_locked (node, &s->rc_cache, (t0 + T + k) * cs,
                             blocks + k * cs);
   /* The old table is unreferenced now; a failure here only leaks it. */
-  for (uint64_t c = 0; c < old_clusters; c++)
-    if ((r = qcow2_refcount_update_locked (node, old_off + c * cs, -1)) < 0)
-      return r;
-  return 0;
+  return qcow2_free_clusters_locked (node, old_off, old_clusters * cs);
 
 fail:
   free (newrt);
@@ -376,5 +373,17 @@ qcow2_ref_entry_locked (strata_node *node, uint64_t entry, int delta)
   if (entry & QCOW2_OFFSET_MASK)
     return qcow2_refcount_update_locked (node, entry & QCOW2_OFFSET_MASK,
                                          delta);
+  return 0;
+}
+
+int
+qcow2_free_clusters_locked (strata_node *node, uint64_t off, uint64_t bytes)
+{
+  struct qcow2_state *s = node->opaque;
+  int r;
+
+  for (uint64_t c = off; bytes && c < off + bytes; c += s->cluster_size)
+    if ((r = qcow2_refcount_update_locked (node, c, -1)) < 0)
+      return r;
   return 0;
 }

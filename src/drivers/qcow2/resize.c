@@ -65,8 +65,7 @@ qcow2_alloc_contiguous_locked (strata_node *node, uint64_t n)
       return (int64_t) first;
     }
     /* A refcount block landed in the middle: give back and retry past it. */
-    for (uint64_t j = 0; j < i; j++)
-      qcow2_refcount_update_locked (node, first + (j << s->cluster_bits), -1);
+    qcow2_free_clusters_locked (node, first, i << s->cluster_bits);
     s->free_hint = MIN (saved_hint, s->free_hint);
     if (r < 0)
       return r;

@@ -262,18 +262,6 @@ fail:
 
 /* ---- cluster helpers ---- */
 
-static int
-free_range_locked (strata_node *node, uint64_t off, uint64_t bytes)
-{
-  struct qcow2_state *s = node->opaque;
-  int r;
-
-  for (uint64_t c = off; bytes && c < off + bytes; c += s->cluster_size)
-    if ((r = qcow2_refcount_update_locked (node, c, -1)) < 0)
-      return r;
-  return 0;
-}
-
 /* Write BYTES of BUF to newly allocated clusters, flushed.  Returns the
  * offset or a negative errno. */
 static int64_t
@@ -296,7 +284,7 @@ write_new_locked (strata_node *node, const uint8_t *buf, uint64_t bytes)
       || (r = node_pwrite (node->file, off, padded, n << s->cluster_bits, 0))
              < 0
       || (r = node_flush (node->file)) < 0) {
-    free_range_locked (node, off, n << s->cluster_bits);
+    qcow2_free_clusters_locked (node, off, n << s->cluster_bits);
     return r;
   }
   return off;
@@ -609,7 +597,7 @@ publish_table_locked (strata_node *node, const struct snap_table *t,
   s->nb_snapshots = t->n;
   /* Unreferenced now: a failure from here on only leaks the old table. */
   if (old->n)
-    free_range_locked (node, old->offset, old->bytes);
+    qcow2_free_clusters_locked (node, old->offset, old->bytes);
   return true;
 
 fail:
@@ -806,7 +794,7 @@ drop_old_active_locked (strata_node *node, uint64_t *old, uint64_t n,
 
   /* Failures only leak: nothing points at these any more. */
   tree_ref_locked (node, old, n, -1);
-  free_range_locked (node, off, ROUND_UP (n * 8, s->cluster_size));
+  qcow2_free_clusters_locked (node, off, ROUND_UP (n * 8, s->cluster_size));
 }
 
 static bool
@@ -940,7 +928,7 @@ delete_locked (strata_node *node, const void *arg, strata_error **errp)
   /* Unreachable now: drop its references, then set COPIED where the
    * active image became the only owner. */
   if ((r = tree_ref_locked (node, sl1, gone.l1_size, -1)) < 0
-      || (r = free_range_locked (
+      || (r = qcow2_free_clusters_locked (
               node, gone.l1_offset,
               ROUND_UP (gone.l1_size * 8ull, s->cluster_size)))
              < 0
