@@ -4,16 +4,20 @@
  *
  *   accept loop ──> reader thread ──(job)──> worker pool ──(reply)──┐
  *                    per connection           shared                 │
- *                         ^                                          v
- *                         └──── budget released ◄──── writer thread per
- *                                                     connection (send)
+ *                         ^                 sends the queue itself,  v
+ *                         └── budget ◄───── else the writer thread per
+ *                             released      connection (blocking send)
  *
  * Invariants:
- * - Only the reader reads the socket and only the writer writes it after
- *   the handshake; a worker never touches the socket, so a client that
- *   never reads blocks only its own writer, then its own reader (through
- *   the budget: at most NBD_MAX_INFLIGHT requests and NBD_MAX_QUEUED
- *   bytes of payload and reply per connection), never the pool.
+ * - Only the reader reads the socket.  After the handshake, one thread at
+ *   a time sends (conn->sending): a worker that queues a reply when
+ *   nobody is sending sends the whole queue without blocking (MSG_DONTWAIT,
+ *   many replies per sendmsg); what would block is left to the
+ *   connection's writer thread, the only one that waits on the socket.  So
+ *   a client that never reads blocks only its own writer, then its own
+ *   reader (through the budget: at most NBD_MAX_INFLIGHT requests and
+ *   NBD_MAX_QUEUED bytes of payload and reply per connection), never the
+ *   pool.
  * - A request is fully validated by the reader, before it reaches a
  *   worker: every wire value is range-checked with checked arithmetic.
  * - A connection is freed by its reader only once its budget is back to
@@ -46,6 +50,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -72,6 +77,9 @@
 #define NBD_WORKERS         16
 #define NBD_MAX_LISTEN      8
 #define NBD_RBUF            (128 * 1024)      /* reader's buffer */
+#define NBD_BATCH           8                 /* requests per hand-over */
+#define NBD_HEAVY_LEN       (256 * 1024)      /* may block: own worker */
+#define NBD_SLOW_JOB_NS     200000            /* jobs this long: parallel */
 /* A full server with a client waiting frees the slot of a connection idle
  * this long (no request for it and none in flight). */
 #define NBD_EVICT_MS        30000
@@ -117,6 +125,10 @@ struct conn {
   /* The reader's buffer: requests arrive many per recv under load. */
   unsigned char *rbuf;
   size_t rpos, rlen;
+  /* Requests parsed but not yet handed to the pool: the reader hands
+   * them over together, before it would wait (see submit_batch). */
+  struct job *batch, *batch_tail;
+  unsigned nbatch, nheavy;
 
   pthread_mutex_t lock;           /* protects everything below */
   pthread_cond_t cond;            /* budget released (reader waits) */
@@ -164,17 +176,24 @@ struct nbd_server {
   pthread_cond_t job_cond;
   struct job *jobs, *jobs_tail;
   unsigned idle_workers;
+  uint64_t job_ns_avg;            /* moving average of a job's wall time */
   bool pool_quit;
   pthread_t workers[NBD_WORKERS];
   size_t nr_workers;
 };
 
 static uint64_t
-now_ms (void)
+now_ns (void)
 {
   struct timespec ts;
   clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
+  return (uint64_t) ts.tv_sec * 1000000000 + (uint64_t) ts.tv_nsec;
+}
+
+static uint64_t
+now_ms (void)
+{
+  return now_ns () / 1000000;
 }
 
 /* How long C has been idle (ms): no request in flight and none received
@@ -188,6 +207,8 @@ idle_for_locked (struct conn *c, uint64_t now)
 }
 
 /* ---- socket I/O ---- */
+
+static void submit_batch (struct conn *c);
 
 /* Wait up to TIMEOUT_MS (-1: forever) for FD to be readable. */
 static bool
@@ -241,6 +262,7 @@ conn_read (struct conn *c, void *buf, size_t len, int timeout_ms)
       len -= k;
       continue;
     }
+    submit_batch (c);           /* about to wait for the client */
     if (len >= NBD_RBUF / 2) {  /* big payloads go straight to BUF */
       if ((n = recv_some (c->fd, p, len, timeout_ms)) < 0)
         return false;
@@ -734,8 +756,6 @@ reply_new (size_t len)
   return r;
 }
 
-/* Queue R (or, when R is NULL because allocation failed, drop the
- * connection) and hand the job's budget to the writer. */
 /* A reply left the connection (sent or dropped): give its budget back.
  * c->lock held. */
 static void
@@ -747,6 +767,67 @@ budget_release_locked (struct conn *c, uint64_t cost)
     pthread_cond_signal (&c->cond);
 }
 
+/* Replies gathered into one sendmsg. */
+#define NBD_SEND_IOV 64
+
+/* Send the queued replies, many per sendmsg, until the queue is empty.
+ * Called with c->lock held and nobody sending; the lock is dropped
+ * around each sendmsg, and replies queued meanwhile go out in the next
+ * round, so under load one syscall carries many replies.  A worker
+ * (BLOCK false) never waits on the socket: when it would, or after a few
+ * rounds, the rest is left to the writer thread (BLOCK true). */
+static void
+send_queued_locked (struct conn *c, bool block)
+{
+  unsigned rounds = 0;
+
+  c->sending = true;
+  while (c->head) {
+    struct iovec iov[NBD_SEND_IOV];
+    struct msghdr msg = { .msg_iov = iov };
+    struct reply *r = c->head;
+    ssize_t n = 0;
+
+    if (!c->dead) {
+      if (!block && rounds++ == 8)
+        break;
+      for (; r && msg.msg_iovlen < NBD_SEND_IOV; r = r->next)
+        iov[msg.msg_iovlen++] = (struct iovec){ r->data + r->off,
+                                                r->len - r->off };
+      pthread_mutex_unlock (&c->lock);
+      do
+        n = sendmsg (c->fd, &msg,
+                     MSG_NOSIGNAL | (block ? 0 : MSG_DONTWAIT));
+      while (n < 0 && errno == EINTR);
+      pthread_mutex_lock (&c->lock);
+      if (n < 0 && !block && (errno == EAGAIN || errno == EWOULDBLOCK))
+        break;
+      if (n <= 0) {
+        c->dead = true;
+        shutdown (c->fd, SHUT_RDWR);  /* wakes the reader */
+      }
+    }
+    /* Retire what went out (all of it when the connection is dead). */
+    while ((r = c->head) && (c->dead || (size_t) n >= r->len - r->off)) {
+      if (!c->dead)
+        n -= (ssize_t) (r->len - r->off);
+      c->head = r->next;
+      budget_release_locked (c, r->cost);
+      free (r);
+    }
+    if (!c->head)
+      c->tail = NULL;
+    else if (n > 0)
+      c->head->off += (size_t) n;
+  }
+  c->sending = false;
+  if (c->head)
+    pthread_cond_signal (&c->wcond);
+}
+
+/* Queue R and send it, with whatever else is queued, unless another
+ * thread is sending already (it sends R too).  R NULL (allocation
+ * failed) drops the connection. */
 static void
 queue_reply (struct conn *c, struct reply *r, uint64_t cost)
 {
@@ -761,41 +842,23 @@ queue_reply (struct conn *c, struct reply *r, uint64_t cost)
     free (r);
   }
   else {
+    r->next = NULL;
     r->cost = cost;
     r->off = 0;
-    /* Nothing ahead of it: send from this thread without blocking, and
-     * leave the writer asleep when it all goes out. */
-    if (!c->head && !c->sending) {
-      ssize_t n;
-      do
-        n = send (c->fd, r->data, r->len, MSG_DONTWAIT | MSG_NOSIGNAL);
-      while (n < 0 && errno == EINTR);
-      if (n > 0)
-        r->off = (size_t) n;
-      else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-        c->dead = true;
-        shutdown (c->fd, SHUT_RDWR);  /* wakes the reader */
-      }
-      if (r->off == r->len || c->dead) {
-        budget_release_locked (c, cost);
-        free (r);
-        pthread_mutex_unlock (&c->lock);
-        return;
-      }
-    }
     if (c->tail)
       c->tail->next = r;
     else
       c->head = r;
     c->tail = r;
-    pthread_cond_signal (&c->wcond);
+    if (!c->sending)
+      send_queued_locked (c, false);
   }
   pthread_mutex_unlock (&c->lock);
 }
 
-/* Sends what queue_reply could not send at once; the only thread that
- * blocks on the socket, so a client that does not read stalls only its
- * own connection. */
+/* Sends what the workers could not send without waiting; the only
+ * thread that blocks on the socket, so a client that does not read
+ * stalls only its own connection. */
 static void *
 writer_thread (void *arg)
 {
@@ -803,30 +866,12 @@ writer_thread (void *arg)
 
   pthread_mutex_lock (&c->lock);
   for (;;) {
-    struct reply *r = c->head;
-    if (!r) {
-      if (c->quit)
-        break;
+    if (c->head && !c->sending)
+      send_queued_locked (c, true);
+    else if (!c->head && c->quit)
+      break;
+    else
       pthread_cond_wait (&c->wcond, &c->lock);
-      continue;
-    }
-    c->head = r->next;
-    if (!c->head)
-      c->tail = NULL;
-    if (!c->dead) {
-      bool ok;
-      c->sending = true;
-      pthread_mutex_unlock (&c->lock);
-      ok = write_full (c->fd, r->data + r->off, r->len - r->off);
-      pthread_mutex_lock (&c->lock);
-      c->sending = false;
-      if (!ok) {
-        c->dead = true;
-        shutdown (c->fd, SHUT_RDWR);  /* wakes the reader */
-      }
-    }
-    budget_release_locked (c, r->cost);
-    free (r);
   }
   pthread_mutex_unlock (&c->lock);
   return NULL;
@@ -1166,6 +1211,7 @@ static void *
 worker_thread (void *arg)
 {
   struct nbd_server *srv = arg;
+  uint64_t t0;
 
   pthread_mutex_lock (&srv->pool_lock);
   for (;;) {
@@ -1183,30 +1229,67 @@ worker_thread (void *arg)
     if (!srv->jobs)
       srv->jobs_tail = NULL;
     pthread_mutex_unlock (&srv->pool_lock);
+    t0 = now_ns ();
     r = run_job (j->conn, j);
     queue_reply (j->conn, r, j->cost);
     free (j->payload);
     free (j);
+    t0 = now_ns () - t0;
     pthread_mutex_lock (&srv->pool_lock);
+    srv->job_ns_avg = srv->job_ns_avg - srv->job_ns_avg / 8 + t0 / 8;
   }
   pthread_mutex_unlock (&srv->pool_lock);
   return NULL;
 }
 
+/* Hand the connection's parsed requests to the pool: one lock for the
+ * lot, and sleeping workers woken outside it (so that they do not wake
+ * only to wait for it).  The queue is shared: a job waits at most for
+ * the running jobs ahead of it, and a job that blocks for long turns
+ * every later batch parallel (job_ns_avg). */
 static void
-submit (struct nbd_server *srv, struct job *j)
+submit_batch (struct conn *c)
 {
+  struct nbd_server *srv = c->srv;
+  unsigned wake;
+
+  if (!c->batch)
+    return;
   pthread_mutex_lock (&srv->pool_lock);
-  j->next = NULL;
   if (srv->jobs_tail)
-    srv->jobs_tail->next = j;
+    srv->jobs_tail->next = c->batch;
   else
-    srv->jobs = j;
-  srv->jobs_tail = j;
-  /* A busy worker takes it when done; wake one only if one sleeps. */
-  if (srv->idle_workers > 0)
-    pthread_cond_signal (&srv->job_cond);
+    srv->jobs = c->batch;
+  srv->jobs_tail = c->batch_tail;
+  /* Waking a worker costs more than a short job: while jobs are short
+   * (page-cache I/O), one worker per batch runs it, and the reader and
+   * that worker keep two cores busy with no hand-over per request.  A
+   * job that may block (flush, big transfer) gets a worker of its own,
+   * and once jobs take long (disk, remote backing file) every job does. */
+  wake = srv->job_ns_avg > NBD_SLOW_JOB_NS ? c->nbatch : 1 + c->nheavy;
+  if (wake > srv->idle_workers)
+    wake = srv->idle_workers;
   pthread_mutex_unlock (&srv->pool_lock);
+  c->batch = c->batch_tail = NULL;
+  c->nbatch = c->nheavy = 0;
+  while (wake-- > 0)
+    pthread_cond_signal (&srv->job_cond);
+}
+
+/* Add J to the batch; a full batch goes to the pool at once. */
+static void
+submit (struct conn *c, struct job *j)
+{
+  j->next = NULL;
+  if (c->batch_tail)
+    c->batch_tail->next = j;
+  else
+    c->batch = j;
+  c->batch_tail = j;
+  if (j->type == NBD_CMD_FLUSH || j->len >= NBD_HEAVY_LEN)
+    c->nheavy++;
+  if (++c->nbatch == NBD_BATCH)
+    submit_batch (c);
 }
 
 /* ---- transmission (reader thread) ---- */
@@ -1219,6 +1302,12 @@ budget_take (struct conn *c, uint64_t cost)
   pthread_mutex_lock (&c->lock);
   while (c->inflight >= NBD_MAX_INFLIGHT
          || (c->inflight > 0 && c->queued + cost > NBD_MAX_QUEUED)) {
+    if (c->batch) {             /* its jobs hold budget: let them run */
+      pthread_mutex_unlock (&c->lock);
+      submit_batch (c);
+      pthread_mutex_lock (&c->lock);
+      continue;
+    }
     c->reader_waits = true;
     pthread_cond_wait (&c->cond, &c->lock);
   }
@@ -1286,7 +1375,7 @@ check_request (struct conn *c, uint16_t flags, uint16_t type,
 }
 
 static void
-transmission (struct conn *c)
+transmission_loop (struct conn *c)
 {
   unsigned char h[28];
 
@@ -1340,8 +1429,15 @@ transmission (struct conn *c)
         return;
       }
     }
-    submit (c->srv, j);
+    submit (c, j);
   }
+}
+
+static void
+transmission (struct conn *c)
+{
+  transmission_loop (c);
+  submit_batch (c);             /* what was parsed still runs and replies */
 }
 
 /* ---- connections ---- */
