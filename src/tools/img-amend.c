@@ -125,7 +125,6 @@ keys_ok (const char *options)
   return false;
 }
 
-
 static char *
 join (char *options, const char *more)
 {
@@ -182,9 +181,10 @@ cmd_amend (int argc, char **argv)
     { "force", no_argument, NULL, OPT_FORCE },
     { NULL, 0, NULL, 0 },
   };
-  const char *fmt = NULL;
+  const char *fmt = NULL, *cache = "writeback";
   CLEANUP_FREE char *options = NULL;
-  bool quiet = false, show = false;
+  bool quiet = false, show = false, writethrough;
+  char cache_opts[128];
   int c;
 
   opterr = 0;
@@ -195,7 +195,7 @@ cmd_amend (int argc, char **argv)
         return 1;
       break;
     case 'f': fmt = optarg; break;
-    case 't': break; /* the cache mode changes nothing here */
+    case 't': cache = optarg; break;
     case 'p': show = true; break;
     case 'q': quiet = true; break;
     case OPT_FORCE: break;
@@ -219,6 +219,10 @@ cmd_amend (int argc, char **argv)
     fail_msg ("Expecting one image file name");
     return 1;
   }
+  /* Checked as qemu-img does; the mode changes nothing for amend. */
+  if (!img_cache_options (cache, "qcow2", cache_opts, sizeof cache_opts,
+                          &writethrough))
+    return 1;
   if (!*options) {
     fail_msg ("Invalid option list: ");
     return 1;

@@ -86,7 +86,27 @@ open_image (const char *filename, const char *fmt, bool force_share, bool rw,
              strata_error_message (err));
     strata_error_free (err);
   }
+  else if (rw && !fmt)
+    img_raw_probe_warning (n, filename);
   return n;
+}
+
+void
+img_raw_probe_warning (strata_node *n, const char *filename)
+{
+  struct strata_info info;
+
+  if (!strata_get_info (n, &info, 0, NULL) || !info.format
+      || strcmp (info.format, "raw") != 0)
+    return;
+  fprintf (stderr,
+           "WARNING: Image format was not specified for '%s' and probing "
+           "guessed raw.\n"
+           "         Automatically detecting the format is dangerous for "
+           "raw images, write operations on block 0 will be restricted.\n"
+           "         Specify the 'raw' format explicitly to remove the "
+           "restrictions.\n",
+           filename);
 }
 
 void

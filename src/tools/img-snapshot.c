@@ -164,7 +164,11 @@ cmd_snapshot (int argc, char **argv)
     strata_close (n);
     return c;
   case 'c': ok = strata_snapshot_create (n, name, &err); break;
-  case 'a': ok = strata_snapshot_apply (n, name, &err); break;
+  case 'a':
+    /* qemu-img opens a probed raw image a second time to apply. */
+    img_raw_probe_warning (n, file);
+    ok = strata_snapshot_apply (n, name, &err);
+    break;
   case 'd': ok = strata_snapshot_delete (n, name, &err); break;
   }
   if (!ok)

@@ -34,6 +34,10 @@ void size_to_str (uint64_t val, char *buf, size_t len);
  * EXTRA is a dotted option string or NULL. */
 strata_node *open_image (const char *filename, const char *fmt,
                          bool force_share, bool rw, const char *extra);
+/* qemu-img's warning when a probed image turned out raw and is opened
+ * read-write (open_image() prints it; snapshot -a prints it again, as
+ * qemu-img does). */
+void img_raw_probe_warning (strata_node *n, const char *filename);
 /* JSON with qemu-img's four-space indentation on stdout. */
 void print_json (json_t *j);
 /* -r RATE of commit and stream: a size (k, M, ... suffixes) up to

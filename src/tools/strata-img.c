@@ -50,7 +50,7 @@ cmd_create (int argc, char **argv)
   strata_error *err = NULL;
   int c;
 
-  while ((c = getopt_long (argc, argv, "+f:b:F:uo:qh", lopts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, ":f:b:F:uo:qh", lopts, NULL)) != -1) {
     switch (c) {
     case 'f': fmt = optarg; break;
     case 'b': backing = optarg; break;
@@ -70,13 +70,11 @@ cmd_create (int argc, char **argv)
       printf ("usage: %s create [-f FMT] [-b BACKING -F BFMT] [-u] "
               "[-o OPTS] [-q] FILE [SIZE]\n", progname);
       return 0;
-    default: return 1;
+    default: return img_option_error (c, argv);
     }
   }
-  if (optind >= argc) {
-    fail_msg ("Expecting image file name");
-    return 1;
-  }
+  if (optind >= argc)
+    return img_usage_error ("Expecting image file name");
   filename = argv[optind++];
   if (optind < argc) {
     const char *s = argv[optind++];
@@ -88,8 +86,9 @@ cmd_create (int argc, char **argv)
     have_size = true;
   }
   if (optind < argc) {
-    fprintf (stderr, "%s: Unexpected argument: %s\n", progname, argv[optind]);
-    return 1;
+    char msg[128];
+    snprintf (msg, sizeof msg, "Unexpected argument: %.100s", argv[optind]);
+    return img_usage_error (msg);
   }
   if (bfmt && !backing) {
     fail_msg ("-F requires -b (a backing file)");
@@ -294,7 +293,7 @@ cmd_info (int argc, char **argv)
   json_t *arr;
   int c, ret = 0;
 
-  while ((c = getopt_long (argc, argv, "+f:Uh", lopts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, ":f:Uh", lopts, NULL)) != -1) {
     switch (c) {
     case 'O': if (!parse_output (optarg, &out)) return 1; break;
     case 'B': chain = true; break;
@@ -304,14 +303,11 @@ cmd_info (int argc, char **argv)
       printf ("usage: %s info [--output=human|json] [--backing-chain] [-U] "
               "[-f FMT] FILE\n", progname);
       return 0;
-    default: return 1;
+    default: return img_option_error (c, argv);
     }
   }
-  if (optind != argc - 1) {
-    fail_msg (optind == argc ? "Expecting one image file name"
-                             : "Expecting one image file name");
-    return 1;
-  }
+  if (optind != argc - 1)
+    return img_usage_error ("Expecting one image file name");
   top = open_image (argv[optind], fmt, force_share, false, NULL);
   if (!top)
     return 1;
@@ -413,7 +409,7 @@ cmd_map (int argc, char **argv)
   int64_t size;
   int c, ret = 0;
 
-  while ((c = getopt_long (argc, argv, "+f:Uh", lopts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, ":f:Uh", lopts, NULL)) != -1) {
     switch (c) {
     case 'O': if (!parse_output (optarg, &out)) return 1; break;
     case 's':
@@ -436,13 +432,11 @@ cmd_map (int argc, char **argv)
       printf ("usage: %s map [--output=human|json] [--start-offset=O] "
               "[--max-length=L] [-U] [-f FMT] FILE\n", progname);
       return 0;
-    default: return 1;
+    default: return img_option_error (c, argv);
     }
   }
-  if (optind != argc - 1) {
-    fail_msg ("Expecting one image file name");
-    return 1;
-  }
+  if (optind != argc - 1)
+    return img_usage_error ("Expecting one image file name");
   n = open_image (argv[optind], fmt, force_share, false, NULL);
   if (!n)
     return 1;
@@ -586,7 +580,7 @@ cmd_check (int argc, char **argv)
   strata_node *node;
   int c, r;
 
-  while ((c = getopt_long (argc, argv, "+f:r:Uqh", lopts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, ":f:r:Uqh", lopts, NULL)) != -1) {
     switch (c) {
     case 'O': if (!parse_output (optarg, &out)) return 1; break;
     case 'U': force_share = true; break;
@@ -607,13 +601,11 @@ cmd_check (int argc, char **argv)
       printf ("usage: %s check [-r leaks|all] [--output=human|json] [-U] "
               "[-f FMT] [-q] FILE\n", progname);
       return 0;
-    default: return 1;
+    default: return img_option_error (c, argv);
     }
   }
-  if (optind != argc - 1) {
-    fail_msg ("Expecting one image file name");
-    return 1;
-  }
+  if (optind != argc - 1)
+    return img_usage_error ("Expecting one image file name");
   filename = argv[optind];
   if (force_share && fix) {
     fprintf (stderr, "%s: Could not open '%s': force-share=on can only be "
@@ -717,7 +709,7 @@ cmd_compare (int argc, char **argv)
   uint64_t common, off, bad = UINT64_MAX;
   int c, ret = 2, r = 0;
 
-  while ((c = getopt_long (argc, argv, "+f:F:sqpUh", lopts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, ":f:F:sqpUh", lopts, NULL)) != -1) {
     switch (c) {
     case 'f': fmt_a = optarg; break;
     case 'F': fmt_b = optarg; break;
@@ -729,13 +721,11 @@ cmd_compare (int argc, char **argv)
       printf ("usage: %s compare [-s] [-q] [-U] [-f FMT] [-F FMT] A B\n",
               progname);
       return 0;
-    default: return 2;
+    default: return img_option_error (c, argv);
     }
   }
-  if (optind != argc - 2) {
-    fail_msg ("Expecting two image file names");
-    return 2;
-  }
+  if (optind != argc - 2)
+    return img_usage_error ("Expecting two image file names");
   if (!(a = open_image (argv[optind], fmt_a, force_share, false, NULL))
       || !(b = open_image (argv[optind + 1], fmt_b, force_share, false, NULL)))
     goto out;
@@ -901,7 +891,7 @@ cmd_bench (int argc, char **argv)
   int64_t size;
   int c;
 
-  while ((c = getopt_long (argc, argv, "+c:d:f:i:no:qs:S:t:wUh", lopts,
+  while ((c = getopt_long (argc, argv, ":c:d:f:i:no:qs:S:t:wUh", lopts,
                            NULL)) != -1) {
     switch (c) {
     case 'c':
@@ -968,13 +958,11 @@ cmd_bench (int argc, char **argv)
               "[--pattern=P] [-q] [-s size] [-S step] [-t cache] [-w] [-U] "
               "FILE\n", progname);
       return 0;
-    default: return 1;
+    default: return img_option_error (c, argv);
     }
   }
-  if (optind != argc - 1) {
-    fail_msg ("Expecting one image file name");
-    return 1;
-  }
+  if (optind != argc - 1)
+    return img_usage_error ("Expecting one image file name");
   if (b.flush_interval && !b.write) {
     fail_msg ("--flush-interval is only available in write tests");
     return 1;
