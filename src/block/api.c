@@ -336,8 +336,8 @@ create_options_check (const struct strata_driver *drv, strata_opts *opts,
     while (k && *k && strcmp (*k, opts->v[i].key) != 0)
       k++;
     if (!k || !*k) {
-      error_set (errp, EINVAL, "%s: Invalid parameter '%s' for format '%s'",
-                 filename, opts->v[i].key, drv->name);
+      error_set (errp, EINVAL, "%s: Invalid parameter '%s'",
+                 filename, opts->v[i].key);
       return false;
     }
   }

@@ -36,19 +36,6 @@ static const char qcow2_amend_help[]
       "  refcount_bits=<num>    - Width of a reference count entry in bits\n"
       "  size=<size>            - Virtual disk size\n";
 
-static bool
-has_help (const char *options)
-{
-  CLEANUP_FREE char *copy = strdup (options);
-  char *save = NULL;
-
-  for (char *t = copy ? strtok_r (copy, ",", &save) : NULL; t;
-       t = strtok_r (NULL, ",", &save))
-    if (!strcmp (t, "help") || !strcmp (t, "?"))
-      return true;
-  return false;
-}
-
 /* What qemu-img's qcow2 can amend, and what it only knows at creation. */
 static const char *const amend_keys[] = {
   "backing_file",   "backing_fmt",   "compat", "data_file", "data_file_raw",
@@ -155,7 +142,7 @@ amend (const char *file, const char *fmt, const char *options, bool show)
              "%s: Format driver '%s' does not support option "
              "amendment\n",
              progname, info.format);
-  else if (has_help (options)) {
+  else if (img_has_help_option (options)) {
     printf ("%s", qcow2_amend_help);
     ret = 0;
   }
@@ -211,7 +198,7 @@ cmd_amend (int argc, char **argv)
     return img_usage_error ("Must specify options (-o)");
   if (quiet)
     show = false;
-  if (fmt && has_help (options) && strcmp (fmt, "qcow2") == 0) {
+  if (fmt && img_has_help_option (options) && strcmp (fmt, "qcow2") == 0) {
     printf ("%s", qcow2_amend_help);
     return 0;
   }

@@ -12,6 +12,7 @@
 #include <strata/strata.h>
 
 #include "tools/img.h"
+#include "util/cleanup.h"
 #include "util/opts.h"
 #include "util/ratelimit.h"
 
@@ -218,4 +219,110 @@ img_progress_end (struct img_progress *p, bool ok)
     progress_draw (p, p->total, now ());
   printf ("\n");
   fflush (stdout);
+}
+
+
+/* ---- -o help ---- */
+
+/* qemu-img 7.2's creation option texts, one line each, sorted by name. */
+static const char *const qcow2_create_opts[] = {
+  "backing_file=<str>     - File name of a base image\n",
+  "backing_fmt=<str>      - Image format of the base image\n",
+  "cluster_size=<size>    - qcow2 cluster size\n",
+  "compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])\n",
+  "compression_type=<str> - Compression method used for image cluster compression\n",
+  "data_file=<str>        - File name of an external data file\n",
+  "data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw image\n",
+  "encrypt.cipher-alg=<str> - Name of encryption cipher algorithm\n",
+  "encrypt.cipher-mode=<str> - Name of encryption cipher mode\n",
+  "encrypt.format=<str>   - Encrypt the image, format choices: 'aes', 'luks'\n",
+  "encrypt.hash-alg=<str> - Name of encryption hash algorithm\n",
+  "encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds\n",
+  "encrypt.ivgen-alg=<str> - Name of IV generator algorithm\n",
+  "encrypt.ivgen-hash-alg=<str> - Name of IV generator hash algorithm\n",
+  "encrypt.key-secret=<str> - ID of secret providing qcow AES key or LUKS passphrase\n",
+  "encryption=<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)\n",
+  "extended_l2=<bool (on/off)> - Extended L2 tables\n",
+  "lazy_refcounts=<bool (on/off)> - Postpone refcount updates\n",
+  "preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)\n",
+  "refcount_bits=<num>    - Width of a reference count entry in bits\n",
+  "size=<size>            - Virtual disk size\n",
+  NULL,
+};
+static const char *const raw_create_opts[] = {
+  "size=<size>            - Virtual disk size\n",
+  NULL,
+};
+/* The file protocol's, merged in when the target file is named. */
+static const char *const file_create_opts[] = {
+  "extent_size_hint=<size> - Extent size hint for the image file, 0 to "
+  "disable\n",
+  "nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)\n",
+  "preallocation=<str>    - Preallocation mode (allowed values: off, "
+  "falloc, full)\n",
+  "size=<size>            - Virtual disk size\n",
+  NULL,
+};
+
+bool
+img_has_help_option (const char *options)
+{
+  CLEANUP_FREE char *copy = options ? strdup (options) : NULL;
+  char *save = NULL;
+
+  for (char *t = copy ? strtok_r (copy, ",", &save) : NULL; t;
+       t = strtok_r (NULL, ",", &save))
+    if (!strcmp (t, "help") || !strcmp (t, "?"))
+      return true;
+  return false;
+}
+
+/* The length of LINE's option name. */
+static size_t
+opt_name_len (const char *line)
+{
+  return strcspn (line, "=");
+}
+
+static int
+opt_name_cmp (const char *a, const char *b)
+{
+  size_t la = opt_name_len (a), lb = opt_name_len (b);
+  int r = strncmp (a, b, la < lb ? la : lb);
+
+  return r ? r : (la > lb) - (la < lb);
+}
+
+int
+img_print_create_help (const char *fmt, const char *filename)
+{
+  const char *const *f = !strcmp (fmt, "qcow2") ? qcow2_create_opts
+                         : !strcmp (fmt, "raw") ? raw_create_opts
+                                                : NULL;
+  const char *const *p = file_create_opts;
+
+  if (!f) {
+    fprintf (stderr, "%s: Unknown file format '%s'\n", progname, fmt);
+    return 1;
+  }
+  if (!filename) {
+    printf ("Supported %s options:\n", fmt);
+    for (; *f; f++)
+      printf ("  %s", *f);
+    printf ("\nThe protocol level may support further options.\n"
+            "Specify the target filename to include those options.\n");
+    return 0;
+  }
+  /* Both lists merged by name; the format's text wins on a tie. */
+  printf ("Supported options:\n");
+  while (*f || *p) {
+    int cmp = !*p ? -1 : !*f ? 1 : opt_name_cmp (*f, *p);
+
+    printf ("  %s", cmp <= 0 ? *f : *p);
+    if (cmp <= 0)
+      f++;
+    if (cmp >= 0)
+      p++;
+  }
+  return 0;
 }

@@ -44,6 +44,7 @@
 #include "util/cleanup.h"
 #include "util/opts.h"
 #include "tools/img.h"
+#include "util/ratelimit.h"
 
 #define CONVERT_BUF (2u << 20) /* bytes per chunk, as qemu-img */
 #define SECTOR 512u
@@ -96,6 +97,8 @@ struct convert {
   /* In-order writes: the sequence number whose turn it is. */
   uint64_t written_seq;
   uint64_t done; /* bytes finished, for -p */
+  /* -r: one thread takes the chunks then, so nothing else touches it. */
+  struct ratelimit rl;
   struct img_progress prog;
   /* The first failure. */
   int err;
@@ -484,11 +487,14 @@ convert_worker (void *arg)
     bool ok;
     uint64_t padded;
 
+    img_ratelimit_wait (&c->rl);
     pthread_mutex_lock (&c->lock);
     ok = next_chunk_locked (c, &ch);
     pthread_mutex_unlock (&c->lock);
     if (!ok)
       break;
+    if (c->rl.speed && ch.status == ST_DATA) /* as qemu-img: data only */
+      ratelimit_account (&c->rl, ch.len, ratelimit_now_ns ());
     /* Zero chunks written as data (-S 0, or a compressed cluster) read as
      * zeros without asking the source. */
     padded = ROUND_UP (ch.len, SECTOR);
@@ -555,7 +561,7 @@ struct convert_args {
   char *opt_backing, *opt_bfmt; /* -o backing_file/backing_fmt: as -B/-F */
   bool compressed, skip_create, quiet, progress, force_share, target_is_zero;
   bool out_of_order;
-  uint64_t min_sparse;
+  uint64_t min_sparse, rate;
   int threads;
 };
 
@@ -569,6 +575,13 @@ fail_create (const char *dst, const char *ofmt, strata_error *err)
 
   if (strncmp (m, dst, n) == 0 && strncmp (m + n, ": ", 2) == 0)
     m += n + 2;
+  /* qemu-img finds these before it creates anything, and says only so. */
+  if (!strncmp (m, "Unknown file format '", 21)
+      || !strncmp (m, "Invalid parameter '", 19)) {
+    fail_msg (m);
+    strata_error_free (err);
+    return;
+  }
   fprintf (stderr, "%s: %s: error while converting %s: %s\n", progname, dst,
            ofmt, m);
   strata_error_free (err);
@@ -724,7 +737,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
   };
   int c, idx;
 
-  while ((c = getopt_long (argc, argv, "hf:O:B:F:co:l:S:pt:T:qnm:WUr:C", lopts,
+  while ((c = getopt_long (argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WUr:C", lopts,
                            &idx))
          != -1) {
     switch (c) {
@@ -786,8 +799,9 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
                 "supported by convert");
       return 1;
     case 'r':
-      fail_msg ("-r (rate limit) is not supported by convert");
-      return 1;
+      if (!img_parse_rate (optarg, &a->rate))
+        return 1;
+      break;
     case OPT_UNSUPPORTED:
       fprintf (stderr, "%s: --%s is not supported\n", progname,
                lopts[idx].name);
@@ -799,7 +813,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
               "DST\n",
               progname);
       return -1;
-    default: return 1;
+    default: return img_option_error (c, argv);
     }
   }
   if (a->quiet)
@@ -811,6 +825,12 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
     if (!a->bfmt)
       a->bfmt = a->opt_bfmt = option_value (a->options, "backing_fmt");
   }
+  /* As qemu-img: the target, if named, is the last argument. */
+  if (img_has_help_option (a->options))
+    return img_print_create_help (a->ofmt,
+                                  argc - optind >= 2 ? argv[argc - 1] : NULL)
+             ? 1
+             : -1;
   if (argc - optind < 2) {
     fail_msg ("Must specify image file name");
     return 1;
@@ -963,11 +983,12 @@ cmd_convert (int argc, char **argv)
   c.out_of_order = a.out_of_order;
   c.progress = a.progress;
   c.min_sparse = a.min_sparse;
+  ratelimit_init (&c.rl, a.rate, ratelimit_now_ns ());
   c.align = MAX (a.min_sparse, SECTOR) / SECTOR;
   while (c.align & (c.align - 1))
     c.align &= c.align - 1; /* the power of two at or below */
   c.bufsize = c.compressed ? MAX (CONVERT_BUF, c.cluster) : CONVERT_BUF;
-  r = convert_run (&c, a.threads);
+  r = convert_run (&c, a.rate ? 1 : a.threads);
 out:
   if (c.dst)
     strata_close (c.dst);

@@ -38,6 +38,12 @@ strata_node *open_image (const char *filename, const char *fmt,
  * read-write (open_image() prints it; snapshot -a prints it again, as
  * qemu-img does). */
 void img_raw_probe_warning (strata_node *n, const char *filename);
+/* Whether OPTIONS (a -o list) holds "help" or "?". */
+bool img_has_help_option (const char *options);
+/* qemu-img's list of FMT's creation options for -o help: with the file
+ * protocol's merged in when FILENAME (the target) is given.  Returns the
+ * exit code (1 with qemu-img's message on an unknown format). */
+int img_print_create_help (const char *fmt, const char *filename);
 /* JSON with qemu-img's four-space indentation on stdout. */
 void print_json (json_t *j);
 /* -r RATE of commit and stream: a size (k, M, ... suffixes) up to

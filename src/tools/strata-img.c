@@ -35,6 +35,62 @@
 
 /* ---- create ---- */
 
+/* Whether S is a number too big for 64 bits (qemu-img words that as an
+ * out-of-range size, not as a bad suffix). */
+static bool
+size_overflows (const char *s)
+{
+  char *end;
+
+  errno = 0;
+  (void) strtoull (s, &end, 0);
+  return errno == ERANGE;
+}
+
+/* qemu-img's "Formatting" line: the creation options in the format's
+ * order, each with its value or its default (size-typed ones as bytes),
+ * then the file protocol's. */
+static void
+print_formatting (const char *filename, const char *fmt, const char *all)
+{
+  static const struct {
+    const char *name, *def;
+    bool is_size;
+  } qcow2[] = {
+    { "cluster_size", "65536", true }, { "extended_l2", "off", false },
+    { "preallocation", NULL, false },  { "compression_type", "zlib", false },
+    { "size", NULL, true },            { "compat", NULL, false },
+    { "backing_file", NULL, false },   { "backing_fmt", NULL, false },
+    { "data_file", NULL, false },      { "data_file_raw", NULL, false },
+    { "encryption", NULL, false },     { "encrypt.format", NULL, false },
+    { "lazy_refcounts", "off", false }, { "refcount_bits", "16", false },
+    { "nocow", NULL, false },          { "extent_size_hint", NULL, true },
+    { NULL, NULL, false },
+  }, raw[] = {
+    { "size", NULL, true },        { "preallocation", NULL, false },
+    { "nocow", NULL, false },      { "extent_size_hint", NULL, true },
+    { NULL, NULL, false },
+  };
+  CLEANUP_OPTS strata_opts *o = opts_new ();
+  const __typeof__ (qcow2[0]) *d = strcmp (fmt, "qcow2") ? raw : qcow2;
+
+  printf ("Formatting '%s', fmt=%s", filename, fmt);
+  if (!o || !opts_parse (o, all, NULL)) {
+    printf ("\n");
+    return;
+  }
+  for (; d->name; d++) {
+    const char *v = opts_get (o, d->name);
+    uint64_t n;
+
+    if (v && d->is_size && parse_size (v, &n))
+      printf (" %s=%" PRIu64, d->name, n);
+    else if (v || d->def)
+      printf (" %s=%s", d->name, v ? v : d->def);
+  }
+  printf ("\n");
+}
+
 int
 cmd_create (int argc, char **argv)
 {
@@ -44,6 +100,7 @@ cmd_create (int argc, char **argv)
   };
   const char *fmt = "raw", *backing = NULL, *bfmt = NULL, *filename;
   CLEANUP_FREE char *options = NULL, *backing_path = NULL;
+  CLEANUP_FREE char *opt_backing = NULL, *opt_bfmt = NULL;
   bool quiet = false, unsafe = false;
   uint64_t size = 0;
   bool have_size = false;
@@ -73,12 +130,21 @@ cmd_create (int argc, char **argv)
     default: return img_option_error (c, argv);
     }
   }
+  if (img_has_help_option (options))
+    return img_print_create_help (fmt, optind < argc ? argv[optind] : NULL);
   if (optind >= argc)
     return img_usage_error ("Expecting image file name");
   filename = argv[optind++];
   if (optind < argc) {
     const char *s = argv[optind++];
-    if (s[0] == '-' || !parse_size (s, &size) || size > INT64_MAX) {
+    if (!parse_size (s, &size) && !size_overflows (s)) {
+      fprintf (stderr, "%s: Invalid image size specified. You may use k, M, "
+               "G, T, P or E suffixes for\n%s: kilobytes, megabytes, "
+               "gigabytes, terabytes, petabytes and exabytes.\n",
+               progname, progname);
+      return 1;
+    }
+    if (size_overflows (s) || size > INT64_MAX) {
       fprintf (stderr, "%s: Invalid image size specified. Must be between 0 "
                "and 9223372036854775807.\n", progname);
       return 1;
@@ -90,8 +156,38 @@ cmd_create (int argc, char **argv)
     snprintf (msg, sizeof msg, "Unexpected argument: %.100s", argv[optind]);
     return img_usage_error (msg);
   }
+  /* -o size, backing_file and backing_fmt stand for SIZE, -b and -F. */
+  if (options) {
+    CLEANUP_OPTS strata_opts *o = opts_new ();
+
+    if (o && opts_parse (o, options, NULL)) {
+      const char *v = opts_get (o, "size");
+
+      if (v && !have_size && parse_size (v, &size) && size <= INT64_MAX)
+        have_size = true;
+      if (!backing && (v = opts_get (o, "backing_file")))
+        backing = opt_backing = strdup (v);
+      if (!bfmt && (v = opts_get (o, "backing_fmt")))
+        bfmt = opt_bfmt = strdup (v);
+    }
+  }
+  if (!strcmp (fmt, "raw") && (backing || bfmt)) {
+    fprintf (stderr, "%s: %s: Backing file %snot supported for file format "
+             "'raw'\n", progname, filename, backing ? "" : "format ");
+    return 1;
+  }
   if (bfmt && !backing) {
     fail_msg ("-F requires -b (a backing file)");
+    return 1;
+  }
+  if (backing && !strcmp (backing, filename)) {
+    fprintf (stderr, "%s: %s: Error: Trying to create an image with the "
+             "same filename as the backing file\n", progname, filename);
+    return 1;
+  }
+  if (backing && !*backing) {
+    fprintf (stderr, "%s: %s: Expected backing file name, got empty "
+             "string\n", progname, filename);
     return 1;
   }
   if (backing && !bfmt) {
@@ -117,7 +213,8 @@ cmd_create (int argc, char **argv)
     int64_t bsize;
 
     if (unsafe) {
-      fail_msg ("Image creation needs a size parameter");
+      fprintf (stderr, "%s: %s: Image creation needs a size parameter\n",
+               progname, filename);
       return 1;
     }
     b = open_image (backing_path ? backing_path : backing, bfmt, true, false,
@@ -143,7 +240,8 @@ cmd_create (int argc, char **argv)
     strata_close (b);
   }
   if (!have_size) {
-    fail_msg ("Image creation needs a size parameter");
+    fprintf (stderr, "%s: %s: Image creation needs a size parameter\n",
+             progname, filename);
     return 1;
   }
 
@@ -162,10 +260,7 @@ cmd_create (int argc, char **argv)
       return 1;
     }
     if (!quiet) {
-      printf ("Formatting '%s', fmt=%s size=%" PRIu64 "%s%s%s%s\n", filename,
-              fmt, size, backing ? " backing_file=" : "",
-              backing ? backing : "", bfmt ? " backing_fmt=" : "",
-              bfmt ? bfmt : "");
+      print_formatting (filename, fmt, all);
       fflush (stdout);
     }
     if (!strata_create (filename, fmt, all, 0, &err)) {

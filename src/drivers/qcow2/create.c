@@ -68,7 +68,7 @@ parse_params (const char *filename, strata_opts *opts,
   if (!is_power_of_2 (csize) || csize < (1u << QCOW2_MIN_CLUSTER_BITS)
       || csize > (1u << QCOW2_MAX_CLUSTER_BITS)) {
     error_set (errp, EINVAL, "%s: Cluster size must be a power of two "
-               "between 512 and 2048k, not %" PRIu64, filename, csize);
+               "between 512 and 2048k", filename);
     return false;
   }
   p->cluster_bits = __builtin_ctzll (csize);
