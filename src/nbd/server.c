@@ -80,6 +80,7 @@
 #define NBD_BATCH           8                 /* requests per hand-over */
 #define NBD_HEAVY_LEN       (256 * 1024)      /* may block: own worker */
 #define NBD_SLOW_JOB_NS     200000            /* jobs this long: parallel */
+#define NBD_NUDGE_MS        2                 /* see wait_readable */
 /* A full server with a client waiting frees the slot of a connection idle
  * this long (no request for it and none in flight). */
 #define NBD_EVICT_MS        30000
@@ -176,6 +177,7 @@ struct nbd_server {
   pthread_cond_t job_cond;
   struct job *jobs, *jobs_tail;
   unsigned idle_workers;
+  unsigned nr_jobs;               /* in JOBS */
   uint64_t job_ns_avg;            /* moving average of a job's wall time */
   bool pool_quit;
   pthread_t workers[NBD_WORKERS];
@@ -210,15 +212,29 @@ idle_for_locked (struct conn *c, uint64_t now)
 
 static void submit_batch (struct conn *c);
 
-/* Wait up to TIMEOUT_MS (-1: forever) for FD to be readable. */
+static bool pool_nudge (struct nbd_server *srv, bool wake);
+
+/* Wait up to TIMEOUT_MS (-1: forever) for C's socket to be readable.
+ * While jobs sit in the pool's queue with workers asleep (one worker
+ * took a batch of short jobs and one of them blocks), the wait is cut
+ * into NBD_NUDGE_MS slices after which those jobs get workers: a reader
+ * with nothing to read is the pool's watchdog. */
 static bool
-wait_readable (int fd, int timeout_ms)
+wait_readable (struct conn *c, int timeout_ms)
 {
   for (;;) {
-    struct pollfd pfd = { .fd = fd, .events = POLLIN };
-    int r = poll (&pfd, 1, timeout_ms);
+    struct pollfd pfd = { .fd = c->fd, .events = POLLIN };
+    bool nudge = (timeout_ms < 0 || timeout_ms > NBD_NUDGE_MS)
+                 && pool_nudge (c->srv, false);
+    int r = poll (&pfd, 1, nudge ? NBD_NUDGE_MS : timeout_ms);
     if (r < 0 && errno == EINTR)
       continue;
+    if (r == 0 && nudge) {
+      pool_nudge (c->srv, true);
+      if (timeout_ms > 0)
+        timeout_ms -= NBD_NUDGE_MS;
+      continue;
+    }
     return r > 0;
   }
 }
@@ -226,8 +242,10 @@ wait_readable (int fd, int timeout_ms)
 /* recv without blocking; waits (TIMEOUT_MS per chunk) only when nothing
  * has arrived, so a busy connection costs one syscall per recv. */
 static ssize_t
-recv_some (int fd, void *buf, size_t len, int timeout_ms)
+recv_some (struct conn *c, void *buf, size_t len, int timeout_ms)
 {
+  int fd = c->fd;
+
   for (;;) {
     ssize_t n = recv (fd, buf, len, MSG_DONTWAIT);
     if (n > 0)
@@ -237,7 +255,7 @@ recv_some (int fd, void *buf, size_t len, int timeout_ms)
     if (errno == EINTR)
       continue;
     if ((errno != EAGAIN && errno != EWOULDBLOCK)
-        || !wait_readable (fd, timeout_ms))
+        || !wait_readable (c, timeout_ms))
       return -1;
   }
 }
@@ -264,14 +282,14 @@ conn_read (struct conn *c, void *buf, size_t len, int timeout_ms)
     }
     submit_batch (c);           /* about to wait for the client */
     if (len >= NBD_RBUF / 2) {  /* big payloads go straight to BUF */
-      if ((n = recv_some (c->fd, p, len, timeout_ms)) < 0)
+      if ((n = recv_some (c, p, len, timeout_ms)) < 0)
         return false;
       p += n;
       len -= (size_t) n;
       continue;
     }
     c->rpos = c->rlen = 0;
-    if ((n = recv_some (c->fd, c->rbuf, NBD_RBUF, timeout_ms)) < 0)
+    if ((n = recv_some (c, c->rbuf, NBD_RBUF, timeout_ms)) < 0)
       return false;
     c->rlen = (size_t) n;
   }
@@ -828,6 +846,19 @@ send_queued_locked (struct conn *c, bool block)
 /* Queue R and send it, with whatever else is queued, unless another
  * thread is sending already (it sends R too).  R NULL (allocation
  * failed) drops the connection. */
+/* Disconnect C: replies are dropped, buffered requests are not run, and
+ * the shutdown wakes its reader and writer.  srv->lock may be held. */
+static void
+conn_drop (struct conn *c)
+{
+  pthread_mutex_lock (&c->lock);
+  c->dead = true;
+  shutdown (c->fd, SHUT_RDWR);
+  if (c->reader_waits)
+    pthread_cond_signal (&c->cond);
+  pthread_mutex_unlock (&c->lock);
+}
+
 static void
 queue_reply (struct conn *c, struct reply *r, uint64_t cost)
 {
@@ -1228,6 +1259,7 @@ worker_thread (void *arg)
     srv->jobs = j->next;
     if (!srv->jobs)
       srv->jobs_tail = NULL;
+    srv->nr_jobs--;
     pthread_mutex_unlock (&srv->pool_lock);
     t0 = now_ns ();
     r = run_job (j->conn, j);
@@ -1237,16 +1269,40 @@ worker_thread (void *arg)
     t0 = now_ns () - t0;
     pthread_mutex_lock (&srv->pool_lock);
     srv->job_ns_avg = srv->job_ns_avg - srv->job_ns_avg / 8 + t0 / 8;
+    /* Jobs queued behind a slow one (one worker took their batch while
+     * jobs were short) get workers of their own now. */
+    if (t0 > NBD_SLOW_JOB_NS)
+      for (unsigned n = srv->nr_jobs < srv->idle_workers
+                            ? srv->nr_jobs : srv->idle_workers;
+           n > 0; n--)
+        pthread_cond_signal (&srv->job_cond);
   }
   pthread_mutex_unlock (&srv->pool_lock);
   return NULL;
 }
 
+/* Whether jobs wait in the queue while workers sleep; with WAKE, wake
+ * workers for them. */
+static bool
+pool_nudge (struct nbd_server *srv, bool wake)
+{
+  unsigned n;
+
+  pthread_mutex_lock (&srv->pool_lock);
+  n = srv->nr_jobs < srv->idle_workers ? srv->nr_jobs : srv->idle_workers;
+  if (wake)
+    for (unsigned i = 0; i < n; i++)
+      pthread_cond_signal (&srv->job_cond);
+  pthread_mutex_unlock (&srv->pool_lock);
+  return n > 0;
+}
+
 /* Hand the connection's parsed requests to the pool: one lock for the
  * lot, and sleeping workers woken outside it (so that they do not wake
  * only to wait for it).  The queue is shared: a job waits at most for
- * the running jobs ahead of it, and a job that blocks for long turns
- * every later batch parallel (job_ns_avg). */
+ * the running jobs ahead of it; a job that blocks for long wakes
+ * workers for the jobs queued behind it and turns later batches
+ * parallel (job_ns_avg). */
 static void
 submit_batch (struct conn *c)
 {
@@ -1261,6 +1317,7 @@ submit_batch (struct conn *c)
   else
     srv->jobs = c->batch;
   srv->jobs_tail = c->batch_tail;
+  srv->nr_jobs += c->nbatch;
   /* Waking a worker costs more than a short job: while jobs are short
    * (page-cache I/O), one worker per batch runs it, and the reader and
    * that worker keep two cores busy with no hand-over per request.  A
@@ -1295,13 +1352,16 @@ submit (struct conn *c, struct job *j)
 /* ---- transmission (reader thread) ---- */
 
 /* Wait until COST more bytes fit in the connection's budget, then take
- * them (and one request slot). */
-static void
+ * them (and one request slot).  False when the connection is dead: its
+ * replies could not be sent, so the requests still buffered are not
+ * run. */
+static bool
 budget_take (struct conn *c, uint64_t cost)
 {
   pthread_mutex_lock (&c->lock);
-  while (c->inflight >= NBD_MAX_INFLIGHT
-         || (c->inflight > 0 && c->queued + cost > NBD_MAX_QUEUED)) {
+  while (!c->dead && (c->inflight >= NBD_MAX_INFLIGHT
+                      || (c->inflight > 0
+                          && c->queued + cost > NBD_MAX_QUEUED))) {
     if (c->batch) {             /* its jobs hold budget: let them run */
       pthread_mutex_unlock (&c->lock);
       submit_batch (c);
@@ -1312,10 +1372,15 @@ budget_take (struct conn *c, uint64_t cost)
     pthread_cond_wait (&c->cond, &c->lock);
   }
   c->reader_waits = false;
+  if (c->dead) {
+    pthread_mutex_unlock (&c->lock);
+    return false;
+  }
   c->inflight++;
   c->queued += cost;
   c->last_request_ms = now_ms ();
   pthread_mutex_unlock (&c->lock);
+  return true;
 }
 
 /* The errno a request fails with before it runs, or 0. */
@@ -1406,7 +1471,8 @@ transmission_loop (struct conn *c)
       cost += len;
     if (!err && type == NBD_CMD_READ && c->structured)
       cost += (uint64_t) NBD_MAX_EXTENTS * 32;
-    budget_take (c, cost);
+    if (!budget_take (c, cost))
+      return;
     j = calloc (1, sizeof *j);
     if (!j) {
       queue_reply (c, NULL, cost);
@@ -1557,6 +1623,7 @@ nbd_server_new (void)
   srv->max_clients = 1;
   srv->evict_ms = NBD_EVICT_MS;
   srv->persistent = true;
+  srv->job_ns_avg = 2 * NBD_SLOW_JOB_NS;  /* parallel until jobs prove short */
   for (size_t i = 0; i < NBD_WORKERS; i++)
     if (pthread_create (&srv->workers[srv->nr_workers], NULL, worker_thread,
                         srv) == 0)
@@ -1863,12 +1930,8 @@ evict_candidate (struct nbd_server *srv, bool evict)
       best_idle = idle;
     }
   }
-  if (best && evict) {
-    pthread_mutex_lock (&best->lock);
-    best->dead = true;  /* not a candidate twice */
-    pthread_mutex_unlock (&best->lock);
-    shutdown (best->fd, SHUT_RDWR);
-  }
+  if (best && evict)
+    conn_drop (best);   /* dead: not a candidate twice */
   pthread_mutex_unlock (&srv->lock);
   return best != NULL;
 }
@@ -1916,7 +1979,7 @@ nbd_server_run (struct nbd_server *srv)
   /* Disconnect whoever is left and wait for them. */
   pthread_mutex_lock (&srv->lock);
   for (struct conn *c = srv->conns; c; c = c->next)
-    shutdown (c->fd, SHUT_RDWR);
+    conn_drop (c);
   while (srv->active > 0)
     pthread_cond_wait (&srv->cond, &srv->lock);
   pthread_mutex_unlock (&srv->lock);
@@ -1928,7 +1991,7 @@ nbd_server_stop (struct nbd_server *srv)
   pthread_mutex_lock (&srv->lock);
   srv->stopping = true;
   for (struct conn *c = srv->conns; c; c = c->next)
-    shutdown (c->fd, SHUT_RDWR);
+    conn_drop (c);
   pthread_mutex_unlock (&srv->lock);
   wake (srv);
 }

@@ -473,3 +473,61 @@ def test_detect_zeroes_refusals(tmp_path):
                                 timeout=30)
         assert ours.returncode == theirs.returncode == 1
         assert ours.stderr.split(": ", 1)[1] == theirs.stderr.split(": ", 1)[1]
+
+
+def max_overlap(log):
+    """The most requests nbdkit's log filter shows in flight at once."""
+    now = most = 0
+    for line in log.splitlines():
+        if " Read id=" in line:
+            now += 1
+            most = max(most, now)
+        elif " ...Read id=" in line:
+            now -= 1
+    return most
+
+
+def test_slow_backing_reads_run_in_parallel(tmp_path, servers, qemu_img,
+                                           qemu_io):
+    """Reads that block (here on a backing file behind nbdkit's delay
+    filter) each get a worker, even right after a run of short requests
+    that one worker served alone: four reads of the base are in flight
+    together at the base's server."""
+    nbdkit = need("nbdkit", "nbdkit")
+    bsock, log = tmp_path / "b.sock", tmp_path / "log.txt"
+    base = subprocess.Popen([nbdkit, "-f", "-U", bsock, "--filter=log",
+                             "--filter=delay", "memory", str(SIZE),
+                             "rdelay=300ms", f"logfile={log}"],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not bsock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        top = tmp_path / "top.qcow2"
+        run(qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b",
+            f"nbd+unix:///?socket={bsock}", "-F", "raw", top, str(SIZE))
+        run(qemu_io, "-f", "qcow2", "-c", "write -P 7 8M 1M", top)
+        s = serve(servers, tmp_path, top, "-r")
+        nbd, h = nbd_handle(s.uri)
+        for i in range(400):            # short: top-layer data
+            h.aio_pread(nbd.Buffer(4096), 8 * MiB + (i % 256) * 4096)
+            if h.aio_in_flight() >= 8:
+                h.poll(-1)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        before = log.read_text().count(" Read id=")
+        bufs = [nbd.Buffer(65536) for _ in range(4)]
+        for i, b in enumerate(bufs):    # slow: each goes to the base
+            h.aio_pread(b, i * MiB)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        assert all(b.to_bytearray() == bytes(65536) for b in bufs)
+        h.shutdown()
+        s.stop()
+    finally:
+        base.terminate()
+        base.wait(10)
+    text = log.read_text()
+    assert before == 0, "the short reads went to the base"
+    assert text.count(" Read id=") == 4
+    assert max_overlap(text) == 4, text
