@@ -6,13 +6,16 @@
  * The numbers come from the output format's driver (strata_measure).  The
  * "bitmaps" line appears where qemu-img 7.2 prints it: when both the
  * source and the output can hold persistent bitmaps (a qcow2 v3 source and
- * a qcow2 v3 output).  strata copies no bitmaps, so it is always 0.
+ * a qcow2 v3 output), with the size qemu-img counts for the source's
+ * persistent bitmaps, read from its bitmap directory.
  */
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <strata/strata.h>
 
@@ -61,13 +64,123 @@ src_has_bitmap_support (strata_node *src)
          && strcmp (info.qcow2.compat, "0.10") != 0;
 }
 
+/* Big-endian loads from the header and the bitmap directory. */
+static uint64_t
+be_load (const uint8_t *p, int bytes)
+{
+  uint64_t v = 0;
+
+  for (int i = 0; i < bytes; i++)
+    v = v << 8 | p[i];
+  return v;
+}
+
+/* Read LEN bytes at OFF of FD into a new buffer (caller frees), or NULL. */
+static uint8_t *
+read_at (int fd, uint64_t off, uint64_t len)
+{
+  uint8_t *buf = len ? malloc (len) : NULL;
+
+  if (buf && pread (fd, buf, len, off) != (ssize_t)len) {
+    free (buf);
+    return NULL;
+  }
+  return buf;
+}
+
+/* The bitmap directory's bytes from the bitmaps extension in the header
+ * cluster H (LEN bytes), or NULL when there is none or it is unusable
+ * (qcow2.txt "Bitmaps extension"). */
+static uint8_t *
+bitmap_directory (int fd, const uint8_t *h, uint64_t len, uint64_t *dir_len,
+                  uint32_t *count)
+{
+  uint64_t pos = be_load (h + 100, 4);
+
+  while (pos + 8 <= len) {
+    uint32_t type = be_load (h + pos, 4), elen = be_load (h + pos + 4, 4);
+
+    if (type == 0 || elen > len - pos - 8)
+      return NULL;
+    if (type == 0x23852875 && elen >= 24) {
+      *count = be_load (h + pos + 8, 4);
+      *dir_len = be_load (h + pos + 16, 8);
+      if (*dir_len > (64u << 20))
+        return NULL;
+      return read_at (fd, be_load (h + pos + 24, 8), *dir_len);
+    }
+    pos += 8 + ((elen + 7) & ~7ull);
+  }
+  return NULL;
+}
+
+/* What the persistent bitmaps of qcow2 FILENAME (VSIZE bytes) would take
+ * in a qcow2 output with CLUSTER-byte clusters, as qemu-img measure counts
+ * them: each bitmap's data and table clusters, and the directory.  0 when
+ * the image has none, or they are not marked consistent (autoclear bit 0
+ * clear), as qemu-img then ignores them. */
+static uint64_t
+bitmaps_size (const char *filename, uint64_t vsize, uint64_t cluster)
+{
+  uint8_t hdr[104];
+  CLEANUP_FREE uint8_t *h = NULL, *dir = NULL;
+  uint64_t total = 0, dir_bytes = 0, dir_len = 0, pos = 0, csize;
+  uint32_t count = 0;
+  int fd = open (filename, O_RDONLY);
+
+  if (fd < 0)
+    return 0;
+  if (pread (fd, hdr, sizeof hdr, 0) != sizeof hdr
+      || be_load (hdr, 4) != 0x514649fb || be_load (hdr + 4, 4) < 3
+      || !(be_load (hdr + 88, 8) & 1) || be_load (hdr + 20, 4) < 9
+      || be_load (hdr + 20, 4) > 21)
+    goto out;
+  csize = UINT64_C (1) << be_load (hdr + 20, 4);
+  if (!(h = read_at (fd, 0, csize))
+      || !(dir = bitmap_directory (fd, h, csize, &dir_len, &count)))
+    goto out;
+  for (uint32_t i = 0; i < count && pos + 24 <= dir_len; i++) {
+    uint64_t gran_bits = dir[pos + 17], name = be_load (dir + pos + 18, 2);
+    uint64_t extra = be_load (dir + pos + 20, 4), bits, clusters;
+
+    if (gran_bits > 63)
+      break;
+    bits = (vsize + (UINT64_C (1) << gran_bits) - 1) >> gran_bits;
+    clusters = (bits + cluster * 8 - 1) / (cluster * 8);
+    total += clusters * cluster
+             + (clusters * 8 + cluster - 1) / cluster * cluster;
+    dir_bytes += (24 + name + 7) & ~7ull;
+    pos += (24 + extra + name + 7) & ~7ull;
+  }
+  total += (dir_bytes + cluster - 1) / cluster * cluster;
+out:
+  close (fd);
+  return total;
+}
+
+/* The output's cluster size from OPTIONS (-o cluster_size), 64k by
+ * default. */
+static uint64_t
+output_cluster_size (const char *options)
+{
+  CLEANUP_OPTS strata_opts *o = opts_new ();
+  const char *v;
+  uint64_t n;
+
+  if (o && options && opts_parse (o, options, NULL)
+      && (v = opts_get (o, "cluster_size")) && parse_size (v, &n) && n)
+    return n;
+  return 65536;
+}
+
 static void
-measure_print (enum output out, uint64_t required, uint64_t full, bool bitmaps)
+measure_print (enum output out, uint64_t required, uint64_t full, bool bitmaps,
+               uint64_t bitmap_bytes)
 {
   if (out == OUTPUT_JSON) {
     json_t *o = json_object ();
     if (bitmaps)
-      json_object_set_new (o, "bitmaps", json_integer (0));
+      json_object_set_new (o, "bitmaps", json_integer (bitmap_bytes));
     json_object_set_new (o, "required", json_integer (required));
     json_object_set_new (o, "fully-allocated", json_integer (full));
     print_json (o);
@@ -77,7 +190,51 @@ measure_print (enum output out, uint64_t required, uint64_t full, bool bitmaps)
   printf ("required size: %" PRIu64 "\n", required);
   printf ("fully allocated size: %" PRIu64 "\n", full);
   if (bitmaps)
-    printf ("bitmaps size: 0\n");
+    printf ("bitmaps size: %" PRIu64 "\n", bitmap_bytes);
+}
+
+/* qemu-img's words for formats it knows but cannot measure, and for -o
+ * help (which measure does not take); false after printing them. */
+static bool
+measurable (const char *ofmt, const char *options)
+{
+  static const char *const other[]
+      = { "vmdk", "vdi", "vpc", "vhdx", "qed", "qcow", "parallels", NULL };
+
+  for (const char *const *f = other; *f; f++)
+    if (!strcmp (ofmt, *f)) {
+      fprintf (stderr,
+               "%s: Block driver '%s' does not support size "
+               "measurement\n",
+               progname, ofmt);
+      return false;
+    }
+  if (img_has_help_option (options)) {
+    fprintf (stderr,
+             "%s: Invalid parameter '%s'\n%s: Invalid options for "
+             "file format '%s'\n",
+             progname, strstr (options, "help") ? "help" : "?", progname,
+             ofmt);
+    return false;
+  }
+  return true;
+}
+
+/* ERR from strata_measure as qemu-img words it: an unknown option is
+ * "Invalid parameter" then "Invalid options for file format". */
+static void
+measure_fail (const char *ofmt, strata_error *err)
+{
+  const char *m = strata_error_message (err);
+  const char *p = strstr (m, "Invalid parameter '");
+
+  if (p) {
+    fprintf (stderr, "%s: %s\n%s: Invalid options for file format '%s'\n",
+             progname, p, progname, ofmt);
+    strata_error_free (err);
+    return;
+  }
+  fail_err (err);
 }
 
 int
@@ -95,7 +252,7 @@ cmd_measure (int argc, char **argv)
   const char *fmt = NULL, *ofmt = "raw", *filename = NULL;
   CLEANUP_FREE char *options = NULL, *all = NULL;
   bool force_share = false, have_size = false, bitmaps = false;
-  uint64_t size = 0, required, full;
+  uint64_t size = 0, required, full, bitmap_bytes = 0;
   strata_node *src = NULL;
   strata_error *err = NULL;
   int c;
@@ -137,7 +294,11 @@ cmd_measure (int argc, char **argv)
               "[--size N | [-f FMT] [-U] FILE]\n",
               progname);
       return 0;
-    default: return 1;
+    default:
+      /* qemu-img measure answers a bad option (getopt has said which)
+       * with the general help, and success. */
+      img_help ();
+      return 0;
     }
   }
   if (optind < argc)
@@ -160,6 +321,9 @@ cmd_measure (int argc, char **argv)
       return 1;
     bitmaps = strcmp (ofmt, "qcow2") == 0 && !wants_compat_v2 (options)
               && src_has_bitmap_support (src);
+    if (bitmaps && strata_length (src) > 0)
+      bitmap_bytes = bitmaps_size (filename, strata_length (src),
+                                   output_cluster_size (options));
   }
   else if (asprintf (&all, "size=%" PRIu64, size) < 0) {
     return 1;
@@ -168,12 +332,14 @@ cmd_measure (int argc, char **argv)
     strata_close (src);
     return 1;
   }
-  if (!strata_measure (ofmt, all, src, &required, &full, &err)) {
-    fail_err (err);
+  if (!measurable (ofmt, options)
+      || !strata_measure (ofmt, all, src, &required, &full, &err)) {
+    if (err)
+      measure_fail (ofmt, err);
     strata_close (src);
     return 1;
   }
   strata_close (src);
-  measure_print (out, required, full, bitmaps);
+  measure_print (out, required, full, bitmaps, bitmap_bytes);
   return 0;
 }

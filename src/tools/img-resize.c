@@ -17,6 +17,10 @@
 #include "tools/img.h"
 #include "util/opts.h"
 
+/* The largest image qemu's block layer allows: INT64_MAX rounded down to
+ * its largest request alignment (2 GiB - 1 rounded to the sector). */
+#define BDRV_MAX_LENGTH UINT64_C (9223372035781033984)
+
 /* SIZE as qemu-img takes it: [+|-]N[suffix]. */
 static bool
 parse_new_size (const char *arg, int *sign, uint64_t *n)
@@ -112,15 +116,18 @@ cmd_resize (int argc, char **argv)
     strata_close (node);
     return 1;
   }
-  total = sign > 0   ? (uint64_t) cur + n
-          : sign < 0 ? (n >= (uint64_t) cur ? 0 : (uint64_t) cur - n)
+  total = sign > 0   ? (uint64_t)cur + n
+          : sign < 0 ? (n >= (uint64_t)cur ? 0 : (uint64_t)cur - n)
                      : n;
   c = 1;
   if (total == 0 || total > INT64_MAX)
     fail_msg ("New image size must be positive");
-  else if (total <= (uint64_t) cur && prealloc && strcmp (prealloc, "off"))
+  else if (total > BDRV_MAX_LENGTH)
+    fprintf (stderr, "%s: offset(%" PRIu64 ") exceeds maximum(%" PRIu64 ")\n",
+             progname, total, BDRV_MAX_LENGTH);
+  else if (total <= (uint64_t)cur && prealloc && strcmp (prealloc, "off"))
     fail_msg ("Preallocation can only be used for growing images");
-  else if (total < (uint64_t) cur && !shrink)
+  else if (total < (uint64_t)cur && !shrink)
     fprintf (stderr,
              "%s: Use the --shrink option to perform a shrink "
              "operation.\n%s: warning: Shrinking an image will delete all "
@@ -131,7 +138,7 @@ cmd_resize (int argc, char **argv)
     fail_err (err);
   else if (prealloc
            && (!strcmp (prealloc, "falloc") || !strcmp (prealloc, "full"))
-           && !fill_zeros (node, (uint64_t) cur, total))
+           && !fill_zeros (node, (uint64_t)cur, total))
     ;
   else
     c = 0;

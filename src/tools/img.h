@@ -85,6 +85,9 @@ int img_usage_error (const char *msg);
  * ':') or '?' (unknown option) at ARGV[optind - 1]; returns 1. */
 int img_option_error (int c, char **argv);
 
+/* strata-img.c: the general help on stdout (qemu-img's help()). */
+void img_help (void);
+
 /* The subcommands. */
 int cmd_create (int argc, char **argv);
 int cmd_info (int argc, char **argv);

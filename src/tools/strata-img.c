@@ -1138,7 +1138,26 @@ usage (FILE *f)
     "  compare  [-s] [-q] [-U] [-f FMT] [-F FMT] A B\n"
     "  bench    [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N]\n"
     "           [--no-drain] [-o OFFSET] [--pattern=P] [-q] [-s SIZE]\n"
-    "           [-S STEP] [-t CACHE] [-w] [-U] FILE\n", progname);
+    "           [-S STEP] [-t CACHE] [-w] [-U] FILE\n"
+    "  convert  [-f FMT] [-O FMT] [-B BACKING [-F BFMT]] [-c] [-o OPTS] [-n]\n"
+    "           [--target-is-zero] [-p] [-q] [-S SIZE] [-m N] [-W] [-U]\n"
+    "           [-r RATE] [-t CACHE] [-T CACHE] SRC [SRC...] DST\n"
+    "  commit   [-f FMT] [-t CACHE] [-b BASE] [-r RATE] [-d] [-p] [-q] FILE\n"
+    "  rebase   [-f FMT] [-t CACHE] [-T CACHE] [-p] [-u] [-q] [-U]\n"
+    "           -b BACKING [-F BFMT] FILE\n"
+    "  resize   [-f FMT] [--preallocation=MODE] [-q] [--shrink] FILE\n"
+    "           [+ | -]SIZE\n"
+    "  measure  [--output=human|json] [-O FMT] [-o OPTS]\n"
+    "           [--size N | [-f FMT] [-U] FILE]\n"
+    "  snapshot [-U] [-q] [-l | -a NAME | -c NAME | -d NAME] FILE\n"
+    "  amend    [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTS FILE\n"
+    "  stream   (strata's own: see strata-img stream -h)\n", progname);
+}
+
+void
+img_help (void)
+{
+  usage (stdout);
 }
 
 int
