@@ -85,9 +85,12 @@ static const char *const uri_schemes[] = {
   "nbds+unix://",
 };
 
+/* The URIs, and QEMU's older "nbd:" syntax (see nbd_legacy_parse). */
 bool
 nbd_is_uri (const char *name)
 {
+  if (strncmp (name, "nbd:", 4) == 0)
+    return true;
   for (size_t i = 0; i < sizeof uri_schemes / sizeof uri_schemes[0]; i++)
     if (strncmp (name, uri_schemes[i], strlen (uri_schemes[i])) == 0)
       return true;
@@ -139,6 +142,79 @@ uri_decode (const char *s, size_t n)
   return out;
 }
 
+/* PORT is a TCP port number, 1 to 65535, in decimal. */
+static bool
+port_ok (const char *name, const char *port, strata_error **errp)
+{
+  char *end;
+  unsigned long n;
+
+  errno = 0;
+  n = strtoul (port, &end, 10);
+  if (!*port || *end || errno || n == 0 || n > 65535 || port[0] < '0'
+      || port[0] > '9') {
+    error_set (errp, EINVAL, "%s: bad port '%s'", name, port);
+    return false;
+  }
+  return true;
+}
+
+/* QEMU's filename syntax from before URIs, still found in backing file
+ * names: nbd:unix:PATH[:exportname=NAME] and
+ * nbd:HOST:PORT[:exportname=NAME] (HOST may be [IPv6]). */
+static bool
+nbd_legacy_parse (const char *name, struct nbd_uri *u, strata_error **errp)
+{
+  const char *spec = name + 4, *en = strstr (spec, ":exportname=");
+  size_t speclen = en ? (size_t) (en - spec) : strlen (spec);
+  const char *colon;
+
+  if (!(u->export = strdup (en ? en + 12 : "")))
+    goto oom;
+  if (speclen == 0) {
+    error_set (errp, EINVAL, "%s: missing the server (nbd:unix:PATH or "
+               "nbd:HOST:PORT)", name);
+    goto fail;
+  }
+  if (strncmp (spec, "unix:", 5) == 0) {
+    if (speclen == 5) {
+      error_set (errp, EINVAL, "%s: missing socket path", name);
+      goto fail;
+    }
+    if (!(u->socket = strndup (spec + 5, speclen - 5)))
+      goto oom;
+    return true;
+  }
+  if (spec[0] == '[') {
+    const char *end = memchr (spec, ']', speclen);
+    colon = end && end + 1 < spec + speclen && end[1] == ':' ? end + 1
+                                                               : NULL;
+    if (colon && !(u->host = strndup (spec + 1, end - spec - 1)))
+      goto oom;
+  }
+  else {
+    colon = memchr (spec, ':', speclen);
+    if (colon && !(u->host = strndup (spec, colon - spec)))
+      goto oom;
+  }
+  if (!colon || !u->host || !*u->host) {
+    error_set (errp, EINVAL, "%s: expected nbd:HOST:PORT or nbd:unix:PATH",
+               name);
+    goto fail;
+  }
+  if (!(u->port = strndup (colon + 1, spec + speclen - colon - 1)))
+    goto oom;
+  if (!port_ok (name, u->port, errp))
+    goto fail;
+  return true;
+
+oom:
+  error_set (errp, ENOMEM, "out of memory");
+fail:
+  nbd_uri_clear (u);
+  return false;
+}
+
 bool
 nbd_uri_parse (const char *uri, struct nbd_uri *u, strata_error **errp)
 {
@@ -158,6 +234,8 @@ nbd_uri_parse (const char *uri, struct nbd_uri *u, strata_error **errp)
     is_unix = false, p = uri + 10;
   else if (strncmp (uri, "nbd://", 6) == 0)
     is_unix = false, p = uri + 6;
+  else if (strncmp (uri, "nbd:", 4) == 0)
+    return nbd_legacy_parse (uri, u, errp);
   else {
     error_set (errp, EINVAL, "%s: not an NBD URI (nbd://HOST[:PORT]/EXPORT "
                "or nbd+unix:///EXPORT?socket=PATH)", uri);
@@ -248,18 +326,10 @@ nbd_uri_parse (const char *uri, struct nbd_uri *u, strata_error **errp)
         goto oom;
     }
     if (colon) {
-      size_t plen = auth + authlen - colon - 1;
-      char *end;
-      unsigned long port;
-      if (!(u->port = strndup (colon + 1, plen)))
+      if (!(u->port = strndup (colon + 1, auth + authlen - colon - 1)))
         goto oom;
-      errno = 0;
-      port = strtoul (u->port, &end, 10);
-      if (!plen || *end || errno || port == 0 || port > 65535
-          || u->port[0] < '0' || u->port[0] > '9') {
-        error_set (errp, EINVAL, "%s: bad port '%s'", uri, u->port);
+      if (!port_ok (uri, u->port, errp))
         goto fail;
-      }
     }
     else if (!(u->port = strdup (NBD_DEFAULT_PORT)))
       goto oom;
@@ -273,19 +343,24 @@ fail:
   return false;
 }
 
-/* The URI naming U, for messages and node->filename. */
+/* The URI naming U, for messages and node->filename, as QEMU writes it
+ * (qemu-img info shows it): no "/" when the export name is empty. */
 static char *
 nbd_uri_format (const struct nbd_uri *u)
 {
+  const char *slash = *u->export ? "/" : "";
   char *s;
   int r;
 
   if (u->socket)
-    r = asprintf (&s, "nbd+unix:///%s?socket=%s", u->export, u->socket);
+    r = asprintf (&s, "nbd+unix://%s%s?socket=%s", slash, u->export,
+                  u->socket);
   else if (strchr (u->host, ':'))
-    r = asprintf (&s, "nbd://[%s]:%s/%s", u->host, u->port, u->export);
+    r = asprintf (&s, "nbd://[%s]:%s%s%s", u->host, u->port, slash,
+                  u->export);
   else
-    r = asprintf (&s, "nbd://%s:%s/%s", u->host, u->port, u->export);
+    r = asprintf (&s, "nbd://%s:%s%s%s", u->host, u->port, slash,
+                  u->export);
   return r < 0 ? NULL : s;
 }
 

@@ -328,6 +328,7 @@ def test_reconnect_gives_up(sockdir, servers, tmp_path):
     f.write_bytes(bytes(1 << 20))
     sock = sockdir / "r.sock"
     uri = unix_uri(sock)
+    named = f"nbd+unix://?socket={sock}"     # as QEMU names it
     srv = nbdkit(servers, sock, "file", f)
 
     # Delay 0: a request after the server died fails at once, one line.
@@ -337,7 +338,8 @@ def test_reconnect_gives_up(sockdir, servers, tmp_path):
     t0 = time.monotonic()
     out = io.cmd("read 0 4k", timeout=10)
     assert time.monotonic() - t0 < 3
-    assert_one_error(out, io.close(), uri, "connection to the NBD server lost")
+    assert_one_error(out, io.close(), named,
+                     "connection to the NBD server lost")
 
     # Delay 1: requests wait about a second, then fail naming the URI.
     srv.start()
@@ -348,7 +350,7 @@ def test_reconnect_gives_up(sockdir, servers, tmp_path):
     out = io.cmd("read 0 4k", timeout=10)
     took = time.monotonic() - t0
     assert 0.8 < took < 5, took
-    assert_one_error(out, io.close(), uri, "reconnect failed within 1 s")
+    assert_one_error(out, io.close(), named, "reconnect failed within 1 s")
 
 
 @pytest.mark.parametrize("uri,msg", [
@@ -440,3 +442,43 @@ def test_pool_with_a_single_client_server(sockdir, servers, qemu_img,
     assert "Run completed" in p.stdout
     p = sio("-f", "raw", "-r", "-c", "read -P 0x2a 0 8M", unix_uri(sock))
     assert_io_ok(p)
+
+
+def test_uri_forms_and_filenames_as_qemu_img(sockdir, servers, qemu_img,
+                                             qemu_io, tmp_path):
+    """Every way QEMU names an NBD export opens the same export, and
+    `info` shows the name QEMU shows for it: the URIs (no "/" when the
+    export name is empty) and the older nbd:unix:PATH / nbd:HOST:PORT
+    syntax with :exportname=, also as a qcow2 backing file name."""
+    img = tmp_path / "d.raw"
+    run(qemu_img, "create", "-q", "-f", "raw", img, "4M")
+    run(qemu_io, "-f", "raw", "-c", "write -P 9 0 64k", img)
+    sock = sockdir / "s"
+    port = free_port()
+    servers([need("qemu-nbd", "qemu-utils"), "-k", sock, "-f", "raw", "-r",
+             "-e", "8", "-t", img], sock=sock)
+    servers([need("qemu-nbd", "qemu-utils"), "-b", "127.0.0.1", "-p",
+             str(port), "-f", "raw", "-r", "-e", "8", "-x", "ex", "-t", img],
+            port=port)
+    names = [f"nbd+unix:///?socket={sock}", f"nbd+unix://?socket={sock}",
+             f"nbd:unix:{sock}", f"nbd://127.0.0.1:{port}/ex",
+             f"nbd+tcp://127.0.0.1:{port}/ex",
+             f"nbd:127.0.0.1:{port}:exportname=ex"]
+    for name in names:
+        want = json.loads(run(qemu_img, "info", "-U", "--output=json",
+                              name).stdout)
+        got = json.loads(run(binary("strata-img"), "info", "-U",
+                             "--output=json", name).stdout)
+        assert got["filename"] == want["filename"], name
+        assert got["virtual-size"] == want["virtual-size"] == 4 << 20
+        assert_io_ok(sio("-f", "raw", "-r", "-c", "read -P 9 0 64k", name))
+    top = tmp_path / "top.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b",
+        f"nbd:unix:{sock}", "-F", "raw", top, "4M")
+    assert_io_ok(sio("-f", "qcow2", "-r", "-c", "read -P 9 0 64k",
+                     "-c", "read -P 0 64k 64k", top))
+    for bad, why in (("nbd:", "missing the server"),
+                     ("nbd:localhost", "expected nbd:HOST:PORT"),
+                     ("nbd:127.0.0.1:x", "bad port 'x'")):
+        p = run(binary("strata-img"), "info", bad, check=False)
+        assert p.returncode == 1 and why in p.stderr, p.stderr
