@@ -349,8 +349,8 @@ qcow2_read_header (strata_node *node, struct qcow2_state *s,
     return false;
   }
   if (be32_load (small) != QCOW2_MAGIC) {
-    error_set (errp, EINVAL, "%s: magic 0x%08" PRIx32 " is not a qcow2 "
-               "image", fn, be32_load (small));
+    /* qemu's words: callers already name the file. */
+    error_set (errp, EINVAL, "Image is not in qcow2 format");
     return false;
   }
   s->version = be32_load (small + 4);

@@ -152,7 +152,9 @@ open_backing (strata_node *node, struct qcow2_state *s, const char *chain,
     return false;
   }
   if (!(theirs = nbd_is_uri (path) ? strdup (path) : realpath (path, NULL))) {
-    error_set_errno (errp, errno, "%s: cannot open backing file '%s'", fn,
+    /* qemu's words, so that tools print what qemu-img prints. */
+    error_set_errno (errp, errno,
+                     "Could not open backing file: Could not open '%s'",
                      path);
     return false;
   }
@@ -195,7 +197,7 @@ open_backing (strata_node *node, struct qcow2_state *s, const char *chain,
   if (!b) {
     /* Name the top image and the failing layer, not every layer between. */
     if (!chain)
-      error_prepend (errp, "%s: cannot open backing file '%s'", fn, path);
+      error_prepend (errp, "Could not open backing file");
     return false;
   }
   if (!node_attach_child (node, "backing", b, errp)) {
