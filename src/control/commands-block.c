@@ -500,21 +500,23 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
                    "Failed to find node with node-name='%s'", name);
     goto out;
   }
-  if (!check_not_backing (node, err))
+  /* QEMU's order: a BlockBackend (an export) first, "in use"; then the
+   * newest op blocker, which is a job's when one holds the node (it came
+   * after the backing edge); then ownership. */
+  who = graph_first_user (node);
+  if (who && strncmp (who, "export ", 7) == 0) {
+    qmp_error_set (err, "GenericError", "Node %s is in use", name);
+    goto out;
+  }
+  if (!check_no_job (node, err) || !check_not_backing (node, err))
     goto out;
   if ((i = owned_index (node)) < 0) {
     qmp_error_set (err, "GenericError",
                    "Node %s is not owned by the monitor", name);
     goto out;
   }
-  if ((who = graph_first_user (node))) {
-    /* QEMU's texts: an export holds a reference ("in use"); a job blocks
-     * the node and says why. */
-    if (strncmp (who, "export ", 7) == 0)
-      qmp_error_set (err, "GenericError", "Node %s is in use", name);
-    else
-      qmp_error_set (err, "GenericError", "Node '%s' is busy: %s", name,
-                     who);
+  if (who) {
+    qmp_error_set (err, "GenericError", "Node '%s' is busy: %s", name, who);
     goto out;
   }
   /* Ours and the monitor's references; any other is a user. */

@@ -59,13 +59,16 @@ error_text (const strata_error *e)
 
 /* ---- the job ---- */
 
-/* Bytes per chunk: QEMU's 512 KiB, smaller under a low speed limit so
- * that one chunk is at most 1/20 s of the rate (whole 64 KiB units). */
+/* Bytes per chunk: QEMU's 512 KiB.  Idle-aware streaming takes smaller
+ * ones under a low speed limit, so that one chunk is at most 1/20 s of the
+ * rate (whole 64 KiB units) and a guest that wakes up waits less. */
 static uint64_t
-chunk_size (struct job *job)
+chunk_size (struct job *job, struct stream *s)
 {
   uint64_t speed, c = STREAM_CHUNK;
 
+  if (!s->yield_to_guest)
+    return c;
   job_lock ();
   speed = job->rl.speed;
   job_unlock ();
@@ -122,16 +125,59 @@ yield_to_guest (struct job *job, struct stream *s)
   }
 }
 
-/* One chunk at OFFSET: *N gets the bytes it covers.  Returns 0 or a
- * negative errno from the copy. */
+/* QEMU's allocated-above test for [OFFSET, OFFSET+*N) in the layers
+ * below TOP and above BASE: is the start allocated in one of them?  *N
+ * shrinks to where the answer changes; each layer that does not allocate
+ * the start bounds the extent the layers under it may report, so a chunk
+ * never runs from one layer's data into an upper layer's (and progress
+ * at an error is where QEMU's would be). */
+static int
+allocated_below (struct stream *s, uint64_t offset, uint64_t *n,
+                 bool *allocated)
+{
+  strata_node *base = node_skip_filters (s->base);
+
+  *allocated = false;
+  for (strata_node *l = node_skip_filters (s->top->backing); l && l != base;
+       l = node_skip_filters (l->backing)) {
+    int64_t size = node_length (l);
+    struct bstat bs;
+    int r;
+
+    if (size < 0)
+      return size;
+    if (offset >= (uint64_t)size) {
+      /* Past a short layer's end: zeros that layer "allocates". */
+      *allocated = true;
+      return 0;
+    }
+    if (*n > (uint64_t)size - offset)
+      *n = size - offset;
+    r = node_block_status_flags (l, offset, *n, &bs, STRATA_BS_SHALLOW);
+    if (r < 0)
+      return r;
+    *n = bs.pnum < *n ? bs.pnum : *n;
+    if (bs.flags & BS_ALLOCATED) {
+      *allocated = true;
+      return 0;
+    }
+  }
+  return 0;
+}
+
+/* One chunk at OFFSET: *N gets the bytes it covers (set before any copy,
+ * so an error leaves it meaningful).  Returns 0 or a negative errno from
+ * the copy. */
 static int
 stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
               uint64_t *n)
 {
   struct bstat bs;
   uint64_t copied = 0, start;
+  bool copy;
   int r;
 
+  *n = len;
   /* Only "allocated here?" matters: no lseek on the file below. */
   r = node_block_status_flags (s->top, offset, len, &bs, STRATA_BS_SHALLOW);
   if (r < 0)
@@ -139,6 +185,8 @@ stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
   *n = bs.pnum < len ? bs.pnum : len;
   if (bs.flags & BS_ALLOCATED)
     return 0;
+  if ((r = allocated_below (s, offset, n, &copy)) < 0 || !copy)
+    return r;
   start = ratelimit_now_ns ();
   r = node_copy_up (s->top, s->base, offset, *n, &copied);
   job_account (job, copied, start);
@@ -164,7 +212,7 @@ stream_run (struct job *job)
     return len;
   job_set_progress (job, 0, len);
   while (offset < (uint64_t)len) {
-    uint64_t c = chunk_size (job);
+    uint64_t c = chunk_size (job, s);
 
     if (!job_yield (job) || (s->yield_to_guest && !yield_to_guest (job, s)))
       return -ECANCELED;
@@ -172,12 +220,10 @@ stream_run (struct job *job)
       c = len - offset;
     r = stream_chunk (job, s, offset, c, &n);
     if (r < 0) {
-      switch (job_io_error (job, r, r != -ENOSPC)) {
+      /* QEMU reports every stream error as a read, ENOSPC too. */
+      switch (job_io_error (job, r, true)) {
       case JOB_ON_ERROR_STOP: continue; /* paused; retried when resumed */
-      case JOB_ON_ERROR_IGNORE:
-        error = r;
-        n = c;
-        break;
+      case JOB_ON_ERROR_IGNORE: error = r; break;
       default: return r;
       }
     }
@@ -352,6 +398,28 @@ str_arg (json_t *args, const char *key)
   return json_string_value (json_object_get (args, key));
 }
 
+/* block-stream's base, base-node and bottom exclude each other; QEMU
+ * checks this first, before it even looks the device up. */
+static bool
+check_conflicts (json_t *args, struct qmp_error *err)
+{
+  /* The pairs that exclude each other, in QEMU's order of checking. */
+  static const char *const conflicts[][2] = {
+    { "base", "base-node" },
+    { "base", "bottom" },
+    { "bottom", "base-node" },
+  };
+
+  for (size_t i = 0; i < sizeof conflicts / sizeof *conflicts; i++)
+    if (str_arg (args, conflicts[i][0]) && str_arg (args, conflicts[i][1])) {
+      qmp_error_set (err, "GenericError",
+                     "'%s' and '%s' cannot be specified at the same time",
+                     conflicts[i][0], conflicts[i][1]);
+      return false;
+    }
+  return true;
+}
+
 /* BASE for block-stream's base, base-node and bottom arguments; NULL with
  * *BASEP NULL means the whole chain. */
 static bool
@@ -361,22 +429,9 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
   const char *base = str_arg (args, "base");
   const char *base_node = str_arg (args, "base-node");
   const char *bottom = str_arg (args, "bottom");
-  /* The pairs that exclude each other, in QEMU's order of checking. */
-  static const char *const conflicts[][2] = {
-    { "base", "base-node" },
-    { "base", "bottom" },
-    { "bottom", "base-node" },
-  };
   strata_node *n;
 
   *basep = NULL;
-  for (size_t i = 0; i < sizeof conflicts / sizeof *conflicts; i++)
-    if (str_arg (args, conflicts[i][0]) && str_arg (args, conflicts[i][1])) {
-      qmp_error_set (err, "GenericError",
-                     "'%s' and '%s' cannot be specified at the same time",
-                     conflicts[i][0], conflicts[i][1]);
-      return false;
-    }
   if (base) {
     if (!(*basep = find_backing_image (top, base))) {
       qmp_error_set (err, "GenericError",
@@ -399,6 +454,14 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
   if (bottom) {
     if (!(n = lookup ("", bottom, err)))
       return false;
+    if (n->drv->is_filter) {
+      qmp_error_set (err, "GenericError",
+                     "Node '%s' is a filter, use a non-filter node as "
+                     "'bottom'",
+                     bottom);
+      node_unref (n);
+      return false;
+    }
     if (n != top && !chain_contains (top, n)) {
       qmp_error_set (err, "GenericError",
                      "Node '%s' is not in a chain starting from '%s'", bottom,
@@ -451,6 +514,22 @@ stream_new (strata_node *top, strata_node *base, json_t *args)
   return s;
 }
 
+/* filter-node-name names the copy-on-read filter QEMU puts over the
+ * device for the job's life; it must be a name a new node could take. */
+static bool
+check_filter_name (json_t *args, struct qmp_error *err)
+{
+  const char *name = str_arg (args, "filter-node-name");
+  strata_error *e = NULL;
+
+  if (!name || graph_name_check (name, &e))
+    return true;
+  qmp_error_set (err, "GenericError", "Could not create node: %s",
+                 error_text (e));
+  strata_error_free (e);
+  return false;
+}
+
 /* Create and start the job, job lock held; takes over TOP and BASE. */
 static bool
 start_locked (json_t *args, strata_node *top, strata_node *base,
@@ -463,7 +542,11 @@ start_locked (json_t *args, strata_node *top, strata_node *base,
   struct job *job;
   struct stream *s;
 
-  job = job_create (id ? id : top->node_name, &stream_driver,
+  if (!check_filter_name (args, err))
+    goto fail;
+  /* No job-id: QEMU takes the device's BlockBackend name, which a node
+   * made by blockdev-add does not have, and so refuses the empty ID. */
+  job = job_create (id ? id : "", &stream_driver,
                     speed ? json_integer_value (speed) : 0,
                     af ? json_is_true (af) : true,
                     ad ? json_is_true (ad) : true, on_error, err);
@@ -531,7 +614,8 @@ stream_cmd_block_stream (json_t *args, struct qmp_error *err)
   bool ok = false;
 
   if (!qmp_args_check (args, spec, err)
-      || !parse_on_error (args, &on_error, err))
+      || !parse_on_error (args, &on_error, err)
+      || !check_conflicts (args, err))
     return NULL;
   floor = json_object_get (args, "x-guest-floor-speed");
   if (floor && json_integer_value (floor) < 0) {

@@ -433,12 +433,13 @@ def progress(d):
     return j[0]["current-progress"] if j else None
 
 
-def test_default_job_id_is_the_node_name(slow):
+def test_no_job_id_is_refused_as_qsd(slow):
+    """QEMU names a job without job-id after the device's BlockBackend;
+    a node made by blockdev-add has none, so the ID is '' and refused."""
     d, _ = slow
-    d.ok("block-stream", device="top", speed=65536)
-    assert d.ok("query-jobs")[0]["id"] == "top"
-    d.ok("job-cancel", id="top")
-    d.event("JOB_STATUS_CHANGE", status="null")
+    r = d.cmd("block-stream", device="top", speed=65536)
+    assert r["error"]["desc"] == "Invalid job ID ''"
+    assert d.ok("query-jobs") == []
 
 
 def test_pause_stops_progress_and_resume_continues(slow):
