@@ -431,11 +431,16 @@ job_yield (struct job *job)
     if (job->cancelled)
       return false;
     if (job->pause_count > 0) {
-      set_status_locked (job, JOB_PAUSED);
+      /* Paused by the verb already when we slept; paused again when a
+       * resume and a new pause both came while we waited. */
+      if (job->status != JOB_PAUSED)
+        set_status_locked (job, JOB_PAUSED);
       job->busy = false;
-      while (job->pause_count > 0 && !job->cancelled)
-        pthread_cond_wait (&job->cond, &jobs_mutex);
+      pthread_cond_wait (&job->cond, &jobs_mutex);
+      if (job->pause_count > 0 && !job->cancelled)
+        continue;
       unpause_locked (job);
+      job->busy = true;
       /* No burst for the time spent paused. */
       ratelimit_init (&job->rl, job->rl.speed, ratelimit_now_ns ());
       continue;
@@ -546,6 +551,10 @@ job_user_pause_locked (struct job *job, struct qmp_error *err)
   }
   job->user_paused = true;
   job->pause_count++;
+  /* A job asleep between chunks pauses at once, before the reply, as
+   * QEMU's coroutine does when the verb enters it. */
+  if (job->status == JOB_RUNNING && !job->busy)
+    set_status_locked (job, JOB_PAUSED);
   wake_locked (job);
   return true;
 }
