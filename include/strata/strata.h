@@ -111,6 +111,9 @@ struct strata_info {
   const char *filename;     /* the file under it, if any */
   uint64_t virtual_size;
   uint64_t actual_size;     /* bytes allocated on the host, 0 if unknown */
+  bool actual_size_unknown; /* the protocol cannot tell (NBD): QEMU shows
+                             * "disk size: unavailable", no actual-size */
+  bool dirty_unknown;       /* no dirty-flag to show: raw over NBD */
   uint32_t cluster_size;    /* 0 when the format has none */
   bool read_only;
   bool has_backing;

@@ -277,13 +277,22 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
   };
   if (node->drv->get_info && !node->drv->get_info (node, info, errp))
     return false;
+  /* QEMU reports a protocol name as recorded, not as the opened node
+   * names it. */
+  if (info->backing_filename && nbd_is_uri (info->backing_filename))
+    info->full_backing_filename = info->backing_filename;
   while (bottom->file)
     bottom = bottom->file;
   if (bottom != node && bottom->drv->get_info) {
-    struct strata_info b;
+    struct strata_info b = { 0 };
     if (!bottom->drv->get_info (bottom, &b, errp))
       return false;
     info->actual_size = b.actual_size;
+    info->actual_size_unknown = b.actual_size_unknown;
+    /* A format with no information of its own (raw) passes the
+     * protocol's on, as QEMU's bdrv_get_info() does. */
+    if (!node->drv->get_info)
+      info->dirty_unknown = b.dirty_unknown;
   }
   return true;
 }

@@ -822,6 +822,8 @@ nbd_get_info (strata_node *node, struct strata_info *info,
   (void) node;
   (void) errp;
   info->actual_size = 0;  /* unknown over NBD */
+  info->actual_size_unknown = true;
+  info->dirty_unknown = true;
   return true;
 }
 

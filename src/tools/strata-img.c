@@ -289,7 +289,8 @@ info_json (const struct strata_info *i,
   if (i->cluster_size)
     json_object_set_new (o, "cluster-size", json_integer (i->cluster_size));
   json_object_set_new (o, "format", json_string (i->format));
-  json_object_set_new (o, "actual-size", json_integer (i->actual_size));
+  if (!i->actual_size_unknown)
+    json_object_set_new (o, "actual-size", json_integer (i->actual_size));
   if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
     json_t *fs = json_object (), *d = json_object ();
 
@@ -322,7 +323,8 @@ info_json (const struct strata_info *i,
     json_object_set_new (o, "backing-filename",
                          json_string (i->backing_filename));
   }
-  json_object_set_new (o, "dirty-flag", json_boolean (i->dirty));
+  if (!i->dirty_unknown)
+    json_object_set_new (o, "dirty-flag", json_boolean (i->dirty));
   return o;
 }
 
@@ -336,7 +338,10 @@ info_human (const struct strata_info *i,
   printf ("file format: %s\n", i->format);
   size_to_str (i->virtual_size, s, sizeof s);
   printf ("virtual size: %s (%" PRIu64 " bytes)\n", s, i->virtual_size);
-  size_to_str (i->actual_size, s, sizeof s);
+  if (i->actual_size_unknown)
+    snprintf (s, sizeof s, "unavailable");
+  else
+    size_to_str (i->actual_size, s, sizeof s);
   printf ("disk size: %s\n", s);
   if (i->cluster_size)
     printf ("cluster_size: %u\n", i->cluster_size);
