@@ -110,8 +110,11 @@ set_backing (strata_node *n, const struct rebase *rb)
 
   if (strata_change_backing_file (n, rb->base, rb->base_fmt, &err))
     return true;
+  /* A format with no backing file: qemu-img says only ENOTSUP's text. */
   fprintf (stderr, "%s: Could not change the backing file to '%s': %s\n",
-           progname, rb->base ? rb->base : "", strata_error_message (err));
+           progname, rb->base ? rb->base : "",
+           strata_error_errno (err) == ENOTSUP ? strerror (ENOTSUP)
+                                               : strata_error_message (err));
   strata_error_free (err);
   return false;
 }

@@ -339,18 +339,21 @@ qcow2_read_header (strata_node *node, struct qcow2_state *s,
     error_set (errp, -flen, "%s: cannot get the file size", fn);
     return false;
   }
-  if (flen < 72) {
-    error_set (errp, EINVAL, "%s: file size %" PRId64 " is too small for a "
-               "qcow2 header (72 bytes)", fn, flen);
-    return false;
-  }
-  if ((r = node_pread (node->file, 0, small, sizeof small, 0)) < 0) {
+  /* The magic first, so a short file of another kind is "not qcow2". */
+  if (flen > 0
+      && (r = node_pread (node->file, 0, small,
+                          MIN ((uint64_t) flen, sizeof small), 0)) < 0) {
     error_set (errp, -r, "%s: cannot read the header: %s", fn, strerror (-r));
     return false;
   }
   if (be32_load (small) != QCOW2_MAGIC) {
     /* qemu's words: callers already name the file. */
     error_set (errp, EINVAL, "Image is not in qcow2 format");
+    return false;
+  }
+  if (flen < 72) {
+    error_set (errp, EINVAL, "%s: file size %" PRId64 " is too small for a "
+               "qcow2 header (72 bytes)", fn, flen);
     return false;
   }
   s->version = be32_load (small + 4);
