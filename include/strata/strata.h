@@ -73,6 +73,9 @@ int strata_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
 int strata_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
                      unsigned flags);
 int strata_flush (strata_node *node, unsigned flags);
+/* Populate the range as a read would (a copy-on-read filter copies it
+ * into its image), without returning data; elsewhere nothing to do. */
+int strata_prefetch (strata_node *node, uint64_t offset, uint64_t len);
 
 /* Block status of the range starting at OFFSET.  The answer covers
  * *pnum bytes (at least one, at most LEN). */

@@ -116,6 +116,14 @@ strata_pwrite (strata_node *node, const void *buf, size_t len,
 }
 
 int
+strata_prefetch (strata_node *node, uint64_t offset, uint64_t len)
+{
+  int r = check_range (node, offset, len);
+
+  return r < 0 ? r : node_prefetch (node, offset, len);
+}
+
+int
 strata_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
                       unsigned flags)
 {

@@ -486,6 +486,20 @@ node_preadv (strata_node *node, uint64_t offset, uint64_t len,
 }
 
 int
+node_prefetch (strata_node *node, uint64_t offset, uint64_t len)
+{
+  int r = check_overflow (node, offset, len);
+
+  if (r < 0 || len == 0)
+    return r;
+  if (node->drv->prefetch)
+    return node->drv->prefetch (node, offset, len);
+  if (node->drv->is_filter && node->file)
+    return node_prefetch (node->file, offset, len);
+  return 0;
+}
+
+int
 node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
               const struct iovec *iov, int iovcnt, unsigned flags)
 {

@@ -86,6 +86,11 @@ struct strata_driver {
   int (*pdiscard) (struct strata_node *node, uint64_t offset, uint64_t len,
                    unsigned flags);
   int (*flush) (struct strata_node *node);
+  /* Do what a read of the range would do to the image (copy-on-read)
+   * without returning the data: NBD_CMD_CACHE, as QEMU's
+   * BDRV_REQ_PREFETCH.  NULL: a filter passes it to `file`; any other
+   * node has nothing to do. */
+  int (*prefetch) (struct strata_node *node, uint64_t offset, uint64_t len);
   int (*block_status) (struct strata_node *node, uint64_t offset,
                        uint64_t len, struct bstat *bs);
 
@@ -235,6 +240,7 @@ int node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
 int node_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
                    unsigned flags);
 int node_flush (strata_node *node);
+int node_prefetch (strata_node *node, uint64_t offset, uint64_t len);
 /* One layer (and the file below it for DATA/ZERO). */
 int node_block_status (strata_node *node, uint64_t offset, uint64_t len,
                        struct bstat *bs);

@@ -75,20 +75,26 @@ cor_close (strata_node *node)
   node_unref (s->bottom);
 }
 
+/* Copy into TOP what it lacks of the range (also NBD_CMD_CACHE). */
 static int
-cor_preadv (strata_node *node, uint64_t offset, uint64_t len,
-            const struct iovec *iov, int iovcnt, unsigned flags)
+cor_prefetch (strata_node *node, uint64_t offset, uint64_t len)
 {
   struct cor_state *s = node->opaque;
   strata_node *top = cor_format_node (node);
   /* Below a filter named as bottom: the format node it stands for. */
   strata_node *base = s->bottom ? node_skip_filters (s->bottom)->backing
                                 : NULL;
-  int r = 0;
 
   /* Reopened read-only (strata-io reopen -r): plain reads. */
-  if (!top->read_only)
-    r = node_copy_up (top, base, offset, len, NULL);
+  return top->read_only ? 0 : node_copy_up (top, base, offset, len, NULL);
+}
+
+static int
+cor_preadv (strata_node *node, uint64_t offset, uint64_t len,
+            const struct iovec *iov, int iovcnt, unsigned flags)
+{
+  int r = cor_prefetch (node, offset, len);
+
   return r < 0 ? r : node_preadv (node->file, offset, len, iov, iovcnt, flags);
 }
 
@@ -119,4 +125,5 @@ const struct strata_driver copy_on_read_driver = {
   .close = cor_close,
   .preadv = cor_preadv,
   .get_info = cor_get_info,
+  .prefetch = cor_prefetch,
 };

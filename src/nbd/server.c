@@ -1231,6 +1231,7 @@ run_job (struct conn *c, struct job *j)
                                            ? STRATA_REQ_MAY_UNMAP : 0));
     break;
   case NBD_CMD_CACHE:
+    r = strata_prefetch (e->node, j->offset, j->len);
     break;
   default:
     r = -EINVAL;

@@ -164,6 +164,36 @@ def test_nbd_copy_on_read_read_only_export(chain):
     qemu_check(top)
 
 
+@pytest.mark.parametrize("cor", [True, False])
+def test_nbd_cache_command_prefetches(chain, cor):
+    """NBD_CMD_CACHE (libnbd's nbd_cache) on a copy-on-read export copies
+    the range into the overlay as a read would, with no data sent; on a
+    plain export it changes nothing (QEMU's prefetch)."""
+    from test_nbd_server import Server, nbd_handle
+    base, top = chain
+    before = cluster_map(top)
+    srv = Server(top.parent, top, "-t", *(["--copy-on-read"] if cor else []))
+    try:
+        nbd, h = nbd_handle(srv.uri)
+        assert h.can_cache()
+        h.cache(1088 * KiB, 64 * KiB)   # 64k-1152k: zeros and 0x33 data
+        h.shutdown()
+    finally:
+        srv.stop()
+    m = cluster_map(top)
+    if not cor:
+        assert m == before
+    else:
+        assert m[0][0] != 0             # outside the range: untouched
+        for c in range(128 * KiB, 320 * KiB, CS):
+            assert m[c] == (0, True, False), (c, m[c])
+        assert m[MiB] == (0, False, True) and m[MiB + CS] == (0, False, True)
+        assert m[64 * KiB][0] != 0      # nothing below to copy
+        assert m[2 * MiB][0] != 0
+    run(qemu_img(), "compare", top, base)
+    qemu_check(top)
+
+
 def test_nbd_copy_on_read_refuses_force_share(chain):
     base, top = chain
     p = run(binary("strata-nbd"), "-r", "-U", "--copy-on-read", "-k",
