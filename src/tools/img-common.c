@@ -77,9 +77,18 @@ strata_node *
 open_image (const char *filename, const char *fmt, bool force_share, bool rw,
             const char *extra)
 {
+  return open_image_flags (filename, fmt,
+                           (rw ? STRATA_OPEN_RDWR : 0)
+                               | (force_share ? STRATA_OPEN_FORCE_SHARE : 0),
+                           extra);
+}
+
+strata_node *
+open_image_flags (const char *filename, const char *fmt, unsigned flags,
+                  const char *extra)
+{
   strata_error *err = NULL;
-  unsigned flags = (rw ? STRATA_OPEN_RDWR : 0)
-                   | (force_share ? STRATA_OPEN_FORCE_SHARE : 0);
+  bool rw = flags & STRATA_OPEN_RDWR;
   strata_node *n = strata_open (filename, fmt, extra, flags, &err);
 
   if (!n) {
@@ -118,6 +127,33 @@ print_json (json_t *j)
   if (s)
     printf ("%s\n", s);
   free (s);
+}
+
+bool
+img_parse_size_arg (const char *s, const char *what, uint64_t *out)
+{
+  char *end;
+  bool overflow;
+
+  errno = 0;
+  (void) strtoull (s, &end, 0);
+  overflow = errno == ERANGE;
+  if (s[0] == '-' || (!parse_size (s, out) && !overflow)) {
+    fprintf (stderr,
+             "%s: Invalid %s specified. You may use k, M, G, T, P or E "
+             "suffixes for\n%s: kilobytes, megabytes, gigabytes, terabytes, "
+             "petabytes and exabytes.\n",
+             progname, what, progname);
+    return false;
+  }
+  if (overflow || *out > INT64_MAX) {
+    fprintf (stderr,
+             "%s: Invalid %s specified. Must be between 0 and "
+             "9223372036854775807.\n",
+             progname, what);
+    return false;
+  }
+  return true;
 }
 
 bool

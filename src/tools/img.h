@@ -34,6 +34,9 @@ void size_to_str (uint64_t val, char *buf, size_t len);
  * EXTRA is a dotted option string or NULL. */
 strata_node *open_image (const char *filename, const char *fmt,
                          bool force_share, bool rw, const char *extra);
+/* The same with strata_open()'s FLAGS (STRATA_OPEN_*). */
+strata_node *open_image_flags (const char *filename, const char *fmt,
+                               unsigned flags, const char *extra);
 /* qemu-img's warning when a probed image turned out raw and is opened
  * read-write (open_image() prints it; snapshot -a prints it again, as
  * qemu-img does). */
@@ -46,6 +49,10 @@ bool img_has_help_option (const char *options);
 int img_print_create_help (const char *fmt, const char *filename);
 /* JSON with qemu-img's four-space indentation on stdout. */
 void print_json (json_t *j);
+/* A size argument (k, M, ... suffixes) up to INT64_MAX, with qemu-img's
+ * two messages naming WHAT ("image size", "start offset"): a bad suffix
+ * or sign, or a number out of range. */
+bool img_parse_size_arg (const char *s, const char *what, uint64_t *out);
 /* -r RATE of commit and stream: a size (k, M, ... suffixes) up to
  * INT64_MAX, with qemu-img's message on anything else. */
 bool img_parse_rate (const char *s, uint64_t *out);

@@ -35,18 +35,6 @@
 
 /* ---- create ---- */
 
-/* Whether S is a number too big for 64 bits (qemu-img words that as an
- * out-of-range size, not as a bad suffix). */
-static bool
-size_overflows (const char *s)
-{
-  char *end;
-
-  errno = 0;
-  (void) strtoull (s, &end, 0);
-  return errno == ERANGE;
-}
-
 /* qemu-img's "Formatting" line: the creation options in the format's
  * order, each with its value or its default (size-typed ones as bytes),
  * then the file protocol's. */
@@ -137,18 +125,8 @@ cmd_create (int argc, char **argv)
   filename = argv[optind++];
   if (optind < argc) {
     const char *s = argv[optind++];
-    if (!parse_size (s, &size) && !size_overflows (s)) {
-      fprintf (stderr, "%s: Invalid image size specified. You may use k, M, "
-               "G, T, P or E suffixes for\n%s: kilobytes, megabytes, "
-               "gigabytes, terabytes, petabytes and exabytes.\n",
-               progname, progname);
+    if (!img_parse_size_arg (s, "image size", &size))
       return 1;
-    }
-    if (size_overflows (s) || size > INT64_MAX) {
-      fprintf (stderr, "%s: Invalid image size specified. Must be between 0 "
-               "and 9223372036854775807.\n", progname);
-      return 1;
-    }
     have_size = true;
   }
   if (optind < argc) {
@@ -408,7 +386,12 @@ cmd_info (int argc, char **argv)
   }
   if (optind != argc - 1)
     return img_usage_error ("Expecting one image file name");
-  top = open_image (argv[optind], fmt, force_share, false, NULL);
+  /* Without --backing-chain qemu-img does not open the backing file (so
+   * an image whose backing file is missing still has its info). */
+  top = open_image_flags (argv[optind], fmt,
+                          (force_share ? STRATA_OPEN_FORCE_SHARE : 0)
+                              | (chain ? 0 : STRATA_OPEN_NO_BACKING),
+                          NULL);
   if (!top)
     return 1;
   arr = json_array ();
@@ -416,6 +399,7 @@ cmd_info (int argc, char **argv)
     struct strata_info info;
     struct strata_snapshot_info *snaps = NULL;
     strata_error *err = NULL;
+    CLEANUP_FREE char *full = NULL;
     int nsnaps = 0;
 
     if (!strata_get_info (n, &info, 0, &err)
@@ -423,6 +407,16 @@ cmd_info (int argc, char **argv)
       fail_err (err);
       ret = 1;
       break;
+    }
+    /* Unopened, the backing file is named as the image's directory
+     * makes it (qemu's path_combine()). */
+    if (!chain && info.backing_filename && !info.full_backing_filename
+        && info.backing_filename[0] != '/' && strrchr (argv[optind], '/')) {
+      const char *slash = strrchr (argv[optind], '/');
+      if (asprintf (&full, "%.*s%s", (int) (slash - argv[optind] + 1),
+                    argv[optind], info.backing_filename) < 0)
+        full = NULL;
+      info.full_backing_filename = full;
     }
     if (out == OUTPUT_JSON)
       json_array_append_new (arr, info_json (&info, snaps, nsnaps));
@@ -513,18 +507,12 @@ cmd_map (int argc, char **argv)
     switch (c) {
     case 'O': if (!parse_output (optarg, &out)) return 1; break;
     case 's':
-      if (!parse_size (optarg, &start) || start > INT64_MAX) {
-        fprintf (stderr, "%s: Invalid start offset specified! You may use "
-                 "k, M, G, T, P or E suffixes for\n", progname);
+      if (!img_parse_size_arg (optarg, "start offset", &start))
         return 1;
-      }
       break;
     case 'l':
-      if (!parse_size (optarg, &max_len) || max_len > INT64_MAX) {
-        fprintf (stderr, "%s: Invalid length specified! You may use k, M, "
-                 "G, T, P or E suffixes for\n", progname);
+      if (!img_parse_size_arg (optarg, "max length", &max_len))
         return 1;
-      }
       break;
     case 'U': force_share = true; break;
     case 'f': fmt = optarg; break;
@@ -692,9 +680,10 @@ cmd_check (int argc, char **argv)
       else if (strcmp (optarg, "all") == 0)
         fix = STRATA_CHECK_FIX_LEAKS | STRATA_CHECK_FIX_ERRORS;
       else {
-        fprintf (stderr, "%s: Unknown option value for -r (expecting "
-                 "'leaks' or 'all'): %s\n", progname, optarg);
-        return 1;
+        char msg[160];
+        snprintf (msg, sizeof msg, "Unknown option value for -r (expecting "
+                  "'leaks' or 'all'): %.80s", optarg);
+        return img_usage_error (msg);
       }
       break;
     case 'h':

@@ -246,8 +246,14 @@ ROWS = {
         "-f qcow2 -u -b base.qcow2 -F qcow2 x", "-f qcow2 -b x -F qcow2 x 1M",
         "-f qcow2 x 1M -q", "",
     ],
-    "info": ["q64.qcow2 --output=json", "-f qcow2 raw.img", "", "--bogus x"],
-    "check": ["q64.qcow2 -q", "--output=json comp.qcow2", "a b"],
+    "info": ["q64.qcow2 --output=json", "-f qcow2 raw.img", "", "--bogus x",
+             "orphan.qcow2", "--output=json orphan.qcow2", "top.qcow2",
+             "--backing-chain --output=json top.qcow2", "-f qcow2 text.txt"],
+    "map": ["--output=json top.qcow2", "--start-offset=1Q q64.qcow2",
+            "--max-length=-1 q64.qcow2",
+            "--start-offset=99999999999999999999 q64.qcow2"],
+    "check": ["q64.qcow2 -q", "--output=json comp.qcow2", "a b",
+              "-r bogus q64.qcow2"],
     "compare": ["q64.qcow2 q64.qcow2 -q", "q64.qcow2", "top.qcow2 base.qcow2"],
 }
 
