@@ -6,6 +6,8 @@
 #   2. speed 100 MiB/s, then block-job-set-speed to 50 MiB/s: the rate
 #      achieved over a window after each change (the first second skipped);
 #   3. a plain copy of the same bytes (dd with fsync) as the ceiling;
+#   (and 1b. the same unlimited stream when the base is reached over NBD,
+#      served by qemu-nbd: the post-copy case);
 #   4. a guest's 4 KiB random-read p99 latency over stratad's NBD export
 #      (fio, iodepth 1) with no job, during an unlimited stream, and
 #      during one with x-yield-to-guest; and stratad's peak RSS.
@@ -98,6 +100,40 @@ for name in daemons:
     print(f"{name:8s} unlimited: {full[name]:7.2f} s  "
           f"({size / MIB / full[name]:7.1f} MiB/s)")
 print(f"ratio stratad/qsd time: {full['stratad'] / full['qsd']:.2f}")
+
+# Post-copy: the top's backing file is the base served by qemu-nbd (the
+# same neutral server for both daemons), as in the README's recipe.
+nbd_sock = os.path.abspath("base-nbd.sock")
+server = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "8", "-f", "qcow2",
+                           "-k", nbd_sock, "base.qcow2"])
+while not os.path.exists(nbd_sock):
+    time.sleep(0.02)
+subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
+                f"nbd+unix:///?socket={nbd_sock}", "-F", "raw",
+                "top-nbd.qcow2", str(size)], check=True)
+post = {}
+for name in daemons:
+    shutil.copy("top-nbd.qcow2", f"top-{name}-pc.qcow2")
+    sock = f"{name}-pc.sock"
+    proc = subprocess.Popen([daemons[name], "--chardev",
+                             f"socket,id=m,path={sock},server=on,wait=off",
+                             "--monitor", "chardev=m"],
+                            stdout=subprocess.DEVNULL)
+    q = QMP(sock, timeout=600)
+    q.execute("blockdev-add", {"driver": "qcow2", "node-name": "top",
+                               "file": {"driver": "file",
+                                        "filename": f"top-{name}-pc.qcow2"}})
+    t = time.monotonic()
+    q.execute("block-stream", {"job-id": "j", "device": "top"})
+    q.event("BLOCK_JOB_COMPLETED", timeout=3600)
+    post[name] = time.monotonic() - t
+    stop(proc, q)
+    print(f"{name:8s} post-copy (base over NBD): {post[name]:7.2f} s  "
+          f"({size / MIB / post[name]:7.1f} MiB/s)")
+server.terminate()
+server.wait()
+print(f"ratio stratad/qsd time, post-copy: "
+      f"{post['stratad'] / post['qsd']:.2f}")
 
 
 def fio_p99(sock, secs=8):
