@@ -35,6 +35,23 @@
 
 /* ---- create ---- */
 
+/* Open the backing file PATH of the new image FILENAME, or print
+ * qemu-img's two lines on failure. */
+static strata_node *
+open_backing (const char *filename, const char *path, const char *fmt)
+{
+  strata_error *err = NULL;
+  strata_node *b = strata_open (path, fmt, NULL, STRATA_OPEN_FORCE_SHARE,
+                                &err);
+
+  if (!b) {
+    fprintf (stderr, "%s: %s: %s\nCould not open backing image.\n",
+             progname, filename, strata_error_message (err));
+    strata_error_free (err);
+  }
+  return b;
+}
+
 /* qemu-img's "Formatting" line: the creation options in the format's
  * order, each with its value or its default (size-typed ones as bytes),
  * then the file protocol's. */
@@ -141,7 +158,12 @@ cmd_create (int argc, char **argv)
     if (o && opts_parse (o, options, NULL)) {
       const char *v = opts_get (o, "size");
 
-      if (v && !have_size && parse_size (v, &size) && size <= INT64_MAX)
+      if (v && have_size) {
+        fprintf (stderr, "%s: %s: The image size must be specified only "
+                 "once\n", progname, filename);
+        return 1;
+      }
+      if (v && parse_size (v, &size) && size <= INT64_MAX)
         have_size = true;
       if (!backing && (v = opts_get (o, "backing_file")))
         backing = opt_backing = strdup (v);
@@ -195,8 +217,7 @@ cmd_create (int argc, char **argv)
                progname, filename);
       return 1;
     }
-    b = open_image (backing_path ? backing_path : backing, bfmt, true, false,
-                    NULL);
+    b = open_backing (filename, backing_path ? backing_path : backing, bfmt);
     if (!b)
       return 1;
     bsize = strata_length (b);
@@ -206,13 +227,13 @@ cmd_create (int argc, char **argv)
                progname, backing);
       return 1;
     }
-    size = bsize;
+    size = ((uint64_t) bsize + 511) / 512 * 512; /* qemu's length */
     have_size = true;
   }
   else if (backing && !unsafe) {
     /* Make sure the backing file can be opened, as qemu-img does. */
-    strata_node *b = open_image (backing_path ? backing_path : backing, bfmt,
-                                 true, false, NULL);
+    strata_node *b
+        = open_backing (filename, backing_path ? backing_path : backing, bfmt);
     if (!b)
       return 1;
     strata_close (b);
@@ -225,7 +246,7 @@ cmd_create (int argc, char **argv)
 
   {
     char sizebuf[32];
-    CLEANUP_FREE char *all = NULL;
+    CLEANUP_FREE char *all = NULL, *sized = NULL;
 
     snprintf (sizebuf, sizeof sizebuf, "%" PRIu64, size);
     if (asprintf (&all, "size=%s%s%s%s%s%s%s", sizebuf,
@@ -233,7 +254,12 @@ cmd_create (int argc, char **argv)
                   bfmt ? ",backing_fmt=" : "", bfmt ? bfmt : "",
                   options ? "," : "", options ? options : "") < 0)
       return 1;
-    if (!strata_create (filename, fmt, all, STRATA_CREATE_DRY_RUN, &err)) {
+    /* qemu's block layer works in sectors: the image gets the size
+     * rounded up to 512 (the Formatting line shows it as given). */
+    if (asprintf (&sized, "%s,size=%" PRIu64, all,
+                  (size + 511) / 512 * 512) < 0)
+      return 1;
+    if (!strata_create (filename, fmt, sized, STRATA_CREATE_DRY_RUN, &err)) {
       fail_err (err);
       return 1;
     }
@@ -241,7 +267,7 @@ cmd_create (int argc, char **argv)
       print_formatting (filename, fmt, all);
       fflush (stdout);
     }
-    if (!strata_create (filename, fmt, all, 0, &err)) {
+    if (!strata_create (filename, fmt, sized, 0, &err)) {
       fail_err (err);
       return 1;
     }
