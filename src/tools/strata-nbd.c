@@ -1,22 +1,33 @@
 /* strata-nbd: serve an image over NBD, with qemu-nbd's common options.
  *
  *   strata-nbd [-f FMT] [-x NAME] [-D DESC] (-k SOCKET | [-b ADDR] [-p PORT])
- *              [-r] [-t] [-e N] [-A] [--cache MODE] [--discard MODE]
- *              [--detect-zeroes off|on|unmap] [--fork] [--pid-file FILE] [-U] FILE
+ *              [-r] [-t] [-e N] [-A] [-n] [--cache MODE] [--discard MODE]
+ *              [--detect-zeroes off|on|unmap] [--fork] [--pid-file FILE]
+ *              [-U] [--copy-on-read] FILE
  *
- * Without -t the server exits once the last client has disconnected, as
- * qemu-nbd does.  Every client shares the one open node, so a writable
- * export with -e > 1 advertises CAN_MULTI_CONN (a flush is global to it).
+ * The command line behaves as qemu-nbd 7.2's, messages and exit codes
+ * included (tests/integration/test_nbd_parity.py runs both): options are
+ * checked as they come, then the argument count; the server listens
+ * before it opens the image; the PID file is written once the export
+ * exists and is left behind at exit, the socket is removed.  Without -t
+ * the server exits once the last client has disconnected.  Every client
+ * shares the one open node, so with -e other than 1 (0: no limit) a
+ * writable export advertises CAN_MULTI_CONN (a flush is global to it).
+ * -U and --copy-on-read are strata's own.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <limits.h>
+#include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <strata/strata.h>
@@ -26,35 +37,50 @@
 
 static const char *progname = "strata-nbd";
 
+/* Longest export name or description (proto.md's limit). */
+#define NBD_MAX_STRING 4096
+
+enum {
+  OPT_CACHE = 256,
+  OPT_DISCARD,
+  OPT_DETECT_ZEROES,
+  OPT_FORK,
+  OPT_PID_FILE,
+  OPT_COPY_ON_READ
+};
+
 static void
 usage (FILE *f)
 {
-  fprintf (f,
-    "Usage: %s [OPTIONS] FILE\n"
-    "\n"
-    "  -f, --format FMT       image format; probed when absent\n"
-    "  -x, --export-name NAME export name (default \"\")\n"
-    "  -D, --description DESC export description\n"
-    "  -k, --socket PATH      listen on a unix socket\n"
-    "  -p, --port PORT        TCP port (default 10809)\n"
-    "  -b, --bind ADDR        TCP address (default all)\n"
-    "  -r, --read-only        export read-only\n"
-    "  -t, --persistent       keep serving after the last client left\n"
-    "  -e, --shared N         clients at once (default 1)\n"
-    "  -A, --allocation-depth offer qemu:allocation-depth\n"
-    "      --cache MODE       none, writeback (default), writethrough,\n"
-    "                         directsync or unsafe\n"
-    "      --discard MODE     ignore (default) or unmap\n"
-    "      --detect-zeroes M  off (default), on or unmap (needs\n"
-    "                         --discard=unmap): all-zero writes become\n"
-    "                         write-zeroes\n"
-    "      --fork             go to the background once listening\n"
-    "      --pid-file FILE    write the server's PID to FILE\n"
-    "  -U, --force-share      open read-only without taking locks\n"
-    "      --copy-on-read     copy what reads fetch from backing files into\n"
-    "                         the image (with -r too: clients still cannot\n"
-    "                         write)\n"
-    "  -h, --help             show this help\n", progname);
+  fprintf (
+      f,
+      "Usage: %s [OPTIONS] FILE\n"
+      "\n"
+      "  -f, --format FMT       image format; probed when absent\n"
+      "  -x, --export-name NAME export name (default \"\")\n"
+      "  -D, --description DESC export description\n"
+      "  -k, --socket PATH      listen on a unix socket\n"
+      "  -p, --port PORT        TCP port (default 10809)\n"
+      "  -b, --bind ADDR        TCP address (default 0.0.0.0)\n"
+      "  -r, --read-only        export read-only\n"
+      "  -t, --persistent       keep serving after the last client left\n"
+      "  -e, --shared N         clients at once (default 1, 0: any)\n"
+      "  -A, --allocation-depth offer qemu:allocation-depth\n"
+      "  -n, --nocache          --cache=none\n"
+      "      --cache MODE       none, writeback (default), writethrough,\n"
+      "                         directsync or unsafe\n"
+      "      --discard MODE     ignore (default) or unmap\n"
+      "      --detect-zeroes M  off (default), on or unmap (needs\n"
+      "                         --discard=unmap): all-zero writes become\n"
+      "                         write-zeroes\n"
+      "      --fork             go to the background once listening\n"
+      "      --pid-file FILE    write the server's PID to FILE\n"
+      "  -U, --force-share      open read-only without taking locks\n"
+      "      --copy-on-read     copy what reads fetch from backing\n"
+      "                         files into the image (with -r too:\n"
+      "                         clients still cannot write)\n"
+      "  -h, --help             show this help\n",
+      progname);
 }
 
 static void *
@@ -73,11 +99,146 @@ signal_thread (void *arg)
   return NULL;
 }
 
-int
-main (int argc, char **argv)
+/* What the command line asked for. */
+struct nbd_cmdline {
+  const char *format, *name, *desc, *sock, *port, *bind_addr, *cache;
+  const char *pid_file, *filename;
+  bool persistent, do_fork, force_share, copy_on_read;
+  struct nbd_export_flags ef;
+  unsigned shared; /* 0: no limit */
+};
+
+/* qemu-nbd's second line after a bad option: ARGV0 as the user typed it. */
+static int
+try_help (const char *argv0)
 {
-  enum { OPT_CACHE = 256, OPT_DISCARD, OPT_DETECT_ZEROES, OPT_FORK,
-         OPT_PID_FILE, OPT_COPY_ON_READ };
+  fprintf (stderr, "%s: Try `%s --help' for more information.\n", progname,
+           argv0);
+  return 1;
+}
+
+/* -e N: an int in C's notation (0x10, 010), >= 0; 0 means no limit. */
+static bool
+parse_shared (const char *arg, unsigned *shared)
+{
+  char *end;
+  long v;
+
+  errno = 0;
+  v = strtol (arg, &end, 0);
+  if (errno || end == arg || *end || v < 0 || v > INT_MAX) {
+    fprintf (stderr, "%s: Invalid shared device number '%s'\n", progname, arg);
+    return false;
+  }
+  *shared = (unsigned)v;
+  return true;
+}
+
+static bool
+parse_discard (const char *arg, bool *discard)
+{
+  if (strcmp (arg, "unmap") == 0 || strcmp (arg, "on") == 0)
+    *discard = true;
+  else if (strcmp (arg, "ignore") == 0 || strcmp (arg, "off") == 0)
+    *discard = false;
+  else {
+    fprintf (stderr, "%s: Invalid discard mode `%s'\n", progname, arg);
+    return false;
+  }
+  return true;
+}
+
+/* As qemu-nbd: unmap needs --discard=unmap given before it. */
+static bool
+parse_detect_zeroes (const char *arg, struct nbd_export_flags *ef)
+{
+  if (strcmp (arg, "off") == 0)
+    ef->detect_zeroes = ZEROES_OFF;
+  else if (strcmp (arg, "on") == 0)
+    ef->detect_zeroes = ZEROES_ON;
+  else if (strcmp (arg, "unmap") == 0)
+    ef->detect_zeroes = ZEROES_UNMAP;
+  else {
+    fprintf (stderr,
+             "%s: Failed to parse detect_zeroes mode: invalid "
+             "parameter value: %s\n",
+             progname, arg);
+    return false;
+  }
+  if (ef->detect_zeroes == ZEROES_UNMAP && !ef->discard) {
+    fprintf (stderr,
+             "%s: setting detect-zeroes to unmap is not allowed "
+             "without setting discard operation to unmap\n",
+             progname);
+    return false;
+  }
+  return true;
+}
+
+static bool
+check_length (const char *what, const char *arg)
+{
+  if (strlen (arg) > NBD_MAX_STRING) {
+    fprintf (stderr, "%s: export %s '%s' too long\n", progname, what, arg);
+    return false;
+  }
+  return true;
+}
+
+static bool
+check_cache (const char *mode)
+{
+  char buf[128];
+  bool writethrough;
+
+  if (!cache_mode_options (mode, NULL, buf, sizeof buf, &writethrough)) {
+    fprintf (stderr, "%s: Invalid cache mode `%s'\n", progname, mode);
+    return false;
+  }
+  return true;
+}
+
+/* One option; false when it was bad (the message is printed).  Checked
+ * as it comes, in qemu-nbd's order, so the first bad one is reported. */
+static bool
+parse_option (int c, const char *arg, char **argv, struct nbd_cmdline *cl)
+{
+  switch (c) {
+  case 'f': cl->format = arg; return true;
+  case 'x': cl->name = arg; return check_length ("name", arg);
+  case 'D': cl->desc = arg; return check_length ("description", arg);
+  case 'k':
+    cl->sock = arg;
+    if (arg[0] != '/') {
+      fprintf (stderr, "%s: socket path must be absolute\n", progname);
+      return false;
+    }
+    return true;
+  case 'p': cl->port = arg; return true;
+  case 'b': cl->bind_addr = arg; return true;
+  case 'r': cl->ef.writable = false; return true;
+  case 't': cl->persistent = true; return true;
+  case 'e': return parse_shared (arg, &cl->shared);
+  case 'A': cl->ef.allocation_depth = true; return true;
+  case 'U': cl->force_share = true; return true;
+  case 'n': arg = "none"; /* fall through */
+  case OPT_CACHE: cl->cache = arg; return check_cache (arg);
+  case OPT_DISCARD: return parse_discard (arg, &cl->ef.discard);
+  case OPT_DETECT_ZEROES: return parse_detect_zeroes (arg, &cl->ef);
+  case OPT_FORK: cl->do_fork = true; return true;
+  case OPT_PID_FILE: cl->pid_file = arg; return true;
+  case OPT_COPY_ON_READ: cl->copy_on_read = true; return true;
+  default:
+    /* getopt has said what was wrong. */
+    try_help (argv[0]);
+    return false;
+  }
+}
+
+/* Exit status: -1 to go on serving, else exit with it. */
+static int
+parse_cmdline (int argc, char **argv, struct nbd_cmdline *cl)
+{
   static const struct option long_options[] = {
     { "format", required_argument, NULL, 'f' },
     { "export-name", required_argument, NULL, 'x' },
@@ -90,6 +251,7 @@ main (int argc, char **argv)
     { "shared", required_argument, NULL, 'e' },
     { "allocation-depth", no_argument, NULL, 'A' },
     { "force-share", no_argument, NULL, 'U' },
+    { "nocache", no_argument, NULL, 'n' },
     { "cache", required_argument, NULL, OPT_CACHE },
     { "discard", required_argument, NULL, OPT_DISCARD },
     { "detect-zeroes", required_argument, NULL, OPT_DETECT_ZEROES },
@@ -99,132 +261,270 @@ main (int argc, char **argv)
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
-  const char *format = NULL, *name = "", *desc = NULL, *sock = NULL;
-  const char *port = "10809", *bind_addr = NULL, *cache = "writeback";
-  const char *pid_file = NULL;
-  bool persistent = false, do_fork = false, force_share = false;
-  bool copy_on_read = false;
-  struct nbd_export_flags ef = { .writable = true };
-  unsigned shared = 1;
-  unsigned oflags = STRATA_OPEN_RDWR;
-  char cacheopts[128], ready = 1;
-  int c, ready_pipe[2] = { -1, -1 };
-  strata_node *node;
-  strata_error *err = NULL;
-  struct nbd_server *srv;
-  sigset_t set;
-  pthread_t sigthr;
+  int c;
 
-  while ((c = getopt_long (argc, argv, "f:x:D:k:p:b:rte:AUh", long_options,
-                           NULL)) != -1) {
-    switch (c) {
-    case 'f': format = optarg; break;
-    case 'x': name = optarg; break;
-    case 'D': desc = optarg; break;
-    case 'k': sock = optarg; break;
-    case 'p': port = optarg; break;
-    case 'b': bind_addr = optarg; break;
-    case 'r': ef.writable = false; break;
-    case 't': persistent = true; break;
-    case 'e': {
-      char *end;
-      unsigned long v;
-      errno = 0;
-      v = strtoul (optarg, &end, 10);
-      if (errno || *end || v < 1 || v > 1024) {
-        fprintf (stderr, "%s: Invalid shared device number '%s'\n",
-                 progname, optarg);
-        return 1;
-      }
-      shared = (unsigned) v;
-      break;
+  while ((c = getopt_long (argc, argv, "f:x:D:k:p:b:rte:AUnh", long_options,
+                           NULL))
+         != -1) {
+    if (c == 'h') {
+      usage (stdout);
+      return 0;
     }
-    case 'A': ef.allocation_depth = true; break;
-    case 'U': force_share = true; break;
-    case OPT_CACHE: cache = optarg; break;
-    case OPT_DISCARD:
-      if (strcmp (optarg, "unmap") == 0 || strcmp (optarg, "on") == 0)
-        ef.discard = true;
-      else if (strcmp (optarg, "ignore") == 0 || strcmp (optarg, "off") == 0)
-        ef.discard = false;
-      else {
-        fprintf (stderr, "%s: Invalid discard option '%s'\n", progname,
-                 optarg);
-        return 1;
-      }
-      break;
-    case OPT_DETECT_ZEROES:
-      if (strcmp (optarg, "off") == 0)
-        ef.detect_zeroes = ZEROES_OFF;
-      else if (strcmp (optarg, "on") == 0)
-        ef.detect_zeroes = ZEROES_ON;
-      else if (strcmp (optarg, "unmap") == 0)
-        ef.detect_zeroes = ZEROES_UNMAP;
-      else {
-        fprintf (stderr, "%s: Failed to parse detect_zeroes mode: invalid "
-                 "parameter value: %s\n", progname, optarg);
-        return 1;
-      }
-      break;
-    case OPT_FORK: do_fork = true; break;
-    case OPT_PID_FILE: pid_file = optarg; break;
-    case OPT_COPY_ON_READ: copy_on_read = true; break;
-    case 'h': usage (stdout); return 0;
-    default: usage (stderr); return 1;
-    }
+    if (!parse_option (c, optarg, argv, cl))
+      return 1;
   }
   if (optind != argc - 1) {
-    fprintf (stderr, "%s: %s\n", progname,
-             optind == argc ? "no image file given" : "too many arguments");
+    fprintf (stderr,
+             "%s: Invalid number of arguments\n"
+             "Try `%s --help' for more information.\n",
+             progname, argv[0]);
     return 1;
   }
-  if (ef.detect_zeroes == ZEROES_UNMAP && !ef.discard) {
-    fprintf (stderr, "%s: setting detect-zeroes to unmap is not allowed "
-             "without setting discard operation to unmap\n", progname);
-    return 1;
-  }
-  if (force_share && ef.writable) {
+  cl->filename = argv[optind];
+  if (cl->force_share && cl->ef.writable) {
     fprintf (stderr, "%s: --force-share requires --read-only\n", progname);
     return 1;
   }
-  if (!cache_mode_options (cache, format, cacheopts, sizeof cacheopts,
-                           &ef.writethrough)) {
-    fprintf (stderr, "%s: Invalid cache mode '%s'\n", progname, cache);
+  if (cl->copy_on_read && cl->force_share) {
+    fprintf (stderr,
+             "%s: --copy-on-read writes to the image and cannot be "
+             "used with --force-share\n",
+             progname);
     return 1;
   }
-  if (!ef.writable)
-    oflags &= ~STRATA_OPEN_RDWR;
-  if (force_share)
-    oflags |= STRATA_OPEN_FORCE_SHARE;
-  if (copy_on_read && force_share) {
-    fprintf (stderr, "%s: --copy-on-read writes to the image and cannot be "
-             "used with --force-share\n", progname);
-    return 1;
-  }
-  /* The image takes the copies even when clients may not write. */
-  if (copy_on_read)
-    oflags |= STRATA_OPEN_RDWR | STRATA_OPEN_COPY_ON_READ;
-  ef.multi_conn = shared > 1;
+  return -1;
+}
 
+/* Listen before opening the image, as qemu-nbd does, with its messages. */
+static bool
+listen_cmdline (struct nbd_server *srv, const struct nbd_cmdline *cl)
+{
+  const char *host = cl->bind_addr ? cl->bind_addr : "0.0.0.0";
+  struct addrinfo hints = { .ai_family = AF_UNSPEC,
+                            .ai_socktype = SOCK_STREAM,
+                            .ai_flags = AI_PASSIVE };
+  struct sockaddr_un sun;
+  struct addrinfo *res;
+  strata_error *err = NULL;
+  int r, e;
+
+  if (cl->sock) {
+    if (strlen (cl->sock) >= sizeof sun.sun_path) {
+      fprintf (stderr,
+               "%s: UNIX socket path '%s' is too long\n"
+               "Path must be less than %zu bytes\n",
+               progname, cl->sock, sizeof sun.sun_path);
+      return false;
+    }
+    if (nbd_server_listen_unix (srv, cl->sock, &err))
+      return true;
+    fprintf (stderr, "%s: Failed to bind socket to %s: %s\n", progname,
+             cl->sock, strerror (strata_error_errno (err)));
+    strata_error_free (err);
+    return false;
+  }
+  r = getaddrinfo (host, cl->port, &hints, &res);
+  if (r != 0) {
+    fprintf (stderr, "%s: address resolution failed for %s:%s: %s\n", progname,
+             host, cl->port, gai_strerror (r));
+    return false;
+  }
+  freeaddrinfo (res);
+  if (nbd_server_listen_tcp (srv, host, cl->port, &err))
+    return true;
+  e = strata_error_errno (err);
+  fprintf (stderr, "%s: %s: %s\n", progname,
+           e == EADDRINUSE ? "Failed to find an available port"
+                           : "Failed to bind socket",
+           strerror (e));
+  strata_error_free (err);
+  return false;
+}
+
+/* qemu's raw driver warns when writes to a probed raw image are limited. */
+static void
+warn_probed_raw (strata_node *node, const struct nbd_cmdline *cl)
+{
+  struct strata_info info;
+
+  if (cl->format || !cl->ef.writable || !strata_get_info (node, &info, 0, NULL)
+      || strcmp (info.format, "raw") != 0)
+    return;
+  fprintf (stderr,
+           "WARNING: Image format was not specified for '%s' and "
+           "probing guessed raw.\n         Automatically detecting the "
+           "format is dangerous for raw images, write operations on "
+           "block 0 will be restricted.\n         Specify the 'raw' "
+           "format explicitly to remove the restrictions.\n",
+           cl->filename);
+}
+
+static bool
+write_pid_file (const char *path)
+{
+  FILE *f = fopen (path, "w");
+
+  if (!f || fprintf (f, "%ld\n", (long)getpid ()) < 0 || fclose (f)) {
+    fprintf (stderr, "%s: Could not create '%s': %s\n", progname, path,
+             strerror (errno));
+    return false;
+  }
+  return true;
+}
+
+/* With --fork the parent waits on a pipe for "listening" and exits 0 then,
+ * 1 if the child closed it first.  Before any thread exists.  Returns in
+ * the child (or without --fork) with the write end in *READY_FD. */
+static int
+fork_server (int *ready_fd)
+{
+  int p[2];
+  pid_t pid;
+  char b;
+
+  if (pipe (p) < 0) {
+    perror ("pipe");
+    return 1;
+  }
+  pid = fork ();
+  if (pid < 0) {
+    perror ("fork");
+    return 1;
+  }
+  if (pid > 0) {
+    close (p[1]);
+    return read (p[0], &b, 1) == 1 ? 0 : 1;
+  }
+  close (p[0]);
+  setsid ();
+  *ready_fd = p[1];
+  return -1;
+}
+
+/* Tell the parent we listen, and let whoever waits on our output see EOF,
+ * as qemu-nbd does. */
+static void
+detach (int ready_fd)
+{
+  char ready = 1;
+  int null;
+
+  if (write (ready_fd, &ready, 1) != 1) {
+    /* The parent is gone; serve anyway. */
+  }
+  close (ready_fd);
+  null = open ("/dev/null", O_RDWR);
+  if (null >= 0) {
+    dup2 (null, 0);
+    dup2 (null, 1);
+    dup2 (null, 2);
+    if (null > 2)
+      close (null);
+  }
+}
+
+static strata_node *
+open_image (struct nbd_cmdline *cl)
+{
+  unsigned oflags = cl->ef.writable ? STRATA_OPEN_RDWR : 0;
+  strata_error *err = NULL;
+  strata_node *node;
+  char cacheopts[128];
+
+  cache_mode_options (cl->cache, cl->format, cacheopts, sizeof cacheopts,
+                      &cl->ef.writethrough);
+  if (cl->force_share)
+    oflags |= STRATA_OPEN_FORCE_SHARE;
+  /* The image takes the copies even when clients may not write. */
+  if (cl->copy_on_read)
+    oflags |= STRATA_OPEN_RDWR | STRATA_OPEN_COPY_ON_READ;
+  node = strata_open (cl->filename, cl->format, cacheopts, oflags, &err);
+  if (!node) {
+    fprintf (stderr, "%s: Failed to blk_new_open '%s': %s\n", progname,
+             cl->filename, strata_error_message (err));
+    strata_error_free (err);
+  }
+  return node;
+}
+
+/* Listen, open, export; then serve until the last client left (or a
+ * signal, with -t). */
+static int
+serve (struct nbd_cmdline *cl, int ready_fd)
+{
+  struct nbd_server *srv;
+  strata_node *node = NULL;
+  strata_error *err = NULL;
+  pthread_t sigthr;
+  bool listening = false;
+  int ret = 1;
+
+  srv = nbd_server_new ();
+  if (!srv) {
+    fprintf (stderr, "%s: cannot start the server\n", progname);
+    return 1;
+  }
+  nbd_server_set_limits (srv, cl->shared, cl->persistent);
+  if (!listen_cmdline (srv, cl))
+    goto out;
+  listening = true;
+  node = open_image (cl);
+  if (!node)
+    goto out;
+  warn_probed_raw (node, cl);
+  cl->ef.multi_conn = cl->shared != 1;
+  if (!nbd_server_add_export (srv, cl->name, cl->desc, node, &cl->ef, &err)) {
+    fprintf (stderr, "%s: %s\n", progname, strata_error_message (err));
+    strata_error_free (err);
+    goto out;
+  }
+  if (cl->pid_file && !write_pid_file (cl->pid_file))
+    goto out;
+  if (pthread_create (&sigthr, NULL, signal_thread, srv) != 0) {
+    fprintf (stderr, "%s: cannot start the signal thread\n", progname);
+    goto out;
+  }
+  if (ready_fd >= 0)
+    detach (ready_fd);
+
+  nbd_server_run (srv);
+  /* sigwait() is a cancellation point: no stop after the free. */
+  pthread_cancel (sigthr);
+  pthread_join (sigthr, NULL);
+  ret = 0;
+out:
+  nbd_server_free (srv);
+  if (node) {
+    if (ret == 0 && cl->ef.writable)
+      strata_flush (node, 0);
+    strata_close (node);
+  }
+  if (cl->sock && listening)
+    unlink (cl->sock);
+  return ret;
+}
+
+int
+main (int argc, char **argv)
+{
+  struct nbd_cmdline cl = {
+    .name = "",
+    .port = "10809",
+    .cache = "writeback",
+    .shared = 1,
+    .ef = { .writable = true },
+  };
+  int ready_fd = -1, r;
+  sigset_t set;
+
+  r = parse_cmdline (argc, argv, &cl);
+  if (r >= 0)
+    return r;
   /* Fork before any thread exists; the parent waits for "listening". */
-  if (do_fork) {
-    pid_t pid;
-    if (pipe (ready_pipe) < 0) {
-      perror ("pipe");
-      return 1;
-    }
-    pid = fork ();
-    if (pid < 0) {
-      perror ("fork");
-      return 1;
-    }
-    if (pid > 0) {
-      char b;
-      close (ready_pipe[1]);
-      return read (ready_pipe[0], &b, 1) == 1 ? 0 : 1;
-    }
-    close (ready_pipe[0]);
-    setsid ();
+  if (cl.do_fork) {
+    r = fork_server (&ready_fd);
+    if (r >= 0)
+      return r;
   }
 
   /* Signals go to one thread, which stops the server. */
@@ -235,69 +535,5 @@ main (int argc, char **argv)
   pthread_sigmask (SIG_BLOCK, &set, NULL);
   signal (SIGPIPE, SIG_IGN);
 
-  node = strata_open (argv[optind], format, cacheopts, oflags, &err);
-  if (!node) {
-    fprintf (stderr, "%s: Failed to blk_new_open '%s': %s\n", progname,
-             argv[optind], strata_error_message (err));
-    strata_error_free (err);
-    return 1;
-  }
-  srv = nbd_server_new ();
-  if (!srv) {
-    fprintf (stderr, "%s: cannot start the server\n", progname);
-    strata_close (node);
-    return 1;
-  }
-  nbd_server_set_limits (srv, shared, persistent);
-  if (!nbd_server_add_export (srv, name, desc, node, &ef, &err)
-      || !(sock ? nbd_server_listen_unix (srv, sock, &err)
-                : nbd_server_listen_tcp (srv, bind_addr, port, &err))) {
-    fprintf (stderr, "%s: %s\n", progname, strata_error_message (err));
-    strata_error_free (err);
-    nbd_server_free (srv);
-    strata_close (node);
-    return 1;
-  }
-  if (pid_file) {
-    FILE *f = fopen (pid_file, "w");
-    if (!f || fprintf (f, "%ld\n", (long) getpid ()) < 0 || fclose (f)) {
-      fprintf (stderr, "%s: %s: %s\n", progname, pid_file, strerror (errno));
-      nbd_server_free (srv);
-      strata_close (node);
-      return 1;
-    }
-  }
-  if (pthread_create (&sigthr, NULL, signal_thread, srv) != 0) {
-    fprintf (stderr, "%s: cannot start the signal thread\n", progname);
-    return 1;
-  }
-  if (do_fork) {
-    if (write (ready_pipe[1], &ready, 1) != 1) {
-      /* The parent is gone; serve anyway. */
-    }
-    close (ready_pipe[1]);
-    /* Like qemu-nbd: let whoever waits on our output see EOF. */
-    int null = open ("/dev/null", O_RDWR);
-    if (null >= 0) {
-      dup2 (null, 0);
-      dup2 (null, 1);
-      dup2 (null, 2);
-      if (null > 2)
-        close (null);
-    }
-  }
-
-  nbd_server_run (srv);
-  /* sigwait() is a cancellation point: no stop after the free. */
-  pthread_cancel (sigthr);
-  pthread_join (sigthr, NULL);
-  nbd_server_free (srv);
-  if (ef.writable)
-    strata_flush (node, 0);
-  strata_close (node);
-  if (sock)
-    unlink (sock);
-  if (pid_file)
-    unlink (pid_file);
-  return 0;
+  return serve (&cl, ready_fd);
 }

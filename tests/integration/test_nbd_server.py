@@ -441,8 +441,10 @@ def test_detect_zeroes(tmp_path, mode, discard, zero, data):
     run(need("qemu-img", "qemu-utils"), "create", "-q", "-f", "qcow2",
         str(img), "4M")
     sock = str(tmp_path / "z.sock")
+    # --discard first: qemu-nbd checks detect-zeroes=unmap against the
+    # discard mode given before it.
     p = subprocess.Popen([binary("strata-nbd"), "-f", "qcow2", "-k", sock,
-                          f"--detect-zeroes={mode}", f"--discard={discard}",
+                          f"--discard={discard}", f"--detect-zeroes={mode}",
                           str(img)], stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(200):
