@@ -1,5 +1,6 @@
 /* strata-img: helpers shared by the subcommands (see img.h). */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <math.h>
@@ -119,13 +120,41 @@ img_raw_probe_warning (strata_node *n, const char *filename)
            filename);
 }
 
+/* S with qemu's empty containers: "[" and "]" on lines of their own,
+ * the "]" indented as the line that opens it (jansson writes "[]"). */
+static void
+print_qemu_json (const char *s)
+{
+  const char *line = s;
+  bool in_str = false;
+
+  for (const char *p = s; *p; p++) {
+    if (in_str) {
+      if (*p == '\\' && p[1])
+        putchar (*p++);
+      else if (*p == '"')
+        in_str = false;
+    }
+    else if (*p == '"')
+      in_str = true;
+    else if (*p == '\n')
+      line = p + 1;
+    else if ((*p == '[' && p[1] == ']') || (*p == '{' && p[1] == '}')) {
+      printf ("%c\n%.*s", *p, (int) strspn (line, " "), line);
+      continue;
+    }
+    putchar (*p);
+  }
+  putchar ('\n');
+}
+
 void
 print_json (json_t *j)
 {
   char *s = json_dumps (j, JSON_INDENT (4) | JSON_PRESERVE_ORDER);
 
   if (s)
-    printf ("%s\n", s);
+    print_qemu_json (s);
   free (s);
 }
 
@@ -361,4 +390,118 @@ img_print_create_help (const char *fmt, const char *filename)
       p++;
   }
   return 0;
+}
+
+
+/* ---- persistent bitmaps (qcow2.txt "Bitmaps extension") ---- */
+
+/* Big-endian loads from the header and the bitmap directory. */
+static uint64_t
+be_load (const uint8_t *p, int bytes)
+{
+  uint64_t v = 0;
+
+  for (int i = 0; i < bytes; i++)
+    v = v << 8 | p[i];
+  return v;
+}
+
+/* Read LEN bytes at OFF of FD into a new buffer (caller frees), or NULL. */
+static uint8_t *
+read_at (int fd, uint64_t off, uint64_t len)
+{
+  uint8_t *buf = len ? malloc (len) : NULL;
+
+  if (buf && pread (fd, buf, len, off) != (ssize_t) len) {
+    free (buf);
+    return NULL;
+  }
+  return buf;
+}
+
+/* The bitmap directory's bytes from the bitmaps extension in the header
+ * cluster H (LEN bytes), or NULL when there is none or it is unusable. */
+static uint8_t *
+bitmap_directory (int fd, const uint8_t *h, uint64_t len, uint64_t *dir_len,
+                  uint32_t *count)
+{
+  uint64_t pos = be_load (h + 100, 4);
+
+  while (pos + 8 <= len) {
+    uint32_t type = be_load (h + pos, 4), elen = be_load (h + pos + 4, 4);
+
+    if (type == 0 || elen > len - pos - 8)
+      return NULL;
+    if (type == 0x23852875 && elen >= 24) {
+      *count = be_load (h + pos + 8, 4);
+      *dir_len = be_load (h + pos + 16, 8);
+      if (*dir_len > (64u << 20))
+        return NULL;
+      return read_at (fd, be_load (h + pos + 24, 8), *dir_len);
+    }
+    pos += 8 + ((elen + 7) & ~7ull);
+  }
+  return NULL;
+}
+
+/* Parse directory DIR (LEN bytes, COUNT entries) into *OUT. */
+static int
+bitmap_entries (const uint8_t *dir, uint64_t len, uint32_t count,
+                struct img_bitmap **out)
+{
+  struct img_bitmap *l = calloc (count ? count : 1, sizeof *l);
+  uint64_t pos = 0;
+  int n = 0;
+
+  if (!l)
+    return 0;
+  for (uint32_t i = 0; i < count && pos + 24 <= len; i++) {
+    uint64_t name_len = be_load (dir + pos + 18, 2);
+    uint64_t extra = be_load (dir + pos + 20, 4);
+
+    if (pos + 24 + extra + name_len > len || dir[pos + 17] > 63)
+      break;
+    l[n].flags = be_load (dir + pos + 12, 4);
+    l[n].granularity_bits = dir[pos + 17];
+    if (!(l[n].name = strndup ((const char *) dir + pos + 24 + extra,
+                               name_len)))
+      break;
+    n++;
+    pos += (24 + extra + name_len + 7) & ~7ull;
+  }
+  *out = l;
+  return n;
+}
+
+int
+img_qcow2_bitmaps (const char *filename, struct img_bitmap **out)
+{
+  uint8_t hdr[104];
+  CLEANUP_FREE uint8_t *h = NULL, *dir = NULL;
+  uint64_t dir_len = 0, csize;
+  uint32_t count = 0;
+  int n = 0, fd = open (filename, O_RDONLY);
+
+  *out = NULL;
+  if (fd < 0)
+    return 0;
+  if (pread (fd, hdr, sizeof hdr, 0) == sizeof hdr
+      && be_load (hdr, 4) == 0x514649fb && be_load (hdr + 4, 4) >= 3
+      && (be_load (hdr + 88, 8) & 1) && be_load (hdr + 20, 4) >= 9
+      && be_load (hdr + 20, 4) <= 21) {
+    csize = UINT64_C (1) << be_load (hdr + 20, 4);
+    if ((h = read_at (fd, 0, csize))
+        && (dir = bitmap_directory (fd, h, csize, &dir_len, &count)))
+      n = bitmap_entries (dir, dir_len, count, out);
+  }
+  close (fd);
+  return n;
+}
+
+void
+img_bitmaps_free (struct img_bitmap *l, int n)
+{
+  for (int i = 0; i < n; i++)
+    free (l[i].name);
+  free (l);
 }

@@ -9,13 +9,11 @@
  * a qcow2 v3 output), with the size qemu-img counts for the source's
  * persistent bitmaps, read from its bitmap directory.
  */
-#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <strata/strata.h>
 
@@ -64,98 +62,27 @@ src_has_bitmap_support (strata_node *src)
          && strcmp (info.qcow2.compat, "0.10") != 0;
 }
 
-/* Big-endian loads from the header and the bitmap directory. */
-static uint64_t
-be_load (const uint8_t *p, int bytes)
-{
-  uint64_t v = 0;
-
-  for (int i = 0; i < bytes; i++)
-    v = v << 8 | p[i];
-  return v;
-}
-
-/* Read LEN bytes at OFF of FD into a new buffer (caller frees), or NULL. */
-static uint8_t *
-read_at (int fd, uint64_t off, uint64_t len)
-{
-  uint8_t *buf = len ? malloc (len) : NULL;
-
-  if (buf && pread (fd, buf, len, off) != (ssize_t)len) {
-    free (buf);
-    return NULL;
-  }
-  return buf;
-}
-
-/* The bitmap directory's bytes from the bitmaps extension in the header
- * cluster H (LEN bytes), or NULL when there is none or it is unusable
- * (qcow2.txt "Bitmaps extension"). */
-static uint8_t *
-bitmap_directory (int fd, const uint8_t *h, uint64_t len, uint64_t *dir_len,
-                  uint32_t *count)
-{
-  uint64_t pos = be_load (h + 100, 4);
-
-  while (pos + 8 <= len) {
-    uint32_t type = be_load (h + pos, 4), elen = be_load (h + pos + 4, 4);
-
-    if (type == 0 || elen > len - pos - 8)
-      return NULL;
-    if (type == 0x23852875 && elen >= 24) {
-      *count = be_load (h + pos + 8, 4);
-      *dir_len = be_load (h + pos + 16, 8);
-      if (*dir_len > (64u << 20))
-        return NULL;
-      return read_at (fd, be_load (h + pos + 24, 8), *dir_len);
-    }
-    pos += 8 + ((elen + 7) & ~7ull);
-  }
-  return NULL;
-}
-
 /* What the persistent bitmaps of qcow2 FILENAME (VSIZE bytes) would take
  * in a qcow2 output with CLUSTER-byte clusters, as qemu-img measure counts
- * them: each bitmap's data and table clusters, and the directory.  0 when
- * the image has none, or they are not marked consistent (autoclear bit 0
- * clear), as qemu-img then ignores them. */
+ * them: each bitmap's data and table clusters, and the directory. */
 static uint64_t
 bitmaps_size (const char *filename, uint64_t vsize, uint64_t cluster)
 {
-  uint8_t hdr[104];
-  CLEANUP_FREE uint8_t *h = NULL, *dir = NULL;
-  uint64_t total = 0, dir_bytes = 0, dir_len = 0, pos = 0, csize;
-  uint32_t count = 0;
-  int fd = open (filename, O_RDONLY);
+  struct img_bitmap *l;
+  int n = img_qcow2_bitmaps (filename, &l);
+  uint64_t total = 0, dir_bytes = 0;
 
-  if (fd < 0)
-    return 0;
-  if (pread (fd, hdr, sizeof hdr, 0) != sizeof hdr
-      || be_load (hdr, 4) != 0x514649fb || be_load (hdr + 4, 4) < 3
-      || !(be_load (hdr + 88, 8) & 1) || be_load (hdr + 20, 4) < 9
-      || be_load (hdr + 20, 4) > 21)
-    goto out;
-  csize = UINT64_C (1) << be_load (hdr + 20, 4);
-  if (!(h = read_at (fd, 0, csize))
-      || !(dir = bitmap_directory (fd, h, csize, &dir_len, &count)))
-    goto out;
-  for (uint32_t i = 0; i < count && pos + 24 <= dir_len; i++) {
-    uint64_t gran_bits = dir[pos + 17], name = be_load (dir + pos + 18, 2);
-    uint64_t extra = be_load (dir + pos + 20, 4), bits, clusters;
+  for (int i = 0; i < n; i++) {
+    uint64_t g = l[i].granularity_bits;
+    uint64_t bits = (vsize + (UINT64_C (1) << g) - 1) >> g;
+    uint64_t clusters = (bits + cluster * 8 - 1) / (cluster * 8);
 
-    if (gran_bits > 63)
-      break;
-    bits = (vsize + (UINT64_C (1) << gran_bits) - 1) >> gran_bits;
-    clusters = (bits + cluster * 8 - 1) / (cluster * 8);
     total += clusters * cluster
              + (clusters * 8 + cluster - 1) / cluster * cluster;
-    dir_bytes += (24 + name + 7) & ~7ull;
-    pos += (24 + extra + name + 7) & ~7ull;
+    dir_bytes += (24 + strlen (l[i].name) + 7) & ~7ull;
   }
-  total += (dir_bytes + cluster - 1) / cluster * cluster;
-out:
-  close (fd);
-  return total;
+  img_bitmaps_free (l, n);
+  return total + (dir_bytes + cluster - 1) / cluster * cluster;
 }
 
 /* The output's cluster size from OPTIONS (-o cluster_size), 64k by

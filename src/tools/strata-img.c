@@ -277,6 +277,63 @@ cmd_create (int argc, char **argv)
 
 /* ---- info ---- */
 
+/* The "bitmaps" of a qcow2 v3 image's format-specific data, as qemu-img
+ * info lists them (only when there are some). */
+static void
+info_bitmaps_json (const struct strata_info *i, json_t *d)
+{
+  struct img_bitmap *l;
+  int n = strcmp (i->qcow2.compat, "0.10") ? img_qcow2_bitmaps (i->filename,
+                                                                &l)
+                                           : 0;
+  json_t *arr = json_array ();
+
+  for (int k = 0; k < n; k++) {
+    json_t *b = json_object (), *flags = json_array ();
+
+    if (l[k].flags & 1)
+      json_array_append_new (flags, json_string ("in-use"));
+    if (l[k].flags & 2)
+      json_array_append_new (flags, json_string ("auto"));
+    json_object_set_new (b, "flags", flags);
+    json_object_set_new (b, "name", json_string (l[k].name));
+    json_object_set_new (b, "granularity",
+                         json_integer (INT64_C (1) << l[k].granularity_bits));
+    json_array_append_new (arr, b);
+  }
+  if (n > 0) {
+    json_object_set_new (d, "bitmaps", arr);
+    img_bitmaps_free (l, n);
+  }
+  else
+    json_decref (arr);
+}
+
+static void
+info_bitmaps_human (const struct strata_info *i)
+{
+  struct img_bitmap *l;
+  int n = strcmp (i->qcow2.compat, "0.10") ? img_qcow2_bitmaps (i->filename,
+                                                                &l)
+                                           : 0;
+
+  if (n > 0)
+    printf ("    bitmaps:\n");
+  for (int k = 0; k < n; k++) {
+    int f = 0;
+
+    printf ("        [%d]:\n            flags:\n", k);
+    if (l[k].flags & 1)
+      printf ("                [%d]: in-use\n", f++);
+    if (l[k].flags & 2)
+      printf ("                [%d]: auto\n", f++);
+    printf ("            name: %s\n            granularity: %" PRIu64 "\n",
+            l[k].name, UINT64_C (1) << l[k].granularity_bits);
+  }
+  if (n > 0)
+    img_bitmaps_free (l, n);
+}
+
 static json_t *
 info_json (const struct strata_info *i,
            const struct strata_snapshot_info *snaps, int nsnaps)
@@ -309,6 +366,7 @@ info_json (const struct strata_info *i,
     else
       json_object_set_new (d, "compression-type",
                            json_string (i->qcow2.compression_type));
+    info_bitmaps_json (i, d);
     json_object_set_new (d, "refcount-bits",
                          json_integer (i->qcow2.refcount_bits));
     if (strcmp (i->qcow2.compat, "0.10") != 0) {
@@ -371,6 +429,7 @@ info_human (const struct strata_info *i,
     if (strcmp (i->qcow2.compat, "0.10") != 0)
       printf ("    lazy refcounts: %s\n",
               i->qcow2.lazy_refcounts ? "true" : "false");
+    info_bitmaps_human (i);
     printf ("    refcount bits: %d\n", i->qcow2.refcount_bits);
     if (strcmp (i->qcow2.compat, "0.10") != 0) {
       printf ("    corrupt: %s\n", i->qcow2.corrupt ? "true" : "false");

@@ -73,6 +73,12 @@ def template(tmp_path_factory):
     sh("qemu-img create -q -f qcow2 -b missing.qcow2 -F qcow2 -u "
        "orphan.qcow2 1M", d)
     sh("cp q64.qcow2 bm.qcow2 && qemu-img bitmap --add bm.qcow2 bm0", d)
+    # Bitmaps with data clusters: qemu-io's writes set their bits.
+    sh("qemu-img create -q -f qcow2 -o cluster_size=512 bm2.qcow2 64M && "
+       "qemu-img bitmap --add -g 512 bm2.qcow2 a && "
+       "qemu-img bitmap --add bm2.qcow2 b && "
+       "qemu-img bitmap --add --disable bm2.qcow2 c", d)
+    io("bm2.qcow2", "write 0 1M", "write 32M 1M")
     sh("printf 'hello world' > text.txt", d)
     return d
 
@@ -160,7 +166,7 @@ ROWS = {
         "--size 1G -O qcow2", "--size 1G -O raw",
         "-O qcow2 q64.qcow2", "-O qcow2 --output=json q64.qcow2",
         "-O raw top.qcow2", "--output=json -O qcow2 comp.qcow2",
-        "-O qcow2 bm.qcow2", "--output=json -O qcow2 -o cluster_size=512 "
+        "-O qcow2 bm.qcow2", "-O qcow2 bm2.qcow2", "--output=json -O qcow2 -o cluster_size=512 "
         "bm.qcow2", "-O qcow2 -o compat=0.10 bm.qcow2",
         "--size 1Q -O qcow2", "-O qcow2", "--size 1G", "-O qcow2 nope.qcow2",
         "-O foo --size 1M", "-O vmdk --size 1M",
@@ -250,12 +256,15 @@ ROWS = {
     ],
     "info": ["q64.qcow2 --output=json", "-f qcow2 raw.img", "", "--bogus x",
              "orphan.qcow2", "--output=json orphan.qcow2", "top.qcow2",
-             "--backing-chain --output=json top.qcow2", "-f qcow2 text.txt"],
+             "--backing-chain --output=json top.qcow2", "-f qcow2 text.txt",
+             "bm.qcow2", "--output=json bm.qcow2", "bm2.qcow2",
+             "--output=json bm2.qcow2"],
     "map": ["--output=json top.qcow2", "--start-offset=1Q q64.qcow2",
             "--max-length=-1 q64.qcow2",
             "--start-offset=99999999999999999999 q64.qcow2"],
     "check": ["q64.qcow2 -q", "--output=json comp.qcow2", "a b",
-              "-r bogus q64.qcow2"],
+              "-r bogus q64.qcow2", "bm.qcow2", "--output=json bm.qcow2",
+              "--output=json bm2.qcow2"],
     "compare": ["q64.qcow2 q64.qcow2 -q", "q64.qcow2", "top.qcow2 base.qcow2"],
 }
 

@@ -470,6 +470,64 @@ count_refblocks (struct check *c)
   return 0;
 }
 
+/* The persistent bitmaps' clusters (qcow2.txt "Bitmaps extension",
+ * "Bitmap directory", "Bitmap table"): counted only while autoclear bit 0
+ * says they are consistent, as QEMU reads them; strata writes none and
+ * clears that bit when it opens an image read-write, after which they
+ * are leaks. */
+static int
+count_bitmaps (struct check *c)
+{
+  struct qcow2_state *s = c->s;
+  const struct qcow2_ext *x = NULL;
+  CLEANUP_FREE uint8_t *dir = NULL;
+  uint64_t dir_len, dir_off, pos = 0;
+  uint32_t count;
+  int r;
+
+  for (unsigned i = 0; (s->autoclear & 1) && i < s->nexts; i++)
+    if (s->exts[i].type == 0x23852875 && s->exts[i].len >= 24)
+      x = &s->exts[i];
+  if (!x)
+    return 0;
+  count = be32_load (x->data);
+  dir_len = be64_load (x->data + 8);
+  dir_off = be64_load (x->data + 16);
+  if (dir_len > (64u << 20) || !(dir = malloc (dir_len ? dir_len : 1))) {
+    c->res->check_errors++;
+    return 0;
+  }
+  if ((r = inc_refs (c, dir_off, dir_len)) < 0)
+    return r;
+  if ((r = node_pread (c->node->file, dir_off, dir, dir_len, 0)) < 0) {
+    c->res->check_errors++;
+    return r;
+  }
+  for (uint32_t i = 0; i < count && pos + 24 <= dir_len; i++) {
+    uint64_t t_off = be64_load (dir + pos), t_size = be32_load (dir + pos + 8);
+    CLEANUP_FREE uint8_t *t = NULL;
+
+    pos += ROUND_UP (24ull + be32_load (dir + pos + 20)
+                         + be16_load (dir + pos + 18), 8);
+    if (t_size > QCOW2_MAX_L1_BYTES / 8 || !(t = malloc (t_size * 8 + 1))) {
+      c->res->corruptions++;
+      continue;
+    }
+    if ((r = inc_refs (c, t_off, t_size * 8)) < 0)
+      return r;
+    if ((r = node_pread (c->node->file, t_off, t, t_size * 8, 0)) < 0) {
+      c->res->check_errors++;
+      return r;
+    }
+    for (uint64_t j = 0; j < t_size; j++) {
+      uint64_t d = be64_load (t + j * 8) & 0x00fffffffffffe00ull;
+      if (d && (r = inc_refs (c, d, s->cluster_size)) < 0)
+        return r;
+    }
+  }
+  return 0;
+}
+
 static int
 count_all (struct check *c)
 {
@@ -478,7 +536,7 @@ count_all (struct check *c)
 
   if ((r = inc_refs (c, 0, s->cluster_size)) < 0
       || (r = count_l1 (c, s->l1_offset, s->l1_size, true)) < 0
-      || (r = count_snapshots (c)) < 0
+      || (r = count_snapshots (c)) < 0 || (r = count_bitmaps (c)) < 0
       || (r = inc_refs (c, s->rt_offset, s->rt_entries * 8)) < 0)
     return r;
   return count_refblocks (c);
