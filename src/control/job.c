@@ -99,6 +99,61 @@ wake_locked (struct job *job)
   pthread_cond_broadcast (&job->cond);
 }
 
+/* ---- settling ----
+ *
+ * QEMU's verbs enter the job's coroutine, which runs until its next
+ * yield before the reply goes out: a cancel of a sleeping or paused job
+ * has sent BLOCK_JOB_CANCELLED by then, a job-finalize BLOCK_JOB_COMPLETED,
+ * a block-stream with nothing to copy every event up to null.  Here the
+ * verb waits for the thread to reach its next such point (ACK). */
+
+#define SETTLE_MAX_NS 2000000000ull /* never wait longer for a slow thread */
+
+/* The thread's side: it reached a yield point. */
+static void
+ack_locked (struct job *job)
+{
+  job->ack = job->gen;
+  pthread_cond_broadcast (&threads_cond);
+}
+
+static void
+settle_locked (struct job *job)
+{
+  CLEANUP_FREE char *id = strdup (job->id);
+  unsigned gen = job->gen;
+  struct timespec ts;
+
+  if (!id)
+    return;
+  clock_gettime (CLOCK_REALTIME, &ts);
+  ts.tv_sec += SETTLE_MAX_NS / 1000000000ull;
+  /* Only the control thread creates jobs, so a job found by this id is
+   * the same job until it is freed. */
+  while ((job = job_find_locked (id)) && job->ack < gen)
+    if (pthread_cond_timedwait (&threads_cond, &jobs_mutex, &ts) != 0)
+      break;
+}
+
+/* Ask the thread to act now and wait until it did. */
+static void
+kick_and_settle_locked (struct job *job)
+{
+  job->gen++;
+  wake_locked (job);
+  settle_locked (job);
+}
+
+void
+job_settle (const char *id)
+{
+  struct job *job;
+
+  LOCK_GUARD (&jobs_mutex);
+  if ((job = job_find_locked (id)))
+    settle_locked (job);
+}
+
 /* Paused -> running, at once when the verb that ends the pause runs (so
  * a query right after block-job-resume says "running", as QEMU's does),
  * or when the job thread wakes. */
@@ -234,6 +289,7 @@ job_create (const char *id, const struct job_driver *drv, int64_t speed,
   job->on_error = on_error;
   job->iostatus = "ok";
   job->status = JOB_CREATED;
+  job->gen = 1; /* job_settle after the start waits for the first ack */
   ratelimit_init (&job->rl, 0, ratelimit_now_ns ());
   /* Appended before the speed check, as QEMU does: a bad speed shows as
    * created -> null. */
@@ -313,8 +369,10 @@ finish_locked (struct job *job)
     qmp_event_emit (
         "BLOCK_JOB_PENDING",
         json_pack ("{s:s, s:s}", "type", job->drv->type, "id", job->id));
-    while (!job->finalize_requested && !job->cancelled)
+    while (!job->finalize_requested && !job->cancelled) {
+      ack_locked (job);
       pthread_cond_wait (&job->cond, &jobs_mutex);
+    }
     if (job->cancelled) {
       fail_locked (job, -ECANCELED);
       return false;
@@ -362,6 +420,7 @@ conclude (struct job *job, int ret)
   else
     qmp_event_emit ("BLOCK_JOB_COMPLETED", completion_data (job, !ok));
   set_status_locked (job, JOB_CONCLUDED);
+  ack_locked (job);
   if (job->auto_dismiss)
     remove_locked (job);
   live_threads--;
@@ -436,16 +495,19 @@ job_yield (struct job *job)
       if (job->status != JOB_PAUSED)
         set_status_locked (job, JOB_PAUSED);
       job->busy = false;
+      ack_locked (job);
       pthread_cond_wait (&job->cond, &jobs_mutex);
       if (job->pause_count > 0 && !job->cancelled)
         continue;
       unpause_locked (job);
       job->busy = true;
-      /* No burst for the time spent paused. */
-      ratelimit_init (&job->rl, job->rl.speed, ratelimit_now_ns ());
+      /* The rate-limit delay still owed is slept off, as QEMU's job does
+       * after a pause; ratelimit_account() bounds the burst a long pause
+       * could give. */
       continue;
     }
     now = ratelimit_now_ns ();
+    ack_locked (job);
     if ((d = ratelimit_delay (&job->rl, now)) == 0)
       return true;
     job->kick = false;
@@ -466,6 +528,7 @@ job_sleep_ns (struct job *job, uint64_t ns)
       return false;
     job->kick = false;
     job->busy = false;
+    ack_locked (job);
     wait_until_locked (job, deadline);
     job->busy = true;
   }
@@ -578,6 +641,8 @@ job_user_resume_locked (struct job *job, struct qmp_error *err)
 bool
 job_cancel_locked (struct job *job, bool force, struct qmp_error *err)
 {
+  bool busy = job->busy;
+
   if (!apply_verb_locked (job, JOB_VERB_CANCEL, err))
     return false;
   if (job->user_paused)
@@ -585,7 +650,12 @@ job_cancel_locked (struct job *job, bool force, struct qmp_error *err)
   job->cancelled = true;
   job->force_cancel |= force;
   unpause_locked (job);
-  wake_locked (job);
+  /* A job in I/O goes on until its chunk ends, after the reply, as in
+   * QEMU; one that waits ends now. */
+  if (busy)
+    wake_locked (job);
+  else
+    kick_and_settle_locked (job);
   return true;
 }
 
@@ -608,7 +678,7 @@ job_finalize_locked (struct job *job, struct qmp_error *err)
   if (!apply_verb_locked (job, JOB_VERB_FINALIZE, err))
     return false;
   job->finalize_requested = true;
-  wake_locked (job);
+  kick_and_settle_locked (job);
   return true;
 }
 

@@ -111,6 +111,10 @@ struct job {
   bool busy; /* not sleeping or paused */
   bool kick; /* wake from a rate-limit sleep */
   bool auto_finalize, auto_dismiss;
+  /* Settling (job_settle): GEN counts what the control thread asked the
+   * thread to act on; the thread sets ACK to GEN where it next waits,
+   * takes a chunk or concludes. */
+  unsigned gen, ack;
   uint64_t len, offset; /* progress: total and current */
   struct ratelimit rl;
   enum job_on_error on_error;
@@ -142,6 +146,12 @@ bool job_add_node (struct job *job, strata_node *node);
 bool job_start (struct job *job, struct qmp_error *err);
 /* Free a job that was created but never started (created -> null). */
 void job_discard (struct job *job);
+
+/* Wait (a bounded while, no lock held) until the thread of job ID has
+ * started work or finished: QEMU runs a new job up to its first yield
+ * before block-stream replies, so a job with nothing to copy has sent
+ * all its events by then. */
+void job_settle (const char *id);
 
 /* Lookups, job lock held: the live job with that id, or NULL. */
 struct job *job_find_locked (const char *id);

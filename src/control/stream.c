@@ -646,6 +646,8 @@ out:
   if (base)
     node_unref (base);
   qmp_block_unlock ();
+  if (ok && str_arg (args, "job-id"))
+    job_settle (str_arg (args, "job-id"));
   return ok ? json_object () : NULL;
 }
 

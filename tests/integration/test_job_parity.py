@@ -48,6 +48,9 @@ class Recorder:
     def __init__(self, daemon, paths, mask):
         self.d, self.p, self.mask = daemon, paths, mask
         self.log = []
+        # Record the events that came before a reply as such (where the
+        # order on the wire does not depend on timing).
+        self.wire = False
 
     def norm(self, o):
         if isinstance(o, dict):
@@ -63,6 +66,11 @@ class Recorder:
 
     def cmd(self, name, **args):
         rsp = self.d.cmd(name, **args)
+        if self.wire:
+            for e in self.d.qmp.events:
+                self.log.append(("before the reply", e["event"],
+                                 self.norm(e.get("data"))))
+            self.d.qmp.events = []
         self.log.append((name, args, self.norm(rsp)))
         return rsp
 
@@ -391,3 +399,34 @@ def test_stop_twice_then_cancel_as_qsd(tmp_path):
 
     log = parity(tmp_path, scenario)
     assert events(log).count("BLOCK_JOB_ERROR") == 2
+
+
+def test_events_before_replies_as_qsd(tmp_path):
+    """Where QEMU runs the job to its next yield before it replies, the
+    events come before the reply: a stream with nothing to copy, the
+    cancel of a paused job, job-finalize, job-dismiss."""
+    def scenario(r):
+        r.chain()
+        r.wire = True
+        r.cmd("block-stream", **{"job-id": "j1", "device": "top",
+                                 "base-node": "mid"})
+        r.wire = False
+        r.cmd("block-stream", **{"job-id": "j2", "device": "top",
+                                 "speed": SLOW, "auto-dismiss": False})
+        r.cmd("job-pause", id="j2")
+        r.wait("JOB_STATUS_CHANGE", status="paused")
+        r.wire = True
+        r.cmd("job-cancel", id="j2")
+        r.cmd("job-dismiss", id="j2")
+        r.wire = False
+        r.cmd("block-stream", **{"job-id": "j3", "device": "top",
+                                 "base-node": "base",
+                                 "auto-finalize": False})
+        r.wait("BLOCK_JOB_PENDING")
+        r.wire = True
+        r.cmd("job-finalize", id="j3")
+
+    log = parity(tmp_path, scenario, mask=True)
+    before = [x[1] for x in log if x[0] == "before the reply"]
+    assert before.count("BLOCK_JOB_COMPLETED") == 2
+    assert "BLOCK_JOB_CANCELLED" in before
