@@ -366,6 +366,28 @@ nbd_uri_format (const struct nbd_uri *u)
 
 /* ---- connections ---- */
 
+/* Why a connection failed, in QEMU's words for the two failures a user
+ * meets most (nobody listens; no such export), else in libnbd's. */
+static void
+nbd_connect_error (const struct nbd_state *s, char *msg, size_t msglen)
+{
+  const char *e = nbd_get_error ();
+  int errnum = nbd_get_errno ();
+
+  if (!e)
+    snprintf (msg, msglen, "timed out");
+  else if (strstr (e, ": connect: ") && errnum > 0 && s->uri.socket)
+    snprintf (msg, msglen, "Failed to connect to '%s': %s", s->uri.socket,
+              strerror (errnum));
+  else if (strstr (e, ": connect: ") && errnum > 0)
+    snprintf (msg, msglen, "Failed to connect to '%s:%s': %s", s->uri.host,
+              s->uri.port, strerror (errnum));
+  else if (strstr (e, "handshake: ") && errnum == ENOENT)
+    snprintf (msg, msglen, "Requested export not available");
+  else
+    snprintf (msg, msglen, "cannot connect to the NBD server: %s", e);
+}
+
 /* A connected handle, or NULL with the reason in MSG.  TIMEOUT_MS < 0
  * waits as long as the connection takes; otherwise the handshake must be
  * done by then (a server at its client limit keeps a new connection in
@@ -415,8 +437,7 @@ nbd_connect_handle_timeout (struct nbd_state *s, int timeout_ms,
     }
   }
   if (r < 0) {
-    snprintf (msg, msglen, "%s", nbd_get_error () ? nbd_get_error ()
-                                                    : "timed out");
+    nbd_connect_error (s, msg, msglen);
     nbd_close (h);
     return NULL;
   }
@@ -930,8 +951,7 @@ nbd_open_connect (strata_node *node, strata_opts *opts, unsigned flags,
     return false;
   }
   if (!(h = nbd_connect_handle (s, msg, sizeof msg))) {
-    error_set (errp, EIO, "%s: cannot connect to the NBD server: %s",
-               node->filename, msg);
+    error_set (errp, EIO, "%s", msg);
     return false;
   }
   s->conns[0].h = h;

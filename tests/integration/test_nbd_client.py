@@ -365,7 +365,7 @@ def test_reconnect_gives_up(sockdir, servers, tmp_path):
     ("nbd://h:12ab/e", "bad port '12ab'"),
     ("nbd://h/e?socket=/x", "unknown query parameter"),
     ("nbds://h/e", "TLS"),
-    ("nbd+unix:///e?socket=/nonexistent/strata.sock", "cannot connect"),
+    ("nbd+unix:///e?socket=/nonexistent/strata.sock", "Failed to connect"),
 ])
 def test_bad_uris(uri, msg):
     for fmt in (["-f", "raw"], []):

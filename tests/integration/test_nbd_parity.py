@@ -428,3 +428,28 @@ def test_server_request_errnos(pair):
            lambda h: h.pwrite(b"x" * 512, SIZE),
            lambda h: h.zero(512, SIZE), lambda h: h.pread(32 * MiB + 1, 0)]
     assert nbd_errno(suri, *ops) == nbd_errno(quri, *ops)
+
+
+# ---- the NBD client (src/drivers/nbd.c) against QEMU's ------------------
+
+def test_client_errors(tmp_path, template):
+    """strata-img info and qemu-img info on an NBD URI nobody serves, and
+    on an export the server does not have: the same words."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    strata_img = binary("strata-img")
+    port = free_port()
+    uris = [f"nbd+unix:///disk?socket={tmp_path}/none.sock",
+            f"nbd://127.0.0.1:{port}/disk"]
+    d = workdir(tmp_path, template, QEMU_NBD)
+    s = Server(QEMU_NBD, ["-t", "-f", "raw", "-x", "disk", "-k",
+                          str(d / "s"), str(d / "r.raw")], sock=str(d / "s"))
+    try:
+        for uri in uris + [f"nbd+unix:///nope?socket={d}/s"]:
+            q = run(qemu_img, "info", uri, check=False)
+            ours = run(strata_img, "info", uri, check=False)
+            assert q.returncode == ours.returncode == 1
+            # qemu adds the server's own words on a second line
+            want = q.stderr.splitlines()[0].replace("qemu-img", "PROG")
+            assert ours.stderr.replace("strata-img", "PROG") == want + "\n"
+    finally:
+        s.stop()
