@@ -275,6 +275,9 @@ def test_maps(pair, ro):
         want = run(nbdinfo, m, quri).stdout
         assert run(nbdinfo, m, suri).stdout == want
         assert len(want.splitlines()) > 2
+    # and the same bytes, read by QEMU's client from both
+    run(need("qemu-img", "qemu-utils"), "compare", "-f", "raw", "-F", "raw",
+        quri, suri)
 
 
 def nbd_errno(uri, *ops):
@@ -348,6 +351,28 @@ def test_persistent(pair):
         assert s.proc.poll() is None
         assert s.stop() == 0
         assert not (d / "s").exists()
+
+
+@pytest.mark.parametrize("shared,waits", [("1", True), ("2", False)])
+def test_shared_limit(pair, shared, waits):
+    """-e 1: a second client waits until the first has gone; -e 2 serves
+    both at once."""
+    need_nbd_module()
+    import nbd
+    nbdinfo = need("nbdinfo", "libnbd-bin")
+    for s, uri, d in pair(["-t", "-e", shared, "-f", "raw"], "r.raw"):
+        first = nbd.NBD()
+        first.connect_uri(uri)
+        second = subprocess.Popen([nbdinfo, "--size", uri],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            second.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        assert (second.poll() is None) == waits, s.prog
+        first.shutdown()
+        out, _ = second.communicate(timeout=10)
+        assert (second.returncode, out) == (0, f"{SIZE}\n")
 
 
 def test_fork_and_pid_file(tmp_path, template):
