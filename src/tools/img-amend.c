@@ -166,6 +166,7 @@ cmd_amend (int argc, char **argv)
   static const struct option lopts[] = {
     { "help", no_argument, NULL, 'h' },
     { "force", no_argument, NULL, OPT_FORCE },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   const char *fmt = NULL, *cache = "writeback";
@@ -186,6 +187,7 @@ cmd_amend (int argc, char **argv)
     case 'p': show = true; break;
     case 'q': quiet = true; break;
     case OPT_FORCE: break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s amend [-p] [-q] [-f FMT] [-t CACHE] [--force] -o "
               "OPTIONS FILE\n",

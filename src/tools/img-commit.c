@@ -49,6 +49,7 @@ parse_args (int argc, char **argv, struct commit *c)
 {
   static const struct option lopts[] = {
     { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   bool keep = false;
@@ -66,6 +67,7 @@ parse_args (int argc, char **argv, struct commit *c)
       if (!img_parse_rate (optarg, &c->rate))
         return 1;
       break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s commit [-q] [-f fmt] [-t cache] [-b base] "
               "[-r rate_limit] [-d] [-p] filename\n",

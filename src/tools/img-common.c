@@ -74,6 +74,50 @@ size_to_str (uint64_t val, char *buf, size_t len)
             suffixes[i]);
 }
 
+bool img_image_opts;
+
+/* --image-opts: OPTS ("driver=qcow2,file.filename=a.qcow2,...") as the
+ * file name (file.filename or filename), the format (driver) and the
+ * other options joined with EXTRA, each malloc'd.  False when OPTS names
+ * no file. */
+static bool
+image_opts_split (const char *opts, const char *extra, char **path,
+                  char **driver, char **rest)
+{
+  CLEANUP_OPTS strata_opts *o = opts_new ();
+  const char *v;
+  size_t len = 0;
+
+  if (!o || !strchr (opts, '=') || !opts_parse (o, opts, NULL))
+    return false;
+  if (!(v = opts_get (o, "file.filename")) && !(v = opts_get (o, "filename")))
+    return false;
+  *path = strdup (v);
+  if ((v = opts_get (o, "driver")))
+    *driver = strdup (v);
+  if ((v = opts_get (o, "file.driver")) && strcmp (v, "file") != 0)
+    return false;
+  if (!(*rest = strdup (extra ? extra : "")))
+    return false;
+  len = strlen (*rest);
+  for (size_t i = 0; i < o->n; i++) {
+    char *r;
+    if (o->v[i].used)
+      continue;
+    if (asprintf (&r, "%s%s%s=%s", *rest, len ? "," : "", o->v[i].key,
+                  o->v[i].value) < 0)
+      return false;
+    free (*rest);
+    *rest = r;
+    len = strlen (r);
+  }
+  if (!len) {
+    free (*rest);
+    *rest = NULL;
+  }
+  return *path != NULL;
+}
+
 strata_node *
 open_image (const char *filename, const char *fmt, bool force_share, bool rw,
             const char *extra)
@@ -90,8 +134,28 @@ open_image_flags (const char *filename, const char *fmt, unsigned flags,
 {
   strata_error *err = NULL;
   bool rw = flags & STRATA_OPEN_RDWR;
-  strata_node *n = strata_open (filename, fmt, extra, flags, &err);
+  CLEANUP_FREE char *path = NULL, *driver = NULL, *rest = NULL;
+  strata_node *n;
 
+  if (img_image_opts) {
+    if (fmt) {
+      fail_msg ("--image-opts and --format are mutually exclusive");
+      return NULL;
+    }
+    if (!image_opts_split (filename, extra, &path, &driver, &rest)) {
+      fprintf (stderr,
+               "%s: Could not open '%s': Cannot find device='%s' nor "
+               "node-name='%s'\n",
+               progname, filename, filename, filename);
+      return NULL;
+    }
+    n = strata_open (path, driver, rest, flags, &err);
+    if (n && rw && !driver)
+      img_raw_probe_warning (n, path);
+    fmt = "";  /* warned (or not) already */
+  }
+  else
+    n = strata_open (filename, fmt, extra, flags, &err);
   if (!n) {
     fprintf (stderr, "%s: Could not open '%s': %s\n", progname, filename,
              strata_error_message (err));

@@ -729,7 +729,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
     { "force-share", no_argument, NULL, 'U' },
     { "target-is-zero", no_argument, NULL, OPT_TARGET_IS_ZERO },
     { "object", required_argument, NULL, OPT_UNSUPPORTED },
-    { "image-opts", no_argument, NULL, OPT_UNSUPPORTED },
+    IMG_IMAGE_OPTS_OPTION,
     { "target-image-opts", no_argument, NULL, OPT_UNSUPPORTED },
     { "salvage", no_argument, NULL, OPT_UNSUPPORTED },
     { "bitmaps", no_argument, NULL, OPT_UNSUPPORTED },
@@ -755,6 +755,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
     case 't': a->cache = optarg; break;
     case 'T': a->src_cache = optarg; break;
     case OPT_TARGET_IS_ZERO: a->target_is_zero = true; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'o': {
       char *n;
       if (asprintf (&n, "%s%s%s", a->options ? a->options : "",
@@ -976,6 +977,7 @@ cmd_convert (int argc, char **argv)
   r = 1;
   if (!check_args (&a)
       || !open_sources (&c, argv + optind, argc - 1 - optind, &a)
+      || (img_image_opts = false) /* sources only: the target is a name */
       || !open_target (&c, dst, &a))
     goto out;
   c.compressed = a.compressed;

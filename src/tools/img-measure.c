@@ -173,6 +173,7 @@ cmd_measure (int argc, char **argv)
     { "force-share", no_argument, NULL, 'U' },
     { "format", required_argument, NULL, 'f' },
     { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   enum output out = OUTPUT_HUMAN;
@@ -216,6 +217,7 @@ cmd_measure (int argc, char **argv)
       }
       have_size = true;
       break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s measure [--output=human|json] [-O FMT] [-o OPTS] "
               "[--size N | [-f FMT] [-U] FILE]\n",

@@ -48,6 +48,7 @@ parse_args (int argc, char **argv, struct rebase *rb)
   static const struct option lopts[] = {
     { "help", no_argument, NULL, 'h' },
     { "force-share", no_argument, NULL, 'U' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   bool have_b = false;
@@ -69,6 +70,7 @@ parse_args (int argc, char **argv, struct rebase *rb)
     case 'q': rb->quiet = true; break;
     case 'U': rb->force_share = true; break;
     case 'c': rb->compress = true; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s rebase [-U] [-q] [-f fmt] [-t cache] "
               "[-T src_cache] [-p] [-u] [-c] -b backing_file "

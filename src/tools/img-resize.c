@@ -71,6 +71,7 @@ cmd_resize (int argc, char **argv)
     { "help", no_argument, NULL, 'h' },
     { "shrink", no_argument, NULL, OPT_SHRINK },
     { "preallocation", required_argument, NULL, OPT_PREALLOC },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   const char *fmt = NULL, *prealloc = NULL, *size_arg;
@@ -91,6 +92,7 @@ cmd_resize (int argc, char **argv)
     case 'q': quiet = true; break;
     case OPT_SHRINK: shrink = true; break;
     case OPT_PREALLOC: prealloc = optarg; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s resize [-f FMT] [--preallocation=PREALLOC] "
               "[--shrink] [-q] FILE [+|-]SIZE\n",

@@ -121,6 +121,7 @@ cmd_snapshot (int argc, char **argv)
   static const struct option lopts[] = {
     { "help", no_argument, NULL, 'h' },
     { "force-share", no_argument, NULL, 'U' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   const char *name = NULL, *file;
@@ -143,6 +144,7 @@ cmd_snapshot (int argc, char **argv)
       break;
     case 'q': quiet = true; break;
     case 'U': force_share = true; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s snapshot [-U] [-q] [-l | -a snapshot | -c snapshot "
               "| -d snapshot] filename\n",

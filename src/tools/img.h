@@ -34,6 +34,13 @@ void size_to_str (uint64_t val, char *buf, size_t len);
  * EXTRA is a dotted option string or NULL. */
 strata_node *open_image (const char *filename, const char *fmt,
                          bool force_share, bool rw, const char *extra);
+/* --image-opts was given: open_image() takes the file name as an option
+ * string ("driver=qcow2,file.filename=a.qcow2"), as qemu-img does. */
+extern bool img_image_opts;
+/* The subcommands' --image-opts entry and getopt value. */
+enum { IMG_OPT_IMAGE_OPTS = 0x4000 };
+#define IMG_IMAGE_OPTS_OPTION                                               \
+  { "image-opts", no_argument, NULL, IMG_OPT_IMAGE_OPTS }
 /* The same with strata_open()'s FLAGS (STRATA_OPEN_*). */
 strata_node *open_image_flags (const char *filename, const char *fmt,
                                unsigned flags, const char *extra);

@@ -447,6 +447,7 @@ cmd_info (int argc, char **argv)
     { "force-share", no_argument, NULL, 'U' },
     { "format", required_argument, NULL, 'f' },
     { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   enum output out = OUTPUT_HUMAN;
@@ -462,6 +463,7 @@ cmd_info (int argc, char **argv)
     case 'B': chain = true; break;
     case 'U': force_share = true; break;
     case 'f': fmt = optarg; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s info [--output=human|json] [--backing-chain] [-U] "
               "[-f FMT] FILE\n", progname);
@@ -577,6 +579,7 @@ cmd_map (int argc, char **argv)
     { "force-share", no_argument, NULL, 'U' },
     { "format", required_argument, NULL, 'f' },
     { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   enum output out = OUTPUT_HUMAN;
@@ -601,6 +604,7 @@ cmd_map (int argc, char **argv)
       break;
     case 'U': force_share = true; break;
     case 'f': fmt = optarg; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s map [--output=human|json] [--start-offset=O] "
               "[--max-length=L] [-U] [-f FMT] FILE\n", progname);
@@ -741,6 +745,7 @@ cmd_check (int argc, char **argv)
     { "force-share", no_argument, NULL, 'U' },
     { "format", required_argument, NULL, 'f' },
     { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   enum output out = OUTPUT_HUMAN;
@@ -771,6 +776,7 @@ cmd_check (int argc, char **argv)
         return img_usage_error (msg);
       }
       break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s check [-r leaks|all] [--output=human|json] [-U] "
               "[-f FMT] [-q] FILE\n", progname);
@@ -873,6 +879,7 @@ cmd_compare (int argc, char **argv)
   static const struct option lopts[] = {
     { "force-share", no_argument, NULL, 'U' },
     { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   const char *fmt_a = NULL, *fmt_b = NULL;
@@ -891,6 +898,7 @@ cmd_compare (int argc, char **argv)
     case 'q': quiet = true; break;
     case 'p': break;  /* progress: not shown yet */
     case 'U': force_share = true; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s compare [-s] [-q] [-U] [-f FMT] [-F FMT] A B\n",
               progname);
@@ -1052,6 +1060,7 @@ cmd_bench (int argc, char **argv)
     { "pattern", required_argument, NULL, 'P' },
     { "force-share", no_argument, NULL, 'U' },
     { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
   struct bench b = { .count = 75000, .bufsize = 4096, .pattern = 0 };
@@ -1126,6 +1135,7 @@ cmd_bench (int argc, char **argv)
       break;
     }
     case 'U': force_share = true; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s bench [-c count] [-d depth] [-f fmt] "
               "[--flush-interval=N] [--no-drain] [-o offset] "

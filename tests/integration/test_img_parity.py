@@ -9,8 +9,8 @@ check and compare find the same.  The rows are the chain-toolbox
 subcommands (convert, commit, rebase, resize, measure, snapshot, amend),
 their error cases, and a few of create, info, check, compare and map.
 
-Known differences are not rows: the help text and version, --object and
---image-opts, internal snapshots as a convert/measure source (-l), -p
+Known differences are not rows: the help text and version, --object, and
+--image-opts beyond driver/file.filename, internal snapshots as a convert/measure source (-l), -p
 progress lines when stdout is not a terminal, persistent bitmaps in images
 strata writes (it clears their autoclear bit, so qemu-img check then counts
 their clusters as leaks), and the rebase cases where qemu-img 7.2 changes
@@ -267,9 +267,25 @@ ROWS = {
               "--output=json bm2.qcow2"],
     "compare": ["q64.qcow2 q64.qcow2 -q", "q64.qcow2", "top.qcow2 base.qcow2"],
 }
+# --image-opts: the file name as an option string.
+IO = "--image-opts driver=qcow2,file.filename="
+ROWS["image-opts"] = [
+    f"info {IO}q64.qcow2", f"info --output=json {IO}top.qcow2",
+    f"check {IO}q64.qcow2", f"map --output=json {IO}q64.qcow2",
+    f"compare {IO}q64.qcow2 driver=qcow2,file.filename=comp.qcow2",
+    f"convert -O raw {IO}q64.qcow2 out.raw", f"commit {IO}top.qcow2",
+    f"resize {IO}q64.qcow2 8M", f"snapshot -l {IO}snap.qcow2",
+    f"snapshot -c x {IO}snap.qcow2", f"amend -o compat=0.10 {IO}q64.qcow2",
+    f"rebase -b base.qcow2 -F qcow2 {IO}top.qcow2",
+    f"measure -O qcow2 {IO}q64.qcow2", f"info {IO}nope",
+    "info --image-opts q64.qcow2", f"info -f qcow2 {IO}q64.qcow2",
+    "info --image-opts file.filename=q64.qcow2",
+    "resize --image-opts file.filename=raw.img 8M",
+]
 
 
-@pytest.mark.parametrize("cmdline", [f"{c} {a}".strip()
+@pytest.mark.parametrize("cmdline", [a if c == "image-opts"
+                                     else f"{c} {a}".strip()
                                      for c, rows in ROWS.items()
                                      for a in rows])
 def test_parity(tmp_path, template, cmdline):
