@@ -490,6 +490,7 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
   ssize_t i;
   json_t *ret = NULL;
   CLEANUP_FREE char *who = NULL;
+  bool implicit;
 
   if (!qmp_args_check (args, spec, err))
     return NULL;
@@ -500,11 +501,13 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
                    "Failed to find node with node-name='%s'", name);
     goto out;
   }
-  /* QEMU's order: a BlockBackend (an export) first, "in use"; then the
-   * newest op blocker, which is a job's when one holds the node (it came
-   * after the backing edge); then ownership. */
+  /* QEMU's order: a BlockBackend (an export's, or the job's on its
+   * filter) first, "in use"; then the newest op blocker, which is a
+   * job's when one holds the node (it came after the backing edge); then
+   * ownership. */
   who = graph_first_user (node);
-  if (who && strncmp (who, "export ", 7) == 0) {
+  if ((who && strncmp (who, "export ", 7) == 0)
+      || job_is_filter (node, &implicit)) {
     qmp_error_set (err, "GenericError", "Node %s is in use", name);
     goto out;
   }
@@ -580,8 +583,12 @@ display_filename (strata_node *node)
 {
   json_t *o;
   char *s, *out = NULL;
+  bool implicit = false;
 
-  /* A filter (copy-on-read, blkdebug) is never told by a file name. */
+  /* A filter (copy-on-read, blkdebug) is never told by a file name,
+   * except the one a job put over its device without a name. */
+  if (node->file && job_is_filter (node, &implicit) && implicit)
+    return display_filename (node->file);
   if (!node->file || (!node->drv->is_filter && !backing_overridden (node)))
     return strdup (node->filename ? node->filename : "");
   o = full_options (node);

@@ -322,6 +322,40 @@ job_add_node (struct job *job, strata_node *node)
 }
 
 void
+job_drop_node (struct job *job, strata_node *node)
+{
+  bool held = false;
+
+  job_lock ();
+  for (int i = 0; i < job->nnodes && !held; i++)
+    if (job->nodes[i] == node) {
+      memmove (&job->nodes[i], &job->nodes[i + 1],
+               (job->nnodes - i - 1) * sizeof *job->nodes);
+      job->nnodes--;
+      held = true;
+    }
+  if (job->filter == node)
+    job->filter = NULL;
+  job_unlock ();
+  if (held) {
+    graph_remove_user (node, job->user);
+    node_unref (node);
+  }
+}
+
+bool
+job_is_filter (strata_node *node, bool *implicit)
+{
+  LOCK_GUARD (&jobs_mutex);
+  for (struct job *j = jobs; j; j = j->next)
+    if (j->filter && j->filter == node) {
+      *implicit = node->node_name[0] == '#';
+      return true;
+    }
+  return false;
+}
+
+void
 job_discard (struct job *job)
 {
   set_status_locked (job, JOB_NULL);

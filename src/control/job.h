@@ -124,7 +124,8 @@ struct job {
 
   strata_node *nodes[JOB_MAX_NODES];
   int nnodes;
-  char *user; /* the graph-user phrase */
+  strata_node *filter; /* one of NODES: the filter over the device, or NULL */
+  char *user;          /* the graph-user phrase */
 
   pthread_cond_t cond; /* the job thread waits on this */
   struct job *next;
@@ -141,6 +142,12 @@ struct job *job_create (const char *id, const struct job_driver *drv,
                         enum job_on_error on_error, struct qmp_error *err);
 /* Hold NODE for the job's life (a reference and a graph user). */
 bool job_add_node (struct job *job, strata_node *node);
+/* Let go of NODE before the job ends (the stream's filter, dropped
+ * before the graph changes); nothing if the job does not hold it. */
+void job_drop_node (struct job *job, strata_node *node);
+/* Is NODE the filter a job put over its device?  *IMPLICIT: it was named
+ * automatically (QEMU then names it by its child's file). */
+bool job_is_filter (strata_node *node, bool *implicit);
 /* Start the thread (created -> running).  On failure the job goes to null
  * and is freed, with ERR set. */
 bool job_start (struct job *job, struct qmp_error *err);

@@ -48,6 +48,7 @@ struct stream {
   bool guest_active;        /* busy at the last look */
   strata_node *old_backing; /* kept until clean, see prepare */
   bool restore_ro;          /* TOP was read-only: made so again at the end */
+  strata_node *filter;      /* the copy-on-read filter over TOP, or NULL */
 };
 
 /* E's message, for an error path that may have got none. */
@@ -245,6 +246,19 @@ restore_read_only_locked (struct stream *s)
   s->restore_ro = false;
 }
 
+/* Drop the filter over TOP (QEMU does it first in prepare, or in
+ * abort); block lock held, or the control thread's own for a job that
+ * never started. */
+static void
+drop_filter_locked (struct job *job, struct stream *s)
+{
+  if (!s->filter)
+    return;
+  job_drop_node (job, s->filter);
+  node_unref (s->filter);
+  s->filter = NULL;
+}
+
 /* Rewrite the header, then move the graph edge: TOP's backing becomes
  * BASE.  The old backing node keeps a reference until clean, after the
  * requests that may still read through it have drained. */
@@ -259,6 +273,7 @@ stream_prepare (struct job *job)
   if (!name && s->base)
     name = s->base->filename;
   qmp_block_lock ();
+  drop_filter_locked (job, s);
   if (!s->top->backing)
     goto out;
   if (!node_change_backing_file (s->top, name,
@@ -291,6 +306,7 @@ static void
 stream_abort (struct job *job)
 {
   qmp_block_lock ();
+  drop_filter_locked (job, job->opaque);
   restore_read_only_locked (job->opaque);
   qmp_block_unlock ();
 }
@@ -302,6 +318,7 @@ stream_clean (struct job *job)
 
   if (!s)
     return;
+  drop_filter_locked (job, s);
   restore_read_only_locked (s);
   if (s->old_backing) {
     tracker_wait_idle (&s->top->tracker, 0, 0);
@@ -514,23 +531,61 @@ stream_new (strata_node *top, strata_node *base, json_t *args)
   return s;
 }
 
-/* filter-node-name names the copy-on-read filter QEMU puts over the
- * device for the job's life; it must be a name a new node could take. */
-static bool
-check_filter_name (json_t *args, struct qmp_error *err)
+/* The copy-on-read filter QEMU puts over the device for the job's life,
+ * named filter-node-name or automatically: the job holds it, so
+ * query-named-block-nodes shows it and blockdev-del, a second job and a
+ * new node of that name find it taken.  Its bottom is the node just above
+ * BASE.  (The job copies through node_copy_up, not through it.)  Returns
+ * a new node, or NULL with ERR set. */
+static strata_node *
+open_filter (json_t *args, strata_node *top, strata_node *base,
+             struct qmp_error *err)
 {
   const char *name = str_arg (args, "filter-node-name");
+  strata_opts *opts = opts_new ();
+  strata_node *bottom = top, *f = NULL;
   strata_error *e = NULL;
 
-  if (!name || graph_name_check (name, &e))
-    return true;
-  qmp_error_set (err, "GenericError", "Could not create node: %s",
-                 error_text (e));
-  strata_error_free (e);
-  return false;
+  while (bottom->backing && bottom->backing != base)
+    bottom = bottom->backing;
+  if (opts && opts_set (opts, "driver", "copy-on-read")
+      && opts_set (opts, "file", top->node_name)
+      && (bottom == top || opts_set (opts, "bottom", bottom->node_name))
+      && (!name || opts_set (opts, "node-name", name)))
+    f = node_open (opts, top->read_only ? 0 : STRATA_OPEN_RDWR, &e);
+  else
+    error_set (&e, ENOMEM, "out of memory");
+  if (!f) {
+    qmp_error_set (err, "GenericError", "Could not create node: %s",
+                   error_text (e));
+    strata_error_free (e);
+  }
+  opts_free (opts);
+  return f;
 }
 
-/* Create and start the job, job lock held; takes over TOP and BASE. */
+/* Make TOP writable for the job's life, as QEMU does; *DONE says whether
+ * it was read-only. */
+static bool
+make_writable (strata_node *top, bool *done, struct qmp_error *err)
+{
+  strata_error *e = NULL;
+
+  *done = false;
+  if (!top->read_only)
+    return true;
+  if (!strata_reopen (top, true, 0, &e)) {
+    qmp_error_set (err, "GenericError", "%s", error_text (e));
+    strata_error_free (e);
+    return false;
+  }
+  *done = true;
+  return true;
+}
+
+/* Create and start the job, job lock held; takes over TOP and BASE.  In
+ * QEMU's order: the device made writable, the filter, the job (its ID,
+ * then its speed), the nodes it holds. */
 static bool
 start_locked (json_t *args, strata_node *top, strata_node *base,
               enum job_on_error on_error, struct qmp_error *err)
@@ -539,10 +594,13 @@ start_locked (json_t *args, strata_node *top, strata_node *base,
   json_t *speed = json_object_get (args, "speed");
   json_t *af = json_object_get (args, "auto-finalize");
   json_t *ad = json_object_get (args, "auto-dismiss");
-  struct job *job;
+  struct job *job = NULL;
   struct stream *s;
+  strata_node *filter = NULL;
+  bool made_rw;
 
-  if (!check_filter_name (args, err))
+  if (!make_writable (top, &made_rw, err)
+      || !(filter = open_filter (args, top, base, err)))
     goto fail;
   /* No job-id: QEMU takes the device's BlockBackend name, which a node
    * made by blockdev-add does not have, and so refuses the empty ID. */
@@ -557,31 +615,33 @@ start_locked (json_t *args, strata_node *top, strata_node *base,
     job_discard (job);
     goto fail;
   }
+  /* From here the job's clean drops the filter and restores TOP. */
+  s->filter = filter;
+  s->restore_ro = made_rw;
   job->opaque = s;
   /* The length is known before the first query, as QEMU's is. */
   if (top->backing && top->backing != base) {
     int64_t len = node_length (top);
     job->len = len > 0 ? len : 0;
   }
+  if (!job_add_node (job, filter)) {
+    qmp_error_set (err, "GenericError", "out of memory");
+    job_discard (job);
+    return false;
+  }
+  job->filter = filter;
   for (strata_node *n = top; n && n != base; n = n->backing)
     if (!job_add_node (job, n)) {
       qmp_error_set (err, "GenericError", "out of memory");
       job_discard (job);
       return false;
     }
-  /* As QEMU: a read-only device is made writable for the job's life. */
-  if (top->read_only && top->backing && top->backing != base) {
-    strata_error *e = NULL;
-    if (!strata_reopen (top, true, 0, &e)) {
-      qmp_error_set (err, "GenericError", "%s", error_text (e));
-      strata_error_free (e);
-      job_discard (job);
-      return false;
-    }
-    s->restore_ro = true;
-  }
   return job_start (job, err);
 fail:
+  if (filter)
+    node_unref (filter);
+  if (made_rw)
+    strata_reopen (top, false, 0, NULL);
   node_unref (top);
   if (base)
     node_unref (base);

@@ -430,3 +430,47 @@ def test_events_before_replies_as_qsd(tmp_path):
     before = [x[1] for x in log if x[0] == "before the reply"]
     assert before.count("BLOCK_JOB_COMPLETED") == 2
     assert "BLOCK_JOB_CANCELLED" in before
+
+
+# ---- the copy-on-read filter a stream puts over its device ----
+
+
+def nodes(r):
+    """query-named-block-nodes without the sizes (which depend on how far
+    the job got)."""
+    rsp = r.d.cmd("query-named-block-nodes", flat=True)
+    r.log.append(("nodes", [(n["node-name"], n["drv"], n["file"])
+                            for n in rsp["return"]]))
+
+
+def test_filter_node_as_qsd(tmp_path):
+    """The filter is listed while the job runs (named by
+    filter-node-name, or automatically and then told by its child's
+    file), is in use and its name taken, and is gone after the job."""
+    def scenario(r):
+        r.chain()
+        r.cmd("block-stream", **{"job-id": "j1", "device": "top",
+                                 "speed": SLOW, "filter-node-name": "cor"})
+        nodes(r)
+        for n in ("cor", "top", "mid", "base"):
+            r.cmd("blockdev-del", **{"node-name": n})
+        r.cmd("block-stream", **{"job-id": "j2", "device": "cor"})
+        r.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "cor",
+                                 "file": {"driver": "file",
+                                          "filename": r.p["base"]}})
+        r.cmd("job-cancel", id="j1")
+        r.wait("JOB_STATUS_CHANGE", status="null")
+        nodes(r)
+        r.cmd("blockdev-del", **{"node-name": "cor"})
+        r.cmd("block-stream", **{"job-id": "j2", "device": "top",
+                                 "speed": SLOW})
+        nodes(r)
+        r.cmd("job-cancel", id="j2")
+        r.wait("JOB_STATUS_CHANGE", status="null")
+        nodes(r)
+
+    log = parity(tmp_path, scenario, mask=True)
+    listed = [x[1] for x in log if x[0] == "nodes"]
+    assert ["cor", "copy-on-read"] in [n[:2] for n in listed[0]]
+    assert "cor" not in [n[0] for n in listed[1]]
+    assert "Node cor is in use" in errors(log)
