@@ -298,3 +298,20 @@ def test_measure_bad_option_is_help_and_success(tmp_path, template, args):
     help (whose text names qemu-img's version, so only the exit code and
     stderr are compared)."""
     assert_parity(tmp_path, template, f"measure {args}", output=False)
+
+
+@pytest.mark.parametrize("args", [
+    "-O qcow2 top.qcow2", "-O qcow2 q64.qcow2", "-O qcow2 -c q64.qcow2",
+    "-O qcow2 comp.qcow2", "-O qcow2 -o cluster_size=512 q2m.qcow2",
+    "-O qcow2 snap.qcow2", "-O qcow2 -B base.qcow2 -F qcow2 top.qcow2",
+])
+def test_convert_lays_out_clusters_as_qemu(tmp_path, template, args):
+    """A converted image maps the same, host offsets included: each L2
+    table is allocated before the data cluster it maps, as QEMU does."""
+    (q, qd), (s, sd) = both(tmp_path, template, f"convert {args} out.qcow2")
+    assert q[0] == s[0] == 0, (q, s)
+    maps = [subprocess.run([QEMU_IMG, "map", "--output=json", "out.qcow2"],
+                           cwd=d, capture_output=True, text=True, check=True)
+            .stdout for d in (qd, sd)]
+    assert maps[1] == maps[0]
+    assert "offset" in maps[0] or "-c" in args  # compressed: no offsets

@@ -311,6 +311,12 @@ ensure_l2_table_locked (strata_node *node, uint64_t offset)
   return install_l2_table_locked (node, offset, zeros);
 }
 
+int64_t
+qcow2_ensure_l2_table_locked (strata_node *node, uint64_t offset)
+{
+  return ensure_l2_table_locked (node, offset);
+}
+
 static int
 set_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
               uint64_t bitmap, bool defer)

@@ -391,7 +391,11 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
     host = entry & QCOW2_OFFSET_MASK;
     r = qcow2_overlap_check_locked (node, host, cs, 0, "data", offset);
   }
-  else if ((a = qcow2_alloc_data_cluster_locked (node)) < 0)
+  /* The L2 table before the data cluster, as QEMU allocates them, so
+   * that images laid out by both drivers map the same (an empty table
+   * in place changes nothing a reader sees). */
+  else if ((a = qcow2_ensure_l2_table_locked (node, offset)) < 0
+           || (a = qcow2_alloc_data_cluster_locked (node)) < 0)
     r = (int) a;
   else
     host = a;
