@@ -234,10 +234,11 @@ node_alloc (const struct strata_driver *drv, const char *name, unsigned flags)
 /* An existing node used as the `file` child of a new node opened with
  * FLAGS.  A writer needs a writable child that no other parent uses as its
  * `file` (both would allocate from it), as QEMU's permission check
- * decides for formats over one file. */
+ * decides for formats over one file; a filter (FILTER, or the other
+ * parent) shares everything, as QEMU's filters do. */
 static strata_node *
 node_use_by_name (const char *name, const char *user, unsigned flags,
-                  strata_error **errp)
+                  bool filter, strata_error **errp)
 {
   strata_node *file = graph_lookup (name);
   struct graph_edge e[NODE_MAX_CHILDREN];
@@ -255,7 +256,8 @@ node_use_by_name (const char *name, const char *user, unsigned flags,
   }
   n = graph_parents (file, e, NODE_MAX_CHILDREN);
   for (int i = 0; i < n && i < NODE_MAX_CHILDREN; i++) {
-    if (strcmp (e[i].child_name, "file") != 0)
+    if (strcmp (e[i].child_name, "file") != 0 || filter
+        || e[i].parent->drv->is_filter)
       continue;
     if (!e[i].parent->read_only || (flags & STRATA_OPEN_RDWR)) {
       const char *old = e[i].parent->node_name, *new = user ?: "(new)";
@@ -307,7 +309,8 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
   }
   if (!drv || drv->has_file_child) {
     if (file_ref)
-      file = node_use_by_name (file_ref, name, flags, errp);
+      file = node_use_by_name (file_ref, name, flags, drv && drv->is_filter,
+                               errp);
     else if (file_opts->n == 0) {
       error_set (errp, EINVAL, "%s: a 'file' child is required",
                  drvname ? drvname : "image");

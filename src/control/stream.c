@@ -353,11 +353,18 @@ lookup (const char *device, const char *name, struct qmp_error *err)
   return node;
 }
 
-/* Is NODE strictly below TOP in its backing chain? */
+/* The next node down the chain: a filter's child, a format's backing. */
+static strata_node *
+chain_next (strata_node *n)
+{
+  return n->drv->is_filter ? n->file : n->backing;
+}
+
+/* Is NODE strictly below TOP in its chain (through filters)? */
 static bool
 chain_contains (strata_node *top, strata_node *node)
 {
-  for (strata_node *n = top->backing; n; n = n->backing)
+  for (strata_node *n = chain_next (top); n; n = chain_next (n))
     if (n == node)
       return true;
   return false;
@@ -376,8 +383,8 @@ same_file (const char *a, const char *b)
 static strata_node *
 find_backing_image (strata_node *top, const char *name)
 {
-  for (strata_node *n = top->backing; n; n = n->backing)
-    if (same_file (n->filename, name)) {
+  for (strata_node *n = chain_next (top); n; n = chain_next (n))
+    if (!n->drv->is_filter && same_file (n->filename, name)) {
       node_ref (n);
       return n;
     }
@@ -443,6 +450,7 @@ static bool
 find_base (json_t *args, strata_node *top, strata_node **basep,
            struct qmp_error *err)
 {
+  const char *device = str_arg (args, "device");
   const char *base = str_arg (args, "base");
   const char *base_node = str_arg (args, "base-node");
   const char *bottom = str_arg (args, "bottom");
@@ -462,7 +470,7 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
     if (!chain_contains (top, n)) {
       qmp_error_set (err, "GenericError",
                      "Node '%s' is not a backing image of '%s'", base_node,
-                     top->node_name);
+                     device);
       node_unref (n);
       return false;
     }
@@ -482,7 +490,7 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
     if (n != top && !chain_contains (top, n)) {
       qmp_error_set (err, "GenericError",
                      "Node '%s' is not in a chain starting from '%s'", bottom,
-                     top->node_name);
+                     device);
       node_unref (n);
       return false;
     }
@@ -493,12 +501,13 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
   return true;
 }
 
-/* The nodes from TOP down to BASE (excluded) must be free of other jobs. */
+/* The nodes from the device down to BASE (excluded) must be free of
+ * other jobs. */
 static bool
-check_not_busy_locked (strata_node *top, strata_node *base,
+check_not_busy_locked (strata_node *dev, strata_node *base,
                        struct qmp_error *err)
 {
-  for (strata_node *n = top; n && n != base; n = n->backing) {
+  for (strata_node *n = dev; n && n != base; n = chain_next (n)) {
     struct job *j = job_holding_locked (n);
     if (j) {
       qmp_error_set (err, "GenericError", "Node '%s' is busy: %s",
@@ -532,14 +541,14 @@ stream_new (strata_node *top, strata_node *base, json_t *args)
 }
 
 /* The copy-on-read filter QEMU puts over the device for the job's life,
- * named filter-node-name or automatically: the job holds it, so
+ * DEV, named filter-node-name or automatically: the job holds it, so
  * query-named-block-nodes shows it and blockdev-del, a second job and a
  * new node of that name find it taken.  Its bottom is the node just above
  * BASE.  (The job copies through node_copy_up, not through it.)  Returns
  * a new node, or NULL with ERR set. */
 static strata_node *
-open_filter (json_t *args, strata_node *top, strata_node *base,
-             struct qmp_error *err)
+open_filter (json_t *args, strata_node *dev, strata_node *top,
+             strata_node *base, struct qmp_error *err)
 {
   const char *name = str_arg (args, "filter-node-name");
   strata_opts *opts = opts_new ();
@@ -549,7 +558,7 @@ open_filter (json_t *args, strata_node *top, strata_node *base,
   while (bottom->backing && bottom->backing != base)
     bottom = bottom->backing;
   if (opts && opts_set (opts, "driver", "copy-on-read")
-      && opts_set (opts, "file", top->node_name)
+      && opts_set (opts, "file", dev->node_name)
       && (bottom == top || opts_set (opts, "bottom", bottom->node_name))
       && (!name || opts_set (opts, "node-name", name)))
     f = node_open (opts, top->read_only ? 0 : STRATA_OPEN_RDWR, &e);
@@ -583,13 +592,15 @@ make_writable (strata_node *top, bool *done, struct qmp_error *err)
   return true;
 }
 
-/* Create and start the job, job lock held; takes over TOP and BASE.  In
- * QEMU's order: the device made writable, the filter, the job (its ID,
- * then its speed), the nodes it holds. */
+/* Create and start the job, job lock held; takes over DEV (the device)
+ * and BASE.  The image streamed into is DEV below its filters.  In QEMU's
+ * order: the device made writable, the filter, the job (its ID, then its
+ * speed), the nodes it holds. */
 static bool
-start_locked (json_t *args, strata_node *top, strata_node *base,
+start_locked (json_t *args, strata_node *dev, strata_node *base,
               enum job_on_error on_error, struct qmp_error *err)
 {
+  strata_node *top = node_skip_filters (dev);
   const char *id = str_arg (args, "job-id");
   json_t *speed = json_object_get (args, "speed");
   json_t *af = json_object_get (args, "auto-finalize");
@@ -597,10 +608,11 @@ start_locked (json_t *args, strata_node *top, strata_node *base,
   struct job *job = NULL;
   struct stream *s;
   strata_node *filter = NULL;
-  bool made_rw;
+  bool made_rw, ok;
 
+  node_ref (top);
   if (!make_writable (top, &made_rw, err)
-      || !(filter = open_filter (args, top, base, err)))
+      || !(filter = open_filter (args, dev, top, base, err)))
     goto fail;
   /* No job-id: QEMU takes the device's BlockBackend name, which a node
    * made by blockdev-add does not have, and so refuses the empty ID. */
@@ -615,34 +627,33 @@ start_locked (json_t *args, strata_node *top, strata_node *base,
     job_discard (job);
     goto fail;
   }
+  top = base = NULL; /* the job's from here */
   /* From here the job's clean drops the filter and restores TOP. */
   s->filter = filter;
   s->restore_ro = made_rw;
   job->opaque = s;
   /* The length is known before the first query, as QEMU's is. */
-  if (top->backing && top->backing != base) {
-    int64_t len = node_length (top);
+  if (s->top->backing && s->top->backing != s->base) {
+    int64_t len = node_length (s->top);
     job->len = len > 0 ? len : 0;
   }
-  if (!job_add_node (job, filter)) {
+  ok = job_add_node (job, filter);
+  job->filter = filter;
+  for (strata_node *n = dev; ok && n && n != s->base; n = chain_next (n))
+    ok = job_add_node (job, n);
+  if (!ok) {
     qmp_error_set (err, "GenericError", "out of memory");
     job_discard (job);
-    return false;
   }
-  job->filter = filter;
-  for (strata_node *n = top; n && n != base; n = n->backing)
-    if (!job_add_node (job, n)) {
-      qmp_error_set (err, "GenericError", "out of memory");
-      job_discard (job);
-      return false;
-    }
-  return job_start (job, err);
+  node_unref (dev);
+  return ok && job_start (job, err);
 fail:
   if (filter)
     node_unref (filter);
   if (made_rw)
     strata_reopen (top, false, 0, NULL);
   node_unref (top);
+  node_unref (dev);
   if (base)
     node_unref (base);
   return false;

@@ -25,10 +25,11 @@ cor_format_node (strata_node *node)
   return node_skip_filters (node->file);
 }
 
+/* Is N TOP or below it (QEMU's bdrv_chain_contains)? */
 static bool
 cor_in_chain (strata_node *top, strata_node *n)
 {
-  for (strata_node *l = top->backing; l; l = l->backing) {
+  for (strata_node *l = top; l; l = l->backing) {
     while (l->drv->is_filter && l->file && l != n)
       l = l->file;
     if (l == n)
@@ -53,6 +54,12 @@ cor_open (strata_node *node, strata_opts *opts, unsigned flags,
     return true;
   if (!(s->bottom = graph_lookup (bottom))) {
     error_set (errp, ENOENT, "Bottom node '%s' not found", bottom);
+    return false;
+  }
+  if (s->bottom->drv->is_filter) {
+    error_set (errp, EINVAL, "Bottom node '%s' is a filter", bottom);
+    node_unref (s->bottom);
+    s->bottom = NULL;
     return false;
   }
   if (!cor_in_chain (cor_format_node (node), s->bottom)) {

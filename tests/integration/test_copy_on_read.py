@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import binary, file_state, run
+from conftest import binary, file_state, need, run
 from qcow2_common import (KiB, MiB, build_libstrata_program, create,
                           qemu_check, qemu_img, qio, sio)
 
@@ -258,47 +258,40 @@ def test_blockdev_add_bottom_as_qsd(tmp_path):
     assert maps["stratad"] == maps["qsd"]
 
 
-def test_bottom_may_be_a_filter(tmp_path):
-    """bottom naming a filter in the chain (blkdebug over B) stops at the
-    format node under it: B's data is copied, A's is not."""
+def test_bottom_naming_a_filter_is_refused_as_qsd(tmp_path):
+    """bottom naming a filter, even one in the chain (blkdebug over B),
+    is refused with qemu-storage-daemon's words, and nothing is added."""
     from test_qmp_block import Monitor
     a, b, c = tmp_path / "A.qcow2", tmp_path / "B.qcow2", tmp_path / "C.qcow2"
     create(a, 2 * MiB)
-    qio(a, ["write -q -P 1 0 2M"])
     create(b, 2 * MiB, backing="A.qcow2")
-    qio(b, ["write -q -P 2 64k 64k"])
     create(c, 2 * MiB, backing="B.qcow2")
-    raw = tmp_path / "orig.raw"
-    run(qemu_img(), "convert", "-O", "raw", c, raw)
-    mon = Monitor(binary("stratad"), tmp_path, "d")
-    try:
-        mon.ok("blockdev-add", driver="qcow2", **{"node-name": "a"},
-               file={"driver": "file", "filename": str(a)},
-               **{"read-only": True})
-        mon.ok("blockdev-add", driver="qcow2", **{"node-name": "b"},
-               file={"driver": "file", "filename": str(b)}, backing="a",
-               **{"read-only": True})
-        mon.ok("blockdev-add", driver="blkdebug", **{"node-name": "bf"},
-               image="b", **{"read-only": True})
-        mon.ok("blockdev-add", driver="qcow2", **{"node-name": "c"},
-               file={"driver": "file", "filename": str(c)}, backing="bf")
-        mon.ok("blockdev-add", driver="copy-on-read", **{"node-name": "cor"},
-               file="c", bottom="bf")
-        sock = str(tmp_path / "nbd.sock")
-        mon.ok("nbd-server-start",
-               addr={"type": "unix", "data": {"path": sock}})
-        mon.ok("block-export-add", type="nbd", id="e0",
-               **{"node-name": "cor"}, name="disk")
-        run("qemu-io", "-r", "-f", "raw", "-c", "read 0 1M",
-            f"nbd+unix:///disk?socket={sock}")
-        mon.ok("block-export-del", id="e0")
-        mon.ok("nbd-server-stop")
-    finally:
-        assert mon.stop() == 0
-    run(qemu_img(), "compare", "-F", "raw", c, raw)
-    m = cluster_map(c)
-    assert m[64 * KiB] == (0, False, True)   # B's data, copied
-    assert m[0][0] != 0                      # A's data, left in A
+    replies = {}
+    for name, argv0 in (("qsd", need("qemu-storage-daemon",
+                                     "qemu-system-common")),
+                        ("stratad", binary("stratad"))):
+        mon = Monitor(argv0, tmp_path, name)
+        try:
+            mon.ok("blockdev-add", driver="qcow2", **{"node-name": "a"},
+                   file={"driver": "file", "filename": str(a)},
+                   **{"read-only": True})
+            mon.ok("blockdev-add", driver="qcow2", **{"node-name": "b"},
+                   file={"driver": "file", "filename": str(b)}, backing="a",
+                   **{"read-only": True})
+            mon.ok("blockdev-add", driver="blkdebug", **{"node-name": "bf"},
+                   image="b", **{"read-only": True})
+            mon.ok("blockdev-add", driver="qcow2", **{"node-name": "c"},
+                   file={"driver": "file", "filename": str(c)},
+                   backing="bf")
+            replies[name] = [
+                mon.cmd("blockdev-add", driver="copy-on-read",
+                        **{"node-name": "cor"}, file="c", bottom="bf"),
+                mon.cmd("blockdev-del", **{"node-name": "cor"})]
+        finally:
+            assert mon.stop() == 0
+    assert replies["qsd"][0]["error"]["desc"] == (
+        "Bottom node 'bf' is a filter")
+    assert replies["stratad"] == replies["qsd"]
 
 
 def test_reopened_read_only_reads_without_copying(chain):

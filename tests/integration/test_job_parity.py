@@ -474,3 +474,29 @@ def test_filter_node_as_qsd(tmp_path):
     assert ["cor", "copy-on-read"] in [n[:2] for n in listed[0]]
     assert "cor" not in [n[0] for n in listed[1]]
     assert "Node cor is in use" in errors(log)
+
+
+def test_device_behind_a_filter_as_qsd(tmp_path):
+    """A filter as the device streams the image under it; a second
+    filter over the device (blockdev-add copy-on-read) is no conflict;
+    copy-on-read's bottom checks come before any permission question."""
+    def scenario(r):
+        r.chain()
+        r.cmd("blockdev-add", **{"driver": "blkdebug", "node-name": "dbg",
+                                 "image": "top"})
+        r.cmd("blockdev-add", **{"driver": "copy-on-read", "node-name": "cor",
+                                 "file": "top"})
+        for bottom in ("nonode", "cor", "top"):
+            r.cmd("blockdev-add", **{"driver": "copy-on-read",
+                                     "node-name": "c2", "file": "top",
+                                     "bottom": bottom})
+            r.cmd("blockdev-del", **{"node-name": "c2"})
+        r.cmd("block-stream", **{"job-id": "j1", "device": "dbg",
+                                 "base-node": "base"})
+        r.wait("JOB_STATUS_CHANGE", status="null")
+        r.cmd("block-stream", **{"job-id": "j2", "device": "cor"})
+        r.wait("JOB_STATUS_CHANGE", status="null")
+
+    log = parity(tmp_path, scenario)
+    assert events(log).count("BLOCK_JOB_COMPLETED") == 2
+    assert "Bottom node 'nonode' not found" in errors(log)
