@@ -75,6 +75,9 @@ size_to_str (uint64_t val, char *buf, size_t len)
 }
 
 bool img_image_opts;
+/* img_open_snapshot() is opening: failures are qemu-img's "Failed to load
+ * snapshot". */
+static bool loading_snapshot;
 
 /* --image-opts: OPTS ("driver=qcow2,file.filename=a.qcow2,...") as the
  * file name (file.filename or filename), the format (driver) and the
@@ -156,13 +159,74 @@ open_image_flags (const char *filename, const char *fmt, unsigned flags,
   }
   else
     n = strata_open (filename, fmt, extra, flags, &err);
-  if (!n) {
+  if (!n && loading_snapshot)
+    fprintf (stderr, "%s: Failed to load snapshot: %s\n", progname,
+             strata_error_message (err));
+  else if (!n)
     fprintf (stderr, "%s: Could not open '%s': %s\n", progname, filename,
              strata_error_message (err));
-    strata_error_free (err);
-  }
   else if (rw && !fmt)
     img_raw_probe_warning (n, filename);
+  strata_error_free (err);
+  return n;
+}
+
+/* PARAM of -l as open options: "snapshot.id=ID,snapshot.name=NAME" or
+ * "ID_OR_NAME". */
+static bool
+snapshot_param (const char *param, char **extra)
+{
+  CLEANUP_OPTS strata_opts *o = opts_new ();
+  const char *id, *name;
+
+  if (strncmp (param, "snapshot.", 9) != 0)
+    return asprintf (extra, "x-snapshot-id=%s", param) >= 0;
+  if (!o || !opts_parse (o, param, NULL))
+    return false;
+  id = opts_get (o, "snapshot.id");
+  name = opts_get (o, "snapshot.name");
+  for (size_t i = 0; i < o->n; i++)
+    if (!o->v[i].used) {
+      fprintf (stderr, "%s: Invalid parameter '%s'\n", progname,
+               o->v[i].key);
+      return false;
+    }
+  return asprintf (extra, "%s%s%s%s%s", id ? "x-snapshot-id=" : "",
+                   id ? id : "", id && name ? "," : "",
+                   name ? "x-snapshot-name=" : "", name ? name : "")
+         >= 0;
+}
+
+strata_node *
+img_open_snapshot (const char *filename, const char *fmt, bool force_share,
+                   const char *param)
+{
+  CLEANUP_FREE char *extra = NULL;
+  unsigned flags = force_share ? STRATA_OPEN_FORCE_SHARE : 0;
+  strata_node *n = open_image_flags (filename, fmt, flags, NULL);
+  struct strata_info info;
+
+  if (!n)
+    return NULL;
+  /* As qemu-img: the image opens first, then its snapshot loads. */
+  if (!strata_get_info (n, &info, 0, NULL)
+      || strcmp (info.format, "qcow2") != 0) {
+    fprintf (stderr, "%s: Failed to load snapshot: Block format '%s' used "
+             "by device '' does not support temporarily loading internal "
+             "snapshots\n", progname, info.format ? info.format : "?");
+    strata_close (n);
+    return NULL;
+  }
+  strata_close (n);
+  if (!snapshot_param (param, &extra)) {
+    fprintf (stderr, "%s: Failed in parsing snapshot param '%s'\n",
+             progname, param);
+    return NULL;
+  }
+  loading_snapshot = true;
+  n = open_image_flags (filename, img_image_opts ? NULL : "qcow2", flags,
+                        extra);
+  loading_snapshot = false;
   return n;
 }
 

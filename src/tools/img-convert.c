@@ -557,6 +557,7 @@ convert_run (struct convert *c, int n)
 
 struct convert_args {
   const char *fmt, *ofmt, *backing, *bfmt, *cache, *src_cache;
+  const char *snapshot; /* -l */
   char *options;
   char *opt_backing, *opt_bfmt; /* -o backing_file/backing_fmt: as -B/-F */
   bool compressed, skip_create, quiet, progress, force_share, target_is_zero;
@@ -795,10 +796,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
       a->threads = v;
       break;
     }
-    case 'l':
-      fail_msg ("Failed to load snapshot: internal snapshots are not "
-                "supported by convert");
-      return 1;
+    case 'l': a->snapshot = optarg; break;
     case 'r':
       if (!img_parse_rate (optarg, &a->rate))
         return 1;
@@ -892,7 +890,10 @@ open_sources (struct convert *c, char **names, int n,
 
     c->src[i].name = names[i];
     c->src[i].node
-        = open_image (names[i], a->fmt, a->force_share, false, extra);
+        = a->snapshot
+              ? img_open_snapshot (names[i], a->fmt, a->force_share,
+                                   a->snapshot)
+              : open_image (names[i], a->fmt, a->force_share, false, extra);
     if (!c->src[i].node)
       return false;
     c->nsrc = i + 1;
@@ -975,6 +976,10 @@ cmd_convert (int argc, char **argv)
   }
   dst = argv[argc - 1];
   r = 1;
+  if (a.snapshot && argc - 1 - optind > 1) {
+    fail_msg ("No support for concatenating multiple snapshot");
+    goto out;
+  }
   if (!check_args (&a)
       || !open_sources (&c, argv + optind, argc - 1 - optind, &a)
       || (img_image_opts = false) /* sources only: the target is a name */

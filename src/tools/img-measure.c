@@ -177,7 +177,7 @@ cmd_measure (int argc, char **argv)
     { NULL, 0, NULL, 0 },
   };
   enum output out = OUTPUT_HUMAN;
-  const char *fmt = NULL, *ofmt = "raw", *filename = NULL;
+  const char *fmt = NULL, *ofmt = "raw", *filename = NULL, *snapshot = NULL;
   CLEANUP_FREE char *options = NULL, *all = NULL;
   bool force_share = false, have_size = false, bitmaps = false;
   uint64_t size = 0, required, full, bitmap_bytes = 0;
@@ -198,10 +198,7 @@ cmd_measure (int argc, char **argv)
       if (!append_opt (&options, optarg))
         return 1;
       break;
-    case 'l':
-      fail_msg ("Failed to load snapshot: internal snapshots are not "
-                "supported by measure");
-      return 1;
+    case 'l': snapshot = optarg; break;
     case 's':
       if (optarg[0] == '-' || !parse_size (optarg, &size)) {
         fail_msg ("Invalid image size specified. You may use k, M, G, T, "
@@ -245,7 +242,8 @@ cmd_measure (int argc, char **argv)
     return 1;
   }
   if (filename) {
-    src = open_image (filename, fmt, force_share, false, NULL);
+    src = snapshot ? img_open_snapshot (filename, fmt, force_share, snapshot)
+                   : open_image (filename, fmt, force_share, false, NULL);
     if (!src)
       return 1;
     bitmaps = strcmp (ofmt, "qcow2") == 0 && !wants_compat_v2 (options)

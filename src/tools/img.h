@@ -41,6 +41,11 @@ extern bool img_image_opts;
 enum { IMG_OPT_IMAGE_OPTS = 0x4000 };
 #define IMG_IMAGE_OPTS_OPTION                                               \
   { "image-opts", no_argument, NULL, IMG_OPT_IMAGE_OPTS }
+/* FILENAME read-only as its internal snapshot PARAM (-l of convert and
+ * measure: "snapshot.id=ID,snapshot.name=NAME" or "ID_OR_NAME"), with
+ * qemu-img's messages. */
+strata_node *img_open_snapshot (const char *filename, const char *fmt,
+                                bool force_share, const char *param);
 /* The same with strata_open()'s FLAGS (STRATA_OPEN_*). */
 strata_node *open_image_flags (const char *filename, const char *fmt,
                                unsigned flags, const char *extra);

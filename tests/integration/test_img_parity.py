@@ -9,12 +9,12 @@ check and compare find the same.  The rows are the chain-toolbox
 subcommands (convert, commit, rebase, resize, measure, snapshot, amend),
 their error cases, and a few of create, info, check, compare and map.
 
-Known differences are not rows: the help text and version, --object, and
---image-opts beyond driver/file.filename, internal snapshots as a convert/measure source (-l), -p
-progress lines when stdout is not a terminal, persistent bitmaps in images
-strata writes (it clears their autoclear bit, so qemu-img check then counts
-their clusters as leaks), and the rebase cases where qemu-img 7.2 changes
-what the guest reads (a v2 image with no backing file, a wrong -F).
+Known differences are not rows: the help text and version, --object,
+--image-opts beyond driver/file.filename, -p progress lines when stdout is
+not a terminal, persistent bitmaps in images strata writes (it clears
+their autoclear bit, so qemu-img check then counts their clusters as
+leaks), and the rebase cases where qemu-img 7.2 changes what the guest
+reads (a v2 image with no backing file, a wrong -F).
 """
 import json
 import shlex
@@ -267,6 +267,22 @@ ROWS = {
               "--output=json bm2.qcow2"],
     "compare": ["q64.qcow2 q64.qcow2 -q", "q64.qcow2", "top.qcow2 base.qcow2"],
 }
+# -l: an internal snapshot as the source.
+ROWS["snapshot source"] = [
+    "convert -O qcow2 -l s1 snap.qcow2 out.qcow2",
+    "convert -O raw -l s2 snap.qcow2 out.raw",
+    "convert -O qcow2 -l 1 snap.qcow2 out.qcow2",
+    "convert -O qcow2 -l snapshot.name=s1 snap.qcow2 out.qcow2",
+    "convert -O qcow2 -l snapshot.id=1,snapshot.name=s2 snap.qcow2 o.qcow2",
+    "convert -O qcow2 -l snapshot.id=1,snapshot.name=s1 snap.qcow2 o.qcow2",
+    "convert -O qcow2 -l nosuch snap.qcow2 out.qcow2",
+    "convert -O qcow2 -l snapshot.bogus=1 snap.qcow2 out.qcow2",
+    "convert -O qcow2 -l s1 raw.img out.qcow2",
+    "convert -O qcow2 -l s1 snap.qcow2 q64.qcow2 out.qcow2",
+    "measure -O qcow2 -l s1 snap.qcow2",
+    "measure -O qcow2 -l snapshot.name=s2 --output=json snap.qcow2",
+    "measure -O qcow2 -l nosuch snap.qcow2", "measure -O raw -l 2 snap.qcow2",
+]
 # --image-opts: the file name as an option string.
 IO = "--image-opts driver=qcow2,file.filename="
 ROWS["image-opts"] = [
@@ -284,7 +300,8 @@ ROWS["image-opts"] = [
 ]
 
 
-@pytest.mark.parametrize("cmdline", [a if c == "image-opts"
+@pytest.mark.parametrize("cmdline", [a if c in ("image-opts",
+                                                 "snapshot source")
                                      else f"{c} {a}".strip()
                                      for c, rows in ROWS.items()
                                      for a in rows])

@@ -299,6 +299,8 @@ qcow2_open (strata_node *node, strata_opts *opts, unsigned flags,
   struct qcow2_state *s = node->opaque;
   const char *chain = opts_get (opts, "x-backing-chain");
   const char *bref = opts_get (opts, "backing");
+  const char *snap_id = opts_get (opts, "x-snapshot-id");
+  const char *snap_name = opts_get (opts, "x-snapshot-name");
   strata_opts *bopts = opts_extract (opts, "backing");
 
   tracker_init (&s->clusters);
@@ -307,6 +309,8 @@ qcow2_open (strata_node *node, strata_opts *opts, unsigned flags,
     goto fail;
   }
   if (!qcow2_read_header (node, s, errp)
+      || ((snap_id || snap_name)
+          && !qcow2_snapshot_load_tmp (node, snap_id, snap_name, errp))
       || !qcow2_overlap_init (node, errp)
       || !init_caches (node, s, opts, errp)
       || (!node->read_only && !check_writable (node, s, errp)))

@@ -220,6 +220,9 @@ int qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
  * data is written, and whose old mapping needs no freeing. */
 int qcow2_set_l2_entry_deferred_locked (strata_node *node, uint64_t offset,
                                         uint64_t entry, uint64_t bitmap);
+/* snapshot.c: the open option x-snapshot-id/x-snapshot-name. */
+bool qcow2_snapshot_load_tmp (strata_node *node, const char *id,
+                              const char *name, strata_error **errp);
 /* Give guest OFFSET an L2 table (a new empty one, or its own copy of one
  * a snapshot shares); returns its host offset or a negative errno. */
 int64_t qcow2_ensure_l2_table_locked (strata_node *node, uint64_t offset);

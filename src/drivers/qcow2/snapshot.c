@@ -627,6 +627,50 @@ find_by_id_or_name (const struct snap_table *t, const char *arg)
   return find_by_name (t, arg);
 }
 
+/* Open-time, read-only: make snapshot ID and/or NAME (both must match
+ * when both are given; ID alone is tried as an id, then as a name, as
+ * qemu-img's -l ID_OR_NAME) the image a reader sees: its L1 table and its
+ * size in place of the active ones (QEMU's bdrv_snapshot_load_tmp()).
+ * Nothing is written. */
+bool
+qcow2_snapshot_load_tmp (strata_node *node, const char *id, const char *name,
+                         strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  struct snap_table t;
+  uint64_t *l1 = NULL;
+  int i = -1;
+  bool ok = false;
+
+  if (!node->read_only) {
+    error_set (errp, EINVAL, "%s: a snapshot is loaded read-only",
+               node->filename);
+    return false;
+  }
+  if (!read_table_locked (node, &t, errp))
+    return false;
+  for (uint32_t k = 0; k < t.n && i < 0; k++)
+    if ((!id || !strcmp (t.sn[k].id, id))
+        && (!name || !strcmp (t.sn[k].name, name)))
+      i = (int) k;
+  if (i < 0 && id && !name)
+    i = find_by_name (&t, id);
+  if (i < 0)
+    error_set (errp, ENOENT, "Can't find snapshot");
+  else if (load_snap_l1_locked (node, &t.sn[i], &l1, errp)) {
+    for (uint32_t k = 0; k < t.sn[i].l1_size; k++)
+      l1[k] &= ~QCOW2_OFLAG_COPIED;
+    free (s->l1);
+    s->l1 = l1;
+    s->l1_size = t.sn[i].l1_size;
+    s->l1_offset = t.sn[i].l1_offset;
+    s->size = t.sn[i].disk_size;
+    ok = true;
+  }
+  table_free (&t);
+  return ok;
+}
+
 /* The next id: one more than the largest numeric id (QEMU's rule; an id
  * that is not a number counts as 0). */
 static char *
