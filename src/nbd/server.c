@@ -24,16 +24,20 @@
  *   zero, i.e. no job and no queued reply refers to it.
  *
  * Choices:
- * - CAN_MULTI_CONN: advertised for read-only exports, and for writable
- *   ones when the caller says every connection shares one node (strata-nbd
- *   does: one process, one node, and strata_flush() on it is global).
+ * - CAN_MULTI_CONN: advertised when the caller says so (every connection
+ *   shares one node and strata_flush() on it is global; strata-nbd says so
+ *   unless it takes one client at a time, as qemu-nbd; stratad always, as
+ *   qemu-storage-daemon).
+ * - DF is advertised with structured replies; a DF read is one data
+ *   chunk, zeros included.
  * - FAST_ZERO: we cannot know whether the driver zeroes fast, so a
  *   FAST_ZERO request succeeds only when the range already reads as zero
  *   (nothing to do); otherwise ENOTSUP and the client falls back.
- * - DF is not advertised (reads may be split into data and hole chunks).
- * - Out-of-range WRITE and WRITE_ZEROES fail with ENOSPC, other commands
- *   with EINVAL; a READ longer than the maximum block size fails with
- *   EOVERFLOW when structured replies are on, else EINVAL.
+ * - Out-of-range WRITE and WRITE_ZEROES fail with ENOSPC (proto.md's
+ *   SHOULD), other commands with EINVAL; a READ, WRITE or CACHE longer
+ *   than the maximum block size fails with EINVAL (proto.md, and QEMU).
+ * - Zero-length requests fail with EINVAL (proto.md leaves them
+ *   unspecified; QEMU's server lets them succeed).
  */
 #include <arpa/inet.h>
 #include <endian.h>
@@ -427,12 +431,20 @@ take_string (const unsigned char *data, uint32_t len, uint32_t *pos,
   return s;
 }
 
+/* The transmission flags C sees for E: DF only with structured replies. */
+static uint16_t
+conn_tflags (const struct conn *c, const struct nbd_export *e)
+{
+  return e->tflags | (c->structured ? NBD_FLAG_SEND_DF : 0);
+}
+
 static bool
 send_info (struct conn *c, uint32_t opt, struct nbd_export *e,
            const uint16_t *reqs, uint16_t nr_reqs)
 {
   unsigned char b[18];
-  bool name = false, desc = false;
+  /* The description goes out unasked, as QEMU's server sends it. */
+  bool name = false, desc = e->description != NULL;
 
   for (uint16_t i = 0; i < nr_reqs; i++) {
     if (reqs[i] == NBD_INFO_NAME)
@@ -442,7 +454,7 @@ send_info (struct conn *c, uint32_t opt, struct nbd_export *e,
   }
   be16_store (b, NBD_INFO_EXPORT);
   be64_store (b + 2, e->size);
-  be16_store (b + 10, e->tflags);
+  be16_store (b + 10, conn_tflags (c, e));
   if (!opt_reply (c, opt, NBD_REP_INFO, b, 12))
     return false;
   be16_store (b, NBD_INFO_BLOCK_SIZE);
@@ -677,7 +689,7 @@ handle_option (struct conn *c, uint32_t opt, unsigned char *d, uint32_t len)
     if (!e)
       return -1;  /* this option has no way to say no */
     be64_store (b, e->size);
-    be16_store (b + 8, e->tflags);
+    be16_store (b + 8, conn_tflags (c, e));
     conn_bind (c, e);  /* keeps the reference; conn_run drops it */
     if (!write_full (c->fd, b, c->no_zeroes ? 10 : sizeof b))
       return -1;
@@ -1012,10 +1024,10 @@ do_read (struct conn *c, struct job *j)
   /* Structured: a hole chunk per zero extent, a data chunk per run of
    * other extents, the last one flagged DONE.  Past NBD_MAX_EXTENTS the
    * rest is one data chunk.  A small read is one data chunk: looking for
-   * holes would cost more than sending its zeros. */
+   * holes would cost more than sending its zeros.  So is a DF read. */
   struct strata_extent one;
 
-  if (j->len <= NBD_SPARSE_MIN) {
+  if (j->len <= NBD_SPARSE_MIN || (j->flags & NBD_CMD_FLAG_DF)) {
     ext = &one;  /* filled in below: the whole read is data */
     n = 0;
   }
@@ -1396,8 +1408,10 @@ check_request (struct conn *c, uint16_t flags, uint16_t type,
 
   switch (type) {
   case NBD_CMD_READ:
+    if (c->structured)
+      allowed |= NBD_CMD_FLAG_DF;
     if (len > NBD_MAX_BLOCK)
-      return c->structured ? EOVERFLOW : EINVAL;
+      return EINVAL;
     break;
   case NBD_CMD_WRITE:
     write = true;
@@ -1412,6 +1426,8 @@ check_request (struct conn *c, uint16_t flags, uint16_t type,
     write = true;
     break;
   case NBD_CMD_CACHE:
+    if (len > NBD_MAX_BLOCK)
+      return EINVAL;
     break;
   case NBD_CMD_FLUSH:
     ranged = false;
@@ -1692,7 +1708,7 @@ nbd_server_add_export_full (struct nbd_server *srv, const char *name,
                  | NBD_FLAG_SEND_FAST_ZERO;
   else
     e->tflags |= NBD_FLAG_READ_ONLY;
-  if (!flags->writable || flags->multi_conn)
+  if (flags->multi_conn)
     e->tflags |= NBD_FLAG_CAN_MULTI_CONN;
 
   pthread_mutex_lock (&srv->lock);

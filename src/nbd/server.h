@@ -18,9 +18,10 @@ struct nbd_server;
 struct nbd_export_flags {
   bool writable;          /* else the export is read-only */
   bool allocation_depth;  /* offer the qemu:allocation-depth context */
-  bool multi_conn;        /* advertise CAN_MULTI_CONN for a writable export:
-                           * every connection shares NODE and a flush is
-                           * global to it.  Read-only exports always do. */
+  bool multi_conn;        /* advertise CAN_MULTI_CONN: every connection
+                           * shares NODE and a flush is global to it (the
+                           * caller decides, as qemu-nbd does not with
+                           * -e 1, where a second connection would wait) */
   bool discard;           /* TRIM and WRITE_ZEROES may unmap; else TRIM is
                            * a successful no-op (qemu-nbd --discard=ignore) */
   bool writethrough;      /* every write is FUA (cache=writethrough) */

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import binary, need, run
 
+KiB = 1 << 10
 MiB = 1 << 20
 SIZE = 16 * MiB
 
@@ -238,11 +239,24 @@ def test_protocol_errors(tmp_path, chain, servers):
     expect_errno(nbd, lambda: h.pread(512, SIZE), errno.EINVAL)
     expect_errno(nbd, lambda: h.pread(4096, SIZE - 512), errno.EINVAL)
     expect_errno(nbd, lambda: h.pread(0, 0), errno.EINVAL)
-    expect_errno(nbd, lambda: h.pread(33 * MiB, 0), errno.EOVERFLOW)
+    expect_errno(nbd, lambda: h.pread(33 * MiB, 0), errno.EINVAL)
+    expect_errno(nbd, lambda: h.cache(33 * MiB, 0), errno.EINVAL)
     expect_errno(nbd, lambda: h.pwrite(b"x" * 512, SIZE - 256),
                  errno.ENOSPC)
-    expect_errno(nbd, lambda: h.pread(512, 0, nbd.CMD_FLAG_DF),
-                 errno.EINVAL)            # DF was not negotiated
+    # DF: one data chunk for a range of data and holes.
+    assert h.can_df()
+    want = (b"\1" * 512 * KiB + b"\3" * MiB + bytes(512 * KiB)
+            + b"\2" * MiB + bytes(MiB))
+    for flags in (0, nbd.CMD_FLAG_DF):
+        chunks = []
+        buf = h.pread_structured(
+            4 * MiB, 0, lambda sub, off, status, err:
+            chunks.append((status, off, len(sub))), flags)
+        assert buf == want
+        if flags:
+            assert chunks == [(nbd.READ_DATA, 0, 4 * MiB)]
+        else:
+            assert (nbd.READ_HOLE, 3 * MiB, MiB) in chunks, chunks
     expect_errno(nbd, lambda: h.pread(512, 0, 1 << 7), errno.EINVAL)
     expect_errno(nbd, lambda: h.zero(4096, 512 * 1024,
                                      nbd.CMD_FLAG_FAST_ZERO),
@@ -252,8 +266,11 @@ def test_protocol_errors(tmp_path, chain, servers):
     assert h.pread(4096, 512 * 1024) == b"\3" * 4096
     h.shutdown()
 
-    # Without structured replies a too-long read is EINVAL.
+    # Without structured replies no DF, and a too-long read is EINVAL.
     nbd, h = nbd_handle(s.uri, structured=False)
+    assert not h.can_df()
+    expect_errno(nbd, lambda: h.pread(512, 0, nbd.CMD_FLAG_DF),
+                 errno.EINVAL)
     expect_errno(nbd, lambda: h.pread(33 * MiB, 0), errno.EINVAL)
     assert h.pread(4096, 2 * MiB) == b"\2" * 4096
     h.shutdown()
