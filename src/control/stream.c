@@ -379,15 +379,44 @@ same_file (const char *a, const char *b)
   return strcmp (a, b) == 0 || (ra && rb && strcmp (ra, rb) == 0);
 }
 
-/* The node below TOP whose file is NAME (a new reference), or NULL. */
+/* NAME as QEMU resolves a backing name: a relative one against the
+ * directory of the image OVER (caller frees), or NULL. */
+static char *
+resolve_against (strata_node *over, const char *name)
+{
+  const char *slash = strrchr (over->filename, '/');
+  char *out;
+
+  if (name[0] == '/' || !slash)
+    return strdup (name);
+  if (asprintf (&out, "%.*s%s", (int)(slash - over->filename + 1),
+                over->filename, name)
+      < 0)
+    return NULL;
+  return out;
+}
+
+/* The node below TOP whose file is NAME (a new reference), or NULL.  A
+ * relative NAME is taken from the directory of the image above each
+ * candidate, as QEMU does. */
 static strata_node *
 find_backing_image (strata_node *top, const char *name)
 {
-  for (strata_node *n = chain_next (top); n; n = chain_next (n))
-    if (!n->drv->is_filter && same_file (n->filename, name)) {
+  strata_node *over = node_skip_filters (top);
+
+  for (strata_node *n = chain_next (top); n; n = chain_next (n)) {
+    CLEANUP_FREE char *full = NULL;
+
+    if (n->drv->is_filter)
+      continue;
+    full = resolve_against (over, name);
+    if (same_file (n->filename, name)
+        || (full && same_file (n->filename, full))) {
       node_ref (n);
       return n;
     }
+    over = n;
+  }
   return NULL;
 }
 

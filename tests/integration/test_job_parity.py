@@ -500,3 +500,28 @@ def test_device_behind_a_filter_as_qsd(tmp_path):
     log = parity(tmp_path, scenario)
     assert events(log).count("BLOCK_JOB_COMPLETED") == 2
     assert "Bottom node 'nonode' not found" in errors(log)
+
+
+def test_base_named_relative_to_the_overlay_as_qsd(tmp_path):
+    """Images whose backing names are relative, top added alone (its
+    chain opened from the headers): 'base' as the header names it is
+    found, and a stream with nothing to copy still rewrites the name."""
+    def relative(p):
+        for n, b in (("mid", "base.qcow2"), ("top", "mid.qcow2")):
+            run("qemu-img", "rebase", "-u", "-F", "qcow2", "-b", b, p[n])
+
+    def scenario(r):
+        r.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "top",
+                                 "file": {"driver": "file",
+                                          "filename": r.p["top"]}})
+        r.cmd("block-stream", **{"job-id": "j1", "device": "top",
+                                 "base": "nothere.qcow2"})
+        r.cmd("block-stream", **{"job-id": "j1", "device": "top",
+                                 "base": r.p["mid"]})
+        r.wait("JOB_STATUS_CHANGE", status="null")
+        r.cmd("block-stream", **{"job-id": "j2", "device": "top",
+                                 "base": "base.qcow2"})
+        r.wait("JOB_STATUS_CHANGE", status="null")
+
+    log = parity(tmp_path, scenario, setup=relative)
+    assert events(log).count("BLOCK_JOB_COMPLETED") == 2
