@@ -600,8 +600,10 @@ display_filename (strata_node *node)
   return out;
 }
 
-static char *
-full_backing_filename (strata_node *node, const char *name)
+/* NAME as a backing name of NODE resolves: relative to NODE's directory
+ * (caller frees).  Also block-stream's, to find a base by name. */
+char *
+qmp_full_backing_filename (strata_node *node, const char *name)
 {
   const char *slash = strrchr (node->filename, '/');
   char *out;
@@ -655,7 +657,7 @@ image_info (strata_node *node, bool nested, struct qmp_error *err)
         "corrupt", info.qcow2.corrupt, "extended-l2",
         info.qcow2.extended_l2));
   if (info.backing_filename) {
-    char *full = full_backing_filename (node, info.backing_filename);
+    char *full = qmp_full_backing_filename (node, info.backing_filename);
     json_object_set_new (o, "backing-filename",
                          json_string (info.backing_filename));
     if (full)

@@ -212,6 +212,9 @@ bool job_id_wellformed (const char *id);
  * thread take it.  Order: block lock, then job lock. */
 void qmp_block_lock (void);
 void qmp_block_unlock (void);
+/* NAME as a backing name of NODE resolves (commands-block.c); caller
+ * frees. */
+char *qmp_full_backing_filename (strata_node *node, const char *name);
 
 /* Commands implemented in stream.c. */
 json_t *stream_cmd_block_stream (json_t *args, struct qmp_error *err);

@@ -379,23 +379,6 @@ same_file (const char *a, const char *b)
   return strcmp (a, b) == 0 || (ra && rb && strcmp (ra, rb) == 0);
 }
 
-/* NAME as QEMU resolves a backing name: a relative one against the
- * directory of the image OVER (caller frees), or NULL. */
-static char *
-resolve_against (strata_node *over, const char *name)
-{
-  const char *slash = strrchr (over->filename, '/');
-  char *out;
-
-  if (name[0] == '/' || !slash)
-    return strdup (name);
-  if (asprintf (&out, "%.*s%s", (int)(slash - over->filename + 1),
-                over->filename, name)
-      < 0)
-    return NULL;
-  return out;
-}
-
 /* The node below TOP whose file is NAME (a new reference), or NULL.  A
  * relative NAME is taken from the directory of the image above each
  * candidate, as QEMU does. */
@@ -409,7 +392,7 @@ find_backing_image (strata_node *top, const char *name)
 
     if (n->drv->is_filter)
       continue;
-    full = resolve_against (over, name);
+    full = qmp_full_backing_filename (over, name);
     if (same_file (n->filename, name)
         || (full && same_file (n->filename, full))) {
       node_ref (n);
