@@ -237,6 +237,43 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
   return mismatch ? -1 : 0;
 }
 
+/* write -s FILE: LEN bytes of FILE's content, repeated from its start
+ * when FILE is shorter (qemu-io's qemu_io_alloc_from_file), or NULL after
+ * a message on stderr. */
+static uint8_t *
+data_from_file (const char *file, uint64_t len)
+{
+  FILE *f = fopen (file, "r");
+  uint8_t *buf;
+  size_t got;
+
+  if (!f) {
+    perror (file);
+    return NULL;
+  }
+  if (len > SIZE_MAX || !(buf = calloc (1, len ?: 1))) {
+    fprintf (stderr, "%s: %s\n", file, strerror (ENOMEM));
+    fclose (f);
+    return NULL;
+  }
+  got = fread (buf, 1, len, f);
+  if (ferror (f)) {
+    perror (file);
+    got = 0;
+    len = 1;    /* not "empty" */
+  }
+  else if (got == 0)
+    fprintf (stderr, "%s: file is empty\n", file);
+  fclose (f);
+  if (got == 0) {
+    free (buf);
+    return NULL;
+  }
+  for (uint64_t pos = got; pos < len; pos += got)
+    memcpy (buf + pos, buf, MIN (got, len - pos));
+  return buf;
+}
+
 static int
 cmd_write (struct io_ctx *io, int argc, char **argv)
 {
@@ -244,18 +281,20 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
   bool quiet = false, zero = false, unmap = false, fua = false;
   bool compressed = false;
   bool have_pattern = false;
+  const char *src = NULL;
   unsigned flags;
   uint64_t off, len;
   double t0;
   CLEANUP_FREE uint8_t *buf = NULL;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "+P:qzufc")) != -1) {
+  while ((c = getopt (argc, argv, "+P:qzufcs:")) != -1) {
     switch (c) {
     case 'P':
       if (!parse_pattern (optarg, &pattern)) return -1;
       have_pattern = true;
       break;
+    case 's': src = optarg; break;
     case 'q': quiet = true; break;
     case 'z': zero = true; break;
     case 'u': unmap = true; break;
@@ -269,8 +308,8 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
              argc - optind);
     return -1;
   }
-  if (zero && have_pattern) {
-    printf ("-z and -P cannot be specified at the same time\n");
+  if (zero + have_pattern + !!src > 1) {
+    printf ("Only one of -z, -P, and -s can be specified at the same time\n");
     return -1;
   }
   if (unmap && !zero) {
@@ -296,16 +335,19 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
     }
   }
   else {
-    buf = malloc (MIN (len, CHUNK) ?: 1);
-    if (!buf) {
+    if (src && !(buf = data_from_file (src, len)))
+      return -1;
+    if (!src && !(buf = malloc (MIN (len, CHUNK) ?: 1))) {
       printf ("write failed: %s\n", strerror (ENOMEM));
       return -1;
     }
-    memset (buf, pattern, MIN (len, CHUNK));
+    if (!src)
+      memset (buf, pattern, MIN (len, CHUNK));
     for (uint64_t done = 0; done < len || len == 0;) {
       size_t n = MIN (len - done, CHUNK);
 
-      r = strata_pwrite (io->node, buf, n, off + done, flags);
+      r = strata_pwrite (io->node, buf + (src ? done : 0), n, off + done,
+                         flags);
       if (r < 0) {
         print_io_failure ("write", r);
         return -1;
@@ -547,7 +589,8 @@ static const struct command commands[] = {
     "read-only or read-write" },
   { "truncate", cmd_truncate, 1, 3, "truncate off -- truncates the current "
     "file at the given offset" },
-  { "write", cmd_write, 2, -1, "write [-cfquz] [-P pattern] off len -- "
+  { "write", cmd_write, 2, -1, "write [-cfquz] [-P pattern | -s source_file] "
+    "off len -- "
     "writes a number of bytes at a specified offset" },
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])

@@ -450,3 +450,43 @@ def test_pattern_failure_names_first_differing_byte(tmp_path, strata_io):
     assert proc.stderr.strip() == (
         "strata-io: first mismatch at offset 5000 (0x1388): "
         "expected 0x00, read 0x07")
+
+
+def test_write_from_source_file_matches_qemu(tmp_path, strata_io, qemu_io):
+    """write -s FILE: FILE's bytes, repeated when it is shorter than the
+    request; its errors and the -z/-P/-s exclusion in qemu-io's words."""
+    rnd = random.Random(7)
+    (tmp_path / "big").write_bytes(bytes(rnd.randrange(256)
+                                         for _ in range(70000)))
+    (tmp_path / "ab").write_bytes(b"ab")
+    (tmp_path / "empty").write_bytes(b"")
+    cmds = [f"write -s {tmp_path}/ab 3 5", f"write -s {tmp_path}/big 4k 200k",
+            f"write -s {tmp_path}/big 300k 64k"]
+    s, q, s_img, q_img = both(strata_io, qemu_io, tmp_path, cmds)
+    assert s.returncode == q.returncode == 0, s.stdout + s.stderr
+    assert drop_timing(s.stdout) == drop_timing(q.stdout)
+    assert s_img.read_bytes() == q_img.read_bytes()
+    assert s_img.read_bytes()[3:8] == b"ababa"
+    for bad in (f"write -s {tmp_path}/empty 0 4k",
+                f"write -s {tmp_path}/missing 0 4k",
+                f"write -s {tmp_path} 0 4k",
+                f"write -s {tmp_path}/ab -P 1 0 4k",
+                "write -z -P 1 0 4k"):
+        s, q, s_img, q_img = both(strata_io, qemu_io, tmp_path, [bad])
+        assert (s.returncode, s.stdout, s.stderr) == \
+            (q.returncode, q.stdout, q.stderr) and q.returncode == 1, bad
+        assert s_img.read_bytes() == bytes(MiB)
+
+
+def test_probed_raw_sector_0_as_qemu(tmp_path, strata_io, qemu_io):
+    """A probed raw image refuses a sector 0 that would probe as qcow (the
+    qcow2 magic with a version), and takes one QEMU would still read as
+    raw (version 0)."""
+    for version, ok in ((0, True), (1, False), (3, False)):
+        src = tmp_path / "hdr"
+        src.write_bytes(b"QFI\xfb" + version.to_bytes(4, "big"))
+        s, q, s_img, q_img = both(strata_io, qemu_io, tmp_path,
+                                  [f"write -s {src} 0 512"], opts=())
+        assert s.returncode == q.returncode == (0 if ok else 1), version
+        assert s_img.read_bytes() == q_img.read_bytes()
+        assert (s_img.read_bytes()[:4] == b"QFI\xfb") == ok

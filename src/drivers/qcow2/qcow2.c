@@ -34,7 +34,11 @@
 static int
 qcow2_probe (const uint8_t *buf, size_t len)
 {
-  return len >= 4 && be32_load (buf) == QCOW2_MAGIC ? 100 : 0;
+  /* As QEMU probes: a whole header with a version.  Version 0 is not
+   * qcow at all there (raw); version 1 is QEMU's older qcow format, which
+   * strata refuses by name rather than show its metadata as raw data. */
+  return len >= 104 && be32_load (buf) == QCOW2_MAGIC && be32_load (buf + 4)
+         ? 100 : 0;
 }
 
 /* The dirty bit says refcounts may be stale (lazy refcounts, then a
