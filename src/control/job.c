@@ -17,7 +17,7 @@
 
 static pthread_mutex_t jobs_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t threads_cond = PTHREAD_COND_INITIALIZER;
-static struct job *jobs; /* oldest first */
+static struct job *jobs; /* newest first, as QEMU lists them */
 static int live_threads;
 
 static const char *const status_names[JOB_STATUS_MAX] = {
@@ -291,14 +291,10 @@ job_create (const char *id, const struct job_driver *drv, int64_t speed,
   job->status = JOB_CREATED;
   job->gen = 1; /* job_settle after the start waits for the first ack */
   ratelimit_init (&job->rl, 0, ratelimit_now_ns ());
-  /* Appended before the speed check, as QEMU does: a bad speed shows as
-   * created -> null. */
-  {
-    struct job **p = &jobs;
-    while (*p)
-      p = &(*p)->next;
-    *p = job;
-  }
+  /* Listed before the speed check, as QEMU does: a bad speed shows as
+   * created -> null.  At the head: query-jobs lists the newest first. */
+  job->next = jobs;
+  jobs = job;
   qmp_event_emit ("JOB_STATUS_CHANGE",
                   json_pack ("{s:s, s:s}", "id", id, "status", "created"));
   if (speed < 0) {

@@ -198,7 +198,7 @@ bool job_set_speed_locked (struct job *job, int64_t speed,
 /* Replies: BlockJobInfo and JobInfo, in QAPI's member order. */
 json_t *job_block_info_locked (struct job *job);
 json_t *job_info_locked (struct job *job);
-/* Call FN for every job, oldest first, job lock held. */
+/* Call FN for every job, newest first (QEMU's order), job lock held. */
 void job_foreach_locked (void (*fn) (struct job *job, void *opaque),
                          void *opaque);
 

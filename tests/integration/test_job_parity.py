@@ -525,3 +525,29 @@ def test_base_named_relative_to_the_overlay_as_qsd(tmp_path):
 
     log = parity(tmp_path, scenario, setup=relative)
     assert events(log).count("BLOCK_JOB_COMPLETED") == 2
+
+
+def test_jobs_listed_newest_first_as_qsd(tmp_path):
+    def second_chain(p):
+        d = Path(p["top"]).parent
+        p["obase"], p["otop"] = str(d / "obase.qcow2"), str(d / "otop.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", p["obase"], "4M")
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 4M", p["obase"])
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+            p["obase"], p["otop"], "4M")
+
+    def scenario(r):
+        r.chain()
+        r.add("otop")
+        for job, dev in (("j1", "top"), ("j2", "otop")):
+            r.cmd("block-stream", **{"job-id": job, "device": dev,
+                                     "speed": SLOW})
+        r.cmd("query-jobs")
+        r.cmd("query-block-jobs")
+        for job in ("j1", "j2"):
+            r.cmd("job-cancel", id=job)
+            r.wait("JOB_STATUS_CHANGE", status="null", id=job)
+
+    log = parity(tmp_path, scenario, mask=True, setup=second_chain)
+    listed = [x[2]["return"] for x in log if x[0] == "query-jobs"][0]
+    assert [j["id"] for j in listed] == ["j2", "j1"]
