@@ -106,7 +106,8 @@ static const char *const locking_values[] = { "off", "on", "auto", NULL };
 static const char *const aio_values[] = { "threads", "native", "io_uring",
                                           NULL };
 static const char *const driver_values[] = { "blkdebug", "copy-on-read",
-                                             "file", "qcow2", "raw", NULL };
+                                             "file", "nbd", "qcow2", "raw",
+                                             NULL };
 
 static const struct member cache_members[] = {
   { "direct", K_BOOL, false, NULL, NULL, true },
@@ -145,6 +146,25 @@ static const struct member qcow2_members[] = {
   { NULL },
 };
 
+/* SocketAddress; which members a type needs is checked by
+ * check_nbd_server (QEMU's union). */
+static const char *const socket_types[] = { "inet", "unix", "vsock", "fd",
+                                            NULL };
+static const struct member socket_members[] = {
+  { "type", K_ENUM, true, socket_types, NULL, true },
+  { "path", K_STR, false, NULL, NULL, true },
+  { "host", K_STR, false, NULL, NULL, true },
+  { "port", K_STR, false, NULL, NULL, true },
+  { NULL },
+};
+/* BlockdevOptionsNbd without TLS, dirty bitmaps and open-timeout. */
+static const struct member nbd_members[] = {
+  { "server", K_OBJ, true, NULL, socket_members, true },
+  { "export", K_STR, false, NULL, NULL, true },
+  { "reconnect-delay", K_INT, false, NULL, NULL, true },
+  { NULL },
+};
+
 static const struct member cor_members[] = {
   { "file", K_REF, true, NULL, NULL, true },
   { "bottom", K_STR, false, NULL, NULL, true },
@@ -179,7 +199,42 @@ variant_members (const char *driver)
     return blkdebug_members;
   if (strcmp (driver, "raw") == 0)
     return raw_members;
+  if (strcmp (driver, "nbd") == 0)
+    return nbd_members;
   return qcow2_members;
+}
+
+/* The members SocketAddress's type needs, in QEMU's words. */
+static bool
+check_nbd_server (json_t *obj, const char *path, struct qmp_error *err)
+{
+  json_t *server = json_object_get (obj, "server");
+  const char *type = json_string_value (json_object_get (server, "type"));
+  const char *need[2] = { NULL, NULL };
+
+  if (strcmp (type, "unix") == 0)
+    need[0] = "path";
+  else if (strcmp (type, "inet") == 0)
+    need[0] = "host", need[1] = "port";
+  else {
+    qmp_error_set (err, "GenericError", "strata does not implement "
+                   "server.type '%s' (only 'unix' and 'inet')", type);
+    return false;
+  }
+  for (int i = 0; i < 2 && need[i]; i++)
+    if (!json_object_get (server, need[i])) {
+      qmp_error_set (err, "GenericError", "Parameter '%sserver.%s' is "
+                     "missing", path, need[i]);
+      return false;
+    }
+  if (json_integer_value (json_object_get (obj, "reconnect-delay")) < 0
+      || json_integer_value (json_object_get (obj, "reconnect-delay"))
+             > UINT32_MAX) {
+    qmp_error_set (err, "GenericError",
+                   "Parameter '%sreconnect-delay' expects uint32_t", path);
+    return false;
+  }
+  return true;
 }
 
 static bool visit_blockdev (json_t *obj, const char *path, strata_opts *out,
@@ -265,8 +320,9 @@ visit_members (json_t *obj, const struct member *spec, const char *path,
       while (*e && strcmp (*e, json_string_value (v)) != 0)
         e++;
       if (!*e) {
+        /* QEMU's visitor names an enum member without its path. */
         qmp_error_set (err, "GenericError",
-                       "Parameter '%s' does not accept value '%s'", p,
+                       "Parameter '%s' does not accept value '%s'", m->name,
                        json_string_value (v));
         return false;
       }
@@ -384,7 +440,8 @@ visit_blockdev (json_t *obj, const char *path, strata_opts *out,
   driver = json_string_value (json_object_get (obj, "driver"));
   variant = variant_members (driver);
   return visit_members (obj, variant, path, out, prefix, err)
-         && check_unknown (obj, base_members, variant, path, err);
+         && check_unknown (obj, base_members, variant, path, err)
+         && (strcmp (driver, "nbd") != 0 || check_nbd_server (obj, path, err));
 }
 
 /* ---- helpers ---- */
@@ -640,10 +697,12 @@ image_info (strata_node *node, bool nested, struct qmp_error *err)
   if (!node->file)
     info.virtual_size = (info.virtual_size + 511) & ~(uint64_t) 511;
   fn = display_filename (node);
-  o = json_pack ("{s:I, s:s?, s:s, s:b}", "virtual-size",
+  o = json_pack ("{s:I, s:s?, s:s}", "virtual-size",
                  (json_int_t) info.virtual_size, "filename", fn, "format",
-                 node->drv->name, "dirty-flag", info.dirty);
+                 node->drv->name);
   free (fn);
+  if (!info.dirty_unknown)      /* raw over NBD: none, as QEMU */
+    json_object_set_new (o, "dirty-flag", json_boolean (info.dirty));
   if (info.cluster_size)
     json_object_set_new (o, "cluster-size", json_integer (info.cluster_size));
   if (info.actual_size)

@@ -364,3 +364,66 @@ def test_command_line_serves(tmp_path):
         p.stderr.close()
     r = run(qemu_io(), "-c", "read -P 0x5a 0 64k", str(path))
     assert "Pattern verification failed" not in r.stdout
+
+
+def test_blockdev_add_nbd_matches_qsd(tmp_path):
+    """blockdev-add driver=nbd (a remote export as a node): the same
+    replies as qemu-storage-daemon for good and bad arguments, the same
+    query-named-block-nodes image, and the data reads back through an
+    export of a raw node over it."""
+    data = tmp_path / "d.raw"
+    run(qemu_img(), "create", "-q", "-f", "raw", str(data), "4M")
+    run(qemu_io(), "-f", "raw", "-c", "write -P 5 0 64k", str(data))
+    src = str(tmp_path / "src.sock")
+    server = subprocess.Popen([need("qemu-nbd", "qemu-utils"),
+                               "-f", "raw", "-t", "-e", "8", "-x", "ex",
+                               "-k", src, str(data)])
+    try:
+        for _ in range(200):
+            if os.path.exists(src):
+                break
+            time.sleep(0.025)
+        good = {"type": "unix", "path": src}
+        cases = [
+            {}, {"server": {"type": "unix"}},
+            {"server": {"type": "inet", "host": "127.0.0.1"}},
+            {"server": {"type": "inet", "port": "1"}},
+            {"server": {"type": "bogus"}}, {"server": {"path": "/x"}},
+            {"server": {"type": "unix", "path": str(tmp_path / "none")}},
+            {"server": {"type": "inet", "host": "127.0.0.1", "port": 1}},
+            {"server": {"type": "unix", "path": "/x", "bogus": 1}},
+            {"server": good, "reconnect-delay": -1},
+            {"server": good, "export": 5},
+            {"server": good, "export": "nope"},
+            {"server": good, "export": "ex", "node-name": "n"},
+        ]
+        results = {}
+        for tag, argv0 in daemons(tmp_path):
+            mon = Monitor(argv0, tmp_path, tag)
+            try:
+                out = [mon.cmd("blockdev-add", **{"driver": "nbd",
+                                                  "node-name": "a", **c})
+                       for c in cases]
+                out.append(mon.cmd("blockdev-add", driver="raw",
+                                   **{"node-name": "r"}, file="n"))
+                out.append(sorted((n["node-name"], n["image"]) for n in
+                                  mon.ok("query-named-block-nodes")))
+                if tag == "stratad":
+                    sock = str(tmp_path / "exp.sock")
+                    mon.ok("nbd-server-start", addr={
+                        "type": "unix", "data": {"path": sock}})
+                    mon.ok("block-export-add", type="nbd", id="e",
+                           **{"node-name": "r"})
+                    p = run(qemu_io(), "-f", "raw", "-r", "-c",
+                            "read -P 5 0 64k", "-c", "read -P 0 64k 64k",
+                            f"nbd+unix:///r?socket={sock}")
+                    assert "verification failed" not in p.stdout
+            finally:
+                mon.stop()
+            results[tag] = out
+        assert results["stratad"] == results["qsd"]
+        assert results["qsd"][-1][0][1]["format"] == "nbd"
+        assert "dirty-flag" not in results["qsd"][-1][1][1]
+    finally:
+        server.terminate()
+        server.wait(10)
