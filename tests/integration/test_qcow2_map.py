@@ -86,3 +86,29 @@ def test_block_status_matches_qemu(tmp_path, mapper, cs, ext):
         assert depth in (0, None)
         if q[c][0] == 0:
             assert (depth, zero, data, off) == q[c]
+
+
+@pytest.mark.parametrize("cs", [4 * KiB, 64 * KiB])
+def test_partial_zero_writes_map_as_qemu(tmp_path, cs):
+    """write -z over part of a cluster: where the rest of the cluster reads
+    as zeros already, the whole cluster becomes a zero cluster (as QEMU
+    does); elsewhere zeros are written as data.  Same map, same content."""
+    from qcow2_common import sio
+    ops = ["write -q -P 1 1M 64k", "write -q -z 8k 1k", "write -q -z 1M 4k",
+           "write -q -z 2162688 8k", "write -q -P 2 3200k 64k",
+           "write -q -z 3210k 1k", "write -q -z 1500k 100k",
+           "write -q -z 4090k 10k", "write -q -z 60k 8k"]
+    maps = []
+    for tool in (qio, sio):
+        img = tmp_path / f"{tool.__name__}.qcow2"
+        create(img, 4100 * KiB, cluster_size=cs)
+        tool(img, ops)
+        maps.append(run(qemu_img(), "map", "--output=json", img).stdout)
+        run(qemu_img(), "check", img)
+    assert maps[0] == maps[1]
+    # The cluster under "write -z 8k 1k" is now a zero cluster.
+    entry = [e for e in json.loads(maps[1])
+             if e["start"] <= 8 * KiB < e["start"] + e["length"]][0]
+    assert (entry["present"], entry["zero"], entry["data"]) == \
+        (True, True, False)
+    run(qemu_img(), "compare", tmp_path / "qio.qcow2", tmp_path / "sio.qcow2")

@@ -637,7 +637,7 @@ qcow2_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
   struct qcow2_state *s = node->opaque;
   struct tracked_req req;
   struct write_batch b;
-  uint64_t start, clen, head_end, tail_start;
+  uint64_t start, clen, head_end, tail_start, end = offset + len;
   CLEANUP_FREE uint8_t *zeros = NULL;
   int r = 0;
 
@@ -649,6 +649,16 @@ qcow2_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
   if (!(zeros = calloc (1, s->cluster_size)) || !batch_init (s, &b, clen))
     return -ENOMEM;
   tracker_begin (&s->clusters, &req, start, clen, true);
+  /* A partial cluster whose rest reads as zeros already becomes a zero
+   * cluster as a whole, as QEMU makes it (qemu-img map shows the same). */
+  if (!s->ext_l2 && offset % s->cluster_size
+      && reads_as_zero (node, start, MIN (s->cluster_size, s->size - start)))
+    offset = start, len = end - start;
+  if (!s->ext_l2 && end % s->cluster_size) {
+    uint64_t last = ROUND_DOWN (end, s->cluster_size);
+    if (reads_as_zero (node, last, MIN (s->cluster_size, s->size - last)))
+      len = last + s->cluster_size - offset;
+  }
   head_end = MIN (ROUND_UP (offset, s->cluster_size), offset + len);
   tail_start = MAX (ROUND_DOWN (offset + len, s->cluster_size), head_end);
   if (head_end > offset)
