@@ -873,6 +873,20 @@ range_is_zero (strata_node *n, uint64_t off, uint64_t len, uint8_t *buf,
   return 0;
 }
 
+/* Whether A and B have one format: a raw image's block status (from the
+ * file below it) never equals a qcow2 image's in qemu-img. */
+static bool
+same_driver (strata_node *a, strata_node *b)
+{
+  struct strata_info ia, ib;
+
+  return strata_get_info (a, &ia, 0, NULL) && strata_get_info (b, &ib, 0, NULL)
+         && strcmp (ia.format, ib.format) == 0;
+}
+
+#define STRICT_BS                                                            \
+  (STRATA_BS_ALLOCATED | STRATA_BS_ZERO | STRATA_BS_DATA | STRATA_BS_OFFSET)
+
 int
 cmd_compare (int argc, char **argv)
 {
@@ -883,7 +897,7 @@ cmd_compare (int argc, char **argv)
     { NULL, 0, NULL, 0 },
   };
   const char *fmt_a = NULL, *fmt_b = NULL;
-  bool strict = false, quiet = false, force_share = false;
+  bool strict = false, quiet = false, force_share = false, same_format;
   strata_node *a = NULL, *b = NULL;
   CLEANUP_FREE uint8_t *ba = NULL, *bb = NULL;
   int64_t la, lb;
@@ -926,6 +940,7 @@ cmd_compare (int argc, char **argv)
     goto out;
   }
   common = MIN (la, lb);
+  same_format = same_driver (a, b);
   for (off = 0; off < common;) {
     struct strata_extent ea, eb;
     uint64_t chunk;
@@ -934,8 +949,11 @@ cmd_compare (int argc, char **argv)
         || (r = strata_block_status (b, off, common - off, &eb, 0)) < 0)
       break;
     chunk = MIN (MIN (ea.length, eb.length), COMPARE_CHUNK);
-    if (strict && (ea.flags & STRATA_BS_ALLOCATED)
-                      != (eb.flags & STRATA_BS_ALLOCATED)) {
+    /* qemu-img compares the whole block status in strict mode: where
+     * the data is (an offset, or none for a compressed cluster) too. */
+    if (strict
+        && ((ea.flags & STRICT_BS) != (eb.flags & STRICT_BS)
+            || !same_format)) {
       if (!quiet)
         printf ("Strict mode: Offset %" PRIu64 " block status mismatch!\n",
                 off);

@@ -265,7 +265,10 @@ ROWS = {
     "check": ["q64.qcow2 -q", "--output=json comp.qcow2", "a b",
               "-r bogus q64.qcow2", "bm.qcow2", "--output=json bm.qcow2",
               "--output=json bm2.qcow2"],
-    "compare": ["q64.qcow2 q64.qcow2 -q", "q64.qcow2", "top.qcow2 base.qcow2"],
+    "compare": ["q64.qcow2 q64.qcow2 -q", "q64.qcow2", "top.qcow2 base.qcow2",
+                "-s q64.qcow2 comp.qcow2", "-s q64.qcow2 raw.img",
+                "-s raw.img rbase.img", "-s q64.qcow2 q512.qcow2",
+                "-s top.qcow2 mid.qcow2", "-s comp.qcow2 comp.qcow2"],
 }
 # -l: an internal snapshot as the source.
 ROWS["snapshot source"] = [
