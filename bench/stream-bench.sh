@@ -89,14 +89,18 @@ def rate_over(q):
     return (b - a) / (t1 - t0) / MIB
 
 
+# Two rounds, the daemons alternating, best time each: the first stream
+# of a fresh chain also pays for reading it into the page cache.
 full = {}
+for _ in range(2):
+    for name in daemons:
+        proc, q = start(name, name + "-full")
+        t = time.monotonic()
+        q.execute("block-stream", {"job-id": "j", "device": "top"})
+        q.event("BLOCK_JOB_COMPLETED", timeout=3600)
+        full[name] = min(full.get(name, 1e9), time.monotonic() - t)
+        stop(proc, q)
 for name in daemons:
-    proc, q = start(name, name + "-full")
-    t = time.monotonic()
-    q.execute("block-stream", {"job-id": "j", "device": "top"})
-    q.event("BLOCK_JOB_COMPLETED", timeout=3600)
-    full[name] = time.monotonic() - t
-    stop(proc, q)
     print(f"{name:8s} unlimited: {full[name]:7.2f} s  "
           f"({size / MIB / full[name]:7.1f} MiB/s)")
 print(f"ratio stratad/qsd time: {full['stratad'] / full['qsd']:.2f}")
