@@ -715,7 +715,10 @@ stream_cmd_block_stream (json_t *args, struct qmp_error *err)
   job_lock ();
   if (!check_not_busy_locked (top, base, err))
     ;
-  else if (!base && str_arg (args, "backing-file"))
+  /* QEMU asks whether base or base-node was given: with bottom, too,
+   * there is no base to name. */
+  else if (!str_arg (args, "base") && !str_arg (args, "base-node")
+           && str_arg (args, "backing-file"))
     qmp_error_set (err, "GenericError",
                    "backing file specified, but streaming the entire chain");
   else {

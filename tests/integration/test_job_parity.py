@@ -227,6 +227,8 @@ def test_block_stream_errors_in_qsd_order(tmp_path):
             {"job-id": "1bad", "device": "nonode"},
             {"job-id": "1bad", "device": "top", "filter-node-name": "2bad"},
             {"job-id": "1bad", "device": "top", "backing-file": "x"},
+            {"job-id": "j1", "device": "top", "bottom": "mid",
+             "backing-file": "x"},
             {"job-id": "1bad", "device": "top", "speed": -1},
             {"device": "top"},
             {"job-id": "", "device": "top"},
