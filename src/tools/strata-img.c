@@ -52,6 +52,30 @@ open_backing (const char *filename, const char *path, const char *fmt)
   return b;
 }
 
+/* -b without -F: as qemu-img 7.2, a backing file's format is never
+ * guessed; its message names what probing found (with no newline after
+ * it, as qemu-img prints it), unless -u says not to open it.  Returns 1. */
+static int
+no_backing_format (const char *filename, const char *path, bool unsafe)
+{
+  struct strata_info info;
+  strata_node *b;
+
+  if (unsafe) {
+    fprintf (stderr, "%s: %s: Backing file specified without backing "
+             "format\n", progname, filename);
+    return 1;
+  }
+  if (!(b = open_backing (filename, path, NULL)))
+    return 1;
+  if (strata_get_info (b, &info, 0, NULL))
+    fprintf (stderr, "%s: %s: Backing file specified without backing "
+             "format\nDetected format of %s.", progname, filename,
+             info.format);
+  strata_close (b);
+  return 1;
+}
+
 /* qemu-img's "Formatting" line: the creation options in the format's
  * order, each with its value or its default (size-typed ones as bytes),
  * then the file protocol's. */
@@ -190,12 +214,6 @@ cmd_create (int argc, char **argv)
              "string\n", progname, filename);
     return 1;
   }
-  if (backing && !bfmt) {
-    /* As qemu-img 7.2 does: a backing file's format is never guessed. */
-    fprintf (stderr, "%s: %s: Backing file specified without backing "
-             "format (use -F raw, -F qcow2, ...)\n", progname, filename);
-    return 1;
-  }
 
   /* A relative backing name is relative to the new image's directory; a
    * URI (nbd://, nbd+unix://) is not a path. */
@@ -206,6 +224,10 @@ cmd_create (int argc, char **argv)
                   filename, backing) < 0)
       return 1;
   }
+
+  if (backing && !bfmt)
+    return no_backing_format (filename,
+                              backing_path ? backing_path : backing, unsafe);
 
   /* The size defaults to the backing file's. */
   if (backing && !have_size) {

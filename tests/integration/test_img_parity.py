@@ -253,6 +253,8 @@ ROWS = {
         "-f qcow2 x 1M -q", "", "-f qcow2 x.qcow2 11", "-f raw x.raw 11",
         "-f qcow2 -o size=2M x 1M", "-f qcow2 -b nope -F qcow2 x 1M",
         "-f qcow2 -b orphan.qcow2 -F qcow2 x", "-f qcow2 -b raw.img -F raw x",
+        "-f qcow2 -b raw.img x", "-f qcow2 -u -b nope x 1M",
+        "-f qcow2 -b nope x 1M", "-f qcow2 -b orphan.qcow2 x 1M",
     ],
     "info": ["q64.qcow2 --output=json", "-f qcow2 raw.img", "", "--bogus x",
              "orphan.qcow2", "--output=json orphan.qcow2", "top.qcow2",
