@@ -297,9 +297,16 @@ def recvn(sk, n):
 
 
 def raw_connect(sock):
-    sk = socket.socket(socket.AF_UNIX)
-    sk.settimeout(10)
-    sk.connect(sock)
+    # The socket file appears at bind(), a moment before listen().
+    for _ in range(200):
+        sk = socket.socket(socket.AF_UNIX)
+        sk.settimeout(10)
+        try:
+            sk.connect(sock)
+            break
+        except ConnectionRefusedError:
+            sk.close()
+            time.sleep(0.025)
     greeting = recvn(sk, 18)
     assert greeting[:16] == b"NBDMAGICIHAVEOPT"
     sk.sendall(struct.pack(">I", 3))   # FIXED_NEWSTYLE | NO_ZEROES

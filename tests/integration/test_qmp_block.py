@@ -35,9 +35,19 @@ class Monitor:
             if self.proc.poll() is not None:
                 raise AssertionError(f"{argv0} exited: {self.proc.stderr.read()}")
             time.sleep(0.025)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(60)
-        self.sock.connect(self.sock_path)
+        # The socket file appears at bind(), a moment before listen():
+        # a connection refused then is retried.
+        for _ in range(200):
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(60)
+            try:
+                self.sock.connect(self.sock_path)
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                time.sleep(0.025)
+        else:
+            raise AssertionError(f"{argv0} never accepted on its socket")
         # Read-only: writing through a text "rw" file drops what it has
         # already read ahead, such as an event that came with a reply.
         self.f = self.sock.makefile("r")
