@@ -98,16 +98,20 @@ image_opts_split (const char *opts, const char *extra, char **path,
   *path = strdup (v);
   if ((v = opts_get (o, "driver")))
     *driver = strdup (v);
-  if ((v = opts_get (o, "file.driver")) && strcmp (v, "file") != 0)
+  /* file.driver=file is the default; another (blkdebug) is passed on. */
+  if ((v = opts_get (o, "file.driver")) && strcmp (v, "file") != 0
+      && !opts_set (o, "x-file-driver", v))
     return false;
   if (!(*rest = strdup (extra ? extra : "")))
     return false;
   len = strlen (*rest);
   for (size_t i = 0; i < o->n; i++) {
     char *r;
+    const char *k = o->v[i].key;
     if (o->v[i].used)
       continue;
-    if (asprintf (&r, "%s%s%s=%s", *rest, len ? "," : "", o->v[i].key,
+    if (asprintf (&r, "%s%s%s=%s", *rest, len ? "," : "",
+                  strcmp (k, "x-file-driver") ? k : "file.driver",
                   o->v[i].value) < 0)
       return false;
     free (*rest);

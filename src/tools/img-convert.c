@@ -78,6 +78,7 @@ struct convert {
   uint64_t total;
   strata_node *dst;
   bool compressed, backing_mode, zero_init, out_of_order, progress;
+  bool salvage; /* --salvage: unreadable sectors become zeros */
   uint64_t min_sparse; /* bytes; 0 = no zero detection */
   uint64_t align;      /* sectors: zero runs are cut at these */
   uint64_t cluster;    /* target cluster size (compressed chunks) */
@@ -320,6 +321,26 @@ next_chunk_locked (struct convert *c, struct chunk *ch)
 
 /* ---- reading and writing ---- */
 
+/* --salvage: LEN bytes at LOCAL of NODE into BUF again, one sector at a
+ * time, each sector that cannot be read warned about (at its offset OFF
+ * in the output, as qemu-img) and left as zeros. */
+static int
+salvage_read (strata_node *node, uint8_t *buf, uint64_t len, uint64_t local,
+              uint64_t off)
+{
+  for (uint64_t i = 0; i < len; i += SECTOR) {
+    uint64_t n = MIN (SECTOR, len - i);
+    int r = strata_pread (node, buf + i, n, local + i, 0);
+
+    if (r < 0) {
+      fprintf (stderr, "%s: warning: error while reading offset %" PRIu64
+               ": %s\n", progname, off + i, strerror (-r));
+      memset (buf + i, 0, n);
+    }
+  }
+  return 0;
+}
+
 /* Read [OFF, OFF+LEN) of the concatenated sources. */
 static int
 read_sources (struct convert *c, uint8_t *buf, uint64_t off, uint64_t len)
@@ -331,6 +352,8 @@ read_sources (struct convert *c, uint8_t *buf, uint64_t off, uint64_t len)
     int r = have ? strata_pread (s->node, buf, have, local, 0) : 0;
 
     memset (buf + have, 0, n - have);
+    if (r < 0 && c->salvage)
+      r = salvage_read (s->node, buf, have, local, off);
     if (r < 0) {
       convert_fail (c, r, "reading", off);
       return r;
@@ -561,6 +584,7 @@ struct convert_args {
   char *options;
   char *opt_backing, *opt_bfmt; /* -o backing_file/backing_fmt: as -B/-F */
   bool compressed, skip_create, quiet, progress, force_share, target_is_zero;
+  bool salvage;
   bool out_of_order;
   uint64_t min_sparse, rate;
   int threads;
@@ -724,7 +748,7 @@ create_target (const char *dst, uint64_t total, const struct convert_args *a)
 static int
 parse_convert_args (int argc, char **argv, struct convert_args *a)
 {
-  enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED };
+  enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED, OPT_SALVAGE };
   static const struct option lopts[] = {
     { "help", no_argument, NULL, 'h' },
     { "force-share", no_argument, NULL, 'U' },
@@ -732,7 +756,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
     { "object", required_argument, NULL, OPT_UNSUPPORTED },
     IMG_IMAGE_OPTS_OPTION,
     { "target-image-opts", no_argument, NULL, OPT_UNSUPPORTED },
-    { "salvage", no_argument, NULL, OPT_UNSUPPORTED },
+    { "salvage", no_argument, NULL, OPT_SALVAGE },
     { "bitmaps", no_argument, NULL, OPT_UNSUPPORTED },
     { NULL, 0, NULL, 0 },
   };
@@ -756,6 +780,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
     case 't': a->cache = optarg; break;
     case 'T': a->src_cache = optarg; break;
     case OPT_TARGET_IS_ZERO: a->target_is_zero = true; break;
+    case OPT_SALVAGE: a->salvage = true; break;
     case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'o': {
       char *n;
@@ -990,6 +1015,7 @@ cmd_convert (int argc, char **argv)
   c.out_of_order = a.out_of_order;
   c.progress = a.progress;
   c.min_sparse = a.min_sparse;
+  c.salvage = a.salvage;
   ratelimit_init (&c.rl, a.rate, ratelimit_now_ns ());
   c.align = MAX (a.min_sparse, SECTOR) / SECTOR;
   while (c.align & (c.align - 1))

@@ -337,3 +337,32 @@ def test_convert_lays_out_clusters_as_qemu(tmp_path, template, args):
             .stdout for d in (qd, sd)]
     assert maps[1] == maps[0]
     assert "offset" in maps[0] or "-c" in args  # compressed: no offsets
+
+
+def test_convert_salvage_zeroes_unreadable_sectors(tmp_path):
+    """--salvage: a sector that cannot be read is warned about in
+    qemu-img's words and written as zeros, and the convert succeeds
+    (without it, it fails).  blkdebug's options differ between the tools,
+    so strata-img alone, against qemu-img's message."""
+    need("qemu-io", "qemu-utils")
+    src = tmp_path / "src.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", src, "64k"],
+                   check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 64k", src],
+                   check=True, capture_output=True)
+    opts = (f"driver=raw,file.filename={src},file.driver=blkdebug,"
+            "file.inject-error.0.event=read_aio,file.inject-error.0.errno=5,"
+            "file.inject-error.0.sector=8")
+    strata = binary("strata-img")
+    bad = subprocess.run([strata, "convert", "-O", "raw", "--image-opts",
+                          opts, tmp_path / "a.raw"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1
+    p = subprocess.run([strata, "convert", "--salvage", "-O", "raw",
+                        "--image-opts", opts, tmp_path / "b.raw"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ("strata-img: warning: error while reading offset "
+                        "4096: Input/output error\n")
+    data = (tmp_path / "b.raw").read_bytes()
+    assert data == b"\1" * 4096 + b"\0" * 512 + b"\1" * (65536 - 4608)
