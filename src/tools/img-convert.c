@@ -584,7 +584,7 @@ struct convert_args {
   char *options;
   char *opt_backing, *opt_bfmt; /* -o backing_file/backing_fmt: as -B/-F */
   bool compressed, skip_create, quiet, progress, force_share, target_is_zero;
-  bool salvage;
+  bool salvage, bitmaps;
   bool out_of_order;
   uint64_t min_sparse, rate;
   int threads;
@@ -748,7 +748,7 @@ create_target (const char *dst, uint64_t total, const struct convert_args *a)
 static int
 parse_convert_args (int argc, char **argv, struct convert_args *a)
 {
-  enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED, OPT_SALVAGE };
+  enum { OPT_TARGET_IS_ZERO = 256, OPT_UNSUPPORTED, OPT_SALVAGE, OPT_BITMAPS };
   static const struct option lopts[] = {
     { "help", no_argument, NULL, 'h' },
     { "force-share", no_argument, NULL, 'U' },
@@ -757,7 +757,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
     IMG_IMAGE_OPTS_OPTION,
     { "target-image-opts", no_argument, NULL, OPT_UNSUPPORTED },
     { "salvage", no_argument, NULL, OPT_SALVAGE },
-    { "bitmaps", no_argument, NULL, OPT_UNSUPPORTED },
+    { "bitmaps", no_argument, NULL, OPT_BITMAPS },
     { NULL, 0, NULL, 0 },
   };
   int c, idx;
@@ -781,6 +781,7 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
     case 'T': a->src_cache = optarg; break;
     case OPT_TARGET_IS_ZERO: a->target_is_zero = true; break;
     case OPT_SALVAGE: a->salvage = true; break;
+    case OPT_BITMAPS: a->bitmaps = true; break;
     case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'o': {
       char *n;
@@ -981,6 +982,54 @@ open_target (struct convert *c, const char *dst, const struct convert_args *a)
   return true;
 }
 
+/* qcow2 v3: the format that holds persistent bitmaps. */
+static bool
+holds_bitmaps (strata_node *n, const char **fmt)
+{
+  struct strata_info info;
+
+  if (!strata_get_info (n, &info, 0, NULL))
+    return false;
+  *fmt = info.format;
+  return info.format_specific && !strcmp (info.format_specific, "qcow2")
+         && strcmp (info.qcow2.compat, "0.10") != 0;
+}
+
+/* --bitmaps, as qemu-img checks it before creating the target.  strata
+ * copies no bitmaps: a source that has some is refused. */
+static bool
+bitmaps_source (struct convert *c)
+{
+  struct img_bitmap *l;
+  const char *fmt;
+  int n;
+
+  if (!holds_bitmaps (c->src[0].node, &fmt)) {
+    fail_msg ("Source lacks bitmap support");
+    return false;
+  }
+  n = img_qcow2_bitmaps (c->src[0].name, &l);
+  img_bitmaps_free (l, n);
+  if (n > 0) {
+    fail_msg ("--bitmaps: copying persistent bitmaps is not supported");
+    return false;
+  }
+  return true;
+}
+
+/* ... and after: the target must hold them too. */
+static bool
+bitmaps_target (struct convert *c)
+{
+  const char *fmt = "?";
+
+  if (holds_bitmaps (c->dst, &fmt))
+    return true;
+  fprintf (stderr, "%s: Format driver '%s' does not support bitmaps\n",
+           progname, fmt);
+  return false;
+}
+
 int
 cmd_convert (int argc, char **argv)
 {
@@ -1005,10 +1054,15 @@ cmd_convert (int argc, char **argv)
     fail_msg ("No support for concatenating multiple snapshot");
     goto out;
   }
+  if (a.bitmaps && argc - 1 - optind > 1) {
+    fail_msg ("Copying bitmaps only possible with single source");
+    goto out;
+  }
   if (!check_args (&a)
       || !open_sources (&c, argv + optind, argc - 1 - optind, &a)
+      || (a.bitmaps && !bitmaps_source (&c))
       || (img_image_opts = false) /* sources only: the target is a name */
-      || !open_target (&c, dst, &a))
+      || !open_target (&c, dst, &a) || (a.bitmaps && !bitmaps_target (&c)))
     goto out;
   c.compressed = a.compressed;
   c.backing_mode = a.backing != NULL;

@@ -241,6 +241,11 @@ ROWS = {
         "-O raw -c q64.qcow2 out.raw", "-O qcow2 snap.qcow2 out.qcow2",
         "-O qcow2 orphan.qcow2 out.qcow2", "-O qcow2 text.txt out.qcow2",
         "-O qcow2 q64.qcow2 q512.qcow2 out.qcow2", "-Z q64.qcow2 out",
+        "--bitmaps -O qcow2 q64.qcow2 out.qcow2", "--bitmaps -O raw q64.qcow2 o",
+        "--bitmaps -O qcow2 raw.img out.qcow2",
+        "--bitmaps -O qcow2 q64.qcow2 q512.qcow2 out.qcow2",
+        "--bitmaps -O qcow2 -o compat=0.10 q64.qcow2 out.qcow2",
+        "--bitmaps -O qcow2 v2.qcow2 out.qcow2",
     ],
     "create": [
         "-f qcow2 x.qcow2 1M", "-f qcow2 -o cluster_size=4k,compat=0.10 x 1M",
