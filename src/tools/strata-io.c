@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -92,6 +93,28 @@ print_report (const char *op, double t, uint64_t offset, uint64_t bytes,
           cnt / t);
 }
 
+/* -C: qemu-io's one machine-readable line instead of the two above. */
+static void
+print_csv (double t, uint64_t total, int cnt)
+{
+  unsigned secs = (unsigned) t, centi = (unsigned) ((t - secs) * 100);
+
+  if (t <= 0)
+    t = 1e-9;
+  printf ("%" PRIu64 ",%d,%u:%02u:%02u.%02u,%.3f,%.3f\n", total, cnt,
+          secs / 3600, secs / 60 % 60, secs % 60, centi, total / t, cnt / t);
+}
+
+/* The report every data command ends with, unless -q. */
+static void
+report (const char *op, bool csv, double t0, uint64_t offset, uint64_t len)
+{
+  if (csv)
+    print_csv (now () - t0, len, 1);
+  else
+    print_report (op, now () - t0, offset, len, len, 1);
+}
+
 static void
 dump_buffer (const uint8_t *p, uint64_t offset, uint64_t len)
 {
@@ -166,54 +189,66 @@ print_io_failure (const char *op, int r)
 
 /* Each returns 0 on success and -1 when the command failed. */
 
-static int
-cmd_read (struct io_ctx *io, int argc, char **argv)
+/* The options read, readv and aio_read share. */
+struct read_opts {
+  int pattern;          /* -P: the byte every checked byte must be, or -1 */
+  uint64_t pat_off;     /* -s: where the check starts, from OFF */
+  uint64_t pat_len;     /* -l: how many bytes it checks */
+  bool have_pat_len;
+  bool quiet, verbose, csv;
+};
+
+static int command_usage (const char *name);
+
+/* One option of read, readv or aio_read: false when it is not one. */
+static bool
+read_option (int c, struct read_opts *o, bool *bad)
 {
-  int c, pattern = -1, r = 0;
-  bool quiet = false, verbose = false, mismatch = false;
-  uint64_t off, len, first_bad = 0;
+  switch (c) {
+  case 'P': *bad = !parse_pattern (optarg, &o->pattern); return true;
+  case 'q': o->quiet = true; return true;
+  case 'v': o->verbose = true; return true;
+  case 'C': o->csv = true; return true;
+  default: return false;
+  }
+}
+
+/* Read LEN bytes at OFF in chunks, checking O's pattern over its range
+ * and dumping them with -v.  *MISMATCH tells whether the check failed
+ * (qemu-io's line already printed).  Returns 0, or -1 after
+ * "FAILOP failed: ..." when the I/O failed. */
+static int
+read_checked (struct io_ctx *io, uint64_t off, uint64_t len,
+              const struct read_opts *o, const char *failop, bool *mismatch)
+{
+  uint64_t cs = o->pat_off, ce = o->pat_off + o->pat_len;
+  uint64_t first_bad = 0;
   uint8_t bad_byte = 0;
-  double t0;
   CLEANUP_FREE uint8_t *buf = NULL;
 
-  optind = 0;
-  while ((c = getopt (argc, argv, "+P:qv")) != -1) {
-    switch (c) {
-    case 'P': if (!parse_pattern (optarg, &pattern)) return -1; break;
-    case 'q': quiet = true; break;
-    case 'v': verbose = true; break;
-    default: return -1;
-    }
-  }
-  if (argc - optind != 2) {
-    fprintf (stderr, "bad argument count %d to read, expected 2 arguments\n",
-             argc - optind);
-    return -1;
-  }
-  if (!parse_off_len (argv + optind, &off, &len))
-    return -1;
+  *mismatch = false;
   /* qemu-io prints the pattern verdict before the hexdump, so -v keeps
    * the whole request in memory (qemu-io does too) and dumps it last. */
-  buf = malloc ((verbose ? len : MIN (len, CHUNK)) ?: 1);
+  buf = malloc ((o->verbose ? len : MIN (len, CHUNK)) ?: 1);
   if (!buf) {
-    printf ("read failed: %s\n", strerror (ENOMEM));
+    printf ("%s failed: %s\n", failop, strerror (ENOMEM));
     return -1;
   }
-  t0 = now ();
   for (uint64_t done = 0; done < len || len == 0;) {
     size_t n = MIN (len - done, CHUNK);
-    uint8_t *p = buf + (verbose ? done : 0);
+    uint8_t *p = buf + (o->verbose ? done : 0);
+    int r = strata_pread (io->node, p, n, off + done, 0);
 
-    r = strata_pread (io->node, p, n, off + done, 0);
     if (r < 0) {
-      print_io_failure ("read", r);
+      print_io_failure (failop, r);
       return -1;
     }
-    for (size_t i = 0; pattern >= 0 && !mismatch && i < n; i++) {
-      if (p[i] != pattern) {
-        mismatch = true;
-        first_bad = off + done + i;
-        bad_byte = p[i];
+    for (uint64_t i = MAX (cs, done); o->pattern >= 0 && !*mismatch
+         && i < MIN (ce, done + n); i++) {
+      if (p[i - done] != o->pattern) {
+        *mismatch = true;
+        first_bad = off + i;
+        bad_byte = p[i - done];
       }
     }
     done += n;
@@ -222,18 +257,72 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
   }
   /* Exactly qemu-io's line on stdout, which harnesses diff; where the
    * first difference is goes to stderr for the person reading it. */
-  if (mismatch) {
+  if (*mismatch) {
     printf ("Pattern verification failed at offset %" PRIu64 ", %" PRIu64
-            " bytes\n", off, len);
+            " bytes\n", off + cs, ce - cs);
     fflush (stdout);
     fprintf (stderr, "%s: first mismatch at offset %" PRIu64 " (0x%" PRIx64
              "): expected 0x%02x, read 0x%02x\n", progname, first_bad,
-             first_bad, pattern, bad_byte);
+             first_bad, o->pattern, bad_byte);
   }
-  if (verbose)
+  if (o->verbose)
     dump_buffer (buf, off, len);
-  if (!quiet)
-    print_report ("read", now () - t0, off, len, len, 1);
+  return 0;
+}
+
+static int
+cmd_read (struct io_ctx *io, int argc, char **argv)
+{
+  struct read_opts o = { .pattern = -1 };
+  bool bad = false, have_pat_off = false, mismatch;
+  uint64_t off, len;
+  double t0;
+  int c;
+
+  optind = 0;
+  while ((c = getopt (argc, argv, "+bCl:pP:qs:v")) != -1) {
+    if (read_option (c, &o, &bad)) {
+      if (bad)
+        return -1;
+      continue;
+    }
+    switch (c) {
+    case 'b':
+      printf ("read -b: strata-io has no VM state to read\n");
+      return -1;
+    case 'p': break;    /* qemu-io ignores it too */
+    case 's':
+      if (!cvtnum (optarg, &o.pat_off)) return -1;
+      have_pat_off = true;
+      break;
+    case 'l':
+      if (!cvtnum (optarg, &o.pat_len)) return -1;
+      o.have_pat_len = true;
+      break;
+    default: return -1;
+    }
+  }
+  if (argc - optind != 2) {
+    fprintf (stderr, "bad argument count %d to read, expected 2 arguments\n",
+             argc - optind);
+    return -1;
+  }
+  if (o.pattern < 0 && (have_pat_off || o.have_pat_len))
+    return command_usage ("read");
+  if (!parse_off_len (argv + optind, &off, &len))
+    return -1;
+  /* Without -l the check runs from -s to the end of the request. */
+  if (!o.have_pat_len)
+    o.pat_len = o.pat_off <= len ? len - o.pat_off : 0;
+  if (o.pat_off > len || o.pat_len > len - o.pat_off) {
+    printf ("pattern verification range exceeds end of read data\n");
+    return -1;
+  }
+  t0 = now ();
+  if (read_checked (io, off, len, &o, "read", &mismatch) < 0)
+    return -1;
+  if (!o.quiet)
+    report ("read", o.csv, t0, off, len);
   return mismatch ? -1 : 0;
 }
 
@@ -274,12 +363,53 @@ data_from_file (const char *file, uint64_t len)
   return buf;
 }
 
+/* Write LEN bytes at OFF: zeroes with ZERO (FLAGS may hold MAY_UNMAP),
+ * else SRC's bytes when SRC, else PATTERN.  Returns 0, or -1 after
+ * "FAILOP failed: ..." when the I/O failed. */
+static int
+write_range (struct io_ctx *io, uint64_t off, uint64_t len, bool zero,
+             int pattern, const uint8_t *src, unsigned flags,
+             const char *failop)
+{
+  CLEANUP_FREE uint8_t *buf = NULL;
+  int r;
+
+  if (io->writethrough)
+    flags |= STRATA_REQ_FUA;
+  if (zero) {
+    r = strata_pwrite_zeroes (io->node, off, len, flags);
+    if (r < 0)
+      print_io_failure (failop, r);
+    return r < 0 ? -1 : 0;
+  }
+  if (!src && !(buf = malloc (MIN (len, CHUNK) ?: 1))) {
+    printf ("%s failed: %s\n", failop, strerror (ENOMEM));
+    return -1;
+  }
+  if (!src)
+    memset (buf, pattern, MIN (len, CHUNK));
+  for (uint64_t done = 0; done < len || len == 0;) {
+    size_t n = MIN (len - done, CHUNK);
+
+    r = strata_pwrite (io->node, src ? src + done : buf, n, off + done,
+                       flags);
+    if (r < 0) {
+      print_io_failure (failop, r);
+      return -1;
+    }
+    done += n;
+    if (len == 0)
+      break;
+  }
+  return 0;
+}
+
 static int
 cmd_write (struct io_ctx *io, int argc, char **argv)
 {
-  int c, pattern = 0xcd, r;
+  int c, pattern = 0xcd;
   bool quiet = false, zero = false, unmap = false, fua = false;
-  bool compressed = false;
+  bool compressed = false, csv = false, no_fallback = false;
   bool have_pattern = false;
   const char *src = NULL;
   unsigned flags;
@@ -288,7 +418,7 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
   CLEANUP_FREE uint8_t *buf = NULL;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "+P:qzufcs:")) != -1) {
+  while ((c = getopt (argc, argv, "+bcCfnP:qs:uz")) != -1) {
     switch (c) {
     case 'P':
       if (!parse_pattern (optarg, &pattern)) return -1;
@@ -300,6 +430,11 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
     case 'u': unmap = true; break;
     case 'f': fua = true; break;
     case 'c': compressed = true; break;
+    case 'C': csv = true; break;
+    case 'n': no_fallback = true; break;
+    case 'b':
+      printf ("write -b: strata-io has no VM state to write\n");
+      return -1;
     default: return -1;
     }
   }
@@ -312,6 +447,10 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
     printf ("Only one of -z, -P, and -s can be specified at the same time\n");
     return -1;
   }
+  if (no_fallback && !zero) {
+    printf ("-n requires -z to be specified\n");
+    return -1;
+  }
   if (unmap && !zero) {
     printf ("-u requires -z to be specified\n");
     return -1;
@@ -322,43 +461,24 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
     printf ("-c and -z cannot be specified at the same time\n");
     return -1;
   }
-  flags = (fua || io->writethrough) ? STRATA_REQ_FUA : 0;
+  if (no_fallback) {
+    /* QEMU's BDRV_REQ_NO_FALLBACK has no strata equivalent yet. */
+    printf ("write -n: strata-io cannot promise a write of zeroes without "
+            "a fallback\n");
+    return -1;
+  }
+  flags = fua ? STRATA_REQ_FUA : 0;
   if (compressed)
     flags |= STRATA_REQ_COMPRESSED;
+  if (unmap)
+    flags |= STRATA_REQ_MAY_UNMAP;
+  if (src && !(buf = data_from_file (src, len)))
+    return -1;
   t0 = now ();
-  if (zero) {
-    r = strata_pwrite_zeroes (io->node, off, len,
-                              flags | (unmap ? STRATA_REQ_MAY_UNMAP : 0));
-    if (r < 0) {
-      print_io_failure ("write", r);
-      return -1;
-    }
-  }
-  else {
-    if (src && !(buf = data_from_file (src, len)))
-      return -1;
-    if (!src && !(buf = malloc (MIN (len, CHUNK) ?: 1))) {
-      printf ("write failed: %s\n", strerror (ENOMEM));
-      return -1;
-    }
-    if (!src)
-      memset (buf, pattern, MIN (len, CHUNK));
-    for (uint64_t done = 0; done < len || len == 0;) {
-      size_t n = MIN (len - done, CHUNK);
-
-      r = strata_pwrite (io->node, buf + (src ? done : 0), n, off + done,
-                         flags);
-      if (r < 0) {
-        print_io_failure ("write", r);
-        return -1;
-      }
-      done += n;
-      if (len == 0)
-        break;
-    }
-  }
+  if (write_range (io, off, len, zero, pattern, buf, flags, "write") < 0)
+    return -1;
   if (!quiet)
-    print_report ("wrote", now () - t0, off, len, len, 1);
+    report ("wrote", csv, t0, off, len);
   return 0;
 }
 
@@ -366,15 +486,17 @@ static int
 cmd_discard (struct io_ctx *io, int argc, char **argv)
 {
   int c, r;
-  bool quiet = false;
+  bool quiet = false, csv = false;
   uint64_t off, len;
   double t0;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "+q")) != -1) {
-    if (c != 'q')
-      return -1;
-    quiet = true;
+  while ((c = getopt (argc, argv, "+Cq")) != -1) {
+    switch (c) {
+    case 'C': csv = true; break;
+    case 'q': quiet = true; break;
+    default: return -1;
+    }
   }
   if (argc - optind != 2) {
     fprintf (stderr, "bad argument count %d to discard, expected 2 "
@@ -390,8 +512,16 @@ cmd_discard (struct io_ctx *io, int argc, char **argv)
     return -1;
   }
   if (!quiet)
-    print_report ("discard", now () - t0, off, len, len, 1);
+    report ("discard", csv, t0, off, len);
   return 0;
+}
+
+/* qemu-io's map and alloc show what the top layer itself holds (a zero
+ * cluster there counts), not what its backing files do. */
+static bool
+top_allocated (const struct strata_extent *e)
+{
+  return e->depth == 0 && (e->flags & STRATA_BS_ALLOCATED);
 }
 
 static int
@@ -420,8 +550,7 @@ cmd_map (struct io_ctx *io, int argc, char **argv)
         print_io_failure ("map", r);
         return -1;
       }
-      /* qemu-io's map shows what the top layer itself holds. */
-      bool here = e.depth == 0 && (e.flags & STRATA_BS_ALLOCATED);
+      bool here = top_allocated (&e);
 
       if (run && alloc != here)
         break;
@@ -561,6 +690,250 @@ cmd_reopen (struct io_ctx *io, int argc, char **argv)
   return 0;
 }
 
+static int
+cmd_alloc (struct io_ctx *io, int argc, char **argv)
+{
+  int64_t size = strata_length (io->node);
+  uint64_t off, start, count = 512, sum = 0;
+  char s[64];
+
+  if (!cvtnum (argv[1], &off) || (argc > 2 && !cvtnum (argv[2], &count)))
+    return -1;
+  if (size < 0) {
+    printf ("is_allocated failed: %s\n", strerror ((int) -size));
+    return -1;
+  }
+  /* qemu-io counts only what lies before the end of the image. */
+  count = off >= (uint64_t) size ? 0 : MIN (count, size - off);
+  start = off;
+  for (uint64_t left = count; left > 0;) {
+    struct strata_extent e;
+    int r = strata_block_status (io->node, off, left, &e, 0);
+    uint64_t n;
+
+    if (r < 0) {
+      printf ("is_allocated failed: %s\n", strerror (-r));
+      return -1;
+    }
+    n = MIN (e.length, left);
+    if (n == 0)
+      break;
+    if (top_allocated (&e))
+      sum += n;
+    off += n;
+    left -= n;
+  }
+  cvtstr ((double) start, s, sizeof s);
+  printf ("%" PRIu64 "/%" PRIu64 " bytes allocated at offset %s\n", sum,
+          count, s);
+  return 0;
+}
+
+/* "off len [len..]" of readv, writev, aio_read and aio_write: the
+ * offset and the sum of the lengths, with qemu-io's messages. */
+static bool
+parse_vector (int argc, char **argv, uint64_t *off, uint64_t *total)
+{
+  if (!cvtnum (argv[0], off))
+    return false;
+  *total = 0;
+  for (int i = 1; i < argc; i++) {
+    uint64_t len;
+
+    if (!cvtnum (argv[i], &len))
+      return false;
+    if (len > MAX_REQUEST) {
+      printf ("Argument '%s' exceeds maximum size %llu\n", argv[i],
+              MAX_REQUEST);
+      return false;
+    }
+    *total += len;
+    if (*total > MAX_REQUEST) {
+      printf ("The total number of bytes exceed the maximum size %llu\n",
+              MAX_REQUEST);
+      return false;
+    }
+  }
+  return true;
+}
+
+/* readv and aio_read.  strata-io runs an aio_read to completion at once;
+ * as in qemu-io, a submitted aio_read succeeds whatever its outcome. */
+static int
+readv_common (struct io_ctx *io, int argc, char **argv, bool aio)
+{
+  const char *name = aio ? "aio_read" : "readv";
+  struct read_opts o = { .pattern = -1 };
+  bool bad = false, invalid = false, mismatch;
+  uint64_t off, len;
+  double t0;
+  int c;
+
+  optind = 0;
+  while ((c = getopt (argc, argv, aio ? "+CiP:qv" : "+CP:qv")) != -1) {
+    if (c == 'i' && aio)
+      invalid = true;
+    else if (!read_option (c, &o, &bad))
+      return command_usage (name);
+    else if (bad)
+      return -1;
+  }
+  if (argc - optind < 2) {
+    fprintf (stderr, "bad argument count %d to %s, expected at least 2 "
+             "arguments\n", argc - optind, name);
+    return -1;
+  }
+  if (invalid) {
+    /* qemu-io's -i only exercises its accounting: nothing is read. */
+    printf ("injecting invalid read request\n");
+    return 0;
+  }
+  if (!parse_vector (argc - optind, argv + optind, &off, &len))
+    return -1;
+  o.pat_len = len;
+  t0 = now ();
+  if (read_checked (io, off, len, &o, "readv", &mismatch) < 0)
+    return aio ? 0 : -1;
+  if (!o.quiet)
+    report ("read", o.csv, t0, off, len);
+  return mismatch && !aio ? -1 : 0;
+}
+
+static int
+cmd_readv (struct io_ctx *io, int argc, char **argv)
+{
+  return readv_common (io, argc, argv, false);
+}
+
+static int
+cmd_aio_read (struct io_ctx *io, int argc, char **argv)
+{
+  return readv_common (io, argc, argv, true);
+}
+
+/* writev and aio_write, run to completion at once like aio_read. */
+static int
+writev_common (struct io_ctx *io, int argc, char **argv, bool aio)
+{
+  const char *name = aio ? "aio_write" : "writev";
+  int c, pattern = 0xcd;
+  bool quiet = false, csv = false, zero = false, unmap = false;
+  bool invalid = false;
+  unsigned flags = 0;
+  uint64_t off, len;
+  double t0;
+
+  optind = 0;
+  while ((c = getopt (argc, argv, aio ? "+CfiP:quz" : "+CfP:q")) != -1) {
+    switch (c) {
+    case 'P': if (!parse_pattern (optarg, &pattern)) return -1; break;
+    case 'C': csv = true; break;
+    case 'f': flags |= STRATA_REQ_FUA; break;
+    case 'q': quiet = true; break;
+    case 'i': invalid = true; break;
+    case 'u': unmap = true; break;
+    case 'z': zero = true; break;
+    default: return command_usage (name);
+    }
+  }
+  if (argc - optind < 2) {
+    fprintf (stderr, "bad argument count %d to %s, expected at least 2 "
+             "arguments\n", argc - optind, name);
+    return -1;
+  }
+  if (invalid) {
+    printf ("injecting invalid write request\n");
+    return 0;
+  }
+  if (unmap && !zero) {
+    printf ("-u requires -z to be specified\n");
+    return -1;
+  }
+  if (zero && argc - optind > 2) {
+    printf ("-z supports only a single length parameter\n");
+    return -1;
+  }
+  if (!parse_vector (argc - optind, argv + optind, &off, &len))
+    return -1;
+  if (unmap)
+    flags |= STRATA_REQ_MAY_UNMAP;
+  t0 = now ();
+  if (write_range (io, off, len, zero, pattern, NULL, flags, name) < 0)
+    return aio ? 0 : -1;
+  if (!quiet)
+    report ("wrote", csv, t0, off, len);
+  return 0;
+}
+
+static int
+cmd_writev (struct io_ctx *io, int argc, char **argv)
+{
+  return writev_common (io, argc, argv, false);
+}
+
+static int
+cmd_aio_write (struct io_ctx *io, int argc, char **argv)
+{
+  return writev_common (io, argc, argv, true);
+}
+
+static int
+cmd_sleep (struct io_ctx *io, int argc, char **argv)
+{
+  char *end;
+  long ms = strtol (argv[1], &end, 0);
+  struct timespec ts;
+
+  (void) io;
+  (void) argc;
+  if (ms < 0 || *end) {
+    printf ("%s is not a valid number\n", argv[1]);
+    return -1;
+  }
+  ts.tv_sec = ms / 1000;
+  ts.tv_nsec = ms % 1000 * 1000000L;
+  while (nanosleep (&ts, &ts) < 0 && errno == EINTR)
+    ;
+  return 0;
+}
+
+static int
+cmd_sigraise (struct io_ctx *io, int argc, char **argv)
+{
+  uint64_t sig;
+
+  (void) io;
+  (void) argc;
+  if (!cvtnum (argv[1], &sig))
+    return -1;
+  if (sig > NSIG) {
+    printf ("signal argument '%s' is too large to be a valid signal\n",
+            argv[1]);
+    return -1;
+  }
+  /* qemu-io's main loop holds SIGBUS, SIGUSR1, SIGALRM and SIGIO blocked
+   * and SIGPIPE ignored for good, so raising one there has no effect:
+   * none here either. */
+  if (sig == SIGBUS || sig == SIGUSR1 || sig == SIGALRM || sig == SIGIO
+      || sig == SIGPIPE)
+    return 0;
+  /* What was printed so far reaches the reader before the signal does;
+   * a signal raise() refuses is ignored, as in qemu-io. */
+  fflush (stdout);
+  raise ((int) sig);
+  return 0;
+}
+
+static int
+cmd_abort (struct io_ctx *io, int argc, char **argv)
+{
+  (void) io;
+  (void) argc;
+  (void) argv;
+  fflush (stdout);
+  abort ();
+}
+
 static int cmd_help (struct io_ctx *io, int argc, char **argv);
 
 struct command {
@@ -571,8 +944,19 @@ struct command {
   const char *usage;
 };
 
+/* In qemu-io's order, which "help" keeps; quit is handled by the loop. */
 static const struct command commands[] = {
-  { "discard", cmd_discard, 2, -1, "discard [-q] off len -- discards a "
+  { "abort", cmd_abort, 0, 0, "abort -- simulate a program crash using "
+    "abort(3)" },
+  { "aio_flush", cmd_flush, 0, 0, "aio_flush -- completes all outstanding "
+    "aio requests" },
+  { "aio_read", cmd_aio_read, 2, -1, "aio_read [-Ciqv] [-P pattern] off len "
+    "[len..] -- asynchronously reads a number of bytes" },
+  { "aio_write", cmd_aio_write, 2, -1, "aio_write [-Cfiquz] [-P pattern] off "
+    "len [len..] -- asynchronously writes a number of bytes" },
+  { "alloc", cmd_alloc, 1, 2, "alloc offset [count] -- checks if offset is "
+    "allocated in the file" },
+  { "discard", cmd_discard, 2, -1, "discard [-Cq] off len -- discards a "
     "number of bytes at a specified offset" },
   { "flush", cmd_flush, 0, 0, "flush -- flush all in-core file state to "
     "disk" },
@@ -583,27 +967,61 @@ static const struct command commands[] = {
   { "length", cmd_length, 0, 0, "length -- gets the length of the current "
     "file" },
   { "map", cmd_map, 0, 0, "map  -- prints the allocated areas of a file" },
-  { "read", cmd_read, 2, -1, "read [-qv] [-P pattern] off len -- reads a "
-    "number of bytes at a specified offset" },
+  { "quit", NULL, 0, 0, "quit -- exit the program" },
+  { "read", cmd_read, 2, -1, "read [-abCqv] [-P pattern [-s off] [-l len]] "
+    "off len -- reads a number of bytes at a specified offset" },
+  { "readv", cmd_readv, 2, -1, "readv [-Cqv] [-P pattern] off len [len..] "
+    "-- reads a number of bytes at a specified offset" },
   { "reopen", cmd_reopen, 0, -1, "reopen [(-r|-w)] -- reopens an image "
     "read-only or read-write" },
+  { "sigraise", cmd_sigraise, 1, 1, "sigraise signal -- raises a signal" },
+  { "sleep", cmd_sleep, 1, 1, "sleep -- waits for the given value in "
+    "milliseconds" },
   { "truncate", cmd_truncate, 1, 3, "truncate off -- truncates the current "
     "file at the given offset" },
-  { "write", cmd_write, 2, -1, "write [-cfquz] [-P pattern | -s source_file] "
-    "off len -- "
-    "writes a number of bytes at a specified offset" },
+  { "write", cmd_write, 2, -1, "write [-bcCfnquz] [-P pattern | -s "
+    "source_file] off len -- writes a number of bytes at a specified "
+    "offset" },
+  { "writev", cmd_writev, 2, -1, "writev [-Cfq] [-P pattern] off len "
+    "[len..] -- writes a number of bytes at a specified offset" },
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
+
+static const struct command *
+find_command (const char *name)
+{
+  for (size_t i = 0; i < NCOMMANDS; i++)
+    if (strcmp (name, commands[i].name) == 0)
+      return &commands[i];
+  return NULL;
+}
+
+/* A bad option: getopt named it on stderr; qemu-io adds the usage line. */
+static int
+command_usage (const char *name)
+{
+  printf ("%s\n", find_command (name)->usage);
+  return -1;
+}
 
 static int
 cmd_help (struct io_ctx *io, int argc, char **argv)
 {
+  const struct command *cmd;
+
   (void) io;
-  for (size_t i = 0; i < NCOMMANDS; i++)
-    if (argc < 2 || strcmp (argv[1], commands[i].name) == 0)
+  if (argc < 2) {
+    for (size_t i = 0; i < NCOMMANDS; i++)
       printf ("%s\n", commands[i].usage);
-  if (argc < 2 || strcmp (argv[1], "quit") == 0)  /* "help read": one line */
-    printf ("quit -- exit the program\n");
+    printf ("\nUse 'help commandname' for extended help.\n");
+    return 0;
+  }
+  cmd = find_command (argv[1]);
+  if (!cmd) {
+    printf ("command %s not found\n", argv[1]);
+    return -1;
+  }
+  printf ("%s\n", cmd->usage);
   return 0;
 }
 
@@ -647,6 +1065,7 @@ run_command (struct io_ctx *io, const char *cmdline)
 {
   CLEANUP_FREE char *line = strdup (cmdline);
   char *argv[64];
+  const struct command *cmd;
   int argc;
 
   if (!line)
@@ -656,13 +1075,12 @@ run_command (struct io_ctx *io, const char *cmdline)
     return 0;
   if (strcmp (argv[0], "quit") == 0 || strcmp (argv[0], "q") == 0)
     return 1;
-  for (size_t i = 0; i < NCOMMANDS; i++) {
-    if (strcmp (argv[0], commands[i].name) == 0) {
-      int r = check_argc (&commands[i], argc)
-                  ? commands[i].fn (io, argc, argv) : -1;
-      fflush (stdout);
-      return r;
-    }
+  cmd = find_command (argv[0]);
+  if (cmd) {
+    int r = check_argc (cmd, argc) ? cmd->fn (io, argc, argv) : -1;
+
+    fflush (stdout);
+    return r;
   }
   fprintf (stderr, "command \"%s\" not found\n", argv[0]);
   return -1;
