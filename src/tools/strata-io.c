@@ -25,8 +25,8 @@
 #include "util/cleanup.h"
 #include "util/opts.h"
 
-#define MAX_REQUEST 2147483136ULL   /* qemu-io's limit for one request */
-#define CHUNK (4u << 20)            /* bytes moved per call */
+#define MAX_REQUEST 2147483136ULL /* qemu-io's limit for one request */
+#define CHUNK (4u << 20)          /* bytes moved per call */
 
 static const char *progname = "strata-io";
 
@@ -34,7 +34,7 @@ struct io_ctx {
   strata_node *node;
   const char *filename;
   const char *format;
-  bool writethrough;     /* -t writethrough/directsync: FUA every write */
+  bool writethrough; /* -t writethrough/directsync: FUA every write */
 };
 
 /* ---- qemu-io's number and report formats ---- */
@@ -49,7 +49,7 @@ cvtstr (double value, char *str, size_t size)
   char *trim;
 
   for (int i = 0; i < 6; i++) {
-    double unit = (double) (UINT64_C (1) << (10 * (6 - i)));
+    double unit = (double)(UINT64_C (1) << (10 * (6 - i)));
     if (value >= unit) {
       value /= unit;
       sfx = suffix[i];
@@ -76,19 +76,19 @@ print_report (const char *op, double t, uint64_t offset, uint64_t bytes,
               uint64_t total, int cnt)
 {
   char s1[64], s2[64], ts[64];
-  unsigned secs = (unsigned) t, centi = (unsigned) ((t - secs) * 100);
+  unsigned secs = (unsigned)t, centi = (unsigned)((t - secs) * 100);
 
   printf ("%s %" PRIu64 "/%" PRIu64 " bytes at offset %" PRIu64 "\n", op,
           total, bytes, offset);
   if (secs < 60)
     snprintf (ts, sizeof ts, "%02u.%02u sec", secs, centi);
   else
-    snprintf (ts, sizeof ts, "%u:%02u:%02u.%02u", secs / 3600,
-              secs / 60 % 60, secs % 60, centi);
+    snprintf (ts, sizeof ts, "%u:%02u:%02u.%02u", secs / 3600, secs / 60 % 60,
+              secs % 60, centi);
   if (t <= 0)
     t = 1e-9;
-  cvtstr ((double) total, s1, sizeof s1);
-  cvtstr ((double) total / t, s2, sizeof s2);
+  cvtstr ((double)total, s1, sizeof s1);
+  cvtstr ((double)total / t, s2, sizeof s2);
   printf ("%s, %d ops; %s (%s/sec and %.4f ops/sec)\n", s1, cnt, ts, s2,
           cnt / t);
 }
@@ -97,7 +97,7 @@ print_report (const char *op, double t, uint64_t offset, uint64_t bytes,
 static void
 print_csv (double t, uint64_t total, int cnt)
 {
-  unsigned secs = (unsigned) t, centi = (unsigned) ((t - secs) * 100);
+  unsigned secs = (unsigned)t, centi = (unsigned)((t - secs) * 100);
 
   if (t <= 0)
     t = 1e-9;
@@ -137,7 +137,8 @@ cvtnum (const char *s, uint64_t *out)
 {
   if (!parse_size (s, out)) {
     printf ("Parsing error: non-numeric argument, or extraneous/"
-            "unrecognized suffix -- %s\n", s);
+            "unrecognized suffix -- %s\n",
+            s);
     return false;
   }
   if (*out > INT64_MAX) {
@@ -158,7 +159,7 @@ parse_pattern (const char *s, int *pattern)
     printf ("%s is not a valid pattern byte\n", s);
     return false;
   }
-  *pattern = (int) v;
+  *pattern = (int)v;
   return true;
 }
 
@@ -191,9 +192,9 @@ print_io_failure (const char *op, int r)
 
 /* The options read, readv and aio_read share. */
 struct read_opts {
-  int pattern;          /* -P: the byte every checked byte must be, or -1 */
-  uint64_t pat_off;     /* -s: where the check starts, from OFF */
-  uint64_t pat_len;     /* -l: how many bytes it checks */
+  int pattern;      /* -P: the byte every checked byte must be, or -1 */
+  uint64_t pat_off; /* -s: where the check starts, from OFF */
+  uint64_t pat_len; /* -l: how many bytes it checks */
   bool have_pat_len;
   bool quiet, verbose, csv;
 };
@@ -243,8 +244,8 @@ read_checked (struct io_ctx *io, uint64_t off, uint64_t len,
       print_io_failure (failop, r);
       return -1;
     }
-    for (uint64_t i = MAX (cs, done); o->pattern >= 0 && !*mismatch
-         && i < MIN (ce, done + n); i++) {
+    for (uint64_t i = MAX (cs, done);
+         o->pattern >= 0 && !*mismatch && i < MIN (ce, done + n); i++) {
       if (p[i - done] != o->pattern) {
         *mismatch = true;
         first_bad = off + i;
@@ -259,11 +260,13 @@ read_checked (struct io_ctx *io, uint64_t off, uint64_t len,
    * first difference is goes to stderr for the person reading it. */
   if (*mismatch) {
     printf ("Pattern verification failed at offset %" PRIu64 ", %" PRIu64
-            " bytes\n", off + cs, ce - cs);
+            " bytes\n",
+            off + cs, ce - cs);
     fflush (stdout);
-    fprintf (stderr, "%s: first mismatch at offset %" PRIu64 " (0x%" PRIx64
-             "): expected 0x%02x, read 0x%02x\n", progname, first_bad,
-             first_bad, o->pattern, bad_byte);
+    fprintf (stderr,
+             "%s: first mismatch at offset %" PRIu64 " (0x%" PRIx64
+             "): expected 0x%02x, read 0x%02x\n",
+             progname, first_bad, first_bad, o->pattern, bad_byte);
   }
   if (o->verbose)
     dump_buffer (buf, off, len);
@@ -290,13 +293,15 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
     case 'b':
       printf ("read -b: strata-io has no VM state to read\n");
       return -1;
-    case 'p': break;    /* qemu-io ignores it too */
+    case 'p': break; /* qemu-io ignores it too */
     case 's':
-      if (!cvtnum (optarg, &o.pat_off)) return -1;
+      if (!cvtnum (optarg, &o.pat_off))
+        return -1;
       have_pat_off = true;
       break;
     case 'l':
-      if (!cvtnum (optarg, &o.pat_len)) return -1;
+      if (!cvtnum (optarg, &o.pat_len))
+        return -1;
       o.have_pat_len = true;
       break;
     default: return -1;
@@ -349,7 +354,7 @@ data_from_file (const char *file, uint64_t len)
   if (ferror (f)) {
     perror (file);
     got = 0;
-    len = 1;    /* not "empty" */
+    len = 1; /* not "empty" */
   }
   else if (got == 0)
     fprintf (stderr, "%s: file is empty\n", file);
@@ -391,8 +396,7 @@ write_range (struct io_ctx *io, uint64_t off, uint64_t len, bool zero,
   for (uint64_t done = 0; done < len || len == 0;) {
     size_t n = MIN (len - done, CHUNK);
 
-    r = strata_pwrite (io->node, src ? src + done : buf, n, off + done,
-                       flags);
+    r = strata_pwrite (io->node, src ? src + done : buf, n, off + done, flags);
     if (r < 0) {
       print_io_failure (failop, r);
       return -1;
@@ -421,7 +425,8 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
   while ((c = getopt (argc, argv, "+bcCfnP:qs:uz")) != -1) {
     switch (c) {
     case 'P':
-      if (!parse_pattern (optarg, &pattern)) return -1;
+      if (!parse_pattern (optarg, &pattern))
+        return -1;
       have_pattern = true;
       break;
     case 's': src = optarg; break;
@@ -499,8 +504,10 @@ cmd_discard (struct io_ctx *io, int argc, char **argv)
     }
   }
   if (argc - optind != 2) {
-    fprintf (stderr, "bad argument count %d to discard, expected 2 "
-             "arguments\n", argc - optind);
+    fprintf (stderr,
+             "bad argument count %d to discard, expected 2 "
+             "arguments\n",
+             argc - optind);
     return -1;
   }
   if (!parse_off_len (argv + optind, &off, &len))
@@ -530,19 +537,19 @@ cmd_map (struct io_ctx *io, int argc, char **argv)
   int64_t size = strata_length (io->node);
   uint64_t off = 0;
 
-  (void) argc;
-  (void) argv;
+  (void)argc;
+  (void)argv;
   if (size < 0) {
-    printf ("map failed: %s\n", strerror ((int) -size));
+    printf ("map failed: %s\n", strerror ((int)-size));
     return -1;
   }
-  while (off < (uint64_t) size) {
+  while (off < (uint64_t)size) {
     bool alloc = false;
     uint64_t start = off, run = 0;
     char s1[64], s2[64];
 
     /* Merge consecutive extents of the same allocation state. */
-    while (off < (uint64_t) size) {
+    while (off < (uint64_t)size) {
       struct strata_extent e;
       int r = strata_block_status (io->node, off, size - off, &e, 0);
 
@@ -558,10 +565,11 @@ cmd_map (struct io_ctx *io, int argc, char **argv)
       run += e.length;
       off += e.length;
     }
-    cvtstr ((double) run, s1, sizeof s1);
-    cvtstr ((double) start, s2, sizeof s2);
+    cvtstr ((double)run, s1, sizeof s1);
+    cvtstr ((double)start, s2, sizeof s2);
     printf ("%s (0x%" PRIx64 ") bytes %s allocated at offset %s (0x%" PRIx64
-            ")\n", s1, run, alloc ? "   " : "not", s2, start);
+            ")\n",
+            s1, run, alloc ? "   " : "not", s2, start);
   }
   return 0;
 }
@@ -571,8 +579,8 @@ cmd_flush (struct io_ctx *io, int argc, char **argv)
 {
   int r = strata_flush (io->node, 0);
 
-  (void) argc;
-  (void) argv;
+  (void)argc;
+  (void)argv;
   if (r < 0) {
     print_io_failure ("flush", r);
     return -1;
@@ -586,13 +594,13 @@ cmd_length (struct io_ctx *io, int argc, char **argv)
   int64_t size = strata_length (io->node);
   char s[64];
 
-  (void) argc;
-  (void) argv;
+  (void)argc;
+  (void)argv;
   if (size < 0) {
-    printf ("getlength: %s\n", strerror ((int) -size));
+    printf ("getlength: %s\n", strerror ((int)-size));
     return -1;
   }
-  cvtstr ((double) size, s, sizeof s);
+  cvtstr ((double)size, s, sizeof s);
   printf ("%s\n", s);
   return 0;
 }
@@ -604,17 +612,17 @@ cmd_info (struct io_ctx *io, int argc, char **argv)
   strata_error *err = NULL;
   char s[64];
 
-  (void) argc;
-  (void) argv;
+  (void)argc;
+  (void)argv;
   if (!strata_get_info (io->node, &info, 0, &err)) {
     fprintf (stderr, "%s: %s\n", progname, strata_error_message (err));
     strata_error_free (err);
     return -1;
   }
   printf ("format name: %s\n", info.format);
-  cvtstr ((double) info.cluster_size, s, sizeof s);
+  cvtstr ((double)info.cluster_size, s, sizeof s);
   printf ("cluster size: %s\n", s);
-  cvtstr ((double) info.vm_state_offset, s, sizeof s);
+  cvtstr ((double)info.vm_state_offset, s, sizeof s);
   printf ("vm state offset: %s\n", s);
   if (info.format_specific && strcmp (info.format_specific, "qcow2") == 0) {
     bool v3 = strcmp (info.qcow2.compat, "0.10") != 0;
@@ -642,8 +650,10 @@ cmd_truncate (struct io_ctx *io, int argc, char **argv)
   strata_error *err = NULL;
 
   if (argc != 2) {
-    fprintf (stderr, "bad argument count %d to truncate, expected 1 "
-             "argument\n", argc - 1);
+    fprintf (stderr,
+             "bad argument count %d to truncate, expected 1 "
+             "argument\n",
+             argc - 1);
     return -1;
   }
   if (!cvtnum (argv[1], &size))
@@ -676,8 +686,10 @@ cmd_reopen (struct io_ctx *io, int argc, char **argv)
       return -1;
   }
   if (optind != argc) {
-    fprintf (stderr, "bad argument count %d to reopen, expected 0 "
-             "arguments\n", argc - optind);
+    fprintf (stderr,
+             "bad argument count %d to reopen, expected 0 "
+             "arguments\n",
+             argc - optind);
     return -1;
   }
   if (rw < 0)
@@ -700,11 +712,11 @@ cmd_alloc (struct io_ctx *io, int argc, char **argv)
   if (!cvtnum (argv[1], &off) || (argc > 2 && !cvtnum (argv[2], &count)))
     return -1;
   if (size < 0) {
-    printf ("is_allocated failed: %s\n", strerror ((int) -size));
+    printf ("is_allocated failed: %s\n", strerror ((int)-size));
     return -1;
   }
   /* qemu-io counts only what lies before the end of the image. */
-  count = off >= (uint64_t) size ? 0 : MIN (count, size - off);
+  count = off >= (uint64_t)size ? 0 : MIN (count, size - off);
   start = off;
   for (uint64_t left = count; left > 0;) {
     struct strata_extent e;
@@ -723,9 +735,9 @@ cmd_alloc (struct io_ctx *io, int argc, char **argv)
     off += n;
     left -= n;
   }
-  cvtstr ((double) start, s, sizeof s);
-  printf ("%" PRIu64 "/%" PRIu64 " bytes allocated at offset %s\n", sum,
-          count, s);
+  cvtstr ((double)start, s, sizeof s);
+  printf ("%" PRIu64 "/%" PRIu64 " bytes allocated at offset %s\n", sum, count,
+          s);
   return 0;
 }
 
@@ -779,8 +791,10 @@ readv_common (struct io_ctx *io, int argc, char **argv, bool aio)
       return -1;
   }
   if (argc - optind < 2) {
-    fprintf (stderr, "bad argument count %d to %s, expected at least 2 "
-             "arguments\n", argc - optind, name);
+    fprintf (stderr,
+             "bad argument count %d to %s, expected at least 2 "
+             "arguments\n",
+             argc - optind, name);
     return -1;
   }
   if (invalid) {
@@ -826,7 +840,10 @@ writev_common (struct io_ctx *io, int argc, char **argv, bool aio)
   optind = 0;
   while ((c = getopt (argc, argv, aio ? "+CfiP:quz" : "+CfP:q")) != -1) {
     switch (c) {
-    case 'P': if (!parse_pattern (optarg, &pattern)) return -1; break;
+    case 'P':
+      if (!parse_pattern (optarg, &pattern))
+        return -1;
+      break;
     case 'C': csv = true; break;
     case 'f': flags |= STRATA_REQ_FUA; break;
     case 'q': quiet = true; break;
@@ -837,8 +854,10 @@ writev_common (struct io_ctx *io, int argc, char **argv, bool aio)
     }
   }
   if (argc - optind < 2) {
-    fprintf (stderr, "bad argument count %d to %s, expected at least 2 "
-             "arguments\n", argc - optind, name);
+    fprintf (stderr,
+             "bad argument count %d to %s, expected at least 2 "
+             "arguments\n",
+             argc - optind, name);
     return -1;
   }
   if (invalid) {
@@ -884,8 +903,8 @@ cmd_sleep (struct io_ctx *io, int argc, char **argv)
   long ms = strtol (argv[1], &end, 0);
   struct timespec ts;
 
-  (void) io;
-  (void) argc;
+  (void)io;
+  (void)argc;
   if (ms < 0 || *end) {
     printf ("%s is not a valid number\n", argv[1]);
     return -1;
@@ -902,8 +921,8 @@ cmd_sigraise (struct io_ctx *io, int argc, char **argv)
 {
   uint64_t sig;
 
-  (void) io;
-  (void) argc;
+  (void)io;
+  (void)argc;
   if (!cvtnum (argv[1], &sig))
     return -1;
   if (sig > NSIG) {
@@ -920,16 +939,16 @@ cmd_sigraise (struct io_ctx *io, int argc, char **argv)
   /* What was printed so far reaches the reader before the signal does;
    * a signal raise() refuses is ignored, as in qemu-io. */
   fflush (stdout);
-  raise ((int) sig);
+  raise ((int)sig);
   return 0;
 }
 
 static int
 cmd_abort (struct io_ctx *io, int argc, char **argv)
 {
-  (void) io;
-  (void) argc;
-  (void) argv;
+  (void)io;
+  (void)argc;
+  (void)argv;
   fflush (stdout);
   abort ();
 }
@@ -939,50 +958,67 @@ static int cmd_help (struct io_ctx *io, int argc, char **argv);
 struct command {
   const char *name;
   int (*fn) (struct io_ctx *io, int argc, char **argv);
-  int argmin, argmax;   /* qemu-io's bounds on words after the name;
-                         * argmax -1: no bound */
+  int argmin, argmax; /* qemu-io's bounds on words after the name;
+                       * argmax -1: no bound */
   const char *usage;
 };
 
 /* In qemu-io's order, which "help" keeps; quit is handled by the loop. */
 static const struct command commands[] = {
-  { "abort", cmd_abort, 0, 0, "abort -- simulate a program crash using "
+  { "abort", cmd_abort, 0, 0,
+    "abort -- simulate a program crash using "
     "abort(3)" },
-  { "aio_flush", cmd_flush, 0, 0, "aio_flush -- completes all outstanding "
+  { "aio_flush", cmd_flush, 0, 0,
+    "aio_flush -- completes all outstanding "
     "aio requests" },
-  { "aio_read", cmd_aio_read, 2, -1, "aio_read [-Ciqv] [-P pattern] off len "
+  { "aio_read", cmd_aio_read, 2, -1,
+    "aio_read [-Ciqv] [-P pattern] off len "
     "[len..] -- asynchronously reads a number of bytes" },
-  { "aio_write", cmd_aio_write, 2, -1, "aio_write [-Cfiquz] [-P pattern] off "
+  { "aio_write", cmd_aio_write, 2, -1,
+    "aio_write [-Cfiquz] [-P pattern] off "
     "len [len..] -- asynchronously writes a number of bytes" },
-  { "alloc", cmd_alloc, 1, 2, "alloc offset [count] -- checks if offset is "
+  { "alloc", cmd_alloc, 1, 2,
+    "alloc offset [count] -- checks if offset is "
     "allocated in the file" },
-  { "discard", cmd_discard, 2, -1, "discard [-Cq] off len -- discards a "
+  { "discard", cmd_discard, 2, -1,
+    "discard [-Cq] off len -- discards a "
     "number of bytes at a specified offset" },
-  { "flush", cmd_flush, 0, 0, "flush -- flush all in-core file state to "
+  { "flush", cmd_flush, 0, 0,
+    "flush -- flush all in-core file state to "
     "disk" },
-  { "help", cmd_help, 0, 1, "help [command] -- help for one or all "
+  { "help", cmd_help, 0, 1,
+    "help [command] -- help for one or all "
     "commands" },
-  { "info", cmd_info, 0, 0, "info -- prints information about the current "
+  { "info", cmd_info, 0, 0,
+    "info -- prints information about the current "
     "file" },
-  { "length", cmd_length, 0, 0, "length -- gets the length of the current "
+  { "length", cmd_length, 0, 0,
+    "length -- gets the length of the current "
     "file" },
   { "map", cmd_map, 0, 0, "map  -- prints the allocated areas of a file" },
   { "quit", NULL, 0, 0, "quit -- exit the program" },
-  { "read", cmd_read, 2, -1, "read [-abCqv] [-P pattern [-s off] [-l len]] "
+  { "read", cmd_read, 2, -1,
+    "read [-abCqv] [-P pattern [-s off] [-l len]] "
     "off len -- reads a number of bytes at a specified offset" },
-  { "readv", cmd_readv, 2, -1, "readv [-Cqv] [-P pattern] off len [len..] "
+  { "readv", cmd_readv, 2, -1,
+    "readv [-Cqv] [-P pattern] off len [len..] "
     "-- reads a number of bytes at a specified offset" },
-  { "reopen", cmd_reopen, 0, -1, "reopen [(-r|-w)] -- reopens an image "
+  { "reopen", cmd_reopen, 0, -1,
+    "reopen [(-r|-w)] -- reopens an image "
     "read-only or read-write" },
   { "sigraise", cmd_sigraise, 1, 1, "sigraise signal -- raises a signal" },
-  { "sleep", cmd_sleep, 1, 1, "sleep -- waits for the given value in "
+  { "sleep", cmd_sleep, 1, 1,
+    "sleep -- waits for the given value in "
     "milliseconds" },
-  { "truncate", cmd_truncate, 1, 3, "truncate off -- truncates the current "
+  { "truncate", cmd_truncate, 1, 3,
+    "truncate off -- truncates the current "
     "file at the given offset" },
-  { "write", cmd_write, 2, -1, "write [-bcCfnquz] [-P pattern | -s "
+  { "write", cmd_write, 2, -1,
+    "write [-bcCfnquz] [-P pattern | -s "
     "source_file] off len -- writes a number of bytes at a specified "
     "offset" },
-  { "writev", cmd_writev, 2, -1, "writev [-Cfq] [-P pattern] off len "
+  { "writev", cmd_writev, 2, -1,
+    "writev [-Cfq] [-P pattern] off len "
     "[len..] -- writes a number of bytes at a specified offset" },
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
@@ -1009,7 +1045,7 @@ cmd_help (struct io_ctx *io, int argc, char **argv)
 {
   const struct command *cmd;
 
-  (void) io;
+  (void)io;
   if (argc < 2) {
     for (size_t i = 0; i < NCOMMANDS; i++)
       printf ("%s\n", commands[i].usage);
@@ -1048,14 +1084,18 @@ check_argc (const struct command *cmd, int argc)
   if (n >= cmd->argmin && (cmd->argmax < 0 || n <= cmd->argmax))
     return true;
   if (cmd->argmax < 0)
-    fprintf (stderr, "bad argument count %d to %s, expected at least %d "
-             "arguments\n", n, cmd->name, cmd->argmin);
-  else if (cmd->argmin == cmd->argmax)
-    fprintf (stderr, "bad argument count %d to %s, expected %d arguments\n",
+    fprintf (stderr,
+             "bad argument count %d to %s, expected at least %d "
+             "arguments\n",
              n, cmd->name, cmd->argmin);
+  else if (cmd->argmin == cmd->argmax)
+    fprintf (stderr, "bad argument count %d to %s, expected %d arguments\n", n,
+             cmd->name, cmd->argmin);
   else
-    fprintf (stderr, "bad argument count %d to %s, expected between %d and "
-             "%d arguments\n", n, cmd->name, cmd->argmin, cmd->argmax);
+    fprintf (stderr,
+             "bad argument count %d to %s, expected between %d and "
+             "%d arguments\n",
+             n, cmd->name, cmd->argmin, cmd->argmax);
   return false;
 }
 
@@ -1089,22 +1129,24 @@ run_command (struct io_ctx *io, const char *cmdline)
 static void
 usage (FILE *f)
 {
-  fprintf (f,
-    "Usage: %s [OPTIONS]... [-c COMMAND]... FILE\n"
-    "\n"
-    "  -c, --cmd COMMAND    run COMMAND (repeatable); without -c commands\n"
-    "                       are read from standard input\n"
-    "  -f, --format FMT     image format (raw, file); probed when absent\n"
-    "  -r, --read-only      open the image read-only\n"
-    "  -U, --force-share    open read-only without taking image locks\n"
-    "  -t, --cache MODE     none, writeback (default), writethrough,\n"
-    "                       directsync or unsafe\n"
-    "  -n, --nocache        same as -t none\n"
-    "  -C, --copy-on-read   copy what reads fetch from backing files into\n"
-    "                       the image (a copy-on-read filter on top)\n"
-    "  -o, --options OPTS   extra driver options, key=value,...\n"
-    "  -h, --help           show this help\n"
-    "  -V, --version        show the version\n", progname);
+  fprintf (
+      f,
+      "Usage: %s [OPTIONS]... [-c COMMAND]... FILE\n"
+      "\n"
+      "  -c, --cmd COMMAND    run COMMAND (repeatable); without -c commands\n"
+      "                       are read from standard input\n"
+      "  -f, --format FMT     image format (raw, file); probed when absent\n"
+      "  -r, --read-only      open the image read-only\n"
+      "  -U, --force-share    open read-only without taking image locks\n"
+      "  -t, --cache MODE     none, writeback (default), writethrough,\n"
+      "                       directsync or unsafe\n"
+      "  -n, --nocache        same as -t none\n"
+      "  -C, --copy-on-read   copy what reads fetch from backing files into\n"
+      "                       the image (a copy-on-read filter on top)\n"
+      "  -o, --options OPTS   extra driver options, key=value,...\n"
+      "  -h, --help           show this help\n"
+      "  -V, --version        show the version\n",
+      progname);
 }
 
 int
@@ -1133,8 +1175,8 @@ main (int argc, char **argv)
 
   if (!cmds)
     return 1;
-  while ((c = getopt_long (argc, argv, "+c:f:rUt:nCo:hV", long_options,
-                           NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "+c:f:rUt:nCo:hV", long_options, NULL))
+         != -1) {
     switch (c) {
     case 'c': cmds[ncmds++] = optarg; break;
     case 'f': io.format = optarg; break;
@@ -1157,8 +1199,10 @@ main (int argc, char **argv)
   io.filename = argv[optind];
   if ((flags & STRATA_OPEN_FORCE_SHARE) && (flags & STRATA_OPEN_RDWR)) {
     /* qemu-io -U implies nothing about writing; refuse as it does. */
-    fprintf (stderr, "%s: can't open device %s: force-share=on can only be "
-             "used with read-only images\n", progname, io.filename);
+    fprintf (stderr,
+             "%s: can't open device %s: force-share=on can only be "
+             "used with read-only images\n",
+             progname, io.filename);
     return 1;
   }
   if (!cache_mode_options (cache, io.format, cacheopts, sizeof cacheopts,
@@ -1167,7 +1211,8 @@ main (int argc, char **argv)
     return 1;
   }
   if (asprintf (&options, "%s%s%s", cacheopts, extra ? "," : "",
-                extra ? extra : "") < 0)
+                extra ? extra : "")
+      < 0)
     return 1;
   io.node = strata_open (io.filename, io.format, options, flags, &err);
   free (options);
@@ -1182,7 +1227,8 @@ main (int argc, char **argv)
     struct strata_info info;
     if (strata_get_info (io.node, &info, 0, NULL)
         && strcmp (info.format, "raw") == 0)
-      fprintf (stderr, "WARNING: Image format was not specified for '%s' and "
+      fprintf (stderr,
+               "WARNING: Image format was not specified for '%s' and "
                "probing guessed raw.\n         Automatically detecting the "
                "format is dangerous for raw images, write operations on "
                "block 0 will be restricted.\n         Specify the 'raw' "
