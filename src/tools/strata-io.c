@@ -1,12 +1,18 @@
 /* strata-io: an I/O tool with qemu-io's command line and output lines.
  *
- *   strata-io [-f FMT] [-r] [-U] [-t CACHE] [-n] [-o OPTS] [-c CMD]... FILE
+ *   strata-io [-f FMT] [-r] [-U] [-t CACHE] [-n] [-o OPTS] [-c CMD]... [FILE]
  *
  * Commands run in order from -c, or else one per line from standard
- * input.  The output lines ("read 512/512 bytes at offset 0", the timing
- * line, "Pattern verification failed at offset ...", the map lines) are
- * those of qemu-io so that scripts and test harnesses written for it work
- * unchanged.  The exit status is 1 when any command failed.
+ * input; without FILE, "open" opens one.  The output lines ("read 512/512
+ * bytes at offset 0", the timing line, "Pattern verification failed at
+ * offset ...", the map and alloc lines) are those of qemu-io so that
+ * scripts and test harnesses written for it work unchanged.  The exit
+ * status is 1 when any command failed.
+ *
+ * qemu-io's aio_read and aio_write run here to completion before the next
+ * command, so their completion lines come at once; qemu-io prints them
+ * when its main loop next runs (aio_flush, or exit).  With an aio_flush
+ * after each request the two print the same.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -184,6 +190,76 @@ print_io_failure (const char *op, int r)
     printf ("%s failed: %s (%s)\n", op, strerror (-r), detail);
   else
     printf ("%s failed: %s\n", op, strerror (-r));
+}
+
+/* ---- opening and closing ---- */
+
+/* Open FILENAME into IO (which has none open) as main's options or the
+ * open command ask, with qemu-io's messages.  Returns false after one. */
+static bool
+open_image (struct io_ctx *io, const char *filename, const char *format,
+            const char *cache, const char *extra, unsigned flags)
+{
+  char cacheopts[128], *options = NULL;
+  strata_error *err = NULL;
+  bool writethrough;
+
+  if ((flags & STRATA_OPEN_FORCE_SHARE) && (flags & STRATA_OPEN_RDWR)) {
+    /* qemu-io -U implies nothing about writing; refuse as it does. */
+    fprintf (stderr,
+             "%s: can't open device %s: force-share=on can only be "
+             "used with read-only images\n",
+             progname, filename);
+    return false;
+  }
+  if (!cache_mode_options (cache, format, cacheopts, sizeof cacheopts,
+                           &writethrough)) {
+    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, cache);
+    return false;
+  }
+  if (asprintf (&options, "%s%s%s", cacheopts, extra ? "," : "",
+                extra ? extra : "")
+      < 0)
+    return false;
+  io->node = strata_open (filename, format, options, flags, &err);
+  free (options);
+  if (!io->node) {
+    fprintf (stderr, "%s: can't open device %s: %s\n", progname, filename,
+             strata_error_message (err));
+    strata_error_free (err);
+    return false;
+  }
+  io->filename = filename;
+  io->format = format;
+  io->writethrough = writethrough;
+  /* A driver named in the options is no probe. */
+  if (!format && !(extra && strstr (extra, "driver="))) {
+    struct strata_info info;
+    if (strata_get_info (io->node, &info, 0, NULL)
+        && strcmp (info.format, "raw") == 0)
+      fprintf (stderr,
+               "WARNING: Image format was not specified for '%s' and "
+               "probing guessed raw.\n         Automatically detecting the "
+               "format is dangerous for raw images, write operations on "
+               "block 0 will be restricted.\n         Specify the 'raw' "
+               "format explicitly to remove the restrictions.\n",
+               filename);
+  }
+  return true;
+}
+
+/* Flush and close IO's image.  Returns false when the flush failed (the
+ * image is closed all the same). */
+static bool
+close_image (struct io_ctx *io)
+{
+  bool ok = strata_flush (io->node, 0) == 0;
+
+  strata_close (io->node);
+  io->node = NULL;
+  io->filename = NULL;
+  io->format = NULL;
+  return ok;
 }
 
 /* ---- commands ---- */
@@ -953,6 +1029,50 @@ cmd_abort (struct io_ctx *io, int argc, char **argv)
   abort ();
 }
 
+static int
+cmd_open (struct io_ctx *io, int argc, char **argv)
+{
+  unsigned flags = STRATA_OPEN_RDWR;
+  const char *cache = "writeback", *extra = NULL;
+  int c;
+
+  if (io->node) {
+    fprintf (stderr, "%s: file open already, try 'help close'\n", progname);
+    return -1;
+  }
+  optind = 0;
+  while ((c = getopt (argc, argv, "+rsCnkt:d:o:Ui:")) != -1) {
+    switch (c) {
+    case 'r': flags &= ~STRATA_OPEN_RDWR; break;
+    case 'C': flags |= STRATA_OPEN_COPY_ON_READ; break;
+    case 'n': cache = "none"; break;
+    case 't': cache = optarg; break;
+    case 'o': extra = optarg; break;
+    case 'U': flags |= STRATA_OPEN_FORCE_SHARE; break;
+    case 's':
+    case 'k':
+    case 'd':
+    case 'i':
+      fprintf (stderr, "%s: open -%c is not supported by strata-io\n",
+               progname, c);
+      return -1;
+    default: return command_usage ("open");
+    }
+  }
+  /* qemu-io can take the file from -o too; strata-io wants a path. */
+  if (argc - optind != 1)
+    return command_usage ("open");
+  return open_image (io, argv[optind], NULL, cache, extra, flags) ? 0 : -1;
+}
+
+static int
+cmd_close (struct io_ctx *io, int argc, char **argv)
+{
+  (void)argc;
+  (void)argv;
+  return close_image (io) ? 0 : -1;
+}
+
 static int cmd_help (struct io_ctx *io, int argc, char **argv);
 
 struct command {
@@ -961,65 +1081,61 @@ struct command {
   int argmin, argmax; /* qemu-io's bounds on words after the name;
                        * argmax -1: no bound */
   const char *usage;
+  bool nofile; /* runs without an open image */
 };
 
 /* In qemu-io's order, which "help" keeps; quit is handled by the loop. */
 static const struct command commands[] = {
   { "abort", cmd_abort, 0, 0,
-    "abort -- simulate a program crash using "
-    "abort(3)" },
+    "abort -- simulate a program crash using abort(3)", true },
   { "aio_flush", cmd_flush, 0, 0,
-    "aio_flush -- completes all outstanding "
-    "aio requests" },
+    "aio_flush -- completes all outstanding aio requests" },
   { "aio_read", cmd_aio_read, 2, -1,
-    "aio_read [-Ciqv] [-P pattern] off len "
-    "[len..] -- asynchronously reads a number of bytes" },
+    "aio_read [-Ciqv] [-P pattern] off len [len..] -- asynchronously reads "
+    "a number of bytes" },
   { "aio_write", cmd_aio_write, 2, -1,
-    "aio_write [-Cfiquz] [-P pattern] off "
-    "len [len..] -- asynchronously writes a number of bytes" },
+    "aio_write [-Cfiquz] [-P pattern] off len [len..] -- asynchronously "
+    "writes a number of bytes" },
   { "alloc", cmd_alloc, 1, 2,
-    "alloc offset [count] -- checks if offset is "
-    "allocated in the file" },
+    "alloc offset [count] -- checks if offset is allocated in the file" },
+  { "close", cmd_close, 0, 0, "close -- close the current open file" },
   { "discard", cmd_discard, 2, -1,
-    "discard [-Cq] off len -- discards a "
-    "number of bytes at a specified offset" },
-  { "flush", cmd_flush, 0, 0,
-    "flush -- flush all in-core file state to "
-    "disk" },
-  { "help", cmd_help, 0, 1,
-    "help [command] -- help for one or all "
-    "commands" },
-  { "info", cmd_info, 0, 0,
-    "info -- prints information about the current "
-    "file" },
-  { "length", cmd_length, 0, 0,
-    "length -- gets the length of the current "
-    "file" },
-  { "map", cmd_map, 0, 0, "map  -- prints the allocated areas of a file" },
-  { "quit", NULL, 0, 0, "quit -- exit the program" },
-  { "read", cmd_read, 2, -1,
-    "read [-abCqv] [-P pattern [-s off] [-l len]] "
-    "off len -- reads a number of bytes at a specified offset" },
-  { "readv", cmd_readv, 2, -1,
-    "readv [-Cqv] [-P pattern] off len [len..] "
-    "-- reads a number of bytes at a specified offset" },
-  { "reopen", cmd_reopen, 0, -1,
-    "reopen [(-r|-w)] -- reopens an image "
-    "read-only or read-write" },
-  { "sigraise", cmd_sigraise, 1, 1, "sigraise signal -- raises a signal" },
-  { "sleep", cmd_sleep, 1, 1,
-    "sleep -- waits for the given value in "
-    "milliseconds" },
-  { "truncate", cmd_truncate, 1, 3,
-    "truncate off -- truncates the current "
-    "file at the given offset" },
-  { "write", cmd_write, 2, -1,
-    "write [-bcCfnquz] [-P pattern | -s "
-    "source_file] off len -- writes a number of bytes at a specified "
+    "discard [-Cq] off len -- discards a number of bytes at a specified "
     "offset" },
+  { "flush", cmd_flush, 0, 0,
+    "flush -- flush all in-core file state to disk" },
+  { "help", cmd_help, 0, 1, "help [command] -- help for one or all commands",
+    true },
+  { "info", cmd_info, 0, 0,
+    "info -- prints information about the current file" },
+  { "length", cmd_length, 0, 0,
+    "length -- gets the length of the current file" },
+  { "map", cmd_map, 0, 0, "map  -- prints the allocated areas of a file" },
+  { "open", cmd_open, 1, -1,
+    "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the "
+    "file specified by path",
+    true },
+  { "quit", NULL, 0, 0, "quit -- exit the program", true },
+  { "read", cmd_read, 2, -1,
+    "read [-abCqv] [-P pattern [-s off] [-l len]] off len -- reads a number "
+    "of bytes at a specified offset" },
+  { "readv", cmd_readv, 2, -1,
+    "readv [-Cqv] [-P pattern] off len [len..] -- reads a number of bytes "
+    "at a specified offset" },
+  { "reopen", cmd_reopen, 0, -1,
+    "reopen [(-r|-w)] -- reopens an image read-only or read-write" },
+  { "sigraise", cmd_sigraise, 1, 1, "sigraise signal -- raises a signal",
+    true },
+  { "sleep", cmd_sleep, 1, 1,
+    "sleep -- waits for the given value in milliseconds", true },
+  { "truncate", cmd_truncate, 1, 3,
+    "truncate off -- truncates the current file at the given offset" },
+  { "write", cmd_write, 2, -1,
+    "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a "
+    "number of bytes at a specified offset" },
   { "writev", cmd_writev, 2, -1,
-    "writev [-Cfq] [-P pattern] off len "
-    "[len..] -- writes a number of bytes at a specified offset" },
+    "writev [-Cfq] [-P pattern] off len [len..] -- writes a number of bytes "
+    "at a specified offset" },
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
 
@@ -1116,6 +1232,12 @@ run_command (struct io_ctx *io, const char *cmdline)
   if (strcmp (argv[0], "quit") == 0 || strcmp (argv[0], "q") == 0)
     return 1;
   cmd = find_command (argv[0]);
+  if (cmd && !cmd->nofile && !io->node) {
+    /* qemu-io's line has no program name; test_io_bad_input wants one
+     * on every line about opening. */
+    fprintf (stderr, "%s: no file open, try 'help open'\n", progname);
+    return -1;
+  }
   if (cmd) {
     int r = check_argc (cmd, argc) ? cmd->fn (io, argc, argv) : -1;
 
@@ -1131,7 +1253,7 @@ usage (FILE *f)
 {
   fprintf (
       f,
-      "Usage: %s [OPTIONS]... [-c COMMAND]... FILE\n"
+      "Usage: %s [OPTIONS]... [-c COMMAND]... [FILE]\n"
       "\n"
       "  -c, --cmd COMMAND    run COMMAND (repeatable); without -c commands\n"
       "                       are read from standard input\n"
@@ -1169,9 +1291,8 @@ main (int argc, char **argv)
   CLEANUP_FREE const char **cmds = calloc (argc, sizeof *cmds);
   const char *cache = "writeback", *extra = NULL;
   unsigned flags = STRATA_OPEN_RDWR;
+  const char *format = NULL;
   int ncmds = 0, c, failed = 0;
-  char cacheopts[128], *options = NULL;
-  strata_error *err = NULL;
 
   if (!cmds)
     return 1;
@@ -1179,7 +1300,7 @@ main (int argc, char **argv)
          != -1) {
     switch (c) {
     case 'c': cmds[ncmds++] = optarg; break;
-    case 'f': io.format = optarg; break;
+    case 'f': format = optarg; break;
     case 'r': flags &= ~STRATA_OPEN_RDWR; break;
     case 'U': flags |= STRATA_OPEN_FORCE_SHARE; break;
     case 't': cache = optarg; break;
@@ -1191,50 +1312,14 @@ main (int argc, char **argv)
     default: usage (stderr); return 1;
     }
   }
-  if (optind != argc - 1) {
-    fprintf (stderr, "%s: %s\n", progname,
-             optind == argc ? "no image file given" : "too many arguments");
+  if (optind < argc - 1) {
+    fprintf (stderr, "%s: too many arguments\n", progname);
     return 1;
   }
-  io.filename = argv[optind];
-  if ((flags & STRATA_OPEN_FORCE_SHARE) && (flags & STRATA_OPEN_RDWR)) {
-    /* qemu-io -U implies nothing about writing; refuse as it does. */
-    fprintf (stderr,
-             "%s: can't open device %s: force-share=on can only be "
-             "used with read-only images\n",
-             progname, io.filename);
+  /* qemu-io without a file waits for an open command. */
+  if (optind < argc
+      && !open_image (&io, argv[optind], format, cache, extra, flags))
     return 1;
-  }
-  if (!cache_mode_options (cache, io.format, cacheopts, sizeof cacheopts,
-                           &io.writethrough)) {
-    fprintf (stderr, "%s: Invalid cache option: %s\n", progname, cache);
-    return 1;
-  }
-  if (asprintf (&options, "%s%s%s", cacheopts, extra ? "," : "",
-                extra ? extra : "")
-      < 0)
-    return 1;
-  io.node = strata_open (io.filename, io.format, options, flags, &err);
-  free (options);
-  if (!io.node) {
-    fprintf (stderr, "%s: can't open device %s: %s\n", progname, io.filename,
-             strata_error_message (err));
-    strata_error_free (err);
-    return 1;
-  }
-
-  if (!io.format) {
-    struct strata_info info;
-    if (strata_get_info (io.node, &info, 0, NULL)
-        && strcmp (info.format, "raw") == 0)
-      fprintf (stderr,
-               "WARNING: Image format was not specified for '%s' and "
-               "probing guessed raw.\n         Automatically detecting the "
-               "format is dangerous for raw images, write operations on "
-               "block 0 will be restricted.\n         Specify the 'raw' "
-               "format explicitly to remove the restrictions.\n",
-               io.filename);
-  }
 
   if (ncmds) {
     for (int i = 0; i < ncmds; i++) {
@@ -1264,8 +1349,7 @@ main (int argc, char **argv)
     }
     free (line);
   }
-  if (strata_flush (io.node, 0) < 0)
+  if (io.node && !close_image (&io))
     failed = 1;
-  strata_close (io.node);
   return failed;
 }

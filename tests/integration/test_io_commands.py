@@ -46,7 +46,12 @@ def norm_stdout(text):
 
 
 def norm_stderr(text):
-    return [line for line in text.splitlines()
+    """TEXT's lines, strata-io's program name as qemu-io's, and its
+    "strata-io: no file open" (test_io_bad_input wants the name there)
+    as qemu-io's bare line."""
+    text = text.replace("strata-io: no file open", "no file open")
+    return [re.sub(r"^strata-io: ", "qemu-io: ", line)
+            for line in text.splitlines()
             if not line.startswith("strata-io: first mismatch at offset")]
 
 
@@ -312,7 +317,7 @@ def test_signals_end_the_program_as_qemu(tmp_path, strata_io, qemu_io,
 
 # qemu-io commands strata-io does not have; reopen and truncate are there
 # without qemu-io's -c/-o and -m options, so their usage differs.
-MISSING = {"break", "close", "open", "remove_break", "resume", "wait_break"}
+MISSING = {"break", "remove_break", "resume", "wait_break"}
 SUBSET = {"reopen", "truncate"}
 
 
@@ -333,3 +338,62 @@ def test_help_lists_qemu_commands(tmp_path, strata_io, qemu_io, qemu_img):
         assert one.stdout.splitlines()[0] in q_lines
     both(strata_io, qemu_io, tmp_path, top, "raw", ["help foo"],
          readonly=True)
+
+
+# ---- open, close ----
+
+def run_in_dirs(strata_io, qemu_io, qemu_img, tmp_path, top, fmt, cmds,
+                with_file):
+    """Like both(), but the commands may name the image (open img.FMT):
+    each tool runs in a directory of its own that holds its copy under
+    the same name, so both outputs name the same file."""
+    procs = []
+    for tool, name in ((strata_io, "s"), (qemu_io, "q")):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(top, d / f"img.{fmt}")
+        if fmt == "qcow2":
+            shutil.copy(tmp_path / "base.qcow2", d / "base.qcow2")
+        args = ["-f", fmt, *io_cmds(*cmds), f"img.{fmt}"] if with_file \
+            else io_cmds(*cmds)
+        procs.append(run(tool, *args, cwd=d, check=False))
+    s, q = procs
+    assert norm_stdout(s.stdout) == norm_stdout(q.stdout), (
+        f"cmds {cmds}\nstrata:\n{s.stdout}\nqemu:\n{q.stdout}")
+    assert norm_stderr(s.stderr) == norm_stderr(q.stderr), (
+        f"strata:\n{s.stderr}\nqemu:\n{q.stderr}")
+    assert s.returncode == q.returncode, (s.stderr, q.stderr)
+    assert_same_image(qemu_img, fmt, tmp_path / "s" / f"img.{fmt}",
+                      tmp_path / "q" / f"img.{fmt}")
+    return s
+
+
+OPEN_CMDS = {
+    "close-then-open": (True, [
+        "close", "read 0 1", "close", "open {img}", "write -P 9 0 1k",
+        "read -P 9 0 1k", "open {img}", "close", "open -r {img}",
+        "read -P 9 0 1k", "close", "open -U -r {img}", "alloc 0 64k"]),
+    "no-file": (False, [
+        "sleep 1", "sigraise 0", "help alloc", "info", "map", "flush",
+        "aio_flush", "alloc 0", "close", "read 0 1", "open", "open -x",
+        "open a b", "open nonexist", "length", "open -t bogus {img}",
+        "open -U {img}", "open -n {img}", "write 1 1", "read -P 0xcd 1 1",
+        "length", "open {img}"]),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", sorted(OPEN_CMDS))
+def test_open_close_match_qemu(tmp_path, strata_io, qemu_io, qemu_img, fmt,
+                               case):
+    top = make_images(qemu_img, qemu_io, tmp_path, fmt)
+    with_file, cmds = OPEN_CMDS[case]
+    opts = f"-o driver={fmt} " if fmt == "raw" else ""
+    cmds = [c.replace("{img}", f"{opts}img.{fmt}") for c in cmds]
+    s = run_in_dirs(strata_io, qemu_io, qemu_img, tmp_path, top, fmt, cmds,
+                    with_file)
+    assert s.returncode == 1
+    assert "no file open, try 'help open'" in s.stderr
+    assert "file open already, try 'help close'" in s.stderr
+    assert ("wrote 1024/1024 bytes at offset 0" if with_file
+            else "read 1/1 bytes at offset 1") in s.stdout
