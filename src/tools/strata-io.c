@@ -1082,6 +1082,7 @@ struct command {
                        * argmax -1: no bound */
   const char *usage;
   bool nofile; /* runs without an open image */
+  bool writes; /* refused on a read-only image */
 };
 
 /* In qemu-io's order, which "help" keeps; quit is handled by the loop. */
@@ -1095,13 +1096,15 @@ static const struct command commands[] = {
     "a number of bytes" },
   { "aio_write", cmd_aio_write, 2, -1,
     "aio_write [-Cfiquz] [-P pattern] off len [len..] -- asynchronously "
-    "writes a number of bytes" },
+    "writes a number of bytes",
+    false, true },
   { "alloc", cmd_alloc, 1, 2,
     "alloc offset [count] -- checks if offset is allocated in the file" },
   { "close", cmd_close, 0, 0, "close -- close the current open file" },
   { "discard", cmd_discard, 2, -1,
     "discard [-Cq] off len -- discards a number of bytes at a specified "
-    "offset" },
+    "offset",
+    false, true },
   { "flush", cmd_flush, 0, 0,
     "flush -- flush all in-core file state to disk" },
   { "help", cmd_help, 0, 1, "help [command] -- help for one or all commands",
@@ -1129,13 +1132,16 @@ static const struct command commands[] = {
   { "sleep", cmd_sleep, 1, 1,
     "sleep -- waits for the given value in milliseconds", true },
   { "truncate", cmd_truncate, 1, 3,
-    "truncate off -- truncates the current file at the given offset" },
+    "truncate off -- truncates the current file at the given offset", false,
+    true },
   { "write", cmd_write, 2, -1,
     "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a "
-    "number of bytes at a specified offset" },
+    "number of bytes at a specified offset",
+    false, true },
   { "writev", cmd_writev, 2, -1,
     "writev [-Cfq] [-P pattern] off len [len..] -- writes a number of bytes "
-    "at a specified offset" },
+    "at a specified offset",
+    false, true },
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
 
@@ -1175,6 +1181,14 @@ cmd_help (struct io_ctx *io, int argc, char **argv)
   }
   printf ("%s\n", cmd->usage);
   return 0;
+}
+
+static bool
+is_read_only (struct io_ctx *io)
+{
+  struct strata_info info;
+
+  return strata_get_info (io->node, &info, 0, NULL) && info.read_only;
 }
 
 /* Split LINE in place on blanks.  Returns argc; argv has room for MAX. */
@@ -1232,6 +1246,10 @@ run_command (struct io_ctx *io, const char *cmdline)
   if (strcmp (argv[0], "quit") == 0 || strcmp (argv[0], "q") == 0)
     return 1;
   cmd = find_command (argv[0]);
+  if (cmd && cmd->writes && io->node && is_read_only (io)) {
+    fprintf (stderr, "%s: Block node is read-only\n", progname);
+    return -1;
+  }
   if (cmd && !cmd->nofile && !io->node) {
     /* qemu-io's line has no program name; test_io_bad_input wants one
      * on every line about opening. */

@@ -397,3 +397,30 @@ def test_open_close_match_qemu(tmp_path, strata_io, qemu_io, qemu_img, fmt,
     assert "file open already, try 'help close'" in s.stderr
     assert ("wrote 1024/1024 bytes at offset 0" if with_file
             else "read 1/1 bytes at offset 1") in s.stdout
+
+
+# ---- writes on a read-only image ----
+
+RO_CMDS = ["write 0 1", "writev 0 1", "aio_write 0 1", "write -z 0 1",
+           "discard 0 1", "truncate 1M", "read 0 1", "alloc 0"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_writes_refused_on_read_only_image_as_qemu(tmp_path, strata_io,
+                                                   qemu_io, qemu_img, fmt):
+    top = make_images(qemu_img, qemu_io, tmp_path, fmt)
+    s, s_img, _ = both(strata_io, qemu_io, tmp_path, top, fmt, RO_CMDS,
+                       readonly=True)
+    assert s.returncode == 1
+    assert s.stderr.count("strata-io: Block node is read-only") == 6
+    assert "read 1/1 bytes at offset 0" in s.stdout
+    assert_same_image(qemu_img, fmt, s_img, top)
+    # open -r and reopen -w: the same check follows the image's mode.
+    cmds = ["close", "open -r {img}", "write 0 1", "reopen -w",
+            "write -P 4 0 1", "reopen -r", "discard 0 1", "read -P 4 0 1"]
+    opts = f"-o driver={fmt} " if fmt == "raw" else ""
+    cmds = [c.replace("{img}", f"{opts}img.{fmt}") for c in cmds]
+    s = run_in_dirs(strata_io, qemu_io, qemu_img, tmp_path, top, fmt, cmds,
+                    True)
+    assert s.stderr.count("Block node is read-only") == 2
+    assert "wrote 1/1 bytes at offset 0" in s.stdout
