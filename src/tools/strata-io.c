@@ -722,17 +722,41 @@ cmd_info (struct io_ctx *io, int argc, char **argv)
 static int
 cmd_truncate (struct io_ctx *io, int argc, char **argv)
 {
+  static const char *const modes[] = { "metadata", "falloc", "full" };
   uint64_t size;
   strata_error *err = NULL;
+  int c;
 
-  if (argc != 2) {
+  optind = 0;
+  while ((c = getopt (argc, argv, "+m:")) != -1) {
+    if (c != 'm')
+      return command_usage ("truncate");
+    if (strcmp (optarg, "off") == 0)
+      continue;
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+      if (strcmp (optarg, modes[i]) == 0) {
+        /* QEMU's other modes: strata truncates without preallocating. */
+        fprintf (stderr, "%s: truncate -m %s is not supported\n", progname,
+                 optarg);
+        return -1;
+      }
+    }
+    fprintf (stderr, "%s: Invalid preallocation mode '%s'\n", progname,
+             optarg);
+    return -1;
+  }
+  /* qemu-io crashes without a size, and ignores words after it where
+   * strata-io refuses them. */
+  if (optind == argc)
+    return command_usage ("truncate");
+  if (argc - optind != 1) {
     fprintf (stderr,
              "bad argument count %d to truncate, expected 1 "
              "argument\n",
              argc - 1);
     return -1;
   }
-  if (!cvtnum (argv[1], &size))
+  if (!cvtnum (argv[optind], &size))
     return -1;
   if (!strata_truncate (io->node, size, 0, &err)) {
     fprintf (stderr, "%s: %s\n", progname, strata_error_message (err));
@@ -1132,8 +1156,9 @@ static const struct command commands[] = {
   { "sleep", cmd_sleep, 1, 1,
     "sleep -- waits for the given value in milliseconds", true },
   { "truncate", cmd_truncate, 1, 3,
-    "truncate off -- truncates the current file at the given offset", false,
-    true },
+    "truncate [-m prealloc_mode] off -- truncates the current file at the "
+    "given offset",
+    false, true },
   { "write", cmd_write, 2, -1,
     "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a "
     "number of bytes at a specified offset",

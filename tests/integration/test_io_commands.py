@@ -315,10 +315,10 @@ def test_signals_end_the_program_as_qemu(tmp_path, strata_io, qemu_io,
         assert "read 1/1" not in p.stdout
 
 
-# qemu-io commands strata-io does not have; reopen and truncate are there
-# without qemu-io's -c/-o and -m options, so their usage differs.
+# qemu-io commands strata-io does not have (blkdebug breakpoints); reopen
+# is there without qemu-io's -c/-o options, so its usage differs.
 MISSING = {"break", "remove_break", "resume", "wait_break"}
-SUBSET = {"reopen", "truncate"}
+SUBSET = {"reopen"}
 
 
 def test_help_lists_qemu_commands(tmp_path, strata_io, qemu_io, qemu_img):
@@ -424,3 +424,18 @@ def test_writes_refused_on_read_only_image_as_qemu(tmp_path, strata_io,
                     True)
     assert s.stderr.count("Block node is read-only") == 2
     assert "wrote 1/1 bytes at offset 0" in s.stdout
+
+
+# ---- truncate -m ----
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_truncate_prealloc_off_as_qemu(tmp_path, strata_io, qemu_io,
+                                       qemu_img, fmt):
+    top = make_images(qemu_img, qemu_io, tmp_path, fmt)
+    cmds = ["truncate -m off 6M", "length", "truncate -m bogus 7M",
+            "truncate -x 1M", "truncate -m", "length", "alloc 5M 1M"]
+    s, s_img, q_img = both(strata_io, qemu_io, tmp_path, top, fmt, cmds)
+    assert s.returncode == 1
+    assert s.stdout.splitlines()[0] == "6 MiB"
+    assert "Invalid preallocation mode 'bogus'" in s.stderr
+    assert_same_image(qemu_img, fmt, s_img, q_img)
