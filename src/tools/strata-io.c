@@ -1084,6 +1084,11 @@ cmd_open (struct io_ctx *io, int argc, char **argv)
     }
   }
   /* qemu-io can take the file from -o too; strata-io wants a path. */
+  if (optind == argc) {
+    fprintf (stderr, "%s: can't open: Must specify either driver or file\n",
+             progname);
+    return -1;
+  }
   if (argc - optind != 1)
     return command_usage ("open");
   return open_image (io, argv[optind], NULL, cache, extra, flags) ? 0 : -1;

@@ -376,7 +376,7 @@ OPEN_CMDS = {
     "no-file": (False, [
         "sleep 1", "sigraise 0", "help alloc", "info", "map", "flush",
         "aio_flush", "alloc 0", "close", "read 0 1", "open", "open -x",
-        "open a b", "open nonexist", "length", "open -t bogus {img}",
+        "open a b", "open nonexist", "length", "open -r", "open -t bogus {img}",
         "open -U {img}", "open -n {img}", "write 1 1", "read -P 0xcd 1 1",
         "length", "open {img}"]),
 }
