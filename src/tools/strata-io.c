@@ -383,11 +383,8 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
     default: return -1;
     }
   }
-  if (argc - optind != 2) {
-    fprintf (stderr, "bad argument count %d to read, expected 2 arguments\n",
-             argc - optind);
-    return -1;
-  }
+  if (argc - optind != 2)
+    return command_usage ("read");
   if (o.pattern < 0 && (have_pat_off || o.have_pat_len))
     return command_usage ("read");
   if (!parse_off_len (argv + optind, &off, &len))
@@ -519,11 +516,8 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
     default: return -1;
     }
   }
-  if (argc - optind != 2) {
-    fprintf (stderr, "bad argument count %d to write, expected 2 arguments\n",
-             argc - optind);
-    return -1;
-  }
+  if (argc - optind != 2)
+    return command_usage ("write");
   if (zero + have_pattern + !!src > 1) {
     printf ("Only one of -z, -P, and -s can be specified at the same time\n");
     return -1;
@@ -579,13 +573,8 @@ cmd_discard (struct io_ctx *io, int argc, char **argv)
     default: return -1;
     }
   }
-  if (argc - optind != 2) {
-    fprintf (stderr,
-             "bad argument count %d to discard, expected 2 "
-             "arguments\n",
-             argc - optind);
-    return -1;
-  }
+  if (argc - optind != 2)
+    return command_usage ("discard");
   if (!parse_off_len (argv + optind, &off, &len))
     return -1;
   t0 = now ();
@@ -785,13 +774,8 @@ cmd_reopen (struct io_ctx *io, int argc, char **argv)
     else
       return -1;
   }
-  if (optind != argc) {
-    fprintf (stderr,
-             "bad argument count %d to reopen, expected 0 "
-             "arguments\n",
-             argc - optind);
-    return -1;
-  }
+  if (optind != argc)
+    return command_usage ("reopen");
   if (rw < 0)
     return 0;
   if (!strata_reopen (io->node, rw, 0, &err)) {
@@ -890,13 +874,8 @@ readv_common (struct io_ctx *io, int argc, char **argv, bool aio)
     else if (bad)
       return -1;
   }
-  if (argc - optind < 2) {
-    fprintf (stderr,
-             "bad argument count %d to %s, expected at least 2 "
-             "arguments\n",
-             argc - optind, name);
-    return -1;
-  }
+  if (argc - optind < 2)
+    return command_usage (name);
   if (invalid) {
     /* qemu-io's -i only exercises its accounting: nothing is read. */
     printf ("injecting invalid read request\n");
@@ -953,13 +932,8 @@ writev_common (struct io_ctx *io, int argc, char **argv, bool aio)
     default: return command_usage (name);
     }
   }
-  if (argc - optind < 2) {
-    fprintf (stderr,
-             "bad argument count %d to %s, expected at least 2 "
-             "arguments\n",
-             argc - optind, name);
-    return -1;
-  }
+  if (argc - optind < 2)
+    return command_usage (name);
   if (invalid) {
     printf ("injecting invalid write request\n");
     return 0;

@@ -263,6 +263,9 @@ READ_BAD = [
     "read -l 5 64k 8k", "read -P 2 -l 9k 64k 8k", "read -P 2 -s x 64k 8k",
     "read -P 2 -s 9E 0 8", "read -P 2 -s 9k 64k 8k",
     "read -v -P 2 -s 0 -l 8k 60k 32", "write -n 0 1",
+    # Too few words once the options are taken: the usage line.
+    "read -q 0", "write -q 0", "discard -q 0", "readv -q 0",
+    "writev -q 0", "aio_read -q 0", "aio_write -q 0", "read 0 1 2",
 ]
 
 
