@@ -56,6 +56,13 @@ once() {
   shift
   rm -f "$work/$out"
   sync  # no writeback of an earlier run's output during this one
+  # The same start for every run: free memory (root only; otherwise the
+  # run that has to reclaim the page cache pays for it) and the inputs
+  # read back into the cache.
+  if [[ -w /proc/sys/vm/drop_caches ]]; then
+    echo 1 >/proc/sys/vm/drop_caches
+  fi
+  cat "$work"/*.qcow2 >/dev/null
   if ! /usr/bin/time -f '%e %M' -o "$work/time" "$@" "$work/$out" \
        >/dev/null 2>"$work/err"; then
     cat "$work/err" >&2
