@@ -24,6 +24,9 @@ trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 pids=()
+# In the background, from this shell, so that $! is the program itself
+# ("show ... &" would fork a subshell, and killing that leaves the program).
+show_bg() { printf '$'; printf ' %q' "$@"; printf ' &\n'; "$@" & pids+=($!); }
 stop_all() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   pids=()
@@ -43,8 +46,7 @@ show "$simg" create -q -f qcow2 -b gold-mid.qcow2 -F qcow2 gold.qcow2
 show "$sio" -c 'write -c -P 0x33 100M 8M' -c 'write -P 0x44 120M 4M' gold.qcow2 >/dev/null
 
 step "It serves the disk read-only over NBD (strata-nbd, qemu-nbd's options)"
-show "$build/strata-nbd" -f qcow2 -r -t -e 8 -x disk -k "$work/source.sock" gold.qcow2 &
-pids+=($!)
+show_bg "$build/strata-nbd" -f qcow2 -r -t -e 8 -x disk -k "$work/source.sock" gold.qcow2
 for _ in $(seq 100); do [[ -S $work/source.sock ]] && break; sleep 0.05; done
 show nbdinfo "nbd+unix:///disk?socket=$work/source.sock"
 
