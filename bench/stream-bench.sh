@@ -57,8 +57,8 @@ daemons = {"stratad": os.environ["STRATAD"],
            "qsd": shutil.which("qemu-storage-daemon")}
 
 
-def start(name, tag):
-    shutil.copy("top.qcow2", f"top-{tag}.qcow2")
+def start(name, tag, src="top.qcow2"):
+    shutil.copy(src, f"top-{tag}.qcow2")
     sock = f"{tag}.sock"
     proc = subprocess.Popen([daemons[name], "--chardev",
                              f"socket,id=m,path={sock},server=on,wait=off",
@@ -117,16 +117,7 @@ subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b",
                 "top-nbd.qcow2", str(size)], check=True)
 post = {}
 for name in daemons:
-    shutil.copy("top-nbd.qcow2", f"top-{name}-pc.qcow2")
-    sock = f"{name}-pc.sock"
-    proc = subprocess.Popen([daemons[name], "--chardev",
-                             f"socket,id=m,path={sock},server=on,wait=off",
-                             "--monitor", "chardev=m"],
-                            stdout=subprocess.DEVNULL)
-    q = QMP(sock, timeout=600)
-    q.execute("blockdev-add", {"driver": "qcow2", "node-name": "top",
-                               "file": {"driver": "file",
-                                        "filename": f"top-{name}-pc.qcow2"}})
+    proc, q = start(name, name + "-pc", "top-nbd.qcow2")
     t = time.monotonic()
     q.execute("block-stream", {"job-id": "j", "device": "top"})
     q.event("BLOCK_JOB_COMPLETED", timeout=3600)

@@ -227,9 +227,9 @@ check_nbd_server (json_t *obj, const char *path, struct qmp_error *err)
                      "missing", path, need[i]);
       return false;
     }
-  if (json_integer_value (json_object_get (obj, "reconnect-delay")) < 0
-      || json_integer_value (json_object_get (obj, "reconnect-delay"))
-             > UINT32_MAX) {
+  json_int_t delay = json_integer_value (json_object_get (obj,
+                                                         "reconnect-delay"));
+  if (delay < 0 || delay > UINT32_MAX) {
     qmp_error_set (err, "GenericError",
                    "Parameter '%sreconnect-delay' expects uint32_t", path);
     return false;

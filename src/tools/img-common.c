@@ -158,7 +158,7 @@ open_image_flags (const char *filename, const char *fmt, unsigned flags,
     }
     n = strata_open (path, driver, rest, flags, &err);
     if (n && rw && !driver)
-      img_raw_probe_warning (n, path);
+      tool_warn_probed_raw (n, path);
     fmt = "";  /* warned (or not) already */
   }
   else
@@ -170,7 +170,7 @@ open_image_flags (const char *filename, const char *fmt, unsigned flags,
     fprintf (stderr, "%s: Could not open '%s': %s\n", progname, filename,
              strata_error_message (err));
   else if (rw && !fmt)
-    img_raw_probe_warning (n, filename);
+    tool_warn_probed_raw (n, filename);
   strata_error_free (err);
   return n;
 }
@@ -232,24 +232,6 @@ img_open_snapshot (const char *filename, const char *fmt, bool force_share,
                         extra);
   loading_snapshot = false;
   return n;
-}
-
-void
-img_raw_probe_warning (strata_node *n, const char *filename)
-{
-  struct strata_info info;
-
-  if (!strata_get_info (n, &info, 0, NULL) || !info.format
-      || strcmp (info.format, "raw") != 0)
-    return;
-  fprintf (stderr,
-           "WARNING: Image format was not specified for '%s' and probing "
-           "guessed raw.\n"
-           "         Automatically detecting the format is dangerous for "
-           "raw images, write operations on block 0 will be restricted.\n"
-           "         Specify the 'raw' format explicitly to remove the "
-           "restrictions.\n",
-           filename);
 }
 
 /* S with qemu's empty containers: "[" and "]" on lines of their own,

@@ -168,7 +168,7 @@ cmd_snapshot (int argc, char **argv)
   case 'c': ok = strata_snapshot_create (n, name, &err); break;
   case 'a':
     /* qemu-img opens a probed raw image a second time to apply. */
-    img_raw_probe_warning (n, file);
+    tool_warn_probed_raw (n, file);
     ok = strata_snapshot_apply (n, name, &err);
     break;
   case 'd': ok = strata_snapshot_delete (n, name, &err); break;

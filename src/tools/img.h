@@ -16,6 +16,8 @@
 
 #include <strata/strata.h>
 
+#include "tools/tool-common.h"
+
 extern const char *progname;
 
 enum output { OUTPUT_HUMAN, OUTPUT_JSON };
@@ -52,7 +54,6 @@ strata_node *open_image_flags (const char *filename, const char *fmt,
 /* qemu-img's warning when a probed image turned out raw and is opened
  * read-write (open_image() prints it; snapshot -a prints it again, as
  * qemu-img does). */
-void img_raw_probe_warning (strata_node *n, const char *filename);
 /* Whether OPTIONS (a -o list) holds "help" or "?". */
 bool img_has_help_option (const char *options);
 /* qemu-img's list of FMT's creation options for -o help: with the file

@@ -27,6 +27,7 @@
 
 #include <strata/strata.h>
 
+#include "tools/tool-common.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
@@ -233,18 +234,8 @@ open_image (struct io_ctx *io, const char *filename, const char *format,
   io->format = format;
   io->writethrough = writethrough;
   /* A driver named in the options is no probe. */
-  if (!format && !(extra && strstr (extra, "driver="))) {
-    struct strata_info info;
-    if (strata_get_info (io->node, &info, 0, NULL)
-        && strcmp (info.format, "raw") == 0)
-      fprintf (stderr,
-               "WARNING: Image format was not specified for '%s' and "
-               "probing guessed raw.\n         Automatically detecting the "
-               "format is dangerous for raw images, write operations on "
-               "block 0 will be restricted.\n         Specify the 'raw' "
-               "format explicitly to remove the restrictions.\n",
-               filename);
-  }
+  if (!format && !(extra && strstr (extra, "driver=")))
+    tool_warn_probed_raw (io->node, filename);
   return true;
 }
 
@@ -427,7 +418,6 @@ data_from_file (const char *file, uint64_t len)
   if (ferror (f)) {
     perror (file);
     got = 0;
-    len = 1; /* not "empty" */
   }
   else if (got == 0)
     fprintf (stderr, "%s: file is empty\n", file);

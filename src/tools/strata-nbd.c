@@ -33,6 +33,7 @@
 #include <strata/strata.h>
 
 #include "nbd/server.h"
+#include "tools/tool-common.h"
 #include "util/opts.h"
 
 static const char *progname = "strata-nbd";
@@ -345,18 +346,8 @@ listen_cmdline (struct nbd_server *srv, const struct nbd_cmdline *cl)
 static void
 warn_probed_raw (strata_node *node, const struct nbd_cmdline *cl)
 {
-  struct strata_info info;
-
-  if (cl->format || !cl->ef.writable || !strata_get_info (node, &info, 0, NULL)
-      || strcmp (info.format, "raw") != 0)
-    return;
-  fprintf (stderr,
-           "WARNING: Image format was not specified for '%s' and "
-           "probing guessed raw.\n         Automatically detecting the "
-           "format is dangerous for raw images, write operations on "
-           "block 0 will be restricted.\n         Specify the 'raw' "
-           "format explicitly to remove the restrictions.\n",
-           cl->filename);
+  if (!cl->format && cl->ef.writable)
+    tool_warn_probed_raw (node, cl->filename);
 }
 
 static bool
@@ -407,20 +398,12 @@ static void
 detach (int ready_fd)
 {
   char ready = 1;
-  int null;
 
   if (write (ready_fd, &ready, 1) != 1) {
     /* The parent is gone; serve anyway. */
   }
   close (ready_fd);
-  null = open ("/dev/null", O_RDWR);
-  if (null >= 0) {
-    dup2 (null, 0);
-    dup2 (null, 1);
-    dup2 (null, 2);
-    if (null > 2)
-      close (null);
-  }
+  tool_stdio_to_null ();
 }
 
 static strata_node *

@@ -24,6 +24,7 @@
 
 #include "control/qmp.h"
 #include "control/server.h"
+#include "tools/tool-common.h"
 #include "util/cleanup.h"
 
 #define MAX_SOCKETS 16
@@ -370,15 +371,8 @@ static void
 daemon_ready (int fd)
 {
   char ok = 0;
-  int null = open ("/dev/null", O_RDWR);
 
-  if (null >= 0) {
-    dup2 (null, 0);
-    dup2 (null, 1);
-    dup2 (null, 2);
-    if (null > 2)
-      close (null);
-  }
+  tool_stdio_to_null ();
   if (write (fd, &ok, 1) != 1) {
     /* The parent is gone; nothing to tell. */
   }

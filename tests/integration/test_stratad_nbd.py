@@ -423,6 +423,22 @@ def test_blockdev_add_nbd_matches_qsd(tmp_path):
             results[tag] = out
         assert results["stratad"] == results["qsd"]
         assert results["qsd"][-1][0][1]["format"] == "nbd"
+        # Where stratad refuses what qemu-storage-daemon would try.
+        mon = Monitor(binary("stratad"), tmp_path, "refusals")
+        try:
+            for kind in ("vsock", "fd"):
+                r = mon.cmd("blockdev-add", driver="nbd",
+                            server={"type": kind}, **{"node-name": "a"})
+                assert r["error"]["desc"] == (
+                    f"strata does not implement server.type '{kind}' "
+                    "(only 'unix' and 'inet')"), r
+            r = mon.cmd("blockdev-add", driver="nbd", server=good,
+                        **{"node-name": "a", "reconnect-delay": 1 << 32})
+            assert r["error"]["desc"] == \
+                "Parameter 'reconnect-delay' expects uint32_t", r
+            assert mon.ok("query-named-block-nodes") == []
+        finally:
+            mon.stop()
         assert "dirty-flag" not in results["qsd"][-1][1][1]
     finally:
         server.terminate()
