@@ -1251,11 +1251,32 @@ run_job (struct conn *c, struct job *j)
   return simple_reply (j->cookie, r < 0 ? -r : 0, 0);
 }
 
+/* Jobs waiting in the queue that a sleeping worker could take.
+ * pool_lock held. */
+static unsigned
+queued_for_sleepers_locked (struct nbd_server *srv)
+{
+  return srv->nr_jobs < srv->idle_workers ? srv->nr_jobs
+                                          : srv->idle_workers;
+}
+
+/* Wake a sleeping worker for each of them; returns how many.  pool_lock
+ * held. */
+static unsigned
+wake_for_queued_locked (struct nbd_server *srv)
+{
+  unsigned n = queued_for_sleepers_locked (srv);
+
+  for (unsigned i = 0; i < n; i++)
+    pthread_cond_signal (&srv->job_cond);
+  return n;
+}
+
 static void *
 worker_thread (void *arg)
 {
   struct nbd_server *srv = arg;
-  uint64_t t0;
+  uint64_t took;
 
   pthread_mutex_lock (&srv->pool_lock);
   for (;;) {
@@ -1274,21 +1295,18 @@ worker_thread (void *arg)
       srv->jobs_tail = NULL;
     srv->nr_jobs--;
     pthread_mutex_unlock (&srv->pool_lock);
-    t0 = now_ns ();
+    took = now_ns ();
     r = run_job (j->conn, j);
     queue_reply (j->conn, r, j->cost);
     free (j->payload);
     free (j);
-    t0 = now_ns () - t0;
+    took = now_ns () - took;
     pthread_mutex_lock (&srv->pool_lock);
-    srv->job_ns_avg = srv->job_ns_avg - srv->job_ns_avg / 8 + t0 / 8;
+    srv->job_ns_avg = srv->job_ns_avg - srv->job_ns_avg / 8 + took / 8;
     /* Jobs queued behind a slow one (one worker took their batch while
      * jobs were short) get workers of their own now. */
-    if (t0 > NBD_SLOW_JOB_NS)
-      for (unsigned n = srv->nr_jobs < srv->idle_workers
-                            ? srv->nr_jobs : srv->idle_workers;
-           n > 0; n--)
-        pthread_cond_signal (&srv->job_cond);
+    if (took > NBD_SLOW_JOB_NS)
+      wake_for_queued_locked (srv);
   }
   pthread_mutex_unlock (&srv->pool_lock);
   return NULL;
@@ -1302,10 +1320,7 @@ pool_nudge (struct nbd_server *srv, bool wake)
   unsigned n;
 
   pthread_mutex_lock (&srv->pool_lock);
-  n = srv->nr_jobs < srv->idle_workers ? srv->nr_jobs : srv->idle_workers;
-  if (wake)
-    for (unsigned i = 0; i < n; i++)
-      pthread_cond_signal (&srv->job_cond);
+  n = wake ? wake_for_queued_locked (srv) : queued_for_sleepers_locked (srv);
   pthread_mutex_unlock (&srv->pool_lock);
   return n > 0;
 }
