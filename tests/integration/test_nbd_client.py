@@ -483,6 +483,9 @@ def test_uri_forms_and_filenames_as_qemu_img(sockdir, servers, qemu_img,
     assert "disk size: unavailable" in human[1]
     for bad, why in (("nbd:", "missing the server"),
                      ("nbd:localhost", "expected nbd:HOST:PORT"),
-                     ("nbd:127.0.0.1:x", "bad port 'x'")):
+                     ("nbd:127.0.0.1:x", "bad port 'x'"),
+                     ("nbd:unix:", "missing socket path"),
+                     ("nbd:[::1]", "expected nbd:HOST:PORT"),
+                     ("nbd:host:70000", "bad port '70000'")):
         p = run(binary("strata-img"), "info", bad, check=False)
         assert p.returncode == 1 and why in p.stderr, p.stderr
