@@ -11,17 +11,25 @@
  * greeting; the client sends a stream of JSON values (not necessarily one
  * per line); every reply and event is one line of JSON ended by "\r\n".
  *
- * Framing.  Like QEMU's JSON streamer, a message ends where its braces and
- * brackets balance (outside strings); a top-level string or scalar is a
- * message of its own.  The span is then handed to jansson.  Bytes that
- * cannot start any JSON token are a lexical error: the server replies and,
- * as QEMU does, skips input up to the next newline.  A message still
- * incomplete at QMP_MAX_MESSAGE bytes gets an error reply and the
- * connection is closed after the reply is sent.
+ * Framing.  Each client's input goes through a QMP lexer (lexer.c): like
+ * QEMU's JSON streamer, a message ends where its braces and brackets
+ * balance (outside strings).  The span is then handed to jansson.  A
+ * lexical error gets an error reply (the lexer then skips input up to the
+ * next newline, as QEMU does).  A message still incomplete at
+ * QMP_MAX_MESSAGE bytes gets an error reply and the connection is closed
+ * after the reply is sent.
  *
  * Output.  Sockets are non-blocking; each client has an output queue
  * flushed on EPOLLOUT, so a client that does not read never delays the
  * others.  A client with more than QMP_MAX_QUEUED bytes unread is dropped.
+ *
+ * Locks.  Connections, listeners and the command tables belong to the
+ * control thread alone and take no lock.  One lock:
+ *
+ *   event_lock   the queue of pending events and event_fd; taken by any
+ *                thread in qmp_event_emit(), by the control thread to take
+ *                the queue.  A leaf: nothing else is taken under it.
+ *                Job threads emit under the job lock (job lock -> event_lock).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -40,6 +48,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "control/lexer.h"
 #include "control/qmp.h"
 #include "control/server.h"
 #include "util/sockets.h"
@@ -62,21 +71,11 @@ struct listener {
   struct listener *next;
 };
 
-/* Framing state of a client's input (see the top of the file). */
-enum scan_state { S_IDLE, S_NESTED, S_STRING, S_SCALAR, S_RECOVER };
-
 struct client {
   struct watch w;
   struct qmp_server *srv;
   struct client *prev, *next;
-  /* Input: bytes [0, in_len); the current message starts at msg_start. */
-  char *in;
-  size_t in_len, in_cap, scan, msg_start;
-  enum scan_state state;
-  enum scan_state outer;  /* state to return to after a string */
-  int depth;
-  char quote;
-  bool escape;
+  struct qmp_lexer lex;  /* input, framed into messages */
   /* Output queue: bytes [out_off, out_len) still to send. */
   char *out;
   size_t out_off, out_len, out_cap;
@@ -516,223 +515,44 @@ handle_message (struct client *c, const char *p, size_t len)
   json_decref (msg);
 }
 
-static bool
-is_space (char ch)
-{
-  return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n';
-}
-
-/* Can CH appear in a number or in true/false/null? */
-static bool
-is_scalar_char (char ch)
-{
-  return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z')
-         || (ch >= 'A' && ch <= 'Z') || ch == '-' || ch == '+' || ch == '.'
-         || ch == '_';
-}
-
-/* The lexical error at C->in[POS]: reply as QEMU does, then skip to the
- * next newline. */
-static void
-lexical_error (struct client *c, size_t pos)
-{
-  char buf[128];
-  unsigned char ch = c->in[pos];
-
-  if (is_scalar_char (ch)) {
-    size_t end = pos;
-    while (end < c->in_len && end - pos < 64 && is_scalar_char (c->in[end]))
-      end++;
-    snprintf (buf, sizeof buf, "JSON parse error, invalid keyword '%.*s'",
-              (int) (end - pos), c->in + pos);
-  }
-  else if (ch >= 0x20 && ch < 0x7f)
-    snprintf (buf, sizeof buf, "JSON parse error, stray '%c'", ch);
-  else if (ch >= 0x80)
-    snprintf (buf, sizeof buf, "JSON parse error, stray '\\uFFFD'");
-  else
-    snprintf (buf, sizeof buf, "JSON parse error, stray '\\u%04X'", ch);
-  send_error (c, NULL, "GenericError", buf);
-  c->state = S_RECOVER;
-}
-
-/* Inside nested JSON outside strings: is the word starting at POS one
- * that JSON allows?  Returns false for a letter run that is no keyword.
- * Sets *INCOMPLETE when the buffer ends inside the word. */
-static bool
-word_ok (struct client *c, size_t pos, bool *incomplete)
-{
-  size_t end = pos;
-
-  *incomplete = false;
-  while (end < c->in_len && is_scalar_char (c->in[end]))
-    end++;
-  if (end == c->in_len) {
-    *incomplete = true;
-    return true;
-  }
-  if (!((c->in[pos] >= 'a' && c->in[pos] <= 'z')
-        || (c->in[pos] >= 'A' && c->in[pos] <= 'Z')))
-    return true;  /* a number: jansson judges it */
-  return (end - pos == 4 && memcmp (c->in + pos, "true", 4) == 0)
-         || (end - pos == 5 && memcmp (c->in + pos, "false", 5) == 0)
-         || (end - pos == 4 && memcmp (c->in + pos, "null", 4) == 0);
-}
-
-/* Scan new input, dispatching each complete message.  Returns the number
- * of bytes that are done with (everything before the current message). */
+/* Frame the new input, dispatching each complete message (lexer.c). */
 static void
 client_scan (struct client *c)
 {
-  size_t pos = c->scan;
+  struct qmp_lex_token tok;
 
-  while (pos < c->in_len && !c->closing && !c->dead) {
-    char ch = c->in[pos];
-    bool incomplete;
-
-    switch (c->state) {
-    case S_RECOVER:
-      if (ch == '\n')
-        c->state = S_IDLE;
-      pos++;
-      c->msg_start = pos;
+  while (!c->closing && !c->dead) {
+    switch (qmp_lexer_next (&c->lex, &tok)) {
+    case QMP_LEX_MESSAGE:
+      handle_message (c, tok.text, tok.len);
       break;
-    case S_IDLE:
-      c->msg_start = pos;
-      if (is_space (ch)) {
-        pos++;
-        c->msg_start = pos;
-      }
-      else if (ch == '{' || ch == '[') {
-        c->state = S_NESTED;
-        c->depth = 1;
-        pos++;
-      }
-      else if (ch == '"' || ch == '\'') {
-        c->state = S_STRING;
-        c->outer = S_IDLE;
-        c->quote = ch;
-        c->escape = false;
-        pos++;
-      }
-      else if (ch == '}' || ch == ']') {
-        send_error (c, NULL, "GenericError",
-                    "JSON parse error, expecting value");
-        pos++;
-        c->msg_start = pos;
-      }
-      else if (is_scalar_char (ch)) {
-        if (!word_ok (c, pos, &incomplete))
-          lexical_error (c, pos);
-        else if (incomplete) {
-          c->scan = pos;
-          goto out;
-        }
-        else {
-          c->state = S_SCALAR;
-          pos++;
-        }
-      }
-      else
-        lexical_error (c, pos);
+    case QMP_LEX_ERROR:
+      send_error (c, NULL, "GenericError", tok.error);
       break;
-    case S_SCALAR:
-      if (is_scalar_char (ch)) {
-        pos++;
-        break;
-      }
-      c->state = S_IDLE;
-      handle_message (c, c->in + c->msg_start, pos - c->msg_start);
-      c->msg_start = pos;
-      break;
-    case S_STRING:
-      pos++;
-      if (c->escape)
-        c->escape = false;
-      else if (ch == '\\')
-        c->escape = true;
-      else if (ch == c->quote) {
-        c->state = c->outer;
-        if (c->state == S_IDLE) {
-          handle_message (c, c->in + c->msg_start, pos - c->msg_start);
-          c->msg_start = pos;
-        }
-      }
-      break;
-    case S_NESTED:
-      if (ch == '"' || ch == '\'') {
-        c->state = S_STRING;
-        c->outer = S_NESTED;
-        c->quote = ch;
-        c->escape = false;
-        pos++;
-      }
-      else if (ch == '{' || ch == '[') {
-        c->depth++;
-        pos++;
-      }
-      else if (ch == '}' || ch == ']') {
-        pos++;
-        if (--c->depth == 0) {
-          c->state = S_IDLE;
-          handle_message (c, c->in + c->msg_start, pos - c->msg_start);
-          c->msg_start = pos;
-        }
-      }
-      else if (is_space (ch) || ch == ',' || ch == ':')
-        pos++;
-      else if (is_scalar_char (ch)) {
-        if (!word_ok (c, pos, &incomplete)) {
-          lexical_error (c, pos);
-          break;
-        }
-        if (incomplete) {
-          c->scan = pos;
-          goto out;
-        }
-        while (pos < c->in_len && is_scalar_char (c->in[pos]))
-          pos++;
-      }
-      else
-        lexical_error (c, pos);
-      break;
+    case QMP_LEX_OVERSIZED:
+      send_error (c, NULL, "GenericError",
+                  "QMP input exceeds the limit of 16 MiB per message; "
+                  "closing the connection");
+      c->closing = true;
+      return;
+    case QMP_LEX_MORE:
+      return;
     }
-  }
-  c->scan = pos;
-out:
-  if (c->dead || c->closing)
-    return;
-  /* Forget what is done; keep the current message. */
-  if (c->msg_start > 0) {
-    memmove (c->in, c->in + c->msg_start, c->in_len - c->msg_start);
-    c->in_len -= c->msg_start;
-    c->scan -= c->msg_start;
-    c->msg_start = 0;
-  }
-  if (c->in_len > QMP_MAX_MESSAGE) {
-    send_error (c, NULL, "GenericError",
-                "QMP input exceeds the limit of 16 MiB per message; "
-                "closing the connection");
-    c->closing = true;
   }
 }
 
 static void
 client_read (struct client *c)
 {
+  size_t avail;
+  char *space = qmp_lexer_space (&c->lex, 65536, &avail);
   ssize_t n;
 
-  if (c->in_cap - c->in_len < 65536) {
-    size_t cap = c->in_cap ? c->in_cap * 2 : 65536;
-    char *p = realloc (c->in, cap);
-    if (!p) {
-      client_drop (c);
-      return;
-    }
-    c->in = p;
-    c->in_cap = cap;
+  if (!space) {
+    client_drop (c);
+    return;
   }
-  n = recv (c->w.fd, c->in + c->in_len, c->in_cap - c->in_len, MSG_DONTWAIT);
+  n = recv (c->w.fd, space, avail, MSG_DONTWAIT);
   if (n < 0) {
     if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
       client_drop (c);
@@ -743,17 +563,8 @@ client_read (struct client *c)
     client_drop (c);
     return;
   }
-  c->in_len += n;
+  qmp_lexer_commit (&c->lex, n);
   client_scan (c);
-  if (c->in_cap > (1u << 20) && c->in_len < c->in_cap / 4) {
-    /* A big message went by: give the memory back. */
-    size_t cap = c->in_len > 65536 ? c->in_len * 2 : 65536 * 2;
-    char *p = realloc (c->in, cap);
-    if (p) {
-      c->in = p;
-      c->in_cap = cap;
-    }
-  }
 }
 
 /* ---- connections ---- */
@@ -794,7 +605,7 @@ free_graveyard (struct qmp_server *srv)
 static void
 client_free (struct client *c)
 {
-  free (c->in);
+  qmp_lexer_free (&c->lex);
   free (c->out);
   free (c);
 }
@@ -818,6 +629,7 @@ accept_client (struct qmp_server *srv, struct listener *l)
   c->w.kind = W_CLIENT;
   c->w.fd = fd;
   c->srv = srv;
+  qmp_lexer_init (&c->lex, QMP_MAX_MESSAGE);
   c->events = EPOLLIN;
   ev.events = EPOLLIN;
   ev.data.ptr = &c->w;
