@@ -78,14 +78,6 @@ chunk_size (struct job *job, struct stream *s)
   return c < STREAM_MIN_CHUNK ? STREAM_MIN_CHUNK : c;
 }
 
-/* Requests ever begun on T. */
-static uint64_t
-tracker_seq (struct tracker *t)
-{
-  LOCK_GUARD (&t->lock);
-  return t->next_seq;
-}
-
 /* Has the guest used TOP since LAST_SEQ, or is it using it now? */
 static bool
 guest_busy (struct stream *s)
