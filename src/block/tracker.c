@@ -102,3 +102,17 @@ tracker_count (struct tracker *t)
     n++;
   return n;
 }
+
+uint64_t
+tracker_seq (struct tracker *t)
+{
+  LOCK_GUARD (&t->lock);
+  return t->next_seq;
+}
+
+unsigned
+tracker_waits (struct tracker *t)
+{
+  LOCK_GUARD (&t->lock);
+  return t->waits;
+}

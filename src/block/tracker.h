@@ -28,6 +28,7 @@ struct tracked_req {
   struct tracked_req *prev, *next;
 };
 
+/* Callers use the functions below, never the fields. */
 struct tracker {
   pthread_mutex_t lock;
   pthread_cond_t cond;
@@ -51,5 +52,12 @@ void tracker_wait_idle (struct tracker *t, uint64_t offset, uint64_t len);
 
 /* Number of requests in flight. */
 unsigned tracker_count (struct tracker *t);
+
+/* Requests ever begun: a caller that saw the same number twice knows no
+ * request began in between (a job's "has the guest been here?"). */
+uint64_t tracker_seq (struct tracker *t);
+
+/* Times a request had to wait for an overlapping one (tests, stats). */
+unsigned tracker_waits (struct tracker *t);
 
 #endif
