@@ -10,8 +10,18 @@
  *
  * Parents are not stored separately: a node's parents are the registered
  * nodes whose children include it, found by walking the registry.  Graph
- * changes (attach, detach) happen on the control thread, so a walk under
+ * edits (opening nodes over others, attach, detach, reopen, a job's
+ * backing change) are made under the one graph-edit lock, so a walk under
  * the registry lock sees a consistent set of edges.
+ *
+ * Locks:
+ *   edit_lock      graph_lock()/graph_unlock(): every graph edit, and
+ *                  walks that must not see one half done (the QMP block
+ *                  commands, a job's prepare/abort).  Held across node
+ *                  opens and reopens, so it is taken first.
+ *   registry_lock  the registry array, the node names, the users.  A
+ *                  leaf: nothing is taken while it is held.
+ * Order: edit_lock -> job lock -> node lock; registry_lock under any.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -19,12 +29,13 @@
 
 #include "block/graph.h"
 
-static pthread_mutex_t graph_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t edit_lock = PTHREAD_MUTEX_INITIALIZER;
 static strata_node **graph_nodes;  /* in registration order */
 static size_t graph_n, graph_cap;
 
 static strata_node *
-lookup_locked (const char *name)
+lookup_registry_locked (const char *name)
 {
   for (size_t i = 0; i < graph_n; i++)
     if (strcmp (graph_nodes[i]->node_name, name) == 0)
@@ -37,6 +48,18 @@ name_char_ok (char c)
 {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
          || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_';
+}
+
+void
+graph_lock (void)
+{
+  pthread_mutex_lock (&edit_lock);
+}
+
+void
+graph_unlock (void)
+{
+  pthread_mutex_unlock (&edit_lock);
 }
 
 bool
@@ -59,9 +82,9 @@ graph_name_check (const char *name, strata_error **errp)
     error_set (errp, EINVAL, "Node name too long");
     return false;
   }
-  pthread_mutex_lock (&graph_lock);
-  p = lookup_locked (name) ? name : NULL;
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_lock (&registry_lock);
+  p = lookup_registry_locked (name) ? name : NULL;
+  pthread_mutex_unlock (&registry_lock);
   if (p) {
     error_set (errp, EEXIST, "Duplicate nodes with node-name='%s'", name);
     return false;
@@ -74,8 +97,8 @@ graph_register (strata_node *node, strata_error **errp)
 {
   bool ok = false;
 
-  pthread_mutex_lock (&graph_lock);
-  if (lookup_locked (node->node_name)) {
+  pthread_mutex_lock (&registry_lock);
+  if (lookup_registry_locked (node->node_name)) {
     error_set (errp, EEXIST, "Duplicate nodes with node-name='%s'",
                node->node_name);
     goto out;
@@ -93,14 +116,14 @@ graph_register (strata_node *node, strata_error **errp)
   graph_nodes[graph_n++] = node;
   ok = true;
 out:
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
   return ok;
 }
 
 void
 graph_unregister (strata_node *node)
 {
-  pthread_mutex_lock (&graph_lock);
+  pthread_mutex_lock (&registry_lock);
   for (size_t i = 0; i < graph_n; i++) {
     if (graph_nodes[i] == node) {
       memmove (&graph_nodes[i], &graph_nodes[i + 1],
@@ -114,7 +137,7 @@ graph_unregister (strata_node *node)
     graph_nodes = NULL;
     graph_cap = 0;
   }
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
 }
 
 /* Take a reference unless the node is already on its way out. */
@@ -134,11 +157,11 @@ graph_lookup (const char *name)
 {
   strata_node *node;
 
-  pthread_mutex_lock (&graph_lock);
-  node = lookup_locked (name);
+  pthread_mutex_lock (&registry_lock);
+  node = lookup_registry_locked (name);
   if (node && !try_ref (node))
     node = NULL;
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
   return node;
 }
 
@@ -147,12 +170,12 @@ graph_list (strata_node ***out)
 {
   size_t n = 0;
 
-  pthread_mutex_lock (&graph_lock);
+  pthread_mutex_lock (&registry_lock);
   *out = calloc (graph_n ? graph_n : 1, sizeof **out);
   for (size_t i = 0; *out && i < graph_n; i++)
     if (try_ref (graph_nodes[i]))
       (*out)[n++] = graph_nodes[i];
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
   return n;
 }
 
@@ -169,7 +192,7 @@ graph_parents (strata_node *node, struct graph_edge *edges, int max)
 {
   int n = 0;
 
-  pthread_mutex_lock (&graph_lock);
+  pthread_mutex_lock (&registry_lock);
   for (size_t i = 0; i < graph_n; i++) {
     strata_node *p = graph_nodes[i];
     for (int c = 0; c < p->nchildren; c++) {
@@ -180,7 +203,7 @@ graph_parents (strata_node *node, struct graph_edge *edges, int max)
       n++;
     }
   }
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
   return n;
 }
 
@@ -193,13 +216,13 @@ graph_add_user (strata_node *node, const char *who)
 
   if (!copy)
     return false;
-  pthread_mutex_lock (&graph_lock);
+  pthread_mutex_lock (&registry_lock);
   v = realloc (node->users, (node->nusers + 1) * sizeof *v);
   if (v) {
     node->users = v;
     v[node->nusers++] = copy;
   }
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
   if (!v)
     free (copy);
   return v != NULL;
@@ -208,7 +231,7 @@ graph_add_user (strata_node *node, const char *who)
 void
 graph_remove_user (strata_node *node, const char *who)
 {
-  pthread_mutex_lock (&graph_lock);
+  pthread_mutex_lock (&registry_lock);
   for (size_t i = 0; i < node->nusers; i++) {
     if (strcmp (node->users[i], who) == 0) {
       free (node->users[i]);
@@ -221,7 +244,7 @@ graph_remove_user (strata_node *node, const char *who)
       break;
     }
   }
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
 }
 
 char *
@@ -229,9 +252,9 @@ graph_first_user (strata_node *node)
 {
   char *r = NULL;
 
-  pthread_mutex_lock (&graph_lock);
+  pthread_mutex_lock (&registry_lock);
   if (node->nusers > 0)
     r = strdup (node->users[0]);
-  pthread_mutex_unlock (&graph_lock);
+  pthread_mutex_unlock (&registry_lock);
   return r;
 }

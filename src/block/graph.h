@@ -11,6 +11,13 @@
 
 #define GRAPH_NAME_MAX 31
 
+/* The one graph-edit lock: held by whoever changes the graph (opens a
+ * node over existing ones, attaches or detaches a child, reopens,
+ * deletes) and by walks that must see no edit half done.  Taken before
+ * the job lock and any node lock.  Not recursive. */
+void graph_lock (void);
+void graph_unlock (void);
+
 /* Is NAME valid and free?  Errors carry QEMU's texts: "Invalid
  * node-name: 'x'", "Node name too long", "Duplicate nodes with
  * node-name='x'". */

@@ -208,14 +208,6 @@ void job_shutdown (void);
 /* QEMU's id rule (a letter, then letters, digits, '-', '.', '_'). */
 bool job_id_wellformed (const char *id);
 
-/* The monitor's graph lock (commands-block.c): graph edits from a job
- * thread take it.  Order: block lock, then job lock. */
-void qmp_block_lock (void);
-void qmp_block_unlock (void);
-/* NAME as a backing name of NODE resolves (commands-block.c); caller
- * frees. */
-char *qmp_full_backing_filename (strata_node *node, const char *name);
-
 /* Commands implemented in stream.c. */
 json_t *stream_cmd_block_stream (json_t *args, struct qmp_error *err);
 json_t *stream_cmd_pull_range (json_t *args, struct qmp_error *err);

@@ -26,6 +26,14 @@ qmp_error_set (struct qmp_error *err, const char *class, const char *fmt, ...)
 }
 
 void
+qmp_error_from (struct qmp_error *err, strata_error *e)
+{
+  qmp_error_set (err, "GenericError", "%s",
+                 e ? strata_error_message (e) : "unknown error");
+  strata_error_free (e);
+}
+
+void
 qmp_error_clear (struct qmp_error *err)
 {
   free (err->desc);

@@ -17,6 +17,8 @@
 #include <jansson.h>
 #include <stdbool.h>
 
+#include "util/error.h"
+
 struct qmp_error {
   const char *class;   /* static string: "GenericError", ... */
   char *desc;          /* malloc'd; NULL when no error */
@@ -26,6 +28,8 @@ void qmp_error_set (struct qmp_error *err, const char *class,
                     const char *fmt, ...)
     __attribute__ ((format (printf, 3, 4)));
 void qmp_error_clear (struct qmp_error *err);
+/* ERR as a GenericError with E's message; frees E (may be NULL). */
+void qmp_error_from (struct qmp_error *err, strata_error *e);
 
 /* Handler: return a new reference, or NULL after qmp_error_set(). */
 typedef json_t *(*qmp_handler) (json_t *args, struct qmp_error *err);

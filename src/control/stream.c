@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "block/graph.h"
+#include "control/commands-block.h"
 #include "control/job.h"
 #include "util/cleanup.h"
 
@@ -228,7 +229,7 @@ stream_run (struct job *job)
   return node_flush (s->top);
 }
 
-/* Make TOP read-only again if the job made it writable; block lock held
+/* Make TOP read-only again if the job made it writable; graph lock held
  * (or the control thread's own, for a job that never started). */
 static void
 restore_read_only_locked (struct stream *s)
@@ -239,7 +240,7 @@ restore_read_only_locked (struct stream *s)
 }
 
 /* Drop the filter over TOP (QEMU does it first in prepare, or in
- * abort); block lock held, or the control thread's own for a job that
+ * abort); graph lock held, or the control thread's own for a job that
  * never started. */
 static void
 drop_filter_locked (struct job *job, struct stream *s)
@@ -264,7 +265,7 @@ stream_prepare (struct job *job)
 
   if (!name && s->base)
     name = s->base->filename;
-  qmp_block_lock ();
+  graph_lock ();
   drop_filter_locked (job, s);
   if (!s->top->backing)
     goto out;
@@ -290,17 +291,17 @@ stream_prepare (struct job *job)
   }
 out:
   restore_read_only_locked (s);
-  qmp_block_unlock ();
+  graph_unlock ();
   return r;
 }
 
 static void
 stream_abort (struct job *job)
 {
-  qmp_block_lock ();
+  graph_lock ();
   drop_filter_locked (job, job->opaque);
   restore_read_only_locked (job->opaque);
-  qmp_block_unlock ();
+  graph_unlock ();
 }
 
 static void
@@ -700,7 +701,7 @@ stream_cmd_block_stream (json_t *args, struct qmp_error *err)
     return NULL;
   }
   device = str_arg (args, "device");
-  qmp_block_lock ();
+  graph_lock ();
   if (!(top = lookup (device, device, err))
       || !find_base (args, top, &base, err))
     goto out;
@@ -723,7 +724,7 @@ out:
     node_unref (top);
   if (base)
     node_unref (base);
-  qmp_block_unlock ();
+  graph_unlock ();
   if (ok && str_arg (args, "job-id"))
     job_settle (str_arg (args, "job-id"));
   return ok ? json_object () : NULL;
@@ -753,7 +754,7 @@ stream_cmd_pull_range (json_t *args, struct qmp_error *err)
   device = str_arg (args, "device");
   offset = json_integer_value (json_object_get (args, "offset"));
   length = json_integer_value (json_object_get (args, "length"));
-  qmp_block_lock ();
+  graph_lock ();
   if (!(top = lookup (device, device, err))
       || !find_base (args, top, &base, err))
     goto out;
@@ -788,6 +789,6 @@ out:
     node_unref (top);
   if (base)
     node_unref (base);
-  qmp_block_unlock ();
+  graph_unlock ();
   return ret;
 }
