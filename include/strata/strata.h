@@ -147,6 +147,38 @@ bool strata_get_info (strata_node *node, struct strata_info *info,
  * NULL.  Borrowed: valid while NODE is open. */
 strata_node *strata_backing (strata_node *node);
 
+/* Find a layer of TOP's backing chain (below TOP; filters are never
+ * layers) by file name.  FLAGS says which spellings of NAME count; a layer
+ * matches when any of them does (give at least one):
+ *   STRATA_CHAIN_PATH      NAME is the layer's file name, or the same file
+ *                          from the current directory
+ *   STRATA_CHAIN_RELATIVE  NAME, taken from the directory of the layer
+ *                          above as a backing name recorded there would
+ *                          be, is the same file
+ *   STRATA_CHAIN_RECORDED  NAME is the backing name the layer above
+ *                          records in its header
+ * Returns the first matching layer (borrowed: valid while TOP is open)
+ * and its depth in *DEPTH (may be NULL; 1 = TOP's backing layer, as
+ * struct strata_extent counts), or NULL with *errp set (ENOENT). */
+#define STRATA_CHAIN_PATH     (1u << 0)
+#define STRATA_CHAIN_RELATIVE (1u << 1)
+#define STRATA_CHAIN_RECORDED (1u << 2)
+#define STRATA_CHAIN_FIND_MASK                                               \
+  (STRATA_CHAIN_PATH | STRATA_CHAIN_RELATIVE | STRATA_CHAIN_RECORDED)
+strata_node *strata_chain_find (strata_node *top, const char *name,
+                                unsigned flags, int *depth,
+                                strata_error **errp);
+/* The node named NODE_NAME when it is TOP or in TOP's chain (filters
+ * included), or NULL with *errp set (ENOENT).  Borrowed.  FLAGS: 0. */
+strata_node *strata_chain_find_node (strata_node *top, const char *node_name,
+                                     unsigned flags, strata_error **errp);
+/* The backing file name to record in TOP's header so that it names LAYER,
+ * a layer below TOP: the name the layer above LAYER records when it means
+ * the same file from TOP's directory, else LAYER's absolute path.  The
+ * caller frees it; NULL with *errp set on failure.  FLAGS: 0. */
+char *strata_chain_backing_name (strata_node *top, strata_node *layer,
+                                 unsigned flags, strata_error **errp);
+
 /* Consistency check (qemu-img check).  The format driver walks its
  * metadata and counts problems; FIX asks it to repair some of them, which
  * needs a node opened read-write.  Repairs never lower a reference count

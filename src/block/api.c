@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/chain.h"
 #include "block/node.h"
 #include "util/checked.h"
 
@@ -56,10 +57,10 @@ check_range (strata_node *node, uint64_t offset, uint64_t len)
   int64_t size = node_length (node);
 
   if (size < 0)
-    return io_error (-size, "%s: cannot get the image length",
-                     node->filename);
+    return io_error (-size, "%s: cannot get the image length", node->filename);
   if (!range_inside (offset, len, size))
-    return io_error (EIO, "%s: request at offset %" PRIu64 " length %" PRIu64
+    return io_error (EIO,
+                     "%s: request at offset %" PRIu64 " length %" PRIu64
                      " is past the end of the image (%" PRId64 " bytes)",
                      node->filename, offset, len, size);
   return 0;
@@ -108,10 +109,10 @@ strata_pread (strata_node *node, void *buf, size_t len, uint64_t offset,
 }
 
 int
-strata_pwrite (strata_node *node, const void *buf, size_t len,
-               uint64_t offset, unsigned flags)
+strata_pwrite (strata_node *node, const void *buf, size_t len, uint64_t offset,
+               unsigned flags)
 {
-  struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
+  struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
   return strata_pwritev (node, &iov, 1, offset, flags);
 }
 
@@ -140,14 +141,14 @@ strata_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
 {
   int r = check_range (node, offset, len);
 
-  (void) flags;
+  (void)flags;
   return r < 0 ? r : node_pdiscard (node, offset, len, 0);
 }
 
 int
 strata_flush (strata_node *node, unsigned flags)
 {
-  (void) flags;
+  (void)flags;
   return node_flush (node);
 }
 
@@ -170,14 +171,15 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
     node = node_skip_filters (node);
     size = node_length (node);
     if (size < 0)
-      return (int) size;
-    if ((uint64_t) size <= offset) {
+      return (int)size;
+    if ((uint64_t)size <= offset) {
       /* Past the end of a shorter backing file: reads as zeros. */
-      *ext = (struct strata_extent){ .length = len, .flags = STRATA_BS_ZERO,
+      *ext = (struct strata_extent){ .length = len,
+                                     .flags = STRATA_BS_ZERO,
                                      .depth = depth };
       return 0;
     }
-    len = MIN (len, (uint64_t) size - offset);
+    len = MIN (len, (uint64_t)size - offset);
     r = node_block_status_flags (node, offset, len, &bs,
                                  flags & STRATA_BS_SHALLOW);
     if (r < 0)
@@ -186,14 +188,15 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
     if ((bs.flags & BS_ALLOCATED) || !node->backing) {
       *ext = (struct strata_extent){
         .length = len,
-        .flags = bs.flags & (STRATA_BS_ALLOCATED | STRATA_BS_ZERO
-                             | STRATA_BS_DATA | STRATA_BS_OFFSET),
+        .flags = bs.flags
+                 & (STRATA_BS_ALLOCATED | STRATA_BS_ZERO | STRATA_BS_DATA
+                    | STRATA_BS_OFFSET),
         .depth = depth,
         .map = bs.map,
         .file = (bs.flags & BS_OFFSET) && bs.file ? bs.file->filename : NULL,
       };
       if (!(bs.flags & BS_ALLOCATED))
-        ext->flags = STRATA_BS_ZERO;  /* nothing below: reads as zeros */
+        ext->flags = STRATA_BS_ZERO; /* nothing below: reads as zeros */
       return 0;
     }
     node = node->backing;
@@ -220,8 +223,10 @@ node_reopen (strata_node *node, bool rw, strata_error **errp)
   if (rw == was_rw)
     return true;
   if (rw && (node->open_flags & STRATA_OPEN_FORCE_SHARE)) {
-    error_set (errp, EINVAL, "%s: cannot reopen read-write: the image was "
-               "opened with force-share", node->filename);
+    error_set (errp, EINVAL,
+               "%s: cannot reopen read-write: the image was "
+               "opened with force-share",
+               node->filename);
     return false;
   }
   if (rw && node->file && !node_reopen (node->file, true, errp))
@@ -257,7 +262,7 @@ bool
 strata_reopen (strata_node *node, bool read_write, unsigned flags,
                strata_error **errp)
 {
-  (void) flags;
+  (void)flags;
   tracker_wait_idle (&node->tracker, 0, 0);
   return node_reopen (node, read_write, errp);
 }
@@ -269,10 +274,9 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
   int64_t size = node_length (node);
   strata_node *bottom = node;
 
-  (void) flags;
+  (void)flags;
   if (size < 0) {
-    error_set (errp, -size, "%s: cannot get the image length",
-               node->filename);
+    error_set (errp, -size, "%s: cannot get the image length", node->filename);
     return false;
   }
   *info = (struct strata_info){
@@ -306,16 +310,15 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
 }
 
 int
-strata_check (strata_node *node, struct strata_check_result *res,
-              unsigned fix, strata_error **errp)
+strata_check (strata_node *node, struct strata_check_result *res, unsigned fix,
+              strata_error **errp)
 {
   void (*message) (void *, const char *) = res->message;
   void *opaque = res->opaque;
   int r;
 
   node = node_skip_filters (node);
-  *res = (struct strata_check_result){ .message = message,
-                                       .opaque = opaque };
+  *res = (struct strata_check_result){ .message = message, .opaque = opaque };
   if (!node->drv->check) {
     error_set (errp, ENOTSUP, "This image format does not support checks");
     return -ENOTSUP;
@@ -339,7 +342,58 @@ strata_check (strata_node *node, struct strata_check_result *res,
 strata_node *
 strata_backing (strata_node *node)
 {
-  return node_skip_filters (node)->backing;
+  return chain_backing (node);
+}
+
+strata_node *
+strata_chain_find (strata_node *top, const char *name, unsigned flags,
+                   int *depth, strata_error **errp)
+{
+  strata_node *layer;
+
+  if (!flags || (flags & ~STRATA_CHAIN_FIND_MASK)) {
+    error_set (errp, EINVAL, "invalid chain lookup flags 0x%x", flags);
+    return NULL;
+  }
+  if (!(layer = chain_find_file (top, name, flags, NULL))) {
+    error_set (errp, ENOENT, "Did not find '%s' in the backing chain of '%s'",
+               name, top->filename);
+    return NULL;
+  }
+  if (depth)
+    *depth = chain_depth (top, layer);
+  return layer;
+}
+
+strata_node *
+strata_chain_find_node (strata_node *top, const char *node_name,
+                        unsigned flags, strata_error **errp)
+{
+  strata_node *n;
+
+  if (flags) {
+    error_set (errp, EINVAL, "invalid chain lookup flags 0x%x", flags);
+    return NULL;
+  }
+  if (!(n = chain_find_node (top, node_name)))
+    error_set (errp, ENOENT, "Node '%s' is not in the backing chain of '%s'",
+               node_name, top->filename);
+  return n;
+}
+
+char *
+strata_chain_backing_name (strata_node *top, strata_node *layer,
+                           unsigned flags, strata_error **errp)
+{
+  char *name;
+
+  if (flags) {
+    error_set (errp, EINVAL, "invalid flags 0x%x", flags);
+    return NULL;
+  }
+  if (!(name = chain_backing_name_for (top, layer)))
+    error_set_errno (errp, errno, "%s", layer->filename);
+  return name;
 }
 
 /* Every key of OPTS is one of DRV's creation options. */
@@ -353,8 +407,8 @@ create_options_check (const struct strata_driver *drv, strata_opts *opts,
     while (k && *k && strcmp (*k, opts->v[i].key) != 0)
       k++;
     if (!k || !*k) {
-      error_set (errp, EINVAL, "%s: Invalid parameter '%s'",
-                 filename, opts->v[i].key);
+      error_set (errp, EINVAL, "%s: Invalid parameter '%s'", filename,
+                 opts->v[i].key);
       return false;
     }
   }
@@ -375,8 +429,10 @@ strata_create (const char *filename, const char *format, const char *options,
     return false;
   }
   if (!drv->create) {
-    error_set (errp, ENOTSUP, "%s: format '%s' does not support image "
-               "creation", filename, format);
+    error_set (errp, ENOTSUP,
+               "%s: format '%s' does not support image "
+               "creation",
+               filename, format);
     return false;
   }
   if (!(opts = opts_new ())) {
@@ -499,8 +555,10 @@ strata_measure (const char *format, const char *options, strata_node *src,
     return false;
   }
   if (!drv->measure) {
-    error_set (errp, ENOTSUP, "Block driver '%s' does not support size "
-               "measurement", format);
+    error_set (errp, ENOTSUP,
+               "Block driver '%s' does not support size "
+               "measurement",
+               format);
     return false;
   }
   if (!(opts = opts_new ())) {

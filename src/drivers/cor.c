@@ -12,6 +12,7 @@
  */
 #include <errno.h>
 
+#include "block/chain.h"
 #include "block/graph.h"
 #include "block/node.h"
 
@@ -25,25 +26,13 @@ cor_format_node (strata_node *node)
   return node_skip_filters (node->file);
 }
 
-/* Is N TOP or below it (QEMU's bdrv_chain_contains)? */
-static bool
-cor_in_chain (strata_node *top, strata_node *n)
-{
-  for (strata_node *l = top; l; l = l->backing) {
-    while (l->drv->is_filter && l->file && l != n)
-      l = l->file;
-    if (l == n)
-      return true;
-  }
-  return false;
-}
-
 static bool
 cor_open (strata_node *node, strata_opts *opts, unsigned flags,
           strata_error **errp)
 {
   struct cor_state *s = node->opaque;
   const char *bottom = opts_get (opts, "bottom");
+  strata_node *top;
 
   (void)flags;
   if (node->read_only || node->file->read_only) {
@@ -62,7 +51,8 @@ cor_open (strata_node *node, strata_opts *opts, unsigned flags,
     s->bottom = NULL;
     return false;
   }
-  if (!cor_in_chain (cor_format_node (node), s->bottom)) {
+  top = cor_format_node (node);
+  if (s->bottom != top && !chain_contains (top, s->bottom)) {
     error_set (errp, EINVAL,
                "Bottom node '%s' is not in the backing chain "
                "of '%s'",
@@ -89,8 +79,8 @@ cor_prefetch (strata_node *node, uint64_t offset, uint64_t len)
   struct cor_state *s = node->opaque;
   strata_node *top = cor_format_node (node);
   /* Below a filter named as bottom: the format node it stands for. */
-  strata_node *base = s->bottom ? node_skip_filters (s->bottom)->backing
-                                : NULL;
+  strata_node *base
+      = s->bottom ? node_skip_filters (s->bottom)->backing : NULL;
 
   /* Reopened read-only (strata-io reopen -r): plain reads. */
   return top->read_only ? 0 : node_copy_up (top, base, offset, len, NULL);

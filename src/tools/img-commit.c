@@ -22,7 +22,6 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,55 +86,15 @@ parse_args (int argc, char **argv, struct commit *c)
   return 0;
 }
 
-/* NAME as the layer whose file is LAYER_FILE would resolve it: relative
- * to that file's directory.  Caller frees. */
-static char *
-resolve_in_dir_of (const char *layer_file, const char *name)
-{
-  CLEANUP_FREE char *copy = strdup (layer_file);
-  char *out;
-
-  if (!copy)
-    return NULL;
-  if (name[0] == '/')
-    return strdup (name);
-  if (asprintf (&out, "%s/%s", dirname (copy), name) < 0)
-    return NULL;
-  return out;
-}
-
-/* Does NAME (-b) name B, the backing file of LAYER?  As qemu-img: the
- * name recorded in LAYER's header, or the same file once NAME is taken
- * relative to LAYER's directory. */
-static bool
-names_backing (strata_node *layer, strata_node *b, const char *name)
-{
-  struct strata_info li, bi;
-  CLEANUP_FREE char *path = NULL, *want = NULL, *have = NULL;
-  strata_error *err = NULL;
-
-  if (!strata_get_info (layer, &li, 0, &err)
-      || !strata_get_info (b, &bi, 0, &err)) {
-    strata_error_free (err);
-    return false;
-  }
-  if (li.backing_filename && strcmp (li.backing_filename, name) == 0)
-    return true;
-  if (!li.filename || !bi.filename
-      || !(path = resolve_in_dir_of (li.filename, name)))
-    return false;
-  want = realpath (path, NULL);
-  have = realpath (bi.filename, NULL);
-  return want && have && strcmp (want, have) == 0;
-}
-
 /* The base node and its depth below TOP (1 = immediate backing), or NULL
- * after printing qemu-img's message. */
+ * after printing qemu-img's message.  As qemu-img, -b names the layer as
+ * the header above it records it, or as a path from that header's
+ * directory. */
 static strata_node *
 find_base (strata_node *top, const struct commit *c, int *depth)
 {
-  strata_node *layer = top, *b;
-  int d = 1;
+  strata_error *err = NULL;
+  strata_node *b;
 
   if (!strata_backing (top)) {
     fail_msg ("Image does not have a backing file");
@@ -145,14 +104,15 @@ find_base (strata_node *top, const struct commit *c, int *depth)
     *depth = 1;
     return strata_backing (top);
   }
-  for (; (b = strata_backing (layer)); layer = b, d++)
-    if (names_backing (layer, b, c->base_name)) {
-      *depth = d;
-      return b;
-    }
-  fprintf (stderr, "%s: Did not find '%s' in the backing chain of '%s'\n",
-           progname, c->base_name, c->file);
-  return NULL;
+  b = strata_chain_find (top, c->base_name,
+                         STRATA_CHAIN_RECORDED | STRATA_CHAIN_RELATIVE, depth,
+                         &err);
+  if (!b) {
+    strata_error_free (err);
+    fprintf (stderr, "%s: Did not find '%s' in the backing chain of '%s'\n",
+             progname, c->base_name, c->file);
+  }
+  return b;
 }
 
 /* Copy one extent (at most CHUNK bytes) of TOP's view into BASE. */
@@ -281,7 +241,7 @@ run_commit (strata_node *top, const struct commit *c)
     strata_error_free (err);
     return 1;
   }
-  img_progress_start (&pr, c->progress, (uint64_t) len);
+  img_progress_start (&pr, c->progress, (uint64_t)len);
   if (!grow_base (base, (uint64_t)len))
     return 1;
   if ((r = copy_down (top, base, depth, (uint64_t)len, chunk_size (base), c,

@@ -161,22 +161,17 @@ relative_to (const char *file, const char *name)
 static int
 depth_in_chain (strata_node *file, const char *path, const char *fmt)
 {
-  CLEANUP_FREE char *want = realpath (path, NULL);
-  strata_node *n = strata_backing (file);
+  struct strata_info i;
+  strata_error *err = NULL;
+  int depth;
+  strata_node *n
+      = strata_chain_find (file, path, STRATA_CHAIN_PATH, &depth, &err);
 
-  for (int d = 1; want && n; n = strata_backing (n), d++) {
-    struct strata_info i;
-    strata_error *err = NULL;
-    CLEANUP_FREE char *have = NULL;
-    if (!strata_get_info (n, &i, 0, &err)) {
-      strata_error_free (err);
-      return -1;
-    }
-    have = i.filename ? realpath (i.filename, NULL) : NULL;
-    if (have && strcmp (have, want) == 0)
-      return strcmp (i.format, fmt) == 0 ? d : -1;
+  if (!n || !strata_get_info (n, &i, 0, &err)) {
+    strata_error_free (err);
+    return -1;
   }
-  return -1;
+  return strcmp (i.format, fmt) == 0 ? depth : -1;
 }
 
 struct safe {

@@ -19,7 +19,6 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,64 +86,26 @@ parse_args (int argc, char **argv, struct stream *st)
   return 0;
 }
 
-/* The directory of PATH, resolved (caller frees), or NULL. */
-static char *
-real_dir (const char *path)
-{
-  CLEANUP_FREE char *copy = strdup (path);
-
-  return copy ? realpath (dirname (copy), NULL) : NULL;
-}
-
-/* Does NAME, given on the command line, mean layer L? */
-static bool
-names_layer (const char *name, const char *recorded, strata_node *l)
-{
-  CLEANUP_FREE char *a = NULL, *b = NULL;
-
-  if ((recorded && strcmp (name, recorded) == 0)
-      || strcmp (name, l->filename) == 0)
-    return true;
-  a = realpath (name, NULL);
-  b = realpath (l->filename, NULL);
-  return a && b && strcmp (a, b) == 0;
-}
-
-/* Find BASE in TOP's chain: the layer, and the name and format to record
- * in TOP's header for it (*NAME is malloc'd). */
+/* Find BASE in TOP's chain: the layer, and the name to record in TOP's
+ * header for it (*NAME is malloc'd). */
 static strata_node *
 find_base (strata_node *top, const struct stream *st, char **name)
 {
-  strata_node *parent = top;
+  strata_error *err = NULL;
+  strata_node *l = strata_chain_find (
+      top, st->base, STRATA_CHAIN_PATH | STRATA_CHAIN_RECORDED, NULL, &err);
 
-  for (strata_node *l = top->backing; l; parent = l, l = l->backing) {
-    struct strata_info info = { 0 };
-    CLEANUP_FREE char *pdir = NULL, *tdir = NULL;
-    const char *rec;
-
-    if (!strata_get_info (parent, &info, 0, NULL))
-      continue;
-    rec = info.backing_filename;
-    if (!names_layer (st->base, rec, l))
-      continue;
-    /* A relative name in PARENT's header is relative to PARENT's
-     * directory; keep it only when TOP's is the same. */
-    pdir = real_dir (parent->filename);
-    tdir = real_dir (top->filename);
-    if (rec
-        && (rec[0] == '/' || nbd_is_uri (rec)
-            || (pdir && tdir && strcmp (pdir, tdir) == 0)))
-      *name = strdup (rec);
-    else
-      *name = realpath (l->filename, NULL);
-    if (!*name)
-      fprintf (stderr, "%s: %s: %s\n", progname, l->filename,
-               strerror (errno));
-    return *name ? l : NULL;
+  if (!l) {
+    strata_error_free (err);
+    fprintf (stderr, "%s: Did not find '%s' in the backing chain of '%s'\n",
+             progname, st->base, st->file);
+    return NULL;
   }
-  fprintf (stderr, "%s: Did not find '%s' in the backing chain of '%s'\n",
-           progname, st->base, st->file);
-  return NULL;
+  if (!(*name = strata_chain_backing_name (top, l, 0, &err))) {
+    fail_err (err);
+    return NULL;
+  }
+  return l;
 }
 
 /* Copy the chain above BASE into TOP, chunk by chunk. */
@@ -166,7 +127,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
   if (strata_get_info (top, &info, 0, NULL) && info.cluster_size)
     chunk = ROUND_UP (chunk, info.cluster_size);
   ratelimit_init (&rl, st->rate, ratelimit_now_ns ());
-  img_progress_start (&pr, st->progress, (uint64_t) size);
+  img_progress_start (&pr, st->progress, (uint64_t)size);
   for (uint64_t pos = 0; pos < (uint64_t)size;) {
     uint64_t n = MIN (chunk, size - pos), copied;
     uint64_t start = ratelimit_now_ns ();
