@@ -1,7 +1,6 @@
 /* strata-img: the seam between main() and the subcommands.
  *
- * Each subcommand lives in its own file (strata-img.c holds create, info,
- * map, check, compare and bench; img-<name>.c the others) and is called as
+ * Each subcommand lives in its own file, img-<name>.c, and is called as
  * cmd_<name>(argc, argv) with argv[0] the subcommand name and optind reset
  * to 1.  It returns the process exit code (qemu-img's codes).  Messages go
  * to stderr as "strata-img: ...".
@@ -118,16 +117,17 @@ int img_usage_error (const char *msg);
  * ':') or '?' (unknown option) at ARGV[optind - 1]; returns 1. */
 int img_option_error (int c, char **argv);
 
-/* strata-img.c: the general help on stdout (qemu-img's help()). */
+/* strata-img.c (main and the command table): the general help on stdout
+ * (qemu-img's help()). */
 void img_help (void);
 
 /* The subcommands. */
-int cmd_create (int argc, char **argv);
-int cmd_info (int argc, char **argv);
-int cmd_map (int argc, char **argv);
-int cmd_check (int argc, char **argv);
-int cmd_compare (int argc, char **argv);
-int cmd_bench (int argc, char **argv);
+int cmd_create (int argc, char **argv);     /* img-create.c */
+int cmd_info (int argc, char **argv);       /* img-info.c */
+int cmd_map (int argc, char **argv);        /* img-map.c */
+int cmd_check (int argc, char **argv);      /* img-check.c */
+int cmd_compare (int argc, char **argv);    /* img-compare.c */
+int cmd_bench (int argc, char **argv);      /* img-bench.c */
 int cmd_convert (int argc, char **argv);    /* img-convert.c */
 int cmd_measure (int argc, char **argv);    /* img-measure.c */
 int cmd_commit (int argc, char **argv);     /* img-commit.c */

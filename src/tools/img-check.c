@@ -1,0 +1,188 @@
+/* strata-img check: consistency check (and -r repair) of an image, as
+ * qemu-img check (7.2) reports it.
+ *
+ *   check [-r leaks|all] [--output=human|json] [-U] [-f FMT] [-q] FILE
+ *
+ * Exit codes are qemu-img's: 0 clean, 1 check failed, 2 corruptions, 3
+ * leaks only, 63 a format without checks.  After a repair the image is
+ * checked again and the report shows the second pass with the first pass's
+ * fixed counts.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <strata/strata.h>
+
+#include "util/checked.h"
+#include "util/cleanup.h"
+#include "util/opts.h"
+#include "tools/img.h"
+
+static void
+check_message (void *opaque, const char *line)
+{
+  (void) opaque;
+  fprintf (stderr, "%s\n", line);
+}
+
+/* qemu-img prints the summary lines only when not quiet. */
+static void
+check_human (const struct strata_check_result *r)
+{
+  if (!(r->corruptions || r->leaks || r->check_errors))
+    printf ("No errors were found on the image.\n");
+  else {
+    if (r->corruptions)
+      printf ("\n%" PRId64 " errors were found on the image.\nData may be "
+              "corrupted, or further writes to the image may corrupt it.\n",
+              r->corruptions);
+    if (r->leaks)
+      printf ("\n%" PRId64 " leaked clusters were found on the image.\nThis "
+              "means waste of disk space, but no harm to data.\n", r->leaks);
+    if (r->check_errors)
+      printf ("\n%" PRId64 " internal errors have occurred during the "
+              "check.\n", r->check_errors);
+  }
+  if (r->total_clusters && r->allocated_clusters)
+    printf ("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% "
+            "fragmented, %0.2f%% compressed clusters\n",
+            r->allocated_clusters, r->total_clusters,
+            r->allocated_clusters * 100.0 / r->total_clusters,
+            r->fragmented_clusters * 100.0 / r->allocated_clusters,
+            r->compressed_clusters * 100.0 / r->allocated_clusters);
+  if (r->image_end_offset)
+    printf ("Image end offset: %" PRIu64 "\n", r->image_end_offset);
+}
+
+/* qemu-img's ImageCheck as JSON: optional fields only when non-zero, in
+ * the order its QDict iterates them (by key hash), so the text matches. */
+static void
+check_json (const struct strata_check_result *r, const char *filename,
+            const char *format)
+{
+  json_t *j = json_object ();
+
+#define OPT(key, v) \
+  if (v) json_object_set_new (j, key, json_integer ((json_int_t) (v)))
+  OPT ("image-end-offset", r->image_end_offset);
+  OPT ("compressed-clusters", r->compressed_clusters);
+  OPT ("total-clusters", r->total_clusters);
+  OPT ("corruptions", r->corruptions);
+  OPT ("corruptions-fixed", r->corruptions_fixed);
+  json_object_set_new (j, "check-errors", json_integer (r->check_errors));
+  OPT ("leaks", r->leaks);
+  OPT ("leaks-fixed", r->leaks_fixed);
+  OPT ("allocated-clusters", r->allocated_clusters);
+  json_object_set_new (j, "filename", json_string (filename));
+  json_object_set_new (j, "format", json_string (format));
+  OPT ("fragmented-clusters", r->fragmented_clusters);
+#undef OPT
+  print_json (j);
+  json_decref (j);
+}
+
+int
+cmd_check (int argc, char **argv)
+{
+  static const struct option lopts[] = {
+    { "output", required_argument, NULL, 'O' },
+    { "repair", required_argument, NULL, 'r' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "format", required_argument, NULL, 'f' },
+    { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
+    { NULL, 0, NULL, 0 },
+  };
+  enum output out = OUTPUT_HUMAN;
+  bool force_share = false, quiet = false;
+  const char *fmt = NULL, *filename;
+  unsigned fix = 0;
+  struct strata_check_result res = { .message = check_message };
+  struct strata_info info;
+  strata_error *err = NULL;
+  strata_node *node;
+  int c, r;
+
+  while ((c = getopt_long (argc, argv, ":f:r:Uqh", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'O': if (!parse_output (optarg, &out)) return 1; break;
+    case 'U': force_share = true; break;
+    case 'f': fmt = optarg; break;
+    case 'q': quiet = true; break;
+    case 'r':
+      if (strcmp (optarg, "leaks") == 0)
+        fix = STRATA_CHECK_FIX_LEAKS;
+      else if (strcmp (optarg, "all") == 0)
+        fix = STRATA_CHECK_FIX_LEAKS | STRATA_CHECK_FIX_ERRORS;
+      else {
+        char msg[160];
+        snprintf (msg, sizeof msg, "Unknown option value for -r (expecting "
+                  "'leaks' or 'all'): %.80s", optarg);
+        return img_usage_error (msg);
+      }
+      break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
+    case 'h':
+      printf ("usage: %s check [-r leaks|all] [--output=human|json] [-U] "
+              "[-f FMT] [-q] FILE\n", progname);
+      return 0;
+    default: return img_option_error (c, argv);
+    }
+  }
+  if (optind != argc - 1)
+    return img_usage_error ("Expecting one image file name");
+  filename = argv[optind];
+  if (force_share && fix) {
+    fprintf (stderr, "%s: Could not open '%s': force-share=on can only be "
+             "used with read-only images\n", progname, filename);
+    return 1;
+  }
+  node = open_image (filename, fmt, force_share, fix != 0, NULL);
+  if (!node)
+    return 1;
+  if (!strata_get_info (node, &info, 0, &err)) {
+    fail_err (err);
+    strata_close (node);
+    return 1;
+  }
+  r = strata_check (node, &res, fix, &err);
+  if (r == -ENOTSUP) {
+    fprintf (stderr, "%s: This image format does not support checks\n",
+             progname);
+    strata_error_free (err);
+    strata_close (node);
+    return 63;
+  }
+  if (r == 0 && (res.corruptions_fixed || res.leaks_fixed)) {
+    int64_t leaks_fixed = res.leaks_fixed;
+    int64_t corruptions_fixed = res.corruptions_fixed;
+
+    if (out == OUTPUT_HUMAN && !quiet)
+      printf ("The following inconsistencies were found and repaired:\n\n"
+              "    %" PRId64 " leaked clusters\n    %" PRId64 " corruptions"
+              "\n\nDouble checking the fixed image now...\n", leaks_fixed,
+              corruptions_fixed);
+    r = strata_check (node, &res, 0, &err);
+    res.leaks_fixed = leaks_fixed;
+    res.corruptions_fixed = corruptions_fixed;
+  }
+  if (r == 0 && !quiet) {
+    if (out == OUTPUT_JSON)
+      check_json (&res, filename, info.format);
+    else
+      check_human (&res);
+  }
+  fflush (stdout);
+  strata_close (node);
+  if (r < 0 || res.check_errors) {
+    fprintf (stderr, "%s: Check failed%s%s\n", progname, r < 0 ? ": " : "",
+             r < 0 ? strata_error_message (err) : "");
+    strata_error_free (err);
+    return 1;
+  }
+  return res.corruptions ? 2 : res.leaks ? 3 : 0;
+}

@@ -1,0 +1,268 @@
+/* strata-img info: an image's (or with --backing-chain, every layer's)
+ * description, as qemu-img info (7.2) prints it.
+ *
+ *   info [--output=human|json] [--backing-chain] [-U] [-f FMT] FILE
+ *
+ * The JSON keys come in the order qemu-img's QDict iterates them, so the
+ * text matches byte for byte; qcow2's format-specific data (and its
+ * persistent bitmaps) follow the generic fields.  Without --backing-chain
+ * the backing file is not opened, so an image whose backing file is
+ * missing still has its info.
+ */
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <strata/strata.h>
+
+#include "util/checked.h"
+#include "util/cleanup.h"
+#include "util/opts.h"
+#include "tools/img.h"
+
+/* The "bitmaps" of a qcow2 v3 image's format-specific data, as qemu-img
+ * info lists them (only when there are some). */
+static void
+info_bitmaps_json (const struct strata_info *i, json_t *d)
+{
+  struct img_bitmap *l;
+  int n = strcmp (i->qcow2.compat, "0.10") ? img_qcow2_bitmaps (i->filename,
+                                                                &l)
+                                           : 0;
+  json_t *arr = json_array ();
+
+  for (int k = 0; k < n; k++) {
+    json_t *b = json_object (), *flags = json_array ();
+
+    if (l[k].flags & 1)
+      json_array_append_new (flags, json_string ("in-use"));
+    if (l[k].flags & 2)
+      json_array_append_new (flags, json_string ("auto"));
+    json_object_set_new (b, "flags", flags);
+    json_object_set_new (b, "name", json_string (l[k].name));
+    json_object_set_new (b, "granularity",
+                         json_integer (INT64_C (1) << l[k].granularity_bits));
+    json_array_append_new (arr, b);
+  }
+  if (n > 0) {
+    json_object_set_new (d, "bitmaps", arr);
+    img_bitmaps_free (l, n);
+  }
+  else
+    json_decref (arr);
+}
+
+static void
+info_bitmaps_human (const struct strata_info *i)
+{
+  struct img_bitmap *l;
+  int n = strcmp (i->qcow2.compat, "0.10") ? img_qcow2_bitmaps (i->filename,
+                                                                &l)
+                                           : 0;
+
+  if (n > 0)
+    printf ("    bitmaps:\n");
+  for (int k = 0; k < n; k++) {
+    int f = 0;
+
+    printf ("        [%d]:\n            flags:\n", k);
+    if (l[k].flags & 1)
+      printf ("                [%d]: in-use\n", f++);
+    if (l[k].flags & 2)
+      printf ("                [%d]: auto\n", f++);
+    printf ("            name: %s\n            granularity: %" PRIu64 "\n",
+            l[k].name, UINT64_C (1) << l[k].granularity_bits);
+  }
+  if (n > 0)
+    img_bitmaps_free (l, n);
+}
+
+static json_t *
+info_json (const struct strata_info *i,
+           const struct strata_snapshot_info *snaps, int nsnaps)
+{
+  json_t *o = json_object ();
+
+  if (i->backing_format)
+    json_object_set_new (o, "backing-filename-format",
+                         json_string (i->backing_format));
+  if (nsnaps > 0)
+    json_object_set_new (o, "snapshots", snapshot_list_json (snaps, nsnaps));
+  json_object_set_new (o, "virtual-size", json_integer (i->virtual_size));
+  json_object_set_new (o, "filename", json_string (i->filename));
+  if (i->cluster_size)
+    json_object_set_new (o, "cluster-size", json_integer (i->cluster_size));
+  json_object_set_new (o, "format", json_string (i->format));
+  if (!i->actual_size_unknown)
+    json_object_set_new (o, "actual-size", json_integer (i->actual_size));
+  if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
+    json_t *fs = json_object (), *d = json_object ();
+
+    json_object_set_new (fs, "type", json_string ("qcow2"));
+    json_object_set_new (d, "compat", json_string (i->qcow2.compat));
+    if (strcmp (i->qcow2.compat, "0.10") != 0) {
+      json_object_set_new (d, "compression-type",
+                           json_string (i->qcow2.compression_type));
+      json_object_set_new (d, "lazy-refcounts",
+                           json_boolean (i->qcow2.lazy_refcounts));
+    }
+    else
+      json_object_set_new (d, "compression-type",
+                           json_string (i->qcow2.compression_type));
+    info_bitmaps_json (i, d);
+    json_object_set_new (d, "refcount-bits",
+                         json_integer (i->qcow2.refcount_bits));
+    if (strcmp (i->qcow2.compat, "0.10") != 0) {
+      json_object_set_new (d, "corrupt", json_boolean (i->qcow2.corrupt));
+      json_object_set_new (d, "extended-l2",
+                           json_boolean (i->qcow2.extended_l2));
+    }
+    json_object_set_new (fs, "data", d);
+    json_object_set_new (o, "format-specific", fs);
+  }
+  if (i->backing_filename) {
+    json_object_set_new (o, "full-backing-filename",
+                         json_string (i->full_backing_filename
+                                          ? i->full_backing_filename
+                                          : i->backing_filename));
+    json_object_set_new (o, "backing-filename",
+                         json_string (i->backing_filename));
+  }
+  if (!i->dirty_unknown)
+    json_object_set_new (o, "dirty-flag", json_boolean (i->dirty));
+  return o;
+}
+
+static void
+info_human (const struct strata_info *i,
+            const struct strata_snapshot_info *snaps, int nsnaps)
+{
+  char s[32];
+
+  printf ("image: %s\n", i->filename);
+  printf ("file format: %s\n", i->format);
+  size_to_str (i->virtual_size, s, sizeof s);
+  printf ("virtual size: %s (%" PRIu64 " bytes)\n", s, i->virtual_size);
+  if (i->actual_size_unknown)
+    snprintf (s, sizeof s, "unavailable");
+  else
+    size_to_str (i->actual_size, s, sizeof s);
+  printf ("disk size: %s\n", s);
+  if (i->cluster_size)
+    printf ("cluster_size: %u\n", i->cluster_size);
+  if (i->dirty)
+    printf ("cleanly shut down: no\n");
+  if (i->backing_filename) {
+    printf ("backing file: %s", i->backing_filename);
+    if (i->full_backing_filename
+        && strcmp (i->full_backing_filename, i->backing_filename) != 0)
+      printf (" (actual path: %s)", i->full_backing_filename);
+    printf ("\n");
+    if (i->backing_format)
+      printf ("backing file format: %s\n", i->backing_format);
+  }
+  if (nsnaps > 0) {
+    printf ("Snapshot list:\n");
+    snapshot_list_human (snaps, nsnaps);
+  }
+  if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
+    printf ("Format specific information:\n");
+    printf ("    compat: %s\n", i->qcow2.compat);
+    printf ("    compression type: %s\n", i->qcow2.compression_type);
+    if (strcmp (i->qcow2.compat, "0.10") != 0)
+      printf ("    lazy refcounts: %s\n",
+              i->qcow2.lazy_refcounts ? "true" : "false");
+    info_bitmaps_human (i);
+    printf ("    refcount bits: %d\n", i->qcow2.refcount_bits);
+    if (strcmp (i->qcow2.compat, "0.10") != 0) {
+      printf ("    corrupt: %s\n", i->qcow2.corrupt ? "true" : "false");
+      printf ("    extended l2: %s\n", i->qcow2.extended_l2 ? "true" : "false");
+    }
+  }
+}
+
+int
+cmd_info (int argc, char **argv)
+{
+  static const struct option lopts[] = {
+    { "output", required_argument, NULL, 'O' },
+    { "backing-chain", no_argument, NULL, 'B' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "format", required_argument, NULL, 'f' },
+    { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
+    { NULL, 0, NULL, 0 },
+  };
+  enum output out = OUTPUT_HUMAN;
+  bool chain = false, force_share = false;
+  const char *fmt = NULL;
+  strata_node *top, *n;
+  json_t *arr;
+  int c, ret = 0;
+
+  while ((c = getopt_long (argc, argv, ":f:Uh", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'O': if (!parse_output (optarg, &out)) return 1; break;
+    case 'B': chain = true; break;
+    case 'U': force_share = true; break;
+    case 'f': fmt = optarg; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
+    case 'h':
+      printf ("usage: %s info [--output=human|json] [--backing-chain] [-U] "
+              "[-f FMT] FILE\n", progname);
+      return 0;
+    default: return img_option_error (c, argv);
+    }
+  }
+  if (optind != argc - 1)
+    return img_usage_error ("Expecting one image file name");
+  /* Without --backing-chain qemu-img does not open the backing file (so
+   * an image whose backing file is missing still has its info). */
+  top = open_image_flags (argv[optind], fmt,
+                          (force_share ? STRATA_OPEN_FORCE_SHARE : 0)
+                              | (chain ? 0 : STRATA_OPEN_NO_BACKING),
+                          NULL);
+  if (!top)
+    return 1;
+  arr = json_array ();
+  for (n = top; n; n = chain ? strata_backing (n) : NULL) {
+    struct strata_info info;
+    struct strata_snapshot_info *snaps = NULL;
+    strata_error *err = NULL;
+    CLEANUP_FREE char *full = NULL;
+    int nsnaps = 0;
+
+    if (!strata_get_info (n, &info, 0, &err)
+        || (nsnaps = strata_snapshot_list (n, &snaps, &err)) < 0) {
+      fail_err (err);
+      ret = 1;
+      break;
+    }
+    /* Unopened, the backing file is named as the image's directory
+     * makes it (qemu's path_combine()). */
+    if (!chain && info.backing_filename && !info.full_backing_filename
+        && info.backing_filename[0] != '/' && strrchr (argv[optind], '/')) {
+      const char *slash = strrchr (argv[optind], '/');
+      if (asprintf (&full, "%.*s%s", (int) (slash - argv[optind] + 1),
+                    argv[optind], info.backing_filename) < 0)
+        full = NULL;
+      info.full_backing_filename = full;
+    }
+    if (out == OUTPUT_JSON)
+      json_array_append_new (arr, info_json (&info, snaps, nsnaps));
+    else {
+      if (n != top)
+        printf ("\n");
+      info_human (&info, snaps, nsnaps);
+    }
+    strata_snapshot_list_free (snaps, nsnaps);
+  }
+  if (ret == 0 && out == OUTPUT_JSON)
+    print_json (chain ? arr : json_array_get (arr, 0));
+  json_decref (arr);
+  strata_close (top);
+  return ret;
+}

@@ -1,0 +1,169 @@
+/* strata-img map: where an image's data is, as qemu-img map (7.2) shows it.
+ *
+ *   map [--output=human|json] [--start-offset=O] [--max-length=L] [-U]
+ *       [-f FMT] FILE
+ *
+ * The block status of the whole chain, one extent at a time, merged while
+ * neighbours agree (depth, flags, file and contiguous offsets).  The human
+ * form lists only the data extents and refuses images whose data has no
+ * offset (compressed clusters); JSON lists every extent.
+ */
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <strata/strata.h>
+
+#include "util/checked.h"
+#include "util/cleanup.h"
+#include "util/opts.h"
+#include "tools/img.h"
+
+struct map_entry {
+  uint64_t start, length, offset;
+  int depth;
+  bool present, zero, data, has_offset;
+  const char *file;
+};
+
+static bool
+map_entry_mergeable (const struct map_entry *a, const struct map_entry *b)
+{
+  if (a->depth != b->depth || a->present != b->present || a->zero != b->zero
+      || a->data != b->data || a->has_offset != b->has_offset)
+    return false;
+  if (a->has_offset && a->offset + a->length != b->offset)
+    return false;
+  if ((a->file == NULL) != (b->file == NULL)
+      || (a->file && strcmp (a->file, b->file) != 0))
+    return false;
+  return true;
+}
+
+static int
+map_entry_print (const struct map_entry *e, enum output out, bool first)
+{
+  if (out == OUTPUT_JSON) {
+    printf ("%s{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
+            ", \"depth\": %d, \"present\": %s, \"zero\": %s, \"data\": %s",
+            first ? "" : ",\n", e->start, e->length, e->depth,
+            e->present ? "true" : "false", e->zero ? "true" : "false",
+            e->data ? "true" : "false");
+    if (e->has_offset)
+      printf (", \"offset\": %" PRIu64, e->offset);
+    printf ("}");
+    return 0;
+  }
+  if (e->data && !e->has_offset) {
+    fprintf (stderr, "%s: File contains external, encrypted or compressed "
+             "clusters.\n", progname);
+    return -1;
+  }
+  if (e->data && !e->zero)
+    printf ("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e->start,
+            e->length, e->offset, e->file ? e->file : "");
+  return 0;
+}
+
+int
+cmd_map (int argc, char **argv)
+{
+  static const struct option lopts[] = {
+    { "output", required_argument, NULL, 'O' },
+    { "start-offset", required_argument, NULL, 's' },
+    { "max-length", required_argument, NULL, 'l' },
+    { "force-share", no_argument, NULL, 'U' },
+    { "format", required_argument, NULL, 'f' },
+    { "help", no_argument, NULL, 'h' },
+    IMG_IMAGE_OPTS_OPTION,
+    { NULL, 0, NULL, 0 },
+  };
+  enum output out = OUTPUT_HUMAN;
+  bool force_share = false, first = true, have = false;
+  const char *fmt = NULL;
+  uint64_t start = 0, max_len = UINT64_MAX, end;
+  struct map_entry cur = { 0 };
+  strata_node *n;
+  int64_t size;
+  int c, ret = 0;
+
+  while ((c = getopt_long (argc, argv, ":f:Uh", lopts, NULL)) != -1) {
+    switch (c) {
+    case 'O': if (!parse_output (optarg, &out)) return 1; break;
+    case 's':
+      if (!img_parse_size_arg (optarg, "start offset", &start))
+        return 1;
+      break;
+    case 'l':
+      if (!img_parse_size_arg (optarg, "max length", &max_len))
+        return 1;
+      break;
+    case 'U': force_share = true; break;
+    case 'f': fmt = optarg; break;
+    case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
+    case 'h':
+      printf ("usage: %s map [--output=human|json] [--start-offset=O] "
+              "[--max-length=L] [-U] [-f FMT] FILE\n", progname);
+      return 0;
+    default: return img_option_error (c, argv);
+    }
+  }
+  if (optind != argc - 1)
+    return img_usage_error ("Expecting one image file name");
+  n = open_image (argv[optind], fmt, force_share, false, NULL);
+  if (!n)
+    return 1;
+  size = strata_length (n);
+  if (size < 0) {
+    fprintf (stderr, "%s: %s: cannot get the image length\n", progname,
+             argv[optind]);
+    strata_close (n);
+    return 1;
+  }
+  end = MIN ((uint64_t) size, start > (uint64_t) size ? 0 : start + MIN (max_len, (uint64_t) size - start));
+  if (out == OUTPUT_JSON)
+    printf ("[");
+  else
+    printf ("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+  for (uint64_t off = start; off < end && ret == 0;) {
+    struct strata_extent e;
+    struct map_entry next;
+    int r = strata_block_status (n, off, end - off, &e, 0);
+
+    if (r < 0) {
+      const char *m = strata_last_error_message ();
+      fprintf (stderr, "%s: %s\n", progname, m ? m : strerror (-r));
+      ret = 1;
+      break;
+    }
+    next = (struct map_entry){
+      .start = off, .length = e.length, .depth = e.depth,
+      .present = e.flags & STRATA_BS_ALLOCATED,
+      .zero = e.flags & STRATA_BS_ZERO, .data = e.flags & STRATA_BS_DATA,
+      .has_offset = e.flags & STRATA_BS_OFFSET, .offset = e.map,
+      .file = e.file,
+    };
+    if (have && map_entry_mergeable (&cur, &next))
+      cur.length += next.length;
+    else {
+      if (have && map_entry_print (&cur, out, first) < 0)
+        ret = 1;
+      first = first && !have;
+      cur = next;
+      have = true;
+    }
+    off += e.length;
+  }
+  if (ret == 0 && have && map_entry_print (&cur, out, first) < 0)
+    ret = 1;
+  if (ret == 0 && !have && out == OUTPUT_JSON) {
+    /* An empty range still gets one entry, as qemu-img prints it. */
+    cur = (struct map_entry){ .start = start };
+    map_entry_print (&cur, out, true);
+  }
+  if (out == OUTPUT_JSON)
+    printf ("]\n");
+  strata_close (n);
+  return ret;
+}
