@@ -1,0 +1,605 @@
+/* strata pull, jobs and job: the block jobs, watched as virsh's blockpull
+ * and blockjob watch them.
+ *
+ * A job is named by its ID, which for 'strata pull NODE' is NODE itself
+ * (QEMU wants an explicit job-id for a node that no device uses, and one
+ * job per node is what virsh's disk-keyed jobs give people anyway).  The
+ * end of a job is learnt from its BLOCK_JOB_COMPLETED /
+ * BLOCK_JOB_CANCELLED event, its progress from query-block-jobs every half
+ * second, as virsh does.  With --wait, SIGINT is blocked except while
+ * waiting for a message, and the first one cancels the job.
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "tools/qmp-client.h"
+#include "tools/strata-cmds.h"
+
+enum job_end { JOB_RUNNING, JOB_COMPLETED, JOB_CANCELLED, JOB_FAILED };
+
+#define JOB_POLL_MS 500
+
+struct job_wait {
+  const char *id;
+  const char *label;   /* "Block Pull" */
+  bool verbose;        /* draw the progress */
+  bool async;          /* after a cancel, do not wait for the end */
+  int64_t deadline;    /* CLOCK_MONOTONIC ms for the cancel; 0: none */
+  bool tty;            /* progress on a terminal: a bar redrawn in place */
+
+  bool cancel_sent;
+  int interrupts;      /* SIGINTs already acted on */
+  int absent_polls;    /* polls that did not find the job */
+  char *error;         /* the job's error message, malloc'd */
+
+  json_int_t len, offset;  /* len 0: not known yet */
+  bool shown;              /* a percentage was printed: shown_pct */
+  double shown_pct;
+  int64_t sample_ms;       /* when offset was sampled */
+  double rate;             /* bytes/s, smoothed; 0: unknown */
+  bool drawn;              /* a bar is on the terminal's line */
+};
+
+static int64_t
+now_ms (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* RATE in bytes/s.  A bare number is MiB/s as in virsh (bytes/s with
+ * BYTES); with a B, K, M, G, T, P or E suffix (binary, "KiB" also
+ * accepted) it is bytes/s whatever BYTES says.  Dies on anything else,
+ * before anything is sent. */
+static json_int_t
+parse_rate (const char *cmd, const char *s, bool bytes)
+{
+  static const char units[] = "BKMGTPE";
+  const char *unit;
+  char *end;
+  unsigned long long n;
+  int shift = bytes ? 0 : 20;
+
+  if (*s == '-')
+    client_die ("%s: bandwidth '%s' must not be negative", cmd, s);
+  errno = 0;
+  n = strtoull (s, &end, 10);
+  if (!isdigit ((unsigned char) *s) || end == s)
+    client_die ("%s: bandwidth '%s' is not a rate: give MiB/s, or bytes/s with "
+         "--bytes or a K, M, G or T suffix",
+         cmd, s);
+  if (*end) {
+    unit = strchr (units, toupper ((unsigned char) *end));
+    if (!unit
+        || !(end[1] == '\0' || (unit > units && strcmp (end + 1, "iB") == 0)))
+      client_die ("%s: bandwidth '%s' has an unknown unit '%s' (use K, M, G or T: "
+           "powers of 1024 bytes/s)",
+           cmd, s, end);
+    shift = 10 * (unit - units);
+  }
+  if (errno == ERANGE || n > (unsigned long long) INT64_MAX >> shift)
+    client_die ("%s: bandwidth '%s' is out of range (at most %lld bytes/s)", cmd, s,
+         (long long) INT64_MAX);
+  return (json_int_t) (n << shift);
+}
+
+/* --timeout SECONDS in milliseconds, as virsh bounds it. */
+static int64_t
+parse_timeout (const char *cmd, const char *s)
+{
+  char *end;
+  long n;
+
+  errno = 0;
+  n = strtol (s, &end, 10);
+  if (!isdigit ((unsigned char) *s) || *end || errno || n <= 0
+      || n > INT_MAX / 1000)
+    client_die ("%s: timeout '%s' is not a positive number of seconds", cmd, s);
+  return (int64_t) n * 1000;
+}
+
+/* virsh's names for the QMP job types. */
+static const char *
+job_label (const char *type)
+{
+  if (strcmp (type, "stream") == 0)
+    return "Block Pull";
+  if (strcmp (type, "mirror") == 0)
+    return "Block Copy";
+  if (strcmp (type, "commit") == 0)
+    return "Block Commit";
+  if (strcmp (type, "backup") == 0)
+    return "Backup";
+  return "Unknown job";
+}
+
+/* Percent done with virsh's rounding: truncated to two decimals, never
+ * 100 before the end.  A job whose length is not known yet (len 0) has
+ * done nothing, not everything. */
+static double
+job_percent (json_int_t offset, json_int_t len)
+{
+  double p;
+
+  if (len <= 0 || offset <= 0)
+    return 0;
+  if (offset >= len)
+    return 100;
+  p = (json_int_t) (offset * 10000.0 / len) / 100.0;
+  return p > 99.99 ? 99.99 : p;
+}
+
+static void
+human_rate (double bps, char *buf, size_t len)
+{
+  human_size ((json_int_t) bps, buf, len);
+  strncat (buf, "/s", len - strlen (buf) - 1);
+}
+
+static int
+terminal_columns (void)
+{
+  struct winsize ws;
+
+  if (ioctl (STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 40)
+    return ws.ws_col;
+  return 80;
+}
+
+/* The bar, in place: "\rBlock Pull: [####....]  45.00 %  1 MiB/s  0:00:27
+ * left", cleared to the end of the line. */
+static void
+job_draw_bar (struct job_wait *w, double pct)
+{
+  char rate[32] = "", left[32] = "--:--:--";
+  int width = terminal_columns () - (int) strlen (w->label) - 46, fill;
+
+  if (width > 50)
+    width = 50;
+  if (width < 10)
+    width = 10;
+  fill = (int) (pct * width / 100);
+  if (w->rate > 0) {
+    long secs = (long) ((w->len - w->offset) / w->rate);
+    human_rate (w->rate, rate, sizeof rate);
+    snprintf (left, sizeof left, "%ld:%02ld:%02ld", secs / 3600,
+              secs / 60 % 60, secs % 60);
+  }
+  else
+    strcpy (rate, "-- B/s");
+  fprintf (stderr, "\r%s: [%.*s%*s] %6.2f %%  %11s  %s left\033[K", w->label,
+           fill, "##################################################",
+           width - fill, "", pct, rate, left);
+  w->drawn = true;
+}
+
+/* Show the progress: a bar on a terminal, else virsh's line, printed when
+ * the percentage changed.  Nothing until the job's length is known. */
+static void
+job_show (struct job_wait *w, bool done)
+{
+  double pct = done ? 100 : job_percent (w->offset, w->len);
+
+  if (!w->verbose || (!done && w->len <= 0))
+    return;
+  if (w->tty)
+    job_draw_bar (w, pct);
+  else if (!w->shown || pct != w->shown_pct)
+    fprintf (stderr, "%s: [%5.2f %%]\n", w->label, pct);
+  w->shown = true;
+  w->shown_pct = pct;
+  fflush (stderr);
+}
+
+/* Take in a new sample of the job from query-block-jobs. */
+static void
+job_sample (struct job_wait *w, json_t *job)
+{
+  json_int_t len = json_integer_value (json_object_get (job, "len"));
+  json_int_t offset = json_integer_value (json_object_get (job, "offset"));
+  int64_t now = now_ms ();
+
+  if (w->len > 0 && len == w->len && now - w->sample_ms >= 200) {
+    double inst = (offset - w->offset) * 1000.0 / (now - w->sample_ms);
+    w->rate = w->rate > 0 ? 0.7 * w->rate + 0.3 * inst : inst;
+  }
+  if (len != w->len || now - w->sample_ms >= 200) {
+    w->sample_ms = now;
+    w->offset = offset;
+  }
+  w->len = len;
+}
+
+/* If EV says how our job ended, that end; JOB_RUNNING otherwise. */
+static enum job_end
+job_event (struct job_wait *w, json_t *ev)
+{
+  const char *name = str (ev, "event");
+  json_t *data = json_object_get (ev, "data");
+
+  if (strcmp (str (data, "device"), w->id) != 0)
+    return JOB_RUNNING;
+  if (strcmp (name, "BLOCK_JOB_CANCELLED") == 0)
+    return JOB_CANCELLED;
+  if (strcmp (name, "BLOCK_JOB_COMPLETED") != 0)
+    return JOB_RUNNING;
+  if (json_object_get (data, "error")) {
+    free (w->error);
+    w->error = strdup (str (data, "error"));
+    return JOB_FAILED;
+  }
+  w->len = json_integer_value (json_object_get (data, "len"));
+  w->offset = json_integer_value (json_object_get (data, "offset"));
+  return JOB_COMPLETED;
+}
+
+/* The end among the queued events, which are dropped. */
+static enum job_end
+job_drain_events (struct job_wait *w)
+{
+  enum job_end end = JOB_RUNNING, e;
+  size_t i;
+  json_t *ev;
+
+  json_array_foreach (client_event_queue, i, ev)
+    if ((e = job_event (w, ev)) != JOB_RUNNING && end == JOB_RUNNING)
+      end = e;
+  json_array_clear (client_event_queue);
+  return end;
+}
+
+/* Query the job.  Returns false when the daemon no longer lists it. */
+static bool
+job_poll (struct job_wait *w)
+{
+  json_t *jobs = client_execute ("query-block-jobs", NULL), *job;
+  size_t i;
+  bool found = false;
+
+  json_array_foreach (jobs, i, job)
+    if (strcmp (str (job, "device"), w->id) == 0) {
+      job_sample (w, job);
+      found = true;
+    }
+  json_decref (jobs);
+  return found;
+}
+
+/* block-job-cancel; a job that is already gone is not an error here: its
+ * end event tells how it ended. */
+static void
+job_cancel (struct job_wait *w)
+{
+  json_t *reply = client_execute_reply ("block-job-cancel",
+                                 json_pack ("{s:s}", "device", w->id));
+  json_t *err = json_object_get (reply, "error");
+
+  if (err && strcmp (str (err, "class"), "DeviceNotActive") != 0) {
+    fprintf (stderr, "strata: %s\n", str (err, "desc"));
+    json_decref (reply);
+    exit (1);
+  }
+  json_decref (reply);
+  w->cancel_sent = true;
+}
+
+/* Wait (with SIGINT blocked except in WAITMASK's ppoll) for up to MS
+ * milliseconds for a message, and queue the events. */
+static void
+job_listen (int ms, const sigset_t *waitmask)
+{
+  json_t *msg = client_next_message (ms < 0 ? 0 : ms, waitmask);
+
+  if (!msg && errno == 0)
+    client_die ("%s: the daemon closed the connection", client_socket_path);
+  if (msg && json_object_get (msg, "event"))
+    json_array_append (client_event_queue, msg);
+  json_decref (msg);
+}
+
+/* Whether it is time to cancel: SIGINT, or the --timeout ran out. */
+static bool
+job_should_cancel (struct job_wait *w)
+{
+  return !w->cancel_sent
+         && (client_interrupted > w->interrupts
+             || (w->deadline && now_ms () >= w->deadline));
+}
+
+/* Follow job W to its end, cancelling it on SIGINT or at the deadline.
+ * With async, or on a second SIGINT, stop waiting once the cancel is
+ * sent.  SIGINT must be blocked; WAITMASK unblocks it. */
+static enum job_end
+job_wait (struct job_wait *w, const sigset_t *waitmask)
+{
+  int64_t next_poll = 0;
+  enum job_end end;
+
+  for (;;) {
+    if ((end = job_drain_events (w)) != JOB_RUNNING)
+      return end;
+    if (job_should_cancel (w)) {
+      w->interrupts = client_interrupted;
+      job_cancel (w);
+      if (w->async)
+        return JOB_CANCELLED;
+    }
+    else if (w->cancel_sent && client_interrupted > w->interrupts)
+      return JOB_CANCELLED;
+    if (now_ms () >= next_poll) {
+      bool present = job_poll (w);
+      if ((end = job_drain_events (w)) != JOB_RUNNING)
+        return end;
+      /* Gone without an event (a daemon that sends none): give the event
+       * a poll's time to arrive, then take the disappearance as the end. */
+      if (!present && ++w->absent_polls >= 2)
+        return w->cancel_sent ? JOB_CANCELLED : JOB_COMPLETED;
+      if (present)
+        job_show (w, false);
+      next_poll = now_ms () + JOB_POLL_MS;
+    }
+    int64_t until = next_poll;
+    if (w->deadline && !w->cancel_sent && w->deadline < until)
+      until = w->deadline;
+    job_listen ((int) (until - now_ms ()), waitmask);
+  }
+}
+
+/* Block SIGINT (it is seen in job_wait's ppoll only) and count it. */
+static void
+catch_sigint (sigset_t *waitmask)
+{
+  struct sigaction sa = { .sa_handler = client_on_sigint };
+  sigset_t block;
+
+  sigemptyset (&block);
+  sigaddset (&block, SIGINT);
+  sigprocmask (SIG_BLOCK, &block, waitmask);
+  sigdelset (waitmask, SIGINT);
+  sigaction (SIGINT, &sa, NULL);
+}
+
+int
+cmd_pull (int argc, char **argv)
+{
+  static const struct option longopts[] = {
+    { "base", required_argument, NULL, 'b' },
+    { "bandwidth", required_argument, NULL, 'r' },
+    { "bytes", no_argument, NULL, 'B' },
+    { "wait", no_argument, NULL, 'w' },
+    { "verbose", no_argument, NULL, 'v' },
+    { "timeout", required_argument, NULL, 't' },
+    { "async", no_argument, NULL, 'a' },
+    { NULL, 0, NULL, 0 },
+  };
+  struct job_wait w = { .label = "Block Pull" };
+  const char *base = NULL, *rate = NULL, *timeout = NULL;
+  bool bytes = false, wait = false;
+  json_int_t speed = 0;
+  sigset_t waitmask;
+  json_t *args;
+  enum job_end end;
+  int c;
+
+  optind = 0;
+  while ((c = getopt_long (argc, argv, "", longopts, NULL)) != -1) {
+    switch (c) {
+    case 'b': base = optarg; break;
+    case 'r': rate = optarg; break;
+    case 'B': bytes = true; break;
+    case 'w': wait = true; break;
+    case 'v': w.verbose = true; break;
+    case 't': timeout = optarg; break;
+    case 'a': w.async = true; break;
+    default: exit (1);
+    }
+  }
+  if (argc - optind != 1)
+    client_die ("usage: strata pull NODE [--base NODE] [--bandwidth RATE [--bytes]] "
+         "[--wait [--verbose] [--timeout S] [--async]]");
+  if (!wait && (w.verbose || timeout || w.async))
+    client_die ("pull: --%s needs --wait",
+         w.verbose ? "verbose" : timeout ? "timeout" : "async");
+  if (bytes && !rate)
+    client_die ("pull: --bytes needs --bandwidth");
+  if (rate)
+    speed = parse_rate ("pull", rate, bytes);
+  if (timeout)
+    w.deadline = now_ms () + parse_timeout ("pull", timeout);
+  w.id = argv[optind];
+  w.tty = isatty (STDERR_FILENO);
+
+  args = json_pack ("{s:s,s:s}", "job-id", w.id, "device", w.id);
+  if (base)
+    json_object_set_new (args, "base-node", json_string (base));
+  if (speed)
+    json_object_set_new (args, "speed", json_integer (speed));
+  if (!wait) {
+    json_decref (client_execute ("block-stream", args));
+    printf ("Block Pull started\n");
+    return 0;
+  }
+  /* From here on events are kept and SIGINT cancels the job. */
+  client_event_queue = json_array ();
+  catch_sigint (&waitmask);
+  json_decref (client_execute ("block-stream", args));
+  end = job_wait (&w, &waitmask);
+  if (end == JOB_COMPLETED)
+    job_show (&w, true);
+  if (w.drawn)
+    fputc ('\n', stderr);
+  if (end == JOB_FAILED && w.error)
+    fprintf (stderr, "strata: %s: %s\n", w.id, w.error);
+  printf ("%s\n", end == JOB_COMPLETED   ? "Pull complete"
+                  : end == JOB_CANCELLED ? "Pull aborted"
+                                         : "Pull failed");
+  free (w.error);
+  json_decref (client_event_queue);
+  return end == JOB_COMPLETED ? 0 : 1;
+}
+
+/* "45.00 %", or "-" while the length is not known. */
+static void
+format_progress (json_t *job, char *buf, size_t len)
+{
+  json_int_t total = json_integer_value (json_object_get (job, "len"));
+  json_int_t done = json_integer_value (json_object_get (job, "offset"));
+
+  if (total <= 0)
+    snprintf (buf, len, "-");
+  else
+    snprintf (buf, len, "%.2f %%", job_percent (done, total));
+}
+
+int
+cmd_jobs (int argc, char **argv)
+{
+  json_t *jobs, *job;
+  size_t i;
+  int idw = 2;
+
+  (void) argv;
+  if (argc != 1)
+    client_die ("usage: strata jobs");
+  jobs = client_execute ("query-block-jobs", NULL);
+  if (json_output || !json_is_array (jobs)) {
+    print_json (jobs);
+    json_decref (jobs);
+    return 0;
+  }
+  if (json_array_size (jobs) == 0)
+    printf ("no block jobs\n");
+  json_array_foreach (jobs, i, job)
+    if ((int) strlen (str (job, "device")) > idw)
+      idw = strlen (str (job, "device"));
+  if (json_array_size (jobs))
+    printf ("%-*s  %-8s  %-9s  %8s  %-24s  %s\n", idw, "ID", "TYPE",
+            "STATUS", "DONE", "OFFSET/LENGTH", "SPEED");
+  json_array_foreach (jobs, i, job) {
+    json_int_t speed = json_integer_value (json_object_get (job, "speed"));
+    char pct[32], off[16], len[16], rate[32] = "unlimited", sizes[40];
+
+    format_progress (job, pct, sizeof pct);
+    human_size (json_integer_value (json_object_get (job, "offset")), off,
+                sizeof off);
+    human_size (json_integer_value (json_object_get (job, "len")), len,
+                sizeof len);
+    snprintf (sizes, sizeof sizes, "%s / %s", off, len);
+    if (speed > 0)
+      human_rate (speed, rate, sizeof rate);
+    printf ("%-*s  %-8s  %-9s  %8s  %-24s  %s\n", idw, str (job, "device"),
+            str (job, "type"), str (job, "status"), pct, sizes, rate);
+  }
+  json_decref (jobs);
+  return 0;
+}
+
+/* virsh blockjob --info: "Block Pull: [ 45.00 %]" and the bandwidth. */
+static int
+job_info (const char *id)
+{
+  json_t *jobs = client_execute ("query-block-jobs", NULL), *job, *found = NULL;
+  size_t i;
+
+  json_array_foreach (jobs, i, job)
+    if (strcmp (str (job, "device"), id) == 0)
+      found = job;
+  if (json_output)
+    print_json (found ? found : json_null ());
+  else if (!found)
+    printf ("No current block job for %s\n", id);
+  else {
+    json_int_t speed = json_integer_value (json_object_get (found, "speed"));
+    printf ("%s: [%5.2f %%]", job_label (str (found, "type")),
+            job_percent (json_integer_value (json_object_get (found,
+                                                              "offset")),
+                         json_integer_value (json_object_get (found, "len"))));
+    if (speed > 0) {
+      const char *unit;
+      double v = scale_binary (speed, &unit);
+      printf ("    Bandwidth limit: %lld bytes/s (%-.3f %s/s)",
+              (long long) speed, v, unit);
+    }
+    printf ("\n");
+  }
+  json_decref (jobs);
+  return 0;
+}
+
+/* blockjob --abort: cancel, then (unless ASYNC) wait for the job to end. */
+static int
+job_abort (const char *id, bool async)
+{
+  struct job_wait w = { .id = id, .label = "", .cancel_sent = true };
+  sigset_t waitmask;
+
+  client_event_queue = json_array ();
+  catch_sigint (&waitmask);
+  json_decref (client_execute ("block-job-cancel", json_pack ("{s:s}", "device",
+                                                       id)));
+  if (!async)
+    job_wait (&w, &waitmask);
+  free (w.error);
+  json_decref (client_event_queue);
+  return 0;
+}
+
+int
+cmd_job (int argc, char **argv)
+{
+  static const struct option longopts[] = {
+    { "abort", no_argument, NULL, 'A' },
+    { "async", no_argument, NULL, 'a' },
+    { "info", no_argument, NULL, 'i' },
+    { "bandwidth", required_argument, NULL, 'r' },
+    { "bytes", no_argument, NULL, 'B' },
+    { NULL, 0, NULL, 0 },
+  };
+  bool abort_job = false, async = false, info = false, bytes = false;
+  const char *rate = NULL;
+  json_int_t speed;
+  int c;
+
+  optind = 0;
+  while ((c = getopt_long (argc, argv, "", longopts, NULL)) != -1) {
+    switch (c) {
+    case 'A': abort_job = true; break;
+    case 'a': async = abort_job = true; break;
+    case 'i': info = true; break;
+    case 'r': rate = optarg; break;
+    case 'B': bytes = true; break;
+    default: exit (1);
+    }
+  }
+  if (argc - optind != 1)
+    client_die ("usage: strata job ID [--abort [--async]] [--info] "
+         "[--bandwidth RATE [--bytes]]");
+  if (abort_job + info + !!rate > 1)
+    client_die ("job: --abort, --info and --bandwidth exclude each other");
+  if (bytes && !rate)
+    client_die ("job: --bytes needs --bandwidth");
+  if (rate) {
+    speed = parse_rate ("job", rate, bytes);
+    json_decref (client_execute ("block-job-set-speed",
+                          json_pack ("{s:s,s:I}", "device", argv[optind],
+                                     "speed", speed)));
+    return 0;
+  }
+  if (abort_job)
+    return job_abort (argv[optind], async);
+  return job_info (argv[optind]);
+}
