@@ -80,8 +80,44 @@ bench_worker (void *arg)
   return NULL;
 }
 
-int
-cmd_bench (int argc, char **argv)
+/* The options that are not the run's own state. */
+struct bench_args {
+  const char *fmt, *cache, *filename;
+  uint64_t depth;
+  bool quiet, force_share, no_drain;
+};
+
+/* A size option at most MAX (INT64_MAX when 0), or qemu-img's message
+ * "Invalid WHAT specified". */
+static bool
+bench_size (const char *s, const char *what, bool nonzero, uint64_t max,
+            uint64_t *out)
+{
+  if (!parse_size (s, out) || (nonzero && *out == 0) || *out > max) {
+    fprintf (stderr, "%s: Invalid %s specified\n", progname, what);
+    return false;
+  }
+  return true;
+}
+
+/* --pattern=P: a byte, in any base strtol() reads. */
+static bool
+bench_pattern (const char *s, int *out)
+{
+  char *end;
+  long p = strtol (s, &end, 0);
+
+  if (*s == '\0' || *end || p < 0 || p > 0xff) {
+    fprintf (stderr, "%s: Invalid pattern byte specified\n", progname);
+    return false;
+  }
+  *out = (int)p;
+  return true;
+}
+
+/* 0 when parsed, else the exit code. */
+static int
+parse_args (int argc, char **argv, struct bench_args *a, struct bench *b)
 {
   static const struct option lopts[] = {
     { "flush-interval", required_argument, NULL, 'I' },
@@ -92,149 +128,153 @@ cmd_bench (int argc, char **argv)
     IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
-  struct bench b = { .count = 75000, .bufsize = 4096, .pattern = 0 };
-  const char *fmt = NULL, *cache = "writeback";
-  uint64_t depth = 64;
-  bool quiet = false, force_share = false, step_set = false;
-  bool no_drain = false;
-  char extra[128];
-  pthread_t *th;
-  double t0, t1;
-  int64_t size;
+  bool step_set = false;
   int c;
 
   while ((c = getopt_long (argc, argv, ":c:d:f:i:no:qs:S:t:wUh", lopts,
                            NULL)) != -1) {
     switch (c) {
     case 'c':
-      if (!parse_size (optarg, &b.count) || b.count == 0
-          || b.count > INT_MAX) {
-        fprintf (stderr, "%s: Invalid request count specified\n", progname);
+      if (!bench_size (optarg, "request count", true, INT_MAX, &b->count))
         return 1;
-      }
       break;
     case 'd':
-      if (!parse_size (optarg, &depth) || depth == 0 || depth > 4096) {
-        fprintf (stderr, "%s: Invalid queue depth specified\n", progname);
+      if (!bench_size (optarg, "queue depth", true, 4096, &a->depth))
         return 1;
-      }
       break;
-    case 'f': fmt = optarg; break;
+    case 'f': a->fmt = optarg; break;
     case 'i': case 'n': break;   /* aio modes: strata uses threads */
     case 'o':
-      if (!parse_size (optarg, &b.offset) || b.offset > INT64_MAX) {
-        fprintf (stderr, "%s: Invalid offset specified\n", progname);
+      if (!bench_size (optarg, "offset", false, INT64_MAX, &b->offset))
         return 1;
-      }
       break;
-    case 'q': quiet = true; break;
+    case 'q': a->quiet = true; break;
     case 's':
-      if (!parse_size (optarg, &b.bufsize) || b.bufsize == 0
-          || b.bufsize > INT_MAX) {
-        fprintf (stderr, "%s: Invalid buffer size specified\n", progname);
+      if (!bench_size (optarg, "buffer size", true, INT_MAX, &b->bufsize))
         return 1;
-      }
       break;
     case 'S':
-      if (!parse_size (optarg, &b.step) || b.step > INT64_MAX) {
-        fprintf (stderr, "%s: Invalid step size specified\n", progname);
+      if (!bench_size (optarg, "step size", false, INT64_MAX, &b->step))
         return 1;
-      }
       step_set = true;
       break;
-    case 't': cache = optarg; break;
-    case 'w': b.write = true; break;
+    case 't': a->cache = optarg; break;
+    case 'w': b->write = true; break;
     case 'I':
-      if (!parse_size (optarg, &b.flush_interval)
-          || b.flush_interval > INT_MAX) {
-        fprintf (stderr, "%s: Invalid flush interval specified\n",
-                 progname);
+      if (!bench_size (optarg, "flush interval", false, INT_MAX,
+                       &b->flush_interval))
         return 1;
-      }
       break;
-    case 'D': no_drain = true; break;
-    case 'P': {
-      char *end;
-      long p = strtol (optarg, &end, 0);
-      if (*optarg == '\0' || *end || p < 0 || p > 0xff) {
-        fprintf (stderr, "%s: Invalid pattern byte specified\n", progname);
+    case 'D': a->no_drain = true; break;
+    case 'P':
+      if (!bench_pattern (optarg, &b->pattern))
         return 1;
-      }
-      b.pattern = (int) p;
       break;
-    }
-    case 'U': force_share = true; break;
+    case 'U': a->force_share = true; break;
     case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s bench [-c count] [-d depth] [-f fmt] "
               "[--flush-interval=N] [--no-drain] [-o offset] "
               "[--pattern=P] [-q] [-s size] [-S step] [-t cache] [-w] [-U] "
               "FILE\n", progname);
-      return 0;
+      exit (0);
     default: return img_option_error (c, argv);
     }
   }
   if (optind != argc - 1)
     return img_usage_error ("Expecting one image file name");
-  if (b.flush_interval && !b.write) {
+  a->filename = argv[optind];
+  if (b->flush_interval && !b->write) {
     fail_msg ("--flush-interval is only available in write tests");
     return 1;
   }
-  if (no_drain && !b.flush_interval) {
+  if (a->no_drain && !b->flush_interval) {
     fail_msg ("--no-drain requires --flush-interval");
     return 1;
   }
   if (!step_set)
-    b.step = b.bufsize;
-  if (!cache_mode_options (cache, fmt, extra, sizeof extra,
-                           &b.writethrough)) {
-    fprintf (stderr, "%s: Invalid cache mode\n", progname);
-    return 1;
-  }
-  b.node = open_image (argv[optind], fmt, force_share, b.write, extra);
-  if (!b.node)
-    return 1;
-  size = strata_length (b.node);
-  if (size <= 0) {
-    fprintf (stderr, "%s: %s: the image is empty\n", progname, argv[optind]);
-    strata_close (b.node);
-    return 1;
-  }
-  b.size = size;
-  if (!quiet)
-    printf ("Sending %" PRIu64 " %s requests, %" PRIu64 " bytes each, %" PRIu64
-            " in parallel (starting at offset %" PRIu64 ", step size %" PRIu64
-            ")\n", b.count, b.write ? "write" : "read", b.bufsize, depth,
-            b.offset, b.step);
-  fflush (stdout);
-  depth = MIN (depth, b.count);
-  th = calloc (depth, sizeof *th);
-  pthread_mutex_init (&b.flush_lock, NULL);
+    b->step = b->bufsize;
+  return 0;
+}
+
+/* DEPTH threads until the last request completed; the seconds taken. */
+static double
+bench_threads (struct bench *b, uint64_t depth)
+{
+  pthread_t *th = calloc (depth, sizeof *th);
+  double t0, t1;
+
   t0 = now ();
   for (uint64_t i = 0; th && i < depth; i++)
-    if (pthread_create (&th[i], NULL, bench_worker, &b) != 0)
-      atomic_store (&b.error, -EAGAIN);
+    if (pthread_create (&th[i], NULL, bench_worker, b) != 0)
+      atomic_store (&b->error, -EAGAIN);
   for (uint64_t i = 0; th && i < depth; i++)
     if (th[i])
       pthread_join (th[i], NULL);
   /* Timed up to the last completion, as qemu-img bench times it; the
-   * flush on close below is outside the measurement for both tools. */
+   * flush on close is outside the measurement for both tools. */
   t1 = now ();
-  if (b.write && !atomic_load (&b.error)) {
-    int r = strata_flush (b.node, 0);
-    if (r < 0)
-      atomic_store (&b.error, r);
-  }
   free (th);
-  pthread_mutex_destroy (&b.flush_lock);
-  strata_close (b.node);
-  if (atomic_load (&b.error)) {
-    const char *m = strata_last_error_message ();
-    fprintf (stderr, "%s: Failed request: %s\n", progname,
-             m ? m : strerror (-atomic_load (&b.error)));
+  return t1 - t0;
+}
+
+static int
+bench_run (const struct bench_args *a, struct bench *b)
+{
+  uint64_t depth = a->depth;
+  char extra[128];
+  double secs;
+  int64_t size;
+
+  if (!cache_mode_options (a->cache, a->fmt, extra, sizeof extra,
+                           &b->writethrough)) {
+    fprintf (stderr, "%s: Invalid cache mode\n", progname);
     return 1;
   }
-  if (!quiet)
-    printf ("Run completed in %3.3f seconds.\n", t1 - t0);
+  b->node = open_image (a->filename, a->fmt, a->force_share, b->write, extra);
+  if (!b->node)
+    return 1;
+  size = strata_length (b->node);
+  if (size <= 0) {
+    fprintf (stderr, "%s: %s: the image is empty\n", progname, a->filename);
+    strata_close (b->node);
+    return 1;
+  }
+  b->size = size;
+  if (!a->quiet)
+    printf ("Sending %" PRIu64 " %s requests, %" PRIu64 " bytes each, %" PRIu64
+            " in parallel (starting at offset %" PRIu64 ", step size %" PRIu64
+            ")\n",
+            b->count, b->write ? "write" : "read", b->bufsize, depth,
+            b->offset, b->step);
+  fflush (stdout);
+  depth = MIN (depth, b->count);
+  pthread_mutex_init (&b->flush_lock, NULL);
+  secs = bench_threads (b, depth);
+  if (b->write && !atomic_load (&b->error)) {
+    int r = strata_flush (b->node, 0);
+    if (r < 0)
+      atomic_store (&b->error, r);
+  }
+  pthread_mutex_destroy (&b->flush_lock);
+  strata_close (b->node);
+  if (atomic_load (&b->error)) {
+    const char *m = strata_last_error_message ();
+    fprintf (stderr, "%s: Failed request: %s\n", progname,
+             m ? m : strerror (-atomic_load (&b->error)));
+    return 1;
+  }
+  if (!a->quiet)
+    printf ("Run completed in %3.3f seconds.\n", secs);
   return 0;
+}
+
+int
+cmd_bench (int argc, char **argv)
+{
+  struct bench_args a = { .cache = "writeback", .depth = 64 };
+  struct bench b = { .count = 75000, .bufsize = 4096, .pattern = 0 };
+  int r = parse_args (argc, argv, &a, &b);
+
+  return r ? r : bench_run (&a, &b);
 }

@@ -85,8 +85,16 @@ check_json (const struct strata_check_result *r, const char *filename,
   json_decref (j);
 }
 
-int
-cmd_check (int argc, char **argv)
+struct check {
+  enum output out;
+  bool force_share, quiet;
+  const char *fmt, *filename;
+  unsigned fix; /* STRATA_CHECK_FIX_* */
+};
+
+/* 0 when parsed, else the exit code. */
+static int
+parse_args (int argc, char **argv, struct check *ck)
 {
   static const struct option lopts[] = {
     { "output", required_argument, NULL, 'O' },
@@ -97,27 +105,22 @@ cmd_check (int argc, char **argv)
     IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
-  enum output out = OUTPUT_HUMAN;
-  bool force_share = false, quiet = false;
-  const char *fmt = NULL, *filename;
-  unsigned fix = 0;
-  struct strata_check_result res = { .message = check_message };
-  struct strata_info info;
-  strata_error *err = NULL;
-  strata_node *node;
-  int c, r;
+  int c;
 
   while ((c = getopt_long (argc, argv, ":f:r:Uqh", lopts, NULL)) != -1) {
     switch (c) {
-    case 'O': if (!parse_output (optarg, &out)) return 1; break;
-    case 'U': force_share = true; break;
-    case 'f': fmt = optarg; break;
-    case 'q': quiet = true; break;
+    case 'O':
+      if (!parse_output (optarg, &ck->out))
+        return 1;
+      break;
+    case 'U': ck->force_share = true; break;
+    case 'f': ck->fmt = optarg; break;
+    case 'q': ck->quiet = true; break;
     case 'r':
       if (strcmp (optarg, "leaks") == 0)
-        fix = STRATA_CHECK_FIX_LEAKS;
+        ck->fix = STRATA_CHECK_FIX_LEAKS;
       else if (strcmp (optarg, "all") == 0)
-        fix = STRATA_CHECK_FIX_LEAKS | STRATA_CHECK_FIX_ERRORS;
+        ck->fix = STRATA_CHECK_FIX_LEAKS | STRATA_CHECK_FIX_ERRORS;
       else {
         char msg[160];
         snprintf (msg, sizeof msg, "Unknown option value for -r (expecting "
@@ -129,19 +132,58 @@ cmd_check (int argc, char **argv)
     case 'h':
       printf ("usage: %s check [-r leaks|all] [--output=human|json] [-U] "
               "[-f FMT] [-q] FILE\n", progname);
-      return 0;
+      exit (0);
     default: return img_option_error (c, argv);
     }
   }
   if (optind != argc - 1)
     return img_usage_error ("Expecting one image file name");
-  filename = argv[optind];
-  if (force_share && fix) {
-    fprintf (stderr, "%s: Could not open '%s': force-share=on can only be "
-             "used with read-only images\n", progname, filename);
+  ck->filename = argv[optind];
+  if (ck->force_share && ck->fix) {
+    fprintf (stderr,
+             "%s: Could not open '%s': force-share=on can only be "
+             "used with read-only images\n",
+             progname, ck->filename);
     return 1;
   }
-  node = open_image (filename, fmt, force_share, fix != 0, NULL);
+  return 0;
+}
+
+/* Check NODE into *RES, repairing as CK says and then checking again, as
+ * qemu-img does; strata_check()'s return. */
+static int
+check_node (const struct check *ck, strata_node *node,
+            struct strata_check_result *res, strata_error **err)
+{
+  int r = strata_check (node, res, ck->fix, err);
+
+  if (r == 0 && (res->corruptions_fixed || res->leaks_fixed)) {
+    int64_t leaks_fixed = res->leaks_fixed;
+    int64_t corruptions_fixed = res->corruptions_fixed;
+
+    if (ck->out == OUTPUT_HUMAN && !ck->quiet)
+      printf ("The following inconsistencies were found and repaired:\n\n"
+              "    %" PRId64 " leaked clusters\n    %" PRId64 " corruptions"
+              "\n\nDouble checking the fixed image now...\n",
+              leaks_fixed, corruptions_fixed);
+    r = strata_check (node, res, 0, err);
+    res->leaks_fixed = leaks_fixed;
+    res->corruptions_fixed = corruptions_fixed;
+  }
+  return r;
+}
+
+static int
+check_run (const struct check *ck)
+{
+  struct strata_check_result res = { .message = check_message };
+  struct strata_info info;
+  strata_error *err = NULL;
+  strata_node *node;
+  int r;
+
+  node = open_image (ck->filename, ck->fmt, ck->force_share, ck->fix != 0,
+                     NULL);
   if (!node)
     return 1;
   if (!strata_get_info (node, &info, 0, &err)) {
@@ -149,7 +191,7 @@ cmd_check (int argc, char **argv)
     strata_close (node);
     return 1;
   }
-  r = strata_check (node, &res, fix, &err);
+  r = check_node (ck, node, &res, &err);
   if (r == -ENOTSUP) {
     fprintf (stderr, "%s: This image format does not support checks\n",
              progname);
@@ -157,22 +199,9 @@ cmd_check (int argc, char **argv)
     strata_close (node);
     return 63;
   }
-  if (r == 0 && (res.corruptions_fixed || res.leaks_fixed)) {
-    int64_t leaks_fixed = res.leaks_fixed;
-    int64_t corruptions_fixed = res.corruptions_fixed;
-
-    if (out == OUTPUT_HUMAN && !quiet)
-      printf ("The following inconsistencies were found and repaired:\n\n"
-              "    %" PRId64 " leaked clusters\n    %" PRId64 " corruptions"
-              "\n\nDouble checking the fixed image now...\n", leaks_fixed,
-              corruptions_fixed);
-    r = strata_check (node, &res, 0, &err);
-    res.leaks_fixed = leaks_fixed;
-    res.corruptions_fixed = corruptions_fixed;
-  }
-  if (r == 0 && !quiet) {
-    if (out == OUTPUT_JSON)
-      check_json (&res, filename, info.format);
+  if (r == 0 && !ck->quiet) {
+    if (ck->out == OUTPUT_JSON)
+      check_json (&res, ck->filename, info.format);
     else
       check_human (&res);
   }
@@ -185,4 +214,13 @@ cmd_check (int argc, char **argv)
     return 1;
   }
   return res.corruptions ? 2 : res.leaks ? 3 : 0;
+}
+
+int
+cmd_check (int argc, char **argv)
+{
+  struct check ck = { .out = OUTPUT_HUMAN };
+  int r = parse_args (argc, argv, &ck);
+
+  return r ? r : check_run (&ck);
 }

@@ -69,8 +69,14 @@ same_driver (strata_node *a, strata_node *b)
 #define STRICT_BS                                                            \
   (STRATA_BS_ALLOCATED | STRATA_BS_ZERO | STRATA_BS_DATA | STRATA_BS_OFFSET)
 
-int
-cmd_compare (int argc, char **argv)
+struct compare {
+  const char *fmt_a, *fmt_b, *file_a, *file_b;
+  bool strict, quiet, force_share;
+};
+
+/* 0 when parsed, else the exit code. */
+static int
+parse_args (int argc, char **argv, struct compare *cmp)
 {
   static const struct option lopts[] = {
     { "force-share", no_argument, NULL, 'U' },
@@ -78,34 +84,45 @@ cmd_compare (int argc, char **argv)
     IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
-  const char *fmt_a = NULL, *fmt_b = NULL;
-  bool strict = false, quiet = false, force_share = false, same_format;
-  strata_node *a = NULL, *b = NULL;
-  CLEANUP_FREE uint8_t *ba = NULL, *bb = NULL;
-  int64_t la, lb;
-  uint64_t common, off, bad = UINT64_MAX;
-  int c, ret = 2, r = 0;
+  int c;
 
   while ((c = getopt_long (argc, argv, ":f:F:sqpUh", lopts, NULL)) != -1) {
     switch (c) {
-    case 'f': fmt_a = optarg; break;
-    case 'F': fmt_b = optarg; break;
-    case 's': strict = true; break;
-    case 'q': quiet = true; break;
+    case 'f': cmp->fmt_a = optarg; break;
+    case 'F': cmp->fmt_b = optarg; break;
+    case 's': cmp->strict = true; break;
+    case 'q': cmp->quiet = true; break;
     case 'p': break;  /* progress: not shown yet */
-    case 'U': force_share = true; break;
+    case 'U': cmp->force_share = true; break;
     case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s compare [-s] [-q] [-U] [-f FMT] [-F FMT] A B\n",
               progname);
-      return 0;
+      exit (0);
     default: return img_option_error (c, argv);
     }
   }
   if (optind != argc - 2)
     return img_usage_error ("Expecting two image file names");
-  if (!(a = open_image (argv[optind], fmt_a, force_share, false, NULL))
-      || !(b = open_image (argv[optind + 1], fmt_b, force_share, false, NULL)))
+  cmp->file_a = argv[optind];
+  cmp->file_b = argv[optind + 1];
+  return 0;
+}
+
+static int
+compare_run (const struct compare *cmp)
+{
+  bool strict = cmp->strict, quiet = cmp->quiet, same_format;
+  strata_node *a = NULL, *b = NULL;
+  CLEANUP_FREE uint8_t *ba = NULL, *bb = NULL;
+  int64_t la, lb;
+  uint64_t common, off, bad = UINT64_MAX;
+  int ret = 2, r = 0;
+
+  if (!(a
+        = open_image (cmp->file_a, cmp->fmt_a, cmp->force_share, false, NULL))
+      || !(b = open_image (cmp->file_b, cmp->fmt_b, cmp->force_share, false,
+                           NULL)))
     goto out;
   la = strata_length (a);
   lb = strata_length (b);
@@ -193,4 +210,13 @@ out:
   if (a)
     strata_close (a);
   return ret;
+}
+
+int
+cmd_compare (int argc, char **argv)
+{
+  struct compare cmp = { 0 };
+  int r = parse_args (argc, argv, &cmp);
+
+  return r ? r : compare_run (&cmp);
 }

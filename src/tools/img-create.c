@@ -108,101 +108,215 @@ print_formatting (const char *filename, const char *fmt, const char *all)
   printf ("\n");
 }
 
-int
-cmd_create (int argc, char **argv)
+struct create {
+  const char *fmt, *backing, *bfmt, *filename;
+  char *options;                /* the -o lists joined by commas */
+  char *opt_backing, *opt_bfmt; /* -o backing_file and backing_fmt */
+  bool quiet, unsafe, have_size;
+  bool help; /* -o help: list the creation options */
+  uint64_t size;
+};
+
+/* -o size, backing_file and backing_fmt stand for SIZE, -b and -F.
+ * Returns false (with qemu-img's message) when the size is given twice. */
+static bool
+fold_options (struct create *cr)
+{
+  CLEANUP_OPTS strata_opts *o = opts_new ();
+  const char *v;
+
+  if (!o || !opts_parse (o, cr->options, NULL))
+    return true;
+  v = opts_get (o, "size");
+  if (v && cr->have_size) {
+    fprintf (stderr,
+             "%s: %s: The image size must be specified only "
+             "once\n",
+             progname, cr->filename);
+    return false;
+  }
+  if (v && parse_size (v, &cr->size) && cr->size <= INT64_MAX)
+    cr->have_size = true;
+  if (!cr->backing && (v = opts_get (o, "backing_file")))
+    cr->backing = cr->opt_backing = strdup (v);
+  if (!cr->bfmt && (v = opts_get (o, "backing_fmt")))
+    cr->bfmt = cr->opt_bfmt = strdup (v);
+  return true;
+}
+
+/* The combinations qemu-img refuses before it opens anything. */
+static bool
+check_backing_args (const struct create *cr)
+{
+  const char *filename = cr->filename, *backing = cr->backing;
+
+  if (!strcmp (cr->fmt, "raw") && (backing || cr->bfmt)) {
+    fprintf (stderr,
+             "%s: %s: Backing file %snot supported for file format "
+             "'raw'\n",
+             progname, filename, backing ? "" : "format ");
+    return false;
+  }
+  if (cr->bfmt && !backing) {
+    fail_msg ("-F requires -b (a backing file)");
+    return false;
+  }
+  if (backing && !strcmp (backing, filename)) {
+    fprintf (stderr,
+             "%s: %s: Error: Trying to create an image with the "
+             "same filename as the backing file\n",
+             progname, filename);
+    return false;
+  }
+  if (backing && !*backing) {
+    fprintf (stderr,
+             "%s: %s: Expected backing file name, got empty "
+             "string\n",
+             progname, filename);
+    return false;
+  }
+  return true;
+}
+
+/* 0 when parsed, else the exit code. */
+static int
+parse_args (int argc, char **argv, struct create *cr)
 {
   static const struct option lopts[] = {
     { "help", no_argument, NULL, 'h' },
     { NULL, 0, NULL, 0 },
   };
-  const char *fmt = "raw", *backing = NULL, *bfmt = NULL, *filename;
-  CLEANUP_FREE char *options = NULL, *backing_path = NULL;
-  CLEANUP_FREE char *opt_backing = NULL, *opt_bfmt = NULL;
-  bool quiet = false, unsafe = false;
-  uint64_t size = 0;
-  bool have_size = false;
-  strata_error *err = NULL;
   int c;
 
   while ((c = getopt_long (argc, argv, ":f:b:F:uo:qh", lopts, NULL)) != -1) {
     switch (c) {
-    case 'f': fmt = optarg; break;
-    case 'b': backing = optarg; break;
-    case 'F': bfmt = optarg; break;
-    case 'u': unsafe = true; break;
-    case 'q': quiet = true; break;
+    case 'f': cr->fmt = optarg; break;
+    case 'b': cr->backing = optarg; break;
+    case 'F': cr->bfmt = optarg; break;
+    case 'u': cr->unsafe = true; break;
+    case 'q': cr->quiet = true; break;
     case 'o': {
       char *n;
-      if (asprintf (&n, "%s%s%s", options ? options : "", options ? "," : "",
-                    optarg) < 0)
+      if (asprintf (&n, "%s%s%s", cr->options ? cr->options : "",
+                    cr->options ? "," : "", optarg)
+          < 0)
         return 1;
-      free (options);
-      options = n;
+      free (cr->options);
+      cr->options = n;
       break;
     }
     case 'h':
       printf ("usage: %s create [-f FMT] [-b BACKING -F BFMT] [-u] "
               "[-o OPTS] [-q] FILE [SIZE]\n", progname);
-      return 0;
+      exit (0);
     default: return img_option_error (c, argv);
     }
   }
-  if (img_has_help_option (options))
-    return img_print_create_help (fmt, optind < argc ? argv[optind] : NULL);
+  if (img_has_help_option (cr->options)) {
+    cr->help = true;
+    cr->filename = optind < argc ? argv[optind] : NULL;
+    return 0;
+  }
   if (optind >= argc)
     return img_usage_error ("Expecting image file name");
-  filename = argv[optind++];
+  cr->filename = argv[optind++];
   if (optind < argc) {
     const char *s = argv[optind++];
-    if (!img_parse_size_arg (s, "image size", &size))
+    if (!img_parse_size_arg (s, "image size", &cr->size))
       return 1;
-    have_size = true;
+    cr->have_size = true;
   }
   if (optind < argc) {
     char msg[128];
     snprintf (msg, sizeof msg, "Unexpected argument: %.100s", argv[optind]);
     return img_usage_error (msg);
   }
-  /* -o size, backing_file and backing_fmt stand for SIZE, -b and -F. */
-  if (options) {
-    CLEANUP_OPTS strata_opts *o = opts_new ();
+  if (cr->options && !fold_options (cr))
+    return 1;
+  return check_backing_args (cr) ? 0 : 1;
+}
 
-    if (o && opts_parse (o, options, NULL)) {
-      const char *v = opts_get (o, "size");
+/* Without a size, the backing file's (rounded up to 512 as qemu's length
+ * is); with one, a backing file that qemu-img would open must open. */
+static bool
+size_from_backing (struct create *cr, const char *path)
+{
+  strata_node *b;
+  int64_t bsize;
 
-      if (v && have_size) {
-        fprintf (stderr, "%s: %s: The image size must be specified only "
-                 "once\n", progname, filename);
-        return 1;
-      }
-      if (v && parse_size (v, &size) && size <= INT64_MAX)
-        have_size = true;
-      if (!backing && (v = opts_get (o, "backing_file")))
-        backing = opt_backing = strdup (v);
-      if (!bfmt && (v = opts_get (o, "backing_fmt")))
-        bfmt = opt_bfmt = strdup (v);
-    }
+  if (cr->have_size) {
+    if (cr->unsafe)
+      return true;
+    /* Make sure the backing file can be opened, as qemu-img does. */
+    if (!(b = open_backing (cr->filename, path, cr->bfmt)))
+      return false;
+    strata_close (b);
+    return true;
   }
-  if (!strcmp (fmt, "raw") && (backing || bfmt)) {
-    fprintf (stderr, "%s: %s: Backing file %snot supported for file format "
-             "'raw'\n", progname, filename, backing ? "" : "format ");
-    return 1;
+  if (cr->unsafe) {
+    fprintf (stderr, "%s: %s: Image creation needs a size parameter\n",
+             progname, cr->filename);
+    return false;
   }
-  if (bfmt && !backing) {
-    fail_msg ("-F requires -b (a backing file)");
-    return 1;
+  if (!(b = open_backing (cr->filename, path, cr->bfmt)))
+    return false;
+  bsize = strata_length (b);
+  strata_close (b);
+  if (bsize < 0) {
+    fprintf (stderr, "%s: %s: cannot get the size of the backing file\n",
+             progname, cr->backing);
+    return false;
   }
-  if (backing && !strcmp (backing, filename)) {
-    fprintf (stderr, "%s: %s: Error: Trying to create an image with the "
-             "same filename as the backing file\n", progname, filename);
-    return 1;
-  }
-  if (backing && !*backing) {
-    fprintf (stderr, "%s: %s: Expected backing file name, got empty "
-             "string\n", progname, filename);
-    return 1;
-  }
+  cr->size = ((uint64_t)bsize + 511) / 512 * 512; /* qemu's length */
+  cr->have_size = true;
+  return true;
+}
 
+/* The dry run, the Formatting line, then the image. */
+static int
+create_image (const struct create *cr)
+{
+  const char *backing = cr->backing, *bfmt = cr->bfmt;
+  char sizebuf[32];
+  CLEANUP_FREE char *all = NULL, *sized = NULL;
+  strata_error *err = NULL;
+
+  snprintf (sizebuf, sizeof sizebuf, "%" PRIu64, cr->size);
+  if (asprintf (&all, "size=%s%s%s%s%s%s%s", sizebuf,
+                backing ? ",backing_file=" : "", backing ? backing : "",
+                bfmt ? ",backing_fmt=" : "", bfmt ? bfmt : "",
+                cr->options ? "," : "", cr->options ? cr->options : "")
+      < 0)
+    return 1;
+  /* qemu's block layer works in sectors: the image gets the size
+   * rounded up to 512 (the Formatting line shows it as given). */
+  if (asprintf (&sized, "%s,size=%" PRIu64, all, (cr->size + 511) / 512 * 512)
+      < 0)
+    return 1;
+  if (!strata_create (cr->filename, cr->fmt, sized, STRATA_CREATE_DRY_RUN,
+                      &err)) {
+    fail_err (err);
+    return 1;
+  }
+  if (!cr->quiet) {
+    print_formatting (cr->filename, cr->fmt, all);
+    fflush (stdout);
+  }
+  if (!strata_create (cr->filename, cr->fmt, sized, 0, &err)) {
+    fail_err (err);
+    return 1;
+  }
+  return 0;
+}
+
+static int
+create_run (struct create *cr)
+{
+  const char *filename = cr->filename, *backing = cr->backing;
+  CLEANUP_FREE char *backing_path = NULL;
+
+  if (cr->help)
+    return img_print_create_help (cr->fmt, filename);
   /* A relative backing name is relative to the new image's directory; a
    * URI (nbd://, nbd+unix://) is not a path. */
   if (backing && backing[0] != '/' && strrchr (filename, '/')
@@ -212,75 +326,30 @@ cmd_create (int argc, char **argv)
                   filename, backing) < 0)
       return 1;
   }
-
-  if (backing && !bfmt)
-    return no_backing_format (filename,
-                              backing_path ? backing_path : backing, unsafe);
-
-  /* The size defaults to the backing file's. */
-  if (backing && !have_size) {
-    strata_node *b;
-    int64_t bsize;
-
-    if (unsafe) {
-      fprintf (stderr, "%s: %s: Image creation needs a size parameter\n",
-               progname, filename);
-      return 1;
-    }
-    b = open_backing (filename, backing_path ? backing_path : backing, bfmt);
-    if (!b)
-      return 1;
-    bsize = strata_length (b);
-    strata_close (b);
-    if (bsize < 0) {
-      fprintf (stderr, "%s: %s: cannot get the size of the backing file\n",
-               progname, backing);
-      return 1;
-    }
-    size = ((uint64_t) bsize + 511) / 512 * 512; /* qemu's length */
-    have_size = true;
-  }
-  else if (backing && !unsafe) {
-    /* Make sure the backing file can be opened, as qemu-img does. */
-    strata_node *b
-        = open_backing (filename, backing_path ? backing_path : backing, bfmt);
-    if (!b)
-      return 1;
-    strata_close (b);
-  }
-  if (!have_size) {
+  if (backing && !cr->bfmt)
+    return no_backing_format (filename, backing_path ? backing_path : backing,
+                              cr->unsafe);
+  if (backing
+      && !size_from_backing (cr, backing_path ? backing_path : backing))
+    return 1;
+  if (!cr->have_size) {
     fprintf (stderr, "%s: %s: Image creation needs a size parameter\n",
              progname, filename);
     return 1;
   }
+  return create_image (cr);
+}
 
-  {
-    char sizebuf[32];
-    CLEANUP_FREE char *all = NULL, *sized = NULL;
+int
+cmd_create (int argc, char **argv)
+{
+  struct create cr = { .fmt = "raw" };
+  int r = parse_args (argc, argv, &cr);
 
-    snprintf (sizebuf, sizeof sizebuf, "%" PRIu64, size);
-    if (asprintf (&all, "size=%s%s%s%s%s%s%s", sizebuf,
-                  backing ? ",backing_file=" : "", backing ? backing : "",
-                  bfmt ? ",backing_fmt=" : "", bfmt ? bfmt : "",
-                  options ? "," : "", options ? options : "") < 0)
-      return 1;
-    /* qemu's block layer works in sectors: the image gets the size
-     * rounded up to 512 (the Formatting line shows it as given). */
-    if (asprintf (&sized, "%s,size=%" PRIu64, all,
-                  (size + 511) / 512 * 512) < 0)
-      return 1;
-    if (!strata_create (filename, fmt, sized, STRATA_CREATE_DRY_RUN, &err)) {
-      fail_err (err);
-      return 1;
-    }
-    if (!quiet) {
-      print_formatting (filename, fmt, all);
-      fflush (stdout);
-    }
-    if (!strata_create (filename, fmt, sized, 0, &err)) {
-      fail_err (err);
-      return 1;
-    }
-  }
-  return 0;
+  if (r == 0)
+    r = create_run (&cr);
+  free (cr.options);
+  free (cr.opt_backing);
+  free (cr.opt_bfmt);
+  return r;
 }

@@ -184,8 +184,15 @@ info_human (const struct strata_info *i,
   }
 }
 
-int
-cmd_info (int argc, char **argv)
+struct info {
+  enum output out;
+  bool chain, force_share;
+  const char *fmt, *filename;
+};
+
+/* 0 when parsed, else the exit code. */
+static int
+parse_args (int argc, char **argv, struct info *in)
 {
   static const struct option lopts[] = {
     { "output", required_argument, NULL, 'O' },
@@ -196,73 +203,103 @@ cmd_info (int argc, char **argv)
     IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
-  enum output out = OUTPUT_HUMAN;
-  bool chain = false, force_share = false;
-  const char *fmt = NULL;
-  strata_node *top, *n;
-  json_t *arr;
-  int c, ret = 0;
+  int c;
 
   while ((c = getopt_long (argc, argv, ":f:Uh", lopts, NULL)) != -1) {
     switch (c) {
-    case 'O': if (!parse_output (optarg, &out)) return 1; break;
-    case 'B': chain = true; break;
-    case 'U': force_share = true; break;
-    case 'f': fmt = optarg; break;
+    case 'O':
+      if (!parse_output (optarg, &in->out))
+        return 1;
+      break;
+    case 'B': in->chain = true; break;
+    case 'U': in->force_share = true; break;
+    case 'f': in->fmt = optarg; break;
     case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s info [--output=human|json] [--backing-chain] [-U] "
               "[-f FMT] FILE\n", progname);
-      return 0;
+      exit (0);
     default: return img_option_error (c, argv);
     }
   }
   if (optind != argc - 1)
     return img_usage_error ("Expecting one image file name");
+  in->filename = argv[optind];
+  return 0;
+}
+
+/* Add N's description to ARR (JSON) or print it; false on failure. */
+static bool
+info_node (const struct info *in, strata_node *n, bool first, json_t *arr)
+{
+  struct strata_info info;
+  struct strata_snapshot_info *snaps = NULL;
+  strata_error *err = NULL;
+  CLEANUP_FREE char *full = NULL;
+  const char *filename = in->filename;
+  int nsnaps = 0;
+
+  if (!strata_get_info (n, &info, 0, &err)
+      || (nsnaps = strata_snapshot_list (n, &snaps, &err)) < 0) {
+    fail_err (err);
+    return false;
+  }
+  /* Unopened, the backing file is named as the image's directory
+   * makes it (qemu's path_combine()). */
+  if (!in->chain && info.backing_filename && !info.full_backing_filename
+      && info.backing_filename[0] != '/' && strrchr (filename, '/')) {
+    const char *slash = strrchr (filename, '/');
+    if (asprintf (&full, "%.*s%s", (int)(slash - filename + 1), filename,
+                  info.backing_filename)
+        < 0)
+      full = NULL;
+    info.full_backing_filename = full;
+  }
+  if (in->out == OUTPUT_JSON)
+    json_array_append_new (arr, info_json (&info, snaps, nsnaps));
+  else {
+    if (!first)
+      printf ("\n");
+    info_human (&info, snaps, nsnaps);
+  }
+  strata_snapshot_list_free (snaps, nsnaps);
+  return true;
+}
+
+static int
+info_run (const struct info *in)
+{
+  strata_node *top, *n;
+  json_t *arr;
+  int ret = 0;
+
   /* Without --backing-chain qemu-img does not open the backing file (so
    * an image whose backing file is missing still has its info). */
-  top = open_image_flags (argv[optind], fmt,
-                          (force_share ? STRATA_OPEN_FORCE_SHARE : 0)
-                              | (chain ? 0 : STRATA_OPEN_NO_BACKING),
+  top = open_image_flags (in->filename, in->fmt,
+                          (in->force_share ? STRATA_OPEN_FORCE_SHARE : 0)
+                              | (in->chain ? 0 : STRATA_OPEN_NO_BACKING),
                           NULL);
   if (!top)
     return 1;
   arr = json_array ();
-  for (n = top; n; n = chain ? strata_backing (n) : NULL) {
-    struct strata_info info;
-    struct strata_snapshot_info *snaps = NULL;
-    strata_error *err = NULL;
-    CLEANUP_FREE char *full = NULL;
-    int nsnaps = 0;
-
-    if (!strata_get_info (n, &info, 0, &err)
-        || (nsnaps = strata_snapshot_list (n, &snaps, &err)) < 0) {
-      fail_err (err);
+  for (n = top; n; n = in->chain ? strata_backing (n) : NULL) {
+    if (!info_node (in, n, n == top, arr)) {
       ret = 1;
       break;
     }
-    /* Unopened, the backing file is named as the image's directory
-     * makes it (qemu's path_combine()). */
-    if (!chain && info.backing_filename && !info.full_backing_filename
-        && info.backing_filename[0] != '/' && strrchr (argv[optind], '/')) {
-      const char *slash = strrchr (argv[optind], '/');
-      if (asprintf (&full, "%.*s%s", (int) (slash - argv[optind] + 1),
-                    argv[optind], info.backing_filename) < 0)
-        full = NULL;
-      info.full_backing_filename = full;
-    }
-    if (out == OUTPUT_JSON)
-      json_array_append_new (arr, info_json (&info, snaps, nsnaps));
-    else {
-      if (n != top)
-        printf ("\n");
-      info_human (&info, snaps, nsnaps);
-    }
-    strata_snapshot_list_free (snaps, nsnaps);
   }
-  if (ret == 0 && out == OUTPUT_JSON)
-    print_json (chain ? arr : json_array_get (arr, 0));
+  if (ret == 0 && in->out == OUTPUT_JSON)
+    print_json (in->chain ? arr : json_array_get (arr, 0));
   json_decref (arr);
   strata_close (top);
   return ret;
+}
+
+int
+cmd_info (int argc, char **argv)
+{
+  struct info in = { .out = OUTPUT_HUMAN };
+  int r = parse_args (argc, argv, &in);
+
+  return r ? r : info_run (&in);
 }

@@ -66,8 +66,16 @@ map_entry_print (const struct map_entry *e, enum output out, bool first)
   return 0;
 }
 
-int
-cmd_map (int argc, char **argv)
+struct map {
+  enum output out;
+  bool force_share;
+  const char *fmt, *filename;
+  uint64_t start, max_len;
+};
+
+/* 0 when parsed, else the exit code. */
+static int
+parse_args (int argc, char **argv, struct map *m)
 {
   static const struct option lopts[] = {
     { "output", required_argument, NULL, 'O' },
@@ -79,61 +87,55 @@ cmd_map (int argc, char **argv)
     IMG_IMAGE_OPTS_OPTION,
     { NULL, 0, NULL, 0 },
   };
-  enum output out = OUTPUT_HUMAN;
-  bool force_share = false, first = true, have = false;
-  const char *fmt = NULL;
-  uint64_t start = 0, max_len = UINT64_MAX, end;
-  struct map_entry cur = { 0 };
-  strata_node *n;
-  int64_t size;
-  int c, ret = 0;
+  int c;
 
   while ((c = getopt_long (argc, argv, ":f:Uh", lopts, NULL)) != -1) {
     switch (c) {
-    case 'O': if (!parse_output (optarg, &out)) return 1; break;
+    case 'O':
+      if (!parse_output (optarg, &m->out))
+        return 1;
+      break;
     case 's':
-      if (!img_parse_size_arg (optarg, "start offset", &start))
+      if (!img_parse_size_arg (optarg, "start offset", &m->start))
         return 1;
       break;
     case 'l':
-      if (!img_parse_size_arg (optarg, "max length", &max_len))
+      if (!img_parse_size_arg (optarg, "max length", &m->max_len))
         return 1;
       break;
-    case 'U': force_share = true; break;
-    case 'f': fmt = optarg; break;
+    case 'U': m->force_share = true; break;
+    case 'f': m->fmt = optarg; break;
     case IMG_OPT_IMAGE_OPTS: img_image_opts = true; break;
     case 'h':
       printf ("usage: %s map [--output=human|json] [--start-offset=O] "
               "[--max-length=L] [-U] [-f FMT] FILE\n", progname);
-      return 0;
+      exit (0);
     default: return img_option_error (c, argv);
     }
   }
   if (optind != argc - 1)
     return img_usage_error ("Expecting one image file name");
-  n = open_image (argv[optind], fmt, force_share, false, NULL);
-  if (!n)
-    return 1;
-  size = strata_length (n);
-  if (size < 0) {
-    fprintf (stderr, "%s: %s: cannot get the image length\n", progname,
-             argv[optind]);
-    strata_close (n);
-    return 1;
-  }
-  end = MIN ((uint64_t) size, start > (uint64_t) size ? 0 : start + MIN (max_len, (uint64_t) size - start));
-  if (out == OUTPUT_JSON)
-    printf ("[");
-  else
-    printf ("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+  m->filename = argv[optind];
+  return 0;
+}
+
+/* The extents of [START, END) of N, merged and printed. */
+static int
+map_range (const struct map *m, strata_node *n, uint64_t start, uint64_t end)
+{
+  enum output out = m->out;
+  bool first = true, have = false;
+  struct map_entry cur = { 0 };
+  int ret = 0;
+
   for (uint64_t off = start; off < end && ret == 0;) {
     struct strata_extent e;
     struct map_entry next;
     int r = strata_block_status (n, off, end - off, &e, 0);
 
     if (r < 0) {
-      const char *m = strata_last_error_message ();
-      fprintf (stderr, "%s: %s\n", progname, m ? m : strerror (-r));
+      const char *msg = strata_last_error_message ();
+      fprintf (stderr, "%s: %s\n", progname, msg ? msg : strerror (-r));
       ret = 1;
       break;
     }
@@ -162,8 +164,47 @@ cmd_map (int argc, char **argv)
     cur = (struct map_entry){ .start = start };
     map_entry_print (&cur, out, true);
   }
-  if (out == OUTPUT_JSON)
+  return ret;
+}
+
+static int
+map_run (const struct map *m)
+{
+  uint64_t start = m->start, max_len = m->max_len, end;
+  strata_node *n;
+  int64_t size;
+  int ret;
+
+  n = open_image (m->filename, m->fmt, m->force_share, false, NULL);
+  if (!n)
+    return 1;
+  size = strata_length (n);
+  if (size < 0) {
+    fprintf (stderr, "%s: %s: cannot get the image length\n", progname,
+             m->filename);
+    strata_close (n);
+    return 1;
+  }
+  end = MIN ((uint64_t)size,
+             start > (uint64_t)size
+                 ? 0
+                 : start + MIN (max_len, (uint64_t)size - start));
+  if (m->out == OUTPUT_JSON)
+    printf ("[");
+  else
+    printf ("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+  ret = map_range (m, n, start, end);
+  if (m->out == OUTPUT_JSON)
     printf ("]\n");
   strata_close (n);
   return ret;
+}
+
+int
+cmd_map (int argc, char **argv)
+{
+  struct map m = { .out = OUTPUT_HUMAN, .max_len = UINT64_MAX };
+  int r = parse_args (argc, argv, &m);
+
+  return r ? r : map_run (&m);
 }
