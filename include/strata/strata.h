@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include <strata/version.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -274,6 +276,15 @@ bool strata_amend (strata_node *node, const char *options,
 bool strata_measure (const char *format, const char *options,
                      strata_node *src, uint64_t *required,
                      uint64_t *fully_allocated, strata_error **errp);
+
+/* ---- version ---- */
+
+/* The library's version, "MAJOR.MINOR.MICRO" (static storage), and the
+ * same as STRATA_VERSION_NUMBER (MAJOR, MINOR, MICRO).  Compare with the
+ * STRATA_VERSION_* macros of include/strata/version.h to tell the headers
+ * compiled against from the library run with. */
+const char *strata_version (void);
+unsigned strata_version_number (void);
 
 #ifdef __cplusplus
 }

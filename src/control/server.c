@@ -48,14 +48,14 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <strata/strata.h>
+
 #include "control/lexer.h"
 #include "control/qmp.h"
 #include "control/server.h"
+#include "util/cleanup.h"
 #include "util/sockets.h"
 
-#ifndef STRATA_VERSION
-#define STRATA_VERSION "0.0.0"
-#endif
 
 enum watch_kind { W_LISTEN, W_CLIENT, W_SIGNAL, W_EVENT };
 
@@ -323,20 +323,25 @@ cmd_qmp_capabilities (struct cmd_ctx *ctx, json_t *args,
 void
 qmp_version (int *major, int *minor, int *micro)
 {
-  *major = *minor = *micro = 0;
-  if (sscanf (STRATA_VERSION, "%d.%d.%d", major, minor, micro) < 1)
-    *major = 0;
+  unsigned v = strata_version_number ();
+
+  *major = v >> 16;
+  *minor = (v >> 8) & 0xff;
+  *micro = v & 0xff;
 }
 
 static json_t *
 version_json (void)
 {
   int major, minor, micro;
+  CLEANUP_FREE char *package = NULL;
 
   qmp_version (&major, &minor, &micro);
+  if (asprintf (&package, "strata-%s", strata_version ()) < 0)
+    package = NULL;
   return json_pack ("{s:{s:i,s:i,s:i},s:s}", "qemu", "micro", micro,
                     "minor", minor, "major", major, "package",
-                    "strata-" STRATA_VERSION);
+                    package ? package : "strata");
 }
 
 static const struct qmp_arg no_args[] = { { NULL, NULL, false } };

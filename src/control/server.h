@@ -33,7 +33,7 @@ void qmp_server_run (struct qmp_server *srv);
 /* Close every connection, remove the socket files. */
 void qmp_server_free (struct qmp_server *srv);
 
-/* The built-in version numbers, as query-version reports them. */
+/* strata_version_number() split, as query-version reports it. */
 void qmp_version (int *major, int *minor, int *micro);
 
 /* KEY=VALUE[,KEY=VALUE...] strings (",," escapes a comma; dotted keys

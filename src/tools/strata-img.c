@@ -78,7 +78,7 @@ main (int argc, char **argv)
     return 0;
   }
   if (strcmp (argv[1], "--version") == 0 || strcmp (argv[1], "-V") == 0) {
-    printf ("strata-img version 0.1.0\n");
+    printf ("strata-img version %s\n", strata_version ());
     return 0;
   }
   for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++) {

@@ -1320,7 +1320,9 @@ main (int argc, char **argv)
     case 'C': flags |= STRATA_OPEN_COPY_ON_READ; break;
     case 'o': extra = optarg; break;
     case 'h': usage (stdout); return 0;
-    case 'V': printf ("strata-io version 0.1.0\n"); return 0;
+    case 'V':
+      printf ("strata-io version %s\n", strata_version ());
+      return 0;
     default: usage (stderr); return 1;
     }
   }

@@ -80,7 +80,8 @@ usage (FILE *f)
       "      --copy-on-read     copy what reads fetch from backing\n"
       "                         files into the image (with -r too:\n"
       "                         clients still cannot write)\n"
-      "  -h, --help             show this help\n",
+      "  -h, --help             show this help\n"
+      "  -V, --version          show the version\n",
       progname);
 }
 
@@ -260,15 +261,20 @@ parse_cmdline (int argc, char **argv, struct nbd_cmdline *cl)
     { "pid-file", required_argument, NULL, OPT_PID_FILE },
     { "copy-on-read", no_argument, NULL, OPT_COPY_ON_READ },
     { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   int c;
 
-  while ((c = getopt_long (argc, argv, "f:x:D:k:p:b:rte:AUnh", long_options,
+  while ((c = getopt_long (argc, argv, "f:x:D:k:p:b:rte:AUnhV", long_options,
                            NULL))
          != -1) {
     if (c == 'h') {
       usage (stdout);
+      return 0;
+    }
+    if (c == 'V') {
+      printf ("strata-nbd version %s\n", strata_version ());
       return 0;
     }
     if (!parse_option (c, optarg, argv, cl))

@@ -24,6 +24,7 @@
 #include <time.h>
 
 #include <jansson.h>
+#include <strata/strata.h>
 
 #include "control/qmp.h"
 #include "control/server.h"
@@ -61,7 +62,8 @@ usage (FILE *f)
 "\n"
 "  --socket PATH   the daemon's socket (default: $STRATA_SOCKET, else\n"
 "                  stratad's default path)\n"
-"  --json          print QMP's JSON instead of the human form\n");
+"  --json          print QMP's JSON instead of the human form\n"
+"  -V, --version   print strata's version\n");
 }
 
 static char *
@@ -282,6 +284,7 @@ main (int argc, char **argv)
     { "socket", required_argument, NULL, 's' },
     { "json", no_argument, NULL, 'j' },
     { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   static const struct {
@@ -297,7 +300,7 @@ main (int argc, char **argv)
   char *path = NULL;
   int c;
 
-  while ((c = getopt_long (argc, argv, "+s:jh", longopts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "+s:jhV", longopts, NULL)) != -1) {
     switch (c) {
     case 's':
       socket_path = optarg;
@@ -307,6 +310,9 @@ main (int argc, char **argv)
       break;
     case 'h':
       usage (stdout);
+      return 0;
+    case 'V':
+      printf ("strata version %s\n", strata_version ());
       return 0;
     default:
       usage (stderr);

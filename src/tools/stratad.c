@@ -72,6 +72,7 @@ usage (FILE *f)
 "                                  export a node over NBD (as block-export-add;\n"
 "                                  needs --nbd-server first)\n"
 "  -h, --help                      this help\n"
+"  -V, --version                   the version\n"
 "\n"
 "Without a monitor, QMP is served on %s.\n",
            "$XDG_RUNTIME_DIR/strata/stratad.sock (or /run/strata/ for root,\n"
@@ -200,11 +201,12 @@ parse_args (struct options *o, int argc, char **argv)
     { "pidfile", required_argument, NULL, O_PIDFILE },
     { "daemonize", no_argument, NULL, O_DAEMONIZE },
     { "help", no_argument, NULL, 'h' },
+    { "version", no_argument, NULL, 'V' },
     { NULL, 0, NULL, 0 },
   };
   int c;
 
-  while ((c = getopt_long_only (argc, argv, "h", longopts, NULL)) != -1) {
+  while ((c = getopt_long_only (argc, argv, "hV", longopts, NULL)) != -1) {
     switch (c) {
     case O_BLOCKDEV:
     case O_EXPORT:
@@ -234,6 +236,9 @@ parse_args (struct options *o, int argc, char **argv)
       break;
     case 'h':
       usage (stdout);
+      exit (0);
+    case 'V':
+      printf ("stratad version %s\n", strata_version ());
       exit (0);
     default:
       usage (stderr);
