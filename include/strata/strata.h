@@ -121,6 +121,9 @@ struct strata_info {
   bool dirty_unknown;       /* no dirty-flag to show: raw over NBD */
   uint32_t cluster_size;    /* 0 when the format has none */
   bool read_only;
+  bool cache_direct;        /* the protocol bypasses the host page cache
+                             * (the file driver's cache.direct) */
+  bool cache_no_flush;      /* flushes are ignored (cache.no-flush) */
   bool has_backing;
   bool dirty;                     /* qcow2 dirty bit (lazy refcounts) */
   uint64_t vm_state_offset;       /* where a format keeps VM state (qcow2:

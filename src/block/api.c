@@ -291,7 +291,7 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
     return false;
   /* QEMU reports a protocol name as recorded, not as the opened node
    * names it. */
-  if (info->backing_filename && nbd_is_uri (info->backing_filename))
+  if (info->backing_filename && driver_for_filename (info->backing_filename))
     info->full_backing_filename = info->backing_filename;
   while (bottom->file)
     bottom = bottom->file;
@@ -301,6 +301,8 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
       return false;
     info->actual_size = b.actual_size;
     info->actual_size_unknown = b.actual_size_unknown;
+    info->cache_direct = b.cache_direct;
+    info->cache_no_flush = b.cache_no_flush;
     /* A format with no information of its own (raw) passes the
      * protocol's on, as QEMU's bdrv_get_info() does. */
     if (!node->drv->get_info)

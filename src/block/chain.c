@@ -197,7 +197,7 @@ chain_backing_name_for (strata_node *top, strata_node *layer)
   }
   rec = chain_recorded_name (above);
 
-  if (rec && (rec[0] == '/' || nbd_is_uri (rec)))
+  if (rec && (rec[0] == '/' || driver_for_filename (rec)))
     return strdup (rec);
   adir = real_dir (node_skip_filters (above)->filename);
   tdir = real_dir (node_skip_filters (top)->filename);

@@ -18,39 +18,33 @@
 #include "util/checked.h"
 #include "util/cleanup.h"
 
-static const struct strata_driver *const drivers[] = {
-  &file_driver,
-  &nbd_driver,
-  &qcow2_driver,
-  &raw_driver,
-  &copy_on_read_driver,
-  &blkdebug_driver,
-};
-
 const struct strata_driver *
 driver_find (const char *name)
 {
-  for (size_t i = 0; i < sizeof drivers / sizeof drivers[0]; i++)
-    if (strcmp (drivers[i]->name, name) == 0)
-      return drivers[i];
+  for (size_t i = 0; i < driver_count; i++)
+    if (strcmp (driver_list[i]->name, name) == 0)
+      return driver_list[i];
   return NULL;
 }
 
-bool
-probe_finds_format (const uint8_t *buf, size_t len)
+const struct strata_driver *
+driver_for_filename (const char *name)
 {
-  for (size_t i = 0; i < sizeof drivers / sizeof drivers[0]; i++)
-    if (drivers[i] != &raw_driver && drivers[i]->probe
-        && drivers[i]->probe (buf, len) > 0)
-      return true;
-  return false;
+  for (size_t i = 0; i < driver_count; i++)
+    if (driver_list[i]->claims_filename
+        && driver_list[i]->claims_filename (name))
+      return driver_list[i];
+  return NULL;
 }
 
 const char *
 perm_name (unsigned i)
 {
   static const char *const names[PERM_COUNT] = {
-    "consistent read", "write", "write unchanged", "resize",
+    "consistent read",
+    "write",
+    "write unchanged",
+    "resize",
   };
   return i < PERM_COUNT ? names[i] : "unknown";
 }
@@ -140,6 +134,20 @@ node_detach_child (strata_node *parent, const char *name)
   node_update_child_pointers (parent);
 }
 
+void
+node_cache_mode (strata_node *node, bool *direct, bool *no_flush)
+{
+  struct strata_info info = { 0 };
+  strata_error *err = NULL;
+
+  while (node->file)
+    node = node->file;
+  if (node->drv->get_info && !node->drv->get_info (node, &info, &err))
+    strata_error_free (err);
+  *direct = info.cache_direct;
+  *no_flush = info.cache_no_flush;
+}
+
 /* ---- opening ---- */
 
 static atomic_uint node_counter;
@@ -157,17 +165,18 @@ probe_format (strata_node *file, strata_error **errp)
                file->filename);
     return NULL;
   }
-  r = node_pread (file, 0, buf, MIN ((uint64_t) len, sizeof buf), 0);
+  r = node_pread (file, 0, buf, MIN ((uint64_t)len, sizeof buf), 0);
   if (r < 0) {
     error_set (errp, -r, "%s: cannot read the header to probe the format: %s",
                file->filename, strerror (-r));
     return NULL;
   }
-  for (size_t i = 0; i < sizeof drivers / sizeof drivers[0]; i++) {
-    int score = drivers[i]->probe ? drivers[i]->probe (buf, sizeof buf) : 0;
+  for (size_t i = 0; i < driver_count; i++) {
+    const struct strata_driver *d = driver_list[i];
+    int score = d->probe ? d->probe (buf, sizeof buf) : 0;
     if (score > best_score) {
       best_score = score;
-      best = drivers[i];
+      best = d;
     }
   }
   if (!best)
@@ -208,7 +217,8 @@ node_alloc (const struct strata_driver *drv, const char *name, unsigned flags)
   if (name)
     node->node_name = strdup (name);
   else if (asprintf (&node->node_name, "#block%03u",
-                     atomic_fetch_add (&node_counter, 1)) < 0)
+                     atomic_fetch_add (&node_counter, 1))
+           < 0)
     node->node_name = NULL;
   if ((drv->state_size && !node->opaque) || !node->node_name) {
     free (node->opaque);
@@ -262,11 +272,13 @@ node_use_by_name (const char *name, const char *user, unsigned flags,
     if (!e[i].parent->read_only || (flags & STRATA_OPEN_RDWR)) {
       const char *old = e[i].parent->node_name, *new = user ?: "(new)";
       bool old_writes = !e[i].parent->read_only;
-      error_set (errp, EBUSY, "Permission conflict on node '%s': "
+      error_set (errp, EBUSY,
+                 "Permission conflict on node '%s': "
                  "permissions 'write, resize' are both required by node "
                  "'%s' (uses node '%s' as 'file' child) and unshared by "
-                 "node '%s' (uses node '%s' as 'file' child).", name,
-                 old_writes ? old : new, name, old_writes ? new : old, name);
+                 "node '%s' (uses node '%s' as 'file' child).",
+                 name, old_writes ? old : new, name, old_writes ? new : old,
+                 name);
       node_unref (file);
       return NULL;
     }
@@ -380,8 +392,7 @@ node_open (strata_opts *opts, unsigned flags, strata_error **errp)
 /* A copy-on-read filter over NODE, taking over the caller's reference
  * (STRATA_OPEN_COPY_ON_READ: qemu-io -C). */
 static strata_node *
-node_wrap_copy_on_read (strata_node *node, unsigned flags,
-                        strata_error **errp)
+node_wrap_copy_on_read (strata_node *node, unsigned flags, strata_error **errp)
 {
   strata_opts *opts = opts_new ();
   strata_node *cor = NULL;
@@ -392,7 +403,7 @@ node_wrap_copy_on_read (strata_node *node, unsigned flags,
   else
     cor = node_open (opts, flags, errp);
   opts_free (opts);
-  node_unref (node);  /* the filter holds its own */
+  node_unref (node); /* the filter holds its own */
   return cor;
 }
 
@@ -402,6 +413,7 @@ node_open_image (const char *filename, const char *format, strata_opts *extra,
 {
   strata_opts *opts = opts_new ();
   const struct strata_driver *drv = format ? driver_find (format) : NULL;
+  const struct strata_driver *proto;
   strata_node *node = NULL;
   bool cor = flags & STRATA_OPEN_COPY_ON_READ;
   bool ok;
@@ -424,11 +436,12 @@ node_open_image (const char *filename, const char *format, strata_opts *extra,
     ok = opts_has (opts, "filename") || opts_set (opts, "filename", filename);
   else if (opts_has (opts, "file.filename"))
     ok = true;
-  else if (nbd_is_uri (filename))
-    /* An NBD URI is the protocol node under the format (raw, qcow2 or
-     * probed), as a path is a file node. */
+  else if ((proto = driver_for_filename (filename)))
+    /* A name a protocol driver claims (an NBD URI) is that protocol's
+     * node under the format (raw, qcow2 or probed), as a path is a file
+     * node. */
     ok = (opts_has (opts, "file.driver")
-          || opts_set (opts, "file.driver", "nbd"))
+          || opts_set (opts, "file.driver", proto->name))
          && opts_set (opts, "file.filename", filename);
   else
     ok = opts_set (opts, "file.filename", filename);
@@ -453,9 +466,10 @@ static int
 check_overflow (strata_node *node, uint64_t offset, uint64_t len)
 {
   if (offset > INT64_MAX || len > INT64_MAX - offset)
-    return io_error (EINVAL, "%s: request at offset %" PRIu64
-                     " length %" PRIu64 " overflows", node->filename, offset,
-                     len);
+    return io_error (EINVAL,
+                     "%s: request at offset %" PRIu64 " length %" PRIu64
+                     " overflows",
+                     node->filename, offset, len);
   return 0;
 }
 
@@ -518,8 +532,10 @@ node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
   if ((flags & STRATA_REQ_COMPRESSED) && !node->drv->pwritev_compressed) {
     if (node->drv->is_filter && node->file)
       return node_pwritev (node->file, offset, len, iov, iovcnt, flags);
-    return io_error (ENOTSUP, "%s: the %s format cannot store compressed "
-                     "data", node->filename, node->drv->name);
+    return io_error (ENOTSUP,
+                     "%s: the %s format cannot store compressed "
+                     "data",
+                     node->filename, node->drv->name);
   }
   if (!node->drv->pwritev) {
     if (node->drv->is_filter && node->file)
@@ -550,7 +566,7 @@ int
 node_pwrite (strata_node *node, uint64_t offset, const void *buf, size_t len,
              unsigned flags)
 {
-  struct iovec iov = { .iov_base = (void *) buf, .iov_len = len };
+  struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
   return node_pwritev (node, offset, len, &iov, 1, flags);
 }
 
@@ -590,8 +606,8 @@ node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
   flags &= ~NODE_REQ_SERIALISED;
   if (r < 0 || len == 0)
     return r;
-  if (!node->drv->pwrite_zeroes && !node->drv->pwritev
-      && node->drv->is_filter && node->file)
+  if (!node->drv->pwrite_zeroes && !node->drv->pwritev && node->drv->is_filter
+      && node->file)
     return node_pwrite_zeroes (node->file, offset, len, flags);
   if (track)
     tracker_begin (&node->tracker, &req, offset, len, false);
@@ -619,7 +635,7 @@ node_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
   if (!node->drv->pdiscard) {
     if (node->drv->is_filter && node->file)
       return node_pdiscard (node->file, offset, len, flags);
-    return 0;  /* discard is advisory */
+    return 0; /* discard is advisory */
   }
   tracker_begin (&node->tracker, &req, offset, len, false);
   r = node->drv->pdiscard (node, offset, len, flags);
@@ -663,7 +679,9 @@ node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
   if (node->drv->block_status)
     r = node->drv->block_status (node, offset, len, bs);
   else if (node->drv->is_filter && node->file) {
-    *bs = (struct bstat){ .pnum = len, .map = offset, .file = node->file,
+    *bs = (struct bstat){ .pnum = len,
+                          .map = offset,
+                          .file = node->file,
                           .flags = BS_OFFSET | BS_RECURSE };
   }
   else
@@ -671,13 +689,14 @@ node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
   if (r < 0)
     return r;
   if (bs->pnum == 0 || bs->pnum > len)
-    return io_error (EIO, "%s: driver %s answered block status for %" PRIu64
-                     " bytes of %" PRIu64, node->filename, node->drv->name,
-                     bs->pnum, len);
+    return io_error (EIO,
+                     "%s: driver %s answered block status for %" PRIu64
+                     " bytes of %" PRIu64,
+                     node->filename, node->drv->name, bs->pnum, len);
   if (!(bs->flags & BS_OFFSET) || !bs->file || bs->file == node)
     return 0;
   if ((flags & STRATA_BS_SHALLOW) && !(bs->flags & BS_RECURSE))
-    return 0;  /* the format knows: data (QEMU's want_zero=false) */
+    return 0; /* the format knows: data (QEMU's want_zero=false) */
 
   /* Refine with what the file below says of those bytes. */
   r = node_block_status (bs->file, bs->map, bs->pnum, &fbs);

@@ -45,13 +45,13 @@ const char *perm_name (unsigned bit_index);
 
 /* One layer's answer to block_status. */
 #define BS_ALLOCATED STRATA_BS_ALLOCATED /* defined by this layer */
-#define BS_ZERO      STRATA_BS_ZERO
-#define BS_DATA      STRATA_BS_DATA
-#define BS_OFFSET    STRATA_BS_OFFSET    /* map/file are valid */
-#define BS_RECURSE   (1u << 8)           /* ask `file` at map for DATA/ZERO */
+#define BS_ZERO STRATA_BS_ZERO
+#define BS_DATA STRATA_BS_DATA
+#define BS_OFFSET STRATA_BS_OFFSET /* map/file are valid */
+#define BS_RECURSE (1u << 8)       /* ask `file` at map for DATA/ZERO */
 
 struct bstat {
-  uint64_t pnum;            /* bytes covered, > 0 */
+  uint64_t pnum; /* bytes covered, > 0 */
   unsigned flags;
   uint64_t map;             /* offset in `file` when BS_OFFSET */
   struct strata_node *file; /* node holding the bytes when BS_OFFSET */
@@ -59,9 +59,16 @@ struct bstat {
 
 struct strata_driver {
   const char *name;
-  size_t state_size;      /* bytes of zeroed driver state at node->opaque */
-  bool has_file_child;    /* the core opens `file` before calling open */
-  bool is_filter;         /* guest view == file's view (for pass-through) */
+  size_t state_size;   /* bytes of zeroed driver state at node->opaque */
+  bool has_file_child; /* the core opens `file` before calling open */
+  bool is_filter;      /* guest view == file's view (for pass-through) */
+
+  /* Protocol drivers whose file names are not paths (URIs): does NAME
+   * belong to this driver?  The core then opens a file name it claims
+   * with this driver under the format, and never joins such a name with
+   * a directory or resolves it with realpath().  NULL: plain paths (the
+   * "file" driver takes whatever no driver claims). */
+  bool (*claims_filename) (const char *name);
 
   /* Score how likely BUF (the first bytes of a file) is this format;
    * 0 = no.  Only format drivers. */
@@ -79,8 +86,8 @@ struct strata_driver {
                   const struct iovec *iov, int iovcnt, unsigned flags);
   /* Store whole clusters compressed (STRATA_REQ_COMPRESSED). */
   int (*pwritev_compressed) (struct strata_node *node, uint64_t offset,
-                             uint64_t len, const struct iovec *iov,
-                             int iovcnt, unsigned flags);
+                             uint64_t len, const struct iovec *iov, int iovcnt,
+                             unsigned flags);
   int (*pwrite_zeroes) (struct strata_node *node, uint64_t offset,
                         uint64_t len, unsigned flags);
   int (*pdiscard) (struct strata_node *node, uint64_t offset, uint64_t len,
@@ -91,8 +98,8 @@ struct strata_driver {
    * BDRV_REQ_PREFETCH.  NULL: a filter passes it to `file`; any other
    * node has nothing to do. */
   int (*prefetch) (struct strata_node *node, uint64_t offset, uint64_t len);
-  int (*block_status) (struct strata_node *node, uint64_t offset,
-                       uint64_t len, struct bstat *bs);
+  int (*block_status) (struct strata_node *node, uint64_t offset, uint64_t len,
+                       struct bstat *bs);
 
   /* Create an image file named FILENAME.  OPTS holds "size" and the
    * format's creation options (qemu-img create -o ...), already checked
@@ -156,7 +163,7 @@ struct strata_driver {
 };
 
 struct strata_child {
-  char *name;               /* "file", "backing" */
+  char *name; /* "file", "backing" */
   struct strata_node *node;
 };
 
@@ -164,27 +171,26 @@ struct strata_child {
 
 struct strata_node {
   const struct strata_driver *drv;
-  void *opaque;                  /* driver state, drv->state_size bytes */
+  void *opaque; /* driver state, drv->state_size bytes */
   char *node_name;
-  char *filename;                /* for messages: the file under this node */
-  unsigned open_flags;           /* STRATA_OPEN_* */
+  char *filename;      /* for messages: the file under this node */
+  unsigned open_flags; /* STRATA_OPEN_* */
   bool read_only;
-  bool format_probed;             /* the format was guessed, not named */
-  bool backing_explicit;         /* backing came from options or a graph
-                                  * change, not from the image header */
-  bool cache_direct, cache_no_flush;  /* file driver: cache.* options */
-  unsigned perm, shared;         /* PERM_* held and shared */
+  bool format_probed;    /* the format was guessed, not named */
+  bool backing_explicit; /* backing came from options or a graph
+                          * change, not from the image header */
+  unsigned perm, shared; /* PERM_* held and shared */
   atomic_int refcnt;
 
   struct strata_child children[NODE_MAX_CHILDREN];
   int nchildren;
-  struct strata_node *file;      /* == child "file", or NULL */
-  struct strata_node *backing;   /* == child "backing", or NULL */
+  struct strata_node *file;    /* == child "file", or NULL */
+  struct strata_node *backing; /* == child "backing", or NULL */
 
-  struct tracker tracker;        /* requests in flight on this node */
-  char **users;                  /* graph_add_user(): who holds this node */
+  struct tracker tracker; /* requests in flight on this node */
+  char **users;           /* graph_add_user(): who holds this node */
   size_t nusers;
-  pthread_mutex_t lock;          /* driver metadata; see DESIGN.md */
+  pthread_mutex_t lock; /* driver metadata; see DESIGN.md */
 };
 typedef struct strata_node strata_node;
 
@@ -247,29 +253,26 @@ int node_block_status (strata_node *node, uint64_t offset, uint64_t len,
 /* The same; with STRATA_BS_SHALLOW the file below is consulted only when
  * the driver asks for it (BS_RECURSE: raw over a file), not to refine a
  * format's data clusters. */
-int node_block_status_flags (strata_node *node, uint64_t offset,
-                             uint64_t len, struct bstat *bs, unsigned flags);
+int node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
+                             struct bstat *bs, unsigned flags);
 int64_t node_length (strata_node *node);
 bool node_truncate (strata_node *node, uint64_t size, unsigned flags,
                     strata_error **errp);
 
-/* Create (or truncate) FILENAME as a plain file of SIZE bytes with
- * PREALLOC "off", "falloc" or "full" (NULL = "off").  A file this call
- * created is removed again if it fails. */
-bool file_create (const char *filename, uint64_t size, const char *prealloc,
-                  strata_error **errp);
+/* The cache mode of the protocol node at the bottom of NODE's `file`
+ * children, as its driver's get_info reports it (the file driver's
+ * cache.direct and cache.no-flush; false for a driver without them). */
+void node_cache_mode (strata_node *node, bool *direct, bool *no_flush);
 
-/* Driver registry. */
-/* Would BUF (the start of an image) probe as a format other than raw?
- * Used to stop writes into a probed raw image from changing its format. */
-bool probe_finds_format (const uint8_t *buf, size_t len);
+/* Driver registry.  The list is src/drivers/registry.c's: the core knows
+ * drivers only through it, never by name. */
+extern const struct strata_driver *const driver_list[];
+extern const size_t driver_count;
+/* The driver named NAME, or NULL. */
 const struct strata_driver *driver_find (const char *name);
-extern const struct strata_driver file_driver;
-extern const struct strata_driver raw_driver;
-extern const struct strata_driver qcow2_driver;
-extern const struct strata_driver nbd_driver;
-extern const struct strata_driver copy_on_read_driver;
-extern const struct strata_driver blkdebug_driver;
+/* The protocol driver that claims NAME (an NBD URI...), or NULL for a
+ * plain path. */
+const struct strata_driver *driver_for_filename (const char *name);
 
 /* Chain edits: the driver's operation or ENOTSUP naming the format. */
 bool node_change_backing_file (strata_node *node, const char *backing_file,
@@ -287,17 +290,5 @@ bool node_make_empty (strata_node *node, strata_error **errp);
  * Returns 0 or a negative errno with io_error() set. */
 int node_copy_up (strata_node *top, strata_node *base, uint64_t offset,
                   uint64_t len, uint64_t *copied);
-
-/* NBD URIs as file names (drivers/nbd.c): nbd+unix:///EXPORT?socket=PATH
- * and nbd://HOST[:PORT]/EXPORT.  nbd_is_uri() only looks at the scheme;
- * nbd_uri_parse() validates the rest. */
-struct nbd_uri {
-  char *socket;     /* unix: the socket path, else NULL */
-  char *host, *port;
-  char *export;
-};
-bool nbd_is_uri (const char *name);
-bool nbd_uri_parse (const char *uri, struct nbd_uri *u, strata_error **errp);
-void nbd_uri_clear (struct nbd_uri *u);
 
 #endif

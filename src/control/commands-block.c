@@ -224,11 +224,9 @@ static bool
 reopen_check (strata_node *node, strata_opts *opts, bool *rw,
               struct qmp_error *err)
 {
-  strata_node *bottom = node;
-  bool b;
+  bool b, direct, no_flush;
 
-  while (bottom->file)
-    bottom = bottom->file;
+  node_cache_mode (node, &direct, &no_flush);
   *rw = true;  /* omitted options take their defaults, as in QEMU */
   for (size_t i = 0; i < opts->n; i++) {
     const char *k = opts->v[i].key, *v = opts->v[i].value;
@@ -249,9 +247,9 @@ reopen_check (strata_node *node, strata_opts *opts, bool *rw,
     else if (strcmp (k, "filename") == 0)
       same = !node->file && strcmp (v, node->filename) == 0;
     else if (strcmp (k, "cache.direct") == 0)
-      same = parse_bool (v, &b) && b == bottom->cache_direct;
+      same = parse_bool (v, &b) && b == direct;
     else if (strcmp (k, "cache.no-flush") == 0)
-      same = parse_bool (v, &b) && b == bottom->cache_no_flush;
+      same = parse_bool (v, &b) && b == no_flush;
     else if (strcmp (k, "file") == 0)
       same = node->file && strcmp (v, node->file->node_name) == 0;
     else if (strcmp (k, "backing") == 0)
@@ -515,7 +513,8 @@ cmd_blockdev_snapshot (json_t *args, struct qmp_error *err)
                    "The overlay already has a backing image");
     goto out;
   }
-  if (overlay->drv != &qcow2_driver) {
+  /* A format that records a backing file in its header (qcow2). */
+  if (!overlay->drv->change_backing_file) {
     qmp_error_set (err, "GenericError",
                    "The overlay does not support backing images");
     goto out;

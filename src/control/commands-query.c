@@ -166,14 +166,13 @@ static json_t *
 block_device_info (strata_node *node, bool flat, struct qmp_error *err)
 {
   json_t *image = image_info (node, !flat, err), *o;
-  strata_node *bottom = node;
+  bool direct, no_flush;
   int depth = 0;
   char *fn;
 
   if (!image)
     return NULL;
-  while (bottom->file)
-    bottom = bottom->file;
+  node_cache_mode (node, &direct, &no_flush);
   /* QEMU counts the chain it described in "image": none when flat. */
   for (strata_node *b = filtered_or_backing (node); !flat && b;
        b = filtered_or_backing (b))
@@ -186,7 +185,7 @@ block_device_info (strata_node *node, bool flat, struct qmp_error *err)
                  "off", "backing_file_depth", depth, "image", image, "bps", 0,
                  "bps_rd", 0, "bps_wr", 0, "iops", 0, "iops_rd", 0, "iops_wr",
                  0, "write_threshold", 0, "cache", "writeback", 1, "direct",
-                 bottom->cache_direct, "no-flush", bottom->cache_no_flush);
+                 direct, "no-flush", no_flush);
   free (fn);
   if (node->backing) {
     fn = display_filename (node->backing);

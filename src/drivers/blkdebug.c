@@ -40,6 +40,7 @@
 
 #include "block/graph.h"
 #include "block/node.h"
+#include "drivers/registry.h"
 #include "util/cleanup.h"
 
 enum io_type {

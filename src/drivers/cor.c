@@ -15,6 +15,7 @@
 #include "block/chain.h"
 #include "block/graph.h"
 #include "block/node.h"
+#include "drivers/registry.h"
 
 struct cor_state {
   strata_node *bottom; /* a reference, or NULL */

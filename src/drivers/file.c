@@ -40,6 +40,8 @@
 #include <unistd.h>
 
 #include "block/node.h"
+#include "drivers/file.h"
+#include "drivers/registry.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
 
@@ -317,8 +319,6 @@ file_open (strata_node *node, strata_opts *opts, unsigned flags,
   if (!opts_get_bool (opts, "cache.direct", false, &s->direct, errp)
       || !opts_get_bool (opts, "cache.no-flush", false, &s->no_flush, errp))
     return false;
-  node->cache_direct = s->direct;
-  node->cache_no_flush = s->no_flush;
   if (aio && strcmp (aio, "threads") != 0 && strcmp (aio, "native") != 0
       && strcmp (aio, "io_uring") != 0) {
     error_set (errp, EINVAL, "%s: invalid aio mode '%s'", filename, aio);
@@ -807,6 +807,8 @@ file_get_info (strata_node *node, struct strata_info *info,
   struct file_state *s = node->opaque;
   struct stat st;
 
+  info->cache_direct = s->direct;
+  info->cache_no_flush = s->no_flush;
   if (fstat (s->fd, &st) < 0) {
     error_set_errno (errp, errno, "%s: cannot stat", node->filename);
     return false;

@@ -41,6 +41,8 @@
 #include <time.h>
 
 #include "block/node.h"
+#include "drivers/nbd.h"
+#include "drivers/registry.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
 
@@ -1000,6 +1002,7 @@ nbd_node_close (strata_node *node)
 const struct strata_driver nbd_driver = {
   .name          = "nbd",
   .state_size    = sizeof (struct nbd_state),
+  .claims_filename = nbd_is_uri,
   .open          = nbd_open,
   .close         = nbd_node_close,
   .preadv        = nbd_preadv,

@@ -16,6 +16,8 @@
 #include <string.h>
 
 #include "block/node.h"
+#include "drivers/file.h"
+#include "drivers/registry.h"
 #include "util/checked.h"
 
 struct raw_state {
@@ -32,6 +34,19 @@ raw_probe (const uint8_t *buf, size_t len)
   (void) buf;
   (void) len;
   return 1;  /* anything is raw, as a last resort */
+}
+
+/* Would BUF (the start of an image) probe as a format other than raw?
+ * Stops writes into a probed raw image from changing its format. */
+static bool
+raw_probe_finds_format (const uint8_t *buf, size_t len)
+{
+  for (size_t i = 0; i < driver_count; i++) {
+    const struct strata_driver *d = driver_list[i];
+    if (d != &raw_driver && d->probe && d->probe (buf, len) > 0)
+      return true;
+  }
+  return false;
 }
 
 static bool
@@ -117,7 +132,7 @@ raw_check_probed_write (strata_node *node, uint64_t offset, uint64_t len,
     pos += iov[i].iov_len;
   }
   (void) len;
-  if (probe_finds_format (sector, sizeof sector))
+  if (raw_probe_finds_format (sector, sizeof sector))
     return io_error (EPERM, "%s: refusing to write an image header into "
                      "sector 0 of an image whose format was probed as raw; "
                      "name the format (-f raw) to allow it", node->filename);

@@ -27,6 +27,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "drivers/file.h"
 #include "drivers/qcow2/qcow2.h"
 #include "util/checked.h"
 #include "util/cleanup.h"

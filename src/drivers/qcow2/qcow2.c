@@ -28,6 +28,7 @@
 
 #include "block/graph.h"
 #include "drivers/qcow2/qcow2.h"
+#include "drivers/registry.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
 
@@ -119,7 +120,7 @@ resolve_backing (const char *overlay, const char *name)
   const char *slash = strrchr (overlay, '/');
   char *out;
 
-  if (name[0] == '/' || !slash || nbd_is_uri (name))
+  if (name[0] == '/' || !slash || driver_for_filename (name))
     return strdup (name);
   if (asprintf (&out, "%.*s%s", (int) (slash - overlay + 1), overlay, name)
       < 0)
@@ -149,13 +150,14 @@ open_backing (strata_node *node, struct qcow2_state *s, const char *chain,
   /* An NBD URI names no local file: it is used as written, neither
    * joined with the overlay's directory nor resolved by realpath. */
   if (!(path = resolve_backing (fn, s->backing_name))
-      || !(mine = nbd_is_uri (node->file->filename)
+      || !(mine = driver_for_filename (node->file->filename)
                       ? strdup (node->file->filename)
                       : realpath (node->file->filename, NULL))) {
     error_set_errno (errp, errno, "%s: cannot resolve the image path", fn);
     return false;
   }
-  if (!(theirs = nbd_is_uri (path) ? strdup (path) : realpath (path, NULL))) {
+  if (!(theirs = driver_for_filename (path) ? strdup (path)
+                                             : realpath (path, NULL))) {
     /* qemu's words, so that tools print what qemu-img prints. */
     error_set_errno (errp, errno,
                      "Could not open backing file: Could not open '%s'",
