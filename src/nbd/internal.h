@@ -43,7 +43,7 @@
  *   srv->lock    struct nbd_server: the export list and every export's
  *                REFS, the connection list, each connection's EXP
  *                (bound during the handshake, read-only afterwards),
- *                ACTIVE, HAD_CLIENT and STOPPING.  srv->cond:
+ *                ACTIVE, LAST_CLIENT_GONE and STOPPING.  srv->cond:
  *                a connection ended (nbd_server_run waits for the last).
  *   c->lock      struct conn: the reply queue (HEAD, TAIL), the budget
  *                (INFLIGHT, QUEUED), LAST_REQUEST_MS, READER_WAITS,
@@ -188,8 +188,8 @@ struct nbd_server {
   unsigned evict_ms; /* see nbd_server_set_evict_after */
   bool persistent;
   bool stopping;
-  unsigned active; /* connections alive */
-  bool had_client;
+  unsigned active;       /* connections alive */
+  bool last_client_gone; /* a negotiated client left, none is connected */
   struct conn *conns;
 
   /* The workers, with their own lock: the hot path never takes LOCK. */

@@ -126,22 +126,25 @@ conn_drop (struct conn *c)
   pthread_mutex_unlock (&c->lock);
 }
 
-static void
+/* Serve the connection on FD until it ends; true when the client
+ * completed the handshake (it chose an export and transmission began). */
+static bool
 conn_run (struct nbd_server *srv, int fd)
 {
   struct conn *c = calloc (1, sizeof *c);
+  bool negotiated = false;
   int one = 1;
 
   if (!c) {
     close (fd);
-    return;
+    return false;
   }
   c->srv = srv;
   c->fd = fd;
   if (!(c->rbuf = malloc (NBD_RBUF))) {
     free (c);
     close (fd);
-    return;
+    return false;
   }
   pthread_mutex_init (&c->lock, NULL);
   pthread_cond_init (&c->cond, NULL);
@@ -156,6 +159,7 @@ conn_run (struct nbd_server *srv, int fd)
 
   if (!stopping && conn_handshake (c)
       && pthread_create (&c->writer, NULL, reply_writer, c) == 0) {
+    negotiated = true;
     conn_transmission (c);
     pthread_mutex_lock (&c->lock);
     while (c->inflight > 0) {
@@ -184,6 +188,7 @@ conn_run (struct nbd_server *srv, int fd)
   pthread_cond_destroy (&c->cond);
   pthread_mutex_destroy (&c->lock);
   free (c);
+  return negotiated;
 }
 
 struct conn_arg {
@@ -204,13 +209,20 @@ static void *
 conn_thread (void *arg)
 {
   struct conn_arg a = *(struct conn_arg *)arg;
+  bool negotiated;
+
   free (arg);
-  conn_run (a.srv, a.fd);
+  negotiated = conn_run (a.srv, a.fd);
   /* Wake the accept loop before the count drops: once it is zero the
    * server may be freed. */
   pthread_mutex_lock (&a.srv->lock);
   wake (a.srv);
   a.srv->active--;
+  /* A server that is not persistent ends when the last client leaves,
+   * if that client had negotiated (as qemu-nbd): a client that gave up
+   * in the handshake (a probe, a listing, garbage) does not end it. */
+  if (negotiated && a.srv->active == 0)
+    a.srv->last_client_gone = true;
   pthread_cond_broadcast (&a.srv->cond);
   pthread_mutex_unlock (&a.srv->lock);
   return NULL;
@@ -219,7 +231,7 @@ conn_thread (void *arg)
 void
 nbd_server_serve_fd (struct nbd_server *srv, int fd)
 {
-  conn_run (srv, fd);
+  (void)conn_run (srv, fd);
 }
 
 /* ---- the server ---- */
@@ -510,7 +522,6 @@ accept_one (struct nbd_server *srv, int lfd)
   a->fd = fd;
   pthread_mutex_lock (&srv->lock);
   srv->active++;
-  srv->had_client = true;
   pthread_mutex_unlock (&srv->lock);
   pthread_attr_init (&attr);
   pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
@@ -559,8 +570,7 @@ nbd_server_run (struct nbd_server *srv)
     char b[64];
 
     pthread_mutex_lock (&srv->lock);
-    if (srv->stopping
-        || (!srv->persistent && srv->had_client && srv->active == 0)) {
+    if (srv->stopping || (!srv->persistent && srv->last_client_gone)) {
       pthread_mutex_unlock (&srv->lock);
       break;
     }

@@ -54,9 +54,11 @@ bool nbd_server_add_export_full (struct nbd_server *srv, const char *name,
 bool nbd_server_remove_export (struct nbd_server *srv, const char *name,
                                bool hard, strata_error **errp);
 
-/* How many clients may be connected at once (0: no limit) (further ones wait in the
- * listen backlog), and whether nbd_server_run() returns once the last
- * client has gone (PERSISTENT false, like qemu-nbd without -t). */
+/* How many clients may be connected at once (0: no limit) (further ones
+ * wait in the listen backlog), and whether nbd_server_run() returns once
+ * the last client has gone (PERSISTENT false, like qemu-nbd without -t):
+ * the last one, if it completed the handshake; a client that gave up
+ * while negotiating does not end the server, as it does not qemu-nbd's. */
 void nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
                             bool persistent);
 
@@ -79,7 +81,8 @@ int nbd_server_tcp_port (struct nbd_server *srv);
 void nbd_server_serve_fd (struct nbd_server *srv, int fd);
 
 /* Accept clients until nbd_server_stop(), or until the last client has
- * gone when the server is not persistent.  Returns after every
+ * gone when the server is not persistent (see nbd_server_set_limits).
+ * Returns after every
  * connection has ended. */
 void nbd_server_run (struct nbd_server *srv);
 

@@ -10,7 +10,9 @@
  * checked as they come, then the argument count; the server listens
  * before it opens the image; the PID file is written once the export
  * exists and is left behind at exit, the socket is removed.  Without -t
- * the server exits once the last client has disconnected.  Every client
+ * the server exits once the last client has disconnected, if that client
+ * had completed the handshake (one that gave up while negotiating, such
+ * as a listing or a port probe, does not end it).  Every client
  * shares the one open node, so with -e other than 1 (0: no limit) a
  * writable export advertises CAN_MULTI_CONN (a flush is global to it).
  * -U and --copy-on-read are strata's own.
