@@ -28,8 +28,8 @@
 #include "block/node.h"
 #include "control/blockdev-schema.h"
 #include "control/commands-block.h"
-#include "control/job.h"
 #include "control/qmp.h"
+#include "jobs/job.h"
 #include "util/cleanup.h"
 
 static strata_node **owned;
@@ -113,7 +113,7 @@ check_no_job (strata_node *node, struct qmp_error *err)
   struct job *j;
 
   job_lock ();
-  if ((j = job_holding_locked (node)))
+  if ((j = job_holding_job_locked (node)))
     qmp_error_set (err, "GenericError", "Node '%s' is busy: %s",
                    node->node_name, j->user);
   job_unlock ();

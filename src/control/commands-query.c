@@ -15,8 +15,8 @@
 #include "block/graph.h"
 #include "block/node.h"
 #include "control/commands-block.h"
-#include "control/job.h"
 #include "control/qmp.h"
+#include "jobs/job.h"
 #include "util/cleanup.h"
 
 static json_t *full_options (strata_node *node);

@@ -147,6 +147,7 @@ qmp_default_socket_path (void)
 static const struct qmp_command *const tables[] = {
   qmp_block_commands,
   qmp_export_commands,
+  qmp_stream_commands,
   qmp_job_commands,
 };
 

@@ -45,8 +45,13 @@ struct qmp_command {
 extern const struct qmp_command qmp_block_commands[];
 /* NBD server and exports (src/control/commands-export.c). */
 extern const struct qmp_command qmp_export_commands[];
-/* Jobs: block-stream and the job verbs (src/control/commands-job.c). */
+/* block-stream and x-block-pull-range (src/control/commands-stream.c). */
+extern const struct qmp_command qmp_stream_commands[];
+/* The job verbs and queries (src/control/commands-job.c). */
 extern const struct qmp_command qmp_job_commands[];
+/* Announce the jobs' events (src/jobs/) as QMP events; once, before any
+ * job can start (qmp_server_new does it). */
+void qmp_job_events_init (void);
 
 /* The command named NAME in any of the tables above, or NULL. */
 const struct qmp_command *qmp_find_command (const char *name);

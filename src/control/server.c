@@ -707,6 +707,7 @@ qmp_server_new (char **errmsg)
     return NULL;
   }
   srv->epfd = srv->sig.fd = srv->evt.fd = -1;
+  qmp_job_events_init ();
   sigemptyset (&mask);
   sigaddset (&mask, SIGTERM);
   sigaddset (&mask, SIGINT);

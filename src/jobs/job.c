@@ -2,7 +2,23 @@
  *
  * The tables below are QEMU's job state machine as its QAPI schema
  * documents it (qapi/job.json): which status may follow which, and in
- * which states each verb is accepted.
+ * which states each verb is accepted (tests/unit/test-job-tables.c checks
+ * every pair).
+ *
+ * Locks, in the order they are taken:
+ *
+ *   graph lock    (block/graph.h) taken by callers that start a job and by
+ *                 a driver's prepare/abort, never under the job lock.
+ *   job lock      jobs_mutex: the job list, every job field job.h marks
+ *                 "guarded", live_threads.  job->cond and threads_cond
+ *                 are waited on under it; both use CLOCK_MONOTONIC, the
+ *                 clock of ratelimit_now_ns(), so a timed wait is not
+ *                 stretched or cut short when the wall clock is set.
+ *                 Never held across I/O or a driver callback other than
+ *                 complete.  The event handler runs under it, and may take
+ *                 only leaf locks (stratad's event queue).
+ *   registry lock (block/graph.c) taken under the job lock when a job
+ *                 registers itself as a node's user.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -12,11 +28,12 @@
 #include <time.h>
 
 #include "block/graph.h"
-#include "control/job.h"
+#include "jobs/job.h"
 #include "util/cleanup.h"
 
 static pthread_mutex_t jobs_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t threads_cond = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t threads_cond; /* see threads_cond_init */
+static pthread_once_t threads_cond_once = PTHREAD_ONCE_INIT;
 static struct job *jobs; /* newest first, as QEMU lists them */
 static int live_threads;
 
@@ -54,9 +71,55 @@ static const bool verb_allowed[JOB_VERB_MAX][JOB_STATUS_MAX] = {
   [JOB_VERB_DISMISS] = { 0, 0, 0, 0, 0, 0, 0, 0, 1, 0 },
 };
 
+/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
+static void
+cond_init_monotonic (pthread_cond_t *cond)
+{
+  pthread_condattr_t attr;
+
+  pthread_condattr_init (&attr);
+  pthread_condattr_setclock (&attr, CLOCK_MONOTONIC);
+  pthread_cond_init (cond, &attr);
+  pthread_condattr_destroy (&attr);
+}
+
+static void
+threads_cond_init (void)
+{
+  cond_init_monotonic (&threads_cond);
+}
+
+const char *
+job_status_name (enum job_status s)
+{
+  return s < JOB_STATUS_MAX ? status_names[s] : "invalid";
+}
+
+const char *
+job_verb_name (enum job_verb v)
+{
+  return v < JOB_VERB_MAX ? verb_names[v] : "invalid";
+}
+
+bool
+job_transition_allowed (enum job_status from, enum job_status to)
+{
+  return from < JOB_STATUS_MAX && to < JOB_STATUS_MAX && transition[from][to];
+}
+
+bool
+job_verb_allowed (enum job_verb verb, enum job_status s)
+{
+  return verb < JOB_VERB_MAX && s < JOB_STATUS_MAX && verb_allowed[verb][s];
+}
+
+/* threads_cond is made on first use: here, or in job_settle() and
+ * job_shutdown(), the other ways in that wait on it.  A job's own calls
+ * (LOCK_GUARD) come after its creation under job_lock(). */
 void
 job_lock (void)
 {
+  pthread_once (&threads_cond_once, threads_cond_init);
   pthread_mutex_lock (&jobs_mutex);
 }
 
@@ -68,32 +131,54 @@ job_unlock (void)
 
 /* ---- state ---- */
 
-static void
-set_status_locked (struct job *job, enum job_status s)
-{
-  json_t *data;
+static job_event_fn event_handler;
 
+void
+job_set_event_handler (job_event_fn fn)
+{
+  LOCK_GUARD (&jobs_mutex);
+  event_handler = fn;
+}
+
+/* Announce EV (its kind and the members it carries, the rest zero). */
+static void
+emit_job_locked (struct job_event ev)
+{
+  if (event_handler)
+    event_handler (&ev);
+}
+
+static void
+status_event_job_locked (const char *id, enum job_status s)
+{
+  emit_job_locked ((struct job_event){
+      .kind = JOB_EVENT_STATUS_CHANGE, .id = id, .status = s });
+}
+
+static void
+set_status_job_locked (struct job *job, enum job_status s)
+{
   if (!transition[job->status][s])
     fprintf (stderr, "stratad: job '%s': unexpected transition %s -> %s\n",
              job->id, status_names[job->status], status_names[s]);
   job->status = s;
-  data = json_pack ("{s:s, s:s}", "id", job->id, "status", status_names[s]);
-  qmp_event_emit ("JOB_STATUS_CHANGE", data);
+  status_event_job_locked (job->id, s);
 }
 
 static bool
-apply_verb_locked (struct job *job, enum job_verb verb, struct qmp_error *err)
+apply_verb_job_locked (struct job *job, enum job_verb verb,
+                       strata_error **errp)
 {
   if (verb_allowed[verb][job->status])
     return true;
-  qmp_error_set (err, "GenericError",
-                 "Job '%s' in state '%s' cannot accept command verb '%s'",
-                 job->id, status_names[job->status], verb_names[verb]);
+  error_set (errp, EINVAL,
+             "Job '%s' in state '%s' cannot accept command verb '%s'", job->id,
+             status_names[job->status], verb_names[verb]);
   return false;
 }
 
 static void
-wake_locked (struct job *job)
+wake_job_locked (struct job *job)
 {
   job->kick = true;
   pthread_cond_broadcast (&job->cond);
@@ -111,14 +196,14 @@ wake_locked (struct job *job)
 
 /* The thread's side: it reached a yield point. */
 static void
-ack_locked (struct job *job)
+ack_job_locked (struct job *job)
 {
   job->ack = job->gen;
   pthread_cond_broadcast (&threads_cond);
 }
 
 static void
-settle_locked (struct job *job)
+settle_job_locked (struct job *job)
 {
   CLEANUP_FREE char *id = strdup (job->id);
   unsigned gen = job->gen;
@@ -126,22 +211,22 @@ settle_locked (struct job *job)
 
   if (!id)
     return;
-  clock_gettime (CLOCK_REALTIME, &ts);
+  clock_gettime (CLOCK_MONOTONIC, &ts);
   ts.tv_sec += SETTLE_MAX_NS / 1000000000ull;
   /* Only the control thread creates jobs, so a job found by this id is
    * the same job until it is freed. */
-  while ((job = job_find_locked (id)) && job->ack < gen)
+  while ((job = job_find_job_locked (id)) && job->ack < gen)
     if (pthread_cond_timedwait (&threads_cond, &jobs_mutex, &ts) != 0)
       break;
 }
 
 /* Ask the thread to act now and wait until it did. */
 static void
-kick_and_settle_locked (struct job *job)
+kick_and_settle_job_locked (struct job *job)
 {
   job->gen++;
-  wake_locked (job);
-  settle_locked (job);
+  wake_job_locked (job);
+  settle_job_locked (job);
 }
 
 void
@@ -149,27 +234,28 @@ job_settle (const char *id)
 {
   struct job *job;
 
+  pthread_once (&threads_cond_once, threads_cond_init);
   LOCK_GUARD (&jobs_mutex);
-  if ((job = job_find_locked (id)))
-    settle_locked (job);
+  if ((job = job_find_job_locked (id)))
+    settle_job_locked (job);
 }
 
 /* Paused -> running, at once when the verb that ends the pause runs (so
  * a query right after block-job-resume says "running", as QEMU's does),
  * or when the job thread wakes. */
 static void
-unpause_locked (struct job *job)
+unpause_job_locked (struct job *job)
 {
   if (job->status != JOB_PAUSED || (job->pause_count > 0 && !job->cancelled))
     return;
   job->busy = true;
-  set_status_locked (job, JOB_RUNNING);
+  set_status_job_locked (job, JOB_RUNNING);
 }
 
 /* Undo a user pause (block-job-pause, or on-error=stop): the caller
  * wakes the job. */
 static void
-end_user_pause_locked (struct job *job)
+end_user_pause_job_locked (struct job *job)
 {
   job->user_paused = false;
   job->pause_count--;
@@ -189,7 +275,7 @@ job_id_wellformed (const char *id)
 }
 
 struct job *
-job_find_locked (const char *id)
+job_find_job_locked (const char *id)
 {
   for (struct job *j = jobs; j; j = j->next)
     if (strcmp (j->id, id) == 0)
@@ -198,7 +284,7 @@ job_find_locked (const char *id)
 }
 
 struct job *
-job_holding_locked (strata_node *node)
+job_holding_job_locked (strata_node *node)
 {
   for (struct job *j = jobs; j; j = j->next)
     for (int i = 0; i < j->nnodes; i++)
@@ -208,7 +294,8 @@ job_holding_locked (strata_node *node)
 }
 
 void
-job_foreach_locked (void (*fn) (struct job *job, void *opaque), void *opaque)
+job_foreach_job_locked (void (*fn) (struct job *job, void *opaque),
+                        void *opaque)
 {
   for (struct job *j = jobs; j; j = j->next)
     fn (j, opaque);
@@ -217,7 +304,7 @@ job_foreach_locked (void (*fn) (struct job *job, void *opaque), void *opaque)
 /* ---- life ---- */
 
 static void
-unlink_locked (struct job *job)
+unlink_job_locked (struct job *job)
 {
   for (struct job **p = &jobs; *p; p = &(*p)->next)
     if (*p == job) {
@@ -250,26 +337,26 @@ job_free (struct job *job)
 /* The end of a concluded job (or one never started): null, out of the
  * list, freed. */
 static void
-remove_locked (struct job *job)
+remove_job_locked (struct job *job)
 {
-  set_status_locked (job, JOB_NULL);
-  unlink_locked (job);
+  set_status_job_locked (job, JOB_NULL);
+  unlink_job_locked (job);
   job_free (job);
 }
 
 struct job *
-job_create (const char *id, const struct job_driver *drv, int64_t speed,
-            bool auto_finalize, bool auto_dismiss, enum job_on_error on_error,
-            struct qmp_error *err)
+job_create_job_locked (const char *id, const struct job_driver *drv,
+                       int64_t speed, bool auto_finalize, bool auto_dismiss,
+                       enum job_on_error on_error, strata_error **errp)
 {
   struct job *job;
 
   if (!job_id_wellformed (id)) {
-    qmp_error_set (err, "GenericError", "Invalid job ID '%s'", id);
+    error_set (errp, EINVAL, "Invalid job ID '%s'", id);
     return NULL;
   }
-  if (job_find_locked (id)) {
-    qmp_error_set (err, "GenericError", "Job ID '%s' already in use", id);
+  if (job_find_job_locked (id)) {
+    error_set (errp, EINVAL, "Job ID '%s' already in use", id);
     return NULL;
   }
   if (!(job = calloc (1, sizeof *job)) || !(job->id = strdup (id))
@@ -279,10 +366,10 @@ job_create (const char *id, const struct job_driver *drv, int64_t speed,
     if (job)
       free (job->id);
     free (job);
-    qmp_error_set (err, "GenericError", "out of memory");
+    error_set (errp, ENOMEM, "out of memory");
     return NULL;
   }
-  pthread_cond_init (&job->cond, NULL);
+  cond_init_monotonic (&job->cond);
   job->drv = drv;
   job->auto_finalize = auto_finalize;
   job->auto_dismiss = auto_dismiss;
@@ -295,12 +382,10 @@ job_create (const char *id, const struct job_driver *drv, int64_t speed,
    * created -> null.  At the head: query-jobs lists the newest first. */
   job->next = jobs;
   jobs = job;
-  qmp_event_emit ("JOB_STATUS_CHANGE",
-                  json_pack ("{s:s, s:s}", "id", id, "status", "created"));
+  status_event_job_locked (id, JOB_CREATED);
   if (speed < 0) {
-    qmp_error_set (err, "GenericError",
-                   "Parameter 'speed' expects a non-negative value");
-    job_discard (job);
+    error_set (errp, EINVAL, "Parameter 'speed' expects a non-negative value");
+    job_discard_job_locked (job);
     return NULL;
   }
   job->rl.speed = speed;
@@ -352,10 +437,10 @@ job_is_filter (strata_node *node, bool *implicit)
 }
 
 void
-job_discard (struct job *job)
+job_discard_job_locked (struct job *job)
 {
-  set_status_locked (job, JOB_NULL);
-  unlink_locked (job);
+  set_status_job_locked (job, JOB_NULL);
+  unlink_job_locked (job);
   job_unlock ();
   release_nodes (job);
   if (job->drv->clean)
@@ -366,20 +451,25 @@ job_discard (struct job *job)
 
 /* ---- ending ---- */
 
-static json_t *
-completion_data (struct job *job, bool with_error)
+/* BLOCK_JOB_COMPLETED (with the error when WITH_ERROR) or
+ * BLOCK_JOB_CANCELLED. */
+static void
+completion_event_job_locked (struct job *job, enum job_event_kind kind,
+                             bool with_error)
 {
-  json_t *d = json_pack ("{s:s, s:s, s:I, s:I, s:I}", "type", job->drv->type,
-                         "device", job->id, "len", (json_int_t)job->len,
-                         "offset", (json_int_t)job->offset, "speed",
-                         (json_int_t)job->rl.speed);
-  if (with_error && d && job->error)
-    json_object_set_new (d, "error", json_string (job->error));
-  return d;
+  emit_job_locked ((struct job_event){
+      .kind = kind,
+      .id = job->id,
+      .type = job->drv->type,
+      .len = job->len,
+      .offset = job->offset,
+      .speed = job->rl.speed,
+      .error = with_error ? job->error : NULL,
+  });
 }
 
 static void
-fail_locked (struct job *job, int ret)
+fail_job_locked (struct job *job, int ret)
 {
   job->ret = ret;
   if (!job->error)
@@ -389,22 +479,21 @@ fail_locked (struct job *job, int ret)
 /* Success: waiting, pending, (wait for job-finalize), prepare.  Returns
  * false when the job must abort instead. */
 static bool
-finish_locked (struct job *job)
+finish_job_locked (struct job *job)
 {
   int r;
 
-  set_status_locked (job, JOB_WAITING);
-  set_status_locked (job, JOB_PENDING);
+  set_status_job_locked (job, JOB_WAITING);
+  set_status_job_locked (job, JOB_PENDING);
   if (!job->auto_finalize) {
-    qmp_event_emit (
-        "BLOCK_JOB_PENDING",
-        json_pack ("{s:s, s:s}", "type", job->drv->type, "id", job->id));
+    emit_job_locked ((struct job_event){
+        .kind = JOB_EVENT_PENDING, .id = job->id, .type = job->drv->type });
     while (!job->finalize_requested && !job->cancelled) {
-      ack_locked (job);
+      ack_job_locked (job);
       pthread_cond_wait (&job->cond, &jobs_mutex);
     }
     if (job->cancelled) {
-      fail_locked (job, -ECANCELED);
+      fail_job_locked (job, -ECANCELED);
       return false;
     }
   }
@@ -414,7 +503,7 @@ finish_locked (struct job *job)
   r = job->drv->prepare (job);
   job_lock ();
   if (r < 0) {
-    fail_locked (job, r);
+    fail_job_locked (job, r);
     return false;
   }
   return true;
@@ -429,11 +518,11 @@ conclude (struct job *job, int ret)
   if (ret == 0 && job->cancelled)
     ret = -ECANCELED;
   if (ret < 0)
-    fail_locked (job, ret);
+    fail_job_locked (job, ret);
   job->busy = false;
-  ok = ret == 0 && finish_locked (job);
+  ok = ret == 0 && finish_job_locked (job);
   if (!ok)
-    set_status_locked (job, JOB_ABORTING);
+    set_status_job_locked (job, JOB_ABORTING);
   job_unlock ();
 
   if (!ok && job->drv->abort)
@@ -446,13 +535,13 @@ conclude (struct job *job, int ret)
 
   job_lock ();
   if (!ok && job->cancelled)
-    qmp_event_emit ("BLOCK_JOB_CANCELLED", completion_data (job, false));
+    completion_event_job_locked (job, JOB_EVENT_CANCELLED, false);
   else
-    qmp_event_emit ("BLOCK_JOB_COMPLETED", completion_data (job, !ok));
-  set_status_locked (job, JOB_CONCLUDED);
-  ack_locked (job);
+    completion_event_job_locked (job, JOB_EVENT_COMPLETED, !ok);
+  set_status_job_locked (job, JOB_CONCLUDED);
+  ack_job_locked (job);
   if (job->auto_dismiss)
-    remove_locked (job);
+    remove_job_locked (job);
   live_threads--;
   pthread_cond_broadcast (&threads_cond);
   job_unlock ();
@@ -468,23 +557,22 @@ job_thread (void *arg)
 }
 
 bool
-job_start (struct job *job, struct qmp_error *err)
+job_start_job_locked (struct job *job, strata_error **errp)
 {
   pthread_t t;
   pthread_attr_t attr;
   int r;
 
-  set_status_locked (job, JOB_RUNNING);
+  set_status_job_locked (job, JOB_RUNNING);
   job->busy = true;
   pthread_attr_init (&attr);
   pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
   r = pthread_create (&t, &attr, job_thread, job);
   pthread_attr_destroy (&attr);
   if (r != 0) {
-    qmp_error_set (err, "GenericError", "cannot start job thread: %s",
-                   strerror (r));
+    error_set (errp, EINVAL, "cannot start job thread: %s", strerror (r));
     job->status = JOB_CREATED;
-    job_discard (job);
+    job_discard_job_locked (job);
     return false;
   }
   live_threads++;
@@ -494,17 +582,14 @@ job_start (struct job *job, struct qmp_error *err)
 /* ---- the job thread's side ---- */
 
 static void
-wait_until_locked (struct job *job, uint64_t deadline_ns)
+wait_until_job_locked (struct job *job, uint64_t deadline_ns)
 {
-  struct timespec ts;
-  uint64_t now = ratelimit_now_ns ();
+  /* job->cond waits on CLOCK_MONOTONIC, ratelimit_now_ns()'s clock. */
+  struct timespec ts = {
+    .tv_sec = deadline_ns / 1000000000ull,
+    .tv_nsec = deadline_ns % 1000000000ull,
+  };
 
-  /* The condition variable's clock is CLOCK_REALTIME: convert. */
-  clock_gettime (CLOCK_REALTIME, &ts);
-  uint64_t abs = (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec
-                 + (deadline_ns > now ? deadline_ns - now : 0);
-  ts.tv_sec = abs / 1000000000ull;
-  ts.tv_nsec = abs % 1000000000ull;
   while (!job->kick
          && pthread_cond_timedwait (&job->cond, &jobs_mutex, &ts) == 0)
     ;
@@ -523,13 +608,13 @@ job_yield (struct job *job)
       /* Paused by the verb already when we slept; paused again when a
        * resume and a new pause both came while we waited. */
       if (job->status != JOB_PAUSED)
-        set_status_locked (job, JOB_PAUSED);
+        set_status_job_locked (job, JOB_PAUSED);
       job->busy = false;
-      ack_locked (job);
+      ack_job_locked (job);
       pthread_cond_wait (&job->cond, &jobs_mutex);
       if (job->pause_count > 0 && !job->cancelled)
         continue;
-      unpause_locked (job);
+      unpause_job_locked (job);
       job->busy = true;
       /* The rate-limit delay still owed is slept off, as QEMU's job does
        * after a pause; ratelimit_account() bounds the burst a long pause
@@ -537,12 +622,12 @@ job_yield (struct job *job)
       continue;
     }
     now = ratelimit_now_ns ();
-    ack_locked (job);
+    ack_job_locked (job);
     if ((d = ratelimit_delay (&job->rl, now)) == 0)
       return true;
     job->kick = false;
     job->busy = false;
-    wait_until_locked (job, now + d);
+    wait_until_job_locked (job, now + d);
     job->busy = true;
   }
 }
@@ -558,8 +643,8 @@ job_sleep_ns (struct job *job, uint64_t ns)
       return false;
     job->kick = false;
     job->busy = false;
-    ack_locked (job);
-    wait_until_locked (job, deadline);
+    ack_job_locked (job);
+    wait_until_job_locked (job, deadline);
     job->busy = true;
   }
   return job_yield (job);
@@ -606,11 +691,6 @@ enum job_on_error
 job_io_error (struct job *job, int err, bool is_read)
 {
   enum job_on_error action;
-  static const char *const action_names[] = {
-    [JOB_ON_ERROR_REPORT] = "report",
-    [JOB_ON_ERROR_IGNORE] = "ignore",
-    [JOB_ON_ERROR_STOP] = "stop",
-  };
   LOCK_GUARD (&jobs_mutex);
 
   switch (job->on_error) {
@@ -619,10 +699,11 @@ job_io_error (struct job *job, int err, bool is_read)
     break;
   default: action = job->on_error;
   }
-  qmp_event_emit ("BLOCK_JOB_ERROR",
-                  json_pack ("{s:s, s:s, s:s}", "device", job->id, "operation",
-                             is_read ? "read" : "write", "action",
-                             action_names[action]));
+  emit_job_locked ((struct job_event){ .kind = JOB_EVENT_ERROR,
+                                       .id = job->id,
+                                       .type = job->drv->type,
+                                       .is_read = is_read,
+                                       .action = action });
   if (action == JOB_ON_ERROR_STOP) {
     job->iostatus = err == -ENOSPC ? "nospace" : "failed";
     job->user_paused = true;
@@ -634,12 +715,12 @@ job_io_error (struct job *job, int err, bool is_read)
 /* ---- verbs ---- */
 
 bool
-job_user_pause_locked (struct job *job, struct qmp_error *err)
+job_user_pause_job_locked (struct job *job, strata_error **errp)
 {
-  if (!apply_verb_locked (job, JOB_VERB_PAUSE, err))
+  if (!apply_verb_job_locked (job, JOB_VERB_PAUSE, errp))
     return false;
   if (job->user_paused) {
-    qmp_error_set (err, "GenericError", "Job is already paused");
+    error_set (errp, EINVAL, "Job is already paused");
     return false;
   }
   job->user_paused = true;
@@ -647,132 +728,112 @@ job_user_pause_locked (struct job *job, struct qmp_error *err)
   /* A job asleep between chunks pauses at once, before the reply, as
    * QEMU's coroutine does when the verb enters it. */
   if (job->status == JOB_RUNNING && !job->busy)
-    set_status_locked (job, JOB_PAUSED);
-  wake_locked (job);
+    set_status_job_locked (job, JOB_PAUSED);
+  wake_job_locked (job);
   return true;
 }
 
 bool
-job_user_resume_locked (struct job *job, struct qmp_error *err)
+job_user_resume_job_locked (struct job *job, strata_error **errp)
 {
   if (!job->user_paused) {
-    qmp_error_set (err, "GenericError",
-                   "Can't resume a job that was not paused");
+    error_set (errp, EINVAL, "Can't resume a job that was not paused");
     return false;
   }
-  if (!apply_verb_locked (job, JOB_VERB_RESUME, err))
+  if (!apply_verb_job_locked (job, JOB_VERB_RESUME, errp))
     return false;
-  end_user_pause_locked (job);
-  unpause_locked (job);
-  wake_locked (job);
+  end_user_pause_job_locked (job);
+  unpause_job_locked (job);
+  wake_job_locked (job);
   return true;
 }
 
 bool
-job_cancel_locked (struct job *job, bool force, struct qmp_error *err)
+job_cancel_job_locked (struct job *job, bool force, strata_error **errp)
 {
   bool busy = job->busy;
 
-  if (!apply_verb_locked (job, JOB_VERB_CANCEL, err))
+  if (!apply_verb_job_locked (job, JOB_VERB_CANCEL, errp))
     return false;
   if (job->user_paused)
-    end_user_pause_locked (job);
+    end_user_pause_job_locked (job);
   job->cancelled = true;
   job->force_cancel |= force;
-  unpause_locked (job);
+  unpause_job_locked (job);
   /* A job in I/O goes on until its chunk ends, after the reply, as in
    * QEMU; one that waits ends now. */
   if (busy)
-    wake_locked (job);
+    wake_job_locked (job);
   else
-    kick_and_settle_locked (job);
+    kick_and_settle_job_locked (job);
   return true;
 }
 
 bool
-job_complete_locked (struct job *job, struct qmp_error *err)
+job_complete_job_locked (struct job *job, strata_error **errp)
 {
-  if (!apply_verb_locked (job, JOB_VERB_COMPLETE, err))
+  if (!apply_verb_job_locked (job, JOB_VERB_COMPLETE, errp))
     return false;
   if (job->cancelled || !job->drv->complete) {
-    qmp_error_set (err, "GenericError",
-                   "The active block job '%s' cannot be completed", job->id);
+    error_set (errp, EINVAL, "The active block job '%s' cannot be completed",
+               job->id);
     return false;
   }
-  return job->drv->complete (job, err);
+  return job->drv->complete (job, errp);
 }
 
 bool
-job_finalize_locked (struct job *job, struct qmp_error *err)
+job_finalize_job_locked (struct job *job, strata_error **errp)
 {
-  if (!apply_verb_locked (job, JOB_VERB_FINALIZE, err))
+  if (!apply_verb_job_locked (job, JOB_VERB_FINALIZE, errp))
     return false;
   job->finalize_requested = true;
-  kick_and_settle_locked (job);
+  kick_and_settle_job_locked (job);
   return true;
 }
 
 bool
-job_dismiss_locked (struct job *job, struct qmp_error *err)
+job_dismiss_job_locked (struct job *job, strata_error **errp)
 {
-  if (!apply_verb_locked (job, JOB_VERB_DISMISS, err))
+  if (!apply_verb_job_locked (job, JOB_VERB_DISMISS, errp))
     return false;
-  remove_locked (job);
+  remove_job_locked (job);
   return true;
 }
 
 bool
-job_set_speed_locked (struct job *job, int64_t speed, struct qmp_error *err)
+job_set_speed_job_locked (struct job *job, int64_t speed, strata_error **errp)
 {
-  if (!apply_verb_locked (job, JOB_VERB_SET_SPEED, err))
+  if (!apply_verb_job_locked (job, JOB_VERB_SET_SPEED, errp))
     return false;
   if (speed < 0) {
-    qmp_error_set (err, "GenericError",
-                   "Parameter 'speed' expects a non-negative value");
+    error_set (errp, EINVAL, "Parameter 'speed' expects a non-negative value");
     return false;
   }
   ratelimit_set_speed (&job->rl, speed, ratelimit_now_ns ());
-  wake_locked (job);
+  wake_job_locked (job);
   return true;
 }
 
 /* ---- queries ---- */
 
-json_t *
-job_block_info_locked (struct job *job)
+void
+job_get_info_job_locked (struct job *job, struct job_info *info)
 {
-  json_t *o = json_object ();
-
-  json_object_set_new (o, "type", json_string (job->drv->type));
-  json_object_set_new (o, "device", json_string (job->id));
-  json_object_set_new (o, "len", json_integer (job->len));
-  json_object_set_new (o, "offset", json_integer (job->offset));
-  json_object_set_new (o, "busy", json_boolean (job->busy));
-  json_object_set_new (o, "paused", json_boolean (job->pause_count > 0));
-  json_object_set_new (o, "speed", json_integer (job->rl.speed));
-  json_object_set_new (o, "io-status", json_string (job->iostatus));
-  json_object_set_new (o, "ready", json_boolean (job->status == JOB_READY));
-  json_object_set_new (o, "status", json_string (status_names[job->status]));
-  json_object_set_new (o, "auto-finalize", json_boolean (job->auto_finalize));
-  json_object_set_new (o, "auto-dismiss", json_boolean (job->auto_dismiss));
-  if (job->ret < 0 && job->error)
-    json_object_set_new (o, "error", json_string (job->error));
-  return o;
-}
-
-json_t *
-job_info_locked (struct job *job)
-{
-  json_t *o = json_object ();
-
-  json_object_set_new (o, "id", json_string (job->id));
-  json_object_set_new (o, "type", json_string (job->drv->type));
-  json_object_set_new (o, "status", json_string (status_names[job->status]));
-  json_object_set_new (o, "current-progress", json_integer (job->offset));
-  json_object_set_new (o, "total-progress", json_integer (job->len));
-  if (job->ret < 0 && job->error)
-    json_object_set_new (o, "error", json_string (job->error));
-  return o;
+  *info = (struct job_info){
+    .id = job->id,
+    .type = job->drv->type,
+    .status = job->status,
+    .len = job->len,
+    .offset = job->offset,
+    .speed = job->rl.speed,
+    .busy = job->busy,
+    .paused = job->pause_count > 0,
+    .auto_finalize = job->auto_finalize,
+    .auto_dismiss = job->auto_dismiss,
+    .iostatus = job->iostatus,
+    .error = job->ret < 0 ? job->error : NULL,
+  };
 }
 
 /* ---- shutdown ---- */
@@ -780,13 +841,14 @@ job_info_locked (struct job *job)
 void
 job_shutdown (void)
 {
+  pthread_once (&threads_cond_once, threads_cond_init);
   LOCK_GUARD (&jobs_mutex);
   for (struct job *j = jobs; j; j = j->next)
     if (j->status != JOB_CONCLUDED) {
       j->cancelled = j->force_cancel = true;
       if (j->user_paused)
-        end_user_pause_locked (j);
-      wake_locked (j);
+        end_user_pause_job_locked (j);
+      wake_job_locked (j);
     }
   while (live_threads > 0)
     pthread_cond_wait (&threads_cond, &jobs_mutex);

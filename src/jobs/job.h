@@ -1,4 +1,4 @@
-/* strata: block jobs (job.c), QEMU's job model.
+/* strata: block jobs (src/jobs/job.c), QEMU's job model.
  *
  * States and the transitions QEMU allows between them (qapi/job.json):
  *
@@ -14,7 +14,14 @@
  * thread (QMP commands) and the job threads share the job list under one
  * mutex, the job lock; every state change and every event is made under it,
  * so events leave in the order the states changed.  A job thread never
- * holds the job lock across I/O.
+ * holds the job lock across I/O.  Functions whose name ends in _job_locked
+ * expect the caller to hold it.
+ *
+ * This module knows nothing of QMP: jobs take typed parameters (a driver's
+ * own struct, such as struct stream_params), fail with strata_error,
+ * report through struct job_info, and announce events through the one
+ * handler the control layer registers (job_set_event_handler).  Every
+ * error here is what QMP calls a GenericError.
  *
  * Yield points: the driver calls job_yield() between chunks.  There the
  * job pauses while its pause count is above zero (pause nests: a user
@@ -31,15 +38,15 @@
  * then goes to null and is freed; otherwise it stays concluded until
  * job-dismiss.
  */
-#ifndef STRATA_JOB_H
-#define STRATA_JOB_H
+#ifndef STRATA_JOBS_JOB_H
+#define STRATA_JOBS_JOB_H
 
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "block/node.h"
-#include "control/qmp.h"
+#include "util/error.h"
 #include "util/ratelimit.h"
 
 enum job_status {
@@ -75,6 +82,14 @@ enum job_on_error {
   JOB_ON_ERROR_STOP
 };
 
+/* QAPI's names: "created", ...; "cancel", ..., "set-speed", ... */
+const char *job_status_name (enum job_status s);
+const char *job_verb_name (enum job_verb v);
+/* QEMU's tables: may a job in FROM go to TO?  Does a job in S accept
+ * VERB? */
+bool job_transition_allowed (enum job_status from, enum job_status to);
+bool job_verb_allowed (enum job_verb verb, enum job_status s);
+
 struct job;
 
 struct job_driver {
@@ -88,8 +103,8 @@ struct job_driver {
   void (*abort) (struct job *job);
   /* Always, last: drop what the job holds. */
   void (*clean) (struct job *job);
-  /* job-complete; NULL for jobs that cannot complete. */
-  bool (*complete) (struct job *job, struct qmp_error *err);
+  /* job-complete, job lock held; NULL for jobs that cannot complete. */
+  bool (*complete) (struct job *job, strata_error **errp);
 };
 
 /* Nodes a job holds, each registered as a graph user with QEMU's reason
@@ -127,19 +142,54 @@ struct job {
   strata_node *filter; /* one of NODES: the filter over the device, or NULL */
   char *user;          /* the graph-user phrase */
 
-  pthread_cond_t cond; /* the job thread waits on this */
+  pthread_cond_t cond; /* the job thread waits on this (CLOCK_MONOTONIC) */
   struct job *next;
 };
+
+/* ---- events ---- */
+
+/* What happened, for the control layer to announce (QMP's events in
+ * brackets, with the members each carries). */
+enum job_event_kind {
+  JOB_EVENT_STATUS_CHANGE, /* JOB_STATUS_CHANGE: id, status */
+  JOB_EVENT_PENDING,       /* BLOCK_JOB_PENDING: type, id */
+  JOB_EVENT_ERROR,         /* BLOCK_JOB_ERROR: id, is_read, action */
+  JOB_EVENT_COMPLETED,     /* BLOCK_JOB_COMPLETED: type, id, len, offset,
+                              speed, error (NULL on success) */
+  JOB_EVENT_CANCELLED,     /* BLOCK_JOB_CANCELLED: type, id, len, offset,
+                              speed */
+};
+
+struct job_event {
+  enum job_event_kind kind;
+  const char *id, *type;
+  enum job_status status;
+  bool is_read;
+  enum job_on_error action; /* REPORT, IGNORE or STOP */
+  uint64_t len, offset, speed;
+  const char *error;
+};
+
+/* The handler is called with the job lock held, in the order the events
+ * happen, from the control thread or a job thread; it must not take the
+ * job lock.  The strings live only for the call.  Without a handler,
+ * events are dropped. */
+typedef void (*job_event_fn) (const struct job_event *ev);
+void job_set_event_handler (job_event_fn fn);
+
+/* ---- the job list ---- */
 
 /* The lock over every job. */
 void job_lock (void);
 void job_unlock (void);
 
-/* Create a job (state created, JOB_STATUS_CHANGE sent); the caller
- * checked the id.  Returns NULL with ERR set on a bad or used id. */
-struct job *job_create (const char *id, const struct job_driver *drv,
-                        int64_t speed, bool auto_finalize, bool auto_dismiss,
-                        enum job_on_error on_error, struct qmp_error *err);
+/* Create a job (state created, JOB_STATUS_CHANGE sent), job lock held.
+ * Returns NULL with *ERRP set on a bad or used id or a negative speed. */
+struct job *job_create_job_locked (const char *id,
+                                   const struct job_driver *drv, int64_t speed,
+                                   bool auto_finalize, bool auto_dismiss,
+                                   enum job_on_error on_error,
+                                   strata_error **errp);
 /* Hold NODE for the job's life (a reference and a graph user). */
 bool job_add_node (struct job *job, strata_node *node);
 /* Let go of NODE before the job ends (the stream's filter, dropped
@@ -148,11 +198,12 @@ void job_drop_node (struct job *job, strata_node *node);
 /* Is NODE the filter a job put over its device?  *IMPLICIT: it was named
  * automatically (QEMU then names it by its child's file). */
 bool job_is_filter (strata_node *node, bool *implicit);
-/* Start the thread (created -> running).  On failure the job goes to null
- * and is freed, with ERR set. */
-bool job_start (struct job *job, struct qmp_error *err);
-/* Free a job that was created but never started (created -> null). */
-void job_discard (struct job *job);
+/* Start the thread (created -> running), job lock held.  On failure the
+ * job goes to null and is freed, with *ERRP set. */
+bool job_start_job_locked (struct job *job, strata_error **errp);
+/* Free a job that was created but never started (created -> null), job
+ * lock held. */
+void job_discard_job_locked (struct job *job);
 
 /* Wait (a bounded while, no lock held) until the thread of job ID has
  * started work or finished: QEMU runs a new job up to its first yield
@@ -161,19 +212,19 @@ void job_discard (struct job *job);
 void job_settle (const char *id);
 
 /* Lookups, job lock held: the live job with that id, or NULL. */
-struct job *job_find_locked (const char *id);
+struct job *job_find_job_locked (const char *id);
 /* The job (not yet concluded) that holds NODE, or NULL. */
-struct job *job_holding_locked (strata_node *node);
+struct job *job_holding_job_locked (strata_node *node);
 
 /* ---- for drivers, on the job thread ---- */
 
 /* Between chunks: pause while asked, sleep off the rate limit.  Returns
  * false when the job was cancelled and should stop. */
 bool job_yield (struct job *job);
-/* BYTES of data were moved, dispatched at START (ratelimit_now_ns()). */
 /* Sleep NS nanoseconds, or less when woken by a verb; pauses while
  * asked.  False when the job was cancelled. */
 bool job_sleep_ns (struct job *job, uint64_t ns);
+/* BYTES of data were moved, dispatched at START (ratelimit_now_ns()). */
 void job_account (struct job *job, uint64_t bytes, uint64_t start);
 void job_set_progress (struct job *job, uint64_t offset, uint64_t len);
 bool job_is_cancelled (struct job *job);
@@ -186,30 +237,36 @@ void job_set_error (struct job *job, const char *fmt, ...)
     __attribute__ ((format (printf, 2, 3)));
 
 /* ---- verbs, control thread, job lock held; errors as QEMU's ---- */
-bool job_user_pause_locked (struct job *job, struct qmp_error *err);
-bool job_user_resume_locked (struct job *job, struct qmp_error *err);
-bool job_cancel_locked (struct job *job, bool force, struct qmp_error *err);
-bool job_complete_locked (struct job *job, struct qmp_error *err);
-bool job_finalize_locked (struct job *job, struct qmp_error *err);
-bool job_dismiss_locked (struct job *job, struct qmp_error *err);
-bool job_set_speed_locked (struct job *job, int64_t speed,
-                           struct qmp_error *err);
+bool job_user_pause_job_locked (struct job *job, strata_error **errp);
+bool job_user_resume_job_locked (struct job *job, strata_error **errp);
+bool job_cancel_job_locked (struct job *job, bool force, strata_error **errp);
+bool job_complete_job_locked (struct job *job, strata_error **errp);
+bool job_finalize_job_locked (struct job *job, strata_error **errp);
+bool job_dismiss_job_locked (struct job *job, strata_error **errp);
+bool job_set_speed_job_locked (struct job *job, int64_t speed,
+                               strata_error **errp);
 
-/* Replies: BlockJobInfo and JobInfo, in QAPI's member order. */
-json_t *job_block_info_locked (struct job *job);
-json_t *job_info_locked (struct job *job);
+/* ---- queries ---- */
+
+/* What query-jobs and query-block-jobs report.  The strings are the
+ * job's: valid while the job lock is held. */
+struct job_info {
+  const char *id, *type;
+  enum job_status status;
+  uint64_t len, offset, speed;
+  bool busy, paused, auto_finalize, auto_dismiss;
+  const char *iostatus;
+  const char *error; /* the error it failed with, else NULL */
+};
+void job_get_info_job_locked (struct job *job, struct job_info *info);
 /* Call FN for every job, newest first (QEMU's order), job lock held. */
-void job_foreach_locked (void (*fn) (struct job *job, void *opaque),
-                         void *opaque);
+void job_foreach_job_locked (void (*fn) (struct job *job, void *opaque),
+                             void *opaque);
 
 /* Shutdown: cancel every job, wait for their threads, free them all. */
 void job_shutdown (void);
 
 /* QEMU's id rule (a letter, then letters, digits, '-', '.', '_'). */
 bool job_id_wellformed (const char *id);
-
-/* Commands implemented in stream.c. */
-json_t *stream_cmd_block_stream (json_t *args, struct qmp_error *err);
-json_t *stream_cmd_pull_range (json_t *args, struct qmp_error *err);
 
 #endif

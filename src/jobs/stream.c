@@ -1,4 +1,5 @@
-/* strata: block-stream and x-block-pull-range.
+/* strata: the stream job (block-stream's work; its arguments are checked
+ * in src/control/commands-stream.c and arrive as struct stream_params).
  *
  * block-stream copies into TOP everything TOP reads from the layers
  * between it and BASE, then makes BASE (or nothing) TOP's backing file:
@@ -29,13 +30,12 @@
 #include <string.h>
 
 #include "block/graph.h"
-#include "control/commands-block.h"
-#include "control/job.h"
+#include "jobs/job.h"
+#include "jobs/stream.h"
 #include "util/cleanup.h"
 
 #define STREAM_CHUNK (512 * 1024) /* QEMU's STREAM_CHUNK */
 #define STREAM_MIN_CHUNK (64 * 1024)
-#define PULL_RANGE_MAX (16 * 1024 * 1024)
 #define IDLE_POLL_NS 10000000ull  /* 10 ms */
 #define IDLE_GRACE_NS 50000000ull /* 50 ms */
 
@@ -232,7 +232,7 @@ stream_run (struct job *job)
 /* Make TOP read-only again if the job made it writable; graph lock held
  * (or the control thread's own, for a job that never started). */
 static void
-restore_read_only_locked (struct stream *s)
+restore_read_only_graph_locked (struct stream *s)
 {
   if (s->restore_ro)
     strata_reopen (s->top, false, 0, NULL);
@@ -243,7 +243,7 @@ restore_read_only_locked (struct stream *s)
  * abort); graph lock held, or the control thread's own for a job that
  * never started. */
 static void
-drop_filter_locked (struct job *job, struct stream *s)
+drop_filter_graph_locked (struct job *job, struct stream *s)
 {
   if (!s->filter)
     return;
@@ -266,7 +266,7 @@ stream_prepare (struct job *job)
   if (!name && s->base)
     name = s->base->filename;
   graph_lock ();
-  drop_filter_locked (job, s);
+  drop_filter_graph_locked (job, s);
   if (!s->top->backing)
     goto out;
   if (!node_change_backing_file (s->top, name,
@@ -290,7 +290,7 @@ stream_prepare (struct job *job)
     }
   }
 out:
-  restore_read_only_locked (s);
+  restore_read_only_graph_locked (s);
   graph_unlock ();
   return r;
 }
@@ -299,8 +299,8 @@ static void
 stream_abort (struct job *job)
 {
   graph_lock ();
-  drop_filter_locked (job, job->opaque);
-  restore_read_only_locked (job->opaque);
+  drop_filter_graph_locked (job, job->opaque);
+  restore_read_only_graph_locked (job->opaque);
   graph_unlock ();
 }
 
@@ -311,8 +311,8 @@ stream_clean (struct job *job)
 
   if (!s)
     return;
-  drop_filter_locked (job, s);
-  restore_read_only_locked (s);
+  drop_filter_graph_locked (job, s);
+  restore_read_only_graph_locked (s);
   if (s->old_backing) {
     tracker_wait_idle (&s->top->tracker, 0, 0);
     node_unref (s->old_backing);
@@ -333,18 +333,7 @@ static const struct job_driver stream_driver = {
   .clean = stream_clean,
 };
 
-/* ---- argument checks ---- */
-
-static strata_node *
-lookup (const char *device, const char *name, struct qmp_error *err)
-{
-  strata_node *node = graph_lookup (name);
-
-  if (!node)
-    qmp_error_set (err, "GenericError",
-                   "Cannot find device='%s' nor node-name='%s'", device, name);
-  return node;
-}
+/* ---- starting ---- */
 
 /* The next node down the chain: a filter's child, a format's backing. */
 static strata_node *
@@ -353,209 +342,40 @@ chain_next (strata_node *n)
   return n->drv->is_filter ? n->file : n->backing;
 }
 
-/* Is NODE strictly below TOP in its chain (through filters)? */
-static bool
-chain_contains (strata_node *top, strata_node *node)
-{
-  for (strata_node *n = chain_next (top); n; n = chain_next (n))
-    if (n == node)
-      return true;
-  return false;
-}
-
-static bool
-same_file (const char *a, const char *b)
-{
-  CLEANUP_FREE char *ra = realpath (a, NULL);
-  CLEANUP_FREE char *rb = realpath (b, NULL);
-
-  return strcmp (a, b) == 0 || (ra && rb && strcmp (ra, rb) == 0);
-}
-
-/* The node below TOP whose file is NAME (a new reference), or NULL.  A
- * relative NAME is taken from the directory of the image above each
- * candidate, as QEMU does. */
-static strata_node *
-find_backing_image (strata_node *top, const char *name)
-{
-  strata_node *over = node_skip_filters (top);
-
-  for (strata_node *n = chain_next (top); n; n = chain_next (n)) {
-    CLEANUP_FREE char *full = NULL;
-
-    if (n->drv->is_filter)
-      continue;
-    full = qmp_full_backing_filename (over, name);
-    if (same_file (n->filename, name)
-        || (full && same_file (n->filename, full))) {
-      node_ref (n);
-      return n;
-    }
-    over = n;
-  }
-  return NULL;
-}
-
-static const char *const on_error_names[] = {
-  [JOB_ON_ERROR_REPORT] = "report",
-  [JOB_ON_ERROR_IGNORE] = "ignore",
-  [JOB_ON_ERROR_ENOSPC] = "enospc",
-  [JOB_ON_ERROR_STOP] = "stop",
-};
-
-static bool
-parse_on_error (json_t *args, enum job_on_error *out, struct qmp_error *err)
-{
-  const char *v = json_string_value (json_object_get (args, "on-error"));
-
-  *out = JOB_ON_ERROR_REPORT;
-  if (!v)
-    return true;
-  for (size_t i = 0; i < sizeof on_error_names / sizeof *on_error_names; i++)
-    if (strcmp (v, on_error_names[i]) == 0) {
-      *out = i;
-      return true;
-    }
-  qmp_error_set (err, "GenericError",
-                 "Parameter 'on-error' does not accept value '%s'", v);
-  return false;
-}
-
-static const char *
-str_arg (json_t *args, const char *key)
-{
-  return json_string_value (json_object_get (args, key));
-}
-
-/* block-stream's base, base-node and bottom exclude each other; QEMU
- * checks this first, before it even looks the device up. */
-static bool
-check_conflicts (json_t *args, struct qmp_error *err)
-{
-  /* The pairs that exclude each other, in QEMU's order of checking. */
-  static const char *const conflicts[][2] = {
-    { "base", "base-node" },
-    { "base", "bottom" },
-    { "bottom", "base-node" },
-  };
-
-  for (size_t i = 0; i < sizeof conflicts / sizeof *conflicts; i++)
-    if (str_arg (args, conflicts[i][0]) && str_arg (args, conflicts[i][1])) {
-      qmp_error_set (err, "GenericError",
-                     "'%s' and '%s' cannot be specified at the same time",
-                     conflicts[i][0], conflicts[i][1]);
-      return false;
-    }
-  return true;
-}
-
-/* BASE for block-stream's base, base-node and bottom arguments; NULL with
- * *BASEP NULL means the whole chain. */
-static bool
-find_base (json_t *args, strata_node *top, strata_node **basep,
-           struct qmp_error *err)
-{
-  const char *device = str_arg (args, "device");
-  const char *base = str_arg (args, "base");
-  const char *base_node = str_arg (args, "base-node");
-  const char *bottom = str_arg (args, "bottom");
-  strata_node *n;
-
-  *basep = NULL;
-  if (base) {
-    if (!(*basep = find_backing_image (top, base))) {
-      qmp_error_set (err, "GenericError",
-                     "Can't find '%s' in the backing chain", base);
-      return false;
-    }
-  }
-  if (base_node) {
-    if (!(n = lookup ("", base_node, err)))
-      return false;
-    if (!chain_contains (top, n)) {
-      qmp_error_set (err, "GenericError",
-                     "Node '%s' is not a backing image of '%s'", base_node,
-                     device);
-      node_unref (n);
-      return false;
-    }
-    *basep = n;
-  }
-  if (bottom) {
-    if (!(n = lookup ("", bottom, err)))
-      return false;
-    if (n->drv->is_filter) {
-      qmp_error_set (err, "GenericError",
-                     "Node '%s' is a filter, use a non-filter node as "
-                     "'bottom'",
-                     bottom);
-      node_unref (n);
-      return false;
-    }
-    if (n != top && !chain_contains (top, n)) {
-      qmp_error_set (err, "GenericError",
-                     "Node '%s' is not in a chain starting from '%s'", bottom,
-                     device);
-      node_unref (n);
-      return false;
-    }
-    if ((*basep = n->backing))
-      node_ref (*basep);
-    node_unref (n);
-  }
-  return true;
-}
-
-/* The nodes from the device down to BASE (excluded) must be free of
- * other jobs. */
-static bool
-check_not_busy_locked (strata_node *dev, strata_node *base,
-                       struct qmp_error *err)
-{
-  for (strata_node *n = dev; n && n != base; n = chain_next (n)) {
-    struct job *j = job_holding_locked (n);
-    if (j) {
-      qmp_error_set (err, "GenericError", "Node '%s' is busy: %s",
-                     n->node_name, j->user);
-      return false;
-    }
-  }
-  return true;
-}
-
+/* The job's state, with its own references to TOP and BASE. */
 static struct stream *
-stream_new (strata_node *top, strata_node *base, json_t *args)
+stream_new (const struct stream_params *p, strata_node *top, strata_node *base)
 {
   struct stream *s = calloc (1, sizeof *s);
-  const char *bf = str_arg (args, "backing-file");
-  json_t *floor = json_object_get (args, "x-guest-floor-speed");
 
   if (!s)
     return NULL;
-  if (bf && !(s->backing_file = strdup (bf))) {
+  if (p->backing_file && !(s->backing_file = strdup (p->backing_file))) {
     free (s);
     return NULL;
   }
+  node_ref (top);
   s->top = top;
+  if (base)
+    node_ref (base);
   s->base = base;
-  s->yield_to_guest
-      = json_is_true (json_object_get (args, "x-yield-to-guest"));
-  s->floor_speed = floor ? json_integer_value (floor) : 0;
+  s->yield_to_guest = p->yield_to_guest;
+  s->floor_speed = p->floor_speed;
   ratelimit_init (&s->floor_rl, s->floor_speed, ratelimit_now_ns ());
   return s;
 }
 
 /* The copy-on-read filter QEMU puts over the device for the job's life,
- * DEV, named filter-node-name or automatically: the job holds it, so
+ * DEV, named filter_node_name or automatically: the job holds it, so
  * query-named-block-nodes shows it and blockdev-del, a second job and a
  * new node of that name find it taken.  Its bottom is the node just above
  * BASE.  (The job copies through node_copy_up, not through it.)  Returns
- * a new node, or NULL with ERR set. */
+ * a new node, or NULL with *ERRP set. */
 static strata_node *
-open_filter (json_t *args, strata_node *dev, strata_node *top,
-             strata_node *base, struct qmp_error *err)
+open_filter (const struct stream_params *p, strata_node *dev, strata_node *top,
+             strata_node *base, strata_error **errp)
 {
-  const char *name = str_arg (args, "filter-node-name");
+  const char *name = p->filter_node_name;
   strata_opts *opts = opts_new ();
   strata_node *bottom = top, *f = NULL;
   strata_error *e = NULL;
@@ -570,8 +390,7 @@ open_filter (json_t *args, strata_node *dev, strata_node *top,
   else
     error_set (&e, ENOMEM, "out of memory");
   if (!f) {
-    qmp_error_set (err, "GenericError", "Could not create node: %s",
-                   error_text (e));
+    error_set (errp, EINVAL, "Could not create node: %s", error_text (e));
     strata_error_free (e);
   }
   opts_free (opts);
@@ -581,7 +400,7 @@ open_filter (json_t *args, strata_node *dev, strata_node *top,
 /* Make TOP writable for the job's life, as QEMU does; *DONE says whether
  * it was read-only. */
 static bool
-make_writable (strata_node *top, bool *done, struct qmp_error *err)
+make_writable (strata_node *top, bool *done, strata_error **errp)
 {
   strata_error *e = NULL;
 
@@ -589,7 +408,7 @@ make_writable (strata_node *top, bool *done, struct qmp_error *err)
   if (!top->read_only)
     return true;
   if (!strata_reopen (top, true, 0, &e)) {
-    qmp_error_set (err, "GenericError", "%s", error_text (e));
+    error_set (errp, EINVAL, "%s", error_text (e));
     strata_error_free (e);
     return false;
   }
@@ -597,42 +416,31 @@ make_writable (strata_node *top, bool *done, struct qmp_error *err)
   return true;
 }
 
-/* Create and start the job, job lock held; takes over DEV (the device)
- * and BASE.  The image streamed into is DEV below its filters.  In QEMU's
- * order: the device made writable, the filter, the job (its ID, then its
- * speed), the nodes it holds. */
-static bool
-start_locked (json_t *args, strata_node *dev, strata_node *base,
-              enum job_on_error on_error, struct qmp_error *err)
+/* In QEMU's order: the device made writable, the filter, the job (its
+ * ID, then its speed), the nodes it holds. */
+bool
+stream_start_job_locked (const struct stream_params *p, strata_error **errp)
 {
+  strata_node *dev = p->device, *base = p->base;
   strata_node *top = node_skip_filters (dev);
-  const char *id = str_arg (args, "job-id");
-  json_t *speed = json_object_get (args, "speed");
-  json_t *af = json_object_get (args, "auto-finalize");
-  json_t *ad = json_object_get (args, "auto-dismiss");
-  struct job *job = NULL;
-  struct stream *s;
   strata_node *filter = NULL;
+  struct job *job;
+  struct stream *s;
   bool made_rw, ok;
 
-  node_ref (top);
-  if (!make_writable (top, &made_rw, err)
-      || !(filter = open_filter (args, dev, top, base, err)))
+  if (!make_writable (top, &made_rw, errp)
+      || !(filter = open_filter (p, dev, top, base, errp)))
     goto fail;
-  /* No job-id: QEMU takes the device's BlockBackend name, which a node
-   * made by blockdev-add does not have, and so refuses the empty ID. */
-  job = job_create (id ? id : "", &stream_driver,
-                    speed ? json_integer_value (speed) : 0,
-                    af ? json_is_true (af) : true,
-                    ad ? json_is_true (ad) : true, on_error, err);
+  job = job_create_job_locked (p->job_id, &stream_driver, p->speed,
+                               p->auto_finalize, p->auto_dismiss, p->on_error,
+                               errp);
   if (!job)
     goto fail;
-  if (!(s = stream_new (top, base, args))) {
-    qmp_error_set (err, "GenericError", "out of memory");
-    job_discard (job);
+  if (!(s = stream_new (p, top, base))) {
+    error_set (errp, ENOMEM, "out of memory");
+    job_discard_job_locked (job);
     goto fail;
   }
-  top = base = NULL; /* the job's from here */
   /* From here the job's clean drops the filter and restores TOP. */
   s->filter = filter;
   s->restore_ro = made_rw;
@@ -647,148 +455,15 @@ start_locked (json_t *args, strata_node *dev, strata_node *base,
   for (strata_node *n = dev; ok && n && n != s->base; n = chain_next (n))
     ok = job_add_node (job, n);
   if (!ok) {
-    qmp_error_set (err, "GenericError", "out of memory");
-    job_discard (job);
+    error_set (errp, ENOMEM, "out of memory");
+    job_discard_job_locked (job);
+    return false;
   }
-  node_unref (dev);
-  return ok && job_start (job, err);
+  return job_start_job_locked (job, errp);
 fail:
   if (filter)
     node_unref (filter);
   if (made_rw)
     strata_reopen (top, false, 0, NULL);
-  node_unref (top);
-  node_unref (dev);
-  if (base)
-    node_unref (base);
   return false;
-}
-
-json_t *
-stream_cmd_block_stream (json_t *args, struct qmp_error *err)
-{
-  static const struct qmp_arg spec[] = {
-    { "job-id", "string", false },
-    { "device", "string", true },
-    { "base", "string", false },
-    { "base-node", "string", false },
-    { "backing-file", "string", false },
-    { "bottom", "string", false },
-    { "speed", "int", false },
-    { "on-error", "string", false },
-    { "filter-node-name", "string", false },
-    { "auto-finalize", "bool", false },
-    { "auto-dismiss", "bool", false },
-    { "x-yield-to-guest", "bool", false },
-    { "x-guest-floor-speed", "int", false },
-    { NULL },
-  };
-  const char *device;
-  strata_node *top = NULL, *base = NULL;
-  enum job_on_error on_error;
-  json_t *floor;
-  bool ok = false;
-
-  if (!qmp_args_check (args, spec, err)
-      || !parse_on_error (args, &on_error, err)
-      || !check_conflicts (args, err))
-    return NULL;
-  floor = json_object_get (args, "x-guest-floor-speed");
-  if (floor && json_integer_value (floor) < 0) {
-    qmp_error_set (err, "GenericError",
-                   "Parameter 'x-guest-floor-speed' expects a non-negative "
-                   "value");
-    return NULL;
-  }
-  device = str_arg (args, "device");
-  graph_lock ();
-  if (!(top = lookup (device, device, err))
-      || !find_base (args, top, &base, err))
-    goto out;
-  job_lock ();
-  if (!check_not_busy_locked (top, base, err))
-    ;
-  /* QEMU asks whether base or base-node was given: with bottom, too,
-   * there is no base to name. */
-  else if (!str_arg (args, "base") && !str_arg (args, "base-node")
-           && str_arg (args, "backing-file"))
-    qmp_error_set (err, "GenericError",
-                   "backing file specified, but streaming the entire chain");
-  else {
-    ok = start_locked (args, top, base, on_error, err);
-    top = base = NULL; /* taken over */
-  }
-  job_unlock ();
-out:
-  if (top)
-    node_unref (top);
-  if (base)
-    node_unref (base);
-  graph_unlock ();
-  if (ok && str_arg (args, "job-id"))
-    job_settle (str_arg (args, "job-id"));
-  return ok ? json_object () : NULL;
-}
-
-/* ---- x-block-pull-range ---- */
-
-json_t *
-stream_cmd_pull_range (json_t *args, struct qmp_error *err)
-{
-  static const struct qmp_arg spec[] = {
-    { "device", "string", true },
-    { "offset", "int", true },
-    { "length", "int", true },
-    { "base-node", "string", false },
-    { NULL },
-  };
-  const char *device;
-  strata_node *top = NULL, *base = NULL;
-  json_int_t offset, length;
-  int64_t size;
-  uint64_t copied = 0;
-  json_t *ret = NULL;
-
-  if (!qmp_args_check (args, spec, err))
-    return NULL;
-  device = str_arg (args, "device");
-  offset = json_integer_value (json_object_get (args, "offset"));
-  length = json_integer_value (json_object_get (args, "length"));
-  graph_lock ();
-  if (!(top = lookup (device, device, err))
-      || !find_base (args, top, &base, err))
-    goto out;
-  if ((size = node_length (top)) < 0) {
-    qmp_error_set (err, "GenericError", "%s: cannot get the image length",
-                   top->filename);
-    goto out;
-  }
-  if (length > PULL_RANGE_MAX) {
-    qmp_error_set (err, "GenericError",
-                   "Parameter 'length' must be at most %d (use "
-                   "block-stream for more)",
-                   PULL_RANGE_MAX);
-    goto out;
-  }
-  if (offset < 0 || length < 0 || offset > size || length > size - offset) {
-    qmp_error_set (err, "GenericError",
-                   "Range offset %lld length %lld is outside the image "
-                   "(%lld bytes)",
-                   (long long)offset, (long long)length, (long long)size);
-    goto out;
-  }
-  if (length > 0 && top->backing && top->backing != base
-      && node_copy_up (top, base, offset, length, &copied) < 0) {
-    qmp_error_set (err, "GenericError", "%s: copy-up failed: %s",
-                   top->node_name, strata_last_error_message ());
-    goto out;
-  }
-  ret = json_pack ("{s:I}", "copied", (json_int_t)copied);
-out:
-  if (top)
-    node_unref (top);
-  if (base)
-    node_unref (base);
-  graph_unlock ();
-  return ret;
 }

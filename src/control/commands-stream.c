@@ -1,0 +1,398 @@
+/* strata: the stream commands, block-stream and x-block-pull-range, with
+ * QEMU 7.2's arguments, checks and texts.
+ *
+ * The QMP arguments are parsed and checked here, once, in QEMU's order:
+ * the argument types, on-error, the base/base-node/bottom conflicts, the
+ * device, the base in its chain, the nodes free of other jobs, a
+ * backing-file that has a base to name.  The job then gets them as a
+ * struct stream_params (src/jobs/stream.h) and knows no JSON.
+ *
+ * x-block-pull-range is no job: it copies one range up into the device
+ * (node_copy_up, the primitive the stream job uses) before it replies.
+ *
+ * Locks: the graph lock around everything that looks up nodes or walks
+ * chains, the job lock inside it for the busy check and the start.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/graph.h"
+#include "control/commands-block.h"
+#include "control/qmp.h"
+#include "jobs/job.h"
+#include "jobs/stream.h"
+#include "util/cleanup.h"
+
+#define PULL_RANGE_MAX (16 * 1024 * 1024)
+
+/* ---- argument checks ---- */
+
+static strata_node *
+lookup (const char *device, const char *name, struct qmp_error *err)
+{
+  strata_node *node = graph_lookup (name);
+
+  if (!node)
+    qmp_error_set (err, "GenericError",
+                   "Cannot find device='%s' nor node-name='%s'", device, name);
+  return node;
+}
+
+/* The next node down the chain: a filter's child, a format's backing. */
+static strata_node *
+chain_next (strata_node *n)
+{
+  return n->drv->is_filter ? n->file : n->backing;
+}
+
+/* Is NODE strictly below TOP in its chain (through filters)? */
+static bool
+chain_contains (strata_node *top, strata_node *node)
+{
+  for (strata_node *n = chain_next (top); n; n = chain_next (n))
+    if (n == node)
+      return true;
+  return false;
+}
+
+static bool
+same_file (const char *a, const char *b)
+{
+  CLEANUP_FREE char *ra = realpath (a, NULL);
+  CLEANUP_FREE char *rb = realpath (b, NULL);
+
+  return strcmp (a, b) == 0 || (ra && rb && strcmp (ra, rb) == 0);
+}
+
+/* The node below TOP whose file is NAME (a new reference), or NULL.  A
+ * relative NAME is taken from the directory of the image above each
+ * candidate, as QEMU does. */
+static strata_node *
+find_backing_image (strata_node *top, const char *name)
+{
+  strata_node *over = node_skip_filters (top);
+
+  for (strata_node *n = chain_next (top); n; n = chain_next (n)) {
+    CLEANUP_FREE char *full = NULL;
+
+    if (n->drv->is_filter)
+      continue;
+    full = qmp_full_backing_filename (over, name);
+    if (same_file (n->filename, name)
+        || (full && same_file (n->filename, full))) {
+      node_ref (n);
+      return n;
+    }
+    over = n;
+  }
+  return NULL;
+}
+
+static const char *const on_error_names[] = {
+  [JOB_ON_ERROR_REPORT] = "report",
+  [JOB_ON_ERROR_IGNORE] = "ignore",
+  [JOB_ON_ERROR_ENOSPC] = "enospc",
+  [JOB_ON_ERROR_STOP] = "stop",
+};
+
+static bool
+parse_on_error (json_t *args, enum job_on_error *out, struct qmp_error *err)
+{
+  const char *v = json_string_value (json_object_get (args, "on-error"));
+
+  *out = JOB_ON_ERROR_REPORT;
+  if (!v)
+    return true;
+  for (size_t i = 0; i < sizeof on_error_names / sizeof *on_error_names; i++)
+    if (strcmp (v, on_error_names[i]) == 0) {
+      *out = i;
+      return true;
+    }
+  qmp_error_set (err, "GenericError",
+                 "Parameter 'on-error' does not accept value '%s'", v);
+  return false;
+}
+
+static const char *
+str_arg (json_t *args, const char *key)
+{
+  return json_string_value (json_object_get (args, key));
+}
+
+/* block-stream's base, base-node and bottom exclude each other; QEMU
+ * checks this first, before it even looks the device up. */
+static bool
+check_conflicts (json_t *args, struct qmp_error *err)
+{
+  /* The pairs that exclude each other, in QEMU's order of checking. */
+  static const char *const conflicts[][2] = {
+    { "base", "base-node" },
+    { "base", "bottom" },
+    { "bottom", "base-node" },
+  };
+
+  for (size_t i = 0; i < sizeof conflicts / sizeof *conflicts; i++)
+    if (str_arg (args, conflicts[i][0]) && str_arg (args, conflicts[i][1])) {
+      qmp_error_set (err, "GenericError",
+                     "'%s' and '%s' cannot be specified at the same time",
+                     conflicts[i][0], conflicts[i][1]);
+      return false;
+    }
+  return true;
+}
+
+/* BASE for block-stream's base, base-node and bottom arguments; NULL with
+ * *BASEP NULL means the whole chain. */
+static bool
+find_base (json_t *args, strata_node *top, strata_node **basep,
+           struct qmp_error *err)
+{
+  const char *device = str_arg (args, "device");
+  const char *base = str_arg (args, "base");
+  const char *base_node = str_arg (args, "base-node");
+  const char *bottom = str_arg (args, "bottom");
+  strata_node *n;
+
+  *basep = NULL;
+  if (base) {
+    if (!(*basep = find_backing_image (top, base))) {
+      qmp_error_set (err, "GenericError",
+                     "Can't find '%s' in the backing chain", base);
+      return false;
+    }
+  }
+  if (base_node) {
+    if (!(n = lookup ("", base_node, err)))
+      return false;
+    if (!chain_contains (top, n)) {
+      qmp_error_set (err, "GenericError",
+                     "Node '%s' is not a backing image of '%s'", base_node,
+                     device);
+      node_unref (n);
+      return false;
+    }
+    *basep = n;
+  }
+  if (bottom) {
+    if (!(n = lookup ("", bottom, err)))
+      return false;
+    if (n->drv->is_filter) {
+      qmp_error_set (err, "GenericError",
+                     "Node '%s' is a filter, use a non-filter node as "
+                     "'bottom'",
+                     bottom);
+      node_unref (n);
+      return false;
+    }
+    if (n != top && !chain_contains (top, n)) {
+      qmp_error_set (err, "GenericError",
+                     "Node '%s' is not in a chain starting from '%s'", bottom,
+                     device);
+      node_unref (n);
+      return false;
+    }
+    if ((*basep = n->backing))
+      node_ref (*basep);
+    node_unref (n);
+  }
+  return true;
+}
+
+/* The nodes from the device down to BASE (excluded) must be free of
+ * other jobs. */
+static bool
+check_not_busy_job_locked (strata_node *dev, strata_node *base,
+                           struct qmp_error *err)
+{
+  for (strata_node *n = dev; n && n != base; n = chain_next (n)) {
+    struct job *j = job_holding_job_locked (n);
+    if (j) {
+      qmp_error_set (err, "GenericError", "Node '%s' is busy: %s",
+                     n->node_name, j->user);
+      return false;
+    }
+  }
+  return true;
+}
+
+/* The arguments as the job takes them. */
+static void
+stream_params_from (json_t *args, strata_node *dev, strata_node *base,
+                    enum job_on_error on_error, struct stream_params *p)
+{
+  json_t *speed = json_object_get (args, "speed");
+  json_t *af = json_object_get (args, "auto-finalize");
+  json_t *ad = json_object_get (args, "auto-dismiss");
+  json_t *floor = json_object_get (args, "x-guest-floor-speed");
+  const char *id = str_arg (args, "job-id");
+
+  *p = (struct stream_params){
+    /* No job-id: QEMU takes the device's BlockBackend name, which a node
+     * made by blockdev-add does not have, and so refuses the empty ID. */
+    .job_id = id ? id : "",
+    .device = dev,
+    .base = base,
+    .backing_file = str_arg (args, "backing-file"),
+    .filter_node_name = str_arg (args, "filter-node-name"),
+    .speed = speed ? json_integer_value (speed) : 0,
+    .on_error = on_error,
+    .auto_finalize = af ? json_is_true (af) : true,
+    .auto_dismiss = ad ? json_is_true (ad) : true,
+    .yield_to_guest
+    = json_is_true (json_object_get (args, "x-yield-to-guest")),
+    .floor_speed = floor ? json_integer_value (floor) : 0,
+  };
+}
+
+/* Start the job, job lock held. */
+static bool
+start_job_locked (json_t *args, strata_node *dev, strata_node *base,
+                  enum job_on_error on_error, struct qmp_error *err)
+{
+  struct stream_params p;
+  strata_error *e = NULL;
+
+  stream_params_from (args, dev, base, on_error, &p);
+  if (!stream_start_job_locked (&p, &e)) {
+    qmp_error_from (err, e);
+    return false;
+  }
+  return true;
+}
+
+/* ---- block-stream ---- */
+
+static json_t *
+cmd_block_stream (json_t *args, struct qmp_error *err)
+{
+  static const struct qmp_arg spec[] = {
+    { "job-id", "string", false },
+    { "device", "string", true },
+    { "base", "string", false },
+    { "base-node", "string", false },
+    { "backing-file", "string", false },
+    { "bottom", "string", false },
+    { "speed", "int", false },
+    { "on-error", "string", false },
+    { "filter-node-name", "string", false },
+    { "auto-finalize", "bool", false },
+    { "auto-dismiss", "bool", false },
+    { "x-yield-to-guest", "bool", false },
+    { "x-guest-floor-speed", "int", false },
+    { NULL },
+  };
+  const char *device;
+  strata_node *top = NULL, *base = NULL;
+  enum job_on_error on_error;
+  json_t *floor;
+  bool ok = false;
+
+  if (!qmp_args_check (args, spec, err)
+      || !parse_on_error (args, &on_error, err)
+      || !check_conflicts (args, err))
+    return NULL;
+  floor = json_object_get (args, "x-guest-floor-speed");
+  if (floor && json_integer_value (floor) < 0) {
+    qmp_error_set (err, "GenericError",
+                   "Parameter 'x-guest-floor-speed' expects a non-negative "
+                   "value");
+    return NULL;
+  }
+  device = str_arg (args, "device");
+  graph_lock ();
+  if (!(top = lookup (device, device, err))
+      || !find_base (args, top, &base, err))
+    goto out;
+  job_lock ();
+  if (!check_not_busy_job_locked (top, base, err))
+    ;
+  /* QEMU asks whether base or base-node was given: with bottom, too,
+   * there is no base to name. */
+  else if (!str_arg (args, "base") && !str_arg (args, "base-node")
+           && str_arg (args, "backing-file"))
+    qmp_error_set (err, "GenericError",
+                   "backing file specified, but streaming the entire chain");
+  else
+    ok = start_job_locked (args, top, base, on_error, err);
+  job_unlock ();
+out:
+  if (top)
+    node_unref (top);
+  if (base)
+    node_unref (base);
+  graph_unlock ();
+  if (ok && str_arg (args, "job-id"))
+    job_settle (str_arg (args, "job-id"));
+  return ok ? json_object () : NULL;
+}
+
+/* ---- x-block-pull-range ---- */
+
+static json_t *
+cmd_pull_range (json_t *args, struct qmp_error *err)
+{
+  static const struct qmp_arg spec[] = {
+    { "device", "string", true },
+    { "offset", "int", true },
+    { "length", "int", true },
+    { "base-node", "string", false },
+    { NULL },
+  };
+  const char *device;
+  strata_node *top = NULL, *base = NULL;
+  json_int_t offset, length;
+  int64_t size;
+  uint64_t copied = 0;
+  json_t *ret = NULL;
+
+  if (!qmp_args_check (args, spec, err))
+    return NULL;
+  device = str_arg (args, "device");
+  offset = json_integer_value (json_object_get (args, "offset"));
+  length = json_integer_value (json_object_get (args, "length"));
+  graph_lock ();
+  if (!(top = lookup (device, device, err))
+      || !find_base (args, top, &base, err))
+    goto out;
+  if ((size = node_length (top)) < 0) {
+    qmp_error_set (err, "GenericError", "%s: cannot get the image length",
+                   top->filename);
+    goto out;
+  }
+  if (length > PULL_RANGE_MAX) {
+    qmp_error_set (err, "GenericError",
+                   "Parameter 'length' must be at most %d (use "
+                   "block-stream for more)",
+                   PULL_RANGE_MAX);
+    goto out;
+  }
+  if (offset < 0 || length < 0 || offset > size || length > size - offset) {
+    qmp_error_set (err, "GenericError",
+                   "Range offset %lld length %lld is outside the image "
+                   "(%lld bytes)",
+                   (long long)offset, (long long)length, (long long)size);
+    goto out;
+  }
+  if (length > 0 && top->backing && top->backing != base
+      && node_copy_up (top, base, offset, length, &copied) < 0) {
+    qmp_error_set (err, "GenericError", "%s: copy-up failed: %s",
+                   top->node_name, strata_last_error_message ());
+    goto out;
+  }
+  ret = json_pack ("{s:I}", "copied", (json_int_t)copied);
+out:
+  if (top)
+    node_unref (top);
+  if (base)
+    node_unref (base);
+  graph_unlock ();
+  return ret;
+}
+
+const struct qmp_command qmp_stream_commands[] = {
+  { "block-stream", cmd_block_stream },
+  { "x-block-pull-range", cmd_pull_range },
+  { NULL, NULL },
+};
