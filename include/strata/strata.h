@@ -289,6 +289,38 @@ bool strata_measure (const char *format, const char *options,
 const char *strata_version (void);
 unsigned strata_version_number (void);
 
+/* ---- persistent dirty bitmaps ---- */
+
+/* A persistent dirty bitmap stored in an image (qcow2's bitmaps
+ * extension; qemu-img info lists them).  The library allocates each entry
+ * on its own, so a later version may add fields at the end of this struct
+ * without changing what a caller built against this one sees. */
+#define STRATA_BITMAP_IN_USE (1u << 0) /* not saved cleanly: may be stale */
+#define STRATA_BITMAP_AUTO   (1u << 1) /* enabled: tracks every write */
+struct strata_bitmap_info {
+  char *name;
+  unsigned flags;       /* STRATA_BITMAP_IN_USE, STRATA_BITMAP_AUTO */
+  uint64_t granularity; /* bytes of the disk per bit */
+};
+/* The persistent bitmaps of NODE's image (below any filters), in the order
+ * the image stores them: *LIST gets a NULL-terminated array of *N entries,
+ * freed with strata_bitmap_list_free().  An image that can hold bitmaps
+ * and has none gives *N = 0, as does one whose bitmaps a program lacking
+ * bitmap support has invalidated (QEMU ignores those too).  Returns false
+ * with *errp set: ENOTSUP when the format holds no bitmaps (raw, qcow2
+ * version 2), EINVAL when the bitmap metadata is malformed (the message
+ * names the field), or the errno of a failed read.
+ *
+ * strata does not yet maintain bitmaps, so a qcow2 image that has valid
+ * ones cannot be opened read-write: strata_open() and strata_reopen()
+ * fail, naming them, rather than let the write invalidate them.
+ *
+ * FLAGS: none yet (STRATA_BITMAP_LIST_MASK); others fail with EINVAL. */
+#define STRATA_BITMAP_LIST_MASK 0u
+bool strata_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
+                         size_t *n, unsigned flags, strata_error **errp);
+void strata_bitmap_list_free (struct strata_bitmap_info **list);
+
 #ifdef __cplusplus
 }
 #endif

@@ -572,3 +572,32 @@ strata_measure (const char *format, const char *options, strata_node *src,
     return false;
   return drv->measure (opts, src, required, fully_allocated, errp);
 }
+
+bool
+strata_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
+                    size_t *n, unsigned flags, strata_error **errp)
+{
+  *list = NULL;
+  *n = 0;
+  if (flags & ~STRATA_BITMAP_LIST_MASK) {
+    error_set (errp, EINVAL, "strata_bitmap_list: unknown flags 0x%x",
+               flags & ~STRATA_BITMAP_LIST_MASK);
+    return false;
+  }
+  node = node_skip_filters (node);
+  if (!node->drv->bitmap_list)
+    return unsupported (node, "persistent bitmaps", errp);
+  return node->drv->bitmap_list (node, list, n, errp);
+}
+
+void
+strata_bitmap_list_free (struct strata_bitmap_info **list)
+{
+  if (!list)
+    return;
+  for (size_t i = 0; list[i]; i++) {
+    free (list[i]->name);
+    free (list[i]);
+  }
+  free (list);
+}

@@ -151,6 +151,12 @@ struct strata_driver {
   bool (*snapshot_delete) (struct strata_node *node, const char *name,
                            strata_error **errp);
 
+  /* Persistent dirty bitmaps stored in the image (strata_bitmap_list):
+   * *LIST a NULL-terminated array of *N entries, each malloc'd. */
+  bool (*bitmap_list) (struct strata_node *node,
+                       struct strata_bitmap_info ***list, size_t *n,
+                       strata_error **errp);
+
   /* Change creation options of an open image in place (qemu-img amend).
    * OPTS was checked against create_options. */
   bool (*amend) (struct strata_node *node, strata_opts *opts,

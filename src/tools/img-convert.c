@@ -1000,16 +1000,20 @@ holds_bitmaps (strata_node *n, const char **fmt)
 static bool
 bitmaps_source (struct convert *c)
 {
-  struct img_bitmap *l;
+  struct strata_bitmap_info **l;
+  strata_error *err = NULL;
   const char *fmt;
-  int n;
+  size_t n;
 
   if (!holds_bitmaps (c->src[0].node, &fmt)) {
     fail_msg ("Source lacks bitmap support");
     return false;
   }
-  n = img_qcow2_bitmaps (c->src[0].name, &l);
-  img_bitmaps_free (l, n);
+  if (!strata_bitmap_list (c->src[0].node, &l, &n, 0, &err)) {
+    fail_err (err);
+    return false;
+  }
+  strata_bitmap_list_free (l);
   if (n > 0) {
     fail_msg ("--bitmaps: copying persistent bitmaps is not supported");
     return false;

@@ -23,66 +23,73 @@
 #include "util/opts.h"
 #include "tools/img.h"
 
-/* The "bitmaps" of a qcow2 v3 image's format-specific data, as qemu-img
- * info lists them (only when there are some). */
-static void
-info_bitmaps_json (const struct strata_info *i, json_t *d)
+/* The persistent bitmaps of a qcow2 v3 image, for its format-specific
+ * data: the count (0 for none, and for a v2 image, which holds none), or
+ * -1 when they cannot be listed (the error is printed). */
+static int
+info_bitmaps (strata_node *n, const struct strata_info *i,
+              struct strata_bitmap_info ***l)
 {
-  struct img_bitmap *l;
-  int n = strcmp (i->qcow2.compat, "0.10") ? img_qcow2_bitmaps (i->filename,
-                                                                &l)
-                                           : 0;
-  json_t *arr = json_array ();
+  strata_error *err = NULL;
+  size_t count;
 
+  *l = NULL;
+  if (strcmp (i->qcow2.compat, "0.10") == 0)
+    return 0;
+  if (!strata_bitmap_list (n, l, &count, 0, &err)) {
+    fail_err (err);
+    return -1;
+  }
+  return (int) count;
+}
+
+/* The "bitmaps" of the format-specific data, as qemu-img info lists them
+ * (only when there are some). */
+static void
+info_bitmaps_json (struct strata_bitmap_info **l, int n, json_t *d)
+{
+  json_t *arr;
+
+  if (n <= 0)
+    return;
+  arr = json_array ();
   for (int k = 0; k < n; k++) {
     json_t *b = json_object (), *flags = json_array ();
 
-    if (l[k].flags & 1)
+    if (l[k]->flags & STRATA_BITMAP_IN_USE)
       json_array_append_new (flags, json_string ("in-use"));
-    if (l[k].flags & 2)
+    if (l[k]->flags & STRATA_BITMAP_AUTO)
       json_array_append_new (flags, json_string ("auto"));
     json_object_set_new (b, "flags", flags);
-    json_object_set_new (b, "name", json_string (l[k].name));
-    json_object_set_new (b, "granularity",
-                         json_integer (INT64_C (1) << l[k].granularity_bits));
+    json_object_set_new (b, "name", json_string (l[k]->name));
+    json_object_set_new (b, "granularity", json_integer (l[k]->granularity));
     json_array_append_new (arr, b);
   }
-  if (n > 0) {
-    json_object_set_new (d, "bitmaps", arr);
-    img_bitmaps_free (l, n);
-  }
-  else
-    json_decref (arr);
+  json_object_set_new (d, "bitmaps", arr);
 }
 
 static void
-info_bitmaps_human (const struct strata_info *i)
+info_bitmaps_human (struct strata_bitmap_info **l, int n)
 {
-  struct img_bitmap *l;
-  int n = strcmp (i->qcow2.compat, "0.10") ? img_qcow2_bitmaps (i->filename,
-                                                                &l)
-                                           : 0;
-
   if (n > 0)
     printf ("    bitmaps:\n");
   for (int k = 0; k < n; k++) {
     int f = 0;
 
     printf ("        [%d]:\n            flags:\n", k);
-    if (l[k].flags & 1)
+    if (l[k]->flags & STRATA_BITMAP_IN_USE)
       printf ("                [%d]: in-use\n", f++);
-    if (l[k].flags & 2)
+    if (l[k]->flags & STRATA_BITMAP_AUTO)
       printf ("                [%d]: auto\n", f++);
     printf ("            name: %s\n            granularity: %" PRIu64 "\n",
-            l[k].name, UINT64_C (1) << l[k].granularity_bits);
+            l[k]->name, l[k]->granularity);
   }
-  if (n > 0)
-    img_bitmaps_free (l, n);
 }
 
 static json_t *
 info_json (const struct strata_info *i,
-           const struct strata_snapshot_info *snaps, int nsnaps)
+           const struct strata_snapshot_info *snaps, int nsnaps,
+           struct strata_bitmap_info **bitmaps, int nbitmaps)
 {
   json_t *o = json_object ();
 
@@ -112,7 +119,7 @@ info_json (const struct strata_info *i,
     else
       json_object_set_new (d, "compression-type",
                            json_string (i->qcow2.compression_type));
-    info_bitmaps_json (i, d);
+    info_bitmaps_json (bitmaps, nbitmaps, d);
     json_object_set_new (d, "refcount-bits",
                          json_integer (i->qcow2.refcount_bits));
     if (strcmp (i->qcow2.compat, "0.10") != 0) {
@@ -138,7 +145,8 @@ info_json (const struct strata_info *i,
 
 static void
 info_human (const struct strata_info *i,
-            const struct strata_snapshot_info *snaps, int nsnaps)
+            const struct strata_snapshot_info *snaps, int nsnaps,
+            struct strata_bitmap_info **bitmaps, int nbitmaps)
 {
   char s[32];
 
@@ -175,7 +183,7 @@ info_human (const struct strata_info *i,
     if (strcmp (i->qcow2.compat, "0.10") != 0)
       printf ("    lazy refcounts: %s\n",
               i->qcow2.lazy_refcounts ? "true" : "false");
-    info_bitmaps_human (i);
+    info_bitmaps_human (bitmaps, nbitmaps);
     printf ("    refcount bits: %d\n", i->qcow2.refcount_bits);
     if (strcmp (i->qcow2.compat, "0.10") != 0) {
       printf ("    corrupt: %s\n", i->qcow2.corrupt ? "true" : "false");
@@ -234,14 +242,20 @@ info_node (const struct info *in, strata_node *n, bool first, json_t *arr)
 {
   struct strata_info info;
   struct strata_snapshot_info *snaps = NULL;
+  struct strata_bitmap_info **bitmaps = NULL;
   strata_error *err = NULL;
   CLEANUP_FREE char *full = NULL;
   const char *filename = in->filename;
-  int nsnaps = 0;
+  int nsnaps = 0, nbitmaps = 0;
 
   if (!strata_get_info (n, &info, 0, &err)
       || (nsnaps = strata_snapshot_list (n, &snaps, &err)) < 0) {
     fail_err (err);
+    return false;
+  }
+  if (info.format_specific && strcmp (info.format_specific, "qcow2") == 0
+      && (nbitmaps = info_bitmaps (n, &info, &bitmaps)) < 0) {
+    strata_snapshot_list_free (snaps, nsnaps);
     return false;
   }
   /* Unopened, the backing file is named as the image's directory
@@ -256,13 +270,15 @@ info_node (const struct info *in, strata_node *n, bool first, json_t *arr)
     info.full_backing_filename = full;
   }
   if (in->out == OUTPUT_JSON)
-    json_array_append_new (arr, info_json (&info, snaps, nsnaps));
+    json_array_append_new (arr, info_json (&info, snaps, nsnaps, bitmaps,
+                                           nbitmaps));
   else {
     if (!first)
       printf ("\n");
-    info_human (&info, snaps, nsnaps);
+    info_human (&info, snaps, nsnaps, bitmaps, nbitmaps);
   }
   strata_snapshot_list_free (snaps, nsnaps);
+  strata_bitmap_list_free (bitmaps);
   return true;
 }
 

@@ -62,26 +62,32 @@ src_has_bitmap_support (strata_node *src)
          && strcmp (info.qcow2.compat, "0.10") != 0;
 }
 
-/* What the persistent bitmaps of qcow2 FILENAME (VSIZE bytes) would take
- * in a qcow2 output with CLUSTER-byte clusters, as qemu-img measure counts
- * them: each bitmap's data and table clusters, and the directory. */
+/* What the persistent bitmaps of SRC (VSIZE bytes) would take in a qcow2
+ * output with CLUSTER-byte clusters, as qemu-img measure counts them: each
+ * bitmap's data and table clusters, and the directory.  A source whose
+ * bitmaps cannot be listed counts none. */
 static uint64_t
-bitmaps_size (const char *filename, uint64_t vsize, uint64_t cluster)
+bitmaps_size (strata_node *src, uint64_t vsize, uint64_t cluster)
 {
-  struct img_bitmap *l;
-  int n = img_qcow2_bitmaps (filename, &l);
+  struct strata_bitmap_info **l;
+  strata_error *err = NULL;
   uint64_t total = 0, dir_bytes = 0;
+  size_t n;
 
-  for (int i = 0; i < n; i++) {
-    uint64_t g = l[i].granularity_bits;
-    uint64_t bits = (vsize + (UINT64_C (1) << g) - 1) >> g;
+  if (!strata_bitmap_list (src, &l, &n, 0, &err)) {
+    strata_error_free (err);
+    return 0;
+  }
+  for (size_t i = 0; i < n; i++) {
+    uint64_t g = l[i]->granularity;
+    uint64_t bits = vsize / g + !!(vsize % g);
     uint64_t clusters = (bits + cluster * 8 - 1) / (cluster * 8);
 
     total += clusters * cluster
              + (clusters * 8 + cluster - 1) / cluster * cluster;
-    dir_bytes += (24 + strlen (l[i].name) + 7) & ~7ull;
+    dir_bytes += (24 + strlen (l[i]->name) + 7) & ~7ull;
   }
-  img_bitmaps_free (l, n);
+  strata_bitmap_list_free (l);
   return total + (dir_bytes + cluster - 1) / cluster * cluster;
 }
 
@@ -249,7 +255,7 @@ cmd_measure (int argc, char **argv)
     bitmaps = strcmp (ofmt, "qcow2") == 0 && !wants_compat_v2 (options)
               && src_has_bitmap_support (src);
     if (bitmaps && strata_length (src) > 0)
-      bitmap_bytes = bitmaps_size (filename, strata_length (src),
+      bitmap_bytes = bitmaps_size (src, strata_length (src),
                                    output_cluster_size (options));
   }
   else if (asprintf (&all, "size=%" PRIu64, size) < 0) {

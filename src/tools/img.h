@@ -92,19 +92,6 @@ void img_progress_update (struct img_progress *p, uint64_t done);
 /* The final line (100 % when OK) and a newline. */
 void img_progress_end (struct img_progress *p, bool ok);
 
-/* A qcow2 image's persistent bitmaps as qemu reads them: from the bitmap
- * directory, and only while autoclear bit 0 says they are consistent
- * (strata clears it when it opens an image read-write). */
-struct img_bitmap {
-  char *name;
-  uint32_t flags;           /* bit 0 in use, bit 1 auto */
-  uint8_t granularity_bits;
-};
-/* The bitmaps of the qcow2 file FILENAME: the count, *OUT freed with
- * img_bitmaps_free(); 0 (and NULL) when it has none or is not qcow2 v3. */
-int img_qcow2_bitmaps (const char *filename, struct img_bitmap **out);
-void img_bitmaps_free (struct img_bitmap *l, int n);
-
 /* img-snapshot.c: the snapshot table as qemu-img prints it (snapshot -l
  * and info). */
 void snapshot_list_human (const struct strata_snapshot_info *l, int n);

@@ -418,6 +418,7 @@ const struct strata_driver qcow2_driver = {
   .create         = qcow2_create,
   .create_options = qcow2_create_options,
   .snapshot_list  = qcow2_snapshot_list,
+  .bitmap_list    = qcow2_bitmap_list,
   .snapshot_create = qcow2_snapshot_create,
   .snapshot_apply = qcow2_snapshot_apply,
   .snapshot_delete = qcow2_snapshot_delete,

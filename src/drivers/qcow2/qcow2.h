@@ -13,8 +13,9 @@
  * cache), cluster.c (guest->host map), refcount.c (refcounts and cluster
  * allocation), compress.c (compressed clusters), io.c (the data path),
  * resize.c (growing), check.c (consistency check and repair), overlap.c
- * (metadata overlap protection), qcow2.c (open, backing chain, the driver
- * table).
+ * (metadata overlap protection), bitmaps.c (persistent bitmaps: listing,
+ * and the read-write refusal that keeps them valid), qcow2.c (open,
+ * backing chain, the driver table).
  *
  * Locking: node->lock protects everything in struct qcow2_state except
  * the immutable header fields.  Functions with a _locked suffix expect it
@@ -362,6 +363,14 @@ bool qcow2_make_empty (strata_node *node, strata_error **errp);
 /* check.c: qemu-img check (and -r leaks|all). */
 int qcow2_check (strata_node *node, struct strata_check_result *res,
                  unsigned fix, strata_error **errp);
+
+/* bitmaps.c: persistent dirty bitmaps, listed but not maintained.  The
+ * list is the public one (strata_bitmap_list); refuse_write fails, naming
+ * the bitmaps, when the image has valid ones (a read-write open would
+ * invalidate them). */
+bool qcow2_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
+                        size_t *n, strata_error **errp);
+bool qcow2_bitmaps_refuse_write (strata_node *node, strata_error **errp);
 
 /* create.c: qemu-img create -f qcow2. */
 bool qcow2_create (const char *filename, strata_opts *opts,
