@@ -11,8 +11,12 @@
  *     lazy_refcounts is on;
  *   - internal snapshots are kept: clusters and L2 tables they share
  *     (no COPIED flag) are copied before the active image changes them;
- *   - autoclear bits (bitmaps) are cleared when opening read-write, as the
- *     spec asks of a writer that does not maintain them.
+ *   - valid persistent bitmaps (bitmaps extension, autoclear bit 0) refuse
+ *     read-write opens and reopens (bitmaps.c): strata does not maintain
+ *     them, and clearing the bit would make QEMU drop them;
+ *   - other autoclear bits, and bit 0 with no valid bitmaps, are cleared
+ *     when opening read-write, as the spec asks of a writer that does not
+ *     maintain them.
  * The backing file is opened read-only with the format the header names;
  * a missing format is refused rather than probed, and the chain of real
  * paths is passed down (option x-backing-chain) to refuse loops and chains
@@ -93,6 +97,9 @@ check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
                "with 'qemu-img check -r all'", fn);
     return false;
   }
+  /* Before anything is written: the dirty repair writes too. */
+  if (!qcow2_bitmaps_refuse_write (node, errp))
+    return false;
   if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !repair_dirty (node, s, errp))
     return false;
   if (s->autoclear) {

@@ -1,0 +1,175 @@
+"""qcow2 images with persistent dirty bitmaps: strata lists them (through
+the driver's strata_bitmap_list) and refuses to open them read-write.
+
+strata does not maintain bitmaps.  A writer that does not must clear
+autoclear bit 0, after which QEMU throws the bitmaps away ("a program
+lacking bitmap support modified this file") and their owner must start
+incremental backups again from a full one.  So every path that would open
+such an image read-write fails with one line naming the bitmaps, and the
+file is left byte for byte as it was; read-only use works as before.  The
+bitmaps are made by qemu-img bitmap --add; qemu-img is the oracle.
+"""
+import hashlib
+import json
+import struct
+import subprocess
+
+import pytest
+
+from conftest import binary, need, run
+
+BITMAPS_EXT = 0x23852875
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def message(path, names):
+    return (f"{path}: image has persistent dirty bitmaps ({names}) that "
+            "strata cannot keep up to date; open it read-only")
+
+
+@pytest.fixture
+def qemu_img():
+    return need("qemu-img", "qemu-utils")
+
+
+@pytest.fixture
+def img(tmp_path, qemu_img):
+    """64 MiB qcow2 with data and two bitmaps: b0 (auto), b1 (disabled,
+    512-byte granularity); and top.qcow2, an overlay with none."""
+    qemu_io = need("qemu-io", "qemu-utils")
+    p = tmp_path / "img.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", p, "64M")
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 7 0 1M", p)
+    run(qemu_img, "bitmap", "--add", p, "b0")
+    run(qemu_img, "bitmap", "--add", "-g", "512", "--disable", p, "b1")
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 8 2M 64k", p)
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "img.qcow2", "-F",
+        "qcow2", tmp_path / "top.qcow2")
+    return p
+
+
+def assert_bitmaps_intact(qemu_img, p):
+    info = run(qemu_img, "info", "--output=json", p)
+    assert "lacking bitmap support" not in info.stderr
+    names = [b["name"] for b in
+             json.loads(info.stdout)["format-specific"]["data"]["bitmaps"]]
+    assert names == ["b0", "b1"]
+    chk = run(qemu_img, "check", p)
+    assert "No errors were found" in chk.stdout
+
+
+# Each way a strata program opens an image read-write, run in the image's
+# directory ({dir}); "img.qcow2" is the image with bitmaps.
+READ_WRITE = {
+    "strata-io write": ["strata-io", "-c", "write -P 1 0 4k", "img.qcow2"],
+    "strata-io default": ["strata-io", "-c", "read 0 4k", "img.qcow2"],
+    "strata-img resize": ["strata-img", "resize", "img.qcow2", "+1M"],
+    "strata-img amend": ["strata-img", "amend", "-o", "lazy_refcounts=on",
+                         "img.qcow2"],
+    "strata-img snapshot": ["strata-img", "snapshot", "-c", "s1",
+                            "img.qcow2"],
+    "strata-img rebase": ["strata-img", "rebase", "-u", "-b", "",
+                          "img.qcow2"],
+    "strata-img check -r": ["strata-img", "check", "-r", "leaks",
+                            "img.qcow2"],
+    # The backing file is reopened read-write to take the overlay's data.
+    "strata-img commit": ["strata-img", "commit", "top.qcow2"],
+    "strata-nbd": ["strata-nbd", "-f", "qcow2", "-k", "{dir}/nbd.sock",
+                   "img.qcow2"],
+    "stratad": ["stratad", "--blockdev",
+                "driver=qcow2,node-name=n0,file.driver=file,"
+                "file.filename=img.qcow2", "--qmp", "{dir}/qmp.sock"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(READ_WRITE))
+def test_read_write_open_refused(tmp_path, img, qemu_img, case):
+    before = {p.name: sha(p) for p in tmp_path.iterdir()}
+    argv = [a.replace("{dir}", str(tmp_path)) for a in READ_WRITE[case]]
+    p = subprocess.run([binary(argv[0])] + argv[1:], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert message("img.qcow2", "b0, b1") in p.stderr
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+    assert {q.name: sha(q) for q in tmp_path.iterdir()
+            if q.name in before} == before
+    assert_bitmaps_intact(qemu_img, img)
+
+
+def test_read_only_use_works(tmp_path, img, qemu_img):
+    for args in (["info", img], ["info", "--output=json", img]):
+        ours = run(binary("strata-img"), *args)
+        theirs = run(qemu_img, *args)
+        assert ours.stdout == theirs.stdout
+    io = run(binary("strata-io"), "-r", "-c", "read -P 8 2M 64k", img)
+    assert "read 65536/65536 bytes" in io.stdout
+    out = tmp_path / "out.qcow2"
+    run(binary("strata-img"), "convert", "-O", "qcow2", img, out)
+    run(qemu_img, "compare", img, out)
+    run(binary("strata-img"), "check", img)
+    assert_bitmaps_intact(qemu_img, img)
+
+
+def header_ext(path):
+    """(offset of the bitmaps extension's data, its bytes), or None."""
+    data = path.read_bytes()
+    pos = struct.unpack(">I", data[100:104])[0]
+    while pos + 8 <= len(data):
+        kind, length = struct.unpack(">II", data[pos:pos + 8])
+        if kind == 0:
+            return None
+        if kind == BITMAPS_EXT:
+            return pos + 8, data[pos + 8:pos + 8 + length]
+        pos += 8 + (length + 7) // 8 * 8
+    return None
+
+
+def patch(path, offset, raw):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(raw)
+
+
+def test_stale_bitmaps_do_not_block_writes(tmp_path, img, qemu_img):
+    """With autoclear bit 0 clear the bitmaps are already invalid (QEMU
+    ignores them): they are not listed, and a write is allowed."""
+    patch(img, 88, struct.pack(">Q", 0))
+    ours = run(binary("strata-img"), "info", "--output=json", img)
+    assert "bitmaps" not in json.loads(ours.stdout)["format-specific"]["data"]
+    run(binary("strata-io"), "-c", "write -P 1 0 4k", img)
+    run(binary("strata-io"), "-r", "-c", "read -P 1 0 4k", img)
+
+
+@pytest.mark.parametrize("field,offset,raw,words", [
+    ("entry flags", 12, struct.pack(">I", 1 << 5), "reserved flags"),
+    ("entry type", 16, b"\x02", "type 2"),
+    ("name size", 18, struct.pack(">H", 0), "name size 0"),
+    ("table offset", 0, struct.pack(">Q", 0x1234), "table offset 0x1234"),
+])
+def test_malformed_directory(tmp_path, img, field, offset, raw, words):
+    """A bad field of the first directory entry fails the listing (info
+    exits 1 naming it) and still refuses a read-write open."""
+    ext_off, ext = header_ext(img)
+    assert struct.unpack(">I", ext[:4])[0] == 2
+    dir_offset = struct.unpack(">Q", ext[16:24])[0]
+    patch(img, dir_offset + offset, raw)
+    p = run(binary("strata-img"), "info", img, check=False)
+    assert p.returncode == 1, field
+    assert "bitmap" in p.stderr and words in p.stderr, p.stderr
+    p = run(binary("strata-io"), "-c", "write 0 4k", img, check=False)
+    assert p.returncode == 1
+    assert "image has persistent dirty bitmaps" in p.stderr
+    assert "open it read-only" in p.stderr
+
+
+def test_malformed_extension(tmp_path, img):
+    ext_off, _ = header_ext(img)
+    patch(img, ext_off + 4, struct.pack(">I", 1))   # reserved field
+    p = run(binary("strata-img"), "info", img, check=False)
+    assert p.returncode == 1
+    assert "bitmaps extension reserved field is not zero" in p.stderr
+    p = run(binary("strata-io"), "-c", "write 0 4k", img, check=False)
+    assert p.returncode == 1 and "open it read-only" in p.stderr
