@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/chain.h"
 #include "block/graph.h"
 #include "block/node.h"
 #include "control/commands-block.h"
@@ -80,30 +81,8 @@ display_filename (strata_node *node)
   return out;
 }
 
-/* NAME as a backing name of NODE resolves: relative to NODE's directory
- * (caller frees).  Also block-stream's, to find a base by name. */
-char *
-qmp_full_backing_filename (strata_node *node, const char *name)
-{
-  const char *slash = strrchr (node->filename, '/');
-  char *out;
-
-  if (name[0] == '/' || !slash)
-    return strdup (name);
-  if (asprintf (&out, "%.*s%s", (int)(slash - node->filename + 1),
-                node->filename, name)
-      < 0)
-    return NULL;
-  return out;
-}
-
-/* The node QEMU describes as "backing-image" and counts in the depth: a
- * filter's child, or a format's backing node. */
-static strata_node *
-filtered_or_backing (strata_node *node)
-{
-  return node->drv->is_filter ? node->file : node->backing;
-}
+/* The node QEMU describes as "backing-image" and counts in the depth is
+ * chain_next(): a filter's child, or a format's backing node. */
 
 static json_t *
 image_info (strata_node *node, bool nested, struct qmp_error *err)
@@ -141,7 +120,7 @@ image_info (strata_node *node, bool nested, struct qmp_error *err)
                    info.qcow2.refcount_bits, "corrupt", info.qcow2.corrupt,
                    "extended-l2", info.qcow2.extended_l2));
   if (info.backing_filename) {
-    char *full = qmp_full_backing_filename (node, info.backing_filename);
+    char *full = chain_resolve_name (node->filename, info.backing_filename);
     json_object_set_new (o, "backing-filename",
                          json_string (info.backing_filename));
     if (full)
@@ -151,8 +130,8 @@ image_info (strata_node *node, bool nested, struct qmp_error *err)
   if (info.backing_format)
     json_object_set_new (o, "backing-filename-format",
                          json_string (info.backing_format));
-  if (nested && filtered_or_backing (node)) {
-    json_t *b = image_info (filtered_or_backing (node), true, err);
+  if (nested && chain_next (node)) {
+    json_t *b = image_info (chain_next (node), true, err);
     if (!b) {
       json_decref (o);
       return NULL;
@@ -174,8 +153,7 @@ block_device_info (strata_node *node, bool flat, struct qmp_error *err)
     return NULL;
   node_cache_mode (node, &direct, &no_flush);
   /* QEMU counts the chain it described in "image": none when flat. */
-  for (strata_node *b = filtered_or_backing (node); !flat && b;
-       b = filtered_or_backing (b))
+  for (strata_node *b = chain_next (node); !flat && b; b = chain_next (b))
     depth++;
   fn = display_filename (node);
   o = json_pack ("{s:s, s:s, s:s?, s:b, s:b, s:s, s:i, s:o, s:i, s:i, s:i,"

@@ -18,8 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/chain.h"
 #include "block/graph.h"
-#include "control/commands-block.h"
 #include "control/qmp.h"
 #include "jobs/job.h"
 #include "jobs/stream.h"
@@ -38,56 +38,6 @@ lookup (const char *device, const char *name, struct qmp_error *err)
     qmp_error_set (err, "GenericError",
                    "Cannot find device='%s' nor node-name='%s'", device, name);
   return node;
-}
-
-/* The next node down the chain: a filter's child, a format's backing. */
-static strata_node *
-chain_next (strata_node *n)
-{
-  return n->drv->is_filter ? n->file : n->backing;
-}
-
-/* Is NODE strictly below TOP in its chain (through filters)? */
-static bool
-chain_contains (strata_node *top, strata_node *node)
-{
-  for (strata_node *n = chain_next (top); n; n = chain_next (n))
-    if (n == node)
-      return true;
-  return false;
-}
-
-static bool
-same_file (const char *a, const char *b)
-{
-  CLEANUP_FREE char *ra = realpath (a, NULL);
-  CLEANUP_FREE char *rb = realpath (b, NULL);
-
-  return strcmp (a, b) == 0 || (ra && rb && strcmp (ra, rb) == 0);
-}
-
-/* The node below TOP whose file is NAME (a new reference), or NULL.  A
- * relative NAME is taken from the directory of the image above each
- * candidate, as QEMU does. */
-static strata_node *
-find_backing_image (strata_node *top, const char *name)
-{
-  strata_node *over = node_skip_filters (top);
-
-  for (strata_node *n = chain_next (top); n; n = chain_next (n)) {
-    CLEANUP_FREE char *full = NULL;
-
-    if (n->drv->is_filter)
-      continue;
-    full = qmp_full_backing_filename (over, name);
-    if (same_file (n->filename, name)
-        || (full && same_file (n->filename, full))) {
-      node_ref (n);
-      return n;
-    }
-    over = n;
-  }
-  return NULL;
 }
 
 static const char *const on_error_names[] = {
@@ -157,11 +107,15 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
 
   *basep = NULL;
   if (base) {
-    if (!(*basep = find_backing_image (top, base))) {
+    /* By its file name, or the name as the layer above would record it
+     * (relative to that layer's directory), as QEMU matches it. */
+    if (!(*basep = chain_find_file (
+              top, base, CHAIN_MATCH_PATH | CHAIN_MATCH_RELATIVE, NULL))) {
       qmp_error_set (err, "GenericError",
                      "Can't find '%s' in the backing chain", base);
       return false;
     }
+    node_ref (*basep);
   }
   if (base_node) {
     if (!(n = lookup ("", base_node, err)))

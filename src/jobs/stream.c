@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/chain.h"
 #include "block/graph.h"
 #include "jobs/job.h"
 #include "jobs/stream.h"
@@ -132,8 +133,8 @@ allocated_below (struct stream *s, uint64_t offset, uint64_t *n,
   strata_node *base = node_skip_filters (s->base);
 
   *allocated = false;
-  for (strata_node *l = node_skip_filters (s->top->backing); l && l != base;
-       l = node_skip_filters (l->backing)) {
+  for (strata_node *l = chain_backing (s->top); l && l != base;
+       l = chain_backing (l)) {
     int64_t size = node_length (l);
     struct bstat bs;
     int r;
@@ -334,13 +335,6 @@ static const struct job_driver stream_driver = {
 };
 
 /* ---- starting ---- */
-
-/* The next node down the chain: a filter's child, a format's backing. */
-static strata_node *
-chain_next (strata_node *n)
-{
-  return n->drv->is_filter ? n->file : n->backing;
-}
 
 /* The job's state, with its own references to TOP and BASE. */
 static struct stream *
