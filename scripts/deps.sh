@@ -7,6 +7,7 @@ set -euo pipefail
 packages=(
   # build
   gcc make meson ninja-build pkg-config clang libclang-rt-14-dev
+  scdoc man-db
   # libraries strata links
   zlib1g-dev libzstd-dev libjansson-dev libnbd-dev
   # test peers and runners
