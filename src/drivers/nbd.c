@@ -45,6 +45,7 @@
 #include "drivers/registry.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
+#include "util/clock.h"
 
 #define NBD_DEFAULT_PORT "10809"
 #define NBD_MAX_CHUNK (32u << 20)        /* bytes per NBD request */
@@ -59,7 +60,7 @@
  * request that holds it (busy). */
 struct nbd_conn {
   struct nbd_handle *h;        /* NULL while disconnected */
-  struct timespec dead_since;
+  uint64_t dead_since;         /* clock_now_ns() when it died */
   bool busy;
 };
 
@@ -399,7 +400,7 @@ nbd_connect_handle_timeout (struct nbd_state *s, int timeout_ms,
                             char *msg, size_t msglen)
 {
   struct nbd_handle *h = nbd_create ();
-  struct timespec deadline, now;
+  uint64_t deadline;
   int r;
 
   if (!h) {
@@ -416,20 +417,13 @@ nbd_connect_handle_timeout (struct nbd_state *s, int timeout_ms,
     r = s->uri.socket ? nbd_connect_unix (h, s->uri.socket)
                       : nbd_connect_tcp (h, s->uri.host, s->uri.port);
   else {
-    clock_gettime (CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (long) (timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-      deadline.tv_sec++;
-      deadline.tv_nsec -= 1000000000L;
-    }
+    deadline = clock_now_ns () + (uint64_t) timeout_ms * CLOCK_NS_PER_MS;
     r = s->uri.socket ? nbd_aio_connect_unix (h, s->uri.socket)
                       : nbd_aio_connect_tcp (h, s->uri.host, s->uri.port);
     while (r == 0 && nbd_aio_is_ready (h) != 1) {
-      long left;
-      clock_gettime (CLOCK_MONOTONIC, &now);
-      left = (deadline.tv_sec - now.tv_sec) * 1000L
-             + (deadline.tv_nsec - now.tv_nsec) / 1000000L;
+      uint64_t now = clock_now_ns ();
+      long left = now < deadline ? (long) ((deadline - now) / CLOCK_NS_PER_MS)
+                                 : 0;
       /* In slices, so that closing the node need not wait long. */
       if (left <= 0 || atomic_load (&s->closing) || nbd_aio_is_dead (h) == 1
           || nbd_aio_is_closed (h) == 1)
@@ -452,13 +446,6 @@ nbd_connect_handle (struct nbd_state *s, char *msg, size_t msglen)
   return nbd_connect_handle_timeout (s, -1, msg, msglen);
 }
 
-static bool
-timespec_before (const struct timespec *a, const struct timespec *b)
-{
-  return a->tv_sec < b->tv_sec
-         || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
-}
-
 /* Connect C again after it died at c->dead_since: retry until
  * reconnect-delay seconds after that, or once when that time is past.
  * The caller holds C (busy). */
@@ -467,12 +454,14 @@ nbd_reconnect (strata_node *node, struct nbd_conn *c, char *msg,
                size_t msglen)
 {
   struct nbd_state *s = node->opaque;
-  struct timespec deadline = c->dead_since, now;
+  uint64_t deadline;
   struct nbd_handle *h;
 
   if (s->reconnect_delay == 0)
     return false;
-  deadline.tv_sec += (time_t) MIN (s->reconnect_delay, (uint64_t) 86400 * 365);
+  deadline = c->dead_since
+             + MIN (s->reconnect_delay, (uint64_t) 86400 * 365)
+                   * CLOCK_NS_PER_SEC;
   for (;;) {
     if ((h = nbd_connect_handle (s, msg, msglen))) {
       int64_t size = nbd_get_size (h);
@@ -485,8 +474,7 @@ nbd_reconnect (strata_node *node, struct nbd_conn *c, char *msg,
       c->h = h;
       return true;
     }
-    clock_gettime (CLOCK_MONOTONIC, &now);
-    if (!timespec_before (&now, &deadline))
+    if (clock_now_ns () >= deadline)
       return false;
     nanosleep (&(struct timespec){ 0, NBD_RECONNECT_INTERVAL_NS }, NULL);
   }
@@ -655,7 +643,7 @@ nbd_run (strata_node *node, struct nbd_req *r)
       }
       nbd_close (c->h);
       c->h = NULL;
-      clock_gettime (CLOCK_MONOTONIC, &c->dead_since);
+      c->dead_since = clock_now_ns ();
     }
     if (!nbd_reconnect (node, c, msg, sizeof msg)) {
       if (s->reconnect_delay == 0)

@@ -24,6 +24,7 @@
 
 #include "util/checked.h"
 #include "util/cleanup.h"
+#include "util/clock.h"
 #include "util/opts.h"
 #include "tools/img.h"
 
@@ -202,9 +203,9 @@ static double
 bench_threads (struct bench *b, uint64_t depth)
 {
   pthread_t *th = calloc (depth, sizeof *th);
-  double t0, t1;
+  uint64_t t0, t1;
 
-  t0 = now ();
+  t0 = clock_now_ns ();
   for (uint64_t i = 0; th && i < depth; i++)
     if (pthread_create (&th[i], NULL, bench_worker, b) != 0)
       atomic_store (&b->error, -EAGAIN);
@@ -213,9 +214,9 @@ bench_threads (struct bench *b, uint64_t depth)
       pthread_join (th[i], NULL);
   /* Timed up to the last completion, as qemu-img bench times it; the
    * flush on close is outside the measurement for both tools. */
-  t1 = now ();
+  t1 = clock_now_ns ();
   free (th);
-  return t1 - t0;
+  return (double) (t1 - t0) / CLOCK_NS_PER_SEC;
 }
 
 static int

@@ -30,6 +30,7 @@
 
 #include "tools/img.h"
 #include "util/checked.h"
+#include "util/clock.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
 #include "util/ratelimit.h"
@@ -167,14 +168,14 @@ copy_down (strata_node *top, strata_node *base, int base_depth, uint64_t len,
 
   if (!buf)
     return -ENOMEM;
-  ratelimit_init (&rl, c->rate, ratelimit_now_ns ());
+  ratelimit_init (&rl, c->rate, clock_now_ns ());
   for (; off < len; off += n) {
     uint64_t end = MIN (len, ROUND_DOWN (off, chunk) + chunk), start;
     if ((r = next_run (top, base_depth, off, end, &n, &copy, &zero)) < 0)
       return r;
     if (copy) {
       img_ratelimit_wait (&rl);
-      start = ratelimit_now_ns ();
+      start = clock_now_ns ();
       if ((r = copy_extent (top, base, off, n, zero, buf)) < 0)
         return r;
       ratelimit_account (&rl, n, start);

@@ -14,6 +14,7 @@
 
 #include "tools/img.h"
 #include "util/cleanup.h"
+#include "util/clock.h"
 #include "util/opts.h"
 #include "util/ratelimit.h"
 
@@ -30,14 +31,6 @@ fail_err (strata_error *err)
 {
   fail_msg (strata_error_message (err));
   strata_error_free (err);
-}
-
-double
-now (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 bool
@@ -327,7 +320,7 @@ img_cache_options (const char *mode, const char *fmt, char *buf, size_t size,
 void
 img_ratelimit_wait (const struct ratelimit *rl)
 {
-  uint64_t ns = ratelimit_delay (rl, ratelimit_now_ns ());
+  uint64_t ns = ratelimit_delay (rl, clock_now_ns ());
   struct timespec ts
       = { .tv_sec = ns / 1000000000u, .tv_nsec = ns % 1000000000u };
 

@@ -41,6 +41,7 @@
 #include <strata/strata.h>
 
 #include "util/checked.h"
+#include "util/clock.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
 #include "tools/img.h"
@@ -517,7 +518,7 @@ convert_worker (void *arg)
     if (!ok)
       break;
     if (c->rl.speed && ch.status == ST_DATA) /* as qemu-img: data only */
-      ratelimit_account (&c->rl, ch.len, ratelimit_now_ns ());
+      ratelimit_account (&c->rl, ch.len, clock_now_ns ());
     /* Zero chunks written as data (-S 0, or a compressed cluster) read as
      * zeros without asking the source. */
     padded = ROUND_UP (ch.len, SECTOR);
@@ -1074,7 +1075,7 @@ cmd_convert (int argc, char **argv)
   c.progress = a.progress;
   c.min_sparse = a.min_sparse;
   c.salvage = a.salvage;
-  ratelimit_init (&c.rl, a.rate, ratelimit_now_ns ());
+  ratelimit_init (&c.rl, a.rate, clock_now_ns ());
   c.align = MAX (a.min_sparse, SECTOR) / SECTOR;
   while (c.align & (c.align - 1))
     c.align &= c.align - 1; /* the power of two at or below */

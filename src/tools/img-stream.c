@@ -29,6 +29,7 @@
 #include "block/node.h"
 #include "tools/img.h"
 #include "util/checked.h"
+#include "util/clock.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
 #include "util/ratelimit.h"
@@ -116,7 +117,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
   struct strata_info info = { 0 };
   struct img_progress pr;
   uint64_t chunk = STREAM_CHUNK, unflushed = 0;
-  uint64_t flushed_at = ratelimit_now_ns ();
+  uint64_t flushed_at = clock_now_ns ();
   struct ratelimit rl;
 
   if (size < 0) {
@@ -126,11 +127,11 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
   }
   if (strata_get_info (top, &info, 0, NULL) && info.cluster_size)
     chunk = ROUND_UP (chunk, info.cluster_size);
-  ratelimit_init (&rl, st->rate, ratelimit_now_ns ());
+  ratelimit_init (&rl, st->rate, clock_now_ns ());
   img_progress_start (&pr, st->progress, (uint64_t)size);
   for (uint64_t pos = 0; pos < (uint64_t)size;) {
     uint64_t n = MIN (chunk, size - pos), copied;
-    uint64_t start = ratelimit_now_ns ();
+    uint64_t start = clock_now_ns ();
     int r = node_copy_up (top, base, pos, n, &copied);
 
     if (r < 0) {
@@ -143,14 +144,14 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
     pos += n;
     unflushed += copied;
     if (unflushed >= FLUSH_BYTES
-        || (unflushed && ratelimit_now_ns () - flushed_at >= FLUSH_NS)) {
+        || (unflushed && clock_now_ns () - flushed_at >= FLUSH_NS)) {
       if ((r = strata_flush (top, 0)) < 0) {
         fprintf (stderr, "%s: cannot flush '%s': %s\n", progname, st->file,
                  strerror (-r));
         return false;
       }
       unflushed = 0;
-      flushed_at = ratelimit_now_ns ();
+      flushed_at = clock_now_ns ();
     }
     img_progress_update (&pr, pos);
     if (copied) {

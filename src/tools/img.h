@@ -25,8 +25,6 @@ enum output { OUTPUT_HUMAN, OUTPUT_JSON };
 void fail_msg (const char *msg);
 /* The same with ERR's message; frees ERR. */
 void fail_err (strata_error *err);
-/* CLOCK_MONOTONIC in seconds. */
-double now (void);
 /* --output=human|json, with qemu-img's message on anything else. */
 bool parse_output (const char *s, enum output *out);
 /* qemu's size_to_str(): "1.5 GiB". */

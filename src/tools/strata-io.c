@@ -29,6 +29,7 @@
 
 #include "tools/tool-common.h"
 #include "util/checked.h"
+#include "util/clock.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
 
@@ -70,14 +71,6 @@ cvtstr (double value, char *str, size_t size)
   strcat (str, sfx);
 }
 
-static double
-now (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void
 print_report (const char *op, double t, uint64_t offset, uint64_t bytes,
               uint64_t total, int cnt)
@@ -112,14 +105,17 @@ print_csv (double t, uint64_t total, int cnt)
           secs / 3600, secs / 60 % 60, secs % 60, centi, total / t, cnt / t);
 }
 
-/* The report every data command ends with, unless -q. */
+/* The report every data command ends with, unless -q; T0 is when the
+ * command started (clock_now_ns()). */
 static void
-report (const char *op, bool csv, double t0, uint64_t offset, uint64_t len)
+report (const char *op, bool csv, uint64_t t0, uint64_t offset, uint64_t len)
 {
+  double t = (double) (clock_now_ns () - t0) / CLOCK_NS_PER_SEC;
+
   if (csv)
-    print_csv (now () - t0, len, 1);
+    print_csv (t, len, 1);
   else
-    print_report (op, now () - t0, offset, len, len, 1);
+    print_report (op, t, offset, len, len, 1);
 }
 
 static void
@@ -346,7 +342,7 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
   struct read_opts o = { .pattern = -1 };
   bool bad = false, have_pat_off = false, mismatch;
   uint64_t off, len;
-  double t0;
+  uint64_t t0;
   int c;
 
   optind = 0;
@@ -387,7 +383,7 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
     printf ("pattern verification range exceeds end of read data\n");
     return -1;
   }
-  t0 = now ();
+  t0 = clock_now_ns ();
   if (read_checked (io, off, len, &o, "read", &mismatch) < 0)
     return -1;
   if (!o.quiet)
@@ -481,7 +477,7 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
   const char *src = NULL;
   unsigned flags;
   uint64_t off, len;
-  double t0;
+  uint64_t t0;
   CLEANUP_FREE uint8_t *buf = NULL;
 
   optind = 0;
@@ -539,7 +535,7 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
     flags |= STRATA_REQ_MAY_UNMAP;
   if (src && !(buf = data_from_file (src, len)))
     return -1;
-  t0 = now ();
+  t0 = clock_now_ns ();
   if (write_range (io, off, len, zero, pattern, buf, flags, "write") < 0)
     return -1;
   if (!quiet)
@@ -553,7 +549,7 @@ cmd_discard (struct io_ctx *io, int argc, char **argv)
   int c, r;
   bool quiet = false, csv = false;
   uint64_t off, len;
-  double t0;
+  uint64_t t0;
 
   optind = 0;
   while ((c = getopt (argc, argv, "+Cq")) != -1) {
@@ -567,7 +563,7 @@ cmd_discard (struct io_ctx *io, int argc, char **argv)
     return command_usage ("discard");
   if (!parse_off_len (argv + optind, &off, &len))
     return -1;
-  t0 = now ();
+  t0 = clock_now_ns ();
   r = strata_pdiscard (io->node, off, len, 0);
   if (r < 0) {
     print_io_failure ("discard", r);
@@ -852,7 +848,7 @@ readv_common (struct io_ctx *io, int argc, char **argv, bool aio)
   struct read_opts o = { .pattern = -1 };
   bool bad = false, invalid = false, mismatch;
   uint64_t off, len;
-  double t0;
+  uint64_t t0;
   int c;
 
   optind = 0;
@@ -874,7 +870,7 @@ readv_common (struct io_ctx *io, int argc, char **argv, bool aio)
   if (!parse_vector (argc - optind, argv + optind, &off, &len))
     return -1;
   o.pat_len = len;
-  t0 = now ();
+  t0 = clock_now_ns ();
   if (read_checked (io, off, len, &o, "readv", &mismatch) < 0)
     return aio ? 0 : -1;
   if (!o.quiet)
@@ -904,7 +900,7 @@ writev_common (struct io_ctx *io, int argc, char **argv, bool aio)
   bool invalid = false;
   unsigned flags = 0;
   uint64_t off, len;
-  double t0;
+  uint64_t t0;
 
   optind = 0;
   while ((c = getopt (argc, argv, aio ? "+CfiP:quz" : "+CfP:q")) != -1) {
@@ -940,7 +936,7 @@ writev_common (struct io_ctx *io, int argc, char **argv, bool aio)
     return -1;
   if (unmap)
     flags |= STRATA_REQ_MAY_UNMAP;
-  t0 = now ();
+  t0 = clock_now_ns ();
   if (write_range (io, off, len, zero, pattern, NULL, flags, name) < 0)
     return aio ? 0 : -1;
   if (!quiet)

@@ -26,6 +26,7 @@
 
 #include "tools/qmp-client.h"
 #include "tools/strata-cmds.h"
+#include "util/clock.h"
 
 enum job_end { JOB_RUNNING, JOB_COMPLETED, JOB_CANCELLED, JOB_FAILED };
 
@@ -55,10 +56,7 @@ struct job_wait {
 static int64_t
 now_ms (void)
 {
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+  return (int64_t) (clock_now_ns () / CLOCK_NS_PER_MS);
 }
 
 /* RATE in bytes/s.  A bare number is MiB/s as in virsh (bytes/s with

@@ -1,6 +1,7 @@
 /* strata: byte-rate limiter; the scheme is described in ratelimit.h. */
 #include <time.h>
 
+#include "util/clock.h"
 #include "util/ratelimit.h"
 
 #define NS_PER_SEC 1000000000ull
@@ -56,8 +57,5 @@ ratelimit_account (struct ratelimit *rl, uint64_t bytes, uint64_t start)
 uint64_t
 ratelimit_now_ns (void)
 {
-  struct timespec ts;
-
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * NS_PER_SEC + ts.tv_nsec;
+  return clock_now_ns ();
 }

@@ -12,7 +12,7 @@
  * byte is computed exactly (the nanosecond remainder is carried), so a job
  * that always has work moves SPEED bytes per second to within one chunk.
  *
- * Time is passed in by the caller (ratelimit_now_ns() in real use), so
+ * Time is passed in by the caller (clock_now_ns() in real use), so
  * the unit test drives the limiter with a fake clock.  Not thread-safe:
  * the job framework guards it with the job lock.
  */
@@ -40,7 +40,8 @@ void ratelimit_set_speed (struct ratelimit *rl, uint64_t speed, uint64_t now);
 uint64_t ratelimit_delay (const struct ratelimit *rl, uint64_t now);
 /* BYTES were dispatched at time START. */
 void ratelimit_account (struct ratelimit *rl, uint64_t bytes, uint64_t start);
-/* CLOCK_MONOTONIC in nanoseconds. */
+/* CLOCK_MONOTONIC in nanoseconds: clock_now_ns() (util/clock.h), kept
+ * for the job code until it moves to src/jobs/. */
 uint64_t ratelimit_now_ns (void);
 
 #endif
