@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "tools/img.h"
+#include "tools/progress.h"
 #include "util/cleanup.h"
 
 static const char qcow2_amend_help[]
@@ -147,13 +148,13 @@ amend (const char *file, const char *fmt, const char *options, bool show)
     ret = 0;
   }
   else if (keys_ok (options)) {
-    struct img_progress pr;
-    img_progress_start (&pr, show, 1);
+    struct progress pr;
+    progress_start (&pr, PROGRESS_IMG, NULL, show, 1);
     if (!strata_amend (n, options, &err))
       fail_err (err);
     else
       ret = 0;
-    img_progress_end (&pr, ret == 0);
+    progress_end (&pr, ret == 0);
   }
   strata_close (n);
   return ret;

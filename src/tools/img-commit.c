@@ -29,6 +29,7 @@
 #include <time.h>
 
 #include "tools/img.h"
+#include "tools/progress.h"
 #include "util/checked.h"
 #include "util/clock.h"
 #include "util/cleanup.h"
@@ -158,7 +159,7 @@ next_run (strata_node *top, int base_depth, uint64_t off, uint64_t end,
  * so that zeros reach it as whole zero clusters, not partial writes). */
 static int
 copy_down (strata_node *top, strata_node *base, int base_depth, uint64_t len,
-           uint64_t chunk, const struct commit *c, struct img_progress *pr)
+           uint64_t chunk, const struct commit *c, struct progress *pr)
 {
   CLEANUP_FREE uint8_t *buf = malloc (chunk);
   struct ratelimit rl;
@@ -180,7 +181,7 @@ copy_down (strata_node *top, strata_node *base, int base_depth, uint64_t len,
         return r;
       ratelimit_account (&rl, n, start);
     }
-    img_progress_update (pr, off + n);
+    progress_update (pr, off + n, pr->total);
   }
   return 0;
 }
@@ -223,7 +224,7 @@ chunk_size (strata_node *base)
 static int
 run_commit (strata_node *top, const struct commit *c)
 {
-  struct img_progress pr;
+  struct progress pr;
   strata_error *err = NULL;
   strata_node *base;
   int64_t len = strata_length (top);
@@ -242,7 +243,7 @@ run_commit (strata_node *top, const struct commit *c)
     strata_error_free (err);
     return 1;
   }
-  img_progress_start (&pr, c->progress, (uint64_t)len);
+  progress_start (&pr, PROGRESS_IMG, NULL, c->progress, (uint64_t)len);
   if (!grow_base (base, (uint64_t)len))
     return 1;
   if ((r = copy_down (top, base, depth, (uint64_t)len, chunk_size (base), c,
@@ -250,7 +251,7 @@ run_commit (strata_node *top, const struct commit *c)
           < 0
       || (r = strata_flush (base, 0)) < 0) {
     const char *m = strata_last_error_message ();
-    img_progress_end (&pr, false);
+    progress_end (&pr, false);
     fprintf (stderr, "%s: Block job failed: %s\n", progname,
              m ? m : strerror (-r));
     return 1;
@@ -261,7 +262,7 @@ run_commit (strata_node *top, const struct commit *c)
     strata_error_free (err);
     return 1;
   }
-  img_progress_end (&pr, true);
+  progress_end (&pr, true);
   return 0;
 }
 

@@ -48,25 +48,6 @@ parse_output (const char *s, enum output *out)
   return true;
 }
 
-/* qemu's size_to_str(): three significant digits, binary units, switching
- * to the next unit from 1000 of the current one. */
-void
-size_to_str (uint64_t val, char *buf, size_t len)
-{
-  static const char *const suffixes[] = { "", "Ki", "Mi", "Gi", "Ti", "Pi",
-                                          "Ei" };
-  int e, i;
-
-  frexp (val / (1000.0 / 1024.0), &e);
-  i = (e - 1) / 10;
-  if (i < 0)
-    i = 0;
-  if (i > 6)
-    i = 6;
-  snprintf (buf, len, "%0.3g %sB", (double) val / (double) (UINT64_C (1) << (i * 10)),
-            suffixes[i]);
-}
-
 bool img_image_opts;
 /* img_open_snapshot() is opening: failures are qemu-img's "Failed to load
  * snapshot". */
@@ -328,69 +309,6 @@ img_ratelimit_wait (const struct ratelimit *rl)
     return;
   while (nanosleep (&ts, &ts) < 0 && errno == EINTR)
     ;
-}
-
-
-/* ---- -p ---- */
-
-void
-img_progress_start (struct img_progress *p, bool wanted, uint64_t total)
-{
-  p->on = wanted && isatty (STDOUT_FILENO);
-  p->start = now ();
-  p->drawn_at = 0;
-  p->total = total;
-  if (p->on)
-    img_progress_update (p, 0);
-}
-
-static void
-progress_draw (struct img_progress *p, uint64_t done, double t)
-{
-  double pct = p->total ? 100.0 * (double) done / (double) p->total : 100.0;
-  double elapsed = t - p->start;
-  double rate = elapsed > 0 ? (double) done / elapsed : 0;
-  char bar[31], sz[32];
-  int fill = (int) (pct * 30 / 100);
-
-  for (int i = 0; i < 30; i++)
-    bar[i] = i < fill ? '#' : ' ';
-  bar[30] = 0;
-  size_to_str ((uint64_t) rate, sz, sizeof sz);
-  printf ("\r[%s] %6.2f%%  %10s/s", bar, pct, sz);
-  if (done > 0 && done < p->total && rate > 0) {
-    uint64_t left = (uint64_t) ((double) (p->total - done) / rate);
-    printf ("  %02" PRIu64 ":%02" PRIu64 ":%02" PRIu64 " left", left / 3600,
-            left / 60 % 60, left % 60);
-  }
-  else
-    printf ("               ");
-  fflush (stdout);
-}
-
-void
-img_progress_update (struct img_progress *p, uint64_t done)
-{
-  double t;
-
-  if (!p->on)
-    return;
-  t = now ();
-  if (done != 0 && t - p->drawn_at < 0.1)
-    return;
-  p->drawn_at = t;
-  progress_draw (p, done, t);
-}
-
-void
-img_progress_end (struct img_progress *p, bool ok)
-{
-  if (!p->on)
-    return;
-  if (ok)
-    progress_draw (p, p->total, now ());
-  printf ("\n");
-  fflush (stdout);
 }
 
 

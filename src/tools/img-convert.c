@@ -45,6 +45,7 @@
 #include "util/cleanup.h"
 #include "util/opts.h"
 #include "tools/img.h"
+#include "tools/progress.h"
 #include "util/ratelimit.h"
 
 #define CONVERT_BUF (2u << 20) /* bytes per chunk, as qemu-img */
@@ -101,7 +102,7 @@ struct convert {
   uint64_t done; /* bytes finished, for -p */
   /* -r: one thread takes the chunks then, so nothing else touches it. */
   struct ratelimit rl;
-  struct img_progress prog;
+  struct progress prog;
   /* The first failure. */
   int err;
   char *err_msg;
@@ -214,7 +215,7 @@ convert_fail (struct convert *c, int r, const char *what, uint64_t off)
 static void
 progress_show_locked (struct convert *c)
 {
-  img_progress_update (&c->prog, c->done);
+  progress_update (&c->prog, c->done, c->prog.total);
 }
 
 /* ---- the chunk cursor ---- */
@@ -550,7 +551,7 @@ convert_run (struct convert *c, int n)
   c->nturn = n;
   for (int i = 0; i < n; i++)
     pthread_cond_init (&c->turn[i], NULL);
-  img_progress_start (&c->prog, c->progress, c->total);
+  progress_start (&c->prog, PROGRESS_IMG, NULL, c->progress, c->total);
   for (; started < n; started++)
     if (pthread_create (&tids[started], NULL, convert_worker, c) != 0)
       break;
@@ -567,7 +568,7 @@ convert_run (struct convert *c, int n)
     fail_msg ("error while flushing the target");
     r = 1;
   }
-  img_progress_end (&c->prog, !c->err && r == 0);
+  progress_end (&c->prog, !c->err && r == 0);
   if (c->err)
     fail_msg (c->err_msg ? c->err_msg : strerror (-c->err));
   free (c->err_msg);

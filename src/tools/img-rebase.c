@@ -29,6 +29,7 @@
 
 #include "block/node.h"
 #include "tools/img.h"
+#include "tools/progress.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
 #include "util/opts.h"
@@ -293,7 +294,7 @@ rebase_window_compressed (struct safe *sf, uint64_t off, uint64_t end)
 }
 
 static int
-copy_differences (struct safe *sf, struct img_progress *pr)
+copy_differences (struct safe *sf, struct progress *pr)
 {
   for (uint64_t off = 0; off < sf->len; off += sf->window) {
     uint64_t end = MIN (sf->len, off + sf->window);
@@ -302,7 +303,7 @@ copy_differences (struct safe *sf, struct img_progress *pr)
                 : rebase_window (sf, off, end);
     if (r < 0)
       return r;
-    img_progress_update (pr, end);
+    progress_update (pr, end, pr->total);
   }
   return strata_flush (sf->file, 0);
 }
@@ -343,7 +344,7 @@ open_new_base (const struct rebase *rb, const char *srcopts, uint64_t *len)
 static int
 rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
 {
-  struct img_progress pr;
+  struct progress pr;
   int64_t l = strata_length (sf->file);
   int r;
 
@@ -362,9 +363,9 @@ rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
       return 1;
     sf->skip_depth = path ? depth_in_chain (sf->file, path, rb->base_fmt) : -1;
   }
-  img_progress_start (&pr, rb->progress, sf->len);
+  progress_start (&pr, PROGRESS_IMG, NULL, rb->progress, sf->len);
   if ((r = copy_differences (sf, &pr)) < 0) {
-    img_progress_end (&pr, false);
+    progress_end (&pr, false);
     const char *m = strata_last_error_message ();
     fprintf (stderr,
              "%s: Could not copy the differing data into '%s': "
@@ -374,7 +375,7 @@ rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
   }
   if (!set_backing (sf->file, rb))
     return 1;
-  img_progress_end (&pr, true);
+  progress_end (&pr, true);
   return 0;
 }
 

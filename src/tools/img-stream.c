@@ -28,6 +28,7 @@
 
 #include "block/node.h"
 #include "tools/img.h"
+#include "tools/progress.h"
 #include "util/checked.h"
 #include "util/clock.h"
 #include "util/cleanup.h"
@@ -115,7 +116,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
 {
   int64_t size = strata_length (top);
   struct strata_info info = { 0 };
-  struct img_progress pr;
+  struct progress pr;
   uint64_t chunk = STREAM_CHUNK, unflushed = 0;
   uint64_t flushed_at = clock_now_ns ();
   struct ratelimit rl;
@@ -128,7 +129,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
   if (strata_get_info (top, &info, 0, NULL) && info.cluster_size)
     chunk = ROUND_UP (chunk, info.cluster_size);
   ratelimit_init (&rl, st->rate, clock_now_ns ());
-  img_progress_start (&pr, st->progress, (uint64_t)size);
+  progress_start (&pr, PROGRESS_IMG, NULL, st->progress, (uint64_t)size);
   for (uint64_t pos = 0; pos < (uint64_t)size;) {
     uint64_t n = MIN (chunk, size - pos), copied;
     uint64_t start = clock_now_ns ();
@@ -138,7 +139,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
       fprintf (
           stderr, "%s: error while streaming at offset %" PRIu64 ": %s (%s)\n",
           progname, pos, strerror (-r), strata_last_error_message () ?: "");
-      img_progress_end (&pr, false);
+      progress_end (&pr, false);
       return false;
     }
     pos += n;
@@ -153,13 +154,13 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
       unflushed = 0;
       flushed_at = clock_now_ns ();
     }
-    img_progress_update (&pr, pos);
+    progress_update (&pr, pos, pr.total);
     if (copied) {
       ratelimit_account (&rl, copied, start);
       img_ratelimit_wait (&rl);
     }
   }
-  img_progress_end (&pr, true);
+  progress_end (&pr, true);
   return true;
 }
 

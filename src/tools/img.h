@@ -27,8 +27,6 @@ void fail_msg (const char *msg);
 void fail_err (strata_error *err);
 /* --output=human|json, with qemu-img's message on anything else. */
 bool parse_output (const char *s, enum output *out);
-/* qemu's size_to_str(): "1.5 GiB". */
-void size_to_str (uint64_t val, char *buf, size_t len);
 /* Open FILENAME, printing qemu-img's "Could not open" message on failure.
  * EXTRA is a dotted option string or NULL. */
 strata_node *open_image (const char *filename, const char *fmt,
@@ -73,22 +71,6 @@ bool img_cache_options (const char *mode, const char *fmt, char *buf,
 /* Sleep as long as RL asks before more bytes may go (not at all at 0). */
 struct ratelimit;
 void img_ratelimit_wait (const struct ratelimit *rl);
-
-/* -p: on a terminal, one line redrawn in place with a bar, the percent,
- * the rate and the time left; nothing at all when stdout is not a
- * terminal, so that logs and pipes stay clean.  Not thread-safe: callers
- * with threads serialise the updates. */
-struct img_progress {
-  bool on;
-  double start, drawn_at;
-  uint64_t total;
-};
-void img_progress_start (struct img_progress *p, bool wanted,
-                         uint64_t total);
-/* DONE bytes of TOTAL; redraws at most ten times a second. */
-void img_progress_update (struct img_progress *p, uint64_t done);
-/* The final line (100 % when OK) and a newline. */
-void img_progress_end (struct img_progress *p, bool ok);
 
 /* img-snapshot.c: the snapshot table as qemu-img prints it (snapshot -l
  * and info). */

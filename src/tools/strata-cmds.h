@@ -14,6 +14,8 @@
 
 #include <jansson.h>
 
+#include "tools/tool-common.h"
+
 /* --json: print QMP's JSON instead of the human form. */
 extern bool json_output;
 
@@ -21,11 +23,6 @@ extern bool json_output;
 const char *str (json_t *obj, const char *key);
 /* V as indented JSON on stdout. */
 void print_json (json_t *v);
-/* N in the largest binary unit that keeps it at least 1; the unit's
- * name in *UNIT. */
-double scale_binary (json_int_t n, const char **unit);
-/* "512 B", "1.5 MiB". */
-void human_size (json_int_t n, char *buf, size_t len);
 
 int cmd_nodes (int argc, char **argv); /* strata-nodes.c */
 int cmd_pull (int argc, char **argv);  /* strata-jobs.c */

@@ -18,13 +18,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
 
 #include "tools/qmp-client.h"
+#include "tools/progress.h"
 #include "tools/strata-cmds.h"
 #include "util/clock.h"
 
@@ -38,19 +37,13 @@ struct job_wait {
   bool verbose;        /* draw the progress */
   bool async;          /* after a cancel, do not wait for the end */
   int64_t deadline;    /* CLOCK_MONOTONIC ms for the cancel; 0: none */
-  bool tty;            /* progress on a terminal: a bar redrawn in place */
 
   bool cancel_sent;
   int interrupts;      /* SIGINTs already acted on */
   int absent_polls;    /* polls that did not find the job */
   char *error;         /* the job's error message, malloc'd */
 
-  json_int_t len, offset;  /* len 0: not known yet */
-  bool shown;              /* a percentage was printed: shown_pct */
-  double shown_pct;
-  int64_t sample_ms;       /* when offset was sampled */
-  double rate;             /* bytes/s, smoothed; 0: unknown */
-  bool drawn;              /* a bar is on the terminal's line */
+  struct progress bar; /* off unless verbose */
 };
 
 static int64_t
@@ -125,101 +118,26 @@ job_label (const char *type)
   return "Unknown job";
 }
 
-/* Percent done with virsh's rounding: truncated to two decimals, never
- * 100 before the end.  A job whose length is not known yet (len 0) has
+/* Percent done with virsh's rounding (progress_percent()) of the
+ * numbers a job reports: a job whose length is not known yet (len 0) has
  * done nothing, not everything. */
 static double
 job_percent (json_int_t offset, json_int_t len)
 {
-  double p;
-
-  if (len <= 0 || offset <= 0)
-    return 0;
-  if (offset >= len)
-    return 100;
-  p = (json_int_t) (offset * 10000.0 / len) / 100.0;
-  return p > 99.99 ? 99.99 : p;
+  return progress_percent (offset > 0 ? (uint64_t) offset : 0,
+                           len > 0 ? (uint64_t) len : 0);
 }
 
-static void
-human_rate (double bps, char *buf, size_t len)
-{
-  human_size ((json_int_t) bps, buf, len);
-  strncat (buf, "/s", len - strlen (buf) - 1);
-}
-
-static int
-terminal_columns (void)
-{
-  struct winsize ws;
-
-  if (ioctl (STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 40)
-    return ws.ws_col;
-  return 80;
-}
-
-/* The bar, in place: "\rBlock Pull: [####....]  45.00 %  1 MiB/s  0:00:27
- * left", cleared to the end of the line. */
-static void
-job_draw_bar (struct job_wait *w, double pct)
-{
-  char rate[32] = "", left[32] = "--:--:--";
-  int width = terminal_columns () - (int) strlen (w->label) - 46, fill;
-
-  if (width > 50)
-    width = 50;
-  if (width < 10)
-    width = 10;
-  fill = (int) (pct * width / 100);
-  if (w->rate > 0) {
-    long secs = (long) ((w->len - w->offset) / w->rate);
-    human_rate (w->rate, rate, sizeof rate);
-    snprintf (left, sizeof left, "%ld:%02ld:%02ld", secs / 3600,
-              secs / 60 % 60, secs % 60);
-  }
-  else
-    strcpy (rate, "-- B/s");
-  fprintf (stderr, "\r%s: [%.*s%*s] %6.2f %%  %11s  %s left\033[K", w->label,
-           fill, "##################################################",
-           width - fill, "", pct, rate, left);
-  w->drawn = true;
-}
-
-/* Show the progress: a bar on a terminal, else virsh's line, printed when
- * the percentage changed.  Nothing until the job's length is known. */
-static void
-job_show (struct job_wait *w, bool done)
-{
-  double pct = done ? 100 : job_percent (w->offset, w->len);
-
-  if (!w->verbose || (!done && w->len <= 0))
-    return;
-  if (w->tty)
-    job_draw_bar (w, pct);
-  else if (!w->shown || pct != w->shown_pct)
-    fprintf (stderr, "%s: [%5.2f %%]\n", w->label, pct);
-  w->shown = true;
-  w->shown_pct = pct;
-  fflush (stderr);
-}
-
-/* Take in a new sample of the job from query-block-jobs. */
+/* Take in a new sample of the job from query-block-jobs: the bar shows
+ * it (when verbose). */
 static void
 job_sample (struct job_wait *w, json_t *job)
 {
   json_int_t len = json_integer_value (json_object_get (job, "len"));
   json_int_t offset = json_integer_value (json_object_get (job, "offset"));
-  int64_t now = now_ms ();
 
-  if (w->len > 0 && len == w->len && now - w->sample_ms >= 200) {
-    double inst = (offset - w->offset) * 1000.0 / (now - w->sample_ms);
-    w->rate = w->rate > 0 ? 0.7 * w->rate + 0.3 * inst : inst;
-  }
-  if (len != w->len || now - w->sample_ms >= 200) {
-    w->sample_ms = now;
-    w->offset = offset;
-  }
-  w->len = len;
+  progress_update (&w->bar, offset > 0 ? (uint64_t) offset : 0,
+                   len > 0 ? (uint64_t) len : 0);
 }
 
 /* If EV says how our job ended, that end; JOB_RUNNING otherwise. */
@@ -240,8 +158,6 @@ job_event (struct job_wait *w, json_t *ev)
     w->error = strdup (str (data, "error"));
     return JOB_FAILED;
   }
-  w->len = json_integer_value (json_object_get (data, "len"));
-  w->offset = json_integer_value (json_object_get (data, "offset"));
   return JOB_COMPLETED;
 }
 
@@ -346,8 +262,6 @@ job_wait (struct job_wait *w, const sigset_t *waitmask)
        * a poll's time to arrive, then take the disappearance as the end. */
       if (!present && ++w->absent_polls >= 2)
         return w->cancel_sent ? JOB_CANCELLED : JOB_COMPLETED;
-      if (present)
-        job_show (w, false);
       next_poll = now_ms () + JOB_POLL_MS;
     }
     int64_t until = next_poll;
@@ -419,7 +333,7 @@ cmd_pull (int argc, char **argv)
   if (timeout)
     w.deadline = now_ms () + parse_timeout ("pull", timeout);
   w.id = argv[optind];
-  w.tty = isatty (STDERR_FILENO);
+  progress_start (&w.bar, PROGRESS_JOB, w.label, w.verbose, 0);
 
   args = json_pack ("{s:s,s:s}", "job-id", w.id, "device", w.id);
   if (base)
@@ -436,10 +350,7 @@ cmd_pull (int argc, char **argv)
   catch_sigint (&waitmask);
   json_decref (client_execute ("block-stream", args));
   end = job_wait (&w, &waitmask);
-  if (end == JOB_COMPLETED)
-    job_show (&w, true);
-  if (w.drawn)
-    fputc ('\n', stderr);
+  progress_end (&w.bar, end == JOB_COMPLETED);
   if (end == JOB_FAILED && w.error)
     fprintf (stderr, "strata: %s: %s\n", w.id, w.error);
   printf ("%s\n", end == JOB_COMPLETED   ? "Pull complete"

@@ -94,36 +94,6 @@ print_json (json_t *v)
 }
 
 
-/* N in the largest binary unit that keeps it at least 1; the unit's
- * name in *UNIT. */
-double
-scale_binary (json_int_t n, const char **unit)
-{
-  static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB",
-                                       "PiB", "EiB" };
-  double v = n;
-  int u = 0;
-
-  while (v >= 1024 && u < 6) {
-    v /= 1024;
-    u++;
-  }
-  *unit = units[u];
-  return v;
-}
-
-void
-human_size (json_int_t n, char *buf, size_t len)
-{
-  const char *unit;
-  double v = scale_binary (n, &unit);
-
-  if (n < 1024)
-    snprintf (buf, len, "%lld B", (long long) n);
-  else
-    snprintf (buf, len, "%.3g %s", v, unit);
-}
-
 static void
 print_result (json_t *ret, const char *human)
 {
