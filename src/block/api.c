@@ -13,6 +13,45 @@
 #include "block/node.h"
 #include "util/checked.h"
 
+/* The one check of a call's flags: a bit outside MASK fails with EINVAL,
+ * reported through ERRP (control path) and as the thread's last data-path
+ * error (so a data-path caller just returns the result).  Returns 0 or
+ * -EINVAL. */
+static int
+check_flags (const char *call, unsigned flags, unsigned mask,
+             strata_error **errp)
+{
+  unsigned bad = flags & ~mask;
+
+  if (!bad)
+    return 0;
+  error_set (errp, EINVAL, "%s: unknown flags 0x%x", call, bad);
+  return io_error (EINVAL, "%s: unknown flags 0x%x", call, bad);
+}
+
+/* A caller-sized result struct: SIZE (its first field) must cover at
+ * least the first version of the struct, FIRST bytes. */
+static bool
+check_size (const char *call, size_t size, size_t first, strata_error **errp)
+{
+  if (size >= first)
+    return true;
+  error_set (errp, EINVAL, "%s: struct size %zu is smaller than %zu", call,
+             size, first);
+  io_error (EINVAL, "%s: struct size %zu is smaller than %zu", call, size,
+            first);
+  return false;
+}
+
+/* Copy the library's FULL result into the caller's OUT, at most SIZE
+ * bytes (the caller's struct may be older and shorter), keeping SIZE. */
+static void
+copy_sized (void *out, const void *full, size_t full_size, size_t size)
+{
+  memcpy ((char *)out + sizeof (size_t), (const char *)full + sizeof (size_t),
+          MIN (size, full_size) - sizeof (size_t));
+}
+
 strata_node *
 strata_open (const char *filename, const char *format, const char *options,
              unsigned flags, strata_error **errp)
@@ -20,6 +59,8 @@ strata_open (const char *filename, const char *format, const char *options,
   strata_opts *extra = NULL;
   strata_node *node;
 
+  if (check_flags ("strata_open", flags, STRATA_OPEN_MASK, errp) < 0)
+    return NULL;
   if (!filename || !*filename) {
     error_set (errp, EINVAL, "no image file name given");
     return NULL;
@@ -81,10 +122,10 @@ strata_preadv (strata_node *node, const struct iovec *iov, int iovcnt,
                uint64_t offset, unsigned flags)
 {
   uint64_t len = iov_size (iov, iovcnt);
-  int r = check_range (node, offset, len);
+  int r = check_flags ("strata_preadv", flags, STRATA_READ_MASK, NULL);
 
-  if (flags)
-    return io_error (EINVAL, "invalid read flags 0x%x", flags);
+  if (r == 0)
+    r = check_range (node, offset, len);
   return r < 0 ? r : node_preadv (node, offset, len, iov, iovcnt, flags);
 }
 
@@ -93,10 +134,10 @@ strata_pwritev (strata_node *node, const struct iovec *iov, int iovcnt,
                 uint64_t offset, unsigned flags)
 {
   uint64_t len = iov_size (iov, iovcnt);
-  int r = check_range (node, offset, len);
+  int r = check_flags ("strata_pwritev", flags, STRATA_WRITE_MASK, NULL);
 
-  if (flags & ~(STRATA_REQ_FUA | STRATA_REQ_COMPRESSED))
-    return io_error (EINVAL, "invalid write flags 0x%x", flags);
+  if (r == 0)
+    r = check_range (node, offset, len);
   return r < 0 ? r : node_pwritev (node, offset, len, iov, iovcnt, flags);
 }
 
@@ -117,21 +158,47 @@ strata_pwrite (strata_node *node, const void *buf, size_t len, uint64_t offset,
 }
 
 int
-strata_prefetch (strata_node *node, uint64_t offset, uint64_t len)
+strata_prefetch (strata_node *node, uint64_t offset, uint64_t len,
+                 unsigned flags)
 {
-  int r = check_range (node, offset, len);
+  int r = check_flags ("strata_prefetch", flags, STRATA_PREFETCH_MASK, NULL);
 
+  if (r == 0)
+    r = check_range (node, offset, len);
   return r < 0 ? r : node_prefetch (node, offset, len);
+}
+
+int
+strata_copy_up (strata_node *top, strata_node *base, uint64_t offset,
+                uint64_t len, uint64_t *copied, unsigned flags)
+{
+  int r = check_flags ("strata_copy_up", flags, STRATA_COPY_UP_MASK, NULL);
+
+  if (copied)
+    *copied = 0;
+  if (r == 0)
+    r = check_range (top, offset, len);
+  if (r < 0)
+    return r;
+  top = node_skip_filters (top);
+  if (base && !chain_contains (top, base))
+    return io_error (EINVAL, "%s: the base '%s' is not in its backing chain",
+                     top->filename, base->filename);
+  if (top->read_only)
+    return io_error (EPERM, "%s: the image is opened read-only",
+                     top->filename);
+  return node_copy_up (top, base, offset, len, copied);
 }
 
 int
 strata_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
                       unsigned flags)
 {
-  int r = check_range (node, offset, len);
+  int r
+      = check_flags ("strata_pwrite_zeroes", flags, STRATA_ZEROES_MASK, NULL);
 
-  if (flags & ~(STRATA_REQ_FUA | STRATA_REQ_MAY_UNMAP))
-    return io_error (EINVAL, "invalid write-zeroes flags 0x%x", flags);
+  if (r == 0)
+    r = check_range (node, offset, len);
   return r < 0 ? r : node_pwrite_zeroes (node, offset, len, flags);
 }
 
@@ -139,17 +206,19 @@ int
 strata_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
                  unsigned flags)
 {
-  int r = check_range (node, offset, len);
+  int r = check_flags ("strata_pdiscard", flags, STRATA_DISCARD_MASK, NULL);
 
-  (void)flags;
+  if (r == 0)
+    r = check_range (node, offset, len);
   return r < 0 ? r : node_pdiscard (node, offset, len, 0);
 }
 
 int
 strata_flush (strata_node *node, unsigned flags)
 {
-  (void)flags;
-  return node_flush (node);
+  int r = check_flags ("strata_flush", flags, STRATA_FLUSH_MASK, NULL);
+
+  return r < 0 ? r : node_flush (node);
 }
 
 /* Walk down filters and backing edges until a layer defines the range. */
@@ -157,10 +226,16 @@ int
 strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
                      struct strata_extent *ext, unsigned flags)
 {
-  int r = check_range (node, offset, len);
+  int r = check_flags ("strata_block_status", flags, STRATA_BLOCK_STATUS_MASK,
+                       NULL);
   int depth = 0;
 
   if (r < 0)
+    return r;
+  if (!check_size ("strata_block_status", ext->size,
+                   sizeof (struct strata_extent), NULL))
+    return -EINVAL;
+  if ((r = check_range (node, offset, len)) < 0)
     return r;
   if (len == 0)
     return io_error (EINVAL, "block status of an empty range");
@@ -174,7 +249,8 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
       return (int)size;
     if ((uint64_t)size <= offset) {
       /* Past the end of a shorter backing file: reads as zeros. */
-      *ext = (struct strata_extent){ .length = len,
+      *ext = (struct strata_extent){ .size = ext->size,
+                                     .length = len,
                                      .flags = STRATA_BS_ZERO,
                                      .depth = depth };
       return 0;
@@ -187,6 +263,7 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
     len = bs.pnum;
     if ((bs.flags & BS_ALLOCATED) || !node->backing) {
       *ext = (struct strata_extent){
+        .size = ext->size,
         .length = len,
         .flags = bs.flags
                  & (STRATA_BS_ALLOCATED | STRATA_BS_ZERO | STRATA_BS_DATA
@@ -208,6 +285,8 @@ bool
 strata_truncate (strata_node *node, uint64_t size, unsigned flags,
                  strata_error **errp)
 {
+  if (check_flags ("strata_truncate", flags, STRATA_TRUNCATE_MASK, errp) < 0)
+    return false;
   return node_truncate (node, size, flags, errp);
 }
 
@@ -262,24 +341,26 @@ bool
 strata_reopen (strata_node *node, bool read_write, unsigned flags,
                strata_error **errp)
 {
-  (void)flags;
+  if (check_flags ("strata_reopen", flags, STRATA_REOPEN_MASK, errp) < 0)
+    return false;
   tracker_wait_idle (&node->tracker, 0, 0);
   return node_reopen (node, read_write, errp);
 }
 
-bool
-strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
-                 strata_error **errp)
+/* The whole struct strata_info of this library for NODE. */
+static bool
+get_info_full (strata_node *node, struct strata_info *info,
+               strata_error **errp)
 {
   int64_t size = node_length (node);
   strata_node *bottom = node;
 
-  (void)flags;
   if (size < 0) {
     error_set (errp, -size, "%s: cannot get the image length", node->filename);
     return false;
   }
   *info = (struct strata_info){
+    .size = sizeof *info,
     .format = node->drv->name,
     .filename = node->filename,
     .virtual_size = size,
@@ -311,34 +392,69 @@ strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
   return true;
 }
 
-int
-strata_check (strata_node *node, struct strata_check_result *res, unsigned fix,
+bool
+strata_get_info (strata_node *node, struct strata_info *info, unsigned flags,
+                 strata_error **errp)
+{
+  struct strata_info full;
+
+  if (check_flags ("strata_get_info", flags, STRATA_GET_INFO_MASK, errp) < 0
+      || !check_size ("strata_get_info", info->size, sizeof full, errp)
+      || !get_info_full (node, &full, errp))
+    return false;
+  copy_sized (info, &full, sizeof full, info->size);
+  return true;
+}
+
+bool
+strata_get_qcow2_info (strata_node *node, struct strata_qcow2_info *info,
+                       unsigned flags, strata_error **errp)
+{
+  struct strata_qcow2_info full = { .size = sizeof full };
+
+  if (check_flags ("strata_get_qcow2_info", flags, STRATA_GET_QCOW2_INFO_MASK,
+                   errp)
+          < 0
+      || !check_size ("strata_get_qcow2_info", info->size, sizeof full, errp))
+    return false;
+  node = node_skip_filters (node);
+  if (!node->drv->get_format_info
+      || !node->drv->get_format_info (node, "qcow2", &full, errp)) {
+    if (errp && !*errp)
+      error_set (errp, ENOTSUP, "%s: not a qcow2 image", node->filename);
+    return false;
+  }
+  copy_sized (info, &full, sizeof full, info->size);
+  return true;
+}
+
+bool
+strata_check (strata_node *node, struct strata_check_result *res,
+              strata_message_fn message, void *opaque, unsigned flags,
               strata_error **errp)
 {
-  void (*message) (void *, const char *) = res->message;
-  void *opaque = res->opaque;
+  struct strata_check_result full = { .size = sizeof full };
   int r;
 
+  if (check_flags ("strata_check", flags, STRATA_CHECK_MASK, errp) < 0
+      || !check_size ("strata_check", res->size, sizeof full, errp))
+    return false;
   node = node_skip_filters (node);
-  *res = (struct strata_check_result){ .message = message, .opaque = opaque };
   if (!node->drv->check) {
     error_set (errp, ENOTSUP, "This image format does not support checks");
-    return -ENOTSUP;
+    return false;
   }
-  if (fix & ~(STRATA_CHECK_FIX_LEAKS | STRATA_CHECK_FIX_ERRORS)) {
-    error_set (errp, EINVAL, "invalid check flags 0x%x", fix);
-    return -EINVAL;
-  }
-  if (fix && node->read_only) {
+  if (flags && node->read_only) {
     error_set (errp, EROFS, "%s: cannot repair an image opened read-only",
                node->filename);
-    return -EROFS;
+    return false;
   }
   tracker_wait_idle (&node->tracker, 0, 0);
-  r = node->drv->check (node, res, fix, errp);
+  r = node->drv->check (node, &full, flags, message, opaque, errp);
   if (r < 0 && errp && !*errp)
     error_set (errp, -r, "%s: check failed", node->filename);
-  return r;
+  copy_sized (res, &full, sizeof full, res->size);
+  return r >= 0;
 }
 
 strata_node *
@@ -353,8 +469,11 @@ strata_chain_find (strata_node *top, const char *name, unsigned flags,
 {
   strata_node *layer;
 
-  if (!flags || (flags & ~STRATA_CHAIN_FIND_MASK)) {
-    error_set (errp, EINVAL, "invalid chain lookup flags 0x%x", flags);
+  if (check_flags ("strata_chain_find", flags, STRATA_CHAIN_FIND_MASK, errp)
+      < 0)
+    return NULL;
+  if (!flags) {
+    error_set (errp, EINVAL, "strata_chain_find: no matching rule in flags");
     return NULL;
   }
   if (!(layer = chain_find_file (top, name, flags, NULL))) {
@@ -373,10 +492,10 @@ strata_chain_find_node (strata_node *top, const char *node_name,
 {
   strata_node *n;
 
-  if (flags) {
-    error_set (errp, EINVAL, "invalid chain lookup flags 0x%x", flags);
+  if (check_flags ("strata_chain_find_node", flags,
+                   STRATA_CHAIN_FIND_NODE_MASK, errp)
+      < 0)
     return NULL;
-  }
   if (!(n = chain_find_node (top, node_name)))
     error_set (errp, ENOENT, "Node '%s' is not in the backing chain of '%s'",
                node_name, top->filename);
@@ -389,10 +508,10 @@ strata_chain_backing_name (strata_node *top, strata_node *layer,
 {
   char *name;
 
-  if (flags) {
-    error_set (errp, EINVAL, "invalid flags 0x%x", flags);
+  if (check_flags ("strata_chain_backing_name", flags,
+                   STRATA_CHAIN_BACKING_NAME_MASK, errp)
+      < 0)
     return NULL;
-  }
   if (!(name = chain_backing_name_for (top, layer)))
     error_set_errno (errp, errno, "%s", layer->filename);
   return name;
@@ -425,6 +544,8 @@ strata_create (const char *filename, const char *format, const char *options,
   strata_opts *opts;
   bool ok;
 
+  if (check_flags ("strata_create", flags, STRATA_CREATE_MASK, errp) < 0)
+    return false;
   if (!drv) {
     error_set (errp, EINVAL, "%s: Unknown file format '%s'", filename,
                format ? format : "(none)");
@@ -462,43 +583,90 @@ unsupported (strata_node *node, const char *what, strata_error **errp)
 
 bool
 strata_change_backing_file (strata_node *node, const char *backing_file,
-                            const char *backing_fmt, strata_error **errp)
+                            const char *backing_fmt, unsigned flags,
+                            strata_error **errp)
 {
+  if (check_flags ("strata_change_backing_file", flags,
+                   STRATA_CHANGE_BACKING_MASK, errp)
+      < 0)
+    return false;
   return node_change_backing_file (node_skip_filters (node), backing_file,
                                    backing_fmt, errp);
 }
 
 bool
-strata_make_empty (strata_node *node, strata_error **errp)
+strata_make_empty (strata_node *node, unsigned flags, strata_error **errp)
 {
+  if (check_flags ("strata_make_empty", flags, STRATA_MAKE_EMPTY_MASK, errp)
+      < 0)
+    return false;
   return node_make_empty (node_skip_filters (node), errp);
 }
 
-int
-strata_snapshot_list (strata_node *node, struct strata_snapshot_info **list,
-                      strata_error **errp)
+bool
+strata_snapshot_list (strata_node *node, struct strata_snapshot_info ***list,
+                      size_t *n, unsigned flags, strata_error **errp)
 {
-  node = node_skip_filters (node);
+  struct strata_snapshot_info *arr = NULL;
+  int count = 0;
+
   *list = NULL;
-  if (!node->drv->snapshot_list)
-    return 0;
-  return node->drv->snapshot_list (node, list, errp);
+  *n = 0;
+  if (check_flags ("strata_snapshot_list", flags, STRATA_SNAPSHOT_MASK, errp)
+      < 0)
+    return false;
+  node = node_skip_filters (node);
+  if (node->drv->snapshot_list
+      && (count = node->drv->snapshot_list (node, &arr, errp)) < 0)
+    return false;
+  /* One allocation per snapshot, so that the struct can grow. */
+  if (!(*list = calloc (count ? count : 1, sizeof **list))) {
+    error_set (errp, ENOMEM, "out of memory");
+    goto fail;
+  }
+  for (int i = 0; i < count; i++) {
+    if (!((*list)[i] = malloc (sizeof *arr))) {
+      error_set (errp, ENOMEM, "out of memory");
+      goto fail;
+    }
+    *(*list)[i] = arr[i];
+    (*list)[i]->size = sizeof *arr;
+    arr[i].id = arr[i].name = NULL;
+    ++*n;
+  }
+  free (arr);
+  return true;
+
+fail:
+  for (int i = *n; i < count; i++) {
+    free (arr[i].id);
+    free (arr[i].name);
+  }
+  free (arr);
+  strata_snapshot_list_free (*list, *n);
+  *list = NULL;
+  *n = 0;
+  return false;
 }
 
 void
-strata_snapshot_list_free (struct strata_snapshot_info *list, int n)
+strata_snapshot_list_free (struct strata_snapshot_info **list, size_t n)
 {
-  for (int i = 0; i < n; i++) {
-    free (list[i].id);
-    free (list[i].name);
+  for (size_t i = 0; list && i < n; i++) {
+    free (list[i]->id);
+    free (list[i]->name);
+    free (list[i]);
   }
   free (list);
 }
 
 bool
-strata_snapshot_create (strata_node *node, const char *name,
+strata_snapshot_create (strata_node *node, const char *name, unsigned flags,
                         strata_error **errp)
 {
+  if (check_flags ("strata_snapshot_create", flags, STRATA_SNAPSHOT_MASK, errp)
+      < 0)
+    return false;
   node = node_skip_filters (node);
   if (!node->drv->snapshot_create)
     return unsupported (node, "internal snapshots", errp);
@@ -506,9 +674,12 @@ strata_snapshot_create (strata_node *node, const char *name,
 }
 
 bool
-strata_snapshot_apply (strata_node *node, const char *name,
+strata_snapshot_apply (strata_node *node, const char *name, unsigned flags,
                        strata_error **errp)
 {
+  if (check_flags ("strata_snapshot_apply", flags, STRATA_SNAPSHOT_MASK, errp)
+      < 0)
+    return false;
   node = node_skip_filters (node);
   if (!node->drv->snapshot_apply)
     return unsupported (node, "internal snapshots", errp);
@@ -516,9 +687,12 @@ strata_snapshot_apply (strata_node *node, const char *name,
 }
 
 bool
-strata_snapshot_delete (strata_node *node, const char *name,
+strata_snapshot_delete (strata_node *node, const char *name, unsigned flags,
                         strata_error **errp)
 {
+  if (check_flags ("strata_snapshot_delete", flags, STRATA_SNAPSHOT_MASK, errp)
+      < 0)
+    return false;
   node = node_skip_filters (node);
   if (!node->drv->snapshot_delete)
     return unsupported (node, "internal snapshots", errp);
@@ -526,10 +700,13 @@ strata_snapshot_delete (strata_node *node, const char *name,
 }
 
 bool
-strata_amend (strata_node *node, const char *options, strata_error **errp)
+strata_amend (strata_node *node, const char *options, unsigned flags,
+              strata_error **errp)
 {
   CLEANUP_OPTS strata_opts *opts = NULL;
 
+  if (check_flags ("strata_amend", flags, STRATA_AMEND_MASK, errp) < 0)
+    return false;
   node = node_skip_filters (node);
   if (!node->drv->amend)
     return unsupported (node, "amend", errp);
@@ -545,12 +722,14 @@ strata_amend (strata_node *node, const char *options, strata_error **errp)
 
 bool
 strata_measure (const char *format, const char *options, strata_node *src,
-                uint64_t *required, uint64_t *fully_allocated,
+                uint64_t *required, uint64_t *fully_allocated, unsigned flags,
                 strata_error **errp)
 {
   const struct strata_driver *drv = format ? driver_find (format) : NULL;
   CLEANUP_OPTS strata_opts *opts = NULL;
 
+  if (check_flags ("strata_measure", flags, STRATA_MEASURE_MASK, errp) < 0)
+    return false;
   if (!drv) {
     error_set (errp, EINVAL, "Unknown file format '%s'",
                format ? format : "(none)");
@@ -579,11 +758,9 @@ strata_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
 {
   *list = NULL;
   *n = 0;
-  if (flags & ~STRATA_BITMAP_LIST_MASK) {
-    error_set (errp, EINVAL, "strata_bitmap_list: unknown flags 0x%x",
-               flags & ~STRATA_BITMAP_LIST_MASK);
+  if (check_flags ("strata_bitmap_list", flags, STRATA_BITMAP_LIST_MASK, errp)
+      < 0)
     return false;
-  }
   node = node_skip_filters (node);
   if (!node->drv->bitmap_list)
     return unsupported (node, "persistent bitmaps", errp);
@@ -600,4 +777,10 @@ strata_bitmap_list_free (struct strata_bitmap_info **list)
     free (list[i]);
   }
   free (list);
+}
+
+bool
+strata_driver_exists (const char *name)
+{
+  return name && driver_find (name);
 }

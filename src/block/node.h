@@ -122,12 +122,18 @@ struct strata_driver {
    * core first (going read-write) or last (going read-only). */
   bool (*reopen) (struct strata_node *node, bool read_write,
                   strata_error **errp);
-  /* Consistency check (qemu-img check): fill RES (the core zeroes the
-   * counts first and keeps the caller's message callback); FIX is
-   * STRATA_CHECK_FIX_*, only passed for a read-write node.  Returns 0 when
+  /* Consistency check (qemu-img check): fill RES (zeroed by the core);
+   * FIX is STRATA_CHECK_FIX_*, only passed for a read-write node; MESSAGE
+   * (may be NULL) gets OPAQUE and one line per problem.  Returns 0 when
    * the check completed, or a negative errno with *errp set. */
   int (*check) (struct strata_node *node, struct strata_check_result *res,
-                unsigned fix, strata_error **errp);
+                unsigned fix, strata_message_fn message, void *opaque,
+                strata_error **errp);
+  /* Format-specific information: fill *INFO, the public struct for
+   * FORMAT (struct strata_qcow2_info for "qcow2", size already set), or
+   * return false (*errp may stay unset: the core says ENOTSUP). */
+  bool (*get_format_info) (struct strata_node *node, const char *format,
+                           void *info, strata_error **errp);
 
   /* Chain edits (strata-img rebase/commit, block-stream).  Rewrite the
    * backing file name and format recorded in the image header; NULL
@@ -286,8 +292,8 @@ bool node_change_backing_file (strata_node *node, const char *backing_file,
 bool node_make_empty (strata_node *node, strata_error **errp);
 
 /* Copy-up (src/block/populate.c), shared by the copy-on-read filter,
- * block-stream and strata-img stream.  Copy into TOP every part of
- * [OFFSET, OFFSET+LEN) that TOP does not allocate and that some layer
+ * block-stream and strata_copy_up (strata-img stream).  Copy into TOP every
+ * part of [OFFSET, OFFSET+LEN) that TOP does not allocate and that some layer
  * below TOP and above BASE allocates (BASE NULL: the whole chain), reading
  * it through TOP's backing chain.  Regions that read as zeros become zero
  * clusters (pwrite_zeroes, never data).  The copy is serialised against

@@ -28,7 +28,7 @@ static char *display_filename (strata_node *node);
 static bool
 backing_overridden (strata_node *node)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
   CLEANUP_FREE char *bfn = NULL;
 
   if (!node->backing_explicit || !strata_get_info (node, &info, 0, NULL))
@@ -87,7 +87,8 @@ display_filename (strata_node *node)
 static json_t *
 image_info (strata_node *node, bool nested, struct qmp_error *err)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
+  struct strata_qcow2_info q = { .size = sizeof q };
   strata_error *e = NULL;
   json_t *o;
   char *fn;
@@ -110,15 +111,15 @@ image_info (strata_node *node, bool nested, struct qmp_error *err)
     json_object_set_new (o, "cluster-size", json_integer (info.cluster_size));
   if (info.actual_size)
     json_object_set_new (o, "actual-size", json_integer (info.actual_size));
-  if (info.format_specific && strcmp (info.format_specific, "qcow2") == 0)
+  if (info.format_specific && strcmp (info.format_specific, "qcow2") == 0
+      && strata_get_qcow2_info (node, &q, 0, NULL))
     json_object_set_new (
         o, "format-specific",
         json_pack ("{s:s, s:{s:s, s:s, s:b, s:i, s:b, s:b}}", "type", "qcow2",
-                   "data", "compat", info.qcow2.compat, "compression-type",
-                   info.qcow2.compression_type, "lazy-refcounts",
-                   info.qcow2.lazy_refcounts, "refcount-bits",
-                   info.qcow2.refcount_bits, "corrupt", info.qcow2.corrupt,
-                   "extended-l2", info.qcow2.extended_l2));
+                   "data", "compat", q.compat, "compression-type",
+                   q.compression_type, "lazy-refcounts", q.lazy_refcounts,
+                   "refcount-bits", q.refcount_bits, "corrupt", q.corrupt,
+                   "extended-l2", q.extended_l2));
   if (info.backing_filename) {
     char *full = chain_resolve_name (node->filename, info.backing_filename);
     json_object_set_new (o, "backing-filename",

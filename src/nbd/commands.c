@@ -36,7 +36,10 @@ get_extents (strata_node *node, uint64_t offset, uint64_t len,
 {
   int n = 0;
   while (len > 0 && n < max) {
-    int r = strata_block_status (node, offset, len, &ext[n], flags);
+    int r;
+
+    ext[n].size = sizeof ext[n];
+    r = strata_block_status (node, offset, len, &ext[n], flags);
     if (r < 0)
       return r;
     if (ext[n].length == 0 || ext[n].length > len)
@@ -74,7 +77,7 @@ do_read (struct conn *c, struct nbd_request *req)
    * other extents, the last one flagged DONE.  Past NBD_MAX_EXTENTS the
    * rest is one data chunk.  A small read is one data chunk: looking for
    * holes would cost more than sending its zeros.  So is a DF read. */
-  struct strata_extent one;
+  struct strata_extent one = { .size = sizeof one };
 
   if (req->len <= NBD_SPARSE_MIN || (req->flags & NBD_CMD_FLAG_DF)) {
     ext = &one; /* filled in below: the whole read is data */
@@ -240,7 +243,7 @@ static int
 fast_zero (strata_node *node, uint64_t offset, uint64_t len)
 {
   while (len > 0) {
-    struct strata_extent e;
+    struct strata_extent e = { .size = sizeof e };
     int r = strata_block_status (node, offset, len, &e, 0);
     if (r < 0)
       return r;
@@ -294,7 +297,7 @@ request_run (struct conn *c, struct nbd_request *req)
                      : 0));
     break;
   case NBD_CMD_CACHE:
-    r = strata_prefetch (e->node, req->offset, req->len);
+    r = strata_prefetch (e->node, req->offset, req->len, 0);
     break;
   default: r = -EINVAL;
   }

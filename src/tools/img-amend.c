@@ -129,7 +129,7 @@ join (char *options, const char *more)
 static int
 amend (const char *file, const char *fmt, const char *options, bool show)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
   strata_error *err = NULL;
   strata_node *n = open_image (file, fmt, false, true, NULL);
   int ret = 1;
@@ -150,7 +150,7 @@ amend (const char *file, const char *fmt, const char *options, bool show)
   else if (keys_ok (options)) {
     struct progress pr;
     progress_start (&pr, PROGRESS_IMG, NULL, show, 1);
-    if (!strata_amend (n, options, &err))
+    if (!strata_amend (n, options, 0, &err))
       fail_err (err);
     else
       ret = 0;

@@ -149,13 +149,24 @@ parse_args (int argc, char **argv, struct check *ck)
   return 0;
 }
 
+/* strata_check() printing problems as they are found: 0 or a negative
+ * errno (*ERR set). */
+static int
+run_check (strata_node *node, struct strata_check_result *res, unsigned fix,
+           strata_error **err)
+{
+  if (strata_check (node, res, check_message, NULL, fix, err))
+    return 0;
+  return -strata_error_errno (*err);
+}
+
 /* Check NODE into *RES, repairing as CK says and then checking again, as
  * qemu-img does; strata_check()'s return. */
 static int
 check_node (const struct check *ck, strata_node *node,
             struct strata_check_result *res, strata_error **err)
 {
-  int r = strata_check (node, res, ck->fix, err);
+  int r = run_check (node, res, ck->fix, err);
 
   if (r == 0 && (res->corruptions_fixed || res->leaks_fixed)) {
     int64_t leaks_fixed = res->leaks_fixed;
@@ -166,7 +177,7 @@ check_node (const struct check *ck, strata_node *node,
               "    %" PRId64 " leaked clusters\n    %" PRId64 " corruptions"
               "\n\nDouble checking the fixed image now...\n",
               leaks_fixed, corruptions_fixed);
-    r = strata_check (node, res, 0, err);
+    r = run_check (node, res, 0, err);
     res->leaks_fixed = leaks_fixed;
     res->corruptions_fixed = corruptions_fixed;
   }
@@ -176,8 +187,8 @@ check_node (const struct check *ck, strata_node *node,
 static int
 check_run (const struct check *ck)
 {
-  struct strata_check_result res = { .message = check_message };
-  struct strata_info info;
+  struct strata_check_result res = { .size = sizeof res };
+  struct strata_info info = { .size = sizeof info };
   strata_error *err = NULL;
   strata_node *node;
   int r;

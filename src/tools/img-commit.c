@@ -137,7 +137,7 @@ static int
 next_run (strata_node *top, int base_depth, uint64_t off, uint64_t end,
           uint64_t *n, bool *copy, bool *zero)
 {
-  struct strata_extent ext;
+  struct strata_extent ext = { .size = sizeof ext };
   int r;
 
   for (*n = 0; off + *n < end; *n += ext.length) {
@@ -211,7 +211,7 @@ grow_base (strata_node *base, uint64_t len)
 static uint64_t
 chunk_size (strata_node *base)
 {
-  struct strata_info i;
+  struct strata_info i = { .size = sizeof i };
   strata_error *err = NULL;
 
   if (!strata_get_info (base, &i, 0, &err)) {
@@ -256,7 +256,7 @@ run_commit (strata_node *top, const struct commit *c)
              m ? m : strerror (-r));
     return 1;
   }
-  if (c->drop && !strata_make_empty (top, &err)) {
+  if (c->drop && !strata_make_empty (top, 0, &err)) {
     fprintf (stderr, "%s: Could not empty %s: %s\n", progname, c->file,
              strata_error_message (err));
     strata_error_free (err);

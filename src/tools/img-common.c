@@ -182,7 +182,7 @@ img_open_snapshot (const char *filename, const char *fmt, bool force_share,
   CLEANUP_FREE char *extra = NULL;
   unsigned flags = force_share ? STRATA_OPEN_FORCE_SHARE : 0;
   strata_node *n = open_image_flags (filename, fmt, flags, NULL);
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
 
   if (!n)
     return NULL;

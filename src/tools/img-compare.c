@@ -30,7 +30,7 @@ range_is_zero (strata_node *n, uint64_t off, uint64_t len, uint8_t *buf,
                uint64_t *bad)
 {
   while (len) {
-    struct strata_extent e;
+    struct strata_extent e = { .size = sizeof e };
     uint64_t chunk;
     int r = strata_block_status (n, off, len, &e, 0);
 
@@ -60,7 +60,7 @@ range_is_zero (strata_node *n, uint64_t off, uint64_t len, uint8_t *buf,
 static bool
 same_driver (strata_node *a, strata_node *b)
 {
-  struct strata_info ia, ib;
+  struct strata_info ia = { .size = sizeof ia }, ib = { .size = sizeof ib };
 
   return strata_get_info (a, &ia, 0, NULL) && strata_get_info (b, &ib, 0, NULL)
          && strcmp (ia.format, ib.format) == 0;
@@ -141,7 +141,7 @@ compare_run (const struct compare *cmp)
   common = MIN (la, lb);
   same_format = same_driver (a, b);
   for (off = 0; off < common;) {
-    struct strata_extent ea, eb;
+    struct strata_extent ea = { .size = sizeof ea }, eb = { .size = sizeof eb };
     uint64_t chunk;
 
     if ((r = strata_block_status (a, off, common - off, &ea, 0)) < 0

@@ -256,7 +256,7 @@ refresh_status_locked (struct convert *c)
 {
   struct source *s = source_at (c, c->next);
   uint64_t local = c->next - s->base;
-  struct strata_extent e;
+  struct strata_extent e = { .size = sizeof e };
   int r;
 
   if (local >= s->real) {
@@ -880,7 +880,8 @@ source_layers (struct source *s)
   s->align = SECTOR;
   n = 0;
   for (strata_node *l = s->node; l; l = strata_backing (l), n++) {
-    struct strata_info info;
+    struct strata_info info = { .size = sizeof info };
+    struct strata_qcow2_info q = { .size = sizeof q };
     strata_error *err = NULL;
     uint64_t cs;
 
@@ -889,8 +890,9 @@ source_layers (struct source *s)
       continue;
     }
     cs = info.cluster_size;
-    if (cs && strcmp (info.format, "qcow2") == 0)
-      s->spans[n] = cs * (cs / (info.qcow2.extended_l2 ? 16 : 8));
+    if (cs && strcmp (info.format, "qcow2") == 0
+        && strata_get_qcow2_info (l, &q, 0, NULL))
+      s->spans[n] = cs * (cs / (q.extended_l2 ? 16 : 8));
     if (n == 0 && cs > s->align)
       s->align = cs;
   }
@@ -947,7 +949,7 @@ open_sources (struct convert *c, char **names, int n,
 static bool
 open_target (struct convert *c, const char *dst, const struct convert_args *a)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
   strata_error *err = NULL;
   char extra[256];
   bool wt;
@@ -988,13 +990,15 @@ open_target (struct convert *c, const char *dst, const struct convert_args *a)
 static bool
 holds_bitmaps (strata_node *n, const char **fmt)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
+  struct strata_qcow2_info q = { .size = sizeof q };
 
   if (!strata_get_info (n, &info, 0, NULL))
     return false;
   *fmt = info.format;
   return info.format_specific && !strcmp (info.format_specific, "qcow2")
-         && strcmp (info.qcow2.compat, "0.10") != 0;
+         && strata_get_qcow2_info (n, &q, 0, NULL)
+         && strcmp (q.compat, "0.10") != 0;
 }
 
 /* --bitmaps, as qemu-img checks it before creating the target.  strata

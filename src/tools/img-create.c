@@ -46,7 +46,7 @@ open_backing (const char *filename, const char *path, const char *fmt)
 static int
 no_backing_format (const char *filename, const char *path, bool unsafe)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
   strata_node *b;
 
   if (unsafe) {

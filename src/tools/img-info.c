@@ -27,14 +27,14 @@
  * data: the count (0 for none, and for a v2 image, which holds none), or
  * -1 when they cannot be listed (the error is printed). */
 static int
-info_bitmaps (strata_node *n, const struct strata_info *i,
+info_bitmaps (strata_node *n, const struct strata_qcow2_info *q,
               struct strata_bitmap_info ***l)
 {
   strata_error *err = NULL;
   size_t count;
 
   *l = NULL;
-  if (strcmp (i->qcow2.compat, "0.10") == 0)
+  if (strcmp (q->compat, "0.10") == 0)
     return 0;
   if (!strata_bitmap_list (n, l, &count, 0, &err)) {
     fail_err (err);
@@ -87,8 +87,8 @@ info_bitmaps_human (struct strata_bitmap_info **l, int n)
 }
 
 static json_t *
-info_json (const struct strata_info *i,
-           const struct strata_snapshot_info *snaps, int nsnaps,
+info_json (const struct strata_info *i, const struct strata_qcow2_info *q,
+           struct strata_snapshot_info *const *snaps, size_t nsnaps,
            struct strata_bitmap_info **bitmaps, int nbitmaps)
 {
   json_t *o = json_object ();
@@ -109,23 +109,23 @@ info_json (const struct strata_info *i,
     json_t *fs = json_object (), *d = json_object ();
 
     json_object_set_new (fs, "type", json_string ("qcow2"));
-    json_object_set_new (d, "compat", json_string (i->qcow2.compat));
-    if (strcmp (i->qcow2.compat, "0.10") != 0) {
+    json_object_set_new (d, "compat", json_string (q->compat));
+    if (strcmp (q->compat, "0.10") != 0) {
       json_object_set_new (d, "compression-type",
-                           json_string (i->qcow2.compression_type));
+                           json_string (q->compression_type));
       json_object_set_new (d, "lazy-refcounts",
-                           json_boolean (i->qcow2.lazy_refcounts));
+                           json_boolean (q->lazy_refcounts));
     }
     else
       json_object_set_new (d, "compression-type",
-                           json_string (i->qcow2.compression_type));
+                           json_string (q->compression_type));
     info_bitmaps_json (bitmaps, nbitmaps, d);
     json_object_set_new (d, "refcount-bits",
-                         json_integer (i->qcow2.refcount_bits));
-    if (strcmp (i->qcow2.compat, "0.10") != 0) {
-      json_object_set_new (d, "corrupt", json_boolean (i->qcow2.corrupt));
+                         json_integer (q->refcount_bits));
+    if (strcmp (q->compat, "0.10") != 0) {
+      json_object_set_new (d, "corrupt", json_boolean (q->corrupt));
       json_object_set_new (d, "extended-l2",
-                           json_boolean (i->qcow2.extended_l2));
+                           json_boolean (q->extended_l2));
     }
     json_object_set_new (fs, "data", d);
     json_object_set_new (o, "format-specific", fs);
@@ -144,8 +144,8 @@ info_json (const struct strata_info *i,
 }
 
 static void
-info_human (const struct strata_info *i,
-            const struct strata_snapshot_info *snaps, int nsnaps,
+info_human (const struct strata_info *i, const struct strata_qcow2_info *q,
+            struct strata_snapshot_info *const *snaps, size_t nsnaps,
             struct strata_bitmap_info **bitmaps, int nbitmaps)
 {
   char s[32];
@@ -178,16 +178,16 @@ info_human (const struct strata_info *i,
   }
   if (i->format_specific && strcmp (i->format_specific, "qcow2") == 0) {
     printf ("Format specific information:\n");
-    printf ("    compat: %s\n", i->qcow2.compat);
-    printf ("    compression type: %s\n", i->qcow2.compression_type);
-    if (strcmp (i->qcow2.compat, "0.10") != 0)
+    printf ("    compat: %s\n", q->compat);
+    printf ("    compression type: %s\n", q->compression_type);
+    if (strcmp (q->compat, "0.10") != 0)
       printf ("    lazy refcounts: %s\n",
-              i->qcow2.lazy_refcounts ? "true" : "false");
+              q->lazy_refcounts ? "true" : "false");
     info_bitmaps_human (bitmaps, nbitmaps);
-    printf ("    refcount bits: %d\n", i->qcow2.refcount_bits);
-    if (strcmp (i->qcow2.compat, "0.10") != 0) {
-      printf ("    corrupt: %s\n", i->qcow2.corrupt ? "true" : "false");
-      printf ("    extended l2: %s\n", i->qcow2.extended_l2 ? "true" : "false");
+    printf ("    refcount bits: %d\n", q->refcount_bits);
+    if (strcmp (q->compat, "0.10") != 0) {
+      printf ("    corrupt: %s\n", q->corrupt ? "true" : "false");
+      printf ("    extended l2: %s\n", q->extended_l2 ? "true" : "false");
     }
   }
 }
@@ -240,21 +240,26 @@ parse_args (int argc, char **argv, struct info *in)
 static bool
 info_node (const struct info *in, strata_node *n, bool first, json_t *arr)
 {
-  struct strata_info info;
-  struct strata_snapshot_info *snaps = NULL;
+  struct strata_info info = { .size = sizeof info };
+  struct strata_qcow2_info q = { .size = sizeof q };
+  struct strata_snapshot_info **snaps = NULL;
   struct strata_bitmap_info **bitmaps = NULL;
   strata_error *err = NULL;
   CLEANUP_FREE char *full = NULL;
   const char *filename = in->filename;
-  int nsnaps = 0, nbitmaps = 0;
+  size_t nsnaps = 0;
+  int nbitmaps = 0;
 
   if (!strata_get_info (n, &info, 0, &err)
-      || (nsnaps = strata_snapshot_list (n, &snaps, &err)) < 0) {
+      || !strata_snapshot_list (n, &snaps, &nsnaps, 0, &err)
+      || (info.format_specific && strcmp (info.format_specific, "qcow2") == 0
+          && !strata_get_qcow2_info (n, &q, 0, &err))) {
     fail_err (err);
+    strata_snapshot_list_free (snaps, nsnaps);
     return false;
   }
   if (info.format_specific && strcmp (info.format_specific, "qcow2") == 0
-      && (nbitmaps = info_bitmaps (n, &info, &bitmaps)) < 0) {
+      && (nbitmaps = info_bitmaps (n, &q, &bitmaps)) < 0) {
     strata_snapshot_list_free (snaps, nsnaps);
     return false;
   }
@@ -270,12 +275,12 @@ info_node (const struct info *in, strata_node *n, bool first, json_t *arr)
     info.full_backing_filename = full;
   }
   if (in->out == OUTPUT_JSON)
-    json_array_append_new (arr, info_json (&info, snaps, nsnaps, bitmaps,
+    json_array_append_new (arr, info_json (&info, &q, snaps, nsnaps, bitmaps,
                                            nbitmaps));
   else {
     if (!first)
       printf ("\n");
-    info_human (&info, snaps, nsnaps, bitmaps, nbitmaps);
+    info_human (&info, &q, snaps, nsnaps, bitmaps, nbitmaps);
   }
   strata_snapshot_list_free (snaps, nsnaps);
   strata_bitmap_list_free (bitmaps);

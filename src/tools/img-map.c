@@ -129,7 +129,7 @@ map_range (const struct map *m, strata_node *n, uint64_t start, uint64_t end)
   int ret = 0;
 
   for (uint64_t off = start; off < end && ret == 0;) {
-    struct strata_extent e;
+    struct strata_extent e = { .size = sizeof e };
     struct map_entry next;
     int r = strata_block_status (n, off, end - off, &e, 0);
 

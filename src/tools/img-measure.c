@@ -51,7 +51,8 @@ wants_compat_v2 (const char *options)
 static bool
 src_has_bitmap_support (strata_node *src)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
+  struct strata_qcow2_info q = { .size = sizeof q };
   strata_error *err = NULL;
 
   if (!strata_get_info (src, &info, 0, &err)) {
@@ -59,7 +60,8 @@ src_has_bitmap_support (strata_node *src)
     return false;
   }
   return info.format_specific && strcmp (info.format_specific, "qcow2") == 0
-         && strcmp (info.qcow2.compat, "0.10") != 0;
+         && strata_get_qcow2_info (src, &q, 0, NULL)
+         && strcmp (q.compat, "0.10") != 0;
 }
 
 /* What the persistent bitmaps of SRC (VSIZE bytes) would take in a qcow2
@@ -266,7 +268,7 @@ cmd_measure (int argc, char **argv)
     return 1;
   }
   if (!measurable (ofmt, options)
-      || !strata_measure (ofmt, all, src, &required, &full, &err)) {
+      || !strata_measure (ofmt, all, src, &required, &full, 0, &err)) {
     if (err)
       measure_fail (ofmt, err);
     strata_close (src);

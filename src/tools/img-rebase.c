@@ -27,7 +27,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "block/node.h"
 #include "tools/img.h"
 #include "tools/progress.h"
 #include "util/checked.h"
@@ -99,7 +98,7 @@ parse_args (int argc, char **argv, struct rebase *rb)
 static bool
 check_format_name (const char *fmt)
 {
-  if (fmt && !driver_find (fmt)) {
+  if (fmt && !strata_driver_exists (fmt)) {
     fprintf (stderr, "%s: Invalid format name: '%s'\n", progname, fmt);
     return false;
   }
@@ -111,7 +110,7 @@ set_backing (strata_node *n, const struct rebase *rb)
 {
   strata_error *err = NULL;
 
-  if (strata_change_backing_file (n, rb->base, rb->base_fmt, &err))
+  if (strata_change_backing_file (n, rb->base, rb->base_fmt, 0, &err))
     return true;
   /* A format with no backing file: qemu-img says only ENOTSUP's text. */
   fprintf (stderr, "%s: Could not change the backing file to '%s': %s\n",
@@ -162,7 +161,7 @@ relative_to (const char *file, const char *name)
 static int
 depth_in_chain (strata_node *file, const char *path, const char *fmt)
 {
-  struct strata_info i;
+  struct strata_info i = { .size = sizeof i };
   strata_error *err = NULL;
   int depth;
   strata_node *n
@@ -224,7 +223,7 @@ write_differences (struct safe *sf, uint64_t off, uint64_t n)
 static int
 rebase_window (struct safe *sf, uint64_t off, uint64_t end)
 {
-  struct strata_extent ext;
+  struct strata_extent ext = { .size = sizeof ext };
   int r;
 
   for (; off < end; off += ext.length) {
@@ -247,7 +246,7 @@ static int
 classify_piece (struct safe *sf, uint64_t pos, uint64_t n, bool *own,
                 bool *need)
 {
-  struct strata_extent ext;
+  struct strata_extent ext = { .size = sizeof ext };
   int r;
 
   *own = *need = false;
@@ -384,7 +383,7 @@ rebase_safe_run (const struct rebase *rb, struct safe *sf, const char *srcopts)
 static bool
 file_geometry (const struct rebase *rb, struct safe *sf)
 {
-  struct strata_info i;
+  struct strata_info i = { .size = sizeof i };
   strata_error *err = NULL;
 
   if (!strata_get_info (sf->file, &i, 0, &err)) {

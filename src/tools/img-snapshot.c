@@ -16,50 +16,50 @@
 #include "tools/img.h"
 
 void
-snapshot_list_human (const struct strata_snapshot_info *l, int n)
+snapshot_list_human (struct strata_snapshot_info *const *l, size_t n)
 {
   printf ("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE",
           "VM CLOCK", "ICOUNT");
-  for (int i = 0; i < n; i++) {
+  for (size_t i = 0; i < n; i++) {
     char size[32], date[32] = "", clock[64], icount[32] = "";
-    uint64_t secs = l[i].vm_clock_nsec / 1000000000;
-    time_t t = (time_t) l[i].date_sec;
+    uint64_t secs = l[i]->vm_clock_nsec / 1000000000;
+    time_t t = (time_t) l[i]->date_sec;
     struct tm tm;
 
-    size_to_str (l[i].vm_state_size, size, sizeof size);
+    size_to_str (l[i]->vm_state_size, size, sizeof size);
     if (localtime_r (&t, &tm))
       strftime (date, sizeof date, "%Y-%m-%d %H:%M:%S", &tm);
     snprintf (clock, sizeof clock, "%02d:%02d:%02d.%03d", (int) (secs / 3600),
               (int) ((secs / 60) % 60), (int) (secs % 60),
-              (int) ((l[i].vm_clock_nsec / 1000000) % 1000));
-    if (l[i].icount != UINT64_MAX)
-      snprintf (icount, sizeof icount, "%" PRId64, (int64_t) l[i].icount);
-    printf ("%-9s %-16s %8s%20s%13s%11s\n", l[i].id, l[i].name, size, date,
+              (int) ((l[i]->vm_clock_nsec / 1000000) % 1000));
+    if (l[i]->icount != UINT64_MAX)
+      snprintf (icount, sizeof icount, "%" PRId64, (int64_t) l[i]->icount);
+    printf ("%-9s %-16s %8s%20s%13s%11s\n", l[i]->id, l[i]->name, size, date,
             clock, icount);
   }
 }
 
 json_t *
-snapshot_list_json (const struct strata_snapshot_info *l, int n)
+snapshot_list_json (struct strata_snapshot_info *const *l, size_t n)
 {
   json_t *arr = json_array ();
 
   /* qemu-img's member order. */
-  for (int i = 0; i < n; i++) {
+  for (size_t i = 0; i < n; i++) {
     json_t *o = json_object ();
-    if (l[i].icount != UINT64_MAX)
+    if (l[i]->icount != UINT64_MAX)
       json_object_set_new (o, "icount",
-                           json_integer ((json_int_t) l[i].icount));
+                           json_integer ((json_int_t) l[i]->icount));
     json_object_set_new (o, "vm-clock-nsec",
-                         json_integer (l[i].vm_clock_nsec % 1000000000));
-    json_object_set_new (o, "name", json_string (l[i].name));
-    json_object_set_new (o, "date-sec", json_integer (l[i].date_sec));
-    json_object_set_new (o, "date-nsec", json_integer (l[i].date_nsec));
+                         json_integer (l[i]->vm_clock_nsec % 1000000000));
+    json_object_set_new (o, "name", json_string (l[i]->name));
+    json_object_set_new (o, "date-sec", json_integer (l[i]->date_sec));
+    json_object_set_new (o, "date-nsec", json_integer (l[i]->date_nsec));
     json_object_set_new (o, "vm-clock-sec",
-                         json_integer (l[i].vm_clock_nsec / 1000000000));
-    json_object_set_new (o, "id", json_string (l[i].id));
+                         json_integer (l[i]->vm_clock_nsec / 1000000000));
+    json_object_set_new (o, "id", json_string (l[i]->id));
     json_object_set_new (o, "vm-state-size",
-                         json_integer ((json_int_t) l[i].vm_state_size));
+                         json_integer ((json_int_t) l[i]->vm_state_size));
     json_array_append_new (arr, o);
   }
   return arr;
@@ -88,11 +88,11 @@ img_option_error (int c, char **argv)
 static int
 list (strata_node *n)
 {
-  struct strata_snapshot_info *l;
+  struct strata_snapshot_info **l;
   strata_error *err = NULL;
-  int count = strata_snapshot_list (n, &l, &err);
+  size_t count;
 
-  if (count < 0) {
+  if (!strata_snapshot_list (n, &l, &count, 0, &err)) {
     fail_err (err);
     return 1;
   }
@@ -165,13 +165,13 @@ cmd_snapshot (int argc, char **argv)
     c = list (n);
     strata_close (n);
     return c;
-  case 'c': ok = strata_snapshot_create (n, name, &err); break;
+  case 'c': ok = strata_snapshot_create (n, name, 0, &err); break;
   case 'a':
     /* qemu-img opens a probed raw image a second time to apply. */
     tool_warn_probed_raw (n, file);
-    ok = strata_snapshot_apply (n, name, &err);
+    ok = strata_snapshot_apply (n, name, 0, &err);
     break;
-  case 'd': ok = strata_snapshot_delete (n, name, &err); break;
+  case 'd': ok = strata_snapshot_delete (n, name, 0, &err); break;
   }
   if (!ok)
     fprintf (stderr, "%s: Could not %s snapshot '%s': %s\n", progname,

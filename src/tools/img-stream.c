@@ -4,7 +4,7 @@
  *   strata-img stream [-q] [-p] [-f FMT] [-t CACHE] [-r RATE] [-b BASE] FILE
  *
  * Copies into FILE everything its chain holds above BASE (without -b: the
- * whole chain) that FILE does not allocate itself, with node_copy_up in
+ * whole chain) that FILE does not allocate itself, with strata_copy_up in
  * chunks (zeros as zero clusters; chunks FILE allocates are skipped without
  * reading them), flushes, then rewrites FILE's header to name BASE as its
  * backing file (without -b: none).  The guest view never changes, so a
@@ -26,7 +26,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "block/node.h"
 #include "tools/img.h"
 #include "tools/progress.h"
 #include "util/checked.h"
@@ -40,7 +39,7 @@
 #define FLUSH_BYTES (UINT64_C (64) << 20)
 #define FLUSH_NS (UINT64_C (500) * 1000 * 1000)
 
-/* Bytes per node_copy_up call, rounded up to whole clusters: small enough
+/* Bytes per strata_copy_up call, rounded up to whole clusters: small enough
  * for a smooth rate and progress, large enough for long sequential I/O. */
 #define STREAM_CHUNK (UINT64_C (1) << 20)
 
@@ -115,7 +114,7 @@ static bool
 pull (strata_node *top, strata_node *base, const struct stream *st)
 {
   int64_t size = strata_length (top);
-  struct strata_info info = { 0 };
+  struct strata_info info = { .size = sizeof info };
   struct progress pr;
   uint64_t chunk = STREAM_CHUNK, unflushed = 0;
   uint64_t flushed_at = clock_now_ns ();
@@ -133,7 +132,7 @@ pull (strata_node *top, strata_node *base, const struct stream *st)
   for (uint64_t pos = 0; pos < (uint64_t)size;) {
     uint64_t n = MIN (chunk, size - pos), copied;
     uint64_t start = clock_now_ns ();
-    int r = node_copy_up (top, base, pos, n, &copied);
+    int r = strata_copy_up (top, base, pos, n, &copied, 0);
 
     if (r < 0) {
       fprintf (
@@ -169,10 +168,11 @@ stream (strata_node *top, const struct stream *st)
 {
   CLEANUP_FREE char *name = NULL;
   strata_node *base = NULL;
+  struct strata_info bi = { .size = sizeof bi };
   strata_error *err = NULL;
   int r;
 
-  if (!top->backing) {
+  if (!strata_backing (top)) {
     fprintf (stderr, "%s: '%s' does not have a backing file\n", progname,
              st->file);
     return 1;
@@ -180,7 +180,7 @@ stream (strata_node *top, const struct stream *st)
   if (st->base && !(base = find_base (top, st, &name)))
     return 1;
   /* With BASE the direct backing file, nothing lies between. */
-  if (base != top->backing) {
+  if (base != strata_backing (top)) {
     if (!pull (top, base, st))
       return 1;
     if ((r = strata_flush (top, 0)) < 0) {
@@ -188,8 +188,9 @@ stream (strata_node *top, const struct stream *st)
                strerror (-r));
       return 1;
     }
-    if (!strata_change_backing_file (top, name, base ? base->drv->name : NULL,
-                                     &err)) {
+    if ((base && !strata_get_info (base, &bi, 0, &err))
+        || !strata_change_backing_file (top, name, base ? bi.format : NULL, 0,
+                                        &err)) {
       fail_err (err);
       return 1;
     }
@@ -210,7 +211,7 @@ cmd_stream (int argc, char **argv)
 
   if (r)
     return r;
-  if (st.fmt && !driver_find (st.fmt)) {
+  if (st.fmt && !strata_driver_exists (st.fmt)) {
     fprintf (stderr, "%s: Invalid format name: '%s'\n", progname, st.fmt);
     return 1;
   }

@@ -74,8 +74,9 @@ void img_ratelimit_wait (const struct ratelimit *rl);
 
 /* img-snapshot.c: the snapshot table as qemu-img prints it (snapshot -l
  * and info). */
-void snapshot_list_human (const struct strata_snapshot_info *l, int n);
-json_t *snapshot_list_json (const struct strata_snapshot_info *l, int n);
+void snapshot_list_human (struct strata_snapshot_info *const *l, size_t n);
+json_t *snapshot_list_json (struct strata_snapshot_info *const *l,
+                            size_t n);
 
 /* img-snapshot.c, for the subcommands that parse options as qemu-img:
  * "strata-img: MSG" and the "Try ... --help" line; returns 1. */

@@ -601,7 +601,7 @@ cmd_map (struct io_ctx *io, int argc, char **argv)
 
     /* Merge consecutive extents of the same allocation state. */
     while (off < (uint64_t)size) {
-      struct strata_extent e;
+      struct strata_extent e = { .size = sizeof e };
       int r = strata_block_status (io->node, off, size - off, &e, 0);
 
       if (r < 0) {
@@ -659,7 +659,7 @@ cmd_length (struct io_ctx *io, int argc, char **argv)
 static int
 cmd_info (struct io_ctx *io, int argc, char **argv)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
   strata_error *err = NULL;
   char s[64];
 
@@ -676,19 +676,27 @@ cmd_info (struct io_ctx *io, int argc, char **argv)
   cvtstr ((double)info.vm_state_offset, s, sizeof s);
   printf ("vm state offset: %s\n", s);
   if (info.format_specific && strcmp (info.format_specific, "qcow2") == 0) {
-    bool v3 = strcmp (info.qcow2.compat, "0.10") != 0;
+    struct strata_qcow2_info q = { .size = sizeof q };
+    bool v3;
+
+    if (!strata_get_qcow2_info (io->node, &q, 0, &err)) {
+      fprintf (stderr, "%s: %s\n", progname, strata_error_message (err));
+      strata_error_free (err);
+      return -1;
+    }
+    v3 = strcmp (q.compat, "0.10") != 0;
 
     printf ("Format specific information:\n");
-    printf ("    compat: %s\n", info.qcow2.compat);
-    printf ("    compression type: %s\n", info.qcow2.compression_type);
+    printf ("    compat: %s\n", q.compat);
+    printf ("    compression type: %s\n", q.compression_type);
     if (v3)
       printf ("    lazy refcounts: %s\n",
-              info.qcow2.lazy_refcounts ? "true" : "false");
-    printf ("    refcount bits: %d\n", info.qcow2.refcount_bits);
+              q.lazy_refcounts ? "true" : "false");
+    printf ("    refcount bits: %d\n", q.refcount_bits);
     if (v3) {
-      printf ("    corrupt: %s\n", info.qcow2.corrupt ? "true" : "false");
+      printf ("    corrupt: %s\n", q.corrupt ? "true" : "false");
       printf ("    extended l2: %s\n",
-              info.qcow2.extended_l2 ? "true" : "false");
+              q.extended_l2 ? "true" : "false");
     }
   }
   return 0;
@@ -789,7 +797,7 @@ cmd_alloc (struct io_ctx *io, int argc, char **argv)
   count = off >= (uint64_t)size ? 0 : MIN (count, size - off);
   start = off;
   for (uint64_t left = count; left > 0;) {
-    struct strata_extent e;
+    struct strata_extent e = { .size = sizeof e };
     int r = strata_block_status (io->node, off, left, &e, 0);
     uint64_t n;
 
@@ -1176,7 +1184,7 @@ cmd_help (struct io_ctx *io, int argc, char **argv)
 static bool
 is_read_only (struct io_ctx *io)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
 
   return strata_get_info (io->node, &info, 0, NULL) && info.read_only;
 }

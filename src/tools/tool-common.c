@@ -11,7 +11,7 @@
 void
 tool_warn_probed_raw (strata_node *n, const char *filename)
 {
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
 
   if (!strata_get_info (n, &info, 0, NULL) || !info.format
       || strcmp (info.format, "raw") != 0)

@@ -46,7 +46,7 @@ LLVMFuzzerTestOneInput (const uint8_t *data, size_t size)
   }
   len = strata_length (node);
   for (int i = 0; len > 0 && i < 64 && off < (uint64_t) len; i++) {
-    struct strata_extent e;
+    struct strata_extent e = { .size = sizeof e };
     if (strata_block_status (node, off, len - off, &e, 0) < 0)
       break;
     off += e.length;

@@ -19,7 +19,7 @@ main (int argc, char **argv)
   unsigned flags = 0;
   strata_error *err = NULL;
   strata_node *node;
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
   int64_t size;
   const char *path = argv[argc - 1];
 
@@ -32,7 +32,7 @@ main (int argc, char **argv)
   }
   size = strata_length (node);
   for (uint64_t off = 0; off < (uint64_t) size;) {
-    struct strata_extent e;
+    struct strata_extent e = { .size = sizeof e };
     if (strata_block_status (node, off, size - off, &e, 0) < 0) {
       fprintf (stderr, "%s\n", strata_last_error_message ());
       return 1;

@@ -146,7 +146,7 @@ test_probe_finds_raw (void)
 {
   char *img = test_make_image ("probe.img", 4096);
   strata_node *n = strata_open (img, NULL, NULL, 0, NULL);
-  struct strata_info info;
+  struct strata_info info = { .size = sizeof info };
 
   CHECK (n);
   CHECK (strata_get_info (n, &info, 0, NULL));
@@ -202,7 +202,7 @@ test_zeroes_and_block_status (void)
   char *img = test_make_image ("zero.raw", 1 << 20);
   strata_node *n = strata_open (img, "raw", NULL, STRATA_OPEN_RDWR, NULL);
   static uint8_t buf[65536];
-  struct strata_extent e;
+  struct strata_extent e = { .size = sizeof e };
 
   CHECK (n);
   memset (buf, 0x77, sizeof buf);

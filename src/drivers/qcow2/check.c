@@ -56,6 +56,8 @@ struct check {
   strata_node *node;
   struct qcow2_state *s;
   struct strata_check_result *res;
+  strata_message_fn message; /* where report() sends lines, or NULL */
+  void *opaque;
   uint16_t *ref;        /* counted references per host cluster */
   uint64_t nb;          /* clusters covered by REF */
   uint64_t alloc;       /* entries allocated in REF (nb + 1) */
@@ -72,11 +74,11 @@ report (struct check *c, const char *fmt, ...)
   va_list ap;
   char *line;
 
-  if (!c->res->message)
+  if (!c->message)
     return;
   va_start (ap, fmt);
   if (vasprintf (&line, fmt, ap) >= 0) {
-    c->res->message (c->res->opaque, line);
+    c->message (c->opaque, line);
     free (line);
   }
   va_end (ap);
@@ -757,10 +759,15 @@ check_refcounts (struct check *c, unsigned fix, strata_error **errp)
 
 int
 qcow2_check (strata_node *node, struct strata_check_result *res,
-             unsigned fix, strata_error **errp)
+             unsigned fix, strata_message_fn message, void *opaque,
+             strata_error **errp)
 {
   struct qcow2_state *s = node->opaque;
-  struct check c = { .node = node, .s = s, .res = res };
+  struct check c = { .node = node,
+                     .s = s,
+                     .res = res,
+                     .message = message,
+                     .opaque = opaque };
   uint64_t rc_max = s->refcount_bits == 64 ? UINT64_MAX
                                            : (1ull << s->refcount_bits) - 1;
   int64_t len;

@@ -163,7 +163,7 @@ static bool
 looks_preallocated (strata_node *node)
 {
   struct qcow2_state *s = node->opaque;
-  struct strata_info fi;
+  struct strata_info fi = { .size = sizeof fi };
   strata_error *err = NULL;
   uint64_t real, threshold, end, count = 0;
   int64_t flen = node_length (node->file);

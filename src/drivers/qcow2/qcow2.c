@@ -58,8 +58,9 @@ repair_dirty (strata_node *node, struct qcow2_state *s, strata_error **errp)
   uint8_t be[8];
   int r;
 
-  r = qcow2_check (node, &res, STRATA_CHECK_FIX_LEAKS
-                                   | STRATA_CHECK_FIX_ERRORS, errp);
+  r = qcow2_check (node, &res,
+                   STRATA_CHECK_FIX_LEAKS | STRATA_CHECK_FIX_ERRORS, NULL,
+                   NULL, errp);
   if (r < 0) {
     error_prepend (errp, "%s: the image has the dirty bit set and its "
                    "refcounts could not be repaired", node->filename);
@@ -365,13 +366,27 @@ qcow2_get_info (strata_node *node, struct strata_info *info,
   info->backing_filename = s->backing_name;
   info->backing_format = s->backing_format;
   info->format_specific = "qcow2";
-  info->qcow2.compat = s->version >= 3 ? "1.1" : "0.10";
-  info->qcow2.compression_type =
-      s->compression == QCOW2_COMP_ZSTD ? "zstd" : "zlib";
-  info->qcow2.lazy_refcounts = s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
-  info->qcow2.refcount_bits = s->refcount_bits;
-  info->qcow2.corrupt = s->incompat & QCOW2_INCOMPAT_CORRUPT;
-  info->qcow2.extended_l2 = s->ext_l2;
+  return true;
+}
+
+/* strata_get_qcow2_info: QEMU's format-specific data. */
+static bool
+qcow2_get_format_info (strata_node *node, const char *format, void *out,
+                       strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  struct strata_qcow2_info *info = out;
+
+  (void) errp;
+  if (strcmp (format, "qcow2") != 0)
+    return false;
+  info->compat = s->version >= 3 ? "1.1" : "0.10";
+  info->compression_type = s->compression == QCOW2_COMP_ZSTD ? "zstd"
+                                                               : "zlib";
+  info->lazy_refcounts = s->compat & QCOW2_COMPAT_LAZY_REFCOUNTS;
+  info->refcount_bits = s->refcount_bits;
+  info->corrupt = s->incompat & QCOW2_INCOMPAT_CORRUPT;
+  info->extended_l2 = s->ext_l2;
   return true;
 }
 
@@ -385,7 +400,8 @@ qcow2_reopen (strata_node *node, bool read_write, strata_error **errp)
 /* The check reads tables from the file: write the cache back first. */
 static int
 qcow2_check_written (strata_node *node, struct strata_check_result *res,
-                     unsigned fix, strata_error **errp)
+                     unsigned fix, strata_message_fn message, void *opaque,
+                     strata_error **errp)
 {
   int r = 0;
 
@@ -399,7 +415,7 @@ qcow2_check_written (strata_node *node, struct strata_check_result *res,
                node->filename);
     return r;
   }
-  return qcow2_check (node, res, fix, errp);
+  return qcow2_check (node, res, fix, message, opaque, errp);
 }
 
 const struct strata_driver qcow2_driver = {
@@ -420,6 +436,7 @@ const struct strata_driver qcow2_driver = {
   .truncate       = qcow2_truncate,
   .measure        = qcow2_measure,
   .get_info       = qcow2_get_info,
+  .get_format_info = qcow2_get_format_info,
   .reopen         = qcow2_reopen,
   .check          = qcow2_check_written,
   .create         = qcow2_create,

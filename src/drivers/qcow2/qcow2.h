@@ -362,7 +362,8 @@ bool qcow2_make_empty (strata_node *node, strata_error **errp);
 
 /* check.c: qemu-img check (and -r leaks|all). */
 int qcow2_check (strata_node *node, struct strata_check_result *res,
-                 unsigned fix, strata_error **errp);
+                 unsigned fix, strata_message_fn message, void *opaque,
+                 strata_error **errp);
 
 /* bitmaps.c: persistent dirty bitmaps, listed but not maintained.  The
  * list is the public one (strata_bitmap_list); refuse_write fails, naming
