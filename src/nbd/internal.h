@@ -73,11 +73,11 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <time.h>
 
 #include <strata/strata.h>
 
 #include "nbd/server.h"
+#include "util/clock.h"
 #include "util/workqueue.h"
 
 #define NBD_MAX_NAME 4096
@@ -199,9 +199,7 @@ struct nbd_server {
 static inline uint64_t
 nbd_now_ms (void)
 {
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+  return clock_now_ns () / CLOCK_NS_PER_MS;
 }
 
 /* server.c: the export named NAME with a new reference (nbd_export_unref),

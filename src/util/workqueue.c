@@ -17,8 +17,8 @@
  */
 #include <pthread.h>
 #include <stdlib.h>
-#include <time.h>
 
+#include "util/clock.h"
 #include "util/workqueue.h"
 
 struct workqueue {
@@ -34,14 +34,6 @@ struct workqueue {
   size_t nr_threads;
   pthread_t threads[];
 };
-
-static uint64_t
-workqueue_now_ns (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
-}
 
 /* Items waiting in the queue that a sleeping thread could take. */
 static unsigned
@@ -84,9 +76,9 @@ workqueue_thread (void *arg)
       wq->tail = NULL;
     wq->nr_items--;
     pthread_mutex_unlock (&wq->lock);
-    took = workqueue_now_ns ();
+    took = clock_now_ns ();
     item->run (item);
-    took = workqueue_now_ns () - took;
+    took = clock_now_ns () - took;
     pthread_mutex_lock (&wq->lock);
     /* Stored atomically: workqueue_avg_ns() reads it without the lock. */
     __atomic_store_n (&wq->avg_ns, wq->avg_ns - wq->avg_ns / 8 + took / 8,

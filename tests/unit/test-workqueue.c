@@ -8,6 +8,7 @@
 
 #include "test.h"
 
+#include "util/clock.h"
 #include "util/workqueue.h"
 
 #define MS 1000000ull /* ns */
@@ -23,22 +24,14 @@ struct item {
 
 static int running, max_running, done; /* atomic */
 
-static uint64_t
-mono_ns (void)
-{
-  struct timespec ts;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000 + (uint64_t)ts.tv_nsec;
-}
-
 /* Poll *COUNTER until it reaches N; false after TIMEOUT_MS. */
 static bool
 wait_count (int *counter, int n, unsigned timeout_ms)
 {
-  uint64_t end = mono_ns () + timeout_ms * MS;
+  uint64_t end = clock_now_ns () + timeout_ms * MS;
 
   while (__atomic_load_n (counter, __ATOMIC_SEQ_CST) < n) {
-    if (mono_ns () > end)
+    if (clock_now_ns () > end)
       return false;
     usleep (1000);
   }
