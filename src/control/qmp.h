@@ -17,27 +17,18 @@
 #include <jansson.h>
 #include <stdbool.h>
 
+#include "control/control.h"
 #include "util/error.h"
 
-struct qmp_error {
-  const char *class;   /* static string: "GenericError", ... */
-  char *desc;          /* malloc'd; NULL when no error */
-};
+/* struct qmp_error, struct qmp_command, qmp_find_command() and the
+ * shutdown calls are in control.h, the module's face for the programs. */
 
 void qmp_error_set (struct qmp_error *err, const char *class,
                     const char *fmt, ...)
     __attribute__ ((format (printf, 3, 4)));
-void qmp_error_clear (struct qmp_error *err);
 /* ERR as a GenericError with E's message; frees E (may be NULL). */
 void qmp_error_from (struct qmp_error *err, strata_error *e);
 
-/* Handler: return a new reference, or NULL after qmp_error_set(). */
-typedef json_t *(*qmp_handler) (json_t *args, struct qmp_error *err);
-
-struct qmp_command {
-  const char *name;
-  qmp_handler fn;
-};
 
 /* The block-graph commands (src/control/commands-block.c), terminated by a
  * { NULL, NULL } entry.  stratad registers them with its own commands
@@ -53,8 +44,6 @@ extern const struct qmp_command qmp_job_commands[];
  * job can start (qmp_server_new does it). */
 void qmp_job_events_init (void);
 
-/* The command named NAME in any of the tables above, or NULL. */
-const struct qmp_command *qmp_find_command (const char *name);
 /* Call FN for every command of the tables above. */
 void qmp_foreach_command (void (*fn) (const struct qmp_command *cmd,
                                       void *opaque),
@@ -83,18 +72,5 @@ bool qmp_args_check (json_t *args, const struct qmp_arg *spec,
  * in the messages. */
 bool qmp_args_check_at (json_t *args, const struct qmp_arg *spec,
                         const char *prefix, struct qmp_error *err);
-
-/* Where stratad listens and the strata client connects when no socket is
- * named: $XDG_RUNTIME_DIR/strata/stratad.sock, else
- * /run/strata/stratad.sock for root, else /tmp/strata-$UID/stratad.sock.
- * Caller frees; NULL on ENOMEM. */
-char *qmp_default_socket_path (void);
-
-/* Called once at daemon shutdown: flush and close every node the commands
- * opened (in an order that closes overlays before what they use). */
-void qmp_block_shutdown (void);
-/* Called before qmp_block_shutdown(): cancel jobs, stop exports. */
-void qmp_job_shutdown (void);
-void qmp_export_shutdown (void);
 
 #endif

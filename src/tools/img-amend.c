@@ -9,9 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tools/img.h"
-#include "tools/progress.h"
-#include "util/cleanup.h"
+#include "img.h"
+#include "progress.h"
+#include "cleanup.h"
 
 static const char qcow2_amend_help[]
     = "Amend options for 'qcow2':\n"

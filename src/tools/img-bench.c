@@ -22,11 +22,11 @@
 
 #include <strata/strata.h>
 
-#include "util/checked.h"
-#include "util/cleanup.h"
-#include "util/clock.h"
-#include "util/opts.h"
-#include "tools/img.h"
+#include "checked.h"
+#include "cleanup.h"
+#include "clock.h"
+#include "opts.h"
+#include "img.h"
 
 struct bench {
   strata_node *node;

@@ -28,13 +28,13 @@
 #include <string.h>
 #include <time.h>
 
-#include "tools/img.h"
-#include "tools/progress.h"
-#include "util/checked.h"
-#include "util/clock.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "util/ratelimit.h"
+#include "img.h"
+#include "progress.h"
+#include "checked.h"
+#include "clock.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "ratelimit.h"
 
 #define CHUNK (1u << 20)
 

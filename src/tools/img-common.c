@@ -12,11 +12,11 @@
 
 #include <strata/strata.h>
 
-#include "tools/img.h"
-#include "util/cleanup.h"
-#include "util/clock.h"
-#include "util/opts.h"
-#include "util/ratelimit.h"
+#include "img.h"
+#include "cleanup.h"
+#include "clock.h"
+#include "opts.h"
+#include "ratelimit.h"
 
 const char *progname = "strata-img";
 

@@ -17,10 +17,10 @@
 
 #include <strata/strata.h>
 
-#include "util/checked.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "tools/img.h"
+#include "checked.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "img.h"
 
 #define COMPARE_CHUNK (1u << 20)
 

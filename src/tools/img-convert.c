@@ -40,13 +40,13 @@
 
 #include <strata/strata.h>
 
-#include "util/checked.h"
-#include "util/clock.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "tools/img.h"
-#include "tools/progress.h"
-#include "util/ratelimit.h"
+#include "checked.h"
+#include "clock.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "img.h"
+#include "progress.h"
+#include "ratelimit.h"
 
 #define CONVERT_BUF (2u << 20) /* bytes per chunk, as qemu-img */
 #define SECTOR 512u

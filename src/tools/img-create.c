@@ -18,10 +18,10 @@
 
 #include <strata/strata.h>
 
-#include "util/checked.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "tools/img.h"
+#include "checked.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "img.h"
 
 /* Open the backing file PATH of the new image FILENAME, or print
  * qemu-img's two lines on failure. */

@@ -18,10 +18,10 @@
 
 #include <strata/strata.h>
 
-#include "util/checked.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "tools/img.h"
+#include "checked.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "img.h"
 
 /* The persistent bitmaps of a qcow2 v3 image, for its format-specific
  * data: the count (0 for none, and for a v2 image, which holds none), or

@@ -15,10 +15,10 @@
 
 #include <strata/strata.h>
 
-#include "util/checked.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "tools/img.h"
+#include "checked.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "img.h"
 
 struct map_entry {
   uint64_t start, length, offset;

@@ -17,9 +17,9 @@
 
 #include <strata/strata.h>
 
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "tools/img.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "img.h"
 
 /* Append OPT to the comma-separated list *LIST (-o may repeat). */
 static bool

@@ -27,11 +27,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "tools/img.h"
-#include "tools/progress.h"
-#include "util/checked.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
+#include "img.h"
+#include "progress.h"
+#include "checked.h"
+#include "cleanup.h"
+#include "opts.h"
 
 #define CHUNK (1u << 20) /* bytes compared at a time: bounds the memory */
 

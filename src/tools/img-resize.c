@@ -14,8 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tools/img.h"
-#include "util/opts.h"
+#include "img.h"
+#include "opts.h"
 
 /* The largest image qemu's block layer allows: INT64_MAX rounded down to
  * its largest request alignment (2 GiB - 1 rounded to the sector). */

@@ -13,7 +13,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "tools/img.h"
+#include "img.h"
 
 void
 snapshot_list_human (struct strata_snapshot_info *const *l, size_t n)

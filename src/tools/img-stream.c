@@ -26,13 +26,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "tools/img.h"
-#include "tools/progress.h"
-#include "util/checked.h"
-#include "util/clock.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
-#include "util/ratelimit.h"
+#include "img.h"
+#include "progress.h"
+#include "checked.h"
+#include "clock.h"
+#include "cleanup.h"
+#include "opts.h"
+#include "ratelimit.h"
 
 /* Progress is made durable (a flush) this often, so that a run that is
  * killed leaves its copies mapped and the next run skips them. */

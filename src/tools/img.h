@@ -15,7 +15,7 @@
 
 #include <strata/strata.h>
 
-#include "tools/tool-common.h"
+#include "tool-common.h"
 
 extern const char *progname;
 

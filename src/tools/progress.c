@@ -6,9 +6,9 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-#include "tools/progress.h"
-#include "tools/tool-common.h"
-#include "util/clock.h"
+#include "progress.h"
+#include "tool-common.h"
+#include "clock.h"
 
 #define REDRAW_NS (100 * CLOCK_NS_PER_MS)
 #define SAMPLE_NS (200 * CLOCK_NS_PER_MS)

@@ -27,7 +27,7 @@
 
 #include <jansson.h>
 
-#include "tools/qmp-client.h"
+#include "qmp-client.h"
 
 const char *client_socket_path;
 volatile sig_atomic_t client_interrupted;

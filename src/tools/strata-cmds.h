@@ -14,7 +14,7 @@
 
 #include <jansson.h>
 
-#include "tools/tool-common.h"
+#include "tool-common.h"
 
 /* --json: print QMP's JSON instead of the human form. */
 extern bool json_output;

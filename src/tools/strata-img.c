@@ -13,7 +13,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "tools/img.h"
+#include "img.h"
 
 static void
 usage (FILE *f)

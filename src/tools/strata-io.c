@@ -27,11 +27,11 @@
 
 #include <strata/strata.h>
 
-#include "tools/tool-common.h"
-#include "util/checked.h"
-#include "util/clock.h"
-#include "util/cleanup.h"
-#include "util/opts.h"
+#include "tool-common.h"
+#include "checked.h"
+#include "clock.h"
+#include "cleanup.h"
+#include "opts.h"
 
 #define MAX_REQUEST 2147483136ULL /* qemu-io's limit for one request */
 #define CHUNK (4u << 20)          /* bytes moved per call */

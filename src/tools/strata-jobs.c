@@ -22,10 +22,10 @@
 
 #include <jansson.h>
 
-#include "tools/qmp-client.h"
-#include "tools/progress.h"
-#include "tools/strata-cmds.h"
-#include "util/clock.h"
+#include "qmp-client.h"
+#include "progress.h"
+#include "strata-cmds.h"
+#include "clock.h"
 
 enum job_end { JOB_RUNNING, JOB_COMPLETED, JOB_CANCELLED, JOB_FAILED };
 

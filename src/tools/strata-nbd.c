@@ -34,9 +34,9 @@
 
 #include <strata/strata.h>
 
-#include "nbd/server.h"
-#include "tools/tool-common.h"
-#include "util/opts.h"
+#include "server.h" /* src/nbd/server.h: the NBD server module */
+#include "tool-common.h"
+#include "opts.h"
 
 static const char *progname = "strata-nbd";
 

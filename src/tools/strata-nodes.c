@@ -15,8 +15,8 @@
 
 #include <jansson.h>
 
-#include "tools/qmp-client.h"
-#include "tools/strata-cmds.h"
+#include "qmp-client.h"
+#include "strata-cmds.h"
 
 /* The protocol-level filename under FILENAME: QEMU (and stratad) report
  * "json:{...}" for a node opened with explicit children; the bytes are in

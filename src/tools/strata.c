@@ -26,10 +26,9 @@
 #include <jansson.h>
 #include <strata/strata.h>
 
-#include "control/qmp.h"
-#include "control/server.h"
-#include "tools/qmp-client.h"
-#include "tools/strata-cmds.h"
+#include "control.h" /* src/control/control.h */
+#include "qmp-client.h"
+#include "strata-cmds.h"
 
 bool json_output;
 

@@ -22,10 +22,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "control/qmp.h"
-#include "control/server.h"
-#include "tools/tool-common.h"
-#include "util/cleanup.h"
+#include "control.h" /* src/control/control.h */
+#include "tool-common.h"
+#include "cleanup.h"
 
 #define MAX_SOCKETS 16
 

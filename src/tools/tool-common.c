@@ -6,7 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "tools/tool-common.h"
+#include "tool-common.h"
 
 void
 tool_warn_probed_raw (strata_node *n, const char *filename)

@@ -14,7 +14,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "util/error.h"
+/* A sibling by its bare name: the programs in src/tools have src/util/ (not
+ * src/) on their include path. */
+#include "error.h"
 
 struct opt {
   char *key;
