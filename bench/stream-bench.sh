@@ -48,7 +48,7 @@ STRATAD=$build/stratad QMP_PY=$top/tests/integration MIB=$mib \
 WINDOW=$window python3 - <<'EOF'
 import os, shutil, subprocess, sys, time
 sys.path.insert(0, os.environ["QMP_PY"])
-from qmp import QMP
+from harness.qmp import QMP
 
 MIB = 1 << 20
 size = int(os.environ["MIB"]) * MIB

@@ -1,48 +1,30 @@
 """Shared fixtures for strata's integration tests.
 
-The binaries under test come from the build directory named by
-$STRATA_BUILD (default: build/ at the top of the tree).  QEMU's and libnbd's
-tools are the oracles; a test that needs a missing peer fails and says
-what to install (scripts/deps.sh installs them all) instead of skipping.
+The helpers live in the harness package (tests/integration/harness/);
+this file only holds pytest fixtures: the tools' paths and the reaper
+that kills, by PID, every process a test started through the harness and
+left running.  The names tests used to import from here are re-exported
+for tests written before the harness.
 """
-import hashlib
 import os
-import re
-import shutil
-import subprocess
-import time
-from pathlib import Path
+import sys
 
 import pytest
 
-TOP = Path(__file__).resolve().parents[2]
-BUILD = Path(os.environ.get("STRATA_BUILD", TOP / "build")).resolve()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import procs  # noqa: E402
+from harness.env import (BUILD, TIMING_RE, TOP,  # noqa: E402,F401
+                         assert_progress_bar, binary, drop_qemu_progress,
+                         drop_timing, file_state, io_cmds, make_image, need,
+                         run, run_on_pty)
 
 
-def need(tool, package):
-    """Path of TOOL, or fail naming the Debian package that provides it."""
-    path = shutil.which(tool)
-    if not path:
-        pytest.fail(f"{tool} not found: install {package} (scripts/deps.sh)")
-    return path
-
-
-def binary(name):
-    path = BUILD / name
-    if not path.exists():
-        pytest.fail(f"{path} not built: run 'make' first")
-    return str(path)
-
-
-def run(*args, check=True, timeout=120, **kw):
-    """Run a command, capture text output, fail loudly on a timeout."""
-    proc = subprocess.run([str(a) for a in args], capture_output=True,
-                          text=True, timeout=timeout, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(map(str, args))} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+@pytest.fixture(autouse=True)
+def reap_processes():
+    """Kill (by PID) any process a failed test left running."""
+    yield
+    procs.reap()
 
 
 @pytest.fixture
@@ -58,104 +40,3 @@ def qemu_io():
 @pytest.fixture
 def qemu_img():
     return need("qemu-img", "qemu-utils")
-
-
-# ---- helpers for the qemu-io interop tests (test_io_*.py, test_locking.py)
-
-
-# qemu-io's second report line: "512 bytes, 1 ops; 00.00 sec (...)".
-TIMING_RE = re.compile(
-    r"^[0-9.]+ (bytes|KiB|MiB|GiB|TiB|PiB|EiB), [0-9]+ ops; "
-    r"[0-9:.]+ sec \([0-9.]+ (bytes|KiB|MiB|GiB|TiB|PiB|EiB)/sec and "
-    r"[0-9.]+ ops/sec\)$")
-
-
-def drop_timing(text):
-    """TEXT's lines without qemu-io's timing lines, which differ per run.
-    Fails when a line looks like a timing line but is malformed."""
-    lines = []
-    for line in text.splitlines():
-        if " ops; " in line:
-            assert TIMING_RE.match(line), f"malformed timing line: {line!r}"
-            continue
-        lines.append(line)
-    return lines
-
-
-def file_state(path):
-    """(size, sha256) of the file at PATH, to prove it was not touched."""
-    data = Path(path).read_bytes()
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def io_cmds(*cmds):
-    """["-c", CMD, ...] for qemu-io and strata-io."""
-    args = []
-    for c in cmds:
-        args += ["-c", c]
-    return args
-
-
-def make_image(path, size=0, data=None):
-    """Create a raw image at PATH: DATA if given, else SIZE sparse bytes."""
-    path = Path(path)
-    if data is not None:
-        path.write_bytes(data)
-    else:
-        with open(path, "wb") as f:
-            f.truncate(size)
-    return path
-
-
-# ---- -p: strata-img draws progress only on a terminal -------------------
-
-QEMU_PROGRESS_RE = re.compile(r"(?:    \(\d+\.\d\d/100%\)[\r\n])+\n?")
-
-
-def drop_qemu_progress(text):
-    """qemu-img -p writes "    (xx.xx/100%)\\r" steps and a newline even
-    into a pipe; strata-img writes nothing there.  What remains to
-    compare."""
-    if isinstance(text, bytes):
-        return QEMU_PROGRESS_RE.sub("", text.decode()).encode()
-    return QEMU_PROGRESS_RE.sub("", text)
-
-
-def run_on_pty(argv, cwd=None, timeout=120):
-    """Run ARGV with stdout and stderr on a pseudo-terminal; returns the
-    exit status and everything it wrote."""
-    import pty
-    import select
-    pid, fd = pty.fork()
-    if pid == 0:
-        try:
-            if cwd:
-                os.chdir(cwd)
-            os.execv(str(argv[0]), [str(a) for a in argv])
-        finally:
-            os._exit(127)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 1)
-        if not r:
-            continue
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
-
-
-PROGRESS_BAR_RE = re.compile(
-    r"\r\[[# ]{30}\] +100\.00%  +[0-9.]+ [KMGTPE]?i?B/s")
-
-
-def assert_progress_bar(text):
-    """The bar strata-img draws on a terminal reached 100 %, with a rate."""
-    assert "\r[" in text and PROGRESS_BAR_RE.search(text), repr(text)

@@ -11,8 +11,9 @@ import json
 
 import pytest
 
-from conftest import binary, drop_timing, file_state, make_image, need, run
-from test_qmp_block import Monitor
+from harness import binary, drop_timing, file_state, make_image, need, run
+from harness.chains import statuses
+from harness.daemons import Monitor, start
 
 SECTOR = 8  # byte 4096
 
@@ -189,7 +190,6 @@ def test_stream_on_error_stop_then_resume_as_qsd(tmp_path):
     """base <- mid <- top, mid's file under blkdebug failing once at mid's
     first data cluster: block-stream with on-error=stop pauses at the
     error and completes after a resume, with the chain's content."""
-    from test_jobs import reap_daemons, start, statuses  # noqa: F401
     qimg = need("qemu-img", "qemu-utils")
     results = {}
     for kind in ("qsd", "stratad"):

@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from conftest import binary, file_state, need, run
-from qcow2_common import (KiB, MiB, build_libstrata_program, create,
-                          qemu_check, qemu_img, qio, sio)
+from harness import binary, build_libstrata_program, file_state, need, run
+from harness.daemons import Monitor, StrataNbd, nbd_handle
+from harness.qcow2 import KiB, MiB, create, qemu_check, qemu_img, qio, sio
 
 CS = 64 * KiB
 
@@ -145,9 +145,8 @@ def test_guest_writes_win_over_copy_up(tmp_path, stress):
 # ---- strata-nbd --copy-on-read ----
 
 def test_nbd_copy_on_read_read_only_export(chain):
-    from test_nbd_server import Server
     base, top = chain
-    srv = Server(top.parent, top, "-r", "-t", "--copy-on-read")
+    srv = StrataNbd(top.parent, top, "-r", "-t", "--copy-on-read")
     try:
         p = run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x33 1M 100k",
                 srv.uri)
@@ -169,10 +168,10 @@ def test_nbd_cache_command_prefetches(chain, cor):
     """NBD_CMD_CACHE (libnbd's nbd_cache) on a copy-on-read export copies
     the range into the overlay as a read would, with no data sent; on a
     plain export it changes nothing (QEMU's prefetch)."""
-    from test_nbd_server import Server, nbd_handle
     base, top = chain
     before = cluster_map(top)
-    srv = Server(top.parent, top, "-t", *(["--copy-on-read"] if cor else []))
+    srv = StrataNbd(top.parent, top, "-t",
+                    *(["--copy-on-read"] if cor else []))
     try:
         nbd, h = nbd_handle(srv.uri)
         assert h.can_cache()
@@ -206,7 +205,6 @@ def test_nbd_copy_on_read_refuses_force_share(chain):
 def test_blockdev_add_bottom_as_qsd(tmp_path):
     """A <- B <- C; copy-on-read over C with bottom=B copies B's data
     only; qemu-storage-daemon leaves the same map."""
-    from test_qmp_block import Monitor
     maps = {}
     for name, argv0 in (("qsd", "qemu-storage-daemon"),
                         ("stratad", binary("stratad"))):
@@ -261,7 +259,6 @@ def test_blockdev_add_bottom_as_qsd(tmp_path):
 def test_bottom_naming_a_filter_is_refused_as_qsd(tmp_path):
     """bottom naming a filter, even one in the chain (blkdebug over B),
     is refused with qemu-storage-daemon's words, and nothing is added."""
-    from test_qmp_block import Monitor
     a, b, c = tmp_path / "A.qcow2", tmp_path / "B.qcow2", tmp_path / "C.qcow2"
     create(a, 2 * MiB)
     create(b, 2 * MiB, backing="A.qcow2")

@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 
-from conftest import (assert_progress_bar, binary, drop_qemu_progress,
+from harness import (assert_progress_bar, binary, drop_qemu_progress,
                       file_state, run, run_on_pty)
-from qcow2_common import (MiB, Model, check_reads, create, header,
-                          qemu_check, qemu_img, qio)
+from harness.crash import build_shim, crash_env
+from harness.qcow2 import (MiB, Model, check_reads, create, header,
+                           qemu_check, qemu_img, qio)
 
 
 def size_arg(v):
@@ -235,12 +236,7 @@ def test_crash_points(tmp_path, copts, args, ops):
     """A power failure before any write or flush of an amend leaves an
     image qemu-img check finds consistent, of the old or the new version,
     with the same guest data."""
-    import os
-    from conftest import need
-    from test_qcow2_crash import crash_env
-    shim_so = tmp_path / "crash.so"
-    run(need("cc", "gcc"), "-shared", "-fPIC", "-O1", "-o", shim_so,
-        os.path.join(os.path.dirname(__file__), "qcow2_crash_shim.c"), "-ldl")
+    shim_so = build_shim(tmp_path)
     orig = tmp_path / "orig.qcow2"
     m = build(orig, copts, ops)
     if "write -z 0 128k" not in ops:   # a snapshot would share them

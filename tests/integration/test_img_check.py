@@ -13,8 +13,8 @@ import struct
 
 import pytest
 
-from conftest import binary, file_state, need, run
-from qcow2_common import KiB, MiB, create, header, qemu_img, qio, sio
+from harness import binary, file_state, need, run
+from harness.qcow2 import KiB, MiB, create, header, qemu_img, qio, sio
 
 
 def strata_img():

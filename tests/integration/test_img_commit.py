@@ -18,9 +18,10 @@ import time
 
 import pytest
 
-from conftest import (assert_progress_bar, binary, drop_qemu_progress, run,
-                      run_on_pty)
-from qcow2_common import KiB, MiB, create, qemu_check, qemu_img, qio
+from harness import (assert_progress_bar, binary, drop_qemu_progress, need,
+                    run, run_on_pty, spawn)
+from harness.chains import make_mixed_chain, map_of
+from harness.qcow2 import KiB, MiB, create, qemu_check, qemu_img, qio
 
 LAYERS = ("base.qcow2", "mid.qcow2", "top.qcow2")
 
@@ -33,45 +34,9 @@ def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def make_chain(d, cs, top_size=None, **opts):
-    """base <- mid <- top in directory D with cluster size CS."""
-    os.makedirs(d, exist_ok=True)
-    size = max(4 * MiB, 16 * cs)
-    create(d / "base.qcow2", size, cluster_size=cs, **opts)
-    create(d / "mid.qcow2", size, backing="base.qcow2", cluster_size=cs,
-           **opts)
-    create(d / "top.qcow2", top_size or size, backing="mid.qcow2",
-           cluster_size=cs, **opts)
-    qio(d / "base.qcow2", [f"write -P 1 0 {8 * cs}",
-                           f"write -P 5 {12 * cs} {2 * cs}"])
-    qio(d / "mid.qcow2", [f"write -P 2 {2 * cs} {4 * cs}",
-                          f"write -z {10 * cs} {2 * cs}",
-                          f"write -P 6 {13 * cs} {3 * cs}"])
-    top = [f"write -P 3 {3 * cs} {3 * cs}", f"write -z 0 {cs}",
-           f"write -c -P 4 {8 * cs} {cs}", f"write -P 8 {5 * cs + 512} 1024",
-           f"write -z {13 * cs} {cs}"]
-    if top_size:
-        top.append(f"write -P 9 {top_size - 2 * cs} {cs}")
-    qio(d / "top.qcow2", top)
-
-
 def copies(tmp_path, names=("q", "s", "orig")):
     for n in names:
         shutil.copytree(tmp_path / "chain", tmp_path / n)
-
-
-def map_of(path):
-    """qemu-img map of PATH without host offsets, adjacent runs merged."""
-    p = run(qemu_img(), "map", "--output=json", path.name, cwd=path.parent)
-    out = []
-    for e in json.loads(p.stdout):
-        e = {k: v for k, v in e.items() if k != "offset"}
-        if out and all(out[-1][k] == e[k] for k in e if
-                       k not in ("start", "length")):
-            out[-1]["length"] += e["length"]
-        else:
-            out.append(e)
-    return out
 
 
 def backing_fields(path):
@@ -113,7 +78,7 @@ def assert_same_result(tmp_path):
 def test_commit_matches_qemu(tmp_path, cs, args):
     if cs == 2 * MiB and args in (["-d"], ["-b", "mid.qcow2"]):
         pytest.skip("covered at the smaller cluster sizes; keeps it fast")
-    make_chain(tmp_path / "chain", cs)
+    make_mixed_chain(tmp_path / "chain", cs)
     copies(tmp_path)
     q, s = both_commit(tmp_path, args)
     assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
@@ -134,7 +99,7 @@ def test_commit_matches_qemu(tmp_path, cs, args):
                                   {"extended_l2": "on"}],
                          ids=["v2", "extl2"])
 def test_commit_other_layouts(tmp_path, opts):
-    make_chain(tmp_path / "chain", 64 * KiB, **opts)
+    make_mixed_chain(tmp_path / "chain", 64 * KiB, **opts)
     copies(tmp_path)
     q, s = both_commit(tmp_path, [])
     assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
@@ -143,7 +108,7 @@ def test_commit_other_layouts(tmp_path, opts):
 
 def test_commit_grows_base(tmp_path):
     """A top larger than its base: the base grows to the top's size."""
-    make_chain(tmp_path / "chain", 64 * KiB, top_size=6 * MiB)
+    make_mixed_chain(tmp_path / "chain", 64 * KiB, top_size=6 * MiB)
     copies(tmp_path)
     q, s = both_commit(tmp_path, [])
     assert q.returncode == s.returncode == 0, (q.stderr, s.stderr)
@@ -155,7 +120,7 @@ def test_commit_grows_base(tmp_path):
 def test_commit_top_with_snapshot(tmp_path):
     """An internal snapshot shares the top's L2 tables and clusters:
     emptying drops only the active image's references."""
-    make_chain(tmp_path / "chain", 64 * KiB)
+    make_mixed_chain(tmp_path / "chain", 64 * KiB)
     run(qemu_img(), "snapshot", "-c", "s1", tmp_path / "chain" / "top.qcow2")
     copies(tmp_path)
     q, s = both_commit(tmp_path, [])
@@ -170,7 +135,7 @@ def test_progress_and_quiet(tmp_path):
     """-p draws a bar with percent, rate and time left on a terminal and
     nothing into a pipe (where qemu-img writes its steps); -q silences the
     message too."""
-    make_chain(tmp_path / "chain", 64 * KiB)
+    make_mixed_chain(tmp_path / "chain", 64 * KiB)
     copies(tmp_path, ("q", "s", "t"))
     q = subprocess.run([qemu_img(), "commit", "-p", "top.qcow2"],
                        cwd=tmp_path / "q", capture_output=True)
@@ -201,7 +166,7 @@ def test_progress_and_quiet(tmp_path):
     (["-b"], "", "missing argument for option '-b'"),
 ])
 def test_bad_input(tmp_path, args, target, msg):
-    make_chain(tmp_path / "chain", 64 * KiB)
+    make_mixed_chain(tmp_path / "chain", 64 * KiB)
     copies(tmp_path, ("q", "s"))
     before = {n: sha(tmp_path / "s" / n) for n in LAYERS}
     tail = [target] if target else []
@@ -235,10 +200,10 @@ def test_killed_commit_reruns(tmp_path):
     """kill -9 part-way through a rate-limited commit, then run it again:
     the content is right and every image passes check."""
     d = tmp_path / "chain"
-    make_chain(d, 64 * KiB)
+    make_mixed_chain(d, 64 * KiB)
     qio(d / "top.qcow2", ["write -P 10 1m 2m"])
     copies(tmp_path, ("s", "orig"))
-    proc = subprocess.Popen([strata_img(), "commit", "-r", "512k",
+    proc = spawn([strata_img(), "commit", "-r", "512k",
                              "top.qcow2"], cwd=tmp_path / "s",
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -265,7 +230,6 @@ def test_killed_commit_reruns(tmp_path):
 def crash_shim(tmp_path_factory):
     """qcow2_crash_shim.c, built: stops a process before its Nth write or
     flush of $CRASH_FILE, optionally losing unflushed writes."""
-    from conftest import need
     cc = need("cc", "gcc")
     out = tmp_path_factory.mktemp("shim") / "crash.so"
     run(cc, "-shared", "-fPIC", "-O1", "-o", out,
@@ -328,7 +292,7 @@ def test_crash_while_emptying(tmp_path, crash_shim):
 def test_base_name_forms(tmp_path, form, ok):
     """-b is looked up as qemu-img does: the recorded name, or a path
     relative to the directory of the layer that names it (not the cwd)."""
-    make_chain(tmp_path / "chain" / "sub", 64 * KiB)
+    make_mixed_chain(tmp_path / "chain" / "sub", 64 * KiB)
     for d in ("q", "s"):
         shutil.copytree(tmp_path / "chain", tmp_path / d)
     res = []
@@ -348,7 +312,7 @@ def test_crash_while_copying(tmp_path, crash_shim):
     is copied into it: the top still reads right, the base passes check
     (leaks allowed), and a re-run finishes."""
     d = tmp_path / "chain"
-    make_chain(d, 64 * KiB)
+    make_mixed_chain(d, 64 * KiB)
     copies(tmp_path, ("orig",))
     s = tmp_path / "s"
     shutil.copytree(d, s)

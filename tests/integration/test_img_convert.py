@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_progress_bar, binary, need, run, run_on_pty
+from harness import assert_progress_bar, binary, need, run, run_on_pty
 
 QEMU_IMG = "qemu-img"
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import binary, need, run
+from harness import binary, need, run
 
 QEMU_IMG = "qemu-img"
 

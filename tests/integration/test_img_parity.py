@@ -23,7 +23,7 @@ import subprocess
 
 import pytest
 
-from conftest import binary, need
+from harness import binary, need
 
 QEMU_IMG = "qemu-img"
 

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from conftest import binary, run
-from qcow2_common import qemu_img, qemu_io
+from harness import binary, run, spawn, wait_until
+from harness.qcow2 import qemu_img, qemu_io
 
 OPTION_SETS = [
     "cluster_size=512",
@@ -276,19 +276,16 @@ def test_create_over_an_image_in_use_is_refused(tmp_path, fmt):
     """Like qemu-img, create takes the image locks before truncating: a
     disk somebody has open (here qemu-io) is left exactly as it was."""
     import subprocess
-    import time
     img = tmp_path / "busy.qcow2"
     run(qemu_img(), "create", "-q", "-f", "qcow2", img, "16M")
     run(qemu_io(), "-f", "qcow2", "-c", "write -P 7 0 1M", img)
-    holder = subprocess.Popen([qemu_io(), "-f", "qcow2", "-c", "sleep 20000",
+    holder = spawn([qemu_io(), "-f", "qcow2", "-c", "sleep 20000",
                                str(img)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 10
         mine = f":{img.stat().st_ino} ".encode()
-        while mine not in open("/proc/locks", "rb").read():
-            assert time.time() < deadline, "qemu-io never took its locks"
-            time.sleep(0.05)
+        wait_until(lambda: mine in open("/proc/locks", "rb").read(), 10,
+                   0.05, what="qemu-io to take its locks")
         before = img.read_bytes()
         p = simg("create", "-f", fmt, img, "1G", check=False)
         assert p.returncode == 1

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import binary, file_state, io_cmds, run
+from harness import binary, file_state, io_cmds, run
 
 
 @pytest.fixture

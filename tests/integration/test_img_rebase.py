@@ -16,10 +16,10 @@ import subprocess
 
 import pytest
 
-from conftest import (assert_progress_bar, binary, drop_qemu_progress, run,
-                      run_on_pty)
-from qcow2_common import KiB, MiB, create, qemu_check, qemu_img, qio
-from test_img_commit import make_chain, map_of
+from harness import (assert_progress_bar, binary, drop_qemu_progress, need,
+                     run, run_on_pty)
+from harness.qcow2 import KiB, MiB, create, qemu_check, qemu_img, qio
+from harness.chains import make_mixed_chain, map_of
 
 
 def strata_img():
@@ -201,7 +201,7 @@ def compare_images(a, b):
                                   ["-b", ""]],
                          ids=["onto-base", "onto-other", "detach"])
 def test_safe_matches_qemu(tmp_path, cs, args):
-    make_chain(tmp_path / "chain", cs)
+    make_mixed_chain(tmp_path / "chain", cs)
     other_base(tmp_path / "chain", cs)
     safe_case(tmp_path, cs, args)
 
@@ -210,14 +210,14 @@ def test_safe_big_clusters_and_shorter_base(tmp_path):
     """2 MiB clusters, a new base shorter than the image (it reads as
     zeros past its end)."""
     cs = 2 * MiB
-    make_chain(tmp_path / "chain", cs)
+    make_mixed_chain(tmp_path / "chain", cs)
     other_base(tmp_path / "chain", cs, size=10 * cs)
     safe_case(tmp_path, cs, ["-b", "other.qcow2", "-F", "qcow2"])
 
 
 def test_safe_relative_to_image_dir(tmp_path):
     """-b is relative to the image's directory, not to the cwd; -p."""
-    make_chain(tmp_path / "chain" / "sub", 64 * KiB)
+    make_mixed_chain(tmp_path / "chain" / "sub", 64 * KiB)
     other_base(tmp_path / "chain" / "sub", 64 * KiB)
     safe_case(tmp_path, 64 * KiB, ["-q", "-p", "-b", "other.qcow2", "-F",
                                    "qcow2"], sub="sub")
@@ -248,7 +248,7 @@ def test_safe_refusals(tmp_path, args, msg):
     file unchanged (qemu-img 7.2 copies data before failing on a missing
     -F; strata checks first)."""
     d = tmp_path / "chain"
-    make_chain(d, 64 * KiB)
+    make_mixed_chain(d, 64 * KiB)
     other_base(d, 64 * KiB)
     (d / "junk.img").write_bytes(b"not an image" * 100)
     shutil.copytree(d, tmp_path / "q")
@@ -263,7 +263,7 @@ def test_safe_refusals(tmp_path, args, msg):
 
 def test_safe_old_backing_missing(tmp_path):
     d = tmp_path / "chain"
-    make_chain(d, 64 * KiB)
+    make_mixed_chain(d, 64 * KiB)
     other_base(d, 64 * KiB)
     os.unlink(d / "mid.qcow2")
     before = sha(d / "top.qcow2")
@@ -278,13 +278,12 @@ def test_crash_during_safe_rebase(tmp_path):
     rebase (losing none, all, some or all but the last unflushed writes):
     the image shows the same guest content on whichever backing file its
     header names, and check finds at worst leaks."""
-    from conftest import need
     cc = need("cc", "gcc")
     shim = tmp_path / "crash.so"
     run(cc, "-shared", "-fPIC", "-O1", "-o", shim,
         os.path.join(os.path.dirname(__file__), "qcow2_crash_shim.c"), "-ldl")
     d = tmp_path / "chain"
-    make_chain(d, 64 * KiB)
+    make_mixed_chain(d, 64 * KiB)
     other_base(d, 64 * KiB)
     shutil.copytree(d, tmp_path / "orig")
     s = tmp_path / "s"
@@ -322,7 +321,7 @@ def test_crash_during_safe_rebase(tmp_path):
 def test_safe_progress(tmp_path):
     """-p: strata-img's bar on a terminal, nothing in a pipe (where
     qemu-img writes its steps)."""
-    make_chain(tmp_path / "chain", 64 * KiB)
+    make_mixed_chain(tmp_path / "chain", 64 * KiB)
     other_base(tmp_path / "chain", 64 * KiB)
     outs = {}
     for tool, d in ((qemu_img(), "q"), (strata_img(), "s")):
@@ -369,7 +368,7 @@ def test_safe_compressed(tmp_path, cs):
     """-c (as later qemu-img): the clusters rebase writes are compressed,
     the guest content is unchanged and the image passes check."""
     d = tmp_path / "chain"
-    make_chain(d, cs)
+    make_mixed_chain(d, cs)
     other_base(d, cs)
     shutil.copytree(d, tmp_path / "orig")
     run(strata_img(), "rebase", "-c", "-b", "other.qcow2", "-F", "qcow2",

@@ -11,9 +11,10 @@ import shutil
 
 import pytest
 
-from conftest import binary, file_state, run
-from qcow2_common import (KiB, MiB, Model, check_reads, create, header,
-                          qemu_check, qemu_img, qio)
+from harness import binary, file_state, run
+from harness.crash import build_shim, crash_env
+from harness.qcow2 import (KiB, MiB, Model, check_reads, create, header,
+                           qemu_check, qemu_img, qio)
 
 
 def both(tmp_path, src, args, fmt="qcow2"):
@@ -160,12 +161,7 @@ def test_shrink_crash_points(tmp_path):
     """A power failure before any write or flush of a shrink (with a
     snapshot sharing the tables) leaves a consistent image (leaks allowed)
     whose kept range reads as before, and the snapshot intact."""
-    import os
-    from conftest import need
-    from test_qcow2_crash import crash_env
-    shim_so = tmp_path / "crash.so"
-    run(need("cc", "gcc"), "-shared", "-fPIC", "-O1", "-o", shim_so,
-        os.path.join(os.path.dirname(__file__), "qcow2_crash_shim.c"), "-ldl")
+    shim_so = build_shim(tmp_path)
     orig = tmp_path / "orig.qcow2"
     create(orig, 8 * MiB, cluster_size=4 * KiB)
     m = Model(8 * MiB)

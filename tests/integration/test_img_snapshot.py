@@ -14,9 +14,10 @@ import struct
 
 import pytest
 
-from conftest import binary, file_state, need, run
-from qcow2_common import (KiB, MiB, Model, check_reads, create, header,
-                          patch, qemu_check, qemu_img, qio, sio)
+from harness import binary, file_state, run
+from harness.crash import build_shim, crash_env
+from harness.qcow2 import (KiB, MiB, Model, check_reads, create, header,
+                           patch, qemu_check, qemu_img, qio, sio)
 
 
 def simg(*args, cwd=None, check=True):
@@ -355,11 +356,7 @@ def test_crash_points(tmp_path, op):
     writes kept, lost, or partly lost) leaves an image qemu-img check finds
     consistent (leaks allowed), whose active image reads as before or, for
     -a, as the snapshot, and whose snapshots still read as taken."""
-    from test_qcow2_crash import crash_env
-    shim_so = tmp_path / "crash.so"
-    here = __import__("os").path.dirname(__file__)
-    run(need("cc", "gcc"), "-shared", "-fPIC", "-O1", "-o", shim_so,
-        f"{here}/qcow2_crash_shim.c", "-ldl")
+    shim_so = build_shim(tmp_path)
     orig = tmp_path / "orig.qcow2"
     create(orig, 8 * MiB)
     m_old = Model(8 * MiB)

@@ -12,8 +12,8 @@ import signal
 import subprocess
 import time
 
-from conftest import assert_progress_bar, binary, file_state, run
-from qcow2_common import KiB, MiB, create, qemu_check, qemu_img, qio
+from harness import assert_progress_bar, binary, file_state, run, spawn
+from harness.qcow2 import KiB, MiB, create, qemu_check, qemu_img, qio
 
 
 def img(*args, check=True):
@@ -142,7 +142,7 @@ def test_kill_mid_stream_then_rerun(tmp_path):
     qio(top, ["write -q -P 0x7c 8M 64k"])
     raw = tmp_path / "orig.raw"
     run(qemu_img(), "convert", "-O", "raw", top, raw)
-    proc = subprocess.Popen([binary("strata-img"), "stream", "-r", "8M",
+    proc = spawn([binary("strata-img"), "stream", "-r", "8M",
                              str(top)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     time.sleep(1.5)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from conftest import file_state, io_cmds, make_image, run
+from harness import file_state, io_cmds, make_image, run
 
 MiB = 1024 * 1024
 SIZE = MiB

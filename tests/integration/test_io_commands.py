@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from conftest import io_cmds, run
+from harness import io_cmds, run
 
 KiB = 1024
 MiB = 1024 * 1024

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from conftest import drop_timing, io_cmds, make_image, run
+from harness import drop_timing, io_cmds, make_image, run
 
 KiB = 1024
 MiB = 1024 * 1024

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need, run
-from test_jobs import reap_daemons, start  # noqa: F401  (fixture)
+from harness import need, run
+from harness.daemons import start
 
 MIB = 1 << 20
 SLOW = 65536  # bytes/s: a 4 MiB chain takes a minute, time enough to act

@@ -8,173 +8,15 @@ replies.  Jobs that must stay alive for a while run with a low speed;
 nothing asserts tight timing.
 """
 import json
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import binary, need, run
-from qmp import QMP
-
-MIB = 1024 * 1024
-
-
-class Daemon:
-    """A QMP daemon (stratad or qemu-storage-daemon) in TMP."""
-
-    def __init__(self, argv0, tmp, name, extra=()):
-        self.sock_path = tmp / f"{name}.sock"
-        self.proc = subprocess.Popen(
-            [argv0, "--chardev",
-             f"socket,id=m,path={self.sock_path},server=on,wait=off",
-             "--monitor", "chardev=m", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            self.qmp = QMP(self.sock_path, timeout=30)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def cmd(self, name, **args):
-        rsp = self.qmp.cmd(name, args or None)
-        rsp.pop("id", None)
-        return rsp
-
-    def ok(self, name, **args):
-        rsp = self.cmd(name, **args)
-        assert "return" in rsp, f"{name} {args}: {rsp}"
-        return rsp["return"]
-
-    def event(self, name, timeout=30, **match):
-        """The next event NAME whose data has MATCH's fields."""
-        deadline = time.monotonic() + timeout
-        while True:
-            e = self.qmp.event(name, timeout=max(0.01, deadline
-                                                  - time.monotonic()))
-            if all(e["data"].get(k) == v for k, v in match.items()):
-                return e
-
-    def events_until(self, name, timeout=30, **match):
-        """Read events in order until NAME (with MATCH's fields) arrives;
-        return them all (timestamps dropped), keeping none aside."""
-        out = []
-        deadline = time.monotonic() + timeout
-        pending = self.qmp.events
-        self.qmp.events = []
-        while True:
-            if pending:
-                msg = pending.pop(0)
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no {name} event; got {out}")
-                msg = self.qmp.recv(left)
-                assert msg is not None, "daemon closed the connection"
-                if "event" not in msg:
-                    continue
-            msg.pop("timestamp", None)
-            out.append(msg)
-            if msg["event"] == name and all(
-                    msg["data"].get(k) == v for k, v in match.items()):
-                self.qmp.events = pending
-                return out
-
-    def stop(self):
-        """quit; returns the exit status."""
-        try:
-            self.qmp.cmd("quit")
-        except Exception:
-            self.proc.send_signal(signal.SIGTERM)
-        self.qmp.close()
-        try:
-            return self.proc.wait(timeout=60)
-        finally:
-            self.proc.stderr.close()
-
-    def kill(self):
-        self.qmp.close()
-        self.proc.kill()
-        self.proc.wait()
-        if not self.proc.stderr.closed:
-            self.proc.stderr.close()
-
-
-_started = []
-
-
-@pytest.fixture(autouse=True)
-def reap_daemons():
-    """Kill (by PID) any daemon a failed test left running."""
-    yield
-    while _started:
-        d = _started.pop()
-        if d.proc.poll() is None:
-            d.kill()
-
-
-def start(kind, tmp, extra=()):
-    if kind == "qsd":
-        d = Daemon(need("qemu-storage-daemon", "qemu-system-common"), tmp,
-                   "qsd", extra)
-    else:
-        d = Daemon(binary("stratad"), tmp, "stratad", extra)
-    _started.append(d)
-    return d
-
-
-def make_chain(tmp, qemu_img, qemu_io, size_mib=4, names=("base", "mid",
-                                                          "top")):
-    """base <- mid <- top (absolute backing names): base fully written
-    with 1s, mid with 2s at [1M, 2M), top with 3s at [0, 64k)."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    p = {n: str(tmp / f"{n}.qcow2") for n in names}
-    prev = None
-    for n in names:
-        args = ["-F", "qcow2", "-b", p[prev]] if prev else []
-        run(qemu_img, "create", "-q", "-f", "qcow2", *args, p[n],
-            f"{size_mib}M")
-        prev = n
-    cmds = {names[0]: f"write -P 1 0 {size_mib}M",
-            names[1]: "write -P 2 1M 1M",
-            names[2]: "write -P 3 0 64k"}
-    for n in names:
-        run(qemu_io, "-f", "qcow2", "-c", cmds[n], p[n])
-    return p
-
-
-def add_top(d, path, name="top"):
-    d.ok("blockdev-add", **{"driver": "qcow2", "node-name": name,
-                            "file": {"driver": "file", "filename": path}})
-
-
-def both(tmp, qemu_img, qemu_io, scenario, size_mib=4):
-    """SCENARIO(daemon, paths) on qsd then stratad, each on a fresh chain;
-    returns (qsd result, stratad result, qsd paths, stratad paths)."""
-    out = []
-    for kind in ("qsd", "stratad"):
-        p = make_chain(tmp / kind, qemu_img, qemu_io, size_mib)
-        d = start(kind, tmp / kind)
-        try:
-            out.append((scenario(d, p), p))
-        finally:
-            assert d.stop() == 0
-    return out[0][0], out[1][0], out[0][1], out[1][1]
-
-
-def statuses(events):
-    """The job's event sequence: JOB_STATUS_CHANGE as their status, other
-    events by name."""
-    return [e["data"]["status"] if e["event"] == "JOB_STATUS_CHANGE"
-            else e["event"] for e in events]
-
-
-def check_image(qemu_img, path):
-    r = run(qemu_img, "check", path, check=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+from harness import run, wait_until
+from harness.chains import add_top, both, check_image, make_chain, statuses
+from harness.daemons import start
+from harness.qcow2 import MiB as MIB
 
 
 # ---- scenarios compared with qemu-storage-daemon ----
@@ -491,13 +333,13 @@ def test_progress_is_monotonic_and_ends_at_len(slow):
     d.ok("block-stream", **{"job-id": "j1", "device": "top",
                             "speed": 16 * MIB, "auto-dismiss": False})
     seen = []
-    while True:
+
+    def concluded():
         j = d.ok("query-jobs")[0]
         seen.append(j["current-progress"])
         assert j["total-progress"] == 32 * MIB
-        if j["status"] == "concluded":
-            break
-        time.sleep(0.05)
+        return j["status"] == "concluded"
+    wait_until(concluded, 60, 0.05, what="the job to conclude")
     assert seen == sorted(seen) and len(set(seen)) > 3
     assert seen[-1] == 32 * MIB
     e = d.event("BLOCK_JOB_COMPLETED")

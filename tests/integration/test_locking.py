@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import file_state, io_cmds, make_image, need, run
+from harness import (file_state, io_cmds, make_image, need, run, spawn,
+                    wait_until)
 
 TIMEOUT = 20
 
@@ -24,7 +25,7 @@ class Holder:
     """An interactive qemu-io or strata-io on IMG, driven through a pipe."""
 
     def __init__(self, started, tool, img, *opts):
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [tool, "-f", "raw", *opts, str(img)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started.append(self.proc)
@@ -158,7 +159,7 @@ def test_qemu_storage_daemon_blocks_strata_writer(tmp_path, img, strata_io,
                                                   holders):
     qsd = need("qemu-storage-daemon", "qemu-system-common")
     sock = tmp_path / "nbd.sock"
-    proc = subprocess.Popen(
+    proc = spawn(
         [qsd, "--blockdev", f"driver=file,filename={img},node-name=f",
          "--blockdev", "driver=raw,file=f,node-name=r",
          "--nbd-server", f"addr.type=unix,addr.path={sock}",
@@ -166,11 +167,14 @@ def test_qemu_storage_daemon_blocks_strata_writer(tmp_path, img, strata_io,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
     holders.append(proc)
-    deadline = time.monotonic() + TIMEOUT
-    while not (sock.exists() and locks_on(img)):
+
+    def ready():
+        if sock.exists() and locks_on(img):
+            return True
         assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "qemu-storage-daemon not ready"
-        time.sleep(0.05)
+        return False
+    wait_until(ready, TIMEOUT, 0.05, what="qemu-storage-daemon to listen "
+               "and lock the image")
     before = file_state(img)
 
     s = run(strata_io, "-f", "raw", "-c", "write 0 1", img, check=False)

@@ -9,7 +9,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import binary, io_cmds, need, run
+from harness import binary, free_port, io_cmds, need, run, spawn
+from harness import procs
 
 
 @pytest.fixture
@@ -27,48 +27,15 @@ def sockdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-class Server:
-    """A server process started in the foreground, stopped by its PID."""
-
-    def __init__(self, argv, sock=None, port=None):
-        self.argv = [str(a) for a in argv]
-        self.sock, self.port = sock, port
-        self.proc = None
-        self.start()
-
-    def start(self):
-        if self.sock and os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.argv[0]} exited: "
-                                     f"{self.proc.stderr.read().decode()}")
-            if self.ready():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"{self.argv[0]} did not start listening")
-
-    def ready(self):
-        if self.sock:
-            return os.path.exists(self.sock)
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+class Server(procs.Server):
+    """A server process started in the foreground, stopped by its PID;
+    start() again after stop() brings it back."""
 
     def stop(self, sig=15):
         """Stop the server; SIG 9 is a crash (nbdkit's graceful shutdown
         waits for its clients)."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, 9)
-                self.proc.wait()
         if self.proc:
-            self.proc.stderr.close()
+            super().stop(sig)
         self.proc = None
 
 
@@ -84,12 +51,6 @@ def servers():
     yield start
     for srv in started:
         srv.stop()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def qemu_nbd(servers, sock, image, fmt, name):
@@ -254,7 +215,7 @@ class Interactive:
     """strata-io reading commands from stdin, one prompt at a time."""
 
     def __init__(self, *args):
-        self.proc = subprocess.Popen([binary("strata-io"), *map(str, args)],
+        self.proc = spawn([binary("strata-io"), *map(str, args)],
                                      stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)

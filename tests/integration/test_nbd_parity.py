@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from conftest import binary, need, run
+from harness import binary, free_port, need, run, spawn, wait_until
+from harness import procs
 
 QEMU_NBD = shutil.which("qemu-nbd")
 pytestmark = pytest.mark.skipif(not QEMU_NBD, reason="qemu-nbd not installed")
@@ -78,57 +79,23 @@ def masked(text, prog, d):
             .replace(os.path.basename(prog), "PROG"))
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Server:
+class Server(procs.Server):
     """PROG serving with ARGS; stopped by its PID."""
 
     def __init__(self, prog, args, sock=None, port=None):
-        self.prog = prog
-        self.proc = subprocess.Popen([prog, *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not self.ready(sock, port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"{prog} did not start: "
-                                     f"{self.proc.stderr.read()}")
-            time.sleep(0.02)
-
-    @staticmethod
-    def ready(sock, port):
-        if sock:
-            return os.path.exists(sock)
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return True
-        except OSError:
-            return False
+        super().__init__([prog, *args], sock=sock, port=port,
+                         stdout=subprocess.PIPE)
 
     def wait(self, timeout=10):
-        _, err = self.proc.communicate(timeout=timeout)
+        rc, err = super().wait(timeout)
         assert "Sanitizer" not in err, err
-        return self.proc.returncode, err
+        return rc, err
 
     def stop(self):
         """SIGTERM; the exit status.  A sanitizer's report fails the test."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                _, err = self.proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                _, err = self.proc.communicate()
-        else:
-            _, err = self.proc.communicate()
+        rc, err, _ = super().stop()
         assert "Sanitizer" not in (err or ""), err
-        return self.proc.returncode
+        return rc
 
 
 @pytest.fixture
@@ -364,7 +331,7 @@ def test_shared_limit(pair, shared, waits):
     for s, uri, d in pair(["-t", "-e", shared, "-f", "raw"], "r.raw"):
         first = nbd.NBD()
         first.connect_uri(uri)
-        second = subprocess.Popen([nbdinfo, "--size", uri],
+        second = spawn([nbdinfo, "--size", uri],
                                   stdout=subprocess.PIPE, text=True)
         try:
             second.wait(timeout=0.5)
@@ -394,10 +361,8 @@ def test_fork_and_pid_file(tmp_path, template):
                 assert os.path.basename(f.read().split(b"\0")[0]) in (
                     b"qemu-nbd", b"strata-nbd")
             run(nbdinfo, "--size", f"nbd+unix:///?socket={d}/s")
-            for _ in range(200):
-                if not (d / "s").exists():
-                    break
-                time.sleep(0.05)
+            wait_until(lambda: not (d / "s").exists(), 10, 0.05,
+                       what=f"{prog} to exit and remove its socket")
             assert not (d / "s").exists()
             assert (d / "pid").exists()
         finally:

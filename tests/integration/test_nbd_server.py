@@ -9,7 +9,6 @@ errno proto.md names.
 import errno
 import json
 import os
-import socket
 import struct
 import subprocess
 import threading
@@ -17,7 +16,10 @@ import time
 
 import pytest
 
-from conftest import binary, need, run
+from harness import (alive, binary, connect_unix, free_port, need, run, spawn,
+                    wait_for_path, wait_until)
+from harness.procs import tcp_accepts
+from harness.daemons import StrataNbd, expect_errno, nbd_handle
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -42,43 +44,6 @@ def chain(tmp_path, qemu_img, qemu_io):
     return top
 
 
-class Server:
-    def __init__(self, tmp_path, image, *args, fmt="qcow2"):
-        self.sock = str(tmp_path / f"nbd{time.monotonic_ns()}.sock")
-        self.proc = subprocess.Popen(
-            [binary("strata-nbd"), "-f", fmt, "-k", self.sock, *args,
-             str(image)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"strata-nbd did not start: "
-                                     f"{self.proc.stderr.read()}")
-            time.sleep(0.02)
-        self.uri = f"nbd+unix:///?socket={self.sock}"
-
-    def wait(self, timeout=15):
-        """Wait for a non-persistent server to exit by itself."""
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, err
-        return err
-
-    def stop(self):
-        """SIGTERM: the server must disconnect everyone and exit 0 (and
-        cleanly under the sanitizers)."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, 15)
-            try:
-                _, err = self.proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, 9)
-                self.proc.communicate()
-                raise AssertionError("strata-nbd ignored SIGTERM")
-            assert self.proc.returncode == 0, err
-            assert "Sanitizer" not in err, err
-
-
 @pytest.fixture
 def servers():
     started = []
@@ -88,7 +53,7 @@ def servers():
 
 
 def serve(servers, *args, **kw):
-    s = Server(*args, **kw)
+    s = StrataNbd(*args, **kw)
     servers.append(s)
     return s
 
@@ -190,7 +155,7 @@ def test_fio_randrw_verify(tmp_path, chain, servers):
 
 def test_shared_clients(tmp_path, chain, servers, qemu_io):
     s = serve(servers, tmp_path, chain, "-e", "4", "-r", "-t")
-    procs = [subprocess.Popen([qemu_io, "-f", "raw", "-r",
+    procs = [spawn([qemu_io, "-f", "raw", "-r",
                                "-c", "read -P 3 512k 1M",
                                "-c", "read -P 2 2M 1M", s.uri],
                               stdout=subprocess.PIPE, text=True)
@@ -212,25 +177,6 @@ def test_read_only_refuses_writes(tmp_path, chain, servers, qemu_io):
     out = run(qemu_io, "-f", "raw", "-r", "-c", "read -P 1 0 4k",
               s.uri).stdout
     assert "failed" not in out
-
-
-def nbd_handle(uri, structured=True):
-    try:
-        import nbd
-    except ImportError:
-        pytest.fail("libnbd's Python module missing: install python3-libnbd")
-    h = nbd.NBD()
-    h.set_strict_mode(0)           # let bad requests reach the server
-    h.set_request_structured_replies(structured)
-    h.add_meta_context("base:allocation")
-    h.connect_uri(uri)
-    return nbd, h
-
-
-def expect_errno(nbd, fn, want):
-    with pytest.raises(nbd.Error) as e:
-        fn()
-    assert e.value.errnum == want, (e.value.string, e.value.errno)
 
 
 def test_protocol_errors(tmp_path, chain, servers):
@@ -298,15 +244,7 @@ def recvn(sk, n):
 
 def raw_connect(sock):
     # The socket file appears at bind(), a moment before listen().
-    for _ in range(200):
-        sk = socket.socket(socket.AF_UNIX)
-        sk.settimeout(10)
-        try:
-            sk.connect(sock)
-            break
-        except ConnectionRefusedError:
-            sk.close()
-            time.sleep(0.025)
+    sk = connect_unix(sock, timeout=5)
     greeting = recvn(sk, 18)
     assert greeting[:16] == b"NBDMAGICIHAVEOPT"
     sk.sendall(struct.pack(">I", 3))   # FIXED_NEWSTYLE | NO_ZEROES
@@ -391,26 +329,16 @@ def test_bad_clients_do_not_hurt_others(tmp_path, chain, servers, qemu_io):
     assert "failed" not in out
 
 
-def free_port():
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
 def test_tcp(tmp_path, chain, qemu_io):
     nbdinfo = need("nbdinfo", "libnbd-bin")
     port = free_port()
-    proc = subprocess.Popen([binary("strata-nbd"), "-f", "qcow2", "-r",
+    proc = spawn([binary("strata-nbd"), "-f", "qcow2", "-r",
                              "-t", "-b", "127.0.0.1", "-p", str(port),
                              "-x", "tcp", str(chain)],
                             stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_until(lambda: tcp_accepts(port), 10, 0.05,
+                   what=f"strata-nbd to listen on port {port}")
         uri = f"nbd://127.0.0.1:{port}/tcp"
         assert json.loads(run(nbdinfo, "--json", uri).stdout)[
             "exports"][0]["export-size"] == SIZE
@@ -434,23 +362,13 @@ def test_fork_and_pid_file(tmp_path, chain, qemu_io):
         out = run(qemu_io, "-f", "raw", "-r", "-c", "read -P 3 512k 4k",
                   f"nbd+unix:///?socket={sock}").stdout
         assert "failed" not in out
-        for _ in range(200):       # no -t: it exits after that client
-            if not alive(pid):
-                break
-            time.sleep(0.05)
+        # no -t: it exits after that client
+        wait_until(lambda: not alive(pid), 10, 0.05,
+                   what=f"strata-nbd {pid} to exit")
         assert not alive(pid)
     finally:
         if alive(pid):
             os.kill(pid, 9)
-
-
-def alive(pid):
-    """True while PID runs (a zombie waiting for init counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("mode,discard,zero,data", [
@@ -467,14 +385,11 @@ def test_detect_zeroes(tmp_path, mode, discard, zero, data):
     sock = str(tmp_path / "z.sock")
     # --discard first: qemu-nbd checks detect-zeroes=unmap against the
     # discard mode given before it.
-    p = subprocess.Popen([binary("strata-nbd"), "-f", "qcow2", "-k", sock,
+    p = spawn([binary("strata-nbd"), "-f", "qcow2", "-k", sock,
                           f"--discard={discard}", f"--detect-zeroes={mode}",
                           str(img)], stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(200):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.025)
+        wait_for_path(sock, p, "strata-nbd", timeout=5, interval=0.025)
         run(need("qemu-io", "qemu-utils"), "-f", "raw", "-c",
             "write -P 0 0 1M", f"nbd+unix:///?socket={sock}")
     finally:
@@ -521,14 +436,12 @@ def test_slow_backing_reads_run_in_parallel(tmp_path, servers, qemu_img,
     together at the base's server."""
     nbdkit = need("nbdkit", "nbdkit")
     bsock, log = tmp_path / "b.sock", tmp_path / "log.txt"
-    base = subprocess.Popen([nbdkit, "-f", "-U", bsock, "--filter=log",
+    base = spawn([nbdkit, "-f", "-U", bsock, "--filter=log",
                              "--filter=delay", "memory", str(SIZE),
                              "rdelay=300ms", f"logfile={log}"],
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while not bsock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_path(bsock, base, "nbdkit")
         top = tmp_path / "top.qcow2"
         run(qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b",
             f"nbd+unix:///?socket={bsock}", "-F", "raw", top, str(SIZE))

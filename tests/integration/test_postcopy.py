@@ -9,13 +9,11 @@ qemu-img check and reads the same as the source with the guest's writes;
 what the guest read before the pull was already copied by copy-on-read.
 """
 import json
-import os
 import subprocess
-import time
 
 import pytest
 
-from conftest import binary, need, run
+from harness import binary, need, run, spawn, wait_for_path
 
 
 def qemu_img():
@@ -24,16 +22,6 @@ def qemu_img():
 
 def qemu_io():
     return need("qemu-io", "qemu-utils")
-
-
-def wait_for(path, proc, what):
-    for _ in range(400):
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"{what} exited: {proc.stderr.read()}")
-        time.sleep(0.025)
-    raise AssertionError(f"{what} did not create {path}")
 
 
 def stop(proc):
@@ -62,8 +50,8 @@ def serve_source(tmp, src, peer):
     else:
         argv = [need("qemu-nbd", "qemu-utils"), "-f", "qcow2", "-r", "-x",
                 "disk", "-k", sock, "-t", "-e", "8", str(src)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    wait_for(sock, proc, peer)
+    proc = spawn(argv, stderr=subprocess.PIPE, text=True)
+    wait_for_path(sock, proc, peer)
     return proc, f"nbd+unix:///disk?socket={sock}"
 
 
@@ -79,7 +67,7 @@ def test_postcopy_recipe(tmp_path, peer):
     try:
         run(binary("strata-img"), "create", "-q", "-f", "qcow2", "-b",
             src_uri, "-F", "raw", str(dest))
-        daemon = subprocess.Popen(
+        daemon = spawn(
             [binary("stratad"), "--qmp", qmp, "--blockdev",
              f"driver=qcow2,node-name=disk,file.driver=file,"
              f"file.filename={dest}",
@@ -87,8 +75,8 @@ def test_postcopy_recipe(tmp_path, peer):
              "--nbd-server", f"addr.type=unix,addr.path={nbd}",
              "--export", "nbd,id=e0,node-name=cor,name=disk,writable=on"],
             stderr=subprocess.PIPE, text=True)
-        wait_for(qmp, daemon, "stratad")
-        wait_for(nbd, daemon, "stratad")
+        wait_for_path(qmp, daemon, "stratad")
+        wait_for_path(nbd, daemon, "stratad")
 
         # The guest reads (copy-on-read fetches) and writes.
         r = run(qemu_io(), "-f", "raw", "-c", "read -P 0x61 0 1M",
@@ -108,7 +96,7 @@ def test_postcopy_recipe(tmp_path, peer):
         assert not covered(63 << 20)
 
         # Pull the rest while the guest keeps writing.
-        pull = subprocess.Popen(
+        pull = spawn(
             [binary("strata"), "--socket", qmp, "pull", "disk", "--wait",
              "--verbose", "--bandwidth", "32"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from conftest import binary, run
-from qcow2_common import qemu_img, qemu_io
+from harness import binary, run
+from harness.qcow2 import qemu_img, qemu_io
 
 OPTS = ["cluster_size=65536", "cluster_size=4096,compression_type=zstd",
         "cluster_size=512,compat=0.10", "cluster_size=16384,extended_l2=on",

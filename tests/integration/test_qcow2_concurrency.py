@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from conftest import run
-from qcow2_common import build_libstrata_program, KiB, Model, check_reads, create, qemu_check, qio
+from harness import build_libstrata_program, run
+from harness.qcow2 import KiB, Model, check_reads, create, qemu_check, qio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 THREADS = 8

@@ -9,40 +9,17 @@ a crash can only leak) and qemu-io must read the whole image without an
 error, with the data the workload never touched intact.  Runs under ASan
 too, where the shim is loaded after the runtime.
 """
-import os
 import shutil
 
 import pytest
 
-from conftest import need, run
-from qcow2_common import KiB, MiB, create, header, qemu_img, qio
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
+from harness import binary, need, run
+from harness.crash import build_shim, crash_env
+from harness.qcow2 import KiB, MiB, create, header, qemu_img, qio
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    cc = need("cc", "gcc")
-    out = tmp_path_factory.mktemp("shim") / "crash.so"
-    run(cc, "-shared", "-fPIC", "-O1", "-o", out,
-        os.path.join(HERE, "qcow2_crash_shim.c"), "-ldl")
-    return str(out)
-
-
-def crash_env(shim, img, **kw):
-    env = dict(os.environ, CRASH_FILE=os.path.realpath(img))
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-    # ASan must come first when the binary is instrumented.
-    asan = run("sh", "-c", f"ldd {sio_binary()} | grep -o '/[^ ]*libasan[^ ]*'"
-               " || true").stdout.strip()
-    env["LD_PRELOAD"] = ":".join(([asan] if asan else []) + preload + [shim])
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
-
-
-def sio_binary():
-    from conftest import binary
-    return binary("strata-io")
+    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 WORKLOADS = {
@@ -77,7 +54,7 @@ def test_crash_points(tmp_path, shim, name):
     args = []
     for c in cmds:
         args += ["-c", c]
-    run(sio_binary(), "-f", "qcow2", *args, img,
+    run(binary("strata-io"), "-f", "qcow2", *args, img,
         env=crash_env(shim, img, CRASH_COUNT=count))
     total, *hdr = map(int, count.read_text().split())
     assert total > 3
@@ -95,7 +72,7 @@ def test_crash_points(tmp_path, shim, name):
     for n in points:
         for lose in (0, 1, 2, 3):
             shutil.copy(orig, img)
-            p = run(sio_binary(), "-f", "qcow2", *args, img, check=False,
+            p = run(binary("strata-io"), "-f", "qcow2", *args, img, check=False,
                     env=crash_env(shim, img, CRASH_AT=n, CRASH_LOSE=lose))
             assert p.returncode == 99, (n, p.returncode, p.stderr)
             c = run(qemu_img(), "check", img, check=False)
@@ -129,7 +106,7 @@ def test_crash_keeps_flushed_writes(tmp_path, shim):
     def events(n_cmds):
         shutil.copy(orig, img)
         count = tmp_path / "count"
-        run(sio_binary(), "-f", "qcow2", *sum((["-c", c] for c in
+        run(binary("strata-io"), "-f", "qcow2", *sum((["-c", c] for c in
                                                cmds[:n_cmds]), []),
             img, env=crash_env(shim, img, CRASH_COUNT=count))
         return int(count.read_text().split()[0])
@@ -142,7 +119,7 @@ def test_crash_keeps_flushed_writes(tmp_path, shim):
     for n in range(1, total + 1):
         for lose in (0, 1, 2, 3):
             shutil.copy(orig, img)
-            p = run(sio_binary(), "-f", "qcow2", *args, img, check=False,
+            p = run(binary("strata-io"), "-f", "qcow2", *args, img, check=False,
                     env=crash_env(shim, img, CRASH_AT=n, CRASH_LOSE=lose))
             assert p.returncode == 99, (n, p.returncode, p.stderr)
             c = run(qemu_img(), "check", img, check=False)

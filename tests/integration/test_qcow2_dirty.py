@@ -4,8 +4,8 @@ repairs them, when opened read-write: refcounts fixed, dirty bit cleared,
 data intact."""
 import json
 
-from conftest import binary, file_state, run
-from qcow2_common import qemu_img, qemu_io
+from harness import binary, file_state, run
+from harness.qcow2 import qemu_img, qemu_io
 
 
 def dirty_image(tmp_path):

@@ -10,8 +10,8 @@ import struct
 
 import pytest
 
-from conftest import file_state, run
-from qcow2_common import KiB, MiB, create, header, patch, qemu_img, qio, sio
+from harness import file_state, run
+from harness.qcow2 import KiB, MiB, create, header, patch, qemu_img, qio, sio
 
 CS = 64 * KiB
 

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from conftest import run
-from qcow2_common import build_libstrata_program, KiB, MiB, create, qemu_img, qio
+from harness import build_libstrata_program, run
+from harness.qcow2 import KiB, MiB, create, qemu_img, qio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +93,7 @@ def test_partial_zero_writes_map_as_qemu(tmp_path, cs):
     """write -z over part of a cluster: where the rest of the cluster reads
     as zeros already, the whole cluster becomes a zero cluster (as QEMU
     does); elsewhere zeros are written as data.  Same map, same content."""
-    from qcow2_common import sio
+    from harness.qcow2 import sio
     ops = ["write -q -P 1 1M 64k", "write -q -z 8k 1k", "write -q -z 1M 4k",
            "write -q -z 2162688 8k", "write -q -P 2 3200k 64k",
            "write -q -z 3210k 1k", "write -q -z 1500k 100k",

@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from conftest import file_state
-from qcow2_common import KiB, MiB, create, header, patch, qio, sio
+from harness import file_state
+from harness.qcow2 import KiB, MiB, create, header, patch, qio, sio
 
 CS = 64 * KiB
 SECOND = 512 * MiB   # first guest offset mapped by the second L2 table

@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from conftest import run
-from qcow2_common import (KiB, MiB, Model, check_reads, create, qemu_img,
-                          qio, sio)
+from harness import run
+from harness.qcow2 import (KiB, MiB, Model, check_reads, create, qemu_img,
+                           qio, sio)
 
 LAYOUTS = [
     # (cluster size, compat, extended_l2)

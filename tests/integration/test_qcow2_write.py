@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 
-from conftest import run
-from qcow2_common import (KiB, MiB, Model, check_reads, create, qemu_check,
-                          qemu_img, qio, sio)
+from harness import run
+from harness.qcow2 import (KiB, MiB, Model, check_reads, create, qemu_check,
+                           qemu_img, qio, sio)
 
 LAYOUTS = [
     (512, "1.1", "off"),

@@ -9,88 +9,11 @@ Images are checked with qemu-img after stratad exits.
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import time
 
 import pytest
 
-from conftest import binary, need, run
-
-
-class Monitor:
-    """A daemon started with a QMP monitor on a unix socket in TMP."""
-
-    def __init__(self, argv0, tmp, name):
-        self.sock_path = str(tmp / f"{name}.sock")
-        self.proc = subprocess.Popen(
-            [argv0, "--chardev",
-             f"socket,id=m,path={self.sock_path},server=on,wait=off",
-             "--monitor", "chardev=m"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for _ in range(200):
-            if os.path.exists(self.sock_path):
-                break
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{argv0} exited: {self.proc.stderr.read()}")
-            time.sleep(0.025)
-        # The socket file appears at bind(), a moment before listen():
-        # a connection refused then is retried.
-        for _ in range(200):
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(60)
-            try:
-                self.sock.connect(self.sock_path)
-                break
-            except ConnectionRefusedError:
-                self.sock.close()
-                time.sleep(0.025)
-        else:
-            raise AssertionError(f"{argv0} never accepted on its socket")
-        # Read-only: writing through a text "rw" file drops what it has
-        # already read ahead, such as an event that came with a reply.
-        self.f = self.sock.makefile("r")
-        assert "QMP" in self._read()
-        assert self.cmd("qmp_capabilities") == {"return": {}}
-
-    def _read(self):
-        while True:
-            line = self.f.readline()
-            assert line, "monitor closed the connection"
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-
-    def cmd(self, execute, **args):
-        req = {"execute": execute}
-        if args:
-            req["arguments"] = args
-        self.sock.sendall((json.dumps(req) + "\n").encode())
-        return self._read()
-
-    def ok(self, execute, **args):
-        reply = self.cmd(execute, **args)
-        assert "return" in reply, f"{execute} {args}: {reply}"
-        return reply["return"]
-
-    def stop(self):
-        """SIGTERM, as an init system stops it; returns the exit status."""
-        self.sock.close()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        finally:
-            self.proc.stderr.close()
-
-
-def qsd(tmp):
-    return Monitor(need("qemu-storage-daemon", "qemu-system-common"), tmp,
-                   "qsd")
-
-
-def stratad(tmp):
-    return Monitor(binary("stratad"), tmp, "stratad")
+from harness import run
+from harness.daemons import qsd, stratad
 
 
 def mask(value):

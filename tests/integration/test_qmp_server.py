@@ -14,32 +14,10 @@ import time
 
 import pytest
 
-from conftest import binary, need
-from qmp import QMP
-
-
-def start(argv, sock):
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            out, err = proc.communicate()
-            raise AssertionError(f"{argv[0]} did not start: {err!r}")
-        time.sleep(0.01)
-    return proc
-
-
-def stop(proc):
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    proc.communicate()
+from harness import binary, need, spawn, wait_until
+from harness import QMP
+from harness.daemons import start_qmp as start
+from harness.procs import stop
 
 
 @pytest.fixture
@@ -302,9 +280,8 @@ def test_daemonize_pidfile_sigterm(tmp_path):
             assert q.execute("query-version")
             os.kill(pid, signal.SIGTERM)
             assert q.event("SHUTDOWN")["data"]["reason"] == "host-signal"
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10,
+                   what=f"stratad {pid} to exit")
         assert not os.path.exists(f"/proc/{pid}")
         assert not sock.exists() and not pidfile.exists()
     finally:
@@ -439,13 +416,14 @@ def test_socket_appears_only_when_listening(tmp_path, server):
                 if server == "stratad" else
                 [binary("strata-nbd"), "-t", "-f", "raw", "-k", str(sock),
                  str(img)])
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+        proc = spawn(argv, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline
+            # Polled without sleeping: connect the moment the file is
+            # there, which is when a connection used to be refused.
+            wait_until(lambda: sock.exists() or proc.poll() is not None, 10,
+                       interval=0, what=f"{server} to create {sock}")
+            assert proc.poll() is None, proc.stderr.read()
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(sock))      # refused before the fix, sometimes
             s.close()

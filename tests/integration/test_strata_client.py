@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from conftest import binary, run
-from qmp import QMP
-from test_qmp_server import start, stop
+from harness import binary, run, spawn
+from harness import QMP
+from harness.daemons import start_qmp as start
+from harness.procs import stop
 
 
 @pytest.fixture
@@ -53,9 +54,9 @@ def test_events(tmp_path):
     sock = str(tmp_path / "e.sock")
     proc = start([binary("stratad"), "--qmp", sock], sock)
     try:
-        ev = subprocess.Popen([binary("strata"), "--socket", sock, "--json",
+        ev = spawn([binary("strata"), "--socket", sock, "--json",
                                "events"], stdout=subprocess.PIPE, text=True)
-        human = subprocess.Popen([binary("strata"), "--socket", sock,
+        human = spawn([binary("strata"), "--socket", sock,
                                   "events"], stdout=subprocess.PIPE,
                                  text=True)
         time.sleep(0.3)  # both negotiated
@@ -75,7 +76,7 @@ def test_events(tmp_path):
 
 
 def test_events_sigint(daemon):
-    ev = subprocess.Popen([binary("strata"), "--socket", daemon, "events"],
+    ev = spawn([binary("strata"), "--socket", daemon, "events"],
                           stdout=subprocess.PIPE, text=True)
     time.sleep(0.3)
     ev.send_signal(signal.SIGINT)

@@ -17,13 +17,13 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 
 import pytest
 
-from conftest import binary, need, run
-from qmp import QMP
-from test_qmp_server import start, stop
+from harness import binary, need, run, spawn, wait_until
+from harness import QMP
+from harness.daemons import start_qmp as start
+from harness.procs import stop
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -114,9 +114,8 @@ def stopped(sock, chain):
     """Stop the daemon by QMP quit, so that qemu-img may open the images."""
     with QMP(sock) as q:
         q.execute("quit")
-    deadline = time.monotonic() + 10
-    while os.path.exists(sock) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not os.path.exists(sock), 10, 0.05,
+               what=f"the daemon to remove {sock}")
     return chain
 
 
@@ -203,7 +202,7 @@ def wait_for_progress(stream):
 
 
 def test_sigint_aborts_the_job(daemon, chain):
-    proc = subprocess.Popen([binary("strata"), "--socket", daemon, "pull",
+    proc = spawn([binary("strata"), "--socket", daemon, "pull",
                              "top", "--bandwidth", "1", "--wait",
                              "--verbose"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -230,9 +229,8 @@ def test_timeout_aborts_the_job(daemon, chain, async_):
     assert (p.returncode, p.stdout) == (1, "Pull aborted\n"), p.stderr
     if not async_:
         assert jobs(daemon) == []
-    deadline = time.monotonic() + 10
-    while jobs(daemon) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not jobs(daemon), 10, 0.1,
+               what="the job list to empty")
     assert jobs(daemon) == []
     stopped(daemon, chain)
     assert backing(chain / "top.qcow2") == "mid.qcow2"
@@ -242,7 +240,7 @@ def test_progress_bar_on_a_terminal(daemon, chain):
     """On a terminal --verbose draws one bar, redrawn in place with \\r,
     with the percentage, the rate and the time left."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([binary("strata"), "--socket", daemon, "pull",
+    proc = spawn([binary("strata"), "--socket", daemon, "pull",
                              "top", "--bandwidth", "4", "--wait",
                              "--verbose"], stdin=slave, stdout=slave,
                             stderr=slave)
@@ -531,20 +529,25 @@ def test_second_sigint_stops_waiting(fake):
         return ({} if name in ("block-stream", "block-job-cancel")
                 else [job(10, 100)]), []
     d = fake(script)
-    proc = subprocess.Popen([binary("strata"), "--socket", d.path, "pull",
+    proc = spawn([binary("strata"), "--socket", d.path, "pull",
                              "top", "--wait"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         for signals in (1, 2):
-            while "query-block-jobs" not in d.names():
+
+            def polled():
                 assert proc.poll() is None
-                time.sleep(0.05)
+                return "query-block-jobs" in d.names()
+            wait_until(polled, 30, 0.05,
+                       what="strata to poll query-block-jobs")
             proc.send_signal(signal.SIGINT)
             if signals == 1:
-                deadline = time.monotonic() + 10
-                while "block-job-cancel" not in d.names():
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    time.sleep(0.05)
+
+                def cancelled():
+                    assert proc.poll() is None
+                    return "block-job-cancel" in d.names()
+                wait_until(cancelled, 10, 0.05,
+                           what="strata to send block-job-cancel")
                 assert proc.poll() is None      # waiting for the end
         out, err = proc.communicate(timeout=10)
     finally:

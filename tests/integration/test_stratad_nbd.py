@@ -13,12 +13,11 @@ import json
 import os
 import re
 import subprocess
-import time
 
 import pytest
 
-from conftest import binary, need, run
-from test_qmp_block import Monitor
+from harness import binary, need, run, spawn, wait_for_path, wait_until
+from harness.daemons import Monitor
 
 
 def qemu_img():
@@ -49,11 +48,15 @@ class EventMonitor(Monitor):
 
     def take_events(self, wait_for=0, timeout=10):
         """The events so far; first wait until there are WAIT_FOR."""
-        deadline = time.monotonic() + timeout
-        while len(self.events) < wait_for and time.monotonic() < deadline:
+
+        def enough():
+            if len(self.events) >= wait_for:
+                return True
             # query-block-exports is harmless and makes the daemon talk.
             self.cmd("query-block-exports")
-            time.sleep(0.05)
+            return False
+        wait_until(enough, timeout, 0.05, what=lambda: f"{wait_for} "
+                   f"events; have {self.events}")
         ev, self.events = self.events, []
         return ev
 
@@ -219,7 +222,7 @@ def connect(sock, name="disk"):
         "    print('read ok', flush=True)\n"
         "except Exception as e:\n"
         "    print('read failed', e, flush=True)\n")
-    p = subprocess.Popen(["/usr/bin/python3", "-c", code],
+    p = spawn(["/usr/bin/python3", "-c", code],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
     assert p.stdout.readline().strip() == "connected"
@@ -339,7 +342,7 @@ def test_command_line_serves(tmp_path):
     path = image(tmp_path)
     sock = str(tmp_path / "cli.sock")
     qmp = str(tmp_path / "cli-m.sock")
-    p = subprocess.Popen(
+    p = spawn(
         [binary("stratad"), "--chardev",
          f"socket,id=m,path={qmp},server=on,wait=off", "--monitor",
          "chardev=m", "--blockdev",
@@ -348,11 +351,13 @@ def test_command_line_serves(tmp_path):
          "--export", "nbd,id=e0,node-name=n0,name=foo,writable=on,"
          "description=123"], stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(200):
+
+        def up():
             if os.path.exists(qmp) and os.path.exists(sock):
-                break
+                return True
             assert p.poll() is None, p.stderr.read()
-            time.sleep(0.025)
+            return False
+        wait_until(up, 5, 0.025, what="stratad's QMP and NBD sockets")
         info = json.loads(run(need("nbdinfo", "libnbd-bin"), "--json",
                               uri(sock, "foo")).stdout)
         assert info["exports"][0]["description"] == "123"
@@ -375,14 +380,11 @@ def test_blockdev_add_nbd_matches_qsd(tmp_path):
     run(qemu_img(), "create", "-q", "-f", "raw", str(data), "4M")
     run(qemu_io(), "-f", "raw", "-c", "write -P 5 0 64k", str(data))
     src = str(tmp_path / "src.sock")
-    server = subprocess.Popen([need("qemu-nbd", "qemu-utils"),
+    server = spawn([need("qemu-nbd", "qemu-utils"),
                                "-f", "raw", "-t", "-e", "8", "-x", "ex",
                                "-k", src, str(data)])
     try:
-        for _ in range(200):
-            if os.path.exists(src):
-                break
-            time.sleep(0.025)
+        wait_for_path(src, server, "qemu-nbd", timeout=5, interval=0.025)
         good = {"type": "unix", "path": src}
         cases = [
             {}, {"server": {"type": "unix"}},

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need, run
-from test_jobs import (MIB, add_top, both, check_image, make_chain,  # noqa
-                       reap_daemons, start, statuses)
+from harness import need, run, spawn, wait_for_path
+from harness.chains import (add_top, both, check_image, make_chain,
+                            statuses)
+from harness.daemons import start
+from harness.qcow2 import MiB as MIB
 
 
 def sha256(path):
@@ -124,15 +126,12 @@ def failing_backing(tmp_path, qemu_img):
     nbdkit = need("nbdkit", "nbdkit")
     sock = tmp_path / "nbd.sock"
     errfile = tmp_path / "fail"
-    proc = subprocess.Popen(
+    proc = spawn(
         [nbdkit, "-f", "-U", str(sock), "--filter=error", "pattern",
          "size=4M", "error=EIO", "error-rate=100%",
          f"error-file={errfile}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        if sock.exists():
-            break
-        time.sleep(0.025)
+    wait_for_path(sock, proc, "nbdkit", timeout=5, interval=0.025)
     uri = f"nbd+unix:///?socket={sock}"
     made = {}
 
@@ -349,7 +348,7 @@ def test_yield_to_guest_backs_off_while_guest_writes(tmp_path, qemu_img,
     # A second guest in C (fio, four writes in flight) keeps requests in
     # flight while the Python one waits for the interpreter: a gap of
     # 50 ms would rightly count as idle.
-    fio = subprocess.Popen(
+    fio = spawn(
         [need("fio", "fio"), "--name=g", "--ioengine=nbd",
          f"--uri=nbd+unix:///top?socket={sock}", "--rw=write", "--bs=64k",
          "--offset=62M", "--size=64k", "--iodepth=4", "--time_based",

@@ -10,12 +10,13 @@ failure prints the seed.
 import json
 import os
 import random
-import time
 
 import pytest
 
-from conftest import run
-from test_jobs import MIB, add_top, make_chain, reap_daemons, start  # noqa
+from harness import run, wait_until
+from harness.chains import add_top, make_chain
+from harness.daemons import start
+from harness.qcow2 import MiB as MIB
 
 SIZE_MIB = 32
 SEEDS = ([int(os.environ["STRATA_SEED"])] if os.environ.get("STRATA_SEED")
@@ -64,13 +65,11 @@ def test_kill_mid_stream_then_restart(tmp_path, qemu_img, qemu_io, seed):
     if pending:
         d.event("BLOCK_JOB_PENDING", timeout=30)
     else:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def reached():
             jobs = d.ok("query-jobs")
-            if not jobs or jobs[0]["current-progress"] >= target:
-                break
-            assert time.monotonic() < deadline, "job made no progress"
-            time.sleep(0.01)
+            return not jobs or jobs[0]["current-progress"] >= target
+        wait_until(reached, 30, 0.01, what="the job to make progress")
     d.kill()
 
     check_after_kill(qemu_img, p["top"])

@@ -1,8 +1,14 @@
 """A small QMP client for the tests: connect, greeting, negotiation,
-commands with ids, events.  Every read has a timeout so nothing hangs."""
+commands with ids, events.  Every read has a timeout so nothing hangs.
+
+QMP speaks to one monitor socket (stratad's or qemu-storage-daemon's);
+harness.daemons builds the daemon wrappers on top of it.
+"""
 import json
 import socket
 import time
+
+from .wait import wait_until
 
 
 class QMPError(Exception):
@@ -13,15 +19,8 @@ class QMP:
     def __init__(self, path, timeout=5.0, negotiate=True):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        wait_until(lambda: self._connect(path), timeout,
+                   what=f"a QMP monitor to accept on {path}")
         self.timeout = timeout
         self.buf = b""
         self.events = []
@@ -29,6 +28,13 @@ class QMP:
         self.greeting = self.recv()
         if negotiate:
             self.execute("qmp_capabilities")
+
+    def _connect(self, path):
+        try:
+            self.sock.connect(str(path))
+            return True
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
 
     def close(self):
         self.sock.close()

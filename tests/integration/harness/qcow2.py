@@ -4,11 +4,16 @@ A Model is the guest's view of an image as a bytearray; applying the same
 operations to the model and to an image (through qemu-io or strata-io)
 lets a test check every byte with 'read -P' over the model's runs of equal
 bytes, so a mistake shared by strata and QEMU would still show.
+
+Also here: qemu-img create/check, qemu-io and strata-io runs, and reading
+or patching the qcow2 header (big-endian fields) of a file on disk.
+qemu_img() and qemu_io() are functions (the paths of QEMU's tools); the
+fixtures of the same names in conftest.py return the same paths.
 """
 import os
 import struct
 
-from conftest import binary, need, run
+from .env import binary, need, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -121,27 +126,3 @@ def patch(path, offset, fmt, *values):
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(struct.pack(fmt, *values))
-
-
-def build_libstrata_program(tmp_dir, source):
-    """Compile tests/integration/SOURCE against the build's libstrata.a,
-    with the build's sanitizers, into TMP_DIR; returns the program's path.
-    Tests use this for C drivers that call the library directly."""
-    import json
-    from conftest import BUILD
-    cc = need("cc", "gcc")
-    lib = BUILD / "libstrata.a"
-    if not lib.exists():
-        import pytest
-        pytest.fail(f"{lib} not built: run 'make' first")
-    opts = json.loads((BUILD / "meson-info" / "intro-buildoptions.json")
-                      .read_text())
-    san = next((o["value"] for o in opts if o["name"] == "b_sanitize"),
-               "none")
-    flags = [f"-fsanitize={san}"] if san not in ("none", "") else []
-    out = tmp_dir / os.path.splitext(source)[0]
-    here = os.path.dirname(os.path.abspath(__file__))
-    run(cc, *flags, "-O1", "-pthread", "-I", BUILD.parent / "include",
-        "-o", out, os.path.join(here, source), lib,
-        "-lz", "-lzstd", "-ljansson", "-lnbd")
-    return out
