@@ -113,6 +113,7 @@ static const struct member inject_error_members[] = {
   { "sector", K_INT, false, NULL, NULL, true },
   { "once", K_BOOL, false, NULL, NULL, true },
   { "immediately", K_BOOL, false, NULL, NULL, true },
+  { "countdown", K_INT, false, NULL, NULL, true }, /* strata's own */
   { NULL },
 };
 /* The subset of QEMU's BlockdevOptionsBlkdebug in drivers/blkdebug.c. */

@@ -12,7 +12,8 @@
  *   filename               instead of image: "blkdebug::PATH" or "PATH",
  *                          a file child (so strata-io -o file.driver=...
  *                          works; config files are not supported)
- *   inject-error.N.event   which requests: read_aio, read_backing_aio,
+ *   inject-error.N.event   which requests (required unless iotype is
+ *                          given): read_aio, read_backing_aio,
  *                          read_compressed, cow_read -> reads;
  *                          write_aio, write_compressed, cow_write,
  *                          pwritev -> writes; pwritev_zero ->
@@ -24,6 +25,15 @@
  *   inject-error.N.sector  fail only requests covering byte sector*512
  *                          (default -1: every request of that type)
  *   inject-error.N.once    fail one request, then never again
+ *   inject-error.N.countdown  K >= 1: let the first K-1 requests the
+ *                          rule matches through and fail the Kth; with
+ *                          once=on only the Kth (a transient error),
+ *                          otherwise the Kth and every later one (a disk
+ *                          that went away).  strata's own option, after
+ *                          SQLite's fault injector: a test sweeps K =
+ *                          1, 2, ... to fail each request of an
+ *                          operation in turn (tests/integration/
+ *                          test_fault_sweep.py).  Default 0: no countdown
  *   inject-error.N.immediately  accepted; errors are always immediate
  *
  * QEMU arms a rule when a format driver above raises the event and then
@@ -123,6 +133,8 @@ struct rule {
   int64_t offset; /* byte offset, or -1 for any request */
   bool once;
   atomic_bool spent;
+  int64_t countdown;        /* fail the countdown'th match; 0: no countdown */
+  atomic_int_fast64_t seen; /* matching requests so far (countdown rules) */
 };
 
 struct blkdebug_state {
@@ -204,11 +216,12 @@ rule_parse (strata_opts *opts, size_t n, struct rule *r, strata_error **errp)
     error_set (errp, ENOTSUP, "blkdebug: %s: states are not supported", key);
     return false;
   }
-  if (!(v = opts_get (opts, KEY ("event")))) {
+  v = opts_get (opts, KEY ("event"));
+  if (!v && !opts_get (opts, KEY ("iotype"))) {
     error_set (errp, EINVAL, "Missing event name for rule");
     return false;
   }
-  if (!rule_event (r, v, key, errp))
+  if (v && !rule_event (r, v, key, errp))
     return false;
   if ((v = opts_get (opts, KEY ("iotype"))) && !rule_iotype (r, v, errp))
     return false;
@@ -219,6 +232,9 @@ rule_parse (strata_opts *opts, size_t n, struct rule *r, strata_error **errp)
   if (!rule_int (v, key, -1, INT64_MAX / 512, &x, errp))
     return false;
   r->offset = v && x >= 0 ? x * 512 : -1;
+  if (!rule_int (opts_get (opts, KEY ("countdown")), key, 0, INT64_MAX,
+                 &r->countdown, errp))
+    return false;
   if (!opts_get_bool (opts, KEY ("once"), false, &r->once, errp)
       || !opts_get_bool (opts, KEY ("immediately"), false, &b, errp))
     return false;
@@ -253,6 +269,7 @@ blkdebug_parse_rules (struct blkdebug_state *s, strata_opts *opts,
     r = &s->rules[s->nrules];
     memset (r, 0, sizeof *r);
     atomic_init (&r->spent, false);
+    atomic_init (&r->seen, 0);
     if (!rule_parse (opts, s->nrules, r, errp))
       return false;
     s->nrules++;
@@ -382,6 +399,8 @@ blkdebug_check (strata_node *node, enum io_type type, uint64_t offset,
         && !((uint64_t)r->offset >= offset
              && (uint64_t)r->offset - offset < len))
       continue;
+    if (r->countdown > 0 && atomic_fetch_add (&r->seen, 1) + 1 < r->countdown)
+      continue; /* not yet the countdown'th match */
     if (r->once && atomic_exchange (&r->spent, true))
       continue; /* another thread took it */
     if (type == IO_FLUSH)
