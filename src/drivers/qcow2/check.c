@@ -212,9 +212,8 @@ count_compressed (struct check *c, uint64_t i, uint64_t e, uint64_t bitmap,
                   bool frag)
 {
   struct qcow2_state *s = c->s;
-  unsigned x = 62 - (s->cluster_bits - 8);
-  uint64_t coff = e & ((1ull << x) - 1);
-  uint64_t nsec = ((e >> x) & ((1ull << (s->cluster_bits - 8)) - 1)) + 1;
+  uint64_t coff = qcow2_compressed_offset (s, e);
+  uint64_t nsec = qcow2_compressed_sectors (s, e) + 1;
 
   if (e & QCOW2_OFLAG_COPIED) {
     report (c, "ERROR: coffset=0x%" PRIx64 ": copied flag must never be set "
@@ -768,8 +767,7 @@ qcow2_check (strata_node *node, struct strata_check_result *res,
                      .res = res,
                      .message = message,
                      .opaque = opaque };
-  uint64_t rc_max = s->refcount_bits == 64 ? UINT64_MAX
-                                           : (1ull << s->refcount_bits) - 1;
+  uint64_t rc_max = qcow2_rc_max (s);
   int64_t len;
   int r;
 

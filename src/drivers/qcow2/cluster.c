@@ -25,24 +25,12 @@
 #include "util/checked.h"
 #include "util/cleanup.h"
 
-static uint64_t
-l1_index (const struct qcow2_state *s, uint64_t offset)
-{
-  return (offset >> s->cluster_bits) / s->l2_entries;
-}
-
-static uint64_t
-l2_index (const struct qcow2_state *s, uint64_t offset)
-{
-  return (offset >> s->cluster_bits) % s->l2_entries;
-}
-
 /* Validated L2 table offset for guest OFFSET, 0 when none. */
 static int
 l2_table_offset (strata_node *node, uint64_t offset, uint64_t *l2_offset)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t i = l1_index (s, offset), e, off;
+  uint64_t i = qcow2_l1_index (s, offset), e, off;
 
   if (i >= s->l1_size)
     return io_error (EIO, "%s: guest offset %" PRIu64 " is beyond the L1 "
@@ -73,8 +61,7 @@ qcow2_check_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
   uint64_t host = entry & QCOW2_OFFSET_MASK;
 
   if (entry & QCOW2_OFLAG_COMPRESSED) {
-    unsigned x = 62 - (s->cluster_bits - 8);
-    uint64_t coff = entry & ((1ull << x) - 1);
+    uint64_t coff = qcow2_compressed_offset (s, entry);
     if (s->ext_l2 && bitmap)
       return io_error (EIO, "%s: L2 entry for guest offset %" PRIu64
                        " is compressed but has subcluster bitmap 0x%" PRIx64,
@@ -132,7 +119,7 @@ qcow2_get_l2_entry_locked (strata_node *node, uint64_t offset,
   if ((r = qcow2_cache_get_locked (node, &s->l2_cache, *l2_offset, &t)) < 0)
     return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
                      node->filename, *l2_offset);
-  i = l2_index (s, offset);
+  i = qcow2_l2_index (s, offset);
   *entry = be64_load (t + i * s->l2_entry_size);
   if (s->ext_l2)
     *bitmap = be64_load (t + i * s->l2_entry_size + 8);
@@ -200,9 +187,8 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
       ext->type = type;
       ext->host = host;
       if (type == QCOW2_COMPRESSED) {
-        unsigned x = 62 - (s->cluster_bits - 8);
-        uint64_t nsec = (entry >> x) & ((1ull << (62 - x)) - 1);
-        ext->coffset = entry & ((1ull << x) - 1);
+        uint64_t nsec = qcow2_compressed_sectors (s, entry);
+        ext->coffset = qcow2_compressed_offset (s, entry);
         ext->csize = (nsec + 1) * 512 - (ext->coffset & 511);
       }
     }
@@ -225,7 +211,7 @@ install_l2_table_locked (strata_node *node, uint64_t offset,
                          const uint8_t *table)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t i = l1_index (s, offset);
+  uint64_t i = qcow2_l1_index (s, offset);
   uint8_t be[8];
   int64_t new_off;
   int r;
@@ -259,7 +245,8 @@ static int64_t
 cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t i = l1_index (s, offset), span = s->l2_entries << s->cluster_bits;
+  uint64_t i = qcow2_l1_index (s, offset);
+  uint64_t span = s->l2_entries << s->cluster_bits;
   CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
   uint8_t *cached;
   int64_t new_off;
@@ -296,7 +283,7 @@ static int64_t
 ensure_l2_table_locked (strata_node *node, uint64_t offset)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t i = l1_index (s, offset), l2_offset;
+  uint64_t i = qcow2_l1_index (s, offset), l2_offset;
   CLEANUP_FREE uint8_t *zeros = NULL;
   int r = l2_table_offset (node, offset, &l2_offset);
 
@@ -331,7 +318,7 @@ set_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
     return l2_offset;
   if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2_offset, &t)) < 0)
     return r;
-  pos = l2_index (s, offset) * s->l2_entry_size;
+  pos = qcow2_l2_index (s, offset) * s->l2_entry_size;
   be64_store (buf, entry);
   be64_store (buf + 8, bitmap);
   if ((r = qcow2_overlap_check_locked (node, l2_offset, s->cluster_size,

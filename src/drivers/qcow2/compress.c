@@ -176,8 +176,7 @@ store_compressed (strata_node *node, uint64_t guest, const uint8_t *out,
                   uint64_t clen)
 {
   struct qcow2_state *s = node->opaque;
-  unsigned x = 62 - (s->cluster_bits - 8);
-  uint64_t entry, bitmap, l2_offset, old, desc, nsec;
+  uint64_t entry, bitmap, l2_offset, old, desc;
   int64_t host;
   int r;
 
@@ -189,8 +188,7 @@ store_compressed (strata_node *node, uint64_t guest, const uint8_t *out,
   if ((r = node_pwrite (node->file, host, out, clen, 0)) < 0
       || (r = node_flush (node->file)) < 0)
     return r;
-  nsec = ((host + clen - 1) >> 9) - (host >> 9);
-  desc = QCOW2_OFLAG_COMPRESSED | (nsec << x) | (uint64_t) host;
+  desc = qcow2_compressed_entry (s, (uint64_t) host, clen);
 
   pthread_mutex_lock (&node->lock);
   r = qcow2_get_l2_entry_locked (node, guest, &entry, &bitmap, &l2_offset);

@@ -430,16 +430,12 @@ qcow2_read_header (strata_node *node, struct qcow2_state *s,
       || !check_features (node, s, errp))
     return false;
   s->ext_l2 = !!(s->incompat & QCOW2_INCOMPAT_EXTL2);
-  s->l2_entry_size = s->ext_l2 ? 16 : 8;
-  s->l2_entries = s->cluster_size / s->l2_entry_size;
   if (s->ext_l2 && s->cluster_bits < 14) {
     error_set (errp, EINVAL, "%s: cluster_bits %" PRIu32 " is too small for "
                "extended L2 entries (min 14)", fn, s->cluster_bits);
     return false;
   }
-  s->subcluster_size = s->ext_l2 ? s->cluster_size / QCOW2_SUBCLUSTERS
-                                 : s->cluster_size;
-  s->rc_per_block = s->cluster_size * 8 / s->refcount_bits;
+  qcow2_derive_geometry (s);
   if (!parse_fields (node, s, h, flen, errp))
     return false;
   s->file_end = ROUND_UP ((uint64_t) flen, s->cluster_size);

@@ -162,6 +162,84 @@ struct qcow2_state {
   bool defer_increments;
 };
 
+/* The format's arithmetic: pure functions of the immutable header fields
+ * (tests/unit/test-qcow2-arith.c checks them at every cluster size and
+ * refcount width). */
+
+/* The derived fields, from cluster_bits, cluster_size, ext_l2 and
+ * refcount_bits (header.c at open). */
+static inline void
+qcow2_derive_geometry (struct qcow2_state *s)
+{
+  s->l2_entry_size = s->ext_l2 ? 16 : 8;
+  s->l2_entries = s->cluster_size / s->l2_entry_size;
+  s->subcluster_size = s->ext_l2 ? s->cluster_size / QCOW2_SUBCLUSTERS
+                                 : s->cluster_size;
+  s->rc_per_block = s->cluster_size * 8 / s->refcount_bits;
+}
+
+/* Guest OFFSET's L1 entry, and its entry in that L2 table. */
+static inline uint64_t
+qcow2_l1_index (const struct qcow2_state *s, uint64_t offset)
+{
+  return (offset >> s->cluster_bits) / s->l2_entries;
+}
+static inline uint64_t
+qcow2_l2_index (const struct qcow2_state *s, uint64_t offset)
+{
+  return (offset >> s->cluster_bits) % s->l2_entries;
+}
+
+/* Host cluster IDX's refcount table entry (which refcount block), and its
+ * entry in that block. */
+static inline uint64_t
+qcow2_rt_index (const struct qcow2_state *s, uint64_t idx)
+{
+  return idx / s->rc_per_block;
+}
+static inline uint64_t
+qcow2_rb_index (const struct qcow2_state *s, uint64_t idx)
+{
+  return idx % s->rc_per_block;
+}
+
+/* The largest refcount refcount_bits holds. */
+static inline uint64_t
+qcow2_rc_max (const struct qcow2_state *s)
+{
+  return s->refcount_bits == 64 ? UINT64_MAX
+                                : (1ull << s->refcount_bits) - 1;
+}
+
+/* A compressed cluster descriptor (bits 0-61 of its L2 entry): with
+ * x = 62 - (cluster_bits - 8), bits 0..x-1 are the host byte offset of
+ * the compressed data and bits x..61 the number of 512-byte sectors it
+ * spans after the first one. */
+static inline unsigned
+qcow2_csize_shift (const struct qcow2_state *s)
+{
+  return 62 - (s->cluster_bits - 8);
+}
+static inline uint64_t
+qcow2_compressed_offset (const struct qcow2_state *s, uint64_t entry)
+{
+  return entry & ((1ull << qcow2_csize_shift (s)) - 1);
+}
+static inline uint64_t
+qcow2_compressed_sectors (const struct qcow2_state *s, uint64_t entry)
+{
+  unsigned x = qcow2_csize_shift (s);
+  return (entry >> x) & ((1ull << (62 - x)) - 1);
+}
+/* The L2 entry for LEN (> 0) compressed bytes at host byte offset HOST. */
+static inline uint64_t
+qcow2_compressed_entry (const struct qcow2_state *s, uint64_t host,
+                        uint64_t len)
+{
+  uint64_t nsec = ((host + len - 1) >> 9) - (host >> 9);
+  return QCOW2_OFLAG_COMPRESSED | nsec << qcow2_csize_shift (s) | host;
+}
+
 /* header.c */
 bool qcow2_read_header (strata_node *node, struct qcow2_state *s,
                         strata_error **errp);

@@ -59,13 +59,6 @@ qcow2_rc_store (const struct qcow2_state *s, uint8_t *blk, uint64_t j,
     blk[*first + k] = v & 0xff;
 }
 
-static uint64_t
-rc_max (const struct qcow2_state *s)
-{
-  return s->refcount_bits == 64 ? UINT64_MAX
-                                : (1ull << s->refcount_bits) - 1;
-}
-
 /* Validated refcount block offset for table index BI, 0 when none. */
 static int
 block_offset (strata_node *node, uint64_t bi, uint64_t *off)
@@ -90,7 +83,7 @@ qcow2_refcount_get_locked (strata_node *node, uint64_t idx, uint64_t *rc)
   struct qcow2_state *s = node->opaque;
   uint64_t off;
   uint8_t *blk;
-  int r = block_offset (node, idx / s->rc_per_block, &off);
+  int r = block_offset (node, qcow2_rt_index (s, idx), &off);
 
   *rc = 0;
   if (r < 0 || !off)
@@ -98,7 +91,7 @@ qcow2_refcount_get_locked (strata_node *node, uint64_t idx, uint64_t *rc)
   if ((r = qcow2_cache_get_locked (node, &s->rc_cache, off, &blk)) < 0)
     return io_error (-r, "%s: cannot read the refcount block at 0x%" PRIx64,
                      node->filename, off);
-  *rc = qcow2_rc_load (s, blk, idx % s->rc_per_block);
+  *rc = qcow2_rc_load (s, blk, qcow2_rb_index (s, idx));
   return 0;
 }
 
@@ -265,7 +258,7 @@ refcount_update (strata_node *node, uint64_t host_offset, int delta,
 
   /* Only an increment may need a new refcount block. */
   r = delta > 0 ? ensure_block_locked (node, idx, &boff)
-                : block_offset (node, idx / s->rc_per_block, &boff);
+                : block_offset (node, qcow2_rt_index (s, idx), &boff);
   if (r < 0)
     return r;
   if (!boff)
@@ -276,13 +269,13 @@ refcount_update (strata_node *node, uint64_t host_offset, int delta,
                                        UINT64_MAX)) < 0
       || (r = qcow2_cache_get_locked (node, &s->rc_cache, boff, &blk)) < 0)
     return r;
-  v = qcow2_rc_load (s, blk, idx % s->rc_per_block);
-  if ((delta < 0 && v == 0) || (delta > 0 && v == rc_max (s)))
+  v = qcow2_rc_load (s, blk, qcow2_rb_index (s, idx));
+  if ((delta < 0 && v == 0) || (delta > 0 && v == qcow2_rc_max (s)))
     return io_error (EIO, "%s: refcount of host cluster 0x%" PRIx64 " (%"
                      PRIu64 ") would %s", node->filename, host_offset, v,
                      delta < 0 ? "drop below zero" : "overflow");
   v += delta;
-  qcow2_rc_store (s, blk, idx % s->rc_per_block, v, &first, &n);
+  qcow2_rc_store (s, blk, qcow2_rb_index (s, idx), v, &first, &n);
   if ((defer || s->defer_increments) && delta > 0)
     qcow2_cache_mark_dirty_locked (&s->rc_cache, boff);
   else if ((r = node_pwrite (node->file, boff + first, blk + first, n, 0))
@@ -360,9 +353,8 @@ qcow2_ref_entry_locked (strata_node *node, uint64_t entry, int delta)
   int r;
 
   if (entry & QCOW2_OFLAG_COMPRESSED) {
-    unsigned x = 62 - (s->cluster_bits - 8);
-    uint64_t coff = entry & ((1ull << x) - 1);
-    uint64_t nsec = (entry >> x) & ((1ull << (62 - x)) - 1);
+    uint64_t coff = qcow2_compressed_offset (s, entry);
+    uint64_t nsec = qcow2_compressed_sectors (s, entry);
     uint64_t last = (coff & ~511ull) + nsec * 512;
     for (uint64_t c = ROUND_DOWN (coff, s->cluster_size); c <= last;
          c += s->cluster_size)
