@@ -165,7 +165,8 @@ def build_libstrata_program(tmp_dir, source):
                "none")
     flags = [f"-fsanitize={san}"] if san not in ("none", "") else []
     out = tmp_dir / os.path.splitext(source)[0]
-    run(cc, *flags, "-O1", "-pthread", "-I", BUILD.parent / "include",
-        "-o", out, HERE / source, lib,
+    # The build's include/ holds the generated strata/version.h.
+    run(cc, *flags, "-O1", "-pthread", "-I", BUILD / "include",
+        "-I", TOP / "include", "-o", out, HERE / source, lib,
         "-lz", "-lzstd", "-ljansson", "-lnbd")
     return out
