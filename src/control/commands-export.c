@@ -39,8 +39,9 @@ static struct export *exports;
 static struct nbd_server *server;
 static pthread_t server_thread;
 
+/* The export named ID, exp_lock held. */
 static struct export *
-export_find_locked (const char *id)
+export_find_exp_locked (const char *id)
 {
   for (struct export *e = exports; e; e = e->next)
     if (strcmp (e->id, id) == 0)
@@ -346,7 +347,7 @@ cmd_block_export_add (json_t *args, struct qmp_error *err)
     return NULL;
   }
   pthread_mutex_lock (&exp_lock);
-  taken = export_find_locked (id) != NULL;
+  taken = export_find_exp_locked (id) != NULL;
   srv = server;
   pthread_mutex_unlock (&exp_lock);
   if (taken) {
@@ -446,7 +447,7 @@ cmd_block_export_del (json_t *args, struct qmp_error *err)
   }
   hard = mode && strcmp (mode, "hard") == 0;
   pthread_mutex_lock (&exp_lock);
-  e = export_find_locked (id);
+  e = export_find_exp_locked (id);
   srv = server;
   if (!e)
     qmp_error_set (err, "GenericError", "Export '%s' is not found", id);
@@ -462,7 +463,7 @@ cmd_block_export_del (json_t *args, struct qmp_error *err)
     return NULL;
   if (!nbd_server_remove_export (srv, name, hard, &se)) {
     pthread_mutex_lock (&exp_lock);
-    if ((e = export_find_locked (id)))
+    if ((e = export_find_exp_locked (id)))
       e->shutting_down = false;
     pthread_mutex_unlock (&exp_lock);
     if (strata_error_errno (se) == EBUSY)
