@@ -14,6 +14,9 @@ everywhere.  Two more rules:
     driver's struct strata_driver (qcow2_driver, nbd_driver, ...) or a
     driver's functions (nbd_is_uri, file_create, ...); drivers register
     themselves through the list in src/drivers/;
+  * QMP's JSON stops at src/control/: no file below it includes jansson or
+    names json_t or struct qmp_error (jobs, exports and the graph take typed
+    C parameters);
   * src/tools/ sees only include/ and src/util/, except that stratad and
     strata-nbd may use the modules they serve through those modules' own
     headers (ALLOWED_TOOL_HEADERS below).
@@ -110,9 +113,29 @@ def check_core_names_no_driver(src):
     return bad
 
 
+JSON = re.compile(r"\bjson_t\b|\bstruct\s+qmp_error\b|<jansson\.h>")
+BELOW_CONTROL = ("util", "block", "drivers", "nbd", "jobs")
+
+
+def check_json_stops_at_control(src):
+    bad = []
+    for rel, full in sources(src):
+        if layer_of(rel) not in BELOW_CONTROL:
+            continue
+        with open(full, encoding="utf-8", errors="replace") as fp:
+            text = strip_comments(fp.read())
+        for lineno, line in enumerate(text.splitlines(), 1):
+            m = JSON.search(line)
+            if m:
+                bad.append(f"src/{rel}:{lineno}: {m.group(0)} below "
+                           "src/control/ (QMP's JSON stops at control)")
+    return bad
+
+
 RULES = [
     ("layers", check_includes),
     ("core names no driver", check_core_names_no_driver),
+    ("JSON stops at control", check_json_stops_at_control),
 ]
 
 
@@ -144,12 +167,16 @@ def self_test():
         "block/y.c": ("int f (void) { return nbd_is_uri (0); }\n",
                       "names a driver"),
         "block/z.c": ("extern int qcow2_driver;\n", "names a driver"),
+        "jobs/j.c": ("#include <jansson.h>\njson_t *args;\n",
+                     "QMP's JSON stops at control"),
+        "nbd/q.c": ("struct qmp_error *err;\n", "QMP's JSON stops at control"),
     }
     clean = {
         "block/ok.c": ('#include "util/error.h"\n#include <strata/strata.h>\n'
                        "/* qcow2_driver in a comment is fine */\n"
                        "struct strata_driver d;\n"),
-        "control/ok.c": '#include "jobs/job.h"\n#include "nbd/server.h"\n',
+        "control/ok.c": ('#include "jobs/job.h"\n#include "nbd/server.h"\n'
+                         "#include <jansson.h>\njson_t *reply;\n"),
         "tools/stratad.c": '#include "control/server.h"\n',
         "tools/strata-io.c": '#include "util/opts.h"\n',
     }
