@@ -202,7 +202,7 @@ struct strata_node {
   struct tracker tracker; /* requests in flight on this node */
   char **users;           /* graph_add_user(): who holds this node */
   size_t nusers;
-  pthread_mutex_t lock; /* driver metadata; see DESIGN.md */
+  pthread_mutex_t lock; /* driver metadata; docs/architecture.md, Locks */
 };
 typedef struct strata_node strata_node;
 

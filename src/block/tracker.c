@@ -23,13 +23,13 @@ static bool
 overlaps (const struct tracked_req *r, uint64_t offset, uint64_t len)
 {
   if (len == 0 || r->len == 0)
-    return true;  /* a zero length means "everything" */
+    return true; /* a zero length means "everything" */
   return r->offset < offset + len && offset < r->offset + r->len;
 }
 
 /* Is there an older request that REQ must wait for?  Caller holds t->lock. */
 static bool
-must_wait_locked (struct tracker *t, const struct tracked_req *req)
+must_wait_tracker_locked (struct tracker *t, const struct tracked_req *req)
 {
   for (struct tracked_req *r = t->head; r; r = r->next) {
     if (r->seq >= req->seq)
@@ -56,11 +56,11 @@ tracker_begin (struct tracker *t, struct tracked_req *req, uint64_t offset,
   if (t->head)
     t->head->prev = req;
   t->head = req;
-  if (must_wait_locked (t, req)) {
+  if (must_wait_tracker_locked (t, req)) {
     t->waits++;
     do
       pthread_cond_wait (&t->cond, &t->lock);
-    while (must_wait_locked (t, req));
+    while (must_wait_tracker_locked (t, req));
   }
 }
 

@@ -3,10 +3,10 @@
  *
  * A command is a function from its "arguments" object to its "return"
  * value.  It runs on the control thread (the event loop) and must not do
- * block I/O that can take long: anything slow belongs in a job (later
- * issues).  Errors carry QEMU's error class ("GenericError",
- * "CommandNotFound", "DeviceNotFound") and a human description, exactly
- * as the QMP reply shows them:
+ * block I/O that can take long: anything slow belongs in a job
+ * (src/jobs/, started by commands-stream.c and friends).  Errors carry QEMU's
+ * error class ("GenericError", "CommandNotFound", "DeviceNotFound") and a
+ * human description, exactly as the QMP reply shows them:
  *   {"error": {"class": "GenericError", "desc": "..."}}
  * JSON values are jansson's json_t.  Ownership: a handler borrows ARGS and
  * returns a new reference (json_object() for an empty return).
@@ -23,12 +23,10 @@
 /* struct qmp_error, struct qmp_command, qmp_find_command() and the
  * shutdown calls are in control.h, the module's face for the programs. */
 
-void qmp_error_set (struct qmp_error *err, const char *class,
-                    const char *fmt, ...)
-    __attribute__ ((format (printf, 3, 4)));
+void qmp_error_set (struct qmp_error *err, const char *class, const char *fmt,
+                    ...) __attribute__ ((format (printf, 3, 4)));
 /* ERR as a GenericError with E's message; frees E (may be NULL). */
 void qmp_error_from (struct qmp_error *err, strata_error *e);
-
 
 /* The block-graph commands (src/control/commands-block.c), terminated by a
  * { NULL, NULL } entry.  stratad registers them with its own commands
@@ -51,7 +49,8 @@ void qmp_foreach_command (void (*fn) (const struct qmp_command *cmd,
 
 /* Broadcast an event to every negotiated monitor client, with the
  * timestamp taken now.  Takes over DATA (may be NULL).  Thread-safe: may be
- * called from any thread (job threads later); delivery happens on the
+ * called from any thread (job threads do, through the job event
+ * handler commands-job.c registers); delivery happens on the
  * event loop. */
 void qmp_event_emit (const char *name, json_t *data);
 

@@ -80,7 +80,7 @@ struct convert {
   uint64_t total;
   strata_node *dst;
   bool compressed, backing_mode, zero_init, out_of_order, progress;
-  bool salvage; /* --salvage: unreadable sectors become zeros */
+  bool salvage;        /* --salvage: unreadable sectors become zeros */
   uint64_t min_sparse; /* bytes; 0 = no zero detection */
   uint64_t align;      /* sectors: zero runs are cut at these */
   uint64_t cluster;    /* target cluster size (compressed chunks) */
@@ -182,7 +182,7 @@ next_run (const uint8_t *buf, uint64_t n, uint64_t num, uint64_t align,
 
 /* After a failure: every waiter must see it.  LOCKED. */
 static void
-wake_all_locked (struct convert *c)
+wake_all_convert_locked (struct convert *c)
 {
   for (unsigned i = 0; i < c->nturn; i++)
     pthread_cond_broadcast (&c->turn[i]);
@@ -206,14 +206,14 @@ convert_fail (struct convert *c, int r, const char *what, uint64_t off)
     c->err_msg = m;
     m = NULL;
   }
-  wake_all_locked (c);
+  wake_all_convert_locked (c);
   pthread_mutex_unlock (&c->lock);
   free (m);
 }
 
 /* -p (img.h); LOCKED. */
 static void
-progress_show_locked (struct convert *c)
+progress_show_convert_locked (struct convert *c)
 {
   progress_update (&c->prog, c->done, c->prog.total);
 }
@@ -252,7 +252,7 @@ qemu_extent (const struct convert *c, const struct source *s, uint64_t local,
 /* Block status of the copy at C->next, cached in status/status_end;
  * LOCKED.  Returns 0 or a negative errno. */
 static int
-refresh_status_locked (struct convert *c)
+refresh_status_convert_locked (struct convert *c)
 {
   struct source *s = source_at (c, c->next);
   uint64_t local = c->next - s->base;
@@ -282,14 +282,14 @@ refresh_status_locked (struct convert *c)
 
 /* Hand out the next chunk; LOCKED.  False at the end or after a failure. */
 static bool
-next_chunk_locked (struct convert *c, struct chunk *ch)
+next_chunk_convert_locked (struct convert *c, struct chunk *ch)
 {
   uint64_t end;
 
   if (c->err || c->next >= c->total)
     return false;
   if (c->status_end <= c->next) {
-    int r = refresh_status_locked (c);
+    int r = refresh_status_convert_locked (c);
     if (r < 0) {
       const char *d = strata_last_error_message ();
       if (asprintf (&c->err_msg,
@@ -299,7 +299,7 @@ next_chunk_locked (struct convert *c, struct chunk *ch)
           < 0)
         c->err_msg = NULL;
       c->err = r;
-      wake_all_locked (c);
+      wake_all_convert_locked (c);
       return false;
     }
   }
@@ -335,8 +335,9 @@ salvage_read (strata_node *node, uint8_t *buf, uint64_t len, uint64_t local,
     int r = strata_pread (node, buf + i, n, local + i, 0);
 
     if (r < 0) {
-      fprintf (stderr, "%s: warning: error while reading offset %" PRIu64
-               ": %s\n", progname, off + i, strerror (-r));
+      fprintf (stderr,
+               "%s: warning: error while reading offset %" PRIu64 ": %s\n",
+               progname, off + i, strerror (-r));
       memset (buf + i, 0, n);
     }
   }
@@ -487,7 +488,7 @@ chunk_done (struct convert *c, const struct chunk *ch)
     c->written_seq++;
     pthread_cond_signal (&c->turn[c->written_seq % c->nturn]);
   }
-  progress_show_locked (c);
+  progress_show_convert_locked (c);
   pthread_mutex_unlock (&c->lock);
 }
 
@@ -503,7 +504,7 @@ convert_worker (void *arg)
       c->err = -ENOMEM;
       c->err_msg = strdup ("out of memory");
     }
-    wake_all_locked (c);
+    wake_all_convert_locked (c);
     pthread_mutex_unlock (&c->lock);
     return NULL;
   }
@@ -514,7 +515,7 @@ convert_worker (void *arg)
 
     img_ratelimit_wait (&c->rl);
     pthread_mutex_lock (&c->lock);
-    ok = next_chunk_locked (c, &ch);
+    ok = next_chunk_convert_locked (c, &ch);
     pthread_mutex_unlock (&c->lock);
     if (!ok)
       break;
@@ -764,8 +765,8 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
   };
   int c, idx;
 
-  while ((c = getopt_long (argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WUr:C", lopts,
-                           &idx))
+  while ((c = getopt_long (argc, argv, ":hf:O:B:F:co:l:S:pt:T:qnm:WUr:C",
+                           lopts, &idx))
          != -1) {
     switch (c) {
     case 'f': a->fmt = optarg; break;
@@ -856,8 +857,8 @@ parse_convert_args (int argc, char **argv, struct convert_args *a)
   if (img_has_help_option (a->options))
     return img_print_create_help (a->ofmt,
                                   argc - optind >= 2 ? argv[argc - 1] : NULL)
-             ? 1
-             : -1;
+               ? 1
+               : -1;
   if (argc - optind < 2) {
     fail_msg ("Must specify image file name");
     return 1;
