@@ -59,7 +59,7 @@ parse_args (int argc, char **argv, struct stream *st)
   };
   int c;
 
-  while ((c = getopt_long (argc, argv, "+hf:t:b:r:pq", lopts, NULL)) != -1) {
+  while ((c = getopt_long (argc, argv, "hf:t:b:r:pq", lopts, NULL)) != -1) {
     switch (c) {
     case 'f': st->fmt = optarg; break;
     case 't': st->cache = optarg; break;
