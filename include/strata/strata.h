@@ -130,11 +130,12 @@ struct strata_extent {
   uint64_t map;       /* host offset, when STRATA_BS_OFFSET */
   const char *file;   /* filename holding the data, when known */
 };
-/* FLAGS: STRATA_BS_SHALLOW trusts a format layer's answer for its data
- * clusters instead of asking the file under it whether those bytes are a
- * hole (as QEMU does): no lseek(SEEK_DATA) per qcow2 cluster, and a data
- * cluster that happens to be a hole in its file is reported as data.  Raw
- * images still report their holes. */
+/* FLAGS: STRATA_BS_SHALLOW always trusts a format layer's answer for its
+ * data clusters.  Without it the file under a format is asked whether its
+ * data is a hole only where QEMU 7.2 asks (a qcow2 image that looks
+ * metadata-preallocated); otherwise, as qemu-img map reports it, a data
+ * cluster is data even where its file has a hole.  Raw images report
+ * their file's holes either way. */
 #define STRATA_BS_SHALLOW (1u << 0)
 #define STRATA_BLOCK_STATUS_MASK STRATA_BS_SHALLOW
 int strata_block_status (strata_node *node, uint64_t offset, uint64_t len,

@@ -693,10 +693,17 @@ node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
                      "%s: driver %s answered block status for %" PRIu64
                      " bytes of %" PRIu64,
                      node->filename, node->drv->name, bs->pnum, len);
-  if (!(bs->flags & BS_OFFSET) || !bs->file || bs->file == node)
+  if (!(bs->flags & BS_OFFSET) || !bs->file || bs->file == node) {
+    bs->flags &= ~BS_REFINE_ZERO;
     return 0;
-  if ((flags & STRATA_BS_SHALLOW) && !(bs->flags & BS_RECURSE))
-    return 0; /* the format knows: data (QEMU's want_zero=false) */
+  }
+  if (!(bs->flags & BS_RECURSE)
+      && (!(bs->flags & BS_REFINE_ZERO) || (flags & STRATA_BS_SHALLOW))) {
+    /* The format knows: its data is data (QEMU 7.2 asks the file only
+     * for BDRV_BLOCK_RECURSE, and never with want_zero=false). */
+    bs->flags &= ~BS_REFINE_ZERO;
+    return 0;
+  }
 
   /* Refine with what the file below says of those bytes. */
   r = node_block_status (bs->file, bs->map, bs->pnum, &fbs);
@@ -711,8 +718,11 @@ node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
       bs->file = fbs.file;
     }
   }
-  else if (fbs.flags & BS_ZERO)
-    bs->flags |= BS_ZERO;
+  else {
+    bs->flags &= ~BS_REFINE_ZERO;
+    if (fbs.flags & BS_ZERO)
+      bs->flags |= BS_ZERO;
+  }
   return 0;
 }
 

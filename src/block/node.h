@@ -49,6 +49,11 @@ const char *perm_name (unsigned bit_index);
 #define BS_DATA STRATA_BS_DATA
 #define BS_OFFSET STRATA_BS_OFFSET /* map/file are valid */
 #define BS_RECURSE (1u << 8)       /* ask `file` at map for DATA/ZERO */
+/* Ask `file` at map whether these data bytes read as zeros (QEMU's
+ * BDRV_BLOCK_RECURSE): a format sets it for its data where the file's holes
+ * tell zeros apart (qcow2 only when metadata-preallocated, as QEMU 7.2).
+ * Without it a format's data is data, whatever the file holds there. */
+#define BS_REFINE_ZERO (1u << 9)
 
 struct bstat {
   uint64_t pnum; /* bytes covered, > 0 */
@@ -262,9 +267,9 @@ int node_prefetch (strata_node *node, uint64_t offset, uint64_t len);
 /* One layer (and the file below it for DATA/ZERO). */
 int node_block_status (strata_node *node, uint64_t offset, uint64_t len,
                        struct bstat *bs);
-/* The same; with STRATA_BS_SHALLOW the file below is consulted only when
- * the driver asks for it (BS_RECURSE: raw over a file), not to refine a
- * format's data clusters. */
+/* The same; the file below is consulted where the driver asks: for the
+ * whole answer with BS_RECURSE (raw over a file), for zeros in its data
+ * with BS_REFINE_ZERO, which STRATA_BS_SHALLOW ignores. */
 int node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
                              struct bstat *bs, unsigned flags);
 int64_t node_length (strata_node *node);

@@ -717,12 +717,52 @@ extent_flags (const struct qcow2_extent *e)
   }
 }
 
+/* Whether NODE looks metadata-preallocated, as QEMU 7.2 judges it: at
+ * least max(real * 10 / 9, real + 2) clusters of the file have a refcount,
+ * REAL being the clusters the file really allocates on the host.  Only
+ * then does QEMU ask the file whether a data cluster is a hole (its
+ * BDRV_BLOCK_RECURSE); a preallocated image's unwritten clusters are
+ * holes that read as zeros, a written image's data is data.  Judged once,
+ * at the first block status, as QEMU does. */
+static bool
+looks_preallocated (strata_node *node)
+{
+  struct qcow2_state *s = node->opaque;
+  struct strata_info fi = { .size = sizeof fi };
+  strata_error *err = NULL;
+  uint64_t real, threshold, end, count = 0;
+  int guess = atomic_load (&s->prealloc_guess);
+  int64_t flen;
+
+  if (guess)
+    return guess == 2;
+  flen = node_length (node->file);
+  if (flen < 0 || !strata_get_info (node->file, &fi, 0, &err)) {
+    strata_error_free (err);
+    return false; /* judged again next time */
+  }
+  real = fi.actual_size / s->cluster_size;
+  threshold = MAX (real * 10 / 9, real + 2);
+  end = ((uint64_t)flen + s->cluster_size - 1) / s->cluster_size;
+  pthread_mutex_lock (&node->lock);
+  for (uint64_t i = 0; i < end && count < threshold; i++) {
+    uint64_t rc;
+    if (qcow2_refcount_get_locked (node, i, &rc) < 0)
+      break;
+    count += rc != 0;
+  }
+  pthread_mutex_unlock (&node->lock);
+  atomic_store (&s->prealloc_guess, count >= threshold ? 2 : 1);
+  return count >= threshold;
+}
+
 int
 qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
                     struct bstat *bs)
 {
   struct qcow2_extent e;
   uint64_t done = 0;
+  bool refine = node->file && looks_preallocated (node);
   int r = 0;
 
   pthread_mutex_lock (&node->lock);
@@ -743,5 +783,7 @@ qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
   }
   pthread_mutex_unlock (&node->lock);
   bs->pnum = done;
+  if (refine && (bs->flags & BS_DATA) && (bs->flags & BS_OFFSET))
+    bs->flags |= BS_REFINE_ZERO;
   return r;
 }

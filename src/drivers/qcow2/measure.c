@@ -147,50 +147,16 @@ full_size (uint64_t vsize, const struct measure_params *p)
   return meta + vsize;
 }
 
-/* The layers of a source's chain (filters skipped), and for each whether
- * QEMU 7.2 asks the file below about its data clusters. */
+/* The layers of a source's chain (filters skipped). */
 struct chain {
   strata_node **layer;
-  bool *refine;
   int n;
 };
-
-/* QEMU 7.2 consults the file under a qcow2 data cluster only when it takes
- * the image for metadata-preallocated: when at least max(real * 10 / 9,
- * real + 2) clusters of the file have a refcount, REAL being the clusters
- * the file really allocates on the host. */
-static bool
-looks_preallocated (strata_node *node)
-{
-  struct qcow2_state *s = node->opaque;
-  struct strata_info fi = { .size = sizeof fi };
-  strata_error *err = NULL;
-  uint64_t real, threshold, end, count = 0;
-  int64_t flen = node_length (node->file);
-
-  if (flen < 0 || !strata_get_info (node->file, &fi, 0, &err)) {
-    strata_error_free (err);
-    return false;
-  }
-  real = fi.actual_size / s->cluster_size;
-  threshold = MAX (real * 10 / 9, real + 2);
-  end = ((uint64_t)flen + s->cluster_size - 1) / s->cluster_size;
-  pthread_mutex_lock (&node->lock);
-  for (uint64_t i = 0; i < end && count < threshold; i++) {
-    uint64_t rc;
-    if (qcow2_refcount_get_locked (node, i, &rc) < 0)
-      break;
-    count += rc != 0;
-  }
-  pthread_mutex_unlock (&node->lock);
-  return count >= threshold;
-}
 
 static void
 chain_free (struct chain *c)
 {
   free (c->layer);
-  free (c->refine);
 }
 
 static int
@@ -205,8 +171,7 @@ chain_init (struct chain *c, strata_node *node)
       return io_error (ELOOP, "%s: backing chain too deep", node->filename);
   }
   c->layer = calloc (n, sizeof *c->layer);
-  c->refine = calloc (n, sizeof *c->refine);
-  if (!c->layer || !c->refine)
+  if (!c->layer)
     return io_error (ENOMEM, "out of memory");
   c->n = n;
   n = 0;
@@ -214,38 +179,7 @@ chain_init (struct chain *c, strata_node *node)
     while (l->drv->is_filter && l->file)
       l = l->file;
     c->layer[n] = l;
-    c->refine[n] = strcmp (l->drv->name, "qcow2") == 0 && l->file
-                   && looks_preallocated (l);
   }
-  return 0;
-}
-
-/* One layer's status as QEMU 7.2 reports it to qemu-img measure: the
- * file below is consulted only when the driver asks (BS_RECURSE, as raw
- * does) or, for qcow2 data, when REFINE says so; otherwise a qcow2 data
- * cluster counts even where its host cluster is a hole.  node_block_status
- * refines every answer, hence the direct call. */
-static int
-layer_status (strata_node *node, bool refine, uint64_t off, uint64_t len,
-              struct bstat *bs)
-{
-  int r;
-
-  if (!node->drv->block_status)
-    return node_block_status (node, off, len, bs);
-  memset (bs, 0, sizeof *bs);
-  r = node->drv->block_status (node, off, len, bs);
-  if (r < 0)
-    return r;
-  if (bs->pnum == 0 || bs->pnum > len)
-    return io_error (EIO,
-                     "%s: block status answered %" PRIu64 " bytes of "
-                     "%" PRIu64,
-                     node->filename, bs->pnum, len);
-  if ((bs->flags & BS_RECURSE)
-      || (refine && (bs->flags & BS_DATA) && !(bs->flags & BS_ZERO)
-          && (bs->flags & BS_OFFSET)))
-    return node_block_status (node, off, bs->pnum, bs);
   return 0;
 }
 
@@ -266,7 +200,10 @@ chain_status (const struct chain *c, uint64_t off, uint64_t len,
     if ((uint64_t)size <= off)
       break; /* past the end of a shorter backing file */
     len = MIN (len, (uint64_t)size - off);
-    r = layer_status (c->layer[k], c->refine[k], off, len, &bs);
+    /* Each layer as QEMU 7.2 reports it to qemu-img measure: a qcow2
+     * data cluster counts even where its host cluster is a hole, unless
+     * the image looks metadata-preallocated (BS_REFINE_ZERO). */
+    r = node_block_status (c->layer[k], off, len, &bs);
     if (r < 0)
       return r;
     len = bs.pnum;

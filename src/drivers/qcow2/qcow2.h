@@ -155,6 +155,9 @@ struct qcow2_state {
   struct qcow2_meta_set meta_l2;   /* L2 tables, active and snapshots' */
   struct qcow2_meta_set meta_snap; /* snapshot table, snapshot L1 tables */
   atomic_bool writes_refused;      /* a metadata overlap was caught */
+  /* Whether the image looks metadata-preallocated, decided at the first
+   * block status (qcow2_block_status): 0 not yet, 1 no, 2 yes. */
+  atomic_int prealloc_guess;
 
   struct tracker clusters;    /* guest-cluster-granular request tracker */
   /* Refcount increments stay dirty in the cache until the caller writes
