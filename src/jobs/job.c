@@ -12,7 +12,7 @@
  *   job lock      jobs_mutex: the job list, every job field job.h marks
  *                 "guarded", live_threads.  job->cond and threads_cond
  *                 are waited on under it; both use CLOCK_MONOTONIC, the
- *                 clock of ratelimit_now_ns(), so a timed wait is not
+ *                 clock of clock_now_ns(), so a timed wait is not
  *                 stretched or cut short when the wall clock is set.
  *                 Never held across I/O or a driver callback other than
  *                 complete.  The event handler runs under it, and may take
@@ -30,6 +30,7 @@
 #include "block/graph.h"
 #include "jobs/job.h"
 #include "util/cleanup.h"
+#include "util/clock.h"
 
 static pthread_mutex_t jobs_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t threads_cond; /* see threads_cond_init */
@@ -207,12 +208,10 @@ settle_job_locked (struct job *job)
 {
   CLEANUP_FREE char *id = strdup (job->id);
   unsigned gen = job->gen;
-  struct timespec ts;
+  struct timespec ts = clock_timespec (clock_now_ns () + SETTLE_MAX_NS);
 
   if (!id)
     return;
-  clock_gettime (CLOCK_MONOTONIC, &ts);
-  ts.tv_sec += SETTLE_MAX_NS / 1000000000ull;
   /* Only the control thread creates jobs, so a job found by this id is
    * the same job until it is freed. */
   while ((job = job_find_job_locked (id)) && job->ack < gen)
@@ -377,7 +376,7 @@ job_create_job_locked (const char *id, const struct job_driver *drv,
   job->iostatus = "ok";
   job->status = JOB_CREATED;
   job->gen = 1; /* job_settle after the start waits for the first ack */
-  ratelimit_init (&job->rl, 0, ratelimit_now_ns ());
+  ratelimit_init (&job->rl, 0, clock_now_ns ());
   /* Listed before the speed check, as QEMU does: a bad speed shows as
    * created -> null.  At the head: query-jobs lists the newest first. */
   job->next = jobs;
@@ -584,11 +583,8 @@ job_start_job_locked (struct job *job, strata_error **errp)
 static void
 wait_until_job_locked (struct job *job, uint64_t deadline_ns)
 {
-  /* job->cond waits on CLOCK_MONOTONIC, ratelimit_now_ns()'s clock. */
-  struct timespec ts = {
-    .tv_sec = deadline_ns / 1000000000ull,
-    .tv_nsec = deadline_ns % 1000000000ull,
-  };
+  /* job->cond waits on CLOCK_MONOTONIC, clock_now_ns()'s clock. */
+  struct timespec ts = clock_timespec (deadline_ns);
 
   while (!job->kick
          && pthread_cond_timedwait (&job->cond, &jobs_mutex, &ts) == 0)
@@ -621,7 +617,7 @@ job_yield (struct job *job)
        * could give. */
       continue;
     }
-    now = ratelimit_now_ns ();
+    now = clock_now_ns ();
     ack_job_locked (job);
     if ((d = ratelimit_delay (&job->rl, now)) == 0)
       return true;
@@ -635,7 +631,7 @@ job_yield (struct job *job)
 bool
 job_sleep_ns (struct job *job, uint64_t ns)
 {
-  uint64_t deadline = ratelimit_now_ns () + ns;
+  uint64_t deadline = clock_now_ns () + ns;
 
   {
     LOCK_GUARD (&jobs_mutex);
@@ -810,7 +806,7 @@ job_set_speed_job_locked (struct job *job, int64_t speed, strata_error **errp)
     error_set (errp, EINVAL, "Parameter 'speed' expects a non-negative value");
     return false;
   }
-  ratelimit_set_speed (&job->rl, speed, ratelimit_now_ns ());
+  ratelimit_set_speed (&job->rl, speed, clock_now_ns ());
   wake_job_locked (job);
   return true;
 }

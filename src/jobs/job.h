@@ -224,7 +224,7 @@ bool job_yield (struct job *job);
 /* Sleep NS nanoseconds, or less when woken by a verb; pauses while
  * asked.  False when the job was cancelled. */
 bool job_sleep_ns (struct job *job, uint64_t ns);
-/* BYTES of data were moved, dispatched at START (ratelimit_now_ns()). */
+/* BYTES of data were moved, dispatched at START (clock_now_ns()). */
 void job_account (struct job *job, uint64_t bytes, uint64_t start);
 void job_set_progress (struct job *job, uint64_t offset, uint64_t len);
 bool job_is_cancelled (struct job *job);

@@ -34,6 +34,7 @@
 #include "jobs/job.h"
 #include "jobs/stream.h"
 #include "util/cleanup.h"
+#include "util/clock.h"
 
 #define STREAM_CHUNK (512 * 1024) /* QEMU's STREAM_CHUNK */
 #define STREAM_MIN_CHUNK (64 * 1024)
@@ -106,7 +107,7 @@ yield_to_guest (struct job *job, struct stream *s)
       busy = guest_busy (s);
     }
     s->guest_active = busy;
-    now = ratelimit_now_ns ();
+    now = clock_now_ns ();
     if (!busy) {
       ratelimit_init (&s->floor_rl, s->floor_speed, now);
       return true;
@@ -182,7 +183,7 @@ stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
     return 0;
   if ((r = allocated_below (s, offset, n, &copy)) < 0 || !copy)
     return r;
-  start = ratelimit_now_ns ();
+  start = clock_now_ns ();
   r = node_copy_up (s->top, s->base, offset, *n, &copied);
   job_account (job, copied, start);
   if (s->yield_to_guest) {
@@ -355,7 +356,7 @@ stream_new (const struct stream_params *p, strata_node *top, strata_node *base)
   s->base = base;
   s->yield_to_guest = p->yield_to_guest;
   s->floor_speed = p->floor_speed;
-  ratelimit_init (&s->floor_rl, s->floor_speed, ratelimit_now_ns ());
+  ratelimit_init (&s->floor_rl, s->floor_speed, clock_now_ns ());
   return s;
 }
 

@@ -25,4 +25,13 @@ clock_now_ns (void)
   return (uint64_t)ts.tv_sec * CLOCK_NS_PER_SEC + (uint64_t)ts.tv_nsec;
 }
 
+/* NS (a clock_now_ns() time) as the timespec pthread_cond_timedwait()
+ * takes, for condition variables set to CLOCK_MONOTONIC. */
+static inline struct timespec
+clock_timespec (uint64_t ns)
+{
+  return (struct timespec){ .tv_sec = (time_t)(ns / CLOCK_NS_PER_SEC),
+                            .tv_nsec = (long)(ns % CLOCK_NS_PER_SEC) };
+}
+
 #endif

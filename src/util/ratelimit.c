@@ -1,7 +1,6 @@
 /* strata: byte-rate limiter; the scheme is described in ratelimit.h. */
 #include <time.h>
 
-#include "util/clock.h"
 #include "util/ratelimit.h"
 
 #define NS_PER_SEC 1000000000ull
@@ -52,10 +51,4 @@ ratelimit_account (struct ratelimit *rl, uint64_t bytes, uint64_t start)
   t = (unsigned __int128)bytes * NS_PER_SEC + rl->rem;
   rl->next += (uint64_t)(t / rl->speed);
   rl->rem = (uint64_t)(t % rl->speed);
-}
-
-uint64_t
-ratelimit_now_ns (void)
-{
-  return clock_now_ns ();
 }

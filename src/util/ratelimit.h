@@ -40,8 +40,5 @@ void ratelimit_set_speed (struct ratelimit *rl, uint64_t speed, uint64_t now);
 uint64_t ratelimit_delay (const struct ratelimit *rl, uint64_t now);
 /* BYTES were dispatched at time START. */
 void ratelimit_account (struct ratelimit *rl, uint64_t bytes, uint64_t start);
-/* CLOCK_MONOTONIC in nanoseconds: clock_now_ns() (util/clock.h), kept
- * for the job code until it moves to src/jobs/. */
-uint64_t ratelimit_now_ns (void);
 
 #endif

@@ -88,11 +88,9 @@ meet_init (struct meet *m)
 static bool
 meet_wait (struct meet *m)
 {
-  struct timespec until;
+  struct timespec until = clock_timespec (clock_now_ns () + CLOCK_NS_PER_SEC);
   bool met;
 
-  clock_gettime (CLOCK_MONOTONIC, &until);
-  until.tv_sec += 1;
   pthread_mutex_lock (&m->lock);
   m->arrived++;
   pthread_cond_broadcast (&m->cond);
