@@ -1,13 +1,7 @@
 /* strata: qcow2 internal snapshots (qcow2.txt "Snapshots").
  *
- * The snapshot table is nb_snapshots entries starting at snapshots_offset
- * (header bytes 60-71), each 8-byte aligned:
- *
- *   0- 7 l1_table_offset     8-11 l1_size       12-13 id_str_size
- *  14-15 name_size          16-19 date_sec      20-23 date_nsec
- *  24-31 vm_clock_nsec      32-35 vm_state_size 36-39 extra_data_size
- *  extra data: 0-7 vm_state_size_large, 8-15 disk_size, 16-23 icount
- *  then id_str, name (no NUL), padding to 8 bytes
+ * The snapshot table (its layout, reading, checking and writing it) is in
+ * snapshot-table.c; this file has the operations on snapshots.
  *
  * A snapshot is a copy of the active L1 table.  A host cluster's refcount
  * counts the L1 tables (active and snapshots') that reach it, so taking a
@@ -23,9 +17,6 @@
  * then published by one header write, then the old one is freed.  A crash
  * leaks clusters at worst (or, between dropping a reference and setting
  * COPIED again, leaves a cluster copied once more than needed).
- *
- * Limits, as QEMU's: at most 65536 snapshots, a table of at most 64 MiB,
- * at most 1024 bytes of extra data per entry.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -34,261 +25,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "drivers/qcow2/qcow2.h"
+#include "drivers/qcow2/snapshot-table.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
-
-#define SNAP_MAX_COUNT 65536
-#define SNAP_MAX_TABLE (64ull << 20)
-#define SNAP_MAX_EXTRA 1024
-#define SNAP_EXTRA_KNOWN 24
-
-struct snap {
-  uint64_t l1_offset;
-  uint32_t l1_size;
-  uint32_t date_sec, date_nsec;
-  uint64_t vm_clock_nsec;
-  uint64_t vm_state_size;
-  uint64_t disk_size;
-  uint64_t icount; /* UINT64_MAX when not recorded */
-  uint32_t extra_size;
-  uint8_t *extra; /* as read: unknown fields are kept */
-  char *id, *name;
-};
-
-struct snap_table {
-  struct snap *sn;
-  uint32_t n;
-  uint64_t offset, bytes; /* where it is on disk */
-};
-
-static void
-table_free (struct snap_table *t)
-{
-  for (uint32_t i = 0; t->sn && i < t->n; i++) {
-    free (t->sn[i].extra);
-    free (t->sn[i].id);
-    free (t->sn[i].name);
-  }
-  free (t->sn);
-  *t = (struct snap_table){ 0 };
-}
-
-static size_t
-entry_bytes (uint32_t extra, size_t id_len, size_t name_len)
-{
-  return ROUND_UP (40 + (size_t) extra + id_len + name_len, 8);
-}
-
-/* A string of LEN bytes from P, refused when it holds a NUL. */
-static char *
-take_string (const uint8_t *p, size_t len)
-{
-  char *s;
-
-  if (memchr (p, 0, len) || !(s = malloc (len + 1)))
-    return NULL;
-  memcpy (s, p, len);
-  s[len] = 0;
-  return s;
-}
-
-/* Parse entry I (fixed part FIX, the rest at REST) into SN. */
-static bool
-parse_entry (strata_node *node, uint32_t i, const uint8_t *fix,
-             const uint8_t *rest, struct snap *sn, strata_error **errp)
-{
-  struct qcow2_state *s = node->opaque;
-  uint16_t id_len = be16_load (fix + 12), name_len = be16_load (fix + 14);
-  uint32_t extra = be32_load (fix + 36);
-
-  sn->l1_offset = be64_load (fix);
-  sn->l1_size = be32_load (fix + 8);
-  sn->date_sec = be32_load (fix + 16);
-  sn->date_nsec = be32_load (fix + 20);
-  sn->vm_clock_nsec = be64_load (fix + 24);
-  sn->vm_state_size = be32_load (fix + 32);
-  sn->extra_size = extra;
-  sn->disk_size = s->size;
-  sn->icount = UINT64_MAX;
-  if (extra >= 8)
-    sn->vm_state_size = be64_load (rest);
-  if (extra >= 16)
-    sn->disk_size = be64_load (rest + 8);
-  if (extra >= 24)
-    sn->icount = be64_load (rest + 16);
-  if (!(sn->extra = malloc (extra ? extra : 1))
-      || !(sn->id = take_string (rest + extra, id_len))
-      || !(sn->name = take_string (rest + extra + id_len, name_len))) {
-    error_set (errp, EINVAL,
-               "%s: snapshot table entry %" PRIu32 " has an "
-               "id or name with a NUL byte",
-               node->filename, i);
-    return false;
-  }
-  memcpy (sn->extra, rest, extra);
-  if (sn->disk_size > (1ull << 62) || sn->disk_size % 512) {
-    error_set (errp, EINVAL,
-               "%s: snapshot table entry %" PRIu32 " disk size "
-               "%" PRIu64 " is invalid",
-               node->filename, i, sn->disk_size);
-    return false;
-  }
-  return true;
-}
-
-/* Whether host bytes [off, off+len) touch the header cluster, the active
- * L1 table or the refcount table: a table placed there by a hostile image
- * must never be freed. */
-static bool
-overlaps_core (const struct qcow2_state *s, uint64_t off, uint64_t len)
-{
-  uint64_t end = off + len, l1_end = s->l1_offset + s->l1_size * 8ull;
-  uint64_t rt_end
-      = s->rt_offset + ((uint64_t) s->rt_clusters << s->cluster_bits);
-
-  return len
-         && (off < s->cluster_size
-             || (s->l1_size && off < l1_end && s->l1_offset < end)
-             || (off < rt_end && s->rt_offset < end));
-}
-
-/* Whether LEN bytes of entry I at POS lie inside the file (FLEN bytes)
- * and within the table's size limit. */
-static bool
-entry_fits (strata_node *node, const struct snap_table *t, uint32_t i,
-            uint64_t pos, uint64_t len, int64_t flen, strata_error **errp)
-{
-  if (pos - t->offset + len <= SNAP_MAX_TABLE && pos + len <= (uint64_t) flen)
-    return true;
-  error_set (errp, EINVAL,
-             "%s: snapshot table entry %" PRIu32 " at 0x%" PRIx64
-             " is past the end of the file or the table's size "
-             "limit (%llu bytes)",
-             node->filename, i, pos, SNAP_MAX_TABLE);
-  return false;
-}
-
-/* Read and check the whole snapshot table. */
-static bool
-read_table_locked (strata_node *node, struct snap_table *t,
-                   strata_error **errp)
-{
-  struct qcow2_state *s = node->opaque;
-  const char *fn = node->filename;
-  int64_t flen = node_length (node->file);
-  uint8_t h[12];
-  uint64_t pos;
-  int r;
-
-  *t = (struct snap_table){ 0 };
-  if (flen < 0 || (r = node_pread (node->file, 60, h, sizeof h, 0)) < 0) {
-    error_set (errp, EIO, "%s: cannot read the snapshot table location", fn);
-    return false;
-  }
-  t->n = be32_load (h);
-  t->offset = pos = be64_load (h + 4);
-  if (t->n == 0)
-    return true;
-  if (t->n > SNAP_MAX_COUNT) {
-    error_set (errp, EFBIG,
-               "%s: nb_snapshots %" PRIu32 " is too large (max "
-               "%d)",
-               fn, t->n, SNAP_MAX_COUNT);
-    return false;
-  }
-  if (pos % s->cluster_size || pos == 0 || pos >= QCOW2_MAX_OFFSET) {
-    error_set (errp, EINVAL,
-               "%s: snapshot table offset 0x%" PRIx64 " is "
-               "invalid",
-               fn, pos);
-    return false;
-  }
-  if (!(t->sn = calloc (t->n, sizeof *t->sn))) {
-    error_set (errp, ENOMEM, "out of memory");
-    return false;
-  }
-  for (uint32_t i = 0; i < t->n; i++) {
-    uint8_t fix[40];
-    CLEANUP_FREE uint8_t *rest = NULL;
-    uint64_t len;
-
-    if (!entry_fits (node, t, i, pos, 40, flen, errp))
-      goto fail;
-    if ((r = node_pread (node->file, pos, fix, 40, 0)) < 0) {
-      error_set (errp, -r, "%s: cannot read snapshot table entry %" PRIu32, fn,
-                 i);
-      goto fail;
-    }
-    if (be32_load (fix + 36) > SNAP_MAX_EXTRA) {
-      error_set (errp, EINVAL,
-                 "%s: snapshot table entry %" PRIu32 " extra "
-                 "data size %" PRIu32 " is too large (max %d)",
-                 fn, i, be32_load (fix + 36), SNAP_MAX_EXTRA);
-      goto fail;
-    }
-    /* The padding of the last entry may be past the end of the file. */
-    len = 40ull + be32_load (fix + 36) + be16_load (fix + 12)
-          + be16_load (fix + 14);
-    if (!entry_fits (node, t, i, pos, len, flen, errp))
-      goto fail;
-    if (!(rest = malloc (len - 40 + 1))) {
-      error_set (errp, ENOMEM, "out of memory");
-      goto fail;
-    }
-    if ((r = node_pread (node->file, pos + 40, rest, len - 40, 0)) < 0) {
-      error_set (errp, -r, "%s: cannot read snapshot table entry %" PRIu32, fn,
-                 i);
-      goto fail;
-    }
-    if (!parse_entry (node, i, fix, rest, &t->sn[i], errp))
-      goto fail;
-    pos += ROUND_UP (len, 8);
-  }
-  t->bytes = pos - t->offset;
-  if (overlaps_core (s, t->offset, t->bytes)) {
-    error_set (errp, EINVAL,
-               "%s: snapshot table at 0x%" PRIx64 " overlaps "
-               "the header, the L1 table or the refcount table",
-               fn, t->offset);
-    goto fail;
-  }
-  return true;
-
-fail:
-  table_free (t);
-  return false;
-}
-
-/* ---- cluster helpers ---- */
-
-/* Write BYTES of BUF to newly allocated clusters, flushed.  Returns the
- * offset or a negative errno. */
-static int64_t
-write_new_locked (strata_node *node, const uint8_t *buf, uint64_t bytes)
-{
-  struct qcow2_state *s = node->opaque;
-  uint64_t n = ROUND_UP (bytes, s->cluster_size) >> s->cluster_bits;
-  CLEANUP_FREE uint8_t *padded = calloc (n ? n : 1, s->cluster_size);
-  int64_t off;
-  int r;
-
-  if (!padded)
-    return -ENOMEM;
-  memcpy (padded, buf, bytes);
-  if ((off = qcow2_alloc_contiguous_locked (node, n)) < 0)
-    return off;
-  if ((r = qcow2_overlap_check_locked (node, off, n << s->cluster_bits, 0,
-                                       "snapshot metadata", UINT64_MAX))
-          < 0
-      || (r = node_pwrite (node->file, off, padded, n << s->cluster_bits, 0))
-             < 0
-      || (r = node_flush (node->file)) < 0) {
-    qcow2_free_clusters_locked (node, off, n << s->cluster_bits);
-    return r;
-  }
-  return off;
-}
 
 /* An L1 table in host byte order as big-endian bytes, without COPIED. */
 static uint8_t *
@@ -307,7 +46,7 @@ load_snap_l1_locked (strata_node *node, const struct snap *sn, uint64_t **l1,
                      strata_error **errp)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t bytes = (uint64_t) sn->l1_size * 8;
+  uint64_t bytes = (uint64_t)sn->l1_size * 8;
   CLEANUP_FREE uint8_t *raw = NULL;
   int64_t flen = node_length (node->file);
   int r;
@@ -315,8 +54,8 @@ load_snap_l1_locked (strata_node *node, const struct snap *sn, uint64_t **l1,
   *l1 = NULL;
   if (bytes > QCOW2_MAX_L1_BYTES || sn->l1_offset % s->cluster_size
       || (bytes && sn->l1_offset == 0) || flen < 0
-      || !range_inside (sn->l1_offset, bytes, (uint64_t) flen)
-      || overlaps_core (s, sn->l1_offset, bytes)) {
+      || !range_inside (sn->l1_offset, bytes, (uint64_t)flen)
+      || qcow2_snap_overlaps_core (s, sn->l1_offset, bytes)) {
     error_set (errp, EINVAL,
                "%s: snapshot '%s' L1 table (offset 0x%" PRIx64 ", %" PRIu32
                " entries) is invalid",
@@ -416,8 +155,7 @@ tree_ref_locked (strata_node *node, const uint64_t *l1, uint64_t n, int delta)
  * cache and written once per block, not once per cluster.  The caller
  * flushes before anything points at the new references. */
 static int
-tree_ref_increment_locked (strata_node *node, const uint64_t *l1,
-                           uint64_t n)
+tree_ref_increment_locked (strata_node *node, const uint64_t *l1, uint64_t n)
 {
   struct qcow2_state *s = node->opaque;
   int r;
@@ -525,108 +263,6 @@ sync_copied_locked (strata_node *node)
   return node_pwrite (node->file, s->l1_offset, raw, s->l1_size * 8ull, 0);
 }
 
-/* ---- writing the table ---- */
-
-static uint8_t *
-serialize (const struct snap_table *t, uint64_t *bytes)
-{
-  uint64_t total = 0, pos = 0;
-  uint8_t *buf;
-
-  for (uint32_t i = 0; i < t->n; i++)
-    total += entry_bytes (MAX (t->sn[i].extra_size, SNAP_EXTRA_KNOWN),
-                          strlen (t->sn[i].id), strlen (t->sn[i].name));
-  if (total > SNAP_MAX_TABLE || !(buf = calloc (1, total ? total : 1)))
-    return NULL;
-  for (uint32_t i = 0; i < t->n; i++) {
-    const struct snap *sn = &t->sn[i];
-    uint32_t extra = MAX (sn->extra_size, SNAP_EXTRA_KNOWN);
-    size_t il = strlen (sn->id), nl = strlen (sn->name);
-    uint8_t *p = buf + pos;
-
-    be64_store (p, sn->l1_offset);
-    be32_store (p + 8, sn->l1_size);
-    be16_store (p + 12, il);
-    be16_store (p + 14, nl);
-    be32_store (p + 16, sn->date_sec);
-    be32_store (p + 20, sn->date_nsec);
-    be64_store (p + 24, sn->vm_clock_nsec);
-    be32_store (p + 32, (uint32_t) MIN (sn->vm_state_size, UINT32_MAX));
-    be32_store (p + 36, extra);
-    memcpy (p + 40, sn->extra, sn->extra_size);
-    be64_store (p + 40, sn->vm_state_size);
-    be64_store (p + 48, sn->disk_size);
-    be64_store (p + 56, sn->icount);
-    memcpy (p + 40 + extra, sn->id, il);
-    memcpy (p + 40 + extra + il, sn->name, nl);
-    pos += entry_bytes (extra, il, nl);
-  }
-  *bytes = total;
-  return buf;
-}
-
-/* Write T to new clusters, publish it with one header write, free OLD's
- * clusters. */
-static bool
-publish_table_locked (strata_node *node, const struct snap_table *t,
-                      const struct snap_table *old, strata_error **errp)
-{
-  struct qcow2_state *s = node->opaque;
-  CLEANUP_FREE uint8_t *buf = NULL;
-  uint64_t bytes = 0;
-  int64_t off = 0;
-  uint8_t h[12];
-  int r;
-
-  if (!(buf = serialize (t, &bytes))) {
-    error_set (errp, EFBIG,
-               "%s: the snapshot table would be larger than "
-               "%llu bytes",
-               node->filename, SNAP_MAX_TABLE);
-    return false;
-  }
-  if (t->n && (off = write_new_locked (node, buf, bytes)) < 0) {
-    r = (int) off;
-    goto fail;
-  }
-  be32_store (h, t->n);
-  be64_store (h + 4, (uint64_t) off);
-  if ((r = qcow2_write_header_field (node, 60, h, sizeof h)) < 0
-      || (r = node_flush (node->file)) < 0)
-    goto fail;
-  s->nb_snapshots = t->n;
-  /* Unreferenced now: a failure from here on only leaks the old table. */
-  if (old->n)
-    qcow2_free_clusters_locked (node, old->offset, old->bytes);
-  return true;
-
-fail:
-  error_set (errp, -r, "%s: cannot write the snapshot table: %s",
-             node->filename, strerror (-r));
-  return false;
-}
-
-/* ---- lookups ---- */
-
-static int
-find_by_name (const struct snap_table *t, const char *name)
-{
-  for (uint32_t i = 0; i < t->n; i++)
-    if (strcmp (t->sn[i].name, name) == 0)
-      return (int) i;
-  return -1;
-}
-
-/* As qemu-img snapshot -a: an id first, then a name. */
-static int
-find_by_id_or_name (const struct snap_table *t, const char *arg)
-{
-  for (uint32_t i = 0; i < t->n; i++)
-    if (strcmp (t->sn[i].id, arg) == 0)
-      return (int) i;
-  return find_by_name (t, arg);
-}
-
 /* Open-time, read-only: make snapshot ID and/or NAME (both must match
  * when both are given; ID alone is tried as an id, then as a name, as
  * qemu-img's -l ID_OR_NAME) the image a reader sees: its L1 table and its
@@ -647,14 +283,14 @@ qcow2_snapshot_load_tmp (strata_node *node, const char *id, const char *name,
                node->filename);
     return false;
   }
-  if (!read_table_locked (node, &t, errp))
+  if (!qcow2_snap_table_read_locked (node, &t, errp))
     return false;
   for (uint32_t k = 0; k < t.n && i < 0; k++)
     if ((!id || !strcmp (t.sn[k].id, id))
         && (!name || !strcmp (t.sn[k].name, name)))
-      i = (int) k;
+      i = (int)k;
   if (i < 0 && id && !name)
-    i = find_by_name (&t, id);
+    i = qcow2_snap_find_by_name (&t, id);
   if (i < 0)
     error_set (errp, ENOENT, "Can't find snapshot");
   else if (load_snap_l1_locked (node, &t.sn[i], &l1, errp)) {
@@ -667,25 +303,8 @@ qcow2_snapshot_load_tmp (strata_node *node, const char *id, const char *name,
     s->size = t.sn[i].disk_size;
     ok = true;
   }
-  table_free (&t);
+  qcow2_snap_table_free (&t);
   return ok;
-}
-
-/* The next id: one more than the largest numeric id (QEMU's rule; an id
- * that is not a number counts as 0). */
-static char *
-new_id (const struct snap_table *t)
-{
-  unsigned long max = 0;
-  char *id;
-
-  for (uint32_t i = 0; i < t->n; i++) {
-    unsigned long v = strtoul (t->sn[i].id, NULL, 10);
-    max = MAX (max, v);
-  }
-  if (asprintf (&id, "%lu", max + 1) < 0)
-    return NULL;
-  return id;
 }
 
 /* ---- the driver operations ---- */
@@ -763,7 +382,8 @@ create_locked (strata_node *node, const void *arg, strata_error **errp)
   bool ok = false;
   int r;
 
-  if (!writable (node, errp) || !read_table_locked (node, &old, errp))
+  if (!writable (node, errp)
+      || !qcow2_snap_table_read_locked (node, &old, errp))
     return false;
   t = old;
   if (old.n >= SNAP_MAX_COUNT) {
@@ -790,7 +410,7 @@ create_locked (strata_node *node, const void *arg, strata_error **errp)
                        .date_nsec = ts.tv_nsec / 1000 * 1000,
                        .disk_size = s->size,
                        .icount = 0 };
-  if (!(sn->id = new_id (&old)) || !(sn->name = strdup (name))
+  if (!(sn->id = qcow2_snap_new_id (&old)) || !(sn->name = strdup (name))
       || !(sn->extra = calloc (1, SNAP_EXTRA_KNOWN))
       || !(raw = l1_to_disk (s->l1, s->l1_size))) {
     error_set (errp, ENOMEM, "out of memory");
@@ -804,12 +424,13 @@ create_locked (strata_node *node, const void *arg, strata_error **errp)
     io_fail (node, r, "cannot add the snapshot's references", errp);
     goto out_new;
   }
-  if ((l1_off = write_new_locked (node, raw, s->l1_size * 8ull)) < 0) {
-    io_fail (node, (int) l1_off, "cannot write the snapshot's L1 table", errp);
+  if ((l1_off = qcow2_snap_write_new_locked (node, raw, s->l1_size * 8ull))
+      < 0) {
+    io_fail (node, (int)l1_off, "cannot write the snapshot's L1 table", errp);
     goto out_new;
   }
   sn->l1_offset = l1_off;
-  ok = publish_table_locked (node, &t, &old, errp);
+  ok = qcow2_snap_table_publish_locked (node, &t, &old, errp);
 
 out_new:
   free (sn->id);
@@ -817,7 +438,7 @@ out_new:
   free (sn->extra);
   free (t.sn);
 out:
-  table_free (&old);
+  qcow2_snap_table_free (&old);
   return ok;
 }
 
@@ -858,9 +479,9 @@ apply_locked (strata_node *node, const void *arg, strata_error **errp)
   bool ok = false;
   int i, r;
 
-  if (!writable (node, errp) || !read_table_locked (node, &t, errp))
+  if (!writable (node, errp) || !qcow2_snap_table_read_locked (node, &t, errp))
     return false;
-  if ((i = find_by_id_or_name (&t, name)) < 0) {
+  if ((i = qcow2_snap_find (&t, name)) < 0) {
     error_set (errp, ENOENT,
                "Failed to load snapshot: No such file or "
                "directory");
@@ -889,14 +510,14 @@ apply_locked (strata_node *node, const void *arg, strata_error **errp)
     goto out;
   }
   if ((r = tree_ref_add_locked (node, l1, n)) < 0
-      || (off = write_new_locked (node, raw, n * 8)) < 0) {
-    io_fail (node, r < 0 ? r : (int) off, "cannot load the snapshot", errp);
+      || (off = qcow2_snap_write_new_locked (node, raw, n * 8)) < 0) {
+    io_fail (node, r < 0 ? r : (int)off, "cannot load the snapshot", errp);
     goto out;
   }
   /* Size, crypt_method (0) and the L1 table in one write. */
   be64_store (h, sn->disk_size);
-  be32_store (h + 12, (uint32_t) n);
-  be64_store (h + 16, (uint64_t) off);
+  be32_store (h + 12, (uint32_t)n);
+  be64_store (h + 16, (uint64_t)off);
   if ((r = qcow2_write_header_field (node, 24, h, sizeof h)) < 0
       || (r = node_flush (node->file)) < 0) {
     io_fail (node, r, "cannot switch to the snapshot", errp);
@@ -914,7 +535,7 @@ apply_locked (strata_node *node, const void *arg, strata_error **errp)
   else
     ok = true;
 out:
-  table_free (&t);
+  qcow2_snap_table_free (&t);
   return ok;
 }
 
@@ -935,15 +556,16 @@ delete_locked (strata_node *node, const void *arg, strata_error **errp)
   bool ok = false;
   int i, r;
 
-  if (!writable (node, errp) || !read_table_locked (node, &old, errp))
+  if (!writable (node, errp)
+      || !qcow2_snap_table_read_locked (node, &old, errp))
     return false;
-  if ((i = find_by_name (&old, name)) < 0) {
+  if ((i = qcow2_snap_find_by_name (&old, name)) < 0) {
     error_set (errp, ENOENT, "snapshot not found");
     goto out;
   }
   gone = old.sn[i];
   for (uint32_t k = 0; k < old.n; k++)
-    if (k != (uint32_t) i && gone.l1_size
+    if (k != (uint32_t)i && gone.l1_size
         && old.sn[k].l1_offset == gone.l1_offset) {
       error_set (errp, EINVAL,
                  "%s: snapshots '%s' and '%s' share an L1 "
@@ -965,7 +587,7 @@ delete_locked (strata_node *node, const void *arg, strata_error **errp)
   memcpy (t.sn, old.sn, i * sizeof *t.sn);
   memcpy (t.sn + i, old.sn + i + 1, (old.n - i - 1) * sizeof *t.sn);
   t.n = old.n - 1;
-  ok = publish_table_locked (node, &t, &old, errp);
+  ok = qcow2_snap_table_publish_locked (node, &t, &old, errp);
   free (t.sn);
   if (!ok)
     goto out;
@@ -980,7 +602,7 @@ delete_locked (strata_node *node, const void *arg, strata_error **errp)
       || (r = sync_copied_locked (node)) < 0)
     ok = io_fail (node, r, "cannot release the snapshot's clusters", errp);
 out:
-  table_free (&old);
+  qcow2_snap_table_free (&old);
   return ok;
 }
 
@@ -1001,12 +623,12 @@ qcow2_snapshot_list (strata_node *node, struct strata_snapshot_info **list,
   int n;
 
   pthread_mutex_lock (&node->lock);
-  ok = read_table_locked (node, &t, errp);
+  ok = qcow2_snap_table_read_locked (node, &t, errp);
   pthread_mutex_unlock (&node->lock);
   if (!ok)
     return -1;
   if (!(out = calloc (t.n ? t.n : 1, sizeof *out))) {
-    table_free (&t);
+    qcow2_snap_table_free (&t);
     error_set (errp, ENOMEM, "out of memory");
     return -1;
   }
@@ -1025,8 +647,8 @@ qcow2_snapshot_list (strata_node *node, struct strata_snapshot_info **list,
     t.sn[i].id = t.sn[i].name = NULL; /* moved */
   }
   *list = out;
-  n = (int) t.n;
-  table_free (&t);
+  n = (int)t.n;
+  qcow2_snap_table_free (&t);
   return n;
 }
 
@@ -1038,13 +660,13 @@ qcow2_snapshot_l1s_locked (strata_node *node, struct qcow2_snapshot_l1 **out)
   int r = 0;
 
   *out = NULL;
-  if (!read_table_locked (node, &t, &err)) {
+  if (!qcow2_snap_table_read_locked (node, &t, &err)) {
     r = io_error (strata_error_errno (err), "%s", strata_error_message (err));
     strata_error_free (err);
     return r;
   }
   if (!(*out = calloc (t.n ? t.n : 1, sizeof **out))) {
-    table_free (&t);
+    qcow2_snap_table_free (&t);
     return -ENOMEM;
   }
   for (uint32_t i = 0; i < t.n && r == 0; i++) {
@@ -1056,12 +678,12 @@ qcow2_snapshot_l1s_locked (strata_node *node, struct qcow2_snapshot_l1 **out)
     }
     (*out)[i].size = t.sn[i].l1_size;
   }
-  r = r < 0 ? r : (int) t.n;
+  r = r < 0 ? r : (int)t.n;
   if (r < 0) {
     qcow2_snapshot_l1s_free (*out, t.n);
     *out = NULL;
   }
-  table_free (&t);
+  qcow2_snap_table_free (&t);
   return r;
 }
 
