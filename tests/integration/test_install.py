@@ -25,7 +25,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, TOP, need, run
+from harness import BUILD, TOP, need, run
 
 PROGRAMS = ("strata-img", "strata-io", "strata-nbd", "stratad", "strata")
 MAN_PAGES = ("man1/strata-img.1", "man1/strata-io.1", "man1/strata.1",

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import BUILD, TOP
+from harness import BUILD, TOP
 
 PAGES = {"strata-img": "strata-img.1", "strata-io": "strata-io.1",
          "strata-nbd": "strata-nbd.8", "stratad": "stratad.8",

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import binary, need, run
+from harness import QMP, binary, need, run, spawn, stop
 
 BITMAPS_EXT = 0x23852875
 
@@ -173,3 +173,34 @@ def test_malformed_extension(tmp_path, img):
     assert "bitmaps extension reserved field is not zero" in p.stderr
     p = run(binary("strata-io"), "-c", "write 0 4k", img, check=False)
     assert p.returncode == 1 and "open it read-only" in p.stderr
+
+
+def test_stratad_reopen_read_write_refused(tmp_path, img, qemu_img):
+    """QMP: a read-only node reopened read-write, and a read-write
+    blockdev-add, are refused with the message; the daemon goes on."""
+    sock = tmp_path / "qmp.sock"
+    proc = spawn([binary("stratad"), "--qmp", sock],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with QMP(sock, timeout=30) as m:
+            r = m.cmd("blockdev-add", {
+                "driver": "qcow2", "node-name": "w",
+                "file": {"driver": "file", "filename": str(img)}})
+            assert message(img, "b0, b1") in r["error"]["desc"], r
+            m.execute("blockdev-add", {"driver": "file", "node-name": "ft",
+                                       "filename": str(img),
+                                       "read-only": True})
+            m.execute("blockdev-add", {"driver": "qcow2", "node-name": "q",
+                                       "file": "ft", "read-only": True})
+            r = m.cmd("blockdev-reopen", {"options": [
+                {"driver": "qcow2", "node-name": "q", "file": "ft",
+                 "read-only": False}]})
+            assert message(img, "b0, b1") in r["error"]["desc"], r
+            nodes = {n["node-name"]: n["ro"] for n in
+                     m.execute("query-named-block-nodes", {"flat": True})}
+            assert nodes == {"q": True, "ft": True}
+            m.execute("quit")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        stop(proc)
+    assert_bitmaps_intact(qemu_img, img)

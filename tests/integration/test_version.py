@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from conftest import BUILD, TOP, binary, run
+from harness import BUILD, TOP, binary, run
 
 PROGRAMS = ("strata-img", "strata-io", "strata-nbd", "stratad", "strata")
 
