@@ -115,12 +115,13 @@ int strata_prefetch (strata_node *node, uint64_t offset, uint64_t len,
 int strata_copy_up (strata_node *top, strata_node *base, uint64_t offset,
                     uint64_t len, uint64_t *copied, unsigned flags);
 
-/* Block status of the range starting at OFFSET.  The answer covers
- * *pnum bytes (at least one, at most LEN). */
+/* Block status of the range starting at OFFSET.  The answer, in *EXT
+ * (set ext.size = sizeof ext first), covers ext->length bytes (at least
+ * one, at most LEN). */
 #define STRATA_BS_ALLOCATED (1u << 0) /* some layer of the chain holds it */
 #define STRATA_BS_ZERO      (1u << 1) /* reads as zeros */
 #define STRATA_BS_DATA      (1u << 2) /* backed by data in a file */
-#define STRATA_BS_OFFSET    (1u << 3) /* *map is the offset in that file */
+#define STRATA_BS_OFFSET    (1u << 3) /* map is the offset in that file */
 
 struct strata_extent {
   size_t size;        /* set by the caller: sizeof (struct strata_extent) */
