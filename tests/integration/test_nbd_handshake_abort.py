@@ -9,13 +9,11 @@ equal, and equal to what qemu-nbd is known to do.  Servers listen on unix
 sockets in tmp_path and are stopped by PID.
 """
 import os
-import signal
 import socket
 import struct
 import subprocess
-import time
 
-from conftest import binary, need, run
+from harness import binary, need, run, spawn, stop, wait_for_path
 
 MiB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -33,16 +31,14 @@ class Server:
     def __init__(self, prog, tmp_path, image, *args):
         name = os.path.basename(prog)
         self.sock = str(tmp_path / f"{name}.sock")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [prog, "-f", "raw", "-k", self.sock, *args, str(image)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"{name} did not start: "
-                                     f"{self.proc.stderr.read()}")
-            time.sleep(0.02)
+        try:
+            wait_for_path(self.sock, self.proc, what=f"{name} to start")
+        except AssertionError:
+            self.stop()
+            raise
         self.uri = f"nbd+unix:///?socket={self.sock}"
 
     def running(self, settle=0.5):
@@ -63,14 +59,7 @@ class Server:
             return False
 
     def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc.stderr.close()
+        stop(self.proc)
 
 
 def recv_exactly(s, n):
