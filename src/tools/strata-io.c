@@ -346,7 +346,7 @@ cmd_read (struct io_ctx *io, int argc, char **argv)
   int c;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "bCl:pP:qs:v")) != -1) {
+  while ((c = getopt (argc, argv, "+bCl:pP:qs:v")) != -1) {
     if (read_option (c, &o, &bad)) {
       if (bad)
         return -1;
@@ -481,7 +481,7 @@ cmd_write (struct io_ctx *io, int argc, char **argv)
   CLEANUP_FREE uint8_t *buf = NULL;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "bcCfnP:qs:uz")) != -1) {
+  while ((c = getopt (argc, argv, "+bcCfnP:qs:uz")) != -1) {
     switch (c) {
     case 'P':
       if (!parse_pattern (optarg, &pattern))
@@ -552,7 +552,7 @@ cmd_discard (struct io_ctx *io, int argc, char **argv)
   uint64_t t0;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "Cq")) != -1) {
+  while ((c = getopt (argc, argv, "+Cq")) != -1) {
     switch (c) {
     case 'C': csv = true; break;
     case 'q': quiet = true; break;
@@ -711,7 +711,7 @@ cmd_truncate (struct io_ctx *io, int argc, char **argv)
   int c;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "m:")) != -1) {
+  while ((c = getopt (argc, argv, "+m:")) != -1) {
     if (c != 'm')
       return command_usage ("truncate");
     if (strcmp (optarg, "off") == 0)
@@ -757,7 +757,7 @@ cmd_reopen (struct io_ctx *io, int argc, char **argv)
   strata_error *err = NULL;
 
   optind = 0;
-  while ((c = getopt (argc, argv, "rw")) != -1) {
+  while ((c = getopt (argc, argv, "+rw")) != -1) {
     if (c == 'r' || c == 'w') {
       if (rw >= 0) {
         printf ("Only one -r/-w option may be given\n");
@@ -860,7 +860,7 @@ readv_common (struct io_ctx *io, int argc, char **argv, bool aio)
   int c;
 
   optind = 0;
-  while ((c = getopt (argc, argv, aio ? "CiP:qv" : "CP:qv")) != -1) {
+  while ((c = getopt (argc, argv, aio ? "+CiP:qv" : "+CP:qv")) != -1) {
     if (c == 'i' && aio)
       invalid = true;
     else if (!read_option (c, &o, &bad))
@@ -911,7 +911,7 @@ writev_common (struct io_ctx *io, int argc, char **argv, bool aio)
   uint64_t t0;
 
   optind = 0;
-  while ((c = getopt (argc, argv, aio ? "CfiP:quz" : "CfP:q")) != -1) {
+  while ((c = getopt (argc, argv, aio ? "+CfiP:quz" : "+CfP:q")) != -1) {
     switch (c) {
     case 'P':
       if (!parse_pattern (optarg, &pattern))
@@ -1033,7 +1033,7 @@ cmd_open (struct io_ctx *io, int argc, char **argv)
     return -1;
   }
   optind = 0;
-  while ((c = getopt (argc, argv, "rsCnkt:d:o:Ui:")) != -1) {
+  while ((c = getopt (argc, argv, "+rsCnkt:d:o:Ui:")) != -1) {
     switch (c) {
     case 'r': flags &= ~STRATA_OPEN_RDWR; break;
     case 'C': flags |= STRATA_OPEN_COPY_ON_READ; break;
