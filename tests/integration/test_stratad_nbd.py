@@ -36,15 +36,8 @@ class EventMonitor(Monitor):
         self._extra = list(extra)
         super().__init__(argv0, tmp, name)
 
-    def _read(self):
-        while True:
-            line = self.f.readline()
-            assert line, "monitor closed the connection"
-            msg = json.loads(line)
-            if "event" not in msg:
-                return msg
-            self.events.append({"event": msg["event"],
-                                "data": msg.get("data")})
+    def _event(self, msg):
+        self.events.append({"event": msg["event"], "data": msg.get("data")})
 
     def take_events(self, wait_for=0, timeout=10):
         """The events so far; first wait until there are WAIT_FOR."""

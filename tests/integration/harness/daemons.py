@@ -136,12 +136,18 @@ class Monitor:
         assert self.cmd("qmp_capabilities") == {"return": {}}
 
     def _read(self):
+        """The next reply; events on the way go to _event()."""
         while True:
             line = self.f.readline()
             assert line, "monitor closed the connection"
             msg = json.loads(line)
             if "event" not in msg:
                 return msg
+            self._event(msg)
+
+    def _event(self, msg):
+        """An event read while waiting for a reply: dropped here;
+        subclasses that need events keep them."""
 
     def cmd(self, execute, **args):
         req = {"execute": execute}
