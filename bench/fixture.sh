@@ -1,0 +1,61 @@
+# The benchmarks' shared image shapes; source it from a bench script.
+#
+#   . "$(dirname "$0")/fixture.sh"
+#   bench_roots                 -> the roots to run on: $BENCH_ROOT if set,
+#                                  else /dev/shm (tmpfs) and ${TMPDIR:-/var/tmp}
+#   make_fixture DIR SHAPE SIZE -> DIR/base.qcow2 <- DIR/mid.qcow2 <- DIR/top.qcow2
+#
+# Shapes (SIZE as qemu-img takes it, e.g. 4G):
+#   fragmented  the shape of a real chain: base fully written; mid and top
+#               each hold 10 % of their 64 KiB clusters, picked at random
+#               (seeded, so every run and every tool sees the same image),
+#               a few thousand scattered extents per GiB
+#   sequential  base fully written; mid holds the first 10 % of the
+#               clusters and top the next 10 %, written in order
+# The base holds pattern 1, mid pattern 2 and top pattern 3, all written
+# by qemu-io so that neither tool under test made the images it reads.
+# BENCH_FIXTURE_SEED changes the random picks (default 1).
+
+bench_roots() {
+  if [[ -n ${BENCH_ROOT:-} ]]; then
+    echo "$BENCH_ROOT"
+  else
+    echo /dev/shm
+    echo "${TMPDIR:-/var/tmp}"
+  fi
+}
+
+# _fixture_cmds SHAPE CLUSTERS LAYER: qemu-io write commands for one overlay
+_fixture_cmds() {
+  /usr/bin/python3 - "$1" "$2" "$3" "${BENCH_FIXTURE_SEED:-1}" <<'PY'
+import random, sys
+shape, n, layer, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+k = n // 10
+if shape == "fragmented":
+    picked = sorted(random.Random(seed * 10 + layer).sample(range(n), k))
+else:
+    picked = range((layer - 2) * k, (layer - 1) * k)
+for i in picked:
+    print(f"write -P {layer} {i * 65536} 65536")
+PY
+}
+
+make_fixture() { # DIR SHAPE SIZE
+  local d=$1 shape=$2 size=$3 bytes clusters off chunk
+  case $shape in fragmented | sequential) ;; *)
+    echo "make_fixture: unknown shape '$shape'" >&2; return 2 ;;
+  esac
+  bytes=$(numfmt --from=iec "$size")
+  clusters=$((bytes / 65536))
+  qemu-img create -q -f qcow2 "$d/base.qcow2" "$bytes"
+  # qemu-io takes at most 2 GiB per request: write the base in 1 GiB pieces.
+  chunk=$((1 << 30))
+  for ((off = 0; off < bytes; off += chunk)); do
+    local len=$((bytes - off < chunk ? bytes - off : chunk))
+    echo "write -P 1 $off $len"
+  done | qemu-io -f qcow2 "$d/base.qcow2" >/dev/null
+  qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$d/mid.qcow2"
+  _fixture_cmds "$shape" "$clusters" 2 | qemu-io -f qcow2 "$d/mid.qcow2" >/dev/null
+  qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 "$d/top.qcow2"
+  _fixture_cmds "$shape" "$clusters" 3 | qemu-io -f qcow2 "$d/top.qcow2" >/dev/null
+}
