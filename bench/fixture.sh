@@ -4,6 +4,10 @@
 #   bench_roots                 -> the roots to run on: $BENCH_ROOT if set,
 #                                  else /dev/shm (tmpfs) and ${TMPDIR:-/var/tmp}
 #   make_fixture DIR SHAPE SIZE -> DIR/base.qcow2 <- DIR/mid.qcow2 <- DIR/top.qcow2
+#   make_scattered DIR SIZE PCT -> the same chain for scaling runs: an empty
+#                                  base and the fragmented overlays holding
+#                                  PCT % each (extents grow with SIZE, data
+#                                  stays at 2 x PCT % of it)
 #
 # Shapes (SIZE as qemu-img takes it, e.g. 4G):
 #   fragmented  the shape of a real chain: base fully written; mid and top
@@ -25,12 +29,14 @@ bench_roots() {
   fi
 }
 
-# _fixture_cmds SHAPE CLUSTERS LAYER: qemu-io write commands for one overlay
+# _fixture_cmds SHAPE CLUSTERS LAYER [PCT]: qemu-io write commands for one
+# overlay holding PCT % (default 10) of the clusters
 _fixture_cmds() {
-  /usr/bin/python3 - "$1" "$2" "$3" "${BENCH_FIXTURE_SEED:-1}" <<'PY'
+  /usr/bin/python3 - "$1" "$2" "$3" "${BENCH_FIXTURE_SEED:-1}" "${4:-10}" <<'PY'
 import random, sys
-shape, n, layer, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-k = n // 10
+shape, n, layer, seed, pct = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4]), int(sys.argv[5])
+k = n * pct // 100
 if shape == "fragmented":
     picked = sorted(random.Random(seed * 10 + layer).sample(range(n), k))
 else:
@@ -58,4 +64,15 @@ make_fixture() { # DIR SHAPE SIZE
   _fixture_cmds "$shape" "$clusters" 2 | qemu-io -f qcow2 "$d/mid.qcow2" >/dev/null
   qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 "$d/top.qcow2"
   _fixture_cmds "$shape" "$clusters" 3 | qemu-io -f qcow2 "$d/top.qcow2" >/dev/null
+}
+
+make_scattered() { # DIR SIZE PCT
+  local d=$1 bytes clusters
+  bytes=$(numfmt --from=iec "$2")
+  clusters=$((bytes / 65536))
+  qemu-img create -q -f qcow2 "$d/base.qcow2" "$bytes"
+  qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$d/mid.qcow2"
+  _fixture_cmds fragmented "$clusters" 2 "$3" | qemu-io -f qcow2 "$d/mid.qcow2" >/dev/null
+  qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 "$d/top.qcow2"
+  _fixture_cmds fragmented "$clusters" 3 "$3" | qemu-io -f qcow2 "$d/top.qcow2" >/dev/null
 }
