@@ -16,12 +16,17 @@
 # The chain is fixture.sh's make_scattered: an empty base under two
 # overlays, each holding PCT % of its clusters picked at random, so the
 # extents grow with the size while the data stays at 2 x PCT % of it.
-# Linear means a constant time per extent (the us/ext column) down a
-# size's rows; flat means a constant NBD rate.  The closing summary gives
-# strata's growth per operation, largest size over smallest (1.00: linear
-# or flat).  Ratios: time rows strata / qemu (below 1 is faster), NBD rows
-# strata IOPS / qemu-nbd IOPS (above 1 is faster).  Tool times are wall
-# times and peak RSS from /usr/bin/time; the daemons' RSS is their VmHWM.
+# Each row gives, for QEMU's tool and strata's, the wall time (NBD: IOPS),
+# the CPU seconds, user plus system (NBD: the server's CPU microseconds
+# per request) and the peak RSS; the ratios strata / qemu of the first
+# two (wall: below 1 is faster, for NBD above 1 is); and strata's CPU
+# microseconds per extent (NBD: per request).  CPU time is what to read
+# on a shared machine, where wall times follow the other users' load.
+# Linear means a constant CPU time per extent down the sizes; flat, a
+# constant CPU time per NBD request.  The closing summary gives strata's
+# growth per operation, largest size over smallest (1.00: linear or flat).
+# Tools are measured with /usr/bin/time; the daemons' CPU time from
+# /proc/PID/stat and their RSS as VmHWM.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,43 +51,52 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# run_best CMD...: "SECONDS PEAK_KIB" of the fastest of REPEAT runs
+# run_best CMD...: "SECONDS CPU_SECONDS PEAK_MIB" of the run with the
+# least CPU time of REPEAT runs
 run_best() {
-  local best= rss=0 s e t m
+  local best= s e t u m c
   for ((i = 0; i < repeat; i++)); do
     rm -f "$d/out.qcow2"
     s=$(date +%s%N)
-    /usr/bin/time -f %M -o "$d/rss" "$@" >/dev/null
+    /usr/bin/time -f "%U %S %M" -o "$d/rss" "$@" >/dev/null
     e=$(date +%s%N)
-    t=$((e - s)) m=$(tail -1 "$d/rss")
-    if [[ -z $best || $t -lt $best ]]; then best=$t rss=$m; fi
+    read -r u c m < <(tail -1 "$d/rss")
+    c=$(echo "$u + $c" | bc -l)
+    if [[ -z $best ]] || (($(echo "$c < $best" | bc -l))); then
+      best=$c t=$(echo "($e - $s) / 1000000000" | bc -l)
+      m=$(echo "$m / 1024" | bc -l)
+      echo "$t $c $m" >"$d/best"
+    fi
   done
   rm -f "$d/out.qcow2"
-  echo "$(echo "$best / 1000000000" | bc -l) $rss"
+  cat "$d/best"
 }
 
-# row ROOT SIZE EXTENTS OP Q_SECS Q_KIB S_SECS S_KIB: one time row
+# ratio A B: A / B, with B at least 0.01 (the clock's resolution)
+ratio() { echo "$1 / ($2 + ($2 < 0.01) * (0.01 - $2))" | bc -l; }
+
+# row ROOT SIZE EXTENTS OP Q_WALL Q_CPU Q_MIB S_WALL S_CPU S_MIB
 row() {
-  local us ratio
-  us=$(echo "$7 * 1000000 / $3" | bc -l)
-  ratio=$(echo "$7 / $5" | bc -l)
-  printf '%-9s %5s %8d %-13s %9.3f %9.3f %6.2f %9.1f %9.1f %9.2f\n' \
-    "$1" "$2" "$3" "$4" "$5" "$7" "$ratio" "$(echo "$6 / 1024" | bc -l)" \
-    "$(echo "$8 / 1024" | bc -l)" "$us"
+  local us
+  us=$(echo "$9 * 1000000 / $3" | bc -l)
+  printf '%-9s %5s %7d %-13s %8.3f %7.3f %5.1f %8.3f %7.3f %5.1f %5.2f %5.2f %8.2f\n' \
+    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "${10}" \
+    "$(echo "$8 / $5" | bc -l)" "$(ratio "$9" "$6")" "$us"
   echo "$1 $4 $2 $us" >>"$summary"
 }
 
-# nbd_row ROOT SIZE EXTENTS OP Q_IOPS Q_MIB S_IOPS S_MIB
+# nbd_row ROOT SIZE EXTENTS OP Q_IOPS Q_US_REQ Q_MIB S_IOPS S_US_REQ S_MIB
 nbd_row() {
-  local us ratio
-  us=$(echo "1000000 / $7" | bc -l)
-  ratio=$(echo "$7 / $5" | bc -l)
-  printf '%-9s %5s %8d %-13s %9.0f %9.0f %6.2f %9.1f %9.1f %9.2f\n' \
-    "$1" "$2" "$3" "$4" "$5" "$7" "$ratio" "$6" "$8" "$us"
-  echo "$1 $4 $2 $us" >>"$summary"
+  printf '%-9s %5s %7d %-13s %8.0f %7.2f %5.1f %8.0f %7.2f %5.1f %5.2f %5.2f %8.2f\n' \
+    "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$8" "$9" "${10}" \
+    "$(echo "$8 / $5" | bc -l)" "$(ratio "$9" "$6")" "$9"
+  echo "$1 $4 $2 $9" >>"$summary"
 }
 
 hwm_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+
+# cpu_ticks PID: user plus system clock ticks PID has used
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 
 # fio_iops URI RW: 4 KiB random IOPS at iodepth 32 over the whole export
 fio_iops() {
@@ -95,9 +109,17 @@ j = json.loads(t[t.index("{"):])["jobs"][0]
 print(j["read"]["iops"] + j["write"]["iops"])'
 }
 
-# nbd NAME: "READ_IOPS WRITE_IOPS PEAK_MIB" of NAME serving a copy of top
+# per_req PID TICKS0 IOPS: the server's CPU microseconds per request
+# since TICKS0
+per_req() {
+  echo "($(cpu_ticks "$1") - $2) * 1000000 / $(getconf CLK_TCK) / ($3 * $secs)" |
+    bc -l
+}
+
+# nbd NAME: "READ_IOPS READ_US WRITE_IOPS WRITE_US PEAK_MIB" of NAME
+# serving a copy of top (US: its CPU microseconds per request)
 nbd() {
-  local sock=$d/$1.sock img=$d/nbd-$1.qcow2 pid r w rss uri
+  local sock=$d/$1.sock img=$d/nbd-$1.qcow2 pid r w rss uri c ru wu
   cp --sparse=always "$d/top.qcow2" "$img"
   rm -f "$sock"
   case $1 in
@@ -108,16 +130,20 @@ nbd() {
   pids+=("$pid")
   while [[ ! -S $sock ]]; do sleep 0.05; done
   uri="nbd+unix:///?socket=$sock"
+  c=$(cpu_ticks "$pid")
   r=$(fio_iops "$uri" randread)
+  ru=$(per_req "$pid" "$c" "$r")
+  c=$(cpu_ticks "$pid")
   w=$(fio_iops "$uri" randwrite)
+  wu=$(per_req "$pid" "$c" "$w")
   rss=$(hwm_mib "$pid")
   kill "$pid"
   wait "$pid" 2>/dev/null || true
   rm -f "$img"
-  echo "$r $w $rss"
+  echo "$r $ru $w $wu $rss"
 }
 
-# stream: "QSD_SECS QSD_MIB STRATAD_SECS STRATAD_MIB" for block-stream of
+# stream: "SECS CPU_SECS PEAK_MIB" of qsd then of stratad for block-stream of
 # top (no base: everything mid holds comes up)
 stream() {
   STRATAD=$build/stratad QMP_PY=$top/tests/integration DIR=$d \
@@ -146,19 +172,24 @@ for name, exe in (("qsd", shutil.which("qemu-storage-daemon")),
     t = time.monotonic() - t
     with open(f"/proc/{proc.pid}/status") as f:
         rss = [int(l.split()[1]) for l in f if l.startswith("VmHWM:")][0]
+    with open(f"/proc/{proc.pid}/stat") as f:
+        st = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
     q.cmd("quit")
     q.close()
     proc.wait()
     os.unlink(img)
-    out += [f"{t:.3f}", str(rss)]
+    out += [f"{t:.3f}", f"{cpu:.2f}", f"{rss / 1024:.1f}"]
 print(" ".join(out))
 EOF
 }
 
-printf '%-9s %5s %8s %-13s %9s %9s %6s %9s %9s %9s\n' root size extents op \
-  "qemu" "strata" ratio "qemu MiB" "str. MiB" "us/ext"
-printf '%-9s %5s %8s %-13s %9s %9s %6s %9s %9s %9s\n' "" "" "" "" \
-  "s | IOPS" "s | IOPS" "" "peak RSS" "peak RSS" "| us/req"
+printf '%-9s %5s %7s %-13s %8s %7s %5s %8s %7s %5s %5s %5s %8s\n' "" "" "" "" \
+  "qemu:" "" "" "strata:" "" "" ratio ratio strata
+printf '%-9s %5s %7s %-13s %8s %7s %5s %8s %7s %5s %5s %5s %8s\n' root size \
+  extents op "s|IOPS" "cpu s" MiB "s|IOPS" "cpu s" MiB wall cpu "cpu us"
+printf '%-9s %5s %7s %-13s %8s %7s %5s %8s %7s %5s %5s %5s %8s\n' "" "" "" "" \
+  "" "|us/req" "" "" "|us/req" "" "" "" "/ext|req"
 for root in $(bench_roots); do
   tmpfs=0
   [[ $(stat -f -c %T "$root") == tmpfs ]] && tmpfs=1
@@ -173,28 +204,26 @@ for root in $(bench_roots); do
     make_scattered "$d" "$size" "$pct"
     ext=$(qemu-img map --output=json "$d/top.qcow2" | grep -c '"start"')
     t=$d/top.qcow2
-    read -r qs qm < <(run_best qemu-img map --output=json "$t")
-    read -r ss sm < <(run_best "$simg" map --output=json "$t")
-    row "$root" "$size" "$ext" map "$qs" "$qm" "$ss" "$sm"
-    read -r qs qm < <(run_best qemu-img convert -O qcow2 "$t" "$d/out.qcow2")
-    read -r ss sm < <(run_best "$simg" convert -O qcow2 "$t" "$d/out.qcow2")
-    row "$root" "$size" "$ext" convert "$qs" "$qm" "$ss" "$sm"
-    read -r qs qm < <(run_best qemu-img check "$t")
-    read -r ss sm < <(run_best "$simg" check "$t")
-    row "$root" "$size" "$ext" check "$qs" "$qm" "$ss" "$sm"
-    read -r qs qm ss sm < <(stream)
-    row "$root" "$size" "$ext" stream "$qs" "$qm" "$ss" "$sm"
-    read -r qr qw qm < <(nbd qemu)
-    read -r sr sw sm < <(nbd strata)
-    nbd_row "$root" "$size" "$ext" "nbd randread" "$qr" "$qm" "$sr" "$sm"
-    nbd_row "$root" "$size" "$ext" "nbd randwrite" "$qw" "$qm" "$sw" "$sm"
+    r=("$root" "$size" "$ext")
+    row "${r[@]}" map $(run_best qemu-img map --output=json "$t") \
+      $(run_best "$simg" map --output=json "$t")
+    row "${r[@]}" convert $(run_best qemu-img convert -O qcow2 "$t" "$d/out.qcow2") \
+      $(run_best "$simg" convert -O qcow2 "$t" "$d/out.qcow2")
+    row "${r[@]}" check $(run_best qemu-img check "$t") \
+      $(run_best "$simg" check "$t")
+    row "${r[@]}" stream $(stream)
+    read -r qr qru qw qwu qm < <(nbd qemu)
+    read -r sr sru sw swu sm < <(nbd strata)
+    nbd_row "${r[@]}" "nbd randread" "$qr" "$qru" "$qm" "$sr" "$sru" "$sm"
+    nbd_row "${r[@]}" "nbd randwrite" "$qw" "$qwu" "$qm" "$sw" "$swu" "$sm"
     rm -rf "$d"
     d=
   done
 done
 
 echo
-echo "strata's growth, largest size over smallest (us/ext, NBD us/req):"
+echo "strata's CPU time per extent (NBD: per request) in us, and its growth"
+echo "from the smallest size to the largest:"
 /usr/bin/python3 - "$summary" <<'EOF'
 import sys
 rows = {}
