@@ -163,24 +163,38 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
                          struct qcow2_extent *ext)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t table_end, pos = offset, l2_offset, entry, bitmap;
+  uint64_t table_end, pos = offset, l2_offset;
   uint64_t span = s->l2_entries << s->cluster_bits;
+  uint8_t *t;
   int r;
 
   table_end = ROUND_DOWN (offset, span) + span;
   len = MIN (len, table_end - offset);
   memset (ext, 0, sizeof *ext);
+  if ((r = l2_table_offset (node, offset, &l2_offset)) < 0)
+    return r;
+  if (!l2_offset) {
+    /* No L2 table: all of its span is unallocated. */
+    ext->type = QCOW2_UNALLOCATED;
+    ext->bytes = len;
+    return 0;
+  }
+  /* One lookup for the whole walk: the extent never leaves this table,
+   * and nothing below touches the cache while T is in use. */
+  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2_offset, &t)) < 0)
+    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
+                     node->filename, l2_offset);
   while (pos < offset + len) {
-    enum qcow2_ctype type;
+    const uint8_t *p = t + qcow2_l2_index (s, pos) * s->l2_entry_size;
+    uint64_t entry = be64_load (p), bitmap = s->ext_l2 ? be64_load (p + 8) : 0;
     uint64_t host, unit_end;
+    enum qcow2_ctype type;
 
-    if ((r = qcow2_get_l2_entry_locked (node, pos, &entry, &bitmap,
-                                        &l2_offset)) < 0)
+    if ((entry || bitmap)
+        && (r = qcow2_check_l2_entry (node, pos, entry, bitmap)) < 0)
       return r;
     classify (s, pos, entry, bitmap, &type, &host);
     unit_end = ROUND_DOWN (pos, s->subcluster_size) + s->subcluster_size;
-    if (!l2_offset)
-      unit_end = table_end;  /* no L2 table: all of it is unallocated */
     if (type == QCOW2_COMPRESSED)
       unit_end = ROUND_DOWN (pos, s->cluster_size) + s->cluster_size;
     if (pos == offset) {
