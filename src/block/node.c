@@ -148,6 +148,26 @@ node_cache_mode (strata_node *node, bool *direct, bool *no_flush)
   *no_flush = info.cache_no_flush;
 }
 
+int64_t
+node_allocated_size (strata_node *node)
+{
+  struct strata_info info = { 0 };
+  strata_error *err = NULL;
+
+  while (node->file)
+    node = node->file;
+  if (!node->drv->get_info)
+    return -ENOTSUP;
+  if (!node->drv->get_info (node, &info, &err)) {
+    int r = -strata_error_errno (err);
+    strata_error_free (err);
+    return r < 0 ? r : -EIO;
+  }
+  if (info.actual_size_unknown || info.actual_size > INT64_MAX)
+    return -ENOTSUP;
+  return (int64_t)info.actual_size;
+}
+
 /* ---- opening ---- */
 
 static atomic_uint node_counter;

@@ -281,6 +281,11 @@ bool node_truncate (strata_node *node, uint64_t size, unsigned flags,
  * cache.direct and cache.no-flush; false for a driver without them). */
 void node_cache_mode (strata_node *node, bool *direct, bool *no_flush);
 
+/* The bytes the protocol node at the bottom of NODE's `file` children
+ * really allocates (the file driver: st_blocks * 512), or a negative
+ * errno (-ENOTSUP when its driver cannot tell). */
+int64_t node_allocated_size (strata_node *node);
+
 /* Driver registry.  The list is src/drivers/registry.c's: the core knows
  * drivers only through it, never by name. */
 extern const struct strata_driver *const driver_list[];

@@ -723,35 +723,35 @@ extent_flags (const struct qcow2_extent *e)
  * then does QEMU ask the file whether a data cluster is a hole (its
  * BDRV_BLOCK_RECURSE); a preallocated image's unwritten clusters are
  * holes that read as zeros, a written image's data is data.  Judged once,
- * at the first block status, as QEMU does. */
+ * at the first block status, as QEMU does (an error counts as "no").
+ *
+ * The cost is bounded by the file, not the image: a file with no more
+ * clusters than the threshold cannot reach it (a written image: nothing
+ * is read), and otherwise each refcount block is looked at once, until
+ * the count reaches the threshold or can no longer reach it. */
 static bool
 looks_preallocated (strata_node *node)
 {
   struct qcow2_state *s = node->opaque;
-  struct strata_info fi = { .size = sizeof fi };
-  strata_error *err = NULL;
-  uint64_t real, threshold, end, count = 0;
+  uint64_t real, threshold = 1, end, count = 0;
   int guess = atomic_load (&s->prealloc_guess);
-  int64_t flen;
+  int64_t flen, alloc;
 
   if (guess)
     return guess == 2;
   flen = node_length (node->file);
-  if (flen < 0 || !strata_get_info (node->file, &fi, 0, &err)) {
-    strata_error_free (err);
-    return false; /* judged again next time */
+  alloc = node_allocated_size (node->file);
+  if (flen >= 0 && alloc >= 0) {
+    real = (uint64_t)alloc / s->cluster_size;
+    threshold = MAX (real * 10 / 9, real + 2);
+    end = ((uint64_t)flen + s->cluster_size - 1) / s->cluster_size;
+    if (end >= threshold) {
+      pthread_mutex_lock (&node->lock);
+      if (qcow2_refcount_count_locked (node, end, threshold, &count) < 0)
+        count = 0;
+      pthread_mutex_unlock (&node->lock);
+    }
   }
-  real = fi.actual_size / s->cluster_size;
-  threshold = MAX (real * 10 / 9, real + 2);
-  end = ((uint64_t)flen + s->cluster_size - 1) / s->cluster_size;
-  pthread_mutex_lock (&node->lock);
-  for (uint64_t i = 0; i < end && count < threshold; i++) {
-    uint64_t rc;
-    if (qcow2_refcount_get_locked (node, i, &rc) < 0)
-      break;
-    count += rc != 0;
-  }
-  pthread_mutex_unlock (&node->lock);
   atomic_store (&s->prealloc_guess, count >= threshold ? 2 : 1);
   return count >= threshold;
 }

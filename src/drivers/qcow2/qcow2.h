@@ -323,6 +323,11 @@ int qcow2_refcount_get_locked (strata_node *node, uint64_t cluster_index,
 /* Drop one reference from every cluster of [OFF, OFF+BYTES). */
 int qcow2_free_clusters_locked (strata_node *node, uint64_t off,
                                 uint64_t bytes);
+/* *COUNT: how many of host clusters [0, END) have a refcount, counted up
+ * to LIMIT at most (and less when LIMIT is out of reach); one look at
+ * each refcount block. */
+int qcow2_refcount_count_locked (strata_node *node, uint64_t end,
+                                 uint64_t limit, uint64_t *count);
 int qcow2_refcount_update_locked (strata_node *node, uint64_t host_offset,
                                   int delta);
 /* Allocate one cluster with refcount 1; returns its host offset (> 0) or a

@@ -95,6 +95,37 @@ qcow2_refcount_get_locked (strata_node *node, uint64_t idx, uint64_t *rc)
   return 0;
 }
 
+int
+qcow2_refcount_count_locked (strata_node *node, uint64_t end, uint64_t limit,
+                             uint64_t *count)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t n = 0, i = 0;
+
+  /* Stop as soon as LIMIT is reached or out of reach; an empty refcount
+   * table entry skips its whole block unread. */
+  while (i < end && n < limit && n + (end - i) >= limit) {
+    uint64_t bi = qcow2_rt_index (s, i), off, stop;
+    uint8_t *blk;
+    int r = block_offset (node, bi, &off);
+
+    if (r < 0)
+      return r;
+    stop = MIN (end, (bi + 1) * s->rc_per_block);
+    if (off) {
+      if ((r = qcow2_cache_get_locked (node, &s->rc_cache, off, &blk)) < 0)
+        return io_error (-r,
+                         "%s: cannot read the refcount block at 0x%" PRIx64,
+                         node->filename, off);
+      for (uint64_t j = qcow2_rb_index (s, i); i < stop && n < limit; i++, j++)
+        n += qcow2_rc_load (s, blk, j) != 0;
+    }
+    i = stop;
+  }
+  *count = n;
+  return 0;
+}
+
 bool
 qcow2_past_end_locked (strata_node *node, uint64_t off)
 {
