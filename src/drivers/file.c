@@ -23,6 +23,16 @@
  * both see the conflict.  The locks live on a separate read-only
  * descriptor that stays open for the node's life, so reopening the data
  * descriptor read-write never drops or contradicts them.
+ *
+ * Block status asks lseek(SEEK_DATA, SEEK_HOLE), whose cost on tmpfs grows
+ * with the bytes it walks: SEEK_HOLE from inside a long run of data walks
+ * the page cache to the run's end however little the caller asked about.
+ * The last run of data found is remembered (as QEMU's file-posix does), so
+ * a caller walking a run in pieces pays for the run once.  Only a discard,
+ * a write of zeroes or a truncation can turn data into a hole: each bumps
+ * bstat_gen and forgets the run, and an answer found while that happened
+ * is not remembered.  bstat_lock guards the run and the generation; it is a
+ * leaf, held for no system call.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -68,6 +78,11 @@ struct file_state {
   uint64_t sync_requested, sync_done;
   bool sync_running;
   int sync_error;       /* errno of the last failed sync, for its batch */
+
+  /* The last run of data lseek found: [data_start, data_end), empty when
+   * equal; bstat_gen counts the changes that may punch holes. */
+  pthread_mutex_t bstat_lock;
+  uint64_t data_start, data_end, bstat_gen;
 };
 
 /* ---- locking ---- */
@@ -357,6 +372,7 @@ file_open (strata_node *node, strata_opts *opts, unsigned flags,
   tracker_init (&s->rmw);
   pthread_mutex_init (&s->sync_lock, NULL);
   pthread_cond_init (&s->sync_cond, NULL);
+  pthread_mutex_init (&s->bstat_lock, NULL);
 
   if (want_lock) {
     s->lock_fd = open (filename, O_RDONLY | O_CLOEXEC);
@@ -371,6 +387,7 @@ file_open (strata_node *node, strata_opts *opts, unsigned flags,
   return true;
 
 fail_tracker:
+  pthread_mutex_destroy (&s->bstat_lock);
   pthread_cond_destroy (&s->sync_cond);
   pthread_mutex_destroy (&s->sync_lock);
   tracker_destroy (&s->rmw);
@@ -387,6 +404,7 @@ file_close (strata_node *node)
   struct file_state *s = node->opaque;
 
   tracker_destroy (&s->rmw);
+  pthread_mutex_destroy (&s->bstat_lock);
   pthread_cond_destroy (&s->sync_cond);
   pthread_mutex_destroy (&s->sync_lock);
   if (s->lock_fd >= 0)
@@ -654,14 +672,26 @@ file_sync (strata_node *node)
   return 0;
 }
 
+/* After anything that may have turned data into a hole. */
+static void
+forget_data_run (struct file_state *s)
+{
+  pthread_mutex_lock (&s->bstat_lock);
+  s->bstat_gen++;
+  s->data_start = s->data_end = 0;
+  pthread_mutex_unlock (&s->bstat_lock);
+}
+
 static int
 try_fallocate (struct file_state *s, atomic_bool *unsupported, int mode,
                uint64_t offset, uint64_t len)
 {
   if (atomic_load (unsupported))
     return -ENOTSUP;
-  if (fallocate (s->fd, mode, offset, len) == 0)
+  if (fallocate (s->fd, mode, offset, len) == 0) {
+    forget_data_run (s);
     return 0;
+  }
   if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) {
     atomic_store (unsupported, true);
     return -ENOTSUP;
@@ -694,6 +724,7 @@ file_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
                            offset, size - offset);
       if (r == 0 && ftruncate (s->fd, offset + len) < 0)
         r = -errno;
+      forget_data_run (s);
     }
     else
       r = try_fallocate (s, &s->no_punch_hole,
@@ -735,12 +766,40 @@ file_flush (strata_node *node)
   return file_sync (node);
 }
 
+/* Whether OFFSET is in the remembered run of data; *END gets its end. */
+static bool
+in_data_run (struct file_state *s, uint64_t offset, uint64_t *end,
+             uint64_t *gen)
+{
+  bool in;
+
+  pthread_mutex_lock (&s->bstat_lock);
+  in = offset >= s->data_start && offset < s->data_end;
+  *end = s->data_end;
+  *gen = s->bstat_gen;
+  pthread_mutex_unlock (&s->bstat_lock);
+  return in;
+}
+
+static void
+remember_data_run (struct file_state *s, uint64_t start, uint64_t end,
+                   uint64_t gen)
+{
+  pthread_mutex_lock (&s->bstat_lock);
+  if (s->bstat_gen == gen) {
+    s->data_start = start;
+    s->data_end = end;
+  }
+  pthread_mutex_unlock (&s->bstat_lock);
+}
+
 static int
 file_block_status (strata_node *node, uint64_t offset, uint64_t len,
                    struct bstat *bs)
 {
   struct file_state *s = node->opaque;
   int64_t size = file_get_length (node);
+  uint64_t run_end, gen;
   off_t data, hole;
 
   bs->flags = BS_ALLOCATED | BS_OFFSET;
@@ -755,6 +814,11 @@ file_block_status (strata_node *node, uint64_t offset, uint64_t len,
   }
   if (s->is_block) {
     bs->flags |= BS_DATA;
+    return 0;
+  }
+  if (in_data_run (s, offset, &run_end, &gen)) {
+    bs->flags |= BS_DATA;
+    bs->pnum = MIN (len, MIN (run_end, (uint64_t)size) - offset);
     return 0;
   }
   data = lseek (s->fd, offset, SEEK_DATA);
@@ -772,8 +836,10 @@ file_block_status (strata_node *node, uint64_t offset, uint64_t len,
   }
   hole = lseek (s->fd, offset, SEEK_HOLE);
   bs->flags |= BS_DATA;
-  if (hole > (off_t) offset)
+  if (hole > (off_t) offset) {
     bs->pnum = MIN (len, (uint64_t) hole - offset);
+    remember_data_run (s, offset, hole, gen);
+  }
   return 0;
 }
 
@@ -795,8 +861,10 @@ file_truncate (strata_node *node, uint64_t size, unsigned flags,
   if (ftruncate (s->fd, size) < 0) {
     error_set_errno (errp, errno, "%s: cannot resize to %" PRIu64 " bytes",
                      node->filename, size);
+    forget_data_run (s);
     return false;
   }
+  forget_data_run (s);
   return true;
 }
 

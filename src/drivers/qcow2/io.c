@@ -780,6 +780,11 @@ qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
              || ((bs->flags & BS_OFFSET) && e.host != bs->map + done))
       break;
     done += e.bytes;
+    /* Data the file will be asked about stays within one L2 table, as in
+     * QEMU: the file may cut the answer short, and what it cuts off
+     * would be walked again by the next call. */
+    if (refine && (bs->flags & BS_DATA) && (bs->flags & BS_OFFSET))
+      break;
   }
   pthread_mutex_unlock (&node->lock);
   bs->pnum = done;
