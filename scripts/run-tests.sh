@@ -40,10 +40,17 @@ PY
 passed=$((passed + ${counts% *}))
 failed=$((failed + ${counts#* }))
 
-# Integration tests.
+# Integration tests, spread over worker processes with pytest-xdist (the
+# tests share nothing: each uses its own temporary directory, sockets and
+# ports).  STRATA_TEST_WORKERS=0 runs them in this process, one by one.
+workers=${STRATA_TEST_WORKERS:-$(( $(nproc) * 2 ))}
+xdist=()
+if ((workers > 0)) && $py -c 'import xdist' 2>/dev/null; then
+  xdist=(-n "$workers")
+fi
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
-$py -m pytest -q -p no:cacheprovider "$top/tests/integration" \
+$py -m pytest -q -p no:cacheprovider "${xdist[@]}" "$top/tests/integration" \
     --junitxml="$report" ${PYTEST_ARGS:-} 2>&1 | tail -n 60
 counts=$($py - "$report" <<'PY'
 import sys, xml.etree.ElementTree as ET

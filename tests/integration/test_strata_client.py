@@ -4,11 +4,10 @@ del) on a qcow2 chain."""
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from harness import binary, run, spawn
+from harness import binary, run, spawn, wait_until
 from harness import QMP
 from harness.daemons import start_qmp as start
 from harness.procs import stop
@@ -59,7 +58,10 @@ def test_events(tmp_path):
         human = spawn([binary("strata"), "--socket", sock,
                                   "events"], stdout=subprocess.PIPE,
                                  text=True)
-        time.sleep(0.3)  # both negotiated
+        # Both have negotiated once they catch SIGINT (set after connecting).
+        for p in (ev, human):
+            wait_until(lambda: catches(p.pid, signal.SIGINT),
+                       what="strata events to connect")
         strata("--socket", sock, "raw", '{"execute": "quit"}')
         out, _ = ev.communicate(timeout=10)
         hout, _ = human.communicate(timeout=10)
@@ -75,10 +77,23 @@ def test_events(tmp_path):
         stop(proc)
 
 
+def catches(pid, sig):
+    """Whether process PID has a handler installed for signal SIG."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def test_events_sigint(daemon):
     ev = spawn([binary("strata"), "--socket", daemon, "events"],
                           stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
+    # SIGINT before the client has installed its handler would kill it
+    # by the default action: wait until its handler is in place (the
+    # kernel's SigCgt mask), however slowly the machine starts it.
+    wait_until(lambda: catches(ev.pid, signal.SIGINT),
+               what="strata events to catch SIGINT")
     ev.send_signal(signal.SIGINT)
     ev.communicate(timeout=10)
     assert ev.returncode == 0
