@@ -1,44 +1,68 @@
 #!/usr/bin/env bash
-# strata-nbd against qemu-nbd serving the same 3-deep qcow2 chain on a unix
-# socket and on 127.0.0.1, with nbdkit's file plugin on the flattened raw
-# image as a ceiling.
-# fio (ioengine=nbd): 4 KiB randread and randwrite at iodepth 32 with 1 and
-# 2 jobs (one connection each), 1 MiB sequential read; then nbdcopy of the
-# whole export to null:.  Prints IOPS, MiB/s and p99 latency per server and
-# strata's ratio to qemu-nbd.
+# strata-nbd against qemu-nbd serving the same 3-deep qcow2 chain, and
+# nbdkit's file plugin serving that chain flattened to raw (the ceiling),
+# on a unix socket and on 127.0.0.1, on tmpfs and on disk (bench_roots).
+#
 #   bench/nbd-bench.sh [BUILD_DIR] [SECONDS_PER_JOB] [SIZE]
+#
+# Chains (both base <- mid <- top):
+#   thirds      SIZE (default 1G): each layer holds a third of the data,
+#               in one piece
+#   fragmented  FRAG_SIZE (default 4G): bench/fixture.sh's real shape,
+#               base fully written, mid and top 10 % each in scattered
+#               64 KiB clusters
+# SHAPES="thirds fragmented" picks the chains, BENCH_ROOT one root.
+#
+# Each test gets a fresh server on a fresh writable copy of top.qcow2 (so
+# a write test always starts from the same image; nbdkit writes its raw
+# file in place, which is fully allocated): fio (ioengine=nbd) 4 KiB
+# randread and randwrite at iodepth 32 with 1 and 2 jobs (one connection
+# each), 1 MiB sequential read, a mixed load (randrw, 4 KiB/64 KiB/1 MiB,
+# 2 jobs), then nbdcopy of the whole export to null:.  Per row: IOPS
+# (MiB/s for the 1 MiB, mixed and nbdcopy rows) of each server, strata's
+# ratio to qemu-nbd and to nbdkit (above 1: strata is faster), and each
+# server's peak RSS (VmHWM) in MiB after that test.  Not a test: noisy on
+# a shared machine, so compare ratios from one run.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
 build=$(cd "${1:-$top/build}" && pwd)
 secs=${2:-5}
 size=${3:-1G}
-work=$(mktemp -d)
-pids=()
+frag_size=${FRAG_SIZE:-4G}
+shapes=${SHAPES:-thirds fragmented}
+. "$top/bench/fixture.sh"
+[[ -x $build/strata-nbd ]] || { echo "nbd-bench: $build/strata-nbd not built" >&2; exit 1; }
+
+work=
+pid=
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  [[ -n $pid ]] && kill "$pid" 2>/dev/null || true
+  [[ -n $work ]] && rm -rf "$work"
 }
 trap cleanup EXIT
-cd "$work"
 
-# The chain: every layer holds a third of the data, written with qemu-io.
-qemu-img create -q -f qcow2 base.qcow2 "$size"
-qemu-io -f qcow2 -c "write -P 1 0 $((${size%G} * 1024 / 3))M" base.qcow2 >/dev/null
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2
-qemu-io -f qcow2 -c "write -P 2 $((${size%G} * 1024 / 3))M $((${size%G} * 1024 / 3))M" \
-  mid.qcow2 >/dev/null
-qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2
-qemu-io -f qcow2 -c "write -P 3 $((${size%G} * 2048 / 3))M $((${size%G} * 1024 / 3))M" \
-  top.qcow2 >/dev/null
-qemu-img convert -O raw top.qcow2 flat.raw
+# thirds_chain DIR SIZE: every layer holds a third of the data, written
+# with qemu-io.
+thirds_chain() {
+  local d=$1 mib=$(($(numfmt --from=iec "$2") / 1048576))
+  local third=$((mib / 3))
+  qemu-img create -q -f qcow2 "$d/base.qcow2" "$2"
+  qemu-io -f qcow2 -c "write -P 1 0 ${third}M" "$d/base.qcow2" >/dev/null
+  qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$d/mid.qcow2"
+  qemu-io -f qcow2 -c "write -P 2 ${third}M ${third}M" "$d/mid.qcow2" >/dev/null
+  qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 "$d/top.qcow2"
+  qemu-io -f qcow2 -c "write -P 3 $((2 * third))M ${third}M" "$d/top.qcow2" \
+    >/dev/null
+}
 
 free_port() {
   /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# start NAME TRANSPORT: a fresh writable copy of the top layer, served on
-# NAME.sock (unix) or on 127.0.0.1:$port (tcp); sets $uri.
+# start NAME TRANSPORT: NAME's server on a fresh writable copy of the top
+# layer (the raw file for nbdkit), on $work/NAME.sock (unix) or on
+# 127.0.0.1:$port (tcp); sets $uri and $pid.
 start() {
   local name=$1 tr=$2 sock=$work/$1.sock
   local -a where
@@ -56,20 +80,19 @@ start() {
   fi
   case $name in
     strata)
-      cp --sparse=always top.qcow2 top-strata.qcow2
-      "$build/strata-nbd" -f qcow2 "${where[@]}" -t -e 4 top-strata.qcow2 &
+      cp --sparse=always "$work/top.qcow2" "$work/serve.qcow2"
+      "$build/strata-nbd" -f qcow2 "${where[@]}" -t -e 4 "$work/serve.qcow2" &
       ;;
     qemu)
-      cp --sparse=always top.qcow2 top-qemu.qcow2
-      qemu-nbd -f qcow2 "${where[@]}" -t -e 4 top-qemu.qcow2 &
+      cp --sparse=always "$work/top.qcow2" "$work/serve.qcow2"
+      qemu-nbd -f qcow2 "${where[@]}" -t -e 4 "$work/serve.qcow2" &
       ;;
     nbdkit)
-      cp --sparse=always flat.raw flat-nbdkit.raw
-      nbdkit -f "${where[@]}" file file=flat-nbdkit.raw &
+      nbdkit -f "${where[@]}" file file="$work/flat.raw" &
       ;;
   esac
-  pids+=($!)
-  for _ in $(seq 100); do
+  pid=$!
+  for _ in $(seq 200); do
     nbdinfo --size "$uri" >/dev/null 2>&1 && return
     sleep 0.05
   done
@@ -77,59 +100,89 @@ start() {
   exit 1
 }
 
+# stop: the server's peak RSS in MiB on stdout; it and its copy go.
 stop() {
-  local p=${pids[-1]}
-  kill "$p"
-  wait "$p" 2>/dev/null || true
-  unset 'pids[-1]'
+  awk '/^VmHWM:/ { printf "%.0f\n", $2 / 1024 }' "/proc/$pid/status"
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  pid=
+  rm -f "$work/serve.qcow2"
 }
 
-fiojob() {  # RW BS JOBS -> "iops mibs p99_us" against $uri
-  fio --name=b --ioengine=nbd --uri="$uri" --rw="$1" --bs="$2" \
-    --numjobs="$3" --iodepth=32 --time_based --runtime="$secs" \
-    --size="$size" --group_reporting --output-format=json 2>/dev/null |
+fiojob() { # RW BS JOBS [fio options] -> "iops mibs" against $uri
+  local rw=$1 bs=$2 jobs=$3
+  shift 3
+  fio --name=b --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
+    --numjobs="$jobs" --iodepth=32 --time_based --runtime="$secs" \
+    --size="$bytes" --group_reporting --output-format=json "$@" 2>/dev/null |
     /usr/bin/python3 -c '
 import json, sys
 t = sys.stdin.read()
 j = json.loads(t[t.index("{"):])["jobs"][0]
-d = j["read"] if j["read"]["io_bytes"] else j["write"]
-p99 = d["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
-iops, bw = d["iops"], d["bw_bytes"] / 2**20
-print(f"{iops:.0f} {bw:.1f} {p99:.0f}")'
+iops = j["read"]["iops"] + j["write"]["iops"]
+bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 2**20
+print(f"{iops:.0f} {bw:.1f}")'
 }
 
-tests=("randread 4k 1" "randread 4k 2" "randwrite 4k 1" "randwrite 4k 2"
-       "read 1M 1")
-declare -A res
-for tr in unix tcp; do
-  for srv in strata qemu nbdkit; do
-    start $srv $tr
-    for t in "${tests[@]}"; do
-      set -- $t
-      res[$srv,$tr,$t]=$(fiojob "$1" "$2" "$3")
+run_test() { # TEST -> the figure of merit against $uri
+  local s0 s1
+  case $1 in
+    randread-4k-1) fiojob randread 4k 1 | cut -d' ' -f1 ;;
+    randread-4k-2) fiojob randread 4k 2 | cut -d' ' -f1 ;;
+    randwrite-4k-1) fiojob randwrite 4k 1 | cut -d' ' -f1 ;;
+    randwrite-4k-2) fiojob randwrite 4k 2 | cut -d' ' -f1 ;;
+    read-1M-1) fiojob read 1M 1 | cut -d' ' -f2 ;;
+    mixed-2)
+      fiojob randrw 4k 2 --bssplit=4k/60:64k/30:1m/10 | cut -d' ' -f2 ;;
+    nbdcopy)
+      s0=$(date +%s%N)
+      nbdcopy "$uri" null:
+      s1=$(date +%s%N)
+      echo "$bytes $s0 $s1" | awk '{ printf "%.1f\n", $1 / 1048576 / (($3 - $2) / 1e9) }'
+      ;;
+  esac
+}
+
+tests=(${TESTS:-randread-4k-1 randread-4k-2 randwrite-4k-1 randwrite-4k-2 read-1M-1
+       mixed-2 nbdcopy})
+rows=()
+for root in $(bench_roots); do
+  for shape in $shapes; do
+    work=$(mktemp -d "$root/strata-nbd-bench.XXXXXX")
+    if [[ $shape == thirds ]]; then
+      thirds_chain "$work" "$size"
+    else
+      make_fixture "$work" "$shape" "$frag_size"
+    fi
+    qemu-img convert -O raw "$work/top.qcow2" "$work/flat.raw"
+    bytes=$(stat -c %s "$work/flat.raw")
+    for tr in unix tcp; do
+      for t in "${tests[@]}"; do
+        declare -A val=() rss=()
+        for srv in strata qemu nbdkit; do
+          start "$srv" "$tr"
+          val[$srv]=$(run_test "$t")
+          rss[$srv]=$(stop)
+        done
+        rows+=("$root $shape $tr $t ${val[strata]} ${val[qemu]} ${val[nbdkit]} ${rss[strata]} ${rss[qemu]} ${rss[nbdkit]}")
+        printf '.' >&2
+      done
     done
-    s0=$(date +%s.%N)
-    nbdcopy "$uri" null:
-    s1=$(date +%s.%N)
-    res[$srv,$tr,nbdcopy]=$(/usr/bin/python3 -c "
-mib = $(stat -c %s flat.raw) / 2**20
-print(f'- {mib / ($s1 - $s0):.1f} -')")
-    stop
+    rm -rf "$work"
+    work=
   done
 done
+echo >&2
 
-printf '%-22s %-8s %10s %10s %10s\n' test server IOPS MiB/s p99_us
-for tr in unix tcp; do
-  for t in "${tests[@]}" nbdcopy; do
-    for srv in strata qemu nbdkit; do
-      read -r iops mibs p99 <<<"${res[$srv,$tr,$t]}"
-      printf '%-22s %-8s %10s %10s %10s\n' "$tr-${t// /-}" "$srv" "$iops" "$mibs" "$p99"
-    done
-    read -r si sm _ <<<"${res[strata,$tr,$t]}"
-    read -r qi qm _ <<<"${res[qemu,$tr,$t]}"
-    /usr/bin/python3 -c "
-si, sm, qi, qm = '$si', float('$sm'), '$qi', float('$qm')
-r = (float(si) / float(qi)) if si != '-' and float(qi) else sm / qm
-print(\"%-22s %-8s %10.2f  (strata / qemu-nbd)\" % (\"\", \"ratio\", r))"
-  done
+printf '%-9s %-10s %-4s %-14s %9s %9s %9s %5s %5s  %s\n' root chain tr test \
+  strata qemu-nbd nbdkit s/q s/k "RSS MiB s/q/k"
+for row in "${rows[@]}"; do
+  set -- $row
+  unit=IOPS
+  [[ $4 == randread* || $4 == randwrite* ]] || unit=MiB/s
+  awk -v r="$1" -v c="$2" -v tr="$3" -v t="$4" -v s="$5" -v q="$6" -v k="$7" \
+    -v rs="$8" -v rq="$9" -v rk="${10}" -v u="$unit" 'BEGIN {
+      printf "%-9s %-10s %-4s %-14s %9s %9s %9s %5.2f %5.2f  %s/%s/%s %s\n",
+        r, c, tr, t, s, q, k, (q > 0 ? s / q : 0), (k > 0 ? s / k : 0),
+        rs, rq, rk, (u == "IOPS" ? "" : "(MiB/s)") }'
 done
