@@ -746,6 +746,15 @@ node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
   return 0;
 }
 
+bool
+node_has_remote (strata_node *node)
+{
+  for (; node; node = node->backing)
+    if (node->drv->remote || (node->file && node_has_remote (node->file)))
+      return true;
+  return false;
+}
+
 int64_t
 node_length (strata_node *node)
 {

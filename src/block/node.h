@@ -67,6 +67,7 @@ struct strata_driver {
   size_t state_size;   /* bytes of zeroed driver state at node->opaque */
   bool has_file_child; /* the core opens `file` before calling open */
   bool is_filter;      /* guest view == file's view (for pass-through) */
+  bool remote;         /* a request may wait on a network for long */
 
   /* Protocol drivers whose file names are not paths (URIs): does NAME
    * belong to this driver?  The core then opens a file name it claims
@@ -273,6 +274,12 @@ int node_block_status (strata_node *node, uint64_t offset, uint64_t len,
 int node_block_status_flags (strata_node *node, uint64_t offset, uint64_t len,
                              struct bstat *bs, unsigned flags);
 int64_t node_length (strata_node *node);
+/* Whether NODE or a node under it (file and backing children, all the
+ * way down) is of a remote driver: its requests may take a network's
+ * time.  Walks the graph without the graph lock: call it where the
+ * graph cannot change under the caller (a request in flight, or a
+ * caller that holds a reference to NODE, whose children it owns). */
+bool node_has_remote (strata_node *node);
 bool node_truncate (strata_node *node, uint64_t size, unsigned flags,
                     strata_error **errp);
 

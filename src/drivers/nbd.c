@@ -991,6 +991,7 @@ const struct strata_driver nbd_driver = {
   .name          = "nbd",
   .state_size    = sizeof (struct nbd_state),
   .claims_filename = nbd_is_uri,
+  .remote        = true,
   .open          = nbd_open,
   .close         = nbd_node_close,
   .preadv        = nbd_preadv,

@@ -15,10 +15,17 @@
  *   (nothing to do); otherwise ENOTSUP and the client falls back.
  * - detect-zeroes turns an all-zero WRITE into WRITE_ZEROES.
  *
- * Hand-over: waking a worker costs more than a short request, so the
- * reader batches its parsed requests (request_submit) and hands each
- * batch over with one lock (request_submit_batch); see there for how
- * many workers a batch wakes.
+ * Hand-over: waking a worker costs more than a short request, so while
+ * a connection's requests are short (its average run time at most
+ * NBD_INLINE_NS: page-cache I/O) its reader runs its short reads and
+ * writes itself, holding their replies back to send them together
+ * (reply_queue's DEFER): no thread is woken and one sendmsg carries many
+ * replies.  Other requests, and every request once they have turned
+ * slow (disk, a remote backing file), go to the work queue: the reader
+ * batches them (request_submit) and hands each batch over with one lock
+ * (request_submit_batch); see there for how many workers a batch wakes.
+ * A connection starts with its average at twice NBD_SLOW_REQUEST_NS, so
+ * its requests go to workers until they have proved short.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -304,17 +311,29 @@ request_run (struct conn *c, struct nbd_request *req)
   return reply_simple (req->cookie, r < 0 ? -r : 0, 0);
 }
 
-/* The work queue runs this on a worker: the request, its reply, and the
- * budget it took goes back with the reply. */
+/* Run REQ, queue its reply (with the budget it took), free it, and add
+ * its run time to the connection's average.  DEFER: see reply_queue. */
+static void
+request_finish (struct nbd_request *req, bool defer)
+{
+  struct conn *c = req->conn;
+  uint64_t t0 = clock_now_ns (), avg, took;
+  struct reply *r = request_run (c, req);
+
+  took = clock_now_ns () - t0;
+  /* Several threads may add a sample at once; one may be lost. */
+  avg = __atomic_load_n (&c->avg_ns, __ATOMIC_RELAXED);
+  __atomic_store_n (&c->avg_ns, avg - avg / 8 + took / 8, __ATOMIC_RELAXED);
+  reply_queue (c, r, req->cost, defer);
+  free (req->payload);
+  free (req);
+}
+
+/* The work queue runs this on a worker. */
 static void
 request_run_item (struct workqueue_item *item)
 {
-  struct nbd_request *req = (struct nbd_request *)item;
-  struct reply *r = request_run (req->conn, req);
-
-  reply_queue (req->conn, r, req->cost);
-  free (req->payload);
-  free (req);
+  request_finish ((struct nbd_request *)item, false);
 }
 
 /* Hand the connection's parsed requests to the work queue: one lock for
@@ -328,6 +347,7 @@ request_submit_batch (struct conn *c)
   struct workqueue *pool = c->srv->pool;
   unsigned wake;
 
+  reply_send_deferred (c);
   if (!c->batch)
     return;
   /* Waking a worker costs more than a short request: while requests are
@@ -343,9 +363,25 @@ request_submit_batch (struct conn *c)
   c->nbatch = c->nheavy = 0;
 }
 
+/* Whether the reader runs REQ itself: a short read or write of an export
+ * with no remote node under it, while this connection's requests have
+ * been short (page-cache I/O), and no batch waits for workers (it would
+ * wait behind it). */
+static bool
+request_inline (struct conn *c, const struct nbd_request *req)
+{
+  return c->local && (req->type == NBD_CMD_READ || req->type == NBD_CMD_WRITE)
+         && req->len < NBD_HEAVY_LEN && !c->batch
+         && __atomic_load_n (&c->avg_ns, __ATOMIC_RELAXED) <= NBD_INLINE_NS;
+}
+
 void
 request_submit (struct conn *c, struct nbd_request *req)
 {
+  if (request_inline (c, req)) {
+    request_finish (req, true);
+    return;
+  }
   req->item.next = NULL;
   req->item.run = request_run_item;
   if (c->batch_tail)

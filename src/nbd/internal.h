@@ -32,6 +32,9 @@
  *   work queue.
  * - A request is fully validated by the reader, before it reaches a
  *   worker: every wire value is range-checked with checked arithmetic.
+ *   While a local export's requests are short the reader runs short
+ *   reads and writes itself and sends their replies together
+ *   (commands.c); the rest go to the work queue.
  * - A connection is freed by its reader only once its budget is back to
  *   zero, i.e. no request and no queued reply refers to it.
  *
@@ -98,6 +101,8 @@
 #define NBD_BATCH 8                /* requests per hand-over */
 #define NBD_HEAVY_LEN (256 * 1024) /* may block: own worker */
 #define NBD_SLOW_REQUEST_NS 200000 /* requests this long: parallel */
+#define NBD_INLINE_NS 50000        /* requests this short: the reader's */
+#define NBD_DEFER_MAX 16           /* replies held back for one sendmsg */
 #define NBD_NUDGE_MS 2             /* see wait_readable */
 /* A full server with a client waiting frees the slot of a connection idle
  * this long (no request for it and none in flight). */
@@ -139,6 +144,8 @@ struct conn {
   bool structured;
   bool no_zeroes;
   bool ctx_base, ctx_depth; /* selected meta contexts */
+  bool local;               /* no remote node under the export: the
+                             * reader may run short requests itself */
   char *ctx_export;         /* export they were selected for */
 
   /* The reader's buffer: requests arrive many per recv under load. */
@@ -149,6 +156,9 @@ struct conn {
    * request_submit_batch). */
   struct workqueue_item *batch, *batch_tail;
   unsigned nbatch, nheavy;
+  /* Moving average (1/8 weight) of this connection's requests' run time
+   * in ns: written by whoever ran one (reader or worker), atomically. */
+  uint64_t avg_ns;
 
   pthread_mutex_t lock;     /* protects everything below */
   pthread_cond_t cond;      /* budget released (reader waits) */
@@ -157,6 +167,7 @@ struct conn {
   struct reply *head, *tail;
   unsigned inflight; /* requests + queued replies */
   uint64_t queued;   /* their bytes */
+  unsigned deferred; /* replies queued but held back (reply_queue) */
   bool reader_waits; /* in cond_wait on COND */
   bool sending;      /* the writer is sending outside LOCK */
   bool dead;         /* socket failed: drop replies */
@@ -237,8 +248,12 @@ void reply_chunk_header (unsigned char *p, uint16_t flags, uint16_t type,
 struct reply *reply_error (struct conn *c, const struct nbd_request *req,
                            int err);
 /* Queue R (NULL: allocation failed, which drops the connection) and give
- * back COST once it has left. */
-void reply_queue (struct conn *c, struct reply *r, uint64_t cost);
+ * back COST once it has left.  With DEFER (the reader, running requests
+ * itself) R may wait in the queue, up to NBD_DEFER_MAX replies, for
+ * reply_send_deferred() to send them with one sendmsg. */
+void reply_queue (struct conn *c, struct reply *r, uint64_t cost, bool defer);
+/* Send the replies reply_queue held back (unless a sender has them). */
+void reply_send_deferred (struct conn *c);
 /* The connection's writer thread (ARG: the conn). */
 void *reply_writer (void *arg);
 

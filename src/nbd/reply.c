@@ -8,7 +8,10 @@
  *
  * A worker that queues a reply when nobody is sending on the connection
  * sends the whole queue without blocking (MSG_DONTWAIT, many replies per
- * sendmsg); replies queued meanwhile go out in its next round.  What
+ * sendmsg); replies queued meanwhile go out in its next round.  The
+ * reader, when it runs short requests itself (commands.c), holds its
+ * replies back (DEFER) until it would wait for the client or has
+ * NBD_DEFER_MAX of them, so that one sendmsg carries them all.  What
  * would block is left to the connection's writer thread, the only
  * thread that waits on the socket.  Every reply carries the budget its
  * request took (transmission.c's budget_take); it is given back when the
@@ -62,6 +65,7 @@ send_queued_conn_locked (struct conn *c, bool block)
   unsigned rounds = 0;
 
   c->sending = true;
+  c->deferred = 0; /* whatever was held back goes now */
   while (c->head) {
     struct iovec iov[NBD_SEND_IOV];
     struct msghdr msg = { .msg_iov = iov };
@@ -105,10 +109,10 @@ send_queued_conn_locked (struct conn *c, bool block)
 }
 
 /* Queue R and send it, with whatever else is queued, unless another
- * thread is sending already (it sends R too).  R NULL (allocation
- * failed) drops the connection. */
+ * thread is sending already (it sends R too) or DEFER holds it back.  R
+ * NULL (allocation failed) drops the connection. */
 void
-reply_queue (struct conn *c, struct reply *r, uint64_t cost)
+reply_queue (struct conn *c, struct reply *r, uint64_t cost, bool defer)
 {
   pthread_mutex_lock (&c->lock);
   if (!r) {
@@ -129,9 +133,22 @@ reply_queue (struct conn *c, struct reply *r, uint64_t cost)
     else
       c->head = r;
     c->tail = r;
-    if (!c->sending)
+    if (c->sending)
+      ; /* the sender takes R in its next round */
+    else if (defer && ++c->deferred < NBD_DEFER_MAX)
+      ; /* reply_send_deferred sends it with the ones to come */
+    else
       send_queued_conn_locked (c, false);
   }
+  pthread_mutex_unlock (&c->lock);
+}
+
+void
+reply_send_deferred (struct conn *c)
+{
+  pthread_mutex_lock (&c->lock);
+  if (c->deferred && !c->sending)
+    send_queued_conn_locked (c, false);
   pthread_mutex_unlock (&c->lock);
 }
 

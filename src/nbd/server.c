@@ -141,6 +141,7 @@ conn_run (struct nbd_server *srv, int fd)
   }
   c->srv = srv;
   c->fd = fd;
+  c->avg_ns = 2 * NBD_SLOW_REQUEST_NS; /* parallel until proved short */
   if (!(c->rbuf = malloc (NBD_RBUF))) {
     free (c);
     close (fd);

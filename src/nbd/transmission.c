@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "block/node.h"
 #include "nbd/internal.h"
 #include "nbd/protocol.h"
 #include "util/bytes.h"
@@ -136,7 +137,7 @@ budget_take (struct conn *c, uint64_t cost)
   while (!c->dead
          && (c->inflight >= NBD_MAX_INFLIGHT
              || (c->inflight > 0 && c->queued + cost > NBD_MAX_QUEUED))) {
-    if (c->batch) { /* its requests hold budget: let them run */
+    if (c->batch || c->deferred) { /* they hold budget: let them go */
       pthread_mutex_unlock (&c->lock);
       request_submit_batch (c);
       pthread_mutex_lock (&c->lock);
@@ -250,7 +251,7 @@ transmission_loop (struct conn *c)
       return;
     req = calloc (1, sizeof *req);
     if (!req) {
-      reply_queue (c, NULL, cost);
+      reply_queue (c, NULL, cost, false);
       return;
     }
     *req = (struct nbd_request){ .conn = c,
@@ -261,14 +262,14 @@ transmission_loop (struct conn *c)
                                  .type = type,
                                  .cost = cost };
     if (err) {
-      reply_queue (c, reply_error (c, req, err), cost);
+      reply_queue (c, reply_error (c, req, err), cost, true);
       free (req);
       continue;
     }
     if (type == NBD_CMD_WRITE) {
       req->payload = malloc (len);
       if (!req->payload || !conn_read (c, req->payload, len, NBD_PAYLOAD_MS)) {
-        reply_queue (c, NULL, cost); /* drops the connection */
+        reply_queue (c, NULL, cost, false); /* drops the connection */
         free (req->payload);
         free (req);
         return;
@@ -281,6 +282,9 @@ transmission_loop (struct conn *c)
 void
 conn_transmission (struct conn *c)
 {
+  /* A request that waits on a network must not hold up the ones behind
+   * it: such exports never run requests on the reader (commands.c). */
+  c->local = !node_has_remote (c->exp->node);
   transmission_loop (c);
   request_submit_batch (c); /* what was parsed still runs and replies */
 }
