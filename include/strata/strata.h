@@ -117,7 +117,9 @@ int strata_copy_up (strata_node *top, strata_node *base, uint64_t offset,
 
 /* Block status of the range starting at OFFSET.  The answer, in *EXT
  * (set ext.size = sizeof ext first), covers ext->length bytes (at least
- * one, at most LEN). */
+ * one, at most LEN).  Zeros that no layer allocates have the depth
+ * qemu-img map gives them: the bottom layer's, or that of the layer whose
+ * backing file ends before them. */
 #define STRATA_BS_ALLOCATED (1u << 0) /* some layer of the chain holds it */
 #define STRATA_BS_ZERO      (1u << 1) /* reads as zeros */
 #define STRATA_BS_DATA      (1u << 2) /* backed by data in a file */

@@ -261,6 +261,22 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
     if (r < 0)
       return r;
     len = bs.pnum;
+    if (!(bs.flags & BS_ALLOCATED) && node->backing) {
+      /* Unallocated here, over a backing file that ends before OFFSET:
+       * zeros of this layer, unallocated (qemu-img map's depth; QEMU's
+       * block status sets ZERO when the backing file is shorter).  An
+       * extent that crosses the end is cut there below. */
+      int64_t bsize = node_length (node_skip_filters (node->backing));
+      if (bsize < 0)
+        return (int)bsize;
+      if ((uint64_t)bsize <= offset) {
+        *ext = (struct strata_extent){ .size = ext->size,
+                                       .length = len,
+                                       .flags = STRATA_BS_ZERO,
+                                       .depth = depth };
+        return 0;
+      }
+    }
     if ((bs.flags & BS_ALLOCATED) || !node->backing) {
       *ext = (struct strata_extent){
         .size = ext->size,

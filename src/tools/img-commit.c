@@ -144,7 +144,10 @@ next_run (strata_node *top, int base_depth, uint64_t off, uint64_t end,
     bool c, z;
     if ((r = strata_block_status (top, off + *n, end - off - *n, &ext, 0)) < 0)
       return r;
-    c = ext.depth < base_depth;
+    /* Zeros no layer allocates stand for the layer below the one they
+     * are reported at (its backing file ends before them): copied when
+     * that layer is above BASE, so BASE's own data is hidden. */
+    c = ext.depth + !(ext.flags & STRATA_BS_ALLOCATED) < base_depth;
     z = c && (ext.flags & STRATA_BS_ZERO);
     if (*n && (c != *copy || z != *zero))
       break;

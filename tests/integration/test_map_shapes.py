@@ -6,12 +6,11 @@ and backing chains.
 
 Every image is made by qemu-img and qemu-io only, then mapped read-only by
 both tools in the same directory, so the host offsets and file names they
-print must be the same, in both --output=human and --output=json.  (Two
-shapes differ for reasons of their own and are not here yet: the part of
-an overlay past the end of a shorter backing file, which qemu-img reports
-at depth 0 and strata-img at depth 1, and extended-L2 images, whose
-unallocated subclusters of an allocated cluster qemu-img shows with their
-host offset.)
+print must be the same, in both --output=human and --output=json.  That
+includes the part of an overlay past the end of a shorter backing file:
+zeros at the overlay's depth, not present.  (Extended-L2 images differ
+still: qemu-img shows the unallocated subclusters of an allocated cluster
+with their host offset.)
 
 qemu-img 7.2 asks the file under a qcow2 data cluster whether it is a hole
 only when the image looks metadata-preallocated; otherwise a cluster
@@ -190,6 +189,32 @@ def qcow2_over_raw_with_holes(d):
     return "t.qcow2", "qcow2"
 
 
+def past_end_of_shorter_backing(d):
+    create(d, "b.qcow2", 1 * MiB)
+    qemu_io(d, "b.qcow2", "write -P 1 0 64k", "write -P 1 512k 64k")
+    overlay(d, "t.qcow2", "b.qcow2", size=4 * MiB)
+    qemu_io(d, "t.qcow2", "write -P 2 2M 64k", "write -P 2 960k 128k")
+    return "t.qcow2", "qcow2"
+
+
+def past_end_of_shorter_raw_backing(d):
+    create(d, "b.raw", 100 * KiB + 512, fmt="raw")
+    qemu_io(d, "b.raw", "write -P 1 0 8k", fmt="raw")
+    overlay(d, "t.qcow2", "b.raw", bfmt="raw", size=1 * MiB)
+    qemu_io(d, "t.qcow2", "write -P 2 512k 4k")
+    return "t.qcow2", "qcow2"
+
+
+def short_middle_of_three(d):
+    create(d, "a.qcow2", 2 * MiB)
+    qemu_io(d, "a.qcow2", "write -P 1 0 2M")
+    create(d, "b.qcow2", 1 * MiB, "-b", "a.qcow2", "-F", "qcow2")
+    qemu_io(d, "b.qcow2", "write -P 2 64k 64k")
+    overlay(d, "t.qcow2", "b.qcow2", size=3 * MiB)
+    qemu_io(d, "t.qcow2", "write -P 3 1536k 4k")
+    return "t.qcow2", "qcow2"
+
+
 SHAPES = [partial_alone, partial_middle_of_cluster,
           partial_over_empty_qcow2_backing, partial_over_empty_raw_backing,
           partial_over_backing_with_data, unaligned_end,
@@ -198,7 +223,8 @@ SHAPES = [partial_alone, partial_middle_of_cluster,
           compressed_then_partial, prealloc_metadata,
           prealloc_metadata_partial, prealloc_falloc, prealloc_full,
           chain_of_three, raw_with_holes, raw_unaligned_end,
-          qcow2_over_raw_with_holes]
+          qcow2_over_raw_with_holes, past_end_of_shorter_backing,
+          past_end_of_shorter_raw_backing, short_middle_of_three]
 
 
 @pytest.mark.parametrize("output", ["json", "human"])
