@@ -221,6 +221,18 @@ strata_flush (strata_node *node, unsigned flags)
   return r < 0 ? r : node_flush (node);
 }
 
+/* Unallocated zeros keep the host offset their layer gave (an extended L2
+ * entry's unallocated subclusters), as qemu-img map shows it. */
+static void
+extent_offset (struct strata_extent *ext, const struct bstat *bs)
+{
+  if ((bs->flags & BS_OFFSET) && bs->file) {
+    ext->flags |= STRATA_BS_OFFSET;
+    ext->map = bs->map;
+    ext->file = bs->file->filename;
+  }
+}
+
 /* Walk down filters and backing edges until a layer defines the range. */
 int
 strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
@@ -274,6 +286,7 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
                                        .length = len,
                                        .flags = STRATA_BS_ZERO,
                                        .depth = depth };
+        extent_offset (ext, &bs);
         return 0;
       }
     }
@@ -288,8 +301,10 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
         .map = bs.map,
         .file = (bs.flags & BS_OFFSET) && bs.file ? bs.file->filename : NULL,
       };
-      if (!(bs.flags & BS_ALLOCATED))
+      if (!(bs.flags & BS_ALLOCATED)) {
         ext->flags = STRATA_BS_ZERO; /* nothing below: reads as zeros */
+        extent_offset (ext, &bs);
+      }
       return 0;
     }
     node = node->backing;

@@ -7,10 +7,11 @@ and backing chains.
 Every image is made by qemu-img and qemu-io only, then mapped read-only by
 both tools in the same directory, so the host offsets and file names they
 print must be the same, in both --output=human and --output=json.  That
-includes the part of an overlay past the end of a shorter backing file:
-zeros at the overlay's depth, not present.  (Extended-L2 images differ
-still: qemu-img shows the unallocated subclusters of an allocated cluster
-with their host offset.)
+includes the part of an overlay past the end of a shorter backing file
+(zeros at the overlay's depth, not present) and the zero and unallocated
+subclusters of an allocated cluster in an extended-L2 image, and zero
+clusters that kept their allocation, which qemu-img shows with their host
+offset.
 
 qemu-img 7.2 asks the file under a qcow2 data cluster whether it is a hole
 only when the image looks metadata-preallocated; otherwise a cluster
@@ -215,6 +216,38 @@ def short_middle_of_three(d):
     return "t.qcow2", "qcow2"
 
 
+def zero_clusters_kept_allocated(d):
+    create(d, "t.qcow2", 1 * MiB)
+    qemu_io(d, "t.qcow2", "write -P 1 0 512k", "write -z 64k 128k",
+            "write -z -u 320k 64k")
+    return "t.qcow2", "qcow2"
+
+
+def extended_l2(d):
+    create(d, "t.qcow2", 1 * MiB, "-o", "extended_l2=on")
+    qemu_io(d, "t.qcow2", "write -P 1 4k 4k", "write -P 1 128k 2k",
+            "write -z 256k 8k", "write -P 3 264k 4k")
+    return "t.qcow2", "qcow2"
+
+
+def extended_l2_over_extended_l2(d):
+    extended_l2(d)
+    run(qemu_img(), "create", "-q", "-f", "qcow2", "-b", "t.qcow2", "-F",
+        "qcow2", "-o", "extended_l2=on,cluster_size=128k", "o.qcow2",
+        cwd=d)
+    qemu_io(d, "o.qcow2", "write -P 2 0 2k", "write -P 2 130k 4k")
+    return "o.qcow2", "qcow2"
+
+
+def extended_l2_past_end_of_backing(d):
+    create(d, "b.qcow2", 192 * KiB)
+    qemu_io(d, "b.qcow2", "write -P 1 0 192k")
+    create(d, "t.qcow2", 1 * MiB, "-b", "b.qcow2", "-F", "qcow2", "-o",
+           "extended_l2=on")
+    qemu_io(d, "t.qcow2", "write -P 2 130k 2k", "write -P 2 200k 2k")
+    return "t.qcow2", "qcow2"
+
+
 SHAPES = [partial_alone, partial_middle_of_cluster,
           partial_over_empty_qcow2_backing, partial_over_empty_raw_backing,
           partial_over_backing_with_data, unaligned_end,
@@ -224,7 +257,9 @@ SHAPES = [partial_alone, partial_middle_of_cluster,
           prealloc_metadata_partial, prealloc_falloc, prealloc_full,
           chain_of_three, raw_with_holes, raw_unaligned_end,
           qcow2_over_raw_with_holes, past_end_of_shorter_backing,
-          past_end_of_shorter_raw_backing, short_middle_of_three]
+          past_end_of_shorter_raw_backing, short_middle_of_three,
+          zero_clusters_kept_allocated, extended_l2,
+          extended_l2_over_extended_l2, extended_l2_past_end_of_backing]
 
 
 @pytest.mark.parametrize("output", ["json", "human"])

@@ -126,36 +126,36 @@ qcow2_get_l2_entry_locked (strata_node *node, uint64_t offset,
   return qcow2_check_l2_entry (node, offset, *entry, *bitmap);
 }
 
-/* Type and host offset of the unit (subcluster, or cluster) at OFFSET. */
+/* Type and host offset of the unit (subcluster, or cluster) at OFFSET.
+ * Zero and unallocated units of a cluster that has a host cluster (a zero
+ * cluster that kept its allocation, an extended L2 entry's zero or
+ * unallocated subclusters) have its host offset too, as QEMU's
+ * ZERO_ALLOC and UNALLOCATED_ALLOC, which qemu-img map shows. */
 static void
 classify (const struct qcow2_state *s, uint64_t offset, uint64_t entry,
           uint64_t bitmap, enum qcow2_ctype *type, uint64_t *host)
 {
   uint64_t in_cluster = offset & (s->cluster_size - 1);
+  uint64_t cluster = entry & QCOW2_OFFSET_MASK;
 
-  *host = 0;
+  *host = cluster ? cluster + in_cluster : 0;
   if (entry & QCOW2_OFLAG_COMPRESSED) {
     *type = QCOW2_COMPRESSED;
+    *host = 0;
     return;
   }
   if (s->ext_l2) {
     unsigned sc = in_cluster / s->subcluster_size;
-    if (bitmap & (1ull << sc)) {
+    if (bitmap & (1ull << sc))
       *type = QCOW2_NORMAL;
-      *host = (entry & QCOW2_OFFSET_MASK) + in_cluster;
-    }
     else
       *type = bitmap & (1ull << (32 + sc)) ? QCOW2_ZERO : QCOW2_UNALLOCATED;
     return;
   }
   if (entry & QCOW2_OFLAG_ZERO)
     *type = QCOW2_ZERO;
-  else if (!(entry & QCOW2_OFFSET_MASK))
-    *type = QCOW2_UNALLOCATED;
-  else {
-    *type = QCOW2_NORMAL;
-    *host = (entry & QCOW2_OFFSET_MASK) + in_cluster;
-  }
+  else
+    *type = cluster ? QCOW2_NORMAL : QCOW2_UNALLOCATED;
 }
 
 int
@@ -207,7 +207,8 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
       }
     }
     else if (type != ext->type || type == QCOW2_COMPRESSED
-             || (type == QCOW2_NORMAL && host != ext->host + (pos - offset)))
+             || (host != 0) != (ext->host != 0)
+             || (host && host != ext->host + (pos - offset)))
       break;
     pos = MIN (unit_end, offset + len);
     if (type == QCOW2_COMPRESSED)

@@ -706,14 +706,18 @@ qcow2_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
 
 /* ---- block status ---- */
 
+/* Zeros and unallocated subclusters keep their cluster's host offset
+ * (QEMU's OFFSET_VALID for ZERO_ALLOC and UNALLOCATED_ALLOC). */
 static unsigned
 extent_flags (const struct qcow2_extent *e)
 {
+  unsigned offset = e->host ? BS_OFFSET : 0;
+
   switch (e->type) {
   case QCOW2_NORMAL: return BS_ALLOCATED | BS_DATA | BS_OFFSET;
-  case QCOW2_ZERO: return BS_ALLOCATED | BS_ZERO;
+  case QCOW2_ZERO: return BS_ALLOCATED | BS_ZERO | offset;
   case QCOW2_COMPRESSED: return BS_ALLOCATED | BS_DATA;
-  default: return 0;
+  default: return offset;
   }
 }
 

@@ -282,7 +282,9 @@ enum qcow2_ctype {
 struct qcow2_extent {
   enum qcow2_ctype type;
   uint64_t bytes;             /* guest bytes covered from the offset */
-  uint64_t host;              /* NORMAL: host offset of the first byte */
+  uint64_t host;              /* host offset of the first byte: NORMAL,
+                                 and ZERO or UNALLOCATED units of a
+                                 cluster that has one; else 0 */
   uint64_t coffset, csize;    /* COMPRESSED: where the compressed bytes are */
 };
 /* Describe the guest range starting at OFFSET (at most LEN bytes). */
