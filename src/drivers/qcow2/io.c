@@ -98,6 +98,19 @@ iov_zero (const struct iovec *iov, int iovcnt, uint64_t skip, uint64_t len)
   }
 }
 
+/* Room for a slice of an IOVCNT-entry vector (iov_slice): SMALL when it
+ * fits (the common case, a request's one or two buffers, costs no
+ * malloc per layer of the chain), else *BIG, which the caller frees.
+ * NULL when out of memory. */
+#define IOV_SMALL 8
+static struct iovec *
+iov_scratch (int iovcnt, struct iovec *small, struct iovec **big)
+{
+  if (iovcnt + 1 <= IOV_SMALL)
+    return small;
+  return *big = malloc ((iovcnt + 1) * sizeof **big);
+}
+
 /* ---- reads ---- */
 
 static int
@@ -147,7 +160,9 @@ static int
 qcow2_read_untracked (strata_node *node, uint64_t offset, uint64_t len,
                       const struct iovec *iov, int iovcnt)
 {
-  CLEANUP_FREE struct iovec *tmp = malloc ((iovcnt + 1) * sizeof *tmp);
+  struct iovec small[IOV_SMALL];
+  CLEANUP_FREE struct iovec *big = NULL;
+  struct iovec *tmp = iov_scratch (iovcnt, small, &big);
   uint64_t done = 0;
   int r = 0;
 
@@ -234,14 +249,16 @@ struct write_batch {
 static int
 batch_flush_run (strata_node *node, struct write_batch *b)
 {
-  CLEANUP_FREE struct iovec *tmp = NULL;
+  struct iovec small[IOV_SMALL];
+  CLEANUP_FREE struct iovec *big = NULL;
+  struct iovec *tmp;
   uint64_t len = b->run_len;
   int cnt;
 
   if (!len)
     return 0;
   b->run_len = 0;
-  if (!(tmp = malloc ((b->run_iovcnt + 1) * sizeof *tmp)))
+  if (!(tmp = iov_scratch (b->run_iovcnt, small, &big)))
     return -ENOMEM;
   cnt = iov_slice (b->run_iov, b->run_iovcnt, b->run_skip, len, tmp);
   return node_pwritev (node->file, b->run_host, len, tmp, cnt, 0);
