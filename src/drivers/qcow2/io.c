@@ -322,7 +322,10 @@ cow_source (const struct qcow2_state *s, uint64_t entry, uint64_t bitmap)
 
 /* 1 when bytes [offset, offset+len) of backing chain B read as zeros (no
  * backing node, past its end, holes, zero clusters), 0 when they may hold
- * data, or a negative errno. */
+ * data, or a negative errno.  Asked shallow: a layer's data clusters
+ * count as data without asking its file for holes (an lseek whose cost
+ * grows with the file on tmpfs, per allocating write), as QEMU's
+ * is_zero_fast asks without want_zero. */
 static int
 chain_reads_zero (strata_node *b, uint64_t offset, uint64_t len)
 {
@@ -339,7 +342,9 @@ chain_reads_zero (strata_node *b, uint64_t offset, uint64_t len)
   end = MIN (offset + len, (uint64_t) blen);
   for (uint64_t pos = offset; pos < end;) {
     struct bstat bs;
-    if ((r = node_block_status (b, pos, end - pos, &bs)) < 0)
+    if ((r = node_block_status_flags (b, pos, end - pos, &bs,
+                                      STRATA_BS_SHALLOW))
+        < 0)
       return r;
     if (!(bs.flags & BS_ZERO)) {
       if (bs.flags & BS_ALLOCATED)
