@@ -14,8 +14,8 @@ import shutil
 import pytest
 
 from harness import binary, need, run
-from harness.crash import build_shim, crash_env
-from harness.qcow2 import KiB, MiB, create, header, qemu_img, qio
+from harness.crash import build_shim, crash_at, crash_env
+from harness.qcow2 import KiB, MiB, create, header, qio
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
@@ -71,14 +71,7 @@ def test_crash_points(tmp_path, shim, name):
     points = sorted(points)
     for n in points:
         for lose in (0, 1, 2, 3):
-            shutil.copy(orig, img)
-            p = run(binary("strata-io"), "-f", "qcow2", *args, img, check=False,
-                    env=crash_env(shim, img, CRASH_AT=n, CRASH_LOSE=lose))
-            assert p.returncode == 99, (n, p.returncode, p.stderr)
-            c = run(qemu_img(), "check", img, check=False)
-            assert c.returncode in (0, 3) and "ERROR" not in c.stdout, (
-                f"crash before event {n}/{total} (lose unflushed={lose}):\n"
-                f"{c.stdout}{c.stderr}")
+            crash_at(shim, orig, img, args, n, lose, total)
             # Everything reads, and what the workload never touched is
             # intact: the image's own data and the backing file's.
             r = run(need("qemu-io", "qemu-utils"), "-f", "qcow2",
@@ -118,14 +111,7 @@ def test_crash_keeps_flushed_writes(tmp_path, shim):
     args = sum((["-c", c] for c in cmds), [])
     for n in range(1, total + 1):
         for lose in (0, 1, 2, 3):
-            shutil.copy(orig, img)
-            p = run(binary("strata-io"), "-f", "qcow2", *args, img, check=False,
-                    env=crash_env(shim, img, CRASH_AT=n, CRASH_LOSE=lose))
-            assert p.returncode == 99, (n, p.returncode, p.stderr)
-            c = run(qemu_img(), "check", img, check=False)
-            assert c.returncode in (0, 3) and "ERROR" not in c.stdout, (
-                f"crash before event {n}/{total} (lose={lose}):\n"
-                f"{c.stdout}{c.stderr}")
+            crash_at(shim, orig, img, args, n, lose, total)
             want = [r for m, rs in zip(marks, checks) if n > m for r in rs]
             r = run(need("qemu-io", "qemu-utils"), "-f", "qcow2",
                     *sum((["-c", c] for c in ["read -q 0 8M"] + want), []),

@@ -11,8 +11,13 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -104,103 +109,343 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
 /* ---- compressed writes (qemu-img convert -c, qemu-io write -c) ----
  *
  * Each guest cluster is compressed on its own (raw deflate or a zstd
- * frame).  When that does not save space it is written normally.
- * Otherwise the bytes are packed into host clusters one after another
- * (byte granular, as QEMU packs them), never straddling a host cluster,
- * so each compressed cluster lives in exactly one host cluster and that
- * cluster's refcount is the number of compressed clusters in it.  Order:
- * reserve the bytes and raise the refcount, write the data, flush, point
- * the L2 entry at it, flush, then drop the old mapping.
+ * frame); when that does not save space it is written normally.  A request
+ * is taken a window of clusters at a time (at most COMPRESS_WINDOW bytes,
+ * so memory stays bounded whatever its length):
+ *
+ *   compress  the window's clusters on every CPU (the caller's thread and
+ *             helpers taking clusters from a shared index), no lock held;
+ *   store     in guest order, under a serialising tracker entry: for each
+ *             cluster its L2 table (first, as QEMU allocates them), then
+ *             its bytes, packed back to back into host clusters
+ *             (qcow2.txt: "Some of these sectors may reside in the next
+ *             contiguous host cluster"), one write per contiguous run.
+ *
+ * Packing: the bytes continue where the last compressed cluster ended.
+ * The host cluster holding them gets one reference per compressed cluster
+ * that touches it, so a cluster that runs on into the next host cluster
+ * references both, as qemu-img check counts them.  Running on needs the
+ * next host cluster free; otherwise (or when the partly used one's
+ * refcount is at its maximum) a new host cluster starts and the tail of
+ * the old one stays unused.
+ *
+ * Order: the refcounts and L2 entries stay dirty in the cache like an
+ * allocating write's (io.c, cache.c: refcounts, flush, L2 tables), so a
+ * crash leaks at worst; only when a cluster replaces an allocated one are
+ * they written back and flushed before the old mapping is dropped.
  */
+
+#define COMPRESS_WINDOW (4u << 20)
+#define COMPRESS_WINDOW_MAX 256 /* clusters */
+#define COMPRESS_IOV_MAX 64     /* buffers per write, as file.c takes */
+#define COMPRESS_THREADS_MAX 16
+
+/* A reusable compressor for one thread. */
+struct compressor {
+  const struct qcow2_state *s;
+  z_stream z;
+  bool z_ready;
+  ZSTD_CCtx *zc;
+};
+
+static void
+compressor_end (struct compressor *c)
+{
+  if (c->z_ready)
+    deflateEnd (&c->z);
+  ZSTD_freeCCtx (c->zc);
+}
 
 /* Compress the cluster in IN; returns the compressed length, or 0 when it
  * does not fit in LIMIT bytes, or a negative errno. */
 static ssize_t
-compress_cluster (const struct qcow2_state *s, const uint8_t *in,
-                  uint8_t *out, size_t limit)
+compress_cluster (struct compressor *c, const uint8_t *in, uint8_t *out,
+                  size_t limit)
 {
-  if (s->compression == QCOW2_COMP_ZSTD) {
-    size_t n = ZSTD_compress (out, limit, in, s->cluster_size, 3);
-    return ZSTD_isError (n) ? 0 : (ssize_t) n;
-  }
-  else {
-    z_stream z = { 0 };
-    ssize_t n = 0;
-    int r;
+  const struct qcow2_state *s = c->s;
+  int r;
 
-    /* Raw deflate with a 4 KiB window, which every reader accepts. */
-    if (deflateInit2 (&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
-                      Z_DEFAULT_STRATEGY) != Z_OK)
+  if (s->compression == QCOW2_COMP_ZSTD) {
+    size_t n;
+    if (!c->zc && !(c->zc = ZSTD_createCCtx ()))
       return -ENOMEM;
-    z.next_in = (Bytef *) in;
-    z.avail_in = s->cluster_size;
-    z.next_out = out;
-    z.avail_out = limit;
-    r = deflate (&z, Z_FINISH);
-    if (r == Z_STREAM_END)
-      n = limit - z.avail_out;
-    deflateEnd (&z);
-    return n;
+    n = ZSTD_compressCCtx (c->zc, out, limit, in, s->cluster_size, 3);
+    return ZSTD_isError (n) ? 0 : (ssize_t)n;
   }
+  /* Raw deflate with a 4 KiB window, which every reader accepts. */
+  if (!c->z_ready) {
+    if (deflateInit2 (&c->z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+                      Z_DEFAULT_STRATEGY)
+        != Z_OK)
+      return -ENOMEM;
+    c->z_ready = true;
+  }
+  else if (deflateReset (&c->z) != Z_OK)
+    return -EIO;
+  c->z.next_in = (Bytef *)in;
+  c->z.avail_in = s->cluster_size;
+  c->z.next_out = out;
+  c->z.avail_out = limit;
+  r = deflate (&c->z, Z_FINISH);
+  return r == Z_STREAM_END ? (ssize_t)(limit - c->z.avail_out) : 0;
 }
 
-/* Reserve LEN bytes for compressed data; returns the host offset. */
+/* One window: N clusters, IN[i] the guest bytes of cluster i (padded to a
+ * whole cluster), OUT + i * cluster_size its compressed bytes, CLEN[i]
+ * their length (0: store it uncompressed; < 0: an errno). */
+struct window {
+  const struct qcow2_state *s;
+  unsigned n;
+  const uint8_t **in;
+  uint8_t *out;
+  ssize_t *clen;
+  atomic_uint next;
+};
+
+static void *
+compress_some (void *arg)
+{
+  struct window *w = arg;
+  struct compressor c = { .s = w->s };
+  unsigned i;
+
+  while ((i = atomic_fetch_add (&w->next, 1)) < w->n)
+    w->clen[i] = compress_cluster (&c, w->in[i],
+                                   w->out + (size_t)i * w->s->cluster_size,
+                                   w->s->cluster_size - 1);
+  compressor_end (&c);
+  return NULL;
+}
+
+/* Compress the window on up to NTHREADS threads, this one included. */
+static void
+compress_window (struct window *w, unsigned nthreads)
+{
+  pthread_t tids[COMPRESS_THREADS_MAX];
+  unsigned started = 0;
+
+  atomic_init (&w->next, 0);
+  nthreads = MIN (MIN (nthreads, w->n), COMPRESS_THREADS_MAX);
+  for (; started + 1 < nthreads; started++)
+    if (pthread_create (&tids[started], NULL, compress_some, w) != 0)
+      break;
+  compress_some (w);
+  for (unsigned i = 0; i < started; i++)
+    pthread_join (tids[i], NULL);
+}
+
+static unsigned
+compress_threads (void)
+{
+  long n = sysconf (_SC_NPROCESSORS_ONLN);
+
+  return n < 1 ? 1 : (unsigned)MIN (n, COMPRESS_THREADS_MAX);
+}
+
+/* Where LEN (< cluster_size) compressed bytes go: after the last ones
+ * when they fit there or the next host cluster is free, else at the start
+ * of a new host cluster.  Takes the references the bytes need. */
 static int64_t
 reserve_compressed_locked (strata_node *node, uint64_t len)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t off = s->compressed_next;
+  uint64_t cs = s->cluster_size, off = s->compressed_next;
+  uint64_t used = off & (cs - 1), rc;
   int64_t host;
   int r;
 
-  if (off && (off & (s->cluster_size - 1))
-      && (off & (s->cluster_size - 1)) + len <= s->cluster_size) {
-    /* Share the partly used host cluster: one more reference to it. */
-    if ((r = qcow2_refcount_update_locked (node, ROUND_DOWN (off,
-                                                             s->cluster_size),
-                                           1)) < 0)
+  if (off && used) {
+    uint64_t cl = off - used;
+    if ((r = qcow2_refcount_get_locked (node, cl >> s->cluster_bits, &rc)) < 0)
       return r;
-    s->compressed_next = off + len;
-    return off;
+    if (rc && rc < qcow2_rc_max (s)) {
+      r = used + len <= cs
+              ? 1
+              : qcow2_alloc_data_cluster_at_locked (node, cl + cs);
+      if (r < 0)
+        return r;
+      if (r == 1) {
+        if ((r = qcow2_refcount_inc_deferred_locked (node, cl)) < 0)
+          return r;
+        s->compressed_next = off + len;
+        return (int64_t)off;
+      }
+    }
   }
-  if ((host = qcow2_alloc_cluster_locked (node)) < 0)
+  if ((host = qcow2_alloc_data_cluster_locked (node)) < 0)
     return host;
-  s->compressed_next = host + len;
+  s->compressed_next = (uint64_t)host + len;
   return host;
 }
 
-/* Store CLEN compressed bytes in OUT as guest cluster GUEST.  The caller
- * holds a serialising tracker entry for that cluster. */
+/* Where each cluster of a run of compressed ones goes, and the entry it
+ * replaces (0: none). */
+struct run {
+  uint64_t host[COMPRESS_WINDOW_MAX];
+  uint64_t old[COMPRESS_WINDOW_MAX];
+};
+
+/* Give each of the N clusters from FIRST of W (guest GUEST on) its L2
+ * table and its host bytes. */
 static int
-store_compressed (strata_node *node, uint64_t guest, const uint8_t *out,
-                  uint64_t clen)
+place_run_locked (strata_node *node, const struct window *w, unsigned first,
+                  unsigned n, uint64_t guest, struct run *run, bool *any_old)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t entry, bitmap, l2_offset, old, desc;
-  int64_t host;
   int r;
 
-  pthread_mutex_lock (&node->lock);
-  host = reserve_compressed_locked (node, clen);
-  pthread_mutex_unlock (&node->lock);
-  if (host < 0)
-    return (int) host;
-  if ((r = node_pwrite (node->file, host, out, clen, 0)) < 0
-      || (r = node_flush (node->file)) < 0)
-    return r;
-  desc = qcow2_compressed_entry (s, (uint64_t) host, clen);
-
-  pthread_mutex_lock (&node->lock);
-  r = qcow2_get_l2_entry_locked (node, guest, &entry, &bitmap, &l2_offset);
-  old = l2_offset ? entry : 0;
-  if (r == 0)
-    r = qcow2_set_l2_entry_locked (node, guest, desc, 0);
-  if (r == 0 && (old & (QCOW2_OFLAG_COMPRESSED | QCOW2_OFFSET_MASK))) {
-    if ((r = node_flush (node->file)) == 0)
-      r = qcow2_free_entry_locked (node, old);
+  for (unsigned k = 0; k < n; k++) {
+    uint64_t g = guest + k * s->cluster_size, len = w->clen[first + k];
+    uint64_t entry, bitmap, l2_offset;
+    int64_t a;
+    if ((a = qcow2_ensure_l2_table_locked (node, g)) < 0
+        || (a = reserve_compressed_locked (node, len)) < 0)
+      return (int)a;
+    run->host[k] = (uint64_t)a;
+    if ((r
+         = qcow2_overlap_check_locked (node, run->host[k], len, 0, "data", g))
+            < 0
+        || (r
+            = qcow2_get_l2_entry_locked (node, g, &entry, &bitmap, &l2_offset))
+               < 0)
+      return r;
+    run->old[k]
+        = entry & (QCOW2_OFLAG_COMPRESSED | QCOW2_OFFSET_MASK) ? entry : 0;
+    *any_old |= run->old[k] != 0;
   }
+  return 0;
+}
+
+/* Write the run's bytes, one write per stretch that is contiguous on the
+ * host. */
+static int
+write_run (strata_node *node, const struct window *w, unsigned first,
+           unsigned n, const struct run *run)
+{
+  struct qcow2_state *s = node->opaque;
+  struct iovec iov[COMPRESS_IOV_MAX];
+
+  for (unsigned k = 0; k < n;) {
+    uint64_t start = run->host[k], len = 0;
+    unsigned m = 0;
+    int r;
+    do {
+      iov[m].iov_base = w->out + (size_t)(first + k) * s->cluster_size;
+      iov[m].iov_len = w->clen[first + k];
+      len += iov[m++].iov_len;
+      k++;
+    } while (k < n && run->host[k] == start + len && m < COMPRESS_IOV_MAX);
+    if ((r = node_pwritev (node->file, start, len, iov, (int)m, 0)) < 0)
+      return r;
+  }
+  return 0;
+}
+
+/* Store clusters FIRST..FIRST+N-1 of W, all compressed, at guest GUEST. */
+static int
+store_run (strata_node *node, const struct window *w, unsigned first,
+           unsigned n, uint64_t guest)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE struct run *run = malloc (sizeof *run);
+  struct tracked_req req;
+  bool any_old = false;
+  int r;
+
+  if (!run)
+    return -ENOMEM;
+  tracker_begin (&s->clusters, &req, guest, n * s->cluster_size, true);
+  pthread_mutex_lock (&node->lock);
+  r = place_run_locked (node, w, first, n, guest, run, &any_old);
   pthread_mutex_unlock (&node->lock);
+  if (r == 0)
+    r = write_run (node, w, first, n, run);
+  if (r == 0) {
+    pthread_mutex_lock (&node->lock);
+    for (unsigned k = 0; k < n && r == 0; k++)
+      r = qcow2_set_l2_entry_deferred_locked (
+          node, guest + k * s->cluster_size,
+          qcow2_compressed_entry (s, run->host[k], w->clen[first + k]), 0);
+    if (r == 0 && any_old && (r = qcow2_writeback_locked (node)) == 0)
+      r = node_flush (node->file);
+    for (unsigned k = 0; k < n && r == 0; k++)
+      if (run->old[k])
+        r = qcow2_free_entry_locked (node, run->old[k]);
+    pthread_mutex_unlock (&node->lock);
+  }
+  tracker_end (&s->clusters, &req);
   return r;
+}
+
+/* Store window W (guest offset GUEST, LEN bytes) in guest order. */
+static int
+store_window (strata_node *node, const struct window *w, uint64_t guest,
+              uint64_t len)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t cs = s->cluster_size;
+  int r = 0;
+
+  for (unsigned i = 0; i < w->n && r == 0;) {
+    unsigned j = i;
+    if (w->clen[i] < 0)
+      return (int)w->clen[i];
+    if (w->clen[i] == 0) {
+      /* Incompressible: an ordinary cluster (the image's partial last
+       * cluster only as far as the image goes). */
+      struct iovec v = { .iov_base = (void *)w->in[i],
+                         .iov_len = MIN (cs, len - i * cs) };
+      r = qcow2_pwritev (node, guest + i * cs, v.iov_len, &v, 1, 0);
+      i++;
+      continue;
+    }
+    while (j < w->n && w->clen[j] > 0)
+      j++;
+    r = store_run (node, w, i, j - i, guest + i * cs);
+    i = j;
+  }
+  return r;
+}
+
+/* Point IN[k] at each of the N clusters of the caller's buffers from byte
+ * SKIP: in place when a cluster lies in one buffer, else gathered into
+ * GATHER (padded with zeros past LEN). */
+static void
+window_inputs (const struct qcow2_state *s, const struct iovec *iov,
+               int iovcnt, uint64_t skip, uint64_t len, unsigned n,
+               const uint8_t **in, uint8_t *gather)
+{
+  uint64_t cs = s->cluster_size;
+  int i = 0;
+
+  while (i < iovcnt && skip >= iov[i].iov_len)
+    skip -= iov[i++].iov_len;
+  for (unsigned k = 0; k < n; k++) {
+    uint8_t *g = gather + (size_t)k * cs;
+    uint64_t want = MIN (cs, len - k * cs), got = 0;
+    if (want == cs && i < iovcnt && iov[i].iov_len - skip >= cs) {
+      in[k] = (const uint8_t *)iov[i].iov_base + skip;
+      skip += cs;
+    }
+    else {
+      while (got < want) {
+        size_t take = MIN (iov[i].iov_len - skip, want - got);
+        memcpy (g + got, (const uint8_t *)iov[i].iov_base + skip, take);
+        got += take;
+        skip += take;
+        if (skip == iov[i].iov_len && i + 1 < iovcnt) {
+          i++;
+          skip = 0;
+        }
+      }
+      memset (g + want, 0, cs - want);
+      in[k] = g;
+    }
+    if (i + 1 < iovcnt && skip == iov[i].iov_len) {
+      i++;
+      skip = 0;
+    }
+  }
 }
 
 int
@@ -208,53 +453,41 @@ qcow2_pwritev_compressed (strata_node *node, uint64_t offset, uint64_t len,
                           const struct iovec *iov, int iovcnt, unsigned flags)
 {
   struct qcow2_state *s = node->opaque;
-  CLEANUP_FREE uint8_t *in = NULL, *out = NULL;
-  uint64_t done = 0;
-  int r = 0, i = 0;
-  size_t iov_off = 0;
+  uint64_t cs = s->cluster_size, done = 0;
+  unsigned per, nthreads = compress_threads ();
+  CLEANUP_FREE uint8_t *gather = NULL, *out = NULL;
+  CLEANUP_FREE const uint8_t **in = NULL;
+  CLEANUP_FREE ssize_t *clen = NULL;
+  int r;
 
   if ((r = qcow2_writes_refused (node)) < 0)
     return r;
-  if (offset & (s->cluster_size - 1)
-      || (len & (s->cluster_size - 1) && offset + len != s->size))
-    return io_error (EINVAL, "%s: a compressed write must cover whole "
+  if (offset & (cs - 1) || (len & (cs - 1) && offset + len != s->size))
+    return io_error (EINVAL,
+                     "%s: a compressed write must cover whole "
                      "clusters of %" PRIu64 " bytes (offset %" PRIu64
-                     " length %" PRIu64 ")", node->filename, s->cluster_size,
-                     offset, len);
-  if (!(in = malloc (s->cluster_size)) || !(out = malloc (s->cluster_size)))
+                     " length %" PRIu64 ")",
+                     node->filename, cs, offset, len);
+  /* Enough clusters in a window to keep every thread busy. */
+  per = (unsigned)MAX (COMPRESS_WINDOW / cs, 1);
+  per = MAX (per, MIN (nthreads, 4));
+  per = MIN (per, COMPRESS_WINDOW_MAX);
+  per = (unsigned)MIN (per, (len + cs - 1) / cs);
+  if (!(gather = malloc ((size_t)per * cs))
+      || !(out = malloc ((size_t)per * cs)) || !(in = calloc (per, sizeof *in))
+      || !(clen = calloc (per, sizeof *clen)))
     return -ENOMEM;
   while (done < len && r == 0) {
-    uint64_t n = MIN (len - done, s->cluster_size), got = 0;
-    struct tracked_req req;
-    ssize_t clen;
+    uint64_t n = MIN (len - done, (uint64_t)per * cs);
+    struct window w = { .s = s,
+                        .n = (unsigned)((n + cs - 1) / cs),
+                        .in = in,
+                        .out = out,
+                        .clen = clen };
 
-    /* Gather one cluster from the caller's buffers; pad the image's
-     * partial last cluster with zeros. */
-    memset (in + n, 0, s->cluster_size - n);
-    while (got < n) {
-      size_t take = MIN (iov[i].iov_len - iov_off, n - got);
-      memcpy (in + got, (uint8_t *) iov[i].iov_base + iov_off, take);
-      got += take;
-      iov_off += take;
-      if (iov_off == iov[i].iov_len && i + 1 < iovcnt) {
-        i++;
-        iov_off = 0;
-      }
-    }
-    clen = compress_cluster (s, in, out, s->cluster_size - 1);
-    if (clen < 0)
-      r = (int) clen;
-    else if (clen == 0) {
-      /* Incompressible: store it as an ordinary cluster. */
-      struct iovec v = { .iov_base = in, .iov_len = n };
-      r = qcow2_pwritev (node, offset + done, n, &v, 1, 0);
-    }
-    else {
-      tracker_begin (&s->clusters, &req, offset + done, s->cluster_size,
-                     true);
-      r = store_compressed (node, offset + done, out, clen);
-      tracker_end (&s->clusters, &req);
-    }
+    window_inputs (s, iov, iovcnt, done, n, w.n, in, gather);
+    compress_window (&w, nthreads);
+    r = store_window (node, &w, offset + done, n);
     done += n;
   }
   if (r == 0 && (flags & STRATA_REQ_FUA))

@@ -339,6 +339,13 @@ int64_t qcow2_alloc_cluster_locked (strata_node *node);
  * qcow2_set_l2_entry_deferred_locked: the refcount is left dirty in the
  * cache (cache.c), written before that entry. */
 int64_t qcow2_alloc_data_cluster_locked (strata_node *node);
+/* Take the host cluster at HOST the same way when it is free (a
+ * compressed cluster running on into the next host cluster): 1 when it
+ * was taken, 0 when it is in use, or a negative errno. */
+int qcow2_alloc_data_cluster_at_locked (strata_node *node, uint64_t host);
+/* One more reference to HOST's cluster, left dirty in the cache as the
+ * two above leave theirs (another compressed cluster packed into it). */
+int qcow2_refcount_inc_deferred_locked (strata_node *node, uint64_t host);
 /* Drop one reference from the host clusters an L2 entry points at. */
 int qcow2_free_entry_locked (strata_node *node, uint64_t entry);
 /* Add DELTA references to the host clusters an L2 entry points at. */

@@ -372,6 +372,35 @@ qcow2_alloc_data_cluster_locked (strata_node *node)
 }
 
 int
+qcow2_alloc_data_cluster_at_locked (strata_node *node, uint64_t host)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t idx = host >> s->cluster_bits, rc;
+  int r;
+
+  if (idx >= (QCOW2_MAX_OFFSET >> s->cluster_bits))
+    return 0;
+  if ((r = qcow2_refcount_get_locked (node, idx, &rc)) < 0)
+    return r;
+  if (rc)
+    return 0;
+  if ((r = qcow2_overlap_check_locked (node, host, s->cluster_size, 0,
+                                       "new cluster", UINT64_MAX)) < 0
+      || (r = refcount_update (node, host, 1, true)) < 0)
+    return r;
+  if (idx == s->free_hint)
+    s->free_hint = idx + 1;
+  note_end (s, idx);
+  return 1;
+}
+
+int
+qcow2_refcount_inc_deferred_locked (strata_node *node, uint64_t host)
+{
+  return refcount_update (node, host, 1, true);
+}
+
+int
 qcow2_free_entry_locked (strata_node *node, uint64_t entry)
 {
   return qcow2_ref_entry_locked (node, entry, -1);
