@@ -90,7 +90,7 @@
 #define NBD_PREF_BLOCK 4096
 #define NBD_MAX_BLOCK (32 * 1024 * 1024)
 #define NBD_MAX_INFLIGHT 64
-#define NBD_MAX_QUEUED (64 * 1024 * 1024)
+#define NBD_MAX_QUEUED (4 * 1024 * 1024)
 #define NBD_MAX_EXTENTS 1024
 #define NBD_SPARSE_MIN (64 * 1024) /* smaller reads: no holes */
 #define NBD_HANDSHAKE_MS 10000
