@@ -30,10 +30,19 @@
  * Block status asks for the base:allocation meta context before
  * connecting; NBD_STATE_HOLE clear means data, NBD_STATE_ZERO means reads
  * as zeroes.  As a protocol layer every byte is allocated here.
+ *
+ * libnbd is loaded (dlopen) at the first open of an nbd node, not linked:
+ * it brings about twenty libraries (gnutls, libxml2, ICU, libstdc++)
+ * whose relocations cost every program start more than a whole
+ * `strata-img map` of a written image, though few runs ever open an NBD
+ * export.  Its header still gives the types; the calls go through the
+ * pointers below, named as libnbd names them.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <libnbd.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +55,116 @@
 #include "util/checked.h"
 #include "util/cleanup.h"
 #include "util/clock.h"
+
+/* ---- libnbd, loaded at the first open ---- */
+
+#define LIBNBD_SONAME "libnbd.so.0"
+/* clang-format off */
+#define LIBNBD_CALLS(X) \
+  X (nbd_add_meta_context) \
+  X (nbd_aio_connect_tcp) \
+  X (nbd_aio_connect_unix) \
+  X (nbd_aio_is_closed) \
+  X (nbd_aio_is_dead) \
+  X (nbd_aio_is_ready) \
+  X (nbd_block_status) \
+  X (nbd_can_flush) \
+  X (nbd_can_fua) \
+  X (nbd_can_meta_context) \
+  X (nbd_can_multi_conn) \
+  X (nbd_can_trim) \
+  X (nbd_can_zero) \
+  X (nbd_close) \
+  X (nbd_connect_tcp) \
+  X (nbd_connect_unix) \
+  X (nbd_create) \
+  X (nbd_flush) \
+  X (nbd_get_errno) \
+  X (nbd_get_error) \
+  X (nbd_get_size) \
+  X (nbd_is_read_only) \
+  X (nbd_poll) \
+  X (nbd_pread) \
+  X (nbd_pwrite) \
+  X (nbd_set_export_name) \
+  X (nbd_shutdown) \
+  X (nbd_trim) \
+  X (nbd_zero)
+/* clang-format on */
+
+#define LIBNBD_POINTER(f) static __typeof__ (f) *libnbd_##f;
+LIBNBD_CALLS (LIBNBD_POINTER)
+#undef LIBNBD_POINTER
+
+static pthread_once_t libnbd_once = PTHREAD_ONCE_INIT;
+/* Process-wide, not node state: written once, under libnbd_once, and only
+ * read after it. */
+static char libnbd_error[256];
+
+static void
+libnbd_load (void)
+{
+  void *lib = dlopen (LIBNBD_SONAME, RTLD_NOW | RTLD_LOCAL);
+  const char *missing = NULL;
+
+  if (!lib) {
+    snprintf (libnbd_error, sizeof libnbd_error, "%s", dlerror ());
+    return;
+  }
+#define LIBNBD_RESOLVE(f)                                                     \
+  if (!(libnbd_##f = (__typeof__ (f) *)dlsym (lib, #f)) && !missing)          \
+    missing = #f;
+  LIBNBD_CALLS (LIBNBD_RESOLVE)
+#undef LIBNBD_RESOLVE
+  if (missing)
+    snprintf (libnbd_error, sizeof libnbd_error, "%s has no %s", LIBNBD_SONAME,
+              missing);
+}
+
+/* Load libnbd once; false (and *ERRP set) when it cannot be used. */
+static bool
+libnbd_ready (strata_error **errp)
+{
+  pthread_once (&libnbd_once, libnbd_load);
+  if (libnbd_error[0]) {
+    error_set (errp, ENOTSUP, "the nbd driver needs libnbd: %s", libnbd_error);
+    return false;
+  }
+  return true;
+}
+
+/* The rest of this file calls libnbd by its own names. */
+#define nbd_add_meta_context libnbd_nbd_add_meta_context
+#define nbd_aio_connect_tcp libnbd_nbd_aio_connect_tcp
+#define nbd_aio_connect_unix libnbd_nbd_aio_connect_unix
+#define nbd_aio_is_closed libnbd_nbd_aio_is_closed
+#define nbd_aio_is_dead libnbd_nbd_aio_is_dead
+#define nbd_aio_is_ready libnbd_nbd_aio_is_ready
+#define nbd_block_status libnbd_nbd_block_status
+#define nbd_can_flush libnbd_nbd_can_flush
+#define nbd_can_fua libnbd_nbd_can_fua
+#define nbd_can_meta_context libnbd_nbd_can_meta_context
+#define nbd_can_multi_conn libnbd_nbd_can_multi_conn
+#define nbd_can_trim libnbd_nbd_can_trim
+#define nbd_can_zero libnbd_nbd_can_zero
+#define nbd_close libnbd_nbd_close
+#define nbd_connect_tcp libnbd_nbd_connect_tcp
+#define nbd_connect_unix libnbd_nbd_connect_unix
+#define nbd_create libnbd_nbd_create
+#define nbd_flush libnbd_nbd_flush
+#define nbd_get_errno libnbd_nbd_get_errno
+#define nbd_get_error libnbd_nbd_get_error
+#define nbd_get_size libnbd_nbd_get_size
+#define nbd_is_read_only libnbd_nbd_is_read_only
+#define nbd_poll libnbd_nbd_poll
+#define nbd_pread libnbd_nbd_pread
+#define nbd_pwrite libnbd_nbd_pwrite
+#define nbd_set_export_name libnbd_nbd_set_export_name
+#define nbd_shutdown libnbd_nbd_shutdown
+#define nbd_trim libnbd_nbd_trim
+#define nbd_zero libnbd_nbd_zero
+
+/* ---- the driver ---- */
 
 #define NBD_DEFAULT_PORT "10809"
 #define NBD_MAX_CHUNK (32u << 20)        /* bytes per NBD request */
@@ -920,7 +1039,7 @@ nbd_open (strata_node *node, strata_opts *opts, unsigned flags,
 
   pthread_mutex_init (&((struct nbd_state *) node->opaque)->lock, NULL);
   pthread_cond_init (&((struct nbd_state *) node->opaque)->cond, NULL);
-  ok = nbd_open_connect (node, opts, flags, errp);
+  ok = libnbd_ready (errp) && nbd_open_connect (node, opts, flags, errp);
   if (!ok)
     nbd_node_close (node);
   return ok;
