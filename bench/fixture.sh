@@ -54,8 +54,10 @@ make_fixture() { # DIR SHAPE SIZE
   bytes=$(numfmt --from=iec "$size")
   clusters=$((bytes / 65536))
   qemu-img create -q -f qcow2 "$d/base.qcow2" "$bytes"
-  # qemu-io takes at most 2 GiB per request: write the base in 1 GiB pieces.
-  chunk=$((1 << 30))
+  # qemu-io takes at most 2 GiB per request and holds a buffer of the
+  # request's size: write the base in 256 MiB pieces, so that building a
+  # fixture beside other work does not run the machine out of memory.
+  chunk=$((256 << 20))
   for ((off = 0; off < bytes; off += chunk)); do
     local len=$((bytes - off < chunk ? bytes - off : chunk))
     echo "write -P 1 $off $len"
