@@ -232,5 +232,8 @@ for line in open(sys.argv[1]):
     rows.setdefault((root, " ".join(op)), []).append((size, float(us)))
 for (root, op), v in rows.items():
     cells = "  ".join(f"{s}: {u:8.2f}" for s, u in v)
-    print(f"{root:9s} {op:13s} {cells}  growth {v[-1][1] / v[0][1]:5.2f}")
+    # CPU time is counted in 10 ms ticks: a tool that took none has no
+    # growth to show
+    growth = f"{v[-1][1] / v[0][1]:5.2f}" if v[0][1] > 0 else "    -"
+    print(f"{root:9s} {op:13s} {cells}  growth {growth}")
 EOF
