@@ -114,7 +114,8 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
  * so memory stays bounded whatever its length):
  *
  *   compress  the window's clusters on every CPU (the caller's thread and
- *             helpers taking clusters from a shared index), no lock held;
+ *             the node's compressor threads taking clusters from a queue
+ *             of windows), no lock held while compressing;
  *   store     in guest order, under a serialising tracker entry: for each
  *             cluster its L2 table (first, as QEMU allocates them), then
  *             its bytes, packed back to back into host clusters
@@ -129,13 +130,18 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
  * refcount is at its maximum) a new host cluster starts and the tail of
  * the old one stays unused.
  *
+ * Threads: the node's compressor threads (compress_pool) start at its
+ * first compressed write and stop at close.  Locks: node->lock guards
+ * placement; the pool lock (a leaf, taken under node->lock only while the
+ * pool starts) guards the queue of windows and the kept caller buffers.
+ *
  * Order: the refcounts and L2 entries stay dirty in the cache like an
  * allocating write's (io.c, cache.c: refcounts, flush, L2 tables), so a
  * crash leaks at worst; only when a cluster replaces an allocated one are
  * they written back and flushed before the old mapping is dropped.
  */
 
-#define COMPRESS_WINDOW (4u << 20)
+#define COMPRESS_WINDOW (2u << 20)
 #define COMPRESS_WINDOW_MAX 256 /* clusters */
 #define COMPRESS_IOV_MAX 64     /* buffers per write, as file.c takes */
 #define COMPRESS_THREADS_MAX 16
@@ -192,54 +198,205 @@ compress_cluster (struct compressor *c, const uint8_t *in, uint8_t *out,
 
 /* One window: N clusters, IN[i] the guest bytes of cluster i (padded to a
  * whole cluster), OUT + i * cluster_size its compressed bytes, CLEN[i]
- * their length (0: store it uncompressed; < 0: an errno). */
+ * their length (0: store it uncompressed; < 0: an errno).  NEXT (clusters
+ * handed out) and DONE (clusters compressed) are under the pool lock. */
 struct window {
   const struct qcow2_state *s;
   unsigned n;
   const uint8_t **in;
   uint8_t *out;
   ssize_t *clen;
-  atomic_uint next;
+  unsigned next, done;
+  struct window *link; /* the pool's queue */
 };
 
-static void *
-compress_some (void *arg)
+/* The node's compressor threads, started at its first compressed write
+ * and stopped at close.  The pool lock (a leaf) guards the queue of
+ * windows with clusters not yet handed out, each window's NEXT and DONE,
+ * and QUIT; WORK wakes the threads, DONE_COND the windows' owners. */
+struct compress_pool {
+  pthread_mutex_t lock;
+  pthread_cond_t work, done_cond;
+  struct window *head, **tail;
+  struct slot *slots; /* callers' buffers, kept for the next request */
+  bool quit;
+  unsigned nthreads;
+  pthread_t tids[COMPRESS_THREADS_MAX];
+};
+
+/* What one caller needs for a request: its compressor and a window's
+ * buffers (GATHER only when its buffers split a cluster), kept in the
+ * pool between requests so neither is allocated and faulted in again. */
+struct slot {
+  struct slot *next;
+  struct compressor c;
+  uint8_t *out, *gather;
+  const uint8_t *in[COMPRESS_WINDOW_MAX];
+  ssize_t clen[COMPRESS_WINDOW_MAX];
+};
+
+static void
+slot_free (struct slot *sl)
 {
-  struct window *w = arg;
-  struct compressor c = { .s = w->s };
+  if (!sl)
+    return;
+  compressor_end (&sl->c);
+  free (sl->out);
+  free (sl->gather);
+  free (sl);
+}
+
+/* Hand out a cluster of the first window in the queue: *W and its index,
+ * or false when the queue is empty.  _pool_locked. */
+static bool
+claim_pool_locked (struct compress_pool *p, struct window **w, unsigned *i)
+{
+  struct window *h = p->head;
+
+  if (!h)
+    return false;
+  *w = h;
+  *i = h->next++;
+  if (h->next == h->n) { /* all handed out: off the queue */
+    p->head = h->link;
+    if (!p->head)
+      p->tail = &p->head;
+  }
+  return true;
+}
+
+static void
+compress_one (struct compressor *c, struct window *w, unsigned i)
+{
+  w->clen[i]
+      = compress_cluster (c, w->in[i], w->out + (size_t)i * w->s->cluster_size,
+                          w->s->cluster_size - 1);
+}
+
+static void
+finish_pool_locked (struct compress_pool *p, struct window *w)
+{
+  if (++w->done == w->n)
+    pthread_cond_broadcast (&p->done_cond);
+}
+
+static void *
+pool_thread (void *arg)
+{
+  struct compress_pool *p = arg;
+  struct compressor c = { 0 };
+  struct window *w;
   unsigned i;
 
-  while ((i = atomic_fetch_add (&w->next, 1)) < w->n)
-    w->clen[i] = compress_cluster (&c, w->in[i],
-                                   w->out + (size_t)i * w->s->cluster_size,
-                                   w->s->cluster_size - 1);
+  pthread_mutex_lock (&p->lock);
+  for (;;) {
+    while (!p->quit && !p->head)
+      pthread_cond_wait (&p->work, &p->lock);
+    if (!claim_pool_locked (p, &w, &i))
+      break; /* quit, nothing queued */
+    pthread_mutex_unlock (&p->lock);
+    c.s = w->s;
+    compress_one (&c, w, i);
+    pthread_mutex_lock (&p->lock);
+    finish_pool_locked (p, w);
+  }
+  pthread_mutex_unlock (&p->lock);
   compressor_end (&c);
   return NULL;
 }
 
-/* Compress the window on up to NTHREADS threads, this one included. */
-static void
-compress_window (struct window *w, unsigned nthreads)
+/* The node's pool, started on first use; NULL when no thread could start
+ * (the caller then compresses alone). */
+static struct compress_pool *
+pool_get (strata_node *node)
 {
-  pthread_t tids[COMPRESS_THREADS_MAX];
-  unsigned started = 0;
+  struct qcow2_state *s = node->opaque;
+  struct compress_pool *p;
+  long ncpu;
 
-  atomic_init (&w->next, 0);
-  nthreads = MIN (MIN (nthreads, w->n), COMPRESS_THREADS_MAX);
-  for (; started + 1 < nthreads; started++)
-    if (pthread_create (&tids[started], NULL, compress_some, w) != 0)
-      break;
-  compress_some (w);
-  for (unsigned i = 0; i < started; i++)
-    pthread_join (tids[i], NULL);
+  pthread_mutex_lock (&node->lock);
+  if ((p = s->compress_pool) || s->compress_pool_failed)
+    goto out;
+  ncpu = sysconf (_SC_NPROCESSORS_ONLN);
+  if (ncpu < 2 || !(p = calloc (1, sizeof *p))) {
+    s->compress_pool_failed = true;
+    goto out;
+  }
+  pthread_mutex_init (&p->lock, NULL);
+  pthread_cond_init (&p->work, NULL);
+  pthread_cond_init (&p->done_cond, NULL);
+  p->tail = &p->head;
+  /* The caller compresses too: one thread fewer than the CPUs. */
+  while (p->nthreads < MIN ((unsigned long)ncpu - 1, COMPRESS_THREADS_MAX)
+         && pthread_create (&p->tids[p->nthreads], NULL, pool_thread, p) == 0)
+    p->nthreads++;
+  if (!p->nthreads) {
+    qcow2_compress_stop (p);
+    p = NULL;
+    s->compress_pool_failed = true;
+  }
+  s->compress_pool = p;
+out:
+  pthread_mutex_unlock (&node->lock);
+  return p;
 }
 
-static unsigned
-compress_threads (void)
+void
+qcow2_compress_stop (struct compress_pool *p)
 {
-  long n = sysconf (_SC_NPROCESSORS_ONLN);
+  if (!p)
+    return;
+  pthread_mutex_lock (&p->lock);
+  p->quit = true;
+  pthread_cond_broadcast (&p->work);
+  pthread_mutex_unlock (&p->lock);
+  for (unsigned i = 0; i < p->nthreads; i++)
+    pthread_join (p->tids[i], NULL);
+  while (p->slots) {
+    struct slot *next = p->slots->next;
+    slot_free (p->slots);
+    p->slots = next;
+  }
+  pthread_cond_destroy (&p->work);
+  pthread_cond_destroy (&p->done_cond);
+  pthread_mutex_destroy (&p->lock);
+  free (p);
+}
 
-  return n < 1 ? 1 : (unsigned)MIN (n, COMPRESS_THREADS_MAX);
+/* Compress window W with the pool's threads (P may be NULL) and this one,
+ * which takes clusters too and so never waits for a thread to wake, only
+ * for clusters a thread has started. */
+static void
+compress_window (struct compress_pool *p, struct window *w,
+                 struct compressor *c)
+{
+  unsigned i;
+
+  w->next = w->done = 0;
+  w->link = NULL;
+  if (!p) {
+    for (i = 0; i < w->n; i++)
+      compress_one (c, w, i);
+    return;
+  }
+  pthread_mutex_lock (&p->lock);
+  *p->tail = w;
+  p->tail = &w->link;
+  pthread_cond_broadcast (&p->work);
+  /* W stays queued until its last cluster is handed out, so there is
+   * always one to take (another window's first, when queued earlier). */
+  while (w->next < w->n) {
+    struct window *got = w;
+    i = 0;
+    claim_pool_locked (p, &got, &i);
+    pthread_mutex_unlock (&p->lock);
+    compress_one (c, got, i);
+    pthread_mutex_lock (&p->lock);
+    finish_pool_locked (p, got);
+  }
+  while (w->done < w->n)
+    pthread_cond_wait (&p->done_cond, &p->lock);
+  pthread_mutex_unlock (&p->lock);
 }
 
 /* Where LEN (< cluster_size) compressed bytes go: after the last ones
@@ -410,10 +567,10 @@ store_window (strata_node *node, const struct window *w, uint64_t guest,
 /* Point IN[k] at each of the N clusters of the caller's buffers from byte
  * SKIP: in place when a cluster lies in one buffer, else gathered into
  * GATHER (padded with zeros past LEN). */
-static void
+static int
 window_inputs (const struct qcow2_state *s, const struct iovec *iov,
                int iovcnt, uint64_t skip, uint64_t len, unsigned n,
-               const uint8_t **in, uint8_t *gather)
+               const uint8_t **in, uint8_t **gatherp, unsigned per)
 {
   uint64_t cs = s->cluster_size;
   int i = 0;
@@ -421,13 +578,16 @@ window_inputs (const struct qcow2_state *s, const struct iovec *iov,
   while (i < iovcnt && skip >= iov[i].iov_len)
     skip -= iov[i++].iov_len;
   for (unsigned k = 0; k < n; k++) {
-    uint8_t *g = gather + (size_t)k * cs;
     uint64_t want = MIN (cs, len - k * cs), got = 0;
+    uint8_t *g;
     if (want == cs && i < iovcnt && iov[i].iov_len - skip >= cs) {
       in[k] = (const uint8_t *)iov[i].iov_base + skip;
       skip += cs;
     }
     else {
+      if (!*gatherp && !(*gatherp = malloc ((size_t)per * cs)))
+        return -ENOMEM;
+      g = *gatherp + (size_t)k * cs;
       while (got < want) {
         size_t take = MIN (iov[i].iov_len - skip, want - got);
         memcpy (g + got, (const uint8_t *)iov[i].iov_base + skip, take);
@@ -446,6 +606,42 @@ window_inputs (const struct qcow2_state *s, const struct iovec *iov,
       skip = 0;
     }
   }
+  return 0;
+}
+
+/* A caller's slot for windows of PER clusters: a kept one, or new. */
+static struct slot *
+slot_get (struct compress_pool *p, const struct qcow2_state *s, unsigned per)
+{
+  struct slot *sl = NULL;
+
+  if (p) {
+    pthread_mutex_lock (&p->lock);
+    if ((sl = p->slots))
+      p->slots = sl->next;
+    pthread_mutex_unlock (&p->lock);
+  }
+  if (!sl && (sl = calloc (1, sizeof *sl))
+      && !(sl->out = malloc ((size_t)per * s->cluster_size))) {
+    free (sl);
+    sl = NULL;
+  }
+  if (sl)
+    sl->c.s = s;
+  return sl;
+}
+
+static void
+slot_put (struct compress_pool *p, struct slot *sl)
+{
+  if (!p) {
+    slot_free (sl);
+    return;
+  }
+  pthread_mutex_lock (&p->lock);
+  sl->next = p->slots;
+  p->slots = sl;
+  pthread_mutex_unlock (&p->lock);
 }
 
 int
@@ -454,10 +650,9 @@ qcow2_pwritev_compressed (strata_node *node, uint64_t offset, uint64_t len,
 {
   struct qcow2_state *s = node->opaque;
   uint64_t cs = s->cluster_size, done = 0;
-  unsigned per, nthreads = compress_threads ();
-  CLEANUP_FREE uint8_t *gather = NULL, *out = NULL;
-  CLEANUP_FREE const uint8_t **in = NULL;
-  CLEANUP_FREE ssize_t *clen = NULL;
+  struct compress_pool *pool = pool_get (node);
+  unsigned per, nthreads = pool ? pool->nthreads + 1 : 1;
+  struct slot *sl;
   int r;
 
   if ((r = qcow2_writes_refused (node)) < 0)
@@ -468,28 +663,29 @@ qcow2_pwritev_compressed (strata_node *node, uint64_t offset, uint64_t len,
                      "clusters of %" PRIu64 " bytes (offset %" PRIu64
                      " length %" PRIu64 ")",
                      node->filename, cs, offset, len);
-  /* Enough clusters in a window to keep every thread busy. */
+  /* Enough clusters in a window to keep every thread busy; the same for
+   * every request, so that slots fit any of them. */
   per = (unsigned)MAX (COMPRESS_WINDOW / cs, 1);
   per = MAX (per, MIN (nthreads, 4));
   per = MIN (per, COMPRESS_WINDOW_MAX);
-  per = (unsigned)MIN (per, (len + cs - 1) / cs);
-  if (!(gather = malloc ((size_t)per * cs))
-      || !(out = malloc ((size_t)per * cs)) || !(in = calloc (per, sizeof *in))
-      || !(clen = calloc (per, sizeof *clen)))
+  if (!(sl = slot_get (pool, s, per)))
     return -ENOMEM;
   while (done < len && r == 0) {
     uint64_t n = MIN (len - done, (uint64_t)per * cs);
     struct window w = { .s = s,
                         .n = (unsigned)((n + cs - 1) / cs),
-                        .in = in,
-                        .out = out,
-                        .clen = clen };
+                        .in = sl->in,
+                        .out = sl->out,
+                        .clen = sl->clen };
 
-    window_inputs (s, iov, iovcnt, done, n, w.n, in, gather);
-    compress_window (&w, nthreads);
-    r = store_window (node, &w, offset + done, n);
+    r = window_inputs (s, iov, iovcnt, done, n, w.n, sl->in, &sl->gather, per);
+    if (r == 0) {
+      compress_window (pool, &w, &sl->c);
+      r = store_window (node, &w, offset + done, n);
+    }
     done += n;
   }
+  slot_put (pool, sl);
   if (r == 0 && (flags & STRATA_REQ_FUA))
     r = node_flush (node);
   return r;

@@ -270,6 +270,8 @@ qcow2_close (strata_node *node)
     if (r == 0)
       node_flush (node->file);
   }
+  qcow2_compress_stop (s->compress_pool);
+  s->compress_pool = NULL;
   qcow2_cache_destroy (&s->l2_cache);
   qcow2_cache_destroy (&s->rc_cache);
   qcow2_overlap_destroy (s);

@@ -159,6 +159,11 @@ struct qcow2_state {
    * block status (qcow2_block_status): 0 not yet, 1 no, 2 yes. */
   atomic_int prealloc_guess;
 
+  /* compress.c's threads, started at the first compressed write (under
+   * node->lock; the pool has its own lock). */
+  struct compress_pool *compress_pool;
+  bool compress_pool_failed;
+
   struct tracker clusters;    /* guest-cluster-granular request tracker */
   /* Refcount increments stay dirty in the cache until the caller writes
    * them back (many at once: snapshot create and apply). */
@@ -382,6 +387,8 @@ int qcow2_writes_refused (strata_node *node);
 int qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
                       uint8_t *out);
 
+/* Stop a node's compressor threads (at close; NULL: none). */
+void qcow2_compress_stop (struct compress_pool *p);
 int qcow2_pwritev_compressed (strata_node *node, uint64_t offset,
                               uint64_t len, const struct iovec *iov,
                               int iovcnt, unsigned flags);
