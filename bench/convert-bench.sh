@@ -5,7 +5,7 @@
 # each (from /usr/bin/time).  Not a test: run it by hand on a quiet
 # machine.
 #
-#   bench/convert-bench.sh [-s SIZE] [-F FIXTURE_SIZE] [-r REPEAT] [BUILD_DIR]
+#   bench/convert-bench.sh [-s SIZE] [-F FIXTURE_SIZE] [-r REPEAT] [-C] [BUILD_DIR]
 #
 # Inputs, each made, used and deleted in turn on every bench root (tmpfs
 # /dev/shm and the disk under TMPDIR, or $BENCH_ROOT), so one root holds
@@ -18,16 +18,25 @@
 #               64 KiB clusters or in order
 # Each tool writes its own fresh output (deleted between runs), the page
 # cache is shared, and the best of REPEAT runs (default 3) counts.
+#
+# Then the `convert -c` rows (-C: only those), zlib and zstd, in order
+# and with -W, on half, fragmented and
+#   halfc       SIZE/16 of clusters that each compress to about half (32
+#               KiB of seeded random bytes, 32 KiB of zeros), where packing
+#               compressed clusters across host clusters halves the output
+# with the output size of each tool and their ratio.
 set -euo pipefail
 
 size=4G
 fsize=4G
 repeat=3
-while getopts "s:F:r:" o; do
+only_c=0
+while getopts "s:F:r:C" o; do
   case $o in
     s) size=$OPTARG ;;
     F) fsize=$OPTARG ;;
     r) repeat=$OPTARG ;;
+    C) only_c=1 ;;
     *) exit 2 ;;
   esac
 done
@@ -70,9 +79,10 @@ make_input() {
   esac
 }
 
-# One run of "tool args... OUT": "seconds rss_kib", or "fail fail".
-once() {
-  local out=$1 t r
+# Run "tool args... OUT" timed into $work/time, from the same start as
+# every run; false (the error printed) when it fails.
+timed() {
+  local out=$1
   shift
   rm -f "$work/$out"
   sync  # no writeback of an earlier run's output during this one
@@ -86,9 +96,14 @@ once() {
   if ! /usr/bin/time -f '%e %M' -o "$work/time" "$@" "$work/$out" \
        >/dev/null 2>"$work/err"; then
     cat "$work/err" >&2
-    echo "fail fail"
-    return
+    return 1
   fi
+}
+
+# One run of "tool args... OUT": "seconds rss_kib", or "fail fail".
+once() {
+  local out=$1 t r
+  timed "$@" || { echo "fail fail"; return; }
   rm -f "$work/$out"
   read -r t r <"$work/time"
   echo "$t $r"
@@ -106,7 +121,7 @@ best_of() {  # var_time var_rss new_time new_rss
 
 printf '%-10s %-30s %9s %9s %7s %12s %12s\n' where case "strata s" \
   "qemu s" ratio "strata RSS" "qemu RSS"
-for where in $(bench_roots); do
+for where in $( ((only_c)) || bench_roots); do
   for src in half chain fragmented sequential; do
     work=$(mktemp -d "$where/strata-convert-bench.XXXXXX")
     trap 'rm -rf "$work"' EXIT
@@ -128,6 +143,74 @@ for where in $(bench_roots); do
       ratio=$(awk -v s="$ts" -v q="$tq" 'BEGIN { if (q + 0 > 0) printf "%.2f", s / q; else print "n/a" }')
       printf '%-10s %-30s %9s %9s %7s %8s MiB %8s MiB\n' "$where" \
         "$label $v" "$ts" "$tq" "$ratio" "$((rs / 1024))" "$((rq / 1024))"
+    done
+    rm -rf "$work"
+    trap - EXIT
+  done
+done
+
+# ---- convert -c: time and output size ----
+
+c_variants=("-c -O qcow2" "-c -W -O qcow2"
+  "-c -O qcow2 -o compression_type=zstd"
+  "-c -W -O qcow2 -o compression_type=zstd")
+
+# make_halfc DIR: the half-compressible input; prints the image to read.
+make_halfc() {
+  /usr/bin/python3 - "$1/halfc.raw" $((bytes / 16 / 65536)) <<'PY'
+import random, sys
+rnd = random.Random(20)
+with open(sys.argv[1], "wb") as f:
+    for _ in range(int(sys.argv[2])):
+        f.write(rnd.randbytes(32768) + bytes(32768))
+PY
+  qemu-img convert -f raw -O qcow2 "$1/halfc.raw" "$1/halfc.qcow2"
+  rm -f "$1/halfc.raw"
+  echo "$1/halfc.qcow2"
+}
+
+# One run of "tool args... OUT": "seconds rss_kib output_bytes", or
+# "fail fail fail".
+once_sized() {
+  local out=$1 t r
+  timed "$@" || { echo "fail fail fail"; return; }
+  read -r t r <"$work/time"
+  echo "$t $r $(stat -c %s "$work/$out")"
+  rm -f "$work/$out"
+}
+
+mb() { awk -v b="$1" 'BEGIN { if (b + 0 > 0) printf "%.1f", b / 1e6; else print "fail" }'; }
+
+echo
+printf '%-10s %-44s %8s %8s %6s %9s %9s %6s\n' where "case (convert -c)" \
+  "strata s" "qemu s" ratio "strata MB" "qemu MB" size
+for where in $(bench_roots); do
+  for src in half fragmented halfc; do
+    work=$(mktemp -d "$where/strata-convert-bench.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+    case $src in
+      halfc) in=$(make_halfc "$work"); label="halfc ($((mib / 16))M)" ;;
+      half) in=$(make_input "$work" half); label="half ($size)" ;;
+      *) in=$(make_input "$work" "$src"); label="$src ($fsize)" ;;
+    esac
+    for v in "${c_variants[@]}"; do
+      read -ra opts <<<"$v"
+      ts= rs= tq= rq= zs= zq=
+      for ((i = 0; i < repeat; i++)); do
+        read -r t r z < <(once_sized s.out "$simg" convert "${opts[@]}" "$in")
+        [[ $t == fail ]] && { ts=fail; rs=0; zs=0; break; }
+        best_of ts rs "$t" "$r"
+        zs=$z
+        read -r t r z < <(once_sized q.out qemu-img convert "${opts[@]}" "$in")
+        [[ $t == fail ]] && { tq=fail; rq=0; zq=0; break; }
+        best_of tq rq "$t" "$r"
+        zq=$z
+      done
+      ratio=$(awk -v s="$ts" -v q="$tq" 'BEGIN { if (q + 0 > 0) printf "%.2f", s / q; else print "n/a" }')
+      zratio=$(awk -v s="$zs" -v q="$zq" 'BEGIN { if (q + 0 > 0) printf "%.2f", s / q; else print "n/a" }')
+      printf '%-10s %-44s %8s %8s %6s %9s %9s %6s\n' "$where" \
+        "$label ${v#-c }" "$ts" "$tq" "$ratio" "$(mb "$zs")" "$(mb "$zq")" \
+        "$zratio"
     done
     rm -rf "$work"
     trap - EXIT
