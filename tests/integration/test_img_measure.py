@@ -2,6 +2,7 @@
 messages and exit codes, for creation options alone (--size) and for real
 source images (raw, qcow2, chains, zero and compressed clusters)."""
 import json
+import os
 
 import pytest
 
@@ -187,6 +188,14 @@ def random_chain(d, rnd, size):
             kind = rnd.choice(["-P 7", "-z", "-P 0"])
             cmds += ["-c", f"write {kind} {off} {length}"]
         run(qio, *cmds, img)
+        # Written back now, so the allocated size QEMU's preallocation
+        # guess reads (st_blocks) stays the same for both tools: delayed
+        # allocation can change it between the two runs otherwise.
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         backing = img.name
     return backing
 
