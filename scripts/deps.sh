@@ -12,7 +12,7 @@ packages=(
   zlib1g-dev libzstd-dev libjansson-dev libnbd-dev
   # test peers and runners
   qemu-utils qemu-system-common libnbd-bin nbdkit fio
-  python3 python3-pytest python3-pytest-xdist python3-libnbd util-linux procps
+  python3 python3-pytest python3-pytest-xdist python3-libnbd util-linux procps strace
 )
 
 missing=()
