@@ -345,19 +345,29 @@ void
 request_submit_batch (struct conn *c)
 {
   struct workqueue *pool = c->srv->pool;
+  uint64_t avg = workqueue_avg_ns (pool);
   unsigned wake;
 
   reply_send_deferred (c);
   if (!c->batch)
     return;
   /* Waking a worker costs more than a short request: while requests are
-   * short (page-cache I/O), one worker per batch runs it, and the reader
-   * and that worker keep two cores busy with no hand-over per request.
-   * A request that may block (flush, big transfer) gets a worker of its
+   * short (page-cache I/O), one worker runs a batch's worth of about
+   * NBD_SLOW_REQUEST_NS, and the reader and that worker keep two cores
+   * busy with no hand-over per request.  A batch of middling requests
+   * (allocating writes: a cluster read from the backing file and written
+   * back, ~100 us) gets as many workers as it holds such slices, so the
+   * cores share it instead of one worker running it all in turn.  A
+   * request that may block (flush, big transfer) gets a worker of its
    * own, and once requests take long (disk, remote backing file) every
    * request does. */
-  wake = workqueue_avg_ns (pool) > NBD_SLOW_REQUEST_NS ? c->nbatch
-                                                       : 1 + c->nheavy;
+  if (avg > NBD_SLOW_REQUEST_NS)
+    wake = c->nbatch;
+  else {
+    wake = 1 + c->nheavy + (unsigned)(c->nbatch * avg / NBD_SLOW_REQUEST_NS);
+    if (wake > c->nbatch)
+      wake = c->nbatch;
+  }
   workqueue_submit (pool, c->batch, c->batch_tail, c->nbatch, wake);
   c->batch = c->batch_tail = NULL;
   c->nbatch = c->nheavy = 0;
