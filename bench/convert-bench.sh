@@ -41,11 +41,9 @@ while getopts "s:F:r:C" o; do
   esac
 done
 shift $((OPTIND - 1))
-top=$(cd "$(dirname "$0")/.." && pwd)
-build=$(cd "${1:-$top/build}" && pwd)
-simg=$build/strata-img
 # shellcheck source=bench/fixture.sh
-. "$top/bench/fixture.sh"
+. "$(dirname "$0")/fixture.sh"
+bench_tools "${1:-}"
 bytes=$(numfmt --from=iec "$size")
 mib=$((bytes / 1048576))
 
@@ -93,14 +91,13 @@ timed() {
     echo 1 >/proc/sys/vm/drop_caches
   fi
   cat "$work"/*.qcow2 >/dev/null
-  if ! /usr/bin/time -f '%e %M' -o "$work/time" "$@" "$work/$out" \
-       >/dev/null 2>"$work/err"; then
+  if ! bench_time /dev/null "$@" "$work/$out" >"$work/time" 2>"$work/err"; then
     cat "$work/err" >&2
     return 1
   fi
 }
 
-# One run of "tool args... OUT": "seconds rss_kib", or "fail fail".
+# One run of "tool args... OUT": "microseconds rss_kib", or "fail fail".
 once() {
   local out=$1 t r
   timed "$@" || { echo "fail fail"; return; }
@@ -109,15 +106,8 @@ once() {
   echo "$t $r"
 }
 
-# The two tools alternate, so a burst of load from elsewhere hits both;
-# each keeps its best time and its largest RSS.
-best_of() {  # var_time var_rss new_time new_rss
-  local -n bt=$1 br=$2
-  if [[ -z $bt ]] || awk -v a="$3" -v b="$bt" 'BEGIN { exit !(a < b) }'; then
-    bt=$3
-  fi
-  if [[ -z $br || $4 -gt $br ]]; then br=$4; fi
-}
+# secs MICROSECONDS: seconds as the rows print them ("fail" stays).
+secs() { awk -v t="$1" 'BEGIN { if (t ~ /^[0-9]+$/) printf "%.2f", t / 1e6; else print t }'; }
 
 printf '%-10s %-30s %9s %9s %7s %12s %12s\n' where case "strata s" \
   "qemu s" ratio "strata RSS" "qemu RSS"
@@ -135,14 +125,14 @@ for where in $( ((only_c)) || bench_roots); do
       for ((i = 0; i < repeat; i++)); do
         read -r t r < <(once s.out "$simg" convert "${opts[@]}" "$in")
         [[ $t == fail ]] && { ts=fail; rs=0; break; }
-        best_of ts rs "$t" "$r"
+        bench_keep ts rs "$t" "$r"
         read -r t r < <(once q.out qemu-img convert "${opts[@]}" "$in")
         [[ $t == fail ]] && { tq=fail; rq=0; break; }
-        best_of tq rq "$t" "$r"
+        bench_keep tq rq "$t" "$r"
       done
       ratio=$(awk -v s="$ts" -v q="$tq" 'BEGIN { if (q + 0 > 0) printf "%.2f", s / q; else print "n/a" }')
       printf '%-10s %-30s %9s %9s %7s %8s MiB %8s MiB\n' "$where" \
-        "$label $v" "$ts" "$tq" "$ratio" "$((rs / 1024))" "$((rq / 1024))"
+        "$label $v" "$(secs "$ts")" "$(secs "$tq")" "$ratio" "$((rs / 1024))" "$((rq / 1024))"
     done
     rm -rf "$work"
     trap - EXIT
@@ -169,7 +159,7 @@ PY
   echo "$1/halfc.qcow2"
 }
 
-# One run of "tool args... OUT": "seconds rss_kib output_bytes", or
+# One run of "tool args... OUT": "microseconds rss_kib output_bytes", or
 # "fail fail fail".
 once_sized() {
   local out=$1 t r
@@ -199,17 +189,17 @@ for where in $(bench_roots); do
       for ((i = 0; i < repeat; i++)); do
         read -r t r z < <(once_sized s.out "$simg" convert "${opts[@]}" "$in")
         [[ $t == fail ]] && { ts=fail; rs=0; zs=0; break; }
-        best_of ts rs "$t" "$r"
+        bench_keep ts rs "$t" "$r"
         zs=$z
         read -r t r z < <(once_sized q.out qemu-img convert "${opts[@]}" "$in")
         [[ $t == fail ]] && { tq=fail; rq=0; zq=0; break; }
-        best_of tq rq "$t" "$r"
+        bench_keep tq rq "$t" "$r"
         zq=$z
       done
       ratio=$(awk -v s="$ts" -v q="$tq" 'BEGIN { if (q + 0 > 0) printf "%.2f", s / q; else print "n/a" }')
       zratio=$(awk -v s="$zs" -v q="$zq" 'BEGIN { if (q + 0 > 0) printf "%.2f", s / q; else print "n/a" }')
       printf '%-10s %-44s %8s %8s %6s %9s %9s %6s\n' "$where" \
-        "$label ${v#-c }" "$ts" "$tq" "$ratio" "$(mb "$zs")" "$(mb "$zq")" \
+        "$label ${v#-c }" "$(secs "$ts")" "$(secs "$tq")" "$ratio" "$(mb "$zs")" "$(mb "$zq")" \
         "$zratio"
     done
     rm -rf "$work"

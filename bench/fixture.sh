@@ -19,6 +19,44 @@
 # The base holds pattern 1, mid pattern 2 and top pattern 3, all written
 # by qemu-io so that neither tool under test made the images it reads.
 # BENCH_FIXTURE_SEED changes the random picks (default 1).
+#
+# And what every bench script does around them:
+#   bench_tools [BUILD_DIR]     -> sets top (the checkout), build (BUILD_DIR,
+#                                  default $top/build) and simg; exits if
+#                                  strata-img is not built
+#   bench_time OUT CMD...       -> runs CMD, its stdout to OUT; prints
+#                                  "microseconds peak_rss_kib"; CMD's status
+#   bench_keep VT VR TIME RSS   -> VT keeps the smallest time, VR the largest
+#                                  RSS (tools alternate, so a burst of load
+#                                  from elsewhere hits both)
+
+bench_tools() {
+  top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  build=$(cd "${1:-$top/build}" && pwd)
+  simg=$build/strata-img
+  if [[ ! -x $simg ]]; then
+    echo "$(basename "$0"): $simg not built (make)" >&2
+    exit 1
+  fi
+}
+
+bench_time() {
+  local out=$1 s e rc=0 rf
+  shift
+  rf=$(mktemp)
+  s=$(date +%s%N)
+  /usr/bin/time -f %M -o "$rf" "$@" >"$out" || rc=$?
+  e=$(date +%s%N)
+  echo "$(((e - s) / 1000)) $(tail -n 1 "$rf")"
+  rm -f "$rf"
+  return $rc
+}
+
+bench_keep() {
+  local -n bt=$1 br=$2
+  if [[ -z $bt || $3 -lt $bt ]]; then bt=$3; fi
+  if [[ -z $br || $4 -gt $br ]]; then br=$4; fi
+}
 
 bench_roots() {
   if [[ -n ${BENCH_ROOT:-} ]]; then

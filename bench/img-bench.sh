@@ -35,11 +35,9 @@ while getopts "f:s:F:c:" o; do
   esac
 done
 shift $((OPTIND - 1))
-top=$(cd "$(dirname "$0")/.." && pwd)
-build=$(cd "${1:-$top/build}" && pwd)
-simg=$build/strata-img
 # shellcheck source=bench/fixture.sh
-. "$top/bench/fixture.sh"
+. "$(dirname "$0")/fixture.sh"
+bench_tools "${1:-}"
 
 run() {  # tool args... -> seconds
   local out

@@ -29,30 +29,9 @@ while getopts "s:r:" o; do
   esac
 done
 shift $((OPTIND - 1))
-top=$(cd "$(dirname "$0")/.." && pwd)
-build=$(cd "${1:-$top/build}" && pwd)
-simg=$build/strata-img
-[[ -x $simg ]] || { echo "map-bench: $simg not built (make)" >&2; exit 1; }
 # shellcheck source=bench/fixture.sh
-. "$top/bench/fixture.sh"
-
-# One run of "$@" with its output in $out: "microseconds rss_kib".
-once() {
-  local s e
-  s=$(date +%s%N)
-  /usr/bin/time -f %M -o "$d/rss" "$@" >"$out"
-  e=$(date +%s%N)
-  echo "$(((e - s) / 1000)) $(<"$d/rss")"
-}
-
-# The two tools alternate, so a burst of load from elsewhere hits both;
-# each keeps its best time and its largest RSS.
-keep() { # var_time var_rss time rss
-  local -n bt=$1 br=$2
-  [[ -z $bt || $3 -lt $bt ]] && bt=$3
-  [[ -z $br || $4 -gt $br ]] && br=$4
-  return 0
-}
+. "$(dirname "$0")/fixture.sh"
+bench_tools "${1:-}"
 
 printf '%-10s %-11s %5s %10s %10s %6s %9s %9s %s\n' where shape size \
   "qemu ms" "strata ms" ratio "qemu RSS" "strata RSS" output
@@ -64,12 +43,10 @@ for where in $(bench_roots); do
       make_fixture "$d" "$shape" "$size"
       tq= rq= ts= rs=
       for ((i = 0; i < repeat; i++)); do
-        out=$d/q.json
-        read -r t r < <(once qemu-img map --output=json "$d/top.qcow2")
-        keep tq rq "$t" "$r"
-        out=$d/s.json
-        read -r t r < <(once "$simg" map --output=json "$d/top.qcow2")
-        keep ts rs "$t" "$r"
+        read -r t r < <(bench_time "$d/q.json" qemu-img map --output=json "$d/top.qcow2")
+        bench_keep tq rq "$t" "$r"
+        read -r t r < <(bench_time "$d/s.json" "$simg" map --output=json "$d/top.qcow2")
+        bench_keep ts rs "$t" "$r"
       done
       same=differs; cmp -s "$d/q.json" "$d/s.json" && same=identical
       printf '%-10s %-11s %5s %10.1f %10.1f %6.2f %6s MiB %6s MiB %s\n' \
