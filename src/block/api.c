@@ -221,16 +221,23 @@ strata_flush (strata_node *node, unsigned flags)
   return r < 0 ? r : node_flush (node);
 }
 
-/* Unallocated zeros keep the host offset their layer gave (an extended L2
- * entry's unallocated subclusters), as qemu-img map shows it. */
-static void
-extent_offset (struct strata_extent *ext, const struct bstat *bs)
+/* An extent of LEN bytes at DEPTH that reads as zeros and is allocated
+ * nowhere.  Unallocated zeros keep the host offset their layer gave in BS
+ * (an extended L2 entry's unallocated subclusters), as qemu-img map shows
+ * it; BS is NULL past the end of a node. */
+static int
+zero_extent (struct strata_extent *ext, uint64_t len, int depth,
+             const struct bstat *bs)
 {
-  if ((bs->flags & BS_OFFSET) && bs->file) {
+  *ext = (struct strata_extent){
+    .size = ext->size, .length = len, .flags = STRATA_BS_ZERO, .depth = depth
+  };
+  if (bs && (bs->flags & BS_OFFSET) && bs->file) {
     ext->flags |= STRATA_BS_OFFSET;
     ext->map = bs->map;
     ext->file = bs->file->filename;
   }
+  return 0;
 }
 
 /* Walk down filters and backing edges until a layer defines the range. */
@@ -261,11 +268,7 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
       return (int)size;
     if ((uint64_t)size <= offset) {
       /* Past the end of a shorter backing file: reads as zeros. */
-      *ext = (struct strata_extent){ .size = ext->size,
-                                     .length = len,
-                                     .flags = STRATA_BS_ZERO,
-                                     .depth = depth };
-      return 0;
+      return zero_extent (ext, len, depth, NULL);
     }
     len = MIN (len, (uint64_t)size - offset);
     r = node_block_status_flags (node, offset, len, &bs,
@@ -281,16 +284,12 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
       int64_t bsize = node_length (node_skip_filters (node->backing));
       if (bsize < 0)
         return (int)bsize;
-      if ((uint64_t)bsize <= offset) {
-        *ext = (struct strata_extent){ .size = ext->size,
-                                       .length = len,
-                                       .flags = STRATA_BS_ZERO,
-                                       .depth = depth };
-        extent_offset (ext, &bs);
-        return 0;
-      }
+      if ((uint64_t)bsize <= offset)
+        return zero_extent (ext, len, depth, &bs);
     }
-    if ((bs.flags & BS_ALLOCATED) || !node->backing) {
+    if (!(bs.flags & BS_ALLOCATED) && !node->backing)
+      return zero_extent (ext, len, depth, &bs); /* nothing below */
+    if (bs.flags & BS_ALLOCATED) {
       *ext = (struct strata_extent){
         .size = ext->size,
         .length = len,
@@ -301,10 +300,6 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
         .map = bs.map,
         .file = (bs.flags & BS_OFFSET) && bs.file ? bs.file->filename : NULL,
       };
-      if (!(bs.flags & BS_ALLOCATED)) {
-        ext->flags = STRATA_BS_ZERO; /* nothing below: reads as zeros */
-        extent_offset (ext, &bs);
-      }
       return 0;
     }
     node = node->backing;
