@@ -450,3 +450,26 @@ def test_uri_forms_and_filenames_as_qemu_img(sockdir, servers, qemu_img,
                      ("nbd:host:70000", "bad port '70000'")):
         p = run(binary("strata-img"), "info", bad, check=False)
         assert p.returncode == 1 and why in p.stderr, p.stderr
+
+
+def test_without_libnbd(tmp_path, qemu_img):
+    """libnbd is loaded at the first nbd open, not at start: with a broken
+    libnbd.so.0 first on the library path, local images work as before and
+    an nbd open fails with one line naming libnbd and why it did not load."""
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    (libdir / "libnbd.so.0").write_text("not a shared library\n")
+    env = dict(os.environ, LD_LIBRARY_PATH=str(libdir))
+    img = tmp_path / "t.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", img, "1M")
+    assert_io_ok(run(binary("strata-io"), "-c", "write -P 7 0 4k",
+                     "-c", "read -P 7 0 4k", img, env=env))
+    sock = tmp_path / "none.sock"
+    for argv in ([binary("strata-img"), "info", unix_uri(sock)],
+                 [binary("strata-io"), "-f", "raw", "-c", "read 0 512",
+                  unix_uri(sock)]):
+        p = run(*argv, check=False, env=env)
+        lines = (p.stdout + p.stderr).strip().splitlines()
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert len(lines) == 1 and "the nbd driver needs libnbd" in lines[0] \
+            and str(libdir / "libnbd.so.0") in lines[0], lines

@@ -80,6 +80,24 @@ def l2_into_header(img, tmp_path):
     patch(img, l2_offset(img), ">Q", 1 << 63)
 
 
+def compressed_entry(img, host_offset, sectors):
+    """Cluster 0 becomes a compressed cluster of SECTORS 512-byte sectors
+    at HOST_OFFSET (64 KiB clusters: offset in bits 0-53, sectors - 1 in
+    bits 54-61)."""
+    patch(img, l2_offset(img), ">Q",
+          1 << 62 | (sectors - 1) << 54 | host_offset)
+
+
+def compressed_past_eof(img, tmp_path):
+    compressed_entry(img, 1 << 40, 4)
+
+
+def compressed_runs_past_eof(img, tmp_path):
+    # Starts in the file's last 100 bytes and claims 64 KiB more: what is
+    # there is not a compressed cluster, and the rest is past the end.
+    compressed_entry(img, os.path.getsize(img) - 100, 128)
+
+
 def l2_unaligned(img, tmp_path):
     patch(img, l2_offset(img), ">Q", (1 << 63) | (3 * CS + 512))
 
@@ -139,6 +157,10 @@ CASES = {
                                 "refcount table offset 0x10000000000 plus"),
     "l2-into-header": (l2_into_header, ["read 0 512"],
                        "points into the image header"),
+    "compressed-past-eof": (compressed_past_eof, ["read 0 512"],
+                            "is outside the file's data area"),
+    "compressed-runs-past-eof": (compressed_runs_past_eof, ["read 0 512"],
+                                 "does not decompress to a cluster"),
     "l2-unaligned": (l2_unaligned, ["read 0 512"],
                      "is not aligned to the cluster size"),
     "backing-name-4g": (backing_name_4g, [],
