@@ -786,15 +786,25 @@ int
 qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
                     struct bstat *bs)
 {
+  struct qcow2_state *s = node->opaque;
   struct qcow2_extent e;
   uint64_t done = 0;
   bool refine = node->file && looks_preallocated (node);
+  bool probe = false;
   int r = 0;
 
   pthread_mutex_lock (&node->lock);
   while (done < len) {
-    if ((r = qcow2_get_extent_locked (node, offset + done, len - done, &e))
-        < 0)
+    uint64_t pos = offset + done, n = len - done;
+
+    /* Past the first extent, one unit is looked at before the rest: a walk
+     * that ends in a different extent (the next L2 table's data, at other
+     * host offsets) would otherwise check all of it only to drop it, and
+     * a map of a fully written image would walk every table twice. */
+    if (probe)
+      n = MIN (n, s->subcluster_size - (pos & (s->subcluster_size - 1)));
+    probe = !probe;
+    if ((r = qcow2_get_extent_locked (node, pos, n, &e)) < 0)
       break;
     if (done == 0) {
       *bs = (struct bstat){ .flags = extent_flags (&e), .map = e.host,
