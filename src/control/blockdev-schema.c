@@ -78,6 +78,7 @@ static const struct member qcow2_members[] = {
   { "file", K_REF, true, NULL, NULL, true },
   { "backing", K_REF_OR_NULL, false, NULL, NULL, true },
   { "l2-cache-size", K_INT, false, NULL, NULL, true },
+  { "l2-cache-entry-size", K_INT, false, NULL, NULL, true },
   { NULL },
 };
 

@@ -302,7 +302,6 @@ scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
   struct qcow2_state *s = node->opaque;
   CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
   CLEANUP_FREE uint8_t *zbuf = calloc (1, s->cluster_size);
-  uint8_t *cached;
   int r;
 
   if (!t || !zbuf)
@@ -324,9 +323,8 @@ scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
         return r;
       owned = rc == 1;
     }
-    if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2, &cached)) < 0)
+    if ((r = qcow2_l2_read_table_locked (node, l2, t)) < 0)
       return r;
-    memcpy (t, cached, s->cluster_size);
     for (uint64_t j = 0; j < s->l2_entries; j++) {
       uint64_t e = be64_load (t + j * s->l2_entry_size);
       enum zero_fix zf;
@@ -347,16 +345,17 @@ scan_zero_locked (strata_node *node, const uint64_t *l1, uint64_t n,
         changed = true;
       }
     }
+    if (!changed)
+      continue;
     /* The zeros, then the entries that map them. */
-    if (changed
-        && ((r = node_flush (node->file)) < 0
-            || (r = qcow2_overlap_check_locked (node, l2, s->cluster_size,
-                                                QCOW2_META_L2, "L2 table",
-                                                UINT64_MAX))
-                   < 0
-            || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0
-            || (r = qcow2_cache_put_locked (node, &s->l2_cache, l2, t)) < 0))
+    if ((r = node_flush (node->file)) < 0
+        || (r = qcow2_overlap_check_locked (node, l2, s->cluster_size,
+                                            QCOW2_META_L2, "L2 table",
+                                            UINT64_MAX))
+               < 0
+        || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0)
       return r;
+    qcow2_l2_put_table_locked (node, l2, t);
   }
   return 0;
 }

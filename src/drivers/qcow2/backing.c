@@ -350,7 +350,8 @@ empty_l2_locked (strata_node *node, uint64_t i, uint8_t *old)
 {
   struct qcow2_state *s = node->opaque;
   uint64_t l2 = s->l1[i] & QCOW2_OFFSET_MASK, rc;
-  uint8_t *t, be[8] = { 0 };
+  CLEANUP_FREE uint8_t *zeros = NULL;
+  uint8_t be[8] = { 0 };
   int r;
 
   if ((s->l1[i] & QCOW2_L1_RESERVED) || l2 % s->cluster_size
@@ -359,9 +360,8 @@ empty_l2_locked (strata_node *node, uint64_t i, uint8_t *old)
                      "%s: L1 entry %" PRIu64 " 0x%" PRIx64 " is "
                      "invalid",
                      node->filename, i, s->l1[i]);
-  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2, &t)) < 0)
+  if ((r = qcow2_l2_read_table_locked (node, l2, old)) < 0)
     return r;
-  memcpy (old, t, s->cluster_size);
   /* Free nothing a hostile entry names: check them all first. */
   for (uint64_t j = 0; j < s->l2_entries; j++) {
     const uint8_t *p = old + j * s->l2_entry_size;
@@ -376,14 +376,14 @@ empty_l2_locked (strata_node *node, uint64_t i, uint8_t *old)
   if (rc == 1) {
     if (table_empty (s, old))
       return 0;
-    memset (t, 0, s->cluster_size);
+    if (!(zeros = calloc (1, s->cluster_size)))
+      return -ENOMEM;
     if ((r = qcow2_overlap_check_locked (
              node, l2, s->cluster_size, QCOW2_META_L2, "L2 table", UINT64_MAX))
             < 0
-        || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0) {
-      memcpy (t, old, s->cluster_size);
+        || (r = node_pwrite (node->file, l2, zeros, s->cluster_size, 0)) < 0)
       return r;
-    }
+    qcow2_l2_put_table_locked (node, l2, zeros);
     if ((r = node_flush (node->file)) < 0)
       return r;
     return release_entries_locked (node, old);

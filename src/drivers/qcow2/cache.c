@@ -1,12 +1,17 @@
 /* strata: qcow2 metadata table cache.
  *
- * L2 tables and refcount blocks are one cluster each and are cached here,
- * keyed by their host offset, evicting the least recently used clean
- * entry.  Most changes are written through (the changed bytes, in the same
- * critical section; see refcount.c and cluster.c for the order).  The
- * allocating write path instead leaves two kinds of change dirty, as QEMU
- * does: refcount increments of new data clusters and the L2 entries that
- * map them.  qcow2_writeback_locked writes them in dependency order:
+ * Refcount blocks (one cluster each) and slices of L2 tables (QEMU's
+ * l2-cache-entry-size: a power of two from 512 bytes to the cluster
+ * size, 4 KiB by default; qcow2.c) are cached here, keyed by their host
+ * offset, evicting the least recently used clean entry.  A slice is
+ * the unit of everything: a miss reads one slice, a dirty slice is
+ * written back alone, so memory and I/O follow the slices a workload
+ * touches, not the tables.  Buffers are allocated at first use.  Most changes
+ * are written through (the changed bytes, in the same critical section; see
+ * refcount.c and cluster.c for the order).  The allocating write path instead
+ * leaves two kinds of change dirty, as QEMU does: refcount increments of new
+ * data clusters and the L2 entries that map them.  qcow2_writeback_locked
+ * writes them in dependency order:
  *
  *   dirty refcount blocks -> flush (data, refcounts) -> dirty L2 tables
  *
@@ -195,6 +200,14 @@ qcow2_cache_put_locked (strata_node *node, struct qcow2_cache *c,
     return r;
   memcpy (e->buf, table, c->table_size);
   return 0;
+}
+
+uint8_t *
+qcow2_cache_peek_locked (struct qcow2_cache *c, uint64_t offset)
+{
+  int i = offset ? cache_find (c, offset) : -1;
+
+  return i >= 0 ? c->e[i].buf : NULL;
 }
 
 void

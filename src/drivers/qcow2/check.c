@@ -641,7 +641,7 @@ fix_copied_l2 (struct check *c, uint64_t l2_off, bool repair)
     res->check_errors++;
     return -EIO;
   }
-  qcow2_cache_forget_locked (&s->l2_cache, l2_off);
+  qcow2_l2_forget_table_locked (c->node, l2_off);
   if ((r = node_pwrite (c->node->file, l2_off, c->l2, s->cluster_size, 0))
       < 0) {
     report (c, "ERROR: Could not write L2 table: %s", strerror (-r));

@@ -10,6 +10,12 @@
  *   extended L2 (16 bytes):  the entry, then a bitmap: bits 0-31 subcluster
  *                            allocated, bits 32-63 subcluster reads as zero
  *
+ * The L2 cache holds slices of L2 tables (cache.c), keyed by the slice's
+ * host offset: a lookup reads at most one slice, and a walk (an extent)
+ * takes the next slice of the same table when it crosses into it.  Code
+ * that handles a table whole goes through qcow2_l2_read_table_locked and
+ * qcow2_l2_put_table_locked, so a dirty slice is never lost or bypassed.
+ *
  * Invariants kept: the L1 table is in memory and written through; an L2
  * table is on disk (zeroed) and its refcount is on disk before the L1 entry
  * that points at it (a flush separates them); every entry is validated
@@ -103,26 +109,91 @@ qcow2_check_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
   return 0;
 }
 
+/* Byte position of guest OFFSET's L2 entry in its slice. */
+static inline uint64_t
+slice_pos (const struct qcow2_state *s, uint64_t offset)
+{
+  return ((offset >> s->cluster_bits) & (s->l2_slice_entries - 1))
+         * s->l2_entry_size;
+}
+
+/* The cached slice of the L2 table at L2_OFFSET that holds guest
+ * OFFSET's entry.  The pointer is valid until the next cache call. */
+static int
+l2_slice_get_locked (strata_node *node, uint64_t l2_offset, uint64_t offset,
+                     uint8_t **slice)
+{
+  struct qcow2_state *s = node->opaque;
+  uint64_t soff = qcow2_l2_slice_offset (s, l2_offset, offset);
+  int r = qcow2_cache_get_locked (node, &s->l2_cache, soff, slice);
+
+  if (r < 0)
+    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
+                     node->filename, l2_offset);
+  return 0;
+}
+
 int
-qcow2_get_l2_entry_locked (strata_node *node, uint64_t offset,
-                           uint64_t *entry, uint64_t *bitmap,
-                           uint64_t *l2_offset)
+qcow2_l2_read_table_locked (strata_node *node, uint64_t l2_offset,
+                            uint8_t *buf)
+{
+  struct qcow2_state *s = node->opaque;
+  const uint8_t *c;
+  int r;
+
+  if (s->l2_slice_size == s->cluster_size
+      && (c = qcow2_cache_peek_locked (&s->l2_cache, l2_offset))) {
+    memcpy (buf, c, s->cluster_size);
+    return 0;
+  }
+  if ((r = node_pread (node->file, l2_offset, buf, s->cluster_size, 0)) < 0)
+    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
+                     node->filename, l2_offset);
+  for (uint64_t k = 0; k < s->cluster_size; k += s->l2_slice_size)
+    if ((c = qcow2_cache_peek_locked (&s->l2_cache, l2_offset + k)))
+      memcpy (buf + k, c, s->l2_slice_size);
+  return 0;
+}
+
+void
+qcow2_l2_put_table_locked (strata_node *node, uint64_t l2_offset,
+                           const uint8_t *table)
+{
+  struct qcow2_state *s = node->opaque;
+  uint8_t *c;
+
+  for (uint64_t k = 0; k < s->cluster_size; k += s->l2_slice_size)
+    if ((c = qcow2_cache_peek_locked (&s->l2_cache, l2_offset + k)))
+      memcpy (c, table + k, s->l2_slice_size);
+}
+
+void
+qcow2_l2_forget_table_locked (strata_node *node, uint64_t l2_offset)
+{
+  struct qcow2_state *s = node->opaque;
+
+  for (uint64_t k = 0; k < s->cluster_size; k += s->l2_slice_size)
+    qcow2_cache_forget_locked (&s->l2_cache, l2_offset + k);
+}
+
+int
+qcow2_get_l2_entry_locked (strata_node *node, uint64_t offset, uint64_t *entry,
+                           uint64_t *bitmap, uint64_t *l2_offset)
 {
   struct qcow2_state *s = node->opaque;
   uint8_t *t;
-  uint64_t i;
+  uint64_t pos;
   int r = l2_table_offset (node, offset, l2_offset);
 
   *entry = *bitmap = 0;
   if (r < 0 || !*l2_offset)
     return r;
-  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, *l2_offset, &t)) < 0)
-    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
-                     node->filename, *l2_offset);
-  i = qcow2_l2_index (s, offset);
-  *entry = be64_load (t + i * s->l2_entry_size);
+  if ((r = l2_slice_get_locked (node, *l2_offset, offset, &t)) < 0)
+    return r;
+  pos = slice_pos (s, offset);
+  *entry = be64_load (t + pos);
   if (s->ext_l2)
-    *bitmap = be64_load (t + i * s->l2_entry_size + 8);
+    *bitmap = be64_load (t + pos + 8);
   return qcow2_check_l2_entry (node, offset, *entry, *bitmap);
 }
 
@@ -165,7 +236,8 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
   struct qcow2_state *s = node->opaque;
   uint64_t table_end, pos = offset, l2_offset;
   uint64_t span = s->l2_entries << s->cluster_bits;
-  uint8_t *t;
+  uint64_t slice_span = s->l2_slice_entries << s->cluster_bits, slice_end = 0;
+  uint8_t *t = NULL;
   int r;
 
   table_end = ROUND_DOWN (offset, span) + span;
@@ -179,17 +251,22 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
     ext->bytes = len;
     return 0;
   }
-  /* One lookup for the whole walk: the extent never leaves this table,
-   * and nothing below touches the cache while T is in use. */
-  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2_offset, &t)) < 0)
-    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
-                     node->filename, l2_offset);
+  /* One lookup per slice the walk crosses: the extent never leaves this
+   * table, and nothing below touches the cache while T is in use. */
   while (pos < offset + len) {
-    const uint8_t *p = t + qcow2_l2_index (s, pos) * s->l2_entry_size;
-    uint64_t entry = be64_load (p), bitmap = s->ext_l2 ? be64_load (p + 8) : 0;
+    const uint8_t *p;
+    uint64_t entry, bitmap;
     uint64_t host, unit_end;
     enum qcow2_ctype type;
 
+    if (pos >= slice_end) {
+      if ((r = l2_slice_get_locked (node, l2_offset, pos, &t)) < 0)
+        return r;
+      slice_end = ROUND_DOWN (pos, slice_span) + slice_span;
+    }
+    p = t + slice_pos (s, pos);
+    entry = be64_load (p);
+    bitmap = s->ext_l2 ? be64_load (p + 8) : 0;
     if ((entry || bitmap)
         && (r = qcow2_check_l2_entry (node, pos, entry, bitmap)) < 0)
       return r;
@@ -226,7 +303,7 @@ install_l2_table_locked (strata_node *node, uint64_t offset,
                          const uint8_t *table)
 {
   struct qcow2_state *s = node->opaque;
-  uint64_t i = qcow2_l1_index (s, offset);
+  uint64_t i = qcow2_l1_index (s, offset), soff;
   uint8_t be[8];
   int64_t new_off;
   int r;
@@ -244,8 +321,14 @@ install_l2_table_locked (strata_node *node, uint64_t offset,
           < 0
       || (r = node_pwrite (node->file, s->l1_offset + i * 8, be, 8, 0)) < 0)
     return r;
-  s->l1[i] = (uint64_t) new_off | QCOW2_OFLAG_COPIED;
-  if ((r = qcow2_cache_put_locked (node, &s->l2_cache, new_off, table)) < 0)
+  s->l1[i] = (uint64_t)new_off | QCOW2_OFLAG_COPIED;
+  /* Slices left from an earlier table at NEW_OFF take the new bytes; the
+   * slice the caller is about to change is cached without a read. */
+  qcow2_l2_put_table_locked (node, new_off, table);
+  soff = qcow2_l2_slice_offset (s, new_off, offset);
+  if ((r = qcow2_cache_put_locked (node, &s->l2_cache, soff,
+                                   table + (soff - new_off)))
+      < 0)
     return r;
   return new_off;
 }
@@ -263,7 +346,6 @@ cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
   uint64_t i = qcow2_l1_index (s, offset);
   uint64_t span = s->l2_entries << s->cluster_bits;
   CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
-  uint8_t *cached;
   int64_t new_off;
   int r;
 
@@ -272,10 +354,8 @@ cow_l2_table_locked (strata_node *node, uint64_t offset, uint64_t old_off)
   /* The copy is written whole: the entries it carries must not reach the
    * disk before what they map. */
   if ((r = qcow2_writeback_locked (node)) < 0
-      || (r = qcow2_cache_get_locked (node, &s->l2_cache, old_off, &cached))
-             < 0)
+      || (r = qcow2_l2_read_table_locked (node, old_off, t)) < 0)
     return r;
-  memcpy (t, cached, s->cluster_size);
   for (uint64_t j = 0; j < s->l2_entries; j++) {
     uint8_t *p = t + j * s->l2_entry_size;
     uint64_t e = be64_load (p);
@@ -325,15 +405,16 @@ set_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
 {
   struct qcow2_state *s = node->opaque;
   int64_t l2_offset = ensure_l2_table_locked (node, offset);
-  uint64_t pos;
+  uint64_t pos, soff;
   uint8_t *t, buf[16];
   int r;
 
   if (l2_offset < 0)
     return l2_offset;
-  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2_offset, &t)) < 0)
+  if ((r = l2_slice_get_locked (node, l2_offset, offset, &t)) < 0)
     return r;
-  pos = qcow2_l2_index (s, offset) * s->l2_entry_size;
+  soff = qcow2_l2_slice_offset (s, l2_offset, offset);
+  pos = slice_pos (s, offset);
   be64_store (buf, entry);
   be64_store (buf + 8, bitmap);
   if ((r = qcow2_overlap_check_locked (node, l2_offset, s->cluster_size,
@@ -342,12 +423,12 @@ set_l2_entry (strata_node *node, uint64_t offset, uint64_t entry,
     return r;
   if (defer) {
     memcpy (t + pos, buf, s->l2_entry_size);
-    qcow2_cache_mark_dirty_locked (&s->l2_cache, l2_offset);
+    qcow2_cache_mark_dirty_locked (&s->l2_cache, soff);
     return 0;
   }
-  if ((r = node_pwrite (node->file, l2_offset + pos, buf, s->l2_entry_size,
-                        0)) < 0) {
-    qcow2_cache_forget_locked (&s->l2_cache, l2_offset);
+  if ((r = node_pwrite (node->file, soff + pos, buf, s->l2_entry_size, 0))
+      < 0) {
+    qcow2_cache_forget_locked (&s->l2_cache, soff);
     return r;
   }
   memcpy (t + pos, buf, s->l2_entry_size);

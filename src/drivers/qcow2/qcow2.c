@@ -282,25 +282,40 @@ qcow2_close (strata_node *node)
   tracker_destroy (&s->clusters);
 }
 
+/* The L2 cache (slices of QCOW2_L2_SLICE_DEFAULT bytes, up to
+ * QCOW2_L2_CACHE_DEFAULT of them unless l2-cache-size says otherwise) and
+ * the refcount block cache.  The default cache is bounded, not sized to
+ * the image: a miss reads one slice, so a cache that maps a few GiB keeps
+ * random reads fast while memory stays flat as images grow. */
 static bool
 init_caches (strata_node *node, struct qcow2_state *s, strata_opts *opts,
              strata_error **errp)
 {
-  uint64_t span = s->l2_entries << s->cluster_bits, need, bytes;
+  uint64_t span = s->l2_entries << s->cluster_bits, need, bytes, slice;
   unsigned n;
 
-  /* Default: enough tables to map the whole image, up to 8 MiB. */
   need = ((s->size + span - 1) / span) * s->cluster_size;
-  if (!opts_get_size (opts, "l2-cache-size", MIN (need, 8ull << 20), &bytes,
-                      errp))
+  if (!opts_get_size (opts, "l2-cache-size",
+                      MIN (need, QCOW2_L2_CACHE_DEFAULT), &bytes, errp)
+      || !opts_get_size (opts, "l2-cache-entry-size",
+                         MIN (s->cluster_size, QCOW2_L2_SLICE_DEFAULT),
+                         &slice, errp))
     return false;
   if (bytes > QCOW2_MAX_L2_CACHE_BYTES) {
     error_set (errp, EINVAL, "%s: l2-cache-size %" PRIu64 " is too large "
                "(max %llu)", node->filename, bytes, QCOW2_MAX_L2_CACHE_BYTES);
     return false;
   }
-  n = MAX (bytes / s->cluster_size, 2);
-  if (!qcow2_cache_init (&s->l2_cache, n, s->cluster_size)
+  if (slice < 512 || slice > s->cluster_size || (slice & (slice - 1))) {
+    error_set (errp, EINVAL, "L2 cache entry size must be a power of two "
+               "between 512 and the cluster size (%" PRIu64 ")",
+               s->cluster_size);
+    return false;
+  }
+  s->l2_slice_size = slice;
+  s->l2_slice_entries = slice / s->l2_entry_size;
+  n = MAX (bytes / slice, 2);
+  if (!qcow2_cache_init (&s->l2_cache, n, slice)
       || !qcow2_cache_init (&s->rc_cache, 4, s->cluster_size)) {
     error_set (errp, ENOMEM, "out of memory");
     return false;

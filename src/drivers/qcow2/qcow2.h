@@ -45,6 +45,10 @@
 #define QCOW2_MAX_REFTABLE_BYTES  (8u << 20)
 #define QCOW2_MAX_CHAIN_DEPTH 256
 #define QCOW2_MAX_L2_CACHE_BYTES  (256ull << 20)
+/* The L2 cache's defaults (qcow2.c): slices of 4 KiB (at most a cluster),
+ * and at most 1 MiB of them per image. */
+#define QCOW2_L2_SLICE_DEFAULT    4096ull
+#define QCOW2_L2_CACHE_DEFAULT    (1ull << 20)
 #define QCOW2_MAX_OFFSET (1ull << 56) /* offsets are bits 9-55 */
 
 /* Feature bits (header bytes 72-95). */
@@ -132,6 +136,10 @@ struct qcow2_state {
   uint64_t l2_entries;        /* entries per L2 table */
   uint64_t subcluster_size;
   uint64_t rc_per_block;      /* refcounts per refcount block */
+  /* The L2 cache holds slices of L2 tables (QEMU's l2-cache-entry-size:
+   * a power of two from 512 bytes to the cluster size), set at open. */
+  uint64_t l2_slice_size;
+  uint64_t l2_slice_entries;  /* entries per slice */
   char *backing_name;
   char *backing_format;
   struct qcow2_ext *exts;     /* unknown extensions, preserved */
@@ -184,6 +192,9 @@ qcow2_derive_geometry (struct qcow2_state *s)
   s->subcluster_size = s->ext_l2 ? s->cluster_size / QCOW2_SUBCLUSTERS
                                  : s->cluster_size;
   s->rc_per_block = s->cluster_size * 8 / s->refcount_bits;
+  /* Whole tables until open chooses the slice size. */
+  s->l2_slice_size = s->cluster_size;
+  s->l2_slice_entries = s->l2_entries;
 }
 
 /* Guest OFFSET's L1 entry, and its entry in that L2 table. */
@@ -196,6 +207,16 @@ static inline uint64_t
 qcow2_l2_index (const struct qcow2_state *s, uint64_t offset)
 {
   return (offset >> s->cluster_bits) % s->l2_entries;
+}
+
+/* The host offset of the slice of the L2 table at L2_OFFSET that holds
+ * guest OFFSET's entry: the L2 cache's key for it. */
+static inline uint64_t
+qcow2_l2_slice_offset (const struct qcow2_state *s, uint64_t l2_offset,
+                       uint64_t offset)
+{
+  uint64_t i = qcow2_l2_index (s, offset);
+  return l2_offset + (i - i % s->l2_slice_entries) * s->l2_entry_size;
 }
 
 /* Host cluster IDX's refcount table entry (which refcount block), and its
@@ -267,6 +288,8 @@ int qcow2_cache_get_locked (strata_node *node, struct qcow2_cache *c,
 /* Install a freshly written table without reading it. */
 int qcow2_cache_put_locked (strata_node *node, struct qcow2_cache *c,
                             uint64_t offset, const uint8_t *table);
+/* The cached table at OFFSET, or NULL; loads nothing, evicts nothing. */
+uint8_t *qcow2_cache_peek_locked (struct qcow2_cache *c, uint64_t offset);
 /* Drop a clean table (after a failed write; a dirty one stays). */
 void qcow2_cache_forget_locked (struct qcow2_cache *c, uint64_t offset);
 /* The cached table at OFFSET has changes that are not on disk. */
@@ -309,6 +332,17 @@ int qcow2_set_l2_entry_locked (strata_node *node, uint64_t offset,
  * data is written, and whose old mapping needs no freeing. */
 int qcow2_set_l2_entry_deferred_locked (strata_node *node, uint64_t offset,
                                         uint64_t entry, uint64_t bitmap);
+/* Whole L2 tables, for the code that reads or rewrites one at a time
+ * (COW, snapshots, amend, resize, make_empty) while the cache holds
+ * slices: a copy of the table at L2_OFFSET into BUF (cluster_size bytes;
+ * cached slices, which may be dirty, win over the file); after TABLE was
+ * written whole to the file, the cached slices take its bytes; and
+ * dropping the clean cached slices of a table. */
+int qcow2_l2_read_table_locked (strata_node *node, uint64_t l2_offset,
+                                uint8_t *buf);
+void qcow2_l2_put_table_locked (strata_node *node, uint64_t l2_offset,
+                                const uint8_t *table);
+void qcow2_l2_forget_table_locked (strata_node *node, uint64_t l2_offset);
 /* snapshot.c: the open option x-snapshot-id/x-snapshot-name. */
 bool qcow2_snapshot_load_tmp (strata_node *node, const char *id,
                               const char *name, strata_error **errp);

@@ -214,21 +214,19 @@ drop_table_locked (strata_node *node, uint64_t l2)
 {
   struct qcow2_state *s = node->opaque;
   CLEANUP_FREE uint8_t *t = malloc (s->cluster_size);
-  uint8_t *cached;
   int r;
 
   if (!t)
     return -ENOMEM;
-  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, l2, &cached)) < 0)
+  if ((r = qcow2_l2_read_table_locked (node, l2, t)) < 0)
     return r;
-  memcpy (t, cached, s->cluster_size);
   for (uint64_t j = 0; j < s->l2_entries; j++) {
     uint64_t e = be64_load (t + j * s->l2_entry_size);
     if ((r = qcow2_check_l2_entry (node, UINT64_MAX, e, 0)) < 0
         || (r = qcow2_free_entry_locked (node, e)) < 0)
       return r;
   }
-  qcow2_cache_forget_locked (&s->l2_cache, l2);
+  qcow2_l2_forget_table_locked (node, l2);
   return qcow2_refcount_update_locked (node, l2, -1);
 }
 

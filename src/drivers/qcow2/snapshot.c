@@ -98,20 +98,12 @@ l2_of (strata_node *node, uint64_t i, uint64_t e, uint64_t *l2)
   return 0;
 }
 
-/* A copy of the L2 table at OFF (the cache's pointer does not survive
- * refcount updates that may evict). */
+/* A copy of the L2 table at OFF (the cache holds slices, and its pointers
+ * do not survive refcount updates that may evict). */
 static int
 read_l2_locked (strata_node *node, uint64_t off, uint8_t *buf)
 {
-  struct qcow2_state *s = node->opaque;
-  uint8_t *t;
-  int r = qcow2_cache_get_locked (node, &s->l2_cache, off, &t);
-
-  if (r < 0)
-    return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
-                     node->filename, off);
-  memcpy (buf, t, s->cluster_size);
-  return 0;
+  return qcow2_l2_read_table_locked (node, off, buf);
 }
 
 /* Add DELTA to the refcount of every L2 table and cluster that L1 reaches.
@@ -146,7 +138,7 @@ tree_ref_locked (strata_node *node, const uint64_t *l1, uint64_t n, int delta)
     if (delta && (r = qcow2_refcount_update_locked (node, l2, delta)) < 0)
       return r;
     if (delta < 0)
-      qcow2_cache_forget_locked (&s->l2_cache, l2);
+      qcow2_l2_forget_table_locked (node, l2);
   }
   return 0;
 }
@@ -225,7 +217,8 @@ sync_l2_copied (strata_node *node, uint64_t l2, uint8_t *t)
           < 0
       || (r = node_pwrite (node->file, l2, t, s->cluster_size, 0)) < 0)
     return r;
-  return qcow2_cache_put_locked (node, &s->l2_cache, l2, t);
+  qcow2_l2_put_table_locked (node, l2, t);
+  return 0;
 }
 
 /* Make the COPIED bits of the active L1 table and its L2 tables say
