@@ -205,3 +205,36 @@ chain_backing_name_for (strata_node *top, strata_node *layer)
     return strdup (rec);
   return realpath (layer->filename, NULL);
 }
+
+int
+chain_allocated_above (strata_node *from, strata_node *base, uint64_t offset,
+                       uint64_t *n, bool *allocated)
+{
+  base = base ? node_skip_filters (base) : NULL;
+  *allocated = false;
+  for (strata_node *l = from ? node_skip_filters (from) : NULL; l && l != base;
+       l = chain_backing (l)) {
+    int64_t size = node_length (l);
+    struct bstat bs;
+    int r;
+
+    if (size < 0)
+      return size;
+    if (offset >= (uint64_t)size) {
+      *allocated = true;
+      return 0;
+    }
+    if (*n > (uint64_t)size - offset)
+      *n = size - offset;
+    r = node_block_status_flags (l, offset, *n, &bs, STRATA_BS_SHALLOW);
+    if (r < 0)
+      return r;
+    if (bs.pnum < *n)
+      *n = bs.pnum;
+    if (bs.flags & BS_ALLOCATED) {
+      *allocated = true;
+      return 0;
+    }
+  }
+  return 0;
+}

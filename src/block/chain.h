@@ -19,6 +19,7 @@
 #define STRATA_CHAIN_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "block/node.h"
 
@@ -34,6 +35,17 @@ bool chain_contains (strata_node *top, strata_node *node);
 /* The depth of layer NODE below TOP (1 = the first layer below TOP's
  * format node), or -1 when NODE is not a layer below TOP. */
 int chain_depth (strata_node *top, strata_node *node);
+
+/* QEMU's allocated-above test: is the start of [OFFSET, OFFSET+*N)
+ * allocated in a layer from FROM down to the one above BASE (BASE NULL:
+ * to the bottom)?  *N shrinks to where the answer may change: each layer
+ * that does not allocate the start bounds the extent the layers under it
+ * may report, so a range never runs from one layer's data into data an
+ * upper layer overrides.  Past a shorter layer's end counts as allocated
+ * (zeros that layer defines).  Block status is shallow: no lseek below.
+ * 0 or a negative errno. */
+int chain_allocated_above (strata_node *from, strata_node *base,
+                           uint64_t offset, uint64_t *n, bool *allocated);
 
 /* How chain_find_file() matches NAME against a layer L; ABOVE is the
  * layer just above L (TOP's format node for the first one).  A layer

@@ -180,13 +180,13 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
                    "Failed to find node with node-name='%s'", name);
     goto out;
   }
-  /* QEMU's order: a BlockBackend (an export's, or the job's on its
-   * filter) first, "in use"; then the newest op blocker, which is a
+  /* QEMU's order: a BlockBackend (an export's, the job's on its filter,
+   * commit's on its top and base) first, "in use"; then the newest op blocker, which is a
    * job's when one holds the node (it came after the backing edge); then
    * ownership. */
   who = graph_first_user (node);
   if ((who && strncmp (who, "export ", 7) == 0)
-      || job_is_filter (node, &implicit)) {
+      || job_is_filter (node, &implicit) || job_is_backend (node)) {
     qmp_error_set (err, "GenericError", "Node %s is in use", name);
     goto out;
   }

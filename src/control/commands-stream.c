@@ -29,48 +29,6 @@
 
 /* ---- argument checks ---- */
 
-static strata_node *
-lookup (const char *device, const char *name, struct qmp_error *err)
-{
-  strata_node *node = graph_lookup (name);
-
-  if (!node)
-    qmp_error_set (err, "GenericError",
-                   "Cannot find device='%s' nor node-name='%s'", device, name);
-  return node;
-}
-
-static const char *const on_error_names[] = {
-  [JOB_ON_ERROR_REPORT] = "report",
-  [JOB_ON_ERROR_IGNORE] = "ignore",
-  [JOB_ON_ERROR_ENOSPC] = "enospc",
-  [JOB_ON_ERROR_STOP] = "stop",
-};
-
-static bool
-parse_on_error (json_t *args, enum job_on_error *out, struct qmp_error *err)
-{
-  const char *v = json_string_value (json_object_get (args, "on-error"));
-
-  *out = JOB_ON_ERROR_REPORT;
-  if (!v)
-    return true;
-  for (size_t i = 0; i < sizeof on_error_names / sizeof *on_error_names; i++)
-    if (strcmp (v, on_error_names[i]) == 0) {
-      *out = i;
-      return true;
-    }
-  qmp_error_set (err, "GenericError",
-                 "Parameter 'on-error' does not accept value '%s'", v);
-  return false;
-}
-
-static const char *
-str_arg (json_t *args, const char *key)
-{
-  return json_string_value (json_object_get (args, key));
-}
-
 /* block-stream's base, base-node and bottom exclude each other; QEMU
  * checks this first, before it even looks the device up. */
 static bool
@@ -84,7 +42,7 @@ check_conflicts (json_t *args, struct qmp_error *err)
   };
 
   for (size_t i = 0; i < sizeof conflicts / sizeof *conflicts; i++)
-    if (str_arg (args, conflicts[i][0]) && str_arg (args, conflicts[i][1])) {
+    if (qmp_str_arg (args, conflicts[i][0]) && qmp_str_arg (args, conflicts[i][1])) {
       qmp_error_set (err, "GenericError",
                      "'%s' and '%s' cannot be specified at the same time",
                      conflicts[i][0], conflicts[i][1]);
@@ -99,10 +57,10 @@ static bool
 find_base (json_t *args, strata_node *top, strata_node **basep,
            struct qmp_error *err)
 {
-  const char *device = str_arg (args, "device");
-  const char *base = str_arg (args, "base");
-  const char *base_node = str_arg (args, "base-node");
-  const char *bottom = str_arg (args, "bottom");
+  const char *device = qmp_str_arg (args, "device");
+  const char *base = qmp_str_arg (args, "base");
+  const char *base_node = qmp_str_arg (args, "base-node");
+  const char *bottom = qmp_str_arg (args, "bottom");
   strata_node *n;
 
   *basep = NULL;
@@ -118,7 +76,7 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
     node_ref (*basep);
   }
   if (base_node) {
-    if (!(n = lookup ("", base_node, err)))
+    if (!(n = qmp_lookup_node ("", base_node, err)))
       return false;
     if (!chain_contains (top, n)) {
       qmp_error_set (err, "GenericError",
@@ -130,7 +88,7 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
     *basep = n;
   }
   if (bottom) {
-    if (!(n = lookup ("", bottom, err)))
+    if (!(n = qmp_lookup_node ("", bottom, err)))
       return false;
     if (n->drv->is_filter) {
       qmp_error_set (err, "GenericError",
@@ -154,23 +112,6 @@ find_base (json_t *args, strata_node *top, strata_node **basep,
   return true;
 }
 
-/* The nodes from the device down to BASE (excluded) must be free of
- * other jobs. */
-static bool
-check_not_busy_job_locked (strata_node *dev, strata_node *base,
-                           struct qmp_error *err)
-{
-  for (strata_node *n = dev; n && n != base; n = chain_next (n)) {
-    struct job *j = job_holding_job_locked (n);
-    if (j) {
-      qmp_error_set (err, "GenericError", "Node '%s' is busy: %s",
-                     n->node_name, j->user);
-      return false;
-    }
-  }
-  return true;
-}
-
 /* The arguments as the job takes them. */
 static void
 stream_params_from (json_t *args, strata_node *dev, strata_node *base,
@@ -180,7 +121,7 @@ stream_params_from (json_t *args, strata_node *dev, strata_node *base,
   json_t *af = json_object_get (args, "auto-finalize");
   json_t *ad = json_object_get (args, "auto-dismiss");
   json_t *floor = json_object_get (args, "x-guest-floor-speed");
-  const char *id = str_arg (args, "job-id");
+  const char *id = qmp_str_arg (args, "job-id");
 
   *p = (struct stream_params){
     /* No job-id: QEMU takes the device's BlockBackend name, which a node
@@ -188,8 +129,8 @@ stream_params_from (json_t *args, strata_node *dev, strata_node *base,
     .job_id = id ? id : "",
     .device = dev,
     .base = base,
-    .backing_file = str_arg (args, "backing-file"),
-    .filter_node_name = str_arg (args, "filter-node-name"),
+    .backing_file = qmp_str_arg (args, "backing-file"),
+    .filter_node_name = qmp_str_arg (args, "filter-node-name"),
     .speed = speed ? json_integer_value (speed) : 0,
     .on_error = on_error,
     .auto_finalize = af ? json_is_true (af) : true,
@@ -244,7 +185,7 @@ cmd_block_stream (json_t *args, struct qmp_error *err)
   bool ok = false;
 
   if (!qmp_args_check (args, spec, err)
-      || !parse_on_error (args, &on_error, err)
+      || !qmp_parse_on_error (args, &on_error, err)
       || !check_conflicts (args, err))
     return NULL;
   floor = json_object_get (args, "x-guest-floor-speed");
@@ -254,18 +195,18 @@ cmd_block_stream (json_t *args, struct qmp_error *err)
                    "value");
     return NULL;
   }
-  device = str_arg (args, "device");
+  device = qmp_str_arg (args, "device");
   graph_lock ();
-  if (!(top = lookup (device, device, err))
+  if (!(top = qmp_lookup_node (device, device, err))
       || !find_base (args, top, &base, err))
     goto out;
   job_lock ();
-  if (!check_not_busy_job_locked (top, base, err))
+  if (!qmp_check_not_busy_job_locked (top, base, err))
     ;
   /* QEMU asks whether base or base-node was given: with bottom, too,
    * there is no base to name. */
-  else if (!str_arg (args, "base") && !str_arg (args, "base-node")
-           && str_arg (args, "backing-file"))
+  else if (!qmp_str_arg (args, "base") && !qmp_str_arg (args, "base-node")
+           && qmp_str_arg (args, "backing-file"))
     qmp_error_set (err, "GenericError",
                    "backing file specified, but streaming the entire chain");
   else
@@ -277,8 +218,8 @@ out:
   if (base)
     node_unref (base);
   graph_unlock ();
-  if (ok && str_arg (args, "job-id"))
-    job_settle (str_arg (args, "job-id"));
+  if (ok && qmp_str_arg (args, "job-id"))
+    job_settle (qmp_str_arg (args, "job-id"));
   return ok ? json_object () : NULL;
 }
 
@@ -303,11 +244,11 @@ cmd_pull_range (json_t *args, struct qmp_error *err)
 
   if (!qmp_args_check (args, spec, err))
     return NULL;
-  device = str_arg (args, "device");
+  device = qmp_str_arg (args, "device");
   offset = json_integer_value (json_object_get (args, "offset"));
   length = json_integer_value (json_object_get (args, "length"));
   graph_lock ();
-  if (!(top = lookup (device, device, err))
+  if (!(top = qmp_lookup_node (device, device, err))
       || !find_base (args, top, &base, err))
     goto out;
   if ((size = node_length (top)) < 0) {

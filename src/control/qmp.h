@@ -17,7 +17,9 @@
 #include <jansson.h>
 #include <stdbool.h>
 
+#include "block/node.h"
 #include "control/control.h"
+#include "jobs/job.h"
 #include "util/error.h"
 
 /* struct qmp_error, struct qmp_command, qmp_find_command() and the
@@ -36,6 +38,8 @@ extern const struct qmp_command qmp_block_commands[];
 extern const struct qmp_command qmp_export_commands[];
 /* block-stream and x-block-pull-range (src/control/commands-stream.c). */
 extern const struct qmp_command qmp_stream_commands[];
+/* block-commit (src/control/commands-commit.c). */
+extern const struct qmp_command qmp_commit_commands[];
 /* The job verbs and queries (src/control/commands-job.c). */
 extern const struct qmp_command qmp_job_commands[];
 /* Announce the jobs' events (src/jobs/) as QMP events; once, before any
@@ -71,5 +75,23 @@ bool qmp_args_check (json_t *args, const struct qmp_arg *spec,
  * in the messages. */
 bool qmp_args_check_at (json_t *args, const struct qmp_arg *spec,
                         const char *prefix, struct qmp_error *err);
+
+/* ---- what the job-starting commands share (src/control/job-args.c) ----
+ *
+ * qmp_str_arg: ARGS' string member KEY, or NULL.
+ * qmp_lookup_node: the node (or device) NAME with a reference, else NULL
+ *   and "Cannot find device='DEVICE' nor node-name='NAME'".
+ * qmp_parse_on_error: ARGS' "on-error" (default report), else QAPI's
+ *   "Parameter 'on-error' does not accept value ..." .
+ * qmp_check_not_busy_job_locked: every node from TOP down to BASE
+ *   (excluded; NULL: to the bottom) is free of other jobs, else
+ *   "Node 'x' is busy: ...". */
+const char *qmp_str_arg (json_t *args, const char *key);
+strata_node *qmp_lookup_node (const char *device, const char *name,
+                              struct qmp_error *err);
+bool qmp_parse_on_error (json_t *args, enum job_on_error *out,
+                         struct qmp_error *err);
+bool qmp_check_not_busy_job_locked (strata_node *top, strata_node *base,
+                                    struct qmp_error *err);
 
 #endif

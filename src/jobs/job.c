@@ -316,6 +316,9 @@ unlink_job_locked (struct job *job)
 static void
 release_nodes (struct job *job)
 {
+  job_lock ();
+  job->nbackends = 0;
+  job_unlock ();
   for (int i = job->nnodes - 1; i >= 0; i--) {
     graph_remove_user (job->nodes[i], job->user);
     node_unref (job->nodes[i]);
@@ -432,6 +435,26 @@ job_is_filter (strata_node *node, bool *implicit)
       *implicit = node->node_name[0] == '#';
       return true;
     }
+  return false;
+}
+
+bool
+job_add_backend (struct job *job, strata_node *node)
+{
+  if (job->nbackends == JOB_MAX_BACKENDS || !job_add_node (job, node))
+    return false;
+  job->backends[job->nbackends++] = node;
+  return true;
+}
+
+bool
+job_is_backend (strata_node *node)
+{
+  LOCK_GUARD (&jobs_mutex);
+  for (struct job *j = jobs; j; j = j->next)
+    for (int i = 0; i < j->nbackends; i++)
+      if (j->backends[i] == node)
+        return true;
   return false;
 }
 
@@ -853,4 +876,22 @@ job_shutdown (void)
     jobs = j->next;
     job_free (j);
   }
+}
+
+bool
+job_make_writable (strata_node *node, bool *done, strata_error **errp)
+{
+  strata_error *e = NULL;
+
+  *done = false;
+  if (!node->read_only)
+    return true;
+  if (!strata_reopen (node, true, 0, &e)) {
+    error_set (errp, EINVAL, "%s",
+               e ? strata_error_message (e) : "unknown error");
+    strata_error_free (e);
+    return false;
+  }
+  *done = true;
+  return true;
 }

@@ -111,6 +111,7 @@ struct job_driver {
  * ("block device is in use by block job: stream"), which blockdev-del and
  * a conflicting block-stream show after "Node 'x' is busy: ". */
 #define JOB_MAX_NODES 32
+#define JOB_MAX_BACKENDS 2
 
 struct job {
   char *id;
@@ -140,6 +141,10 @@ struct job {
   strata_node *nodes[JOB_MAX_NODES];
   int nnodes;
   strata_node *filter; /* one of NODES: the filter over the device, or NULL */
+  /* Of NODES, those QEMU's job reaches through a BlockBackend of its own
+   * (commit's top and base): blockdev-del says "in use" for them. */
+  strata_node *backends[JOB_MAX_BACKENDS];
+  int nbackends;
   char *user;          /* the graph-user phrase */
 
   pthread_cond_t cond; /* the job thread waits on this (CLOCK_MONOTONIC) */
@@ -195,9 +200,18 @@ bool job_add_node (struct job *job, strata_node *node);
 /* Let go of NODE before the job ends (the stream's filter, dropped
  * before the graph changes); nothing if the job does not hold it. */
 void job_drop_node (struct job *job, strata_node *node);
+/* Hold NODE as job_add_node does, as one the job reaches through a
+ * BlockBackend of its own in QEMU (job lock held). */
+bool job_add_backend (struct job *job, strata_node *node);
+/* Does a job hold NODE that way?  Takes the job lock. */
+bool job_is_backend (strata_node *node);
 /* Is NODE the filter a job put over its device?  *IMPLICIT: it was named
  * automatically (QEMU then names it by its child's file). */
 bool job_is_filter (strata_node *node, bool *implicit);
+/* Make NODE writable for the job's life, as QEMU does for the node a job
+ * writes; *DONE says whether it was read-only (then the job makes it so
+ * again when it ends: strata_reopen (node, false, 0, NULL)). */
+bool job_make_writable (strata_node *node, bool *done, strata_error **errp);
 /* Start the thread (created -> running), job lock held.  On failure the
  * job goes to null and is freed, with *ERRP set. */
 bool job_start_job_locked (struct job *job, strata_error **errp);

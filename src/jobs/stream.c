@@ -121,46 +121,6 @@ yield_to_guest (struct job *job, struct stream *s)
   }
 }
 
-/* QEMU's allocated-above test for [OFFSET, OFFSET+*N) in the layers
- * below TOP and above BASE: is the start allocated in one of them?  *N
- * shrinks to where the answer changes; each layer that does not allocate
- * the start bounds the extent the layers under it may report, so a chunk
- * never runs from one layer's data into an upper layer's (and progress
- * at an error is where QEMU's would be). */
-static int
-allocated_below (struct stream *s, uint64_t offset, uint64_t *n,
-                 bool *allocated)
-{
-  strata_node *base = node_skip_filters (s->base);
-
-  *allocated = false;
-  for (strata_node *l = chain_backing (s->top); l && l != base;
-       l = chain_backing (l)) {
-    int64_t size = node_length (l);
-    struct bstat bs;
-    int r;
-
-    if (size < 0)
-      return size;
-    if (offset >= (uint64_t)size) {
-      /* Past a short layer's end: zeros that layer "allocates". */
-      *allocated = true;
-      return 0;
-    }
-    if (*n > (uint64_t)size - offset)
-      *n = size - offset;
-    r = node_block_status_flags (l, offset, *n, &bs, STRATA_BS_SHALLOW);
-    if (r < 0)
-      return r;
-    *n = bs.pnum < *n ? bs.pnum : *n;
-    if (bs.flags & BS_ALLOCATED) {
-      *allocated = true;
-      return 0;
-    }
-  }
-  return 0;
-}
-
 /* One chunk at OFFSET: *N gets the bytes it covers (set before any copy,
  * so an error leaves it meaningful).  Returns 0 or a negative errno from
  * the copy. */
@@ -181,7 +141,10 @@ stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
   *n = bs.pnum < len ? bs.pnum : len;
   if (bs.flags & BS_ALLOCATED)
     return 0;
-  if ((r = allocated_below (s, offset, n, &copy)) < 0 || !copy)
+  if ((r = chain_allocated_above (chain_backing (s->top), s->base, offset, n,
+                                  &copy))
+          < 0
+      || !copy)
     return r;
   start = clock_now_ns ();
   r = node_copy_up (s->top, s->base, offset, *n, &copied);
@@ -392,25 +355,6 @@ open_filter (const struct stream_params *p, strata_node *dev, strata_node *top,
   return f;
 }
 
-/* Make TOP writable for the job's life, as QEMU does; *DONE says whether
- * it was read-only. */
-static bool
-make_writable (strata_node *top, bool *done, strata_error **errp)
-{
-  strata_error *e = NULL;
-
-  *done = false;
-  if (!top->read_only)
-    return true;
-  if (!strata_reopen (top, true, 0, &e)) {
-    error_set (errp, EINVAL, "%s", error_text (e));
-    strata_error_free (e);
-    return false;
-  }
-  *done = true;
-  return true;
-}
-
 /* In QEMU's order: the device made writable, the filter, the job (its
  * ID, then its speed), the nodes it holds. */
 bool
@@ -423,7 +367,7 @@ stream_start_job_locked (const struct stream_params *p, strata_error **errp)
   struct stream *s;
   bool made_rw, ok;
 
-  if (!make_writable (top, &made_rw, errp)
+  if (!job_make_writable (top, &made_rw, errp)
       || !(filter = open_filter (p, dev, top, base, errp)))
     goto fail;
   job = job_create_job_locked (p->job_id, &stream_driver, p->speed,

@@ -1,0 +1,33 @@
+/* strata: the commit job (src/jobs/commit.c): block-commit's work, started
+ * by src/control/commands-commit.c once the QMP arguments are checked.
+ */
+#ifndef STRATA_JOBS_COMMIT_H
+#define STRATA_JOBS_COMMIT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "block/node.h"
+#include "jobs/job.h"
+#include "util/error.h"
+
+struct commit_params {
+  const char *job_id;       /* "" when none was given (then refused) */
+  strata_node *device;      /* the root node named as the device (borrowed) */
+  strata_node *top;         /* the highest layer committed (borrowed) */
+  strata_node *base;        /* the layer it all goes into (borrowed) */
+  strata_node *overlay;     /* the layer above TOP, whose backing becomes
+                               BASE (borrowed) */
+  const char *backing_file; /* the name OVERLAY records, or NULL: BASE's */
+  int64_t speed;            /* bytes/s, 0: unlimited; < 0 refused */
+  enum job_on_error on_error;
+  bool auto_finalize, auto_dismiss;
+};
+
+/* Create and start an intermediate commit job (TOP below the device's
+ * active layer), job lock and graph lock held.  False with *ERRP set (a
+ * job that was created has sent created and null). */
+bool commit_start_job_locked (const struct commit_params *p,
+                              strata_error **errp);
+
+#endif
