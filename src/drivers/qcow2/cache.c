@@ -79,7 +79,7 @@ cache_hash (const struct qcow2_cache *c, uint64_t offset)
          & (c->nbuckets - 1);
 }
 
-static int
+static inline int
 cache_find (const struct qcow2_cache *c, uint64_t offset)
 {
   if (c->last >= 0 && c->e[c->last].offset == offset)
@@ -169,8 +169,16 @@ qcow2_cache_get_locked (strata_node *node, struct qcow2_cache *c,
 {
   bool hit;
   struct qcow2_cache_entry *e;
+  int i = offset ? cache_find (c, offset) : -1;
   int r;
 
+  /* The common case first: a hit is one hash probe. */
+  if (i >= 0) {
+    c->e[i].lru = ++c->tick;
+    c->last = i;
+    *table = c->e[i].buf;
+    return 0;
+  }
   if ((r = cache_slot_locked (node, c, offset, &hit, &e)) < 0)
     return r;
   if (!hit) {

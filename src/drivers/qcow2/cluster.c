@@ -119,15 +119,17 @@ slice_pos (const struct qcow2_state *s, uint64_t offset)
 
 /* The cached slice of the L2 table at L2_OFFSET that holds guest
  * OFFSET's entry.  The pointer is valid until the next cache call. */
-static int
+static inline int
 l2_slice_get_locked (strata_node *node, uint64_t l2_offset, uint64_t offset,
                      uint8_t **slice)
 {
   struct qcow2_state *s = node->opaque;
   uint64_t soff = qcow2_l2_slice_offset (s, l2_offset, offset);
-  int r = qcow2_cache_get_locked (node, &s->l2_cache, soff, slice);
+  int r;
 
-  if (r < 0)
+  if ((*slice = qcow2_cache_last_locked (&s->l2_cache, soff)))
+    return 0;
+  if ((r = qcow2_cache_get_locked (node, &s->l2_cache, soff, slice)) < 0)
     return io_error (-r, "%s: cannot read the L2 table at 0x%" PRIx64,
                      node->filename, l2_offset);
   return 0;
@@ -236,12 +238,13 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
   struct qcow2_state *s = node->opaque;
   uint64_t table_end, pos = offset, l2_offset;
   uint64_t span = s->l2_entries << s->cluster_bits;
-  uint64_t slice_span = s->l2_slice_entries << s->cluster_bits, slice_end = 0;
-  uint8_t *t = NULL;
+  uint64_t slice_span = s->l2_slice_entries << s->cluster_bits, end, stop;
+  uint8_t *t;
   int r;
 
   table_end = ROUND_DOWN (offset, span) + span;
   len = MIN (len, table_end - offset);
+  end = offset + len;
   memset (ext, 0, sizeof *ext);
   if ((r = l2_table_offset (node, offset, &l2_offset)) < 0)
     return r;
@@ -253,44 +256,43 @@ qcow2_get_extent_locked (strata_node *node, uint64_t offset, uint64_t len,
   }
   /* One lookup per slice the walk crosses: the extent never leaves this
    * table, and nothing below touches the cache while T is in use. */
-  while (pos < offset + len) {
-    const uint8_t *p;
-    uint64_t entry, bitmap;
-    uint64_t host, unit_end;
-    enum qcow2_ctype type;
-
-    if (pos >= slice_end) {
-      if ((r = l2_slice_get_locked (node, l2_offset, pos, &t)) < 0)
-        return r;
-      slice_end = ROUND_DOWN (pos, slice_span) + slice_span;
-    }
-    p = t + slice_pos (s, pos);
-    entry = be64_load (p);
-    bitmap = s->ext_l2 ? be64_load (p + 8) : 0;
-    if ((entry || bitmap)
-        && (r = qcow2_check_l2_entry (node, pos, entry, bitmap)) < 0)
+  for (; pos < end; pos = stop) {
+    if ((r = l2_slice_get_locked (node, l2_offset, pos, &t)) < 0)
       return r;
-    classify (s, pos, entry, bitmap, &type, &host);
-    unit_end = ROUND_DOWN (pos, s->subcluster_size) + s->subcluster_size;
-    if (type == QCOW2_COMPRESSED)
-      unit_end = ROUND_DOWN (pos, s->cluster_size) + s->cluster_size;
-    if (pos == offset) {
-      ext->type = type;
-      ext->host = host;
-      if (type == QCOW2_COMPRESSED) {
-        uint64_t nsec = qcow2_compressed_sectors (s, entry);
-        ext->coffset = qcow2_compressed_offset (s, entry);
-        ext->csize = (nsec + 1) * 512 - (ext->coffset & 511);
+    stop = MIN (end, ROUND_DOWN (pos, slice_span) + slice_span);
+    while (pos < stop) {
+      const uint8_t *p = t + slice_pos (s, pos);
+      uint64_t entry = be64_load (p);
+      uint64_t bitmap = s->ext_l2 ? be64_load (p + 8) : 0;
+      uint64_t host, unit_end;
+      enum qcow2_ctype type;
+
+      if ((entry || bitmap)
+          && (r = qcow2_check_l2_entry (node, pos, entry, bitmap)) < 0)
+        return r;
+      classify (s, pos, entry, bitmap, &type, &host);
+      unit_end = ROUND_DOWN (pos, s->subcluster_size) + s->subcluster_size;
+      if (type == QCOW2_COMPRESSED)
+        unit_end = ROUND_DOWN (pos, s->cluster_size) + s->cluster_size;
+      if (pos == offset) {
+        ext->type = type;
+        ext->host = host;
+        if (type == QCOW2_COMPRESSED) {
+          uint64_t nsec = qcow2_compressed_sectors (s, entry);
+          ext->coffset = qcow2_compressed_offset (s, entry);
+          ext->csize = (nsec + 1) * 512 - (ext->coffset & 511);
+        }
       }
+      else if (type != ext->type || type == QCOW2_COMPRESSED
+               || (host != 0) != (ext->host != 0)
+               || (host && host != ext->host + (pos - offset)))
+        goto out;
+      pos = MIN (unit_end, end);
+      if (type == QCOW2_COMPRESSED)
+        goto out;
     }
-    else if (type != ext->type || type == QCOW2_COMPRESSED
-             || (host != 0) != (ext->host != 0)
-             || (host && host != ext->host + (pos - offset)))
-      break;
-    pos = MIN (unit_end, offset + len);
-    if (type == QCOW2_COMPRESSED)
-      break;
   }
+out:
   ext->bytes = pos - offset;
   return 0;
 }

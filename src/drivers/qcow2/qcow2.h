@@ -215,8 +215,9 @@ static inline uint64_t
 qcow2_l2_slice_offset (const struct qcow2_state *s, uint64_t l2_offset,
                        uint64_t offset)
 {
-  uint64_t i = qcow2_l2_index (s, offset);
-  return l2_offset + (i - i % s->l2_slice_entries) * s->l2_entry_size;
+  /* Entries per table and per slice are powers of two. */
+  uint64_t i = (offset >> s->cluster_bits) & (s->l2_entries - 1);
+  return l2_offset + (i & ~(s->l2_slice_entries - 1)) * s->l2_entry_size;
 }
 
 /* Host cluster IDX's refcount table entry (which refcount block), and its
@@ -285,6 +286,18 @@ void qcow2_cache_destroy (struct qcow2_cache *c);
  * until the next cache call.  Caller holds node->lock. */
 int qcow2_cache_get_locked (strata_node *node, struct qcow2_cache *c,
                             uint64_t offset, uint8_t **table);
+/* The table at OFFSET when it is the last one used (no call, for the hot
+ * lookups), else NULL: then qcow2_cache_get_locked. */
+static inline uint8_t *
+qcow2_cache_last_locked (struct qcow2_cache *c, uint64_t offset)
+{
+  struct qcow2_cache_entry *e = c->last >= 0 ? &c->e[c->last] : NULL;
+
+  if (!e || e->offset != offset)
+    return NULL;
+  e->lru = ++c->tick;
+  return e->buf;
+}
 /* Install a freshly written table without reading it. */
 int qcow2_cache_put_locked (strata_node *node, struct qcow2_cache *c,
                             uint64_t offset, const uint8_t *table);
