@@ -27,21 +27,29 @@
 #include "strata-cmds.h"
 #include "clock.h"
 
-enum job_end { JOB_RUNNING, JOB_COMPLETED, JOB_CANCELLED, JOB_FAILED };
+enum job_end {
+  JOB_RUNNING,
+  JOB_READY,
+  JOB_COMPLETED,
+  JOB_CANCELLED,
+  JOB_FAILED
+};
 
 #define JOB_POLL_MS 500
 
 struct job_wait {
   const char *id;
-  const char *label;   /* "Block Pull" */
-  bool verbose;        /* draw the progress */
-  bool async;          /* after a cancel, do not wait for the end */
-  int64_t deadline;    /* CLOCK_MONOTONIC ms for the cancel; 0: none */
+  const char *label; /* "Block Pull" */
+  bool verbose;      /* draw the progress */
+  bool async;        /* after a cancel, do not wait for the end */
+  bool until_ready;  /* BLOCK_JOB_READY ends the wait (active commit) */
+  sigset_t waitmask; /* SIGINT unblocked: while waiting for a message */
+  int64_t deadline;  /* CLOCK_MONOTONIC ms for the cancel; 0: none */
 
   bool cancel_sent;
-  int interrupts;      /* SIGINTs already acted on */
-  int absent_polls;    /* polls that did not find the job */
-  char *error;         /* the job's error message, malloc'd */
+  int interrupts;   /* SIGINTs already acted on */
+  int absent_polls; /* polls that did not find the job */
+  char *error;      /* the job's error message, malloc'd */
 
   struct progress bar; /* off unless verbose */
 };
@@ -49,7 +57,7 @@ struct job_wait {
 static int64_t
 now_ms (void)
 {
-  return (int64_t) (clock_now_ns () / CLOCK_NS_PER_MS);
+  return (int64_t)(clock_now_ns () / CLOCK_NS_PER_MS);
 }
 
 /* RATE in bytes/s.  A bare number is MiB/s as in virsh (bytes/s with
@@ -69,23 +77,25 @@ parse_rate (const char *cmd, const char *s, bool bytes)
     client_die ("%s: bandwidth '%s' must not be negative", cmd, s);
   errno = 0;
   n = strtoull (s, &end, 10);
-  if (!isdigit ((unsigned char) *s) || end == s)
-    client_die ("%s: bandwidth '%s' is not a rate: give MiB/s, or bytes/s with "
-         "--bytes or a K, M, G or T suffix",
-         cmd, s);
+  if (!isdigit ((unsigned char)*s) || end == s)
+    client_die (
+        "%s: bandwidth '%s' is not a rate: give MiB/s, or bytes/s with "
+        "--bytes or a K, M, G or T suffix",
+        cmd, s);
   if (*end) {
-    unit = strchr (units, toupper ((unsigned char) *end));
+    unit = strchr (units, toupper ((unsigned char)*end));
     if (!unit
         || !(end[1] == '\0' || (unit > units && strcmp (end + 1, "iB") == 0)))
-      client_die ("%s: bandwidth '%s' has an unknown unit '%s' (use K, M, G or T: "
-           "powers of 1024 bytes/s)",
-           cmd, s, end);
+      client_die (
+          "%s: bandwidth '%s' has an unknown unit '%s' (use K, M, G or T: "
+          "powers of 1024 bytes/s)",
+          cmd, s, end);
     shift = 10 * (unit - units);
   }
-  if (errno == ERANGE || n > (unsigned long long) INT64_MAX >> shift)
-    client_die ("%s: bandwidth '%s' is out of range (at most %lld bytes/s)", cmd, s,
-         (long long) INT64_MAX);
-  return (json_int_t) (n << shift);
+  if (errno == ERANGE || n > (unsigned long long)INT64_MAX >> shift)
+    client_die ("%s: bandwidth '%s' is out of range (at most %lld bytes/s)",
+                cmd, s, (long long)INT64_MAX);
+  return (json_int_t)(n << shift);
 }
 
 /* --timeout SECONDS in milliseconds, as virsh bounds it. */
@@ -97,10 +107,11 @@ parse_timeout (const char *cmd, const char *s)
 
   errno = 0;
   n = strtol (s, &end, 10);
-  if (!isdigit ((unsigned char) *s) || *end || errno || n <= 0
+  if (!isdigit ((unsigned char)*s) || *end || errno || n <= 0
       || n > INT_MAX / 1000)
-    client_die ("%s: timeout '%s' is not a positive number of seconds", cmd, s);
-  return (int64_t) n * 1000;
+    client_die ("%s: timeout '%s' is not a positive number of seconds", cmd,
+                s);
+  return (int64_t)n * 1000;
 }
 
 /* virsh's names for the QMP job types. */
@@ -124,8 +135,8 @@ job_label (const char *type)
 static double
 job_percent (json_int_t offset, json_int_t len)
 {
-  return progress_percent (offset > 0 ? (uint64_t) offset : 0,
-                           len > 0 ? (uint64_t) len : 0);
+  return progress_percent (offset > 0 ? (uint64_t)offset : 0,
+                           len > 0 ? (uint64_t)len : 0);
 }
 
 /* Take in a new sample of the job from query-block-jobs: the bar shows
@@ -136,8 +147,8 @@ job_sample (struct job_wait *w, json_t *job)
   json_int_t len = json_integer_value (json_object_get (job, "len"));
   json_int_t offset = json_integer_value (json_object_get (job, "offset"));
 
-  progress_update (&w->bar, offset > 0 ? (uint64_t) offset : 0,
-                   len > 0 ? (uint64_t) len : 0);
+  progress_update (&w->bar, offset > 0 ? (uint64_t)offset : 0,
+                   len > 0 ? (uint64_t)len : 0);
 }
 
 /* If EV says how our job ended, that end; JOB_RUNNING otherwise. */
@@ -151,6 +162,8 @@ job_event (struct job_wait *w, json_t *ev)
     return JOB_RUNNING;
   if (strcmp (name, "BLOCK_JOB_CANCELLED") == 0)
     return JOB_CANCELLED;
+  if (strcmp (name, "BLOCK_JOB_READY") == 0)
+    return w->until_ready ? JOB_READY : JOB_RUNNING;
   if (strcmp (name, "BLOCK_JOB_COMPLETED") != 0)
     return JOB_RUNNING;
   if (json_object_get (data, "error")) {
@@ -199,7 +212,7 @@ static void
 job_cancel (struct job_wait *w)
 {
   json_t *reply = client_execute_reply ("block-job-cancel",
-                                 json_pack ("{s:s}", "device", w->id));
+                                        json_pack ("{s:s}", "device", w->id));
   json_t *err = json_object_get (reply, "error");
 
   if (err && strcmp (str (err, "class"), "DeviceNotActive") != 0) {
@@ -267,7 +280,7 @@ job_wait (struct job_wait *w, const sigset_t *waitmask)
     int64_t until = next_poll;
     if (w->deadline && !w->cancel_sent && w->deadline < until)
       until = w->deadline;
-    job_listen ((int) (until - now_ms ()), waitmask);
+    job_listen ((int)(until - now_ms ()), waitmask);
   }
 }
 
@@ -285,24 +298,151 @@ catch_sigint (sigset_t *waitmask)
   sigaction (SIGINT, &sa, NULL);
 }
 
+/* The options pull and commit share, and what they make of them. */
+struct job_opts {
+  const char *rate, *timeout;
+  bool bytes, wait;
+};
+
+#define JOB_LONGOPTS                                                          \
+  { "bandwidth", required_argument, NULL, 'r' },                              \
+      { "bytes", no_argument, NULL, 'B' },                                    \
+      { "wait", no_argument, NULL, 'w' },                                     \
+      { "verbose", no_argument, NULL, 'v' },                                  \
+      { "timeout", required_argument, NULL, 't' },                            \
+  {                                                                           \
+    "async", no_argument, NULL, 'a'                                           \
+  }
+
+/* Take option C if it is one of JOB_LONGOPTS; false if it is not. */
+static bool
+job_opt (int c, struct job_opts *o, struct job_wait *w)
+{
+  switch (c) {
+  case 'r': o->rate = optarg; return true;
+  case 'B': o->bytes = true; return true;
+  case 'w': o->wait = true; return true;
+  case 'v': w->verbose = true; return true;
+  case 't': o->timeout = optarg; return true;
+  case 'a': w->async = true; return true;
+  default: return false;
+  }
+}
+
+/* Check the shared options of command CMD; the speed to ask for. */
+static json_int_t
+job_opts_check (const char *cmd, struct job_opts *o, struct job_wait *w)
+{
+  if (!o->wait && (w->verbose || o->timeout || w->async))
+    client_die ("%s: --%s needs --wait", cmd,
+                w->verbose   ? "verbose"
+                : o->timeout ? "timeout"
+                             : "async");
+  if (o->bytes && !o->rate)
+    client_die ("%s: --bytes needs --bandwidth", cmd);
+  if (o->timeout)
+    w->deadline = now_ms () + parse_timeout (cmd, o->timeout);
+  return o->rate ? parse_rate (cmd, o->rate, o->bytes) : 0;
+}
+
+/* Send COMMAND (ARGS taken over) and, with WAIT, follow job W until it
+ * ends (or is READY, with W->until_ready), SIGINT cancelling it. */
+static enum job_end
+job_run (struct job_wait *w, const char *command, json_t *args, bool wait)
+{
+  progress_start (&w->bar, PROGRESS_JOB, w->label, w->verbose, 0);
+  if (!wait) {
+    json_decref (client_execute (command, args));
+    return JOB_RUNNING;
+  }
+  /* From here on events are kept and SIGINT cancels the job. */
+  client_event_queue = json_array ();
+  catch_sigint (&w->waitmask);
+  json_decref (client_execute (command, args));
+  return job_wait (w, &w->waitmask);
+}
+
+/* Print how job W ended, virsh's "WORD complete/aborted/failed" (a
+ * failure's message on stderr); the exit status. */
+static int
+job_report (struct job_wait *w, enum job_end end, const char *word)
+{
+  progress_end (&w->bar, end == JOB_COMPLETED);
+  if (end == JOB_FAILED && w->error)
+    fprintf (stderr, "strata: %s: %s\n", w->id, w->error);
+  printf ("%s %s\n", word,
+          end == JOB_COMPLETED   ? "complete"
+          : end == JOB_CANCELLED ? "aborted"
+                                 : "failed");
+  free (w->error);
+  json_decref (client_event_queue);
+  return end == JOB_COMPLETED ? 0 : 1;
+}
+
 int
 cmd_pull (int argc, char **argv)
 {
   static const struct option longopts[] = {
     { "base", required_argument, NULL, 'b' },
-    { "bandwidth", required_argument, NULL, 'r' },
-    { "bytes", no_argument, NULL, 'B' },
-    { "wait", no_argument, NULL, 'w' },
-    { "verbose", no_argument, NULL, 'v' },
-    { "timeout", required_argument, NULL, 't' },
-    { "async", no_argument, NULL, 'a' },
+    JOB_LONGOPTS,
     { NULL, 0, NULL, 0 },
   };
   struct job_wait w = { .label = "Block Pull" };
-  const char *base = NULL, *rate = NULL, *timeout = NULL;
-  bool bytes = false, wait = false;
-  json_int_t speed = 0;
-  sigset_t waitmask;
+  struct job_opts o = { 0 };
+  const char *base = NULL;
+  json_int_t speed;
+  json_t *args;
+  enum job_end end;
+  int c;
+
+  optind = 0;
+  while ((c = getopt_long (argc, argv, "", longopts, NULL)) != -1) {
+    if (c == 'b')
+      base = optarg;
+    else if (!job_opt (c, &o, &w))
+      exit (1);
+  }
+  if (argc - optind != 1)
+    client_die (
+        "usage: strata pull NODE [--base NODE] [--bandwidth RATE [--bytes]] "
+        "[--wait [--verbose] [--timeout S] [--async]]");
+  speed = job_opts_check ("pull", &o, &w);
+  w.id = argv[optind];
+  args = json_pack ("{s:s,s:s}", "job-id", w.id, "device", w.id);
+  if (base)
+    json_object_set_new (args, "base-node", json_string (base));
+  if (speed)
+    json_object_set_new (args, "speed", json_integer (speed));
+  end = job_run (&w, "block-stream", args, o.wait);
+  if (!o.wait) {
+    printf ("Block Pull started\n");
+    return 0;
+  }
+  return job_report (&w, end, "Pull");
+}
+
+/* virsh blockcommit: an intermediate commit (--top below DEVICE's active
+ * layer) ends as pull does; an active one (--active) runs until it is
+ * synchronised (READY), then --pivot completes it (the device moves onto
+ * the base), --keep-overlay cancels it (the base stays up to date, the
+ * device on its overlay), and neither leaves it running. */
+int
+cmd_commit (int argc, char **argv)
+{
+  static const struct option longopts[] = {
+    { "top", required_argument, NULL, 'T' },
+    { "base", required_argument, NULL, 'b' },
+    { "active", no_argument, NULL, 'A' },
+    { "pivot", no_argument, NULL, 'p' },
+    { "keep-overlay", no_argument, NULL, 'k' },
+    JOB_LONGOPTS,
+    { NULL, 0, NULL, 0 },
+  };
+  struct job_wait w = { .label = "Block Commit" };
+  struct job_opts o = { 0 };
+  const char *top = NULL, *base = NULL;
+  bool active = false, pivot = false, keep = false;
+  json_int_t speed;
   json_t *args;
   enum job_end end;
   int c;
@@ -310,55 +450,69 @@ cmd_pull (int argc, char **argv)
   optind = 0;
   while ((c = getopt_long (argc, argv, "", longopts, NULL)) != -1) {
     switch (c) {
+    case 'T': top = optarg; break;
     case 'b': base = optarg; break;
-    case 'r': rate = optarg; break;
-    case 'B': bytes = true; break;
-    case 'w': wait = true; break;
-    case 'v': w.verbose = true; break;
-    case 't': timeout = optarg; break;
-    case 'a': w.async = true; break;
-    default: exit (1);
+    case 'A': active = true; break;
+    case 'p': pivot = true; break;
+    case 'k': keep = true; break;
+    default:
+      if (!job_opt (c, &o, &w))
+        exit (1);
     }
   }
   if (argc - optind != 1)
-    client_die ("usage: strata pull NODE [--base NODE] [--bandwidth RATE [--bytes]] "
-         "[--wait [--verbose] [--timeout S] [--async]]");
-  if (!wait && (w.verbose || timeout || w.async))
-    client_die ("pull: --%s needs --wait",
-         w.verbose ? "verbose" : timeout ? "timeout" : "async");
-  if (bytes && !rate)
-    client_die ("pull: --bytes needs --bandwidth");
-  if (rate)
-    speed = parse_rate ("pull", rate, bytes);
-  if (timeout)
-    w.deadline = now_ms () + parse_timeout ("pull", timeout);
+    client_die ("usage: strata commit DEVICE [--top NODE] [--base NODE] "
+                "[--active [--pivot|--keep-overlay]] [--bandwidth RATE "
+                "[--bytes]] [--wait [--verbose] [--timeout S] [--async]]");
   w.id = argv[optind];
-  progress_start (&w.bar, PROGRESS_JOB, w.label, w.verbose, 0);
-
+  if (pivot && keep)
+    client_die ("commit: --pivot and --keep-overlay exclude each other");
+  /* As virsh: both imply --active and --wait. */
+  if (pivot || keep)
+    active = o.wait = true;
+  if (active && top && strcmp (top, w.id) != 0)
+    client_die ("commit: --active commits the active layer of %s, not '%s'",
+                w.id, top);
+  if (!active && (!top || strcmp (top, w.id) == 0))
+    client_die ("commit: committing the active layer of %s needs --active",
+                w.id);
+  speed = job_opts_check ("commit", &o, &w);
   args = json_pack ("{s:s,s:s}", "job-id", w.id, "device", w.id);
+  if (top && !active)
+    json_object_set_new (args, "top-node", json_string (top));
   if (base)
     json_object_set_new (args, "base-node", json_string (base));
   if (speed)
     json_object_set_new (args, "speed", json_integer (speed));
-  if (!wait) {
-    json_decref (client_execute ("block-stream", args));
-    printf ("Block Pull started\n");
+  w.until_ready = active;
+  end = job_run (&w, "block-commit", args, o.wait);
+  if (!o.wait) {
+    printf ("%s started\n", active ? "Active Block Commit" : "Block Commit");
     return 0;
   }
-  /* From here on events are kept and SIGINT cancels the job. */
-  client_event_queue = json_array ();
-  catch_sigint (&waitmask);
-  json_decref (client_execute ("block-stream", args));
-  end = job_wait (&w, &waitmask);
-  progress_end (&w.bar, end == JOB_COMPLETED);
-  if (end == JOB_FAILED && w.error)
-    fprintf (stderr, "strata: %s: %s\n", w.id, w.error);
-  printf ("%s\n", end == JOB_COMPLETED   ? "Pull complete"
-                  : end == JOB_CANCELLED ? "Pull aborted"
-                                         : "Pull failed");
-  free (w.error);
-  json_decref (client_event_queue);
-  return end == JOB_COMPLETED ? 0 : 1;
+  if (end != JOB_READY)
+    return job_report (&w, end, "Commit");
+  progress_end (&w.bar, true);
+  if (!pivot && !keep) {
+    printf ("Now in synchronized phase\n");
+    free (w.error);
+    json_decref (client_event_queue);
+    return 0;
+  }
+  w.until_ready = false;
+  json_decref (
+      client_execute (pivot ? "block-job-complete" : "block-job-cancel",
+                      json_pack ("{s:s}", "device", w.id)));
+  w.cancel_sent = keep; /* a cancel now is the plan, not an abort */
+  end = job_wait (&w, &w.waitmask);
+  if (end == JOB_COMPLETED || (keep && end == JOB_CANCELLED)) {
+    printf ("%s\n", pivot ? "Successfully pivoted"
+                          : "Commit complete, overlay image kept");
+    free (w.error);
+    json_decref (client_event_queue);
+    return 0;
+  }
+  return job_report (&w, end, "Commit");
 }
 
 /* "45.00 %", or "-" while the length is not known. */
@@ -381,7 +535,7 @@ cmd_jobs (int argc, char **argv)
   size_t i;
   int idw = 2;
 
-  (void) argv;
+  (void)argv;
   if (argc != 1)
     client_die ("usage: strata jobs");
   jobs = client_execute ("query-block-jobs", NULL);
@@ -393,11 +547,11 @@ cmd_jobs (int argc, char **argv)
   if (json_array_size (jobs) == 0)
     printf ("no block jobs\n");
   json_array_foreach (jobs, i, job)
-    if ((int) strlen (str (job, "device")) > idw)
+    if ((int)strlen (str (job, "device")) > idw)
       idw = strlen (str (job, "device"));
   if (json_array_size (jobs))
-    printf ("%-*s  %-8s  %-9s  %8s  %-24s  %s\n", idw, "ID", "TYPE",
-            "STATUS", "DONE", "OFFSET/LENGTH", "SPEED");
+    printf ("%-*s  %-8s  %-9s  %8s  %-24s  %s\n", idw, "ID", "TYPE", "STATUS",
+            "DONE", "OFFSET/LENGTH", "SPEED");
   json_array_foreach (jobs, i, job) {
     json_int_t speed = json_integer_value (json_object_get (job, "speed"));
     char pct[32], off[16], len[16], rate[32] = "unlimited", sizes[40];
@@ -421,7 +575,8 @@ cmd_jobs (int argc, char **argv)
 static int
 job_info (const char *id)
 {
-  json_t *jobs = client_execute ("query-block-jobs", NULL), *job, *found = NULL;
+  json_t *jobs = client_execute ("query-block-jobs", NULL), *job,
+         *found = NULL;
   size_t i;
 
   json_array_foreach (jobs, i, job)
@@ -433,15 +588,15 @@ job_info (const char *id)
     printf ("No current block job for %s\n", id);
   else {
     json_int_t speed = json_integer_value (json_object_get (found, "speed"));
-    printf ("%s: [%5.2f %%]", job_label (str (found, "type")),
-            job_percent (json_integer_value (json_object_get (found,
-                                                              "offset")),
-                         json_integer_value (json_object_get (found, "len"))));
+    printf (
+        "%s: [%5.2f %%]", job_label (str (found, "type")),
+        job_percent (json_integer_value (json_object_get (found, "offset")),
+                     json_integer_value (json_object_get (found, "len"))));
     if (speed > 0) {
       const char *unit;
       double v = scale_binary (speed, &unit);
       printf ("    Bandwidth limit: %lld bytes/s (%-.3f %s/s)",
-              (long long) speed, v, unit);
+              (long long)speed, v, unit);
     }
     printf ("\n");
   }
@@ -458,8 +613,8 @@ job_abort (const char *id, bool async)
 
   client_event_queue = json_array ();
   catch_sigint (&waitmask);
-  json_decref (client_execute ("block-job-cancel", json_pack ("{s:s}", "device",
-                                                       id)));
+  json_decref (
+      client_execute ("block-job-cancel", json_pack ("{s:s}", "device", id)));
   if (!async)
     job_wait (&w, &waitmask);
   free (w.error);
@@ -496,16 +651,16 @@ cmd_job (int argc, char **argv)
   }
   if (argc - optind != 1)
     client_die ("usage: strata job ID [--abort [--async]] [--info] "
-         "[--bandwidth RATE [--bytes]]");
+                "[--bandwidth RATE [--bytes]]");
   if (abort_job + info + !!rate > 1)
     client_die ("job: --abort, --info and --bandwidth exclude each other");
   if (bytes && !rate)
     client_die ("job: --bytes needs --bandwidth");
   if (rate) {
     speed = parse_rate ("job", rate, bytes);
-    json_decref (client_execute ("block-job-set-speed",
-                          json_pack ("{s:s,s:I}", "device", argv[optind],
-                                     "speed", speed)));
+    json_decref (client_execute (
+        "block-job-set-speed",
+        json_pack ("{s:s,s:I}", "device", argv[optind], "speed", speed)));
     return 0;
   }
   if (abort_job)

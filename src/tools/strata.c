@@ -50,6 +50,10 @@ usage (FILE *f)
 "       [--wait [--verbose] [--timeout SECONDS] [--async]]\n"
 "                                 copy the backing chain's data into NODE\n"
 "                                 (block-stream); the job's ID is NODE\n"
+"  commit DEVICE [--top NODE] [--base NODE] [--active [--pivot|--keep-overlay]]\n"
+"       [--bandwidth RATE [--bytes]] [--wait [--verbose] [--timeout S] [--async]]\n"
+"                                 copy layers down into a lower one\n"
+"                                 (block-commit, as virsh blockcommit)\n"
 "  jobs                           the running block jobs\n"
 "  job ID [--info | --abort [--async] | --bandwidth RATE [--bytes]]\n"
 "                                 show, cancel or re-limit one job\n"
@@ -57,7 +61,7 @@ usage (FILE *f)
 "  RATE is MiB/s (bytes/s with --bytes), or bytes/s when it has a K, M,\n"
 "  G or T suffix (500K, 50M, 1G); 0 means no limit.  With --wait, Ctrl-C\n"
 "  or --timeout cancels the job and waits for it to end (not with\n"
-"  --async).  Exit status 1 when the pull was aborted or failed.\n"
+"  --async).  Exit status 1 when the job was aborted or failed.\n"
 "\n"
 "  --socket PATH   the daemon's socket (default: $STRATA_SOCKET, else\n"
 "                  stratad's default path)\n"
@@ -263,7 +267,7 @@ main (int argc, char **argv)
     { "nodes", cmd_nodes },   { "add", cmd_add },       { "del", cmd_del },
     { "snapshot", cmd_snapshot }, { "events", cmd_events },
     { "raw", cmd_raw },       { "pull", cmd_pull },     { "jobs", cmd_jobs },
-    { "job", cmd_job },
+    { "job", cmd_job },       { "commit", cmd_commit },
   };
   const char *socket_path = NULL;
   char *path = NULL;
