@@ -5,7 +5,13 @@
 # each (from /usr/bin/time).  Not a test: run it by hand on a quiet
 # machine.
 #
-#   bench/convert-bench.sh [-s SIZE] [-F FIXTURE_SIZE] [-r REPEAT] [-C] [BUILD_DIR]
+#   bench/convert-bench.sh [-s SIZE] [-F FIXTURE_SIZE] [-r REPEAT] [-C]
+#                          [-i INPUTS] [-k INPUTS] [BUILD_DIR]
+#
+# -i and -k name the inputs of the plain and of the -c rows (default
+# "half chain fragmented sequential" and "half fragmented halfc"; "" runs
+# none of them), e.g. -i "fragmented sequential" -k "" for the issue's
+# uncompressed rows alone.
 #
 # Inputs, each made, used and deleted in turn on every bench root (tmpfs
 # /dev/shm and the disk under TMPDIR, or $BENCH_ROOT), so one root holds
@@ -31,12 +37,16 @@ size=4G
 fsize=4G
 repeat=3
 only_c=0
-while getopts "s:F:r:C" o; do
+inputs="half chain fragmented sequential"
+c_inputs="half fragmented halfc"
+while getopts "s:F:r:Ci:k:" o; do
   case $o in
     s) size=$OPTARG ;;
     F) fsize=$OPTARG ;;
     r) repeat=$OPTARG ;;
     C) only_c=1 ;;
+    i) inputs=$OPTARG ;;
+    k) c_inputs=$OPTARG ;;
     *) exit 2 ;;
   esac
 done
@@ -112,7 +122,7 @@ secs() { awk -v t="$1" 'BEGIN { if (t ~ /^[0-9]+$/) printf "%.2f", t / 1e6; else
 printf '%-10s %-30s %9s %9s %7s %12s %12s\n' where case "strata s" \
   "qemu s" ratio "strata RSS" "qemu RSS"
 for where in $( ((only_c)) || bench_roots); do
-  for src in half chain fragmented sequential; do
+  for src in $inputs; do
     work=$(mktemp -d "$where/strata-convert-bench.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     in=$(make_input "$work" "$src")
@@ -171,11 +181,12 @@ once_sized() {
 
 mb() { awk -v b="$1" 'BEGIN { if (b + 0 > 0) printf "%.1f", b / 1e6; else print "fail" }'; }
 
+[[ -z $c_inputs ]] && exit 0
 echo
 printf '%-10s %-44s %8s %8s %6s %9s %9s %6s\n' where "case (convert -c)" \
   "strata s" "qemu s" ratio "strata MB" "qemu MB" size
 for where in $(bench_roots); do
-  for src in half fragmented halfc; do
+  for src in $c_inputs; do
     work=$(mktemp -d "$where/strata-convert-bench.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     case $src in
