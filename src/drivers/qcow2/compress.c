@@ -24,6 +24,7 @@
 #include "drivers/qcow2/qcow2.h"
 #include "util/checked.h"
 #include "util/cleanup.h"
+#include "util/workqueue.h"
 
 static int
 inflate_raw (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
@@ -33,15 +34,14 @@ inflate_raw (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
 
   if (inflateInit2 (&z, -15) != Z_OK)
     return -ENOMEM;
-  z.next_in = (Bytef *) in;
+  z.next_in = (Bytef *)in;
   z.avail_in = inlen;
   z.next_out = out;
   z.avail_out = outlen;
   r = inflate (&z, Z_FINISH);
   inflateEnd (&z);
   /* Z_BUF_ERROR with a full output: the padding was not consumed. */
-  if ((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK)
-      && z.avail_out == 0)
+  if ((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && z.avail_out == 0)
     return 0;
   return -EIO;
 }
@@ -60,7 +60,7 @@ unzstd (const uint8_t *in, size_t inlen, uint8_t *out, size_t outlen)
     size_t ret = ZSTD_decompressStream (d, &ob, &ib);
     if (ZSTD_isError (ret))
       break;
-    if (ret == 0)  /* end of frame */
+    if (ret == 0) /* end of frame */
       break;
   }
   if (ob.pos == ob.size)
@@ -82,24 +82,28 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
   /* A cluster never needs more than its size plus a sector of overhead;
    * bound the input so a hostile descriptor cannot demand gigabytes. */
   if (csize > 2 * s->cluster_size + 512)
-    return io_error (EIO, "%s: compressed cluster at 0x%" PRIx64 " length %"
-                     PRIu64 " is too large", node->filename, coffset, csize);
+    return io_error (EIO,
+                     "%s: compressed cluster at 0x%" PRIx64 " length %" PRIu64
+                     " is too large",
+                     node->filename, coffset, csize);
   if (flen < 0)
-    return (int) flen;
-  avail = coffset < (uint64_t) flen ? (uint64_t) flen - coffset : 0;
+    return (int)flen;
+  avail = coffset < (uint64_t)flen ? (uint64_t)flen - coffset : 0;
   csize = MIN (csize, avail);
   if (csize == 0 || !(in = malloc (csize)))
     return csize ? -ENOMEM
-                 : io_error (EIO, "%s: compressed cluster at 0x%" PRIx64
-                             " is past the end of the file", node->filename,
-                             coffset);
+                 : io_error (EIO,
+                             "%s: compressed cluster at 0x%" PRIx64
+                             " is past the end of the file",
+                             node->filename, coffset);
   if ((r = node_pread (node->file, coffset, in, csize, 0)) < 0)
     return r;
   r = s->compression == QCOW2_COMP_ZSTD
           ? unzstd (in, csize, out, s->cluster_size)
           : inflate_raw (in, csize, out, s->cluster_size);
   if (r == -EIO)
-    return io_error (EIO, "%s: compressed cluster at 0x%" PRIx64 " (%" PRIu64
+    return io_error (EIO,
+                     "%s: compressed cluster at 0x%" PRIx64 " (%" PRIu64
                      " bytes, %s) does not decompress to a cluster",
                      node->filename, coffset, csize,
                      s->compression == QCOW2_COMP_ZSTD ? "zstd" : "zlib");
@@ -130,10 +134,13 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
  * refcount is at its maximum) a new host cluster starts and the tail of
  * the old one stays unused.
  *
- * Threads: the node's compressor threads (compress_pool) start at its
- * first compressed write and stop at close.  Locks: node->lock guards
+ * Threads: the node's compressor threads (compress_pool, a work queue of
+ * util/workqueue.c) start at its first compressed write and stop at
+ * close; a window queues one item per thread, and each item, like the
+ * caller, takes clusters until none is left.  Locks: node->lock guards
  * placement; the pool lock (a leaf, taken under node->lock only while the
- * pool starts) guards the queue of windows and the kept caller buffers.
+ * pool starts) guards the kept caller buffers and compressors and the
+ * count of a window's items that have ended.
  *
  * Order: the refcounts and L2 entries stay dirty in the cache like an
  * allocating write's (io.c, cache.c: refcounts, flush, L2 tables), so a
@@ -145,13 +152,15 @@ qcow2_decompress (strata_node *node, uint64_t coffset, uint64_t csize,
 #define COMPRESS_WINDOW_MAX 256 /* clusters */
 #define COMPRESS_IOV_MAX 64     /* buffers per write, as file.c takes */
 #define COMPRESS_THREADS_MAX 16
+#define COMPRESS_SLOW_NS 1000000 /* about a 64 KiB cluster's deflate */
 
-/* A reusable compressor for one thread. */
+/* A reusable compressor for one thread; NEXT links the pool's idle ones. */
 struct compressor {
   const struct qcow2_state *s;
   z_stream z;
   bool z_ready;
   ZSTD_CCtx *zc;
+  struct compressor *next;
 };
 
 static void
@@ -196,32 +205,45 @@ compress_cluster (struct compressor *c, const uint8_t *in, uint8_t *out,
   return r == Z_STREAM_END ? (ssize_t)(limit - c->z.avail_out) : 0;
 }
 
+struct window;
+
+/* One of a window's work items: a pool thread that runs it takes the
+ * window's clusters until none is left. */
+struct window_item {
+  struct workqueue_item item; /* first: the item is the window_item */
+  struct window *w;
+};
+
 /* One window: N clusters, IN[i] the guest bytes of cluster i (padded to a
  * whole cluster), OUT + i * cluster_size its compressed bytes, CLEN[i]
- * their length (0: store it uncompressed; < 0: an errno).  NEXT (clusters
- * handed out) and DONE (clusters compressed) are under the pool lock. */
+ * their length (0: store it uncompressed; < 0: an errno).  NEXT counts
+ * the clusters handed out (atomic: the caller and the items take them
+ * without a lock); ITEMS_DONE, of NITEMS queued, is under the pool lock,
+ * and the window may go only when all have ended. */
 struct window {
   const struct qcow2_state *s;
   unsigned n;
   const uint8_t **in;
   uint8_t *out;
   ssize_t *clen;
-  unsigned next, done;
-  struct window *link; /* the pool's queue */
+  unsigned next;
+  struct compress_pool *pool;
+  unsigned nitems, items_done;
+  struct window_item items[COMPRESS_THREADS_MAX];
 };
 
-/* The node's compressor threads, started at its first compressed write
- * and stopped at close.  The pool lock (a leaf) guards the queue of
- * windows with clusters not yet handed out, each window's NEXT and DONE,
- * and QUIT; WORK wakes the threads, DONE_COND the windows' owners. */
+/* The node's compressor threads: a work queue (util/workqueue.c) started
+ * at its first compressed write and freed at close.  The pool lock (a
+ * leaf) guards the kept caller buffers, the idle compressors and each
+ * window's ITEMS_DONE; DONE_COND wakes a window's owner when its last
+ * item ends. */
 struct compress_pool {
-  pthread_mutex_t lock;
-  pthread_cond_t work, done_cond;
-  struct window *head, **tail;
-  struct slot *slots; /* callers' buffers, kept for the next request */
-  bool quit;
+  struct workqueue *wq;
   unsigned nthreads;
-  pthread_t tids[COMPRESS_THREADS_MAX];
+  pthread_mutex_t lock;
+  pthread_cond_t done_cond;
+  struct slot *slots; /* callers' buffers, kept for the next request */
+  struct compressor *idle;
 };
 
 /* What one caller needs for a request: its compressor and a window's
@@ -246,63 +268,44 @@ slot_free (struct slot *sl)
   free (sl);
 }
 
-/* Hand out a cluster of the first window in the queue: *W and its index,
- * or false when the queue is empty.  _pool_locked. */
-static bool
-claim_pool_locked (struct compress_pool *p, struct window **w, unsigned *i)
-{
-  struct window *h = p->head;
-
-  if (!h)
-    return false;
-  *w = h;
-  *i = h->next++;
-  if (h->next == h->n) { /* all handed out: off the queue */
-    p->head = h->link;
-    if (!p->head)
-      p->tail = &p->head;
-  }
-  return true;
-}
-
+/* Compress W's clusters with C until none is left to take. */
 static void
-compress_one (struct compressor *c, struct window *w, unsigned i)
+compress_claimed (struct compressor *c, struct window *w)
 {
-  w->clen[i]
-      = compress_cluster (c, w->in[i], w->out + (size_t)i * w->s->cluster_size,
-                          w->s->cluster_size - 1);
-}
-
-static void
-finish_pool_locked (struct compress_pool *p, struct window *w)
-{
-  if (++w->done == w->n)
-    pthread_cond_broadcast (&p->done_cond);
-}
-
-static void *
-pool_thread (void *arg)
-{
-  struct compress_pool *p = arg;
-  struct compressor c = { 0 };
-  struct window *w;
   unsigned i;
 
+  while ((i = __atomic_fetch_add (&w->next, 1, __ATOMIC_RELAXED)) < w->n)
+    w->clen[i] = compress_cluster (c, w->in[i],
+                                   w->out + (size_t)i * w->s->cluster_size,
+                                   w->s->cluster_size - 1);
+}
+
+/* A window's item, on a pool thread: an idle compressor (or a new one)
+ * takes clusters; without one the others take them all. */
+static void
+window_item_run (struct workqueue_item *item)
+{
+  struct window *w = ((struct window_item *)item)->w;
+  struct compress_pool *p = w->pool;
+  struct compressor *c;
+
   pthread_mutex_lock (&p->lock);
-  for (;;) {
-    while (!p->quit && !p->head)
-      pthread_cond_wait (&p->work, &p->lock);
-    if (!claim_pool_locked (p, &w, &i))
-      break; /* quit, nothing queued */
-    pthread_mutex_unlock (&p->lock);
-    c.s = w->s;
-    compress_one (&c, w, i);
-    pthread_mutex_lock (&p->lock);
-    finish_pool_locked (p, w);
-  }
+  if ((c = p->idle))
+    p->idle = c->next;
   pthread_mutex_unlock (&p->lock);
-  compressor_end (&c);
-  return NULL;
+  if (c || (c = calloc (1, sizeof *c))) {
+    c->s = w->s;
+    compress_claimed (c, w);
+  }
+  pthread_mutex_lock (&p->lock);
+  if (c) {
+    c->next = p->idle;
+    p->idle = c;
+  }
+  /* The last touch of W: its owner may free it once this is seen. */
+  if (++w->items_done == w->nitems)
+    pthread_cond_broadcast (&p->done_cond);
+  pthread_mutex_unlock (&p->lock);
 }
 
 /* The node's pool, started on first use; NULL when no thread could start
@@ -323,14 +326,11 @@ pool_get (strata_node *node)
     goto out;
   }
   pthread_mutex_init (&p->lock, NULL);
-  pthread_cond_init (&p->work, NULL);
   pthread_cond_init (&p->done_cond, NULL);
-  p->tail = &p->head;
-  /* The caller compresses too: one thread fewer than the CPUs. */
-  while (p->nthreads < MIN ((unsigned long)ncpu - 1, COMPRESS_THREADS_MAX)
-         && pthread_create (&p->tids[p->nthreads], NULL, pool_thread, p) == 0)
-    p->nthreads++;
-  if (!p->nthreads) {
+  /* The caller compresses too: one thread fewer than the CPUs.  Every
+   * item is woken for explicitly, so the slow-item rule hardly matters. */
+  p->nthreads = MIN ((unsigned long)ncpu - 1, COMPRESS_THREADS_MAX);
+  if (!(p->wq = workqueue_new (p->nthreads, COMPRESS_SLOW_NS))) {
     qcow2_compress_stop (p);
     p = NULL;
     s->compress_pool_failed = true;
@@ -346,18 +346,18 @@ qcow2_compress_stop (struct compress_pool *p)
 {
   if (!p)
     return;
-  pthread_mutex_lock (&p->lock);
-  p->quit = true;
-  pthread_cond_broadcast (&p->work);
-  pthread_mutex_unlock (&p->lock);
-  for (unsigned i = 0; i < p->nthreads; i++)
-    pthread_join (p->tids[i], NULL);
+  workqueue_free (p->wq);
   while (p->slots) {
     struct slot *next = p->slots->next;
     slot_free (p->slots);
     p->slots = next;
   }
-  pthread_cond_destroy (&p->work);
+  while (p->idle) {
+    struct compressor *next = p->idle->next;
+    compressor_end (p->idle);
+    free (p->idle);
+    p->idle = next;
+  }
   pthread_cond_destroy (&p->done_cond);
   pthread_mutex_destroy (&p->lock);
   free (p);
@@ -365,36 +365,28 @@ qcow2_compress_stop (struct compress_pool *p)
 
 /* Compress window W with the pool's threads (P may be NULL) and this one,
  * which takes clusters too and so never waits for a thread to wake, only
- * for clusters a thread has started. */
+ * for the items queued for W to end (those that find nothing left end at
+ * once). */
 static void
 compress_window (struct compress_pool *p, struct window *w,
                  struct compressor *c)
 {
-  unsigned i;
-
-  w->next = w->done = 0;
-  w->link = NULL;
-  if (!p) {
-    for (i = 0; i < w->n; i++)
-      compress_one (c, w, i);
+  w->next = w->items_done = 0;
+  w->pool = p;
+  w->nitems = p ? MIN (p->nthreads, w->n - 1) : 0;
+  for (unsigned k = 0; k < w->nitems; k++) {
+    w->items[k].w = w;
+    w->items[k].item.run = window_item_run;
+    w->items[k].item.next = &w->items[k + 1].item; /* the last: submit's */
+  }
+  if (w->nitems)
+    workqueue_submit (p->wq, &w->items[0].item, &w->items[w->nitems - 1].item,
+                      w->nitems, w->nitems);
+  compress_claimed (c, w);
+  if (!w->nitems)
     return;
-  }
   pthread_mutex_lock (&p->lock);
-  *p->tail = w;
-  p->tail = &w->link;
-  pthread_cond_broadcast (&p->work);
-  /* W stays queued until its last cluster is handed out, so there is
-   * always one to take (another window's first, when queued earlier). */
-  while (w->next < w->n) {
-    struct window *got = w;
-    i = 0;
-    claim_pool_locked (p, &got, &i);
-    pthread_mutex_unlock (&p->lock);
-    compress_one (c, got, i);
-    pthread_mutex_lock (&p->lock);
-    finish_pool_locked (p, got);
-  }
-  while (w->done < w->n)
+  while (w->items_done < w->nitems)
     pthread_cond_wait (&p->done_cond, &p->lock);
   pthread_mutex_unlock (&p->lock);
 }
