@@ -22,6 +22,11 @@
  *   4. only when references to replaced clusters (compressed or shared
  *      ones) must be dropped: write back, flush, then drop them.
  *
+ * The guest view of a cluster is built in a buffer the node keeps from
+ * one copy-on-write to the next (up to QCOW2_COW_SPARES of them, for
+ * clusters up to COW_SPARE_MAX): a fresh 64 KiB malloc costs page faults
+ * and a cold cache for both the read into it and the write from it.
+ *
  * A crash at any point loses unflushed writes and leaks clusters at
  * worst.  Requests that change mapping hold a serialising entry of the
  * private cluster-granular tracker, so two allocating writes to one
@@ -109,6 +114,42 @@ iov_scratch (int iovcnt, struct iovec *small, struct iovec **big)
   if (iovcnt + 1 <= IOV_SMALL)
     return small;
   return *big = malloc ((iovcnt + 1) * sizeof **big);
+}
+
+/* ---- copy-on-write buffers ---- */
+
+#define COW_SPARE_MAX (256 * 1024)
+
+/* A cluster buffer: a kept one, else a new one; NULL when out of memory.
+ * Given back with cow_buf_put. */
+static uint8_t *
+cow_buf_get (struct qcow2_state *s)
+{
+  for (int i = 0; i < QCOW2_COW_SPARES; i++) {
+    uint8_t *p = atomic_exchange (&s->cow_spare[i], NULL);
+    if (p)
+      return p;
+  }
+  return malloc (s->cluster_size);
+}
+
+static void
+cow_buf_put (struct qcow2_state *s, uint8_t *p)
+{
+  if (s->cluster_size <= COW_SPARE_MAX)
+    for (int i = 0; i < QCOW2_COW_SPARES; i++) {
+      uint8_t *none = NULL;
+      if (atomic_compare_exchange_strong (&s->cow_spare[i], &none, p))
+        return;
+    }
+  free (p);
+}
+
+void
+qcow2_cow_spares_free (struct qcow2_state *s)
+{
+  for (int i = 0; i < QCOW2_COW_SPARES; i++)
+    free (atomic_exchange (&s->cow_spare[i], NULL));
 }
 
 /* ---- reads ---- */
@@ -384,8 +425,8 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
   struct qcow2_state *s = node->opaque;
   uint64_t cs = s->cluster_size, in_cl = offset & (cs - 1);
   uint64_t guest = offset - in_cl, entry, bitmap, l2off, host = 0;
-  CLEANUP_FREE uint8_t *cbuf = NULL;
   CLEANUP_FREE struct iovec *tmp = NULL;
+  uint8_t *cbuf;
   struct iovec one;
   bool reuse;
   int64_t a;
@@ -456,16 +497,19 @@ write_cluster (strata_node *node, uint64_t offset, uint64_t n,
   }
   else {
     /* The guest view of the whole cluster, with the new bytes merged. */
-    if (!(cbuf = malloc (cs)))
+    if (!(cbuf = cow_buf_get (s)))
       return -ENOMEM;
     one = (struct iovec){ .iov_base = cbuf, .iov_len = cs };
-    if (n < cs && (r = qcow2_read_untracked (node, guest, cs, &one, 1)) < 0)
-      return r;
-    if (buf)
-      memcpy (cbuf + in_cl, buf, n);
-    else
-      iov_copy (iov, iovcnt, skip, cbuf + in_cl, n, false);
-    if ((r = node_pwrite (node->file, host, cbuf, cs, 0)) < 0)
+    r = qcow2_read_untracked (node, guest, cs, &one, 1);
+    if (r == 0) {
+      if (buf)
+        memcpy (cbuf + in_cl, buf, n);
+      else
+        iov_copy (iov, iovcnt, skip, cbuf + in_cl, n, false);
+      r = node_pwrite (node->file, host, cbuf, cs, 0);
+    }
+    cow_buf_put (s, cbuf);
+    if (r < 0)
       return r;
   }
   b->p[b->n++] = (struct pending){

@@ -272,6 +272,7 @@ qcow2_close (strata_node *node)
   }
   qcow2_compress_stop (s->compress_pool);
   s->compress_pool = NULL;
+  qcow2_cow_spares_free (s);
   qcow2_cache_destroy (&s->l2_cache);
   qcow2_cache_destroy (&s->rc_cache);
   qcow2_overlap_destroy (s);

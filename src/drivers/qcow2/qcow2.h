@@ -118,6 +118,10 @@ struct qcow2_meta_set {
   size_t n, cap;
 };
 
+/* Copy-on-write buffers a node keeps (io.c): enough for the requests
+ * that run at once on a few cores. */
+#define QCOW2_COW_SPARES 4
+
 struct qcow2_state {
   /* Immutable after open. */
   uint32_t version;
@@ -173,6 +177,9 @@ struct qcow2_state {
   bool compress_pool_failed;
 
   struct tracker clusters;    /* guest-cluster-granular request tracker */
+  /* Cluster buffers of finished copy-on-writes, kept for the next ones
+   * (io.c; taken and given back with atomic exchanges, no lock). */
+  _Atomic (uint8_t *) cow_spare[QCOW2_COW_SPARES];
   /* Refcount increments stay dirty in the cache until the caller writes
    * them back (many at once: snapshot create and apply). */
   bool defer_increments;
@@ -453,6 +460,8 @@ int qcow2_block_status (strata_node *node, uint64_t offset, uint64_t len,
                         struct bstat *bs);
 /* Write the metadata cache back (the core flushes `file` after). */
 int qcow2_flush (strata_node *node);
+/* Free the copy-on-write buffers the node kept (at close). */
+void qcow2_cow_spares_free (struct qcow2_state *s);
 
 /* resize.c */
 /* Cut the file after the last cluster with a reference; refcounts must
