@@ -13,11 +13,12 @@
  * workqueue_nudge() lets a caller with nothing better to do (a reader
  * waiting for its socket) wake threads for queued items.
  *
- * Locks: one mutex (the pool lock) guards the queue, the idle count, the
- * quit flag and writes of the average (read atomically without it); its
- * condition variable is signalled when items are queued and on shutdown, and
- * is waited on without a timeout. The pool lock is never held while an item
- * runs, so an item may take any lock of its caller, and submit more items.
+ * Locks: one mutex (the pool lock) guards the queue, the stack of idle
+ * threads, the quit flag and writes of the average (read atomically
+ * without it).  An idle thread sleeps on a semaphore of its own, without
+ * a timeout, posted by whoever pops it off the idle stack (after the pool
+ * lock is dropped).  The pool lock is never held while an item runs, so
+ * an item may take any lock of its caller, and submit more items.
  */
 #ifndef STRATA_WORKQUEUE_H
 #define STRATA_WORKQUEUE_H
