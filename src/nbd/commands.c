@@ -373,6 +373,27 @@ request_submit_batch (struct conn *c)
   c->nbatch = c->nheavy = 0;
 }
 
+/* The reader is about to wait for its client with one request parsed and
+ * none behind it: the client keeps few requests in flight, so nothing
+ * overlaps with it and a worker would only add its wake-up (two futex
+ * calls and, on a busy machine, a wait for a core) to its latency.  While
+ * the connection's requests are not slow (allocating writes: ~100 us)
+ * and none may block (flush, big transfer, remote node), the reader runs
+ * it itself. */
+void
+request_run_lone (struct conn *c)
+{
+  struct nbd_request *req = (struct nbd_request *)c->batch;
+
+  if (c->nbatch != 1 || c->nheavy || !c->local
+      || (req->type != NBD_CMD_READ && req->type != NBD_CMD_WRITE)
+      || __atomic_load_n (&c->avg_ns, __ATOMIC_RELAXED) > NBD_SLOW_REQUEST_NS)
+    return;
+  c->batch = c->batch_tail = NULL;
+  c->nbatch = 0;
+  request_finish (req, true);
+}
+
 /* Whether the reader runs REQ itself: a short read or write of an export
  * with no remote node under it, while this connection's requests have
  * been short (page-cache I/O), and no batch waits for workers (it would

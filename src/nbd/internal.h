@@ -235,6 +235,9 @@ void conn_transmission (struct conn *c);
  * at once, the rest with request_submit_batch(). */
 void request_submit (struct conn *c, struct nbd_request *req);
 void request_submit_batch (struct conn *c);
+/* Run C's batch on the reader when it is one short request (the reader
+ * is about to wait for the client); see commands.c. */
+void request_run_lone (struct conn *c);
 
 /* reply.c */
 /* A reply of LEN bytes (data[] unset), or NULL; freed once sent. */

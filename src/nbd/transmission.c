@@ -97,7 +97,8 @@ conn_read (struct conn *c, void *buf, size_t len, int timeout_ms)
       len -= k;
       continue;
     }
-    request_submit_batch (c);  /* about to wait for the client */
+    request_run_lone (c);      /* about to wait for the client */
+    request_submit_batch (c);
     if (len >= NBD_RBUF / 2) { /* big payloads go straight to BUF */
       if ((n = recv_some (c, p, len, timeout_ms)) < 0)
         return false;
