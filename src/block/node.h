@@ -320,4 +320,18 @@ bool node_make_empty (strata_node *node, strata_error **errp);
 int node_copy_up (strata_node *top, strata_node *base, uint64_t offset,
                   uint64_t len, uint64_t *copied);
 
+/* node_copy_up for callers that copy several ranges at once and want
+ * TOP's clusters allocated as one caller's in-order copy would allocate
+ * them: BEFORE_WRITE(OPAQUE), when not NULL, is called (and may block)
+ * just before the first write into TOP, after the range was read; a
+ * negative errno from it ends the copy-up with that error, unwritten. */
+int node_copy_up_ordered (strata_node *top, strata_node *base,
+                          uint64_t offset, uint64_t len, uint64_t *copied,
+                          int (*before_write) (void *opaque), void *opaque);
+
+/* The unit node_copy_up widens a range to: TOP's cluster size (64 KiB
+ * for a format without clusters).  Two copy-ups at once must not share
+ * one, or each may wait for the other. */
+uint64_t node_copy_up_unit (strata_node *top);
+
 #endif

@@ -25,6 +25,10 @@
  *
  * Data read from the chain that turns out to be zeros is written as zeroes
  * too, cluster by cluster, so zero regions never become data clusters.
+ * A caller that copies several ranges at once on several threads (the
+ * stream job) may hold each copy back just before its first write
+ * (node_copy_up_ordered), so that TOP's clusters are allocated in the
+ * order one thread copying the ranges in turn would allocate them.
  * The writes carry NODE_REQ_SERIALISED: they run inside our serialising
  * request, which a tracked write would wait for forever.
  */
@@ -47,6 +51,8 @@ struct copy_up {
   uint64_t chunk;   /* bytes per chunk, a multiple of cluster */
   uint8_t *buf;     /* chunk bytes, allocated when first needed */
   uint64_t copied;
+  int (*before_write) (void *opaque); /* once, before the first write */
+  void *opaque;
 };
 
 /* What the layers between TOP and BASE hold at [offset, offset+len): sets
@@ -97,9 +103,14 @@ static int
 write_piece (struct copy_up *c, uint64_t offset, uint64_t len,
              const uint8_t *data)
 {
-  int r = data ? node_pwrite (c->top, offset, data, len, NODE_REQ_SERIALISED)
-               : node_pwrite_zeroes (c->top, offset, len, NODE_REQ_SERIALISED);
+  int (*before) (void *) = c->before_write;
+  int r;
 
+  c->before_write = NULL;
+  if (before && (r = before (c->opaque)) < 0)
+    return r;
+  r = data ? node_pwrite (c->top, offset, data, len, NODE_REQ_SERIALISED)
+           : node_pwrite_zeroes (c->top, offset, len, NODE_REQ_SERIALISED);
   if (r == 0)
     c->copied += len;
   return r;
@@ -202,8 +213,8 @@ copy_chunk (struct copy_up *c, uint64_t offset, uint64_t len, bool dry)
   return 0;
 }
 
-static uint64_t
-cluster_size (strata_node *top)
+uint64_t
+node_copy_up_unit (strata_node *top)
 {
   struct strata_info info = { 0 };
 
@@ -217,8 +228,18 @@ int
 node_copy_up (strata_node *top, strata_node *base, uint64_t offset,
               uint64_t len, uint64_t *copied)
 {
-  struct copy_up c
-      = { .top = node_skip_filters (top), .base = node_skip_filters (base) };
+  return node_copy_up_ordered (top, base, offset, len, copied, NULL, NULL);
+}
+
+int
+node_copy_up_ordered (strata_node *top, strata_node *base, uint64_t offset,
+                      uint64_t len, uint64_t *copied,
+                      int (*before_write) (void *opaque), void *opaque)
+{
+  struct copy_up c = { .top = node_skip_filters (top),
+                       .base = node_skip_filters (base),
+                       .before_write = before_write,
+                       .opaque = opaque };
   uint64_t start, end;
   int64_t size;
   int r = 0;
@@ -235,7 +256,7 @@ node_copy_up (strata_node *top, strata_node *base, uint64_t offset,
   if ((size = node_length (c.top)) < 0)
     return io_error (-size, "%s: cannot get the image length",
                      c.top->filename);
-  c.cluster = cluster_size (c.top);
+  c.cluster = node_copy_up_unit (c.top);
   c.chunk = ROUND_UP (MAX (COPY_UP_CHUNK, c.cluster), c.cluster);
   start = ROUND_DOWN (offset, c.cluster);
   end = MIN (ROUND_UP (offset + len, c.cluster), (uint64_t)size);

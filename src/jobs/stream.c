@@ -17,6 +17,24 @@
  * of it copied up, reading the same) or the new one.  A new stream after
  * a crash finds the copied chunks allocated and skips them.
  *
+ * Without a speed limit (and without x-yield-to-guest) two chunks are
+ * copied at once, by two copier threads (a work queue the job starts):
+ *
+ *   job thread:  decide chunk k, k+1, ... (block status); retire in order
+ *   copier A:    [read k  ][write k  ][read k+2 ]......[write k+2]
+ *   copier B:    [read k+1]...turn...[write k+1 ][read k+3]...
+ *
+ * Each copy holds its own serialising request; a copier waits for its
+ * turn (the chunks before it have written all of theirs) before its
+ * first write, so the reads of one chunk overlap the writes of the one
+ * before while TOP's clusters are allocated in the walk's order, as one
+ * thread (and QEMU's job) allocates them.  Progress moves only past the
+ * chunks done in order; after a failed chunk those behind it write
+ * nothing and are looked at again, so an error, a pause or a cancel
+ * leaves TOP and the offset as the one-chunk-at-a-time walk leaves them.
+ * A chunk that starts inside a cluster of TOP, which the one before it
+ * shares, waits until nothing is in flight.
+ *
  * Idle-aware streaming (x-yield-to-guest): before each chunk the job
  * looks at TOP's request tracker: requests in flight, or begun since its
  * own last chunk ended, are the guest's.  None (and, after a busy spell,
@@ -26,6 +44,7 @@
  */
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,11 +54,29 @@
 #include "jobs/stream.h"
 #include "util/cleanup.h"
 #include "util/clock.h"
+#include "util/workqueue.h"
 
 #define STREAM_CHUNK (512 * 1024) /* QEMU's STREAM_CHUNK */
 #define STREAM_MIN_CHUNK (64 * 1024)
 #define IDLE_POLL_NS 10000000ull  /* 10 ms */
 #define IDLE_GRACE_NS 50000000ull /* 50 ms */
+#define STREAM_DEPTH 2 /* chunks copied at once, without a speed limit */
+#define STREAM_RING 8  /* chunks taken and not yet retired, copied or not */
+
+struct stream;
+
+/* A chunk taken by the walk: copied (COPYING, until DONE) or not. */
+struct stream_copy {
+  struct workqueue_item item; /* first: the work queue hands it back */
+  struct stream *s;
+  uint64_t offset, n;
+  bool copying;
+  uint64_t ticket; /* its turn to write into TOP, in the walk's order */
+  /* Set by the copier, then DONE, under the stream lock. */
+  bool done;
+  int r;
+  uint64_t copied, start;
+};
 
 struct stream {
   strata_node *top, *base; /* references; BASE may be NULL */
@@ -52,6 +89,18 @@ struct stream {
   strata_node *old_backing; /* kept until clean, see prepare */
   bool restore_ro;          /* TOP was read-only: made so again at the end */
   strata_node *filter;      /* the copy-on-read filter over TOP, or NULL */
+  /* The walk's chunks in flight (the job thread's alone, but for the
+   * fields of struct stream_copy the copiers set under LOCK). */
+  struct workqueue *wq; /* the copiers; NULL: copies run on the job thread */
+  struct stream_copy ring[STREAM_RING];
+  unsigned head, count, copying;
+  uint64_t unit;        /* node_copy_up_unit (TOP) */
+  uint64_t tickets;     /* the next chunk's ticket */
+  uint64_t turn;        /* the ticket whose chunk may write (LOCK) */
+  uint64_t fail_from;   /* a chunk failed: those from this ticket on
+                           write nothing until drained (LOCK) */
+  pthread_mutex_t lock; /* stream lock (leaf): TURN, a chunk's result */
+  pthread_cond_t cond;  /* a chunk is done, or TURN moved */
 };
 
 /* E's message, for an error path that may have got none. */
@@ -121,19 +170,18 @@ yield_to_guest (struct job *job, struct stream *s)
   }
 }
 
-/* One chunk at OFFSET: *N gets the bytes it covers (set before any copy,
- * so an error leaves it meaningful).  Returns 0 or a negative errno from
- * the copy. */
+/* What to do at OFFSET: *N gets the bytes the answer covers (at most
+ * LEN) and *COPY whether a layer above BASE holds them while TOP does
+ * not.  Returns 0 or a negative errno from block status. */
 static int
-stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
-              uint64_t *n)
+stream_decide (struct stream *s, uint64_t offset, uint64_t len, uint64_t *n,
+               bool *copy)
 {
   struct bstat bs;
-  uint64_t copied = 0, start;
-  bool copy;
   int r;
 
   *n = len;
+  *copy = false;
   /* Only "allocated here?" matters: no lseek on the file below. */
   r = node_block_status_flags (s->top, offset, len, &bs, STRATA_BS_SHALLOW);
   if (r < 0)
@@ -141,19 +189,256 @@ stream_chunk (struct job *job, struct stream *s, uint64_t offset, uint64_t len,
   *n = bs.pnum < len ? bs.pnum : len;
   if (bs.flags & BS_ALLOCATED)
     return 0;
-  if ((r = chain_allocated_above (chain_backing (s->top), s->base, offset, n,
-                                  &copy))
-          < 0
-      || !copy)
-    return r;
-  start = clock_now_ns ();
-  r = node_copy_up (s->top, s->base, offset, *n, &copied);
-  job_account (job, copied, start);
-  if (s->yield_to_guest) {
-    ratelimit_account (&s->floor_rl, copied, start);
-    s->last_seq = tracker_seq (&s->top->tracker);
+  return chain_allocated_above (chain_backing (s->top), s->base, offset, n,
+                                copy);
+}
+
+/* Wait until chunk C may write into TOP: the chunks before it have
+ * written all of theirs.  The reads of one chunk overlap the writes of
+ * the one before, and TOP's clusters are allocated in the walk's order,
+ * as one chunk at a time allocates them (and as QEMU's job does). */
+static void
+wait_turn_stream_locked (struct stream_copy *c)
+{
+  while (c->s->turn != c->ticket)
+    pthread_cond_wait (&c->s->cond, &c->s->lock);
+}
+
+/* Chunks from TICKET on are not to write (a chunk before them failed). */
+static void
+fail_from_stream_locked (struct stream *s, uint64_t ticket)
+{
+  if (ticket < s->fail_from)
+    s->fail_from = ticket;
+}
+
+/* Before a chunk's first write: its turn, unless a chunk before it
+ * failed (then it writes nothing: the job stops or goes on where that
+ * one failed, as QEMU's does, and looks at this one again). */
+static int
+wait_turn (void *opaque)
+{
+  struct stream_copy *c = opaque;
+  bool failed;
+
+  pthread_mutex_lock (&c->s->lock);
+  wait_turn_stream_locked (c);
+  failed = c->ticket >= c->s->fail_from;
+  pthread_mutex_unlock (&c->s->lock);
+  return failed ? -ECANCELED : 0;
+}
+
+/* Copy chunk C up (on a copier thread, or on the job thread when the
+ * job runs one chunk at a time), then pass the turn and mark it done. */
+static void
+copy_run (struct stream_copy *c)
+{
+  struct stream *s = c->s;
+  uint64_t copied = 0;
+  int r;
+
+  c->start = clock_now_ns ();
+  r = node_copy_up_ordered (s->top, s->base, c->offset, c->n, &copied,
+                            wait_turn, c);
+  pthread_mutex_lock (&s->lock);
+  wait_turn_stream_locked (c);
+  s->turn++;
+  if (r < 0)
+    fail_from_stream_locked (s, c->ticket + 1);
+  c->r = r;
+  c->copied = copied;
+  c->done = true;
+  pthread_cond_broadcast (&s->cond);
+  pthread_mutex_unlock (&s->lock);
+}
+
+static void
+copy_item_run (struct workqueue_item *item)
+{
+  copy_run ((struct stream_copy *)item);
+}
+
+/* How many chunks may be copied at once: one under a speed limit or
+ * with x-yield-to-guest (their pacing looks at each chunk as it ends),
+ * else STREAM_DEPTH. */
+static unsigned
+stream_depth (struct job *job, struct stream *s)
+{
+  uint64_t speed;
+
+  if (s->yield_to_guest)
+    return 1;
+  job_lock ();
+  speed = job->rl.speed;
+  job_unlock ();
+  return speed ? 1 : STREAM_DEPTH;
+}
+
+/* Does the job want to stop at its next pause point (pause or cancel)?
+ * Then the chunks in flight are finished first, so a paused job moves
+ * no data and its offset stays put. */
+static bool
+stop_wanted (struct job *job)
+{
+  bool stop;
+
+  job_lock ();
+  stop = job->pause_count > 0 || job->cancelled;
+  job_unlock ();
+  return stop;
+}
+
+static bool
+oldest_is_done (struct stream *s)
+{
+  bool done;
+
+  pthread_mutex_lock (&s->lock);
+  done = s->ring[s->head % STREAM_RING].done;
+  pthread_mutex_unlock (&s->lock);
+  return done;
+}
+
+/* The oldest chunk, waited for. */
+static struct stream_copy *
+oldest_done (struct stream *s)
+{
+  struct stream_copy *c = &s->ring[s->head % STREAM_RING];
+
+  pthread_mutex_lock (&s->lock);
+  while (!c->done)
+    pthread_cond_wait (&s->cond, &s->lock);
+  pthread_mutex_unlock (&s->lock);
+  return c;
+}
+
+/* Wait for every chunk in flight and forget them: after an error the
+ * job goes on from the failed chunk, and those after it (which wrote
+ * nothing) are looked at again. */
+static void
+drain (struct stream *s)
+{
+  while (s->count) {
+    struct stream_copy *c = oldest_done (s);
+    if (c->copying)
+      s->copying--;
+    s->head++;
+    s->count--;
   }
-  return r;
+  pthread_mutex_lock (&s->lock);
+  s->fail_from = UINT64_MAX;
+  pthread_mutex_unlock (&s->lock);
+}
+
+/* Take a new chunk for [OFFSET, OFFSET+N); COPY: to be copied (queued to
+ * the copiers, or run here when DEPTH is 1), else done already. */
+static void
+push_chunk (struct stream *s, uint64_t offset, uint64_t n, bool copy, int r,
+            unsigned depth)
+{
+  struct stream_copy *c = &s->ring[(s->head + s->count) % STREAM_RING];
+
+  *c = (struct stream_copy){
+    .s = s, .offset = offset, .n = n, .r = r, .copying = copy, .done = !copy
+  };
+  c->item.run = copy_item_run;
+  s->count++;
+  if (r < 0) {
+    pthread_mutex_lock (&s->lock);
+    fail_from_stream_locked (s, s->tickets);
+    pthread_mutex_unlock (&s->lock);
+  }
+  if (!copy)
+    return;
+  c->ticket = s->tickets++;
+  s->copying++;
+  if (depth > 1 && s->wq)
+    workqueue_submit (s->wq, &c->item, &c->item, 1, 1);
+  else
+    copy_run (c);
+}
+
+/* Retire the oldest chunk, waiting for it: progress moves past it, or its
+ * error goes through on-error.  Returns 1 to go on, 0 when the job is to
+ * go on from *NEXT (set here: an error stopped or ignored), or a negative
+ * errno to end with. */
+static int
+retire (struct job *job, struct stream *s, uint64_t len, uint64_t *next,
+        int *error)
+{
+  struct stream_copy *c = oldest_done (s);
+  struct stream_copy done = *c;
+
+  if (done.copying) {
+    job_account (job, done.copied, done.start);
+    if (s->yield_to_guest) {
+      ratelimit_account (&s->floor_rl, done.copied, done.start);
+      s->last_seq = tracker_seq (&s->top->tracker);
+    }
+    s->copying--;
+  }
+  s->head++;
+  s->count--;
+  if (done.r == 0) {
+    job_set_progress (job, done.offset + done.n, len);
+    return 1;
+  }
+  drain (s);
+  /* QEMU reports every stream error as a read, ENOSPC too. */
+  switch (job_io_error (job, done.r, true)) {
+  case JOB_ON_ERROR_STOP: /* paused; retried when resumed */
+    *next = done.offset;
+    return 0;
+  case JOB_ON_ERROR_IGNORE:
+    *error = done.r;
+    *next = done.offset + done.n;
+    job_set_progress (job, *next, len);
+    return 0;
+  default: return done.r;
+  }
+}
+
+/* The walk, in chunks taken in order; without a speed limit up to
+ * STREAM_DEPTH of them are copied at once by the copier threads (reading
+ * one while another writes), each under its own serialising request.
+ * Progress is the end of the chunks done in order, so it never passes a
+ * chunk still in flight or failed. */
+static int
+stream_walk (struct job *job, struct stream *s, uint64_t len)
+{
+  uint64_t next = 0;
+  int r, error = 0;
+
+  while (next < len || s->count) {
+    unsigned depth = stream_depth (job, s);
+    /* A chunk that starts inside a unit of TOP shares it with the one
+     * before: it waits for those in flight (see node_copy_up_unit). */
+    bool hold = s->count && (next % s->unit || stop_wanted (job)), copy;
+    uint64_t c, n;
+
+    /* Retire what is done, and wait for the oldest when no new chunk may
+     * start: the copiers are busy, the ring is full, all chunks are
+     * taken, or the job is to pause or end. */
+    while (s->count
+           && (oldest_is_done (s) || next >= len || hold || s->copying >= depth
+               || s->count == STREAM_RING)) {
+      if ((r = retire (job, s, len, &next, &error)) < 0)
+        return r;
+      if (r == 0)
+        break;
+    }
+    if (next >= len)
+      continue;
+    c = chunk_size (job, s);
+    if (!job_yield (job) || (s->yield_to_guest && !yield_to_guest (job, s)))
+      return -ECANCELED;
+    if (c > len - next)
+      c = len - next;
+    r = stream_decide (s, next, c, &n, &copy);
+    push_chunk (s, next, n, copy && r == 0, r, depth);
+    next += n;
+  }
+  return error;
 }
 
 static int
@@ -161,8 +446,7 @@ stream_run (struct job *job)
 {
   struct stream *s = job->opaque;
   int64_t len = 0;
-  uint64_t offset = 0, n;
-  int r, error = 0;
+  int r;
 
   /* Nothing between TOP and BASE: nothing to copy (QEMU reports len 0). */
   if (!s->top->backing || s->top->backing == s->base)
@@ -170,28 +454,14 @@ stream_run (struct job *job)
   if ((len = node_length (s->top)) < 0)
     return len;
   job_set_progress (job, 0, len);
-  while (offset < (uint64_t)len) {
-    uint64_t c = chunk_size (job, s);
-
-    if (!job_yield (job) || (s->yield_to_guest && !yield_to_guest (job, s)))
-      return -ECANCELED;
-    if (c > (uint64_t)len - offset)
-      c = len - offset;
-    r = stream_chunk (job, s, offset, c, &n);
-    if (r < 0) {
-      /* QEMU reports every stream error as a read, ENOSPC too. */
-      switch (job_io_error (job, r, true)) {
-      case JOB_ON_ERROR_STOP: continue; /* paused; retried when resumed */
-      case JOB_ON_ERROR_IGNORE: error = r; break;
-      default: return r;
-      }
-    }
-    offset += n;
-    job_set_progress (job, offset, len);
-  }
-  if (error)
-    return error;
-  return node_flush (s->top);
+  s->unit = node_copy_up_unit (s->top);
+  /* Without copier threads the chunks are copied one at a time, here. */
+  s->wq = workqueue_new (STREAM_DEPTH, 0);
+  r = stream_walk (job, s, len);
+  drain (s);
+  workqueue_free (s->wq);
+  s->wq = NULL;
+  return r < 0 ? r : node_flush (s->top);
 }
 
 /* Make TOP read-only again if the job made it writable; graph lock held
@@ -286,6 +556,8 @@ stream_clean (struct job *job)
     node_unref (s->base);
   node_unref (s->top);
   free (s->backing_file);
+  pthread_cond_destroy (&s->cond);
+  pthread_mutex_destroy (&s->lock);
   free (s);
   job->opaque = NULL;
 }
@@ -320,6 +592,9 @@ stream_new (const struct stream_params *p, strata_node *top, strata_node *base)
   s->yield_to_guest = p->yield_to_guest;
   s->floor_speed = p->floor_speed;
   ratelimit_init (&s->floor_rl, s->floor_speed, clock_now_ns ());
+  s->fail_from = UINT64_MAX;
+  pthread_mutex_init (&s->lock, NULL);
+  pthread_cond_init (&s->cond, NULL);
   return s;
 }
 
