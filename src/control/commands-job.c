@@ -162,7 +162,8 @@ append_block_info (struct job *job, void *list)
   json_object_set_new (o, "paused", json_boolean (i.paused));
   json_object_set_new (o, "speed", json_integer (i.speed));
   json_object_set_new (o, "io-status", json_string (i.iostatus));
-  json_object_set_new (o, "ready", json_boolean (i.status == JOB_READY));
+  json_object_set_new (o, "ready", json_boolean (i.status == JOB_READY
+                                                 || i.status == JOB_STANDBY));
   json_object_set_new (o, "status", json_string (job_status_name (i.status)));
   json_object_set_new (o, "auto-finalize", json_boolean (i.auto_finalize));
   json_object_set_new (o, "auto-dismiss", json_boolean (i.auto_dismiss));
@@ -238,7 +239,8 @@ const struct qmp_command qmp_job_commands[] = {
 
 /* ---- events ---- */
 
-/* BLOCK_JOB_COMPLETED's and BLOCK_JOB_CANCELLED's members. */
+/* BLOCK_JOB_COMPLETED's, BLOCK_JOB_CANCELLED's and BLOCK_JOB_READY's
+ * members. */
 static json_t *
 completion_data (const struct job_event *ev)
 {
@@ -283,6 +285,9 @@ job_event (const struct job_event *ev)
     break;
   case JOB_EVENT_CANCELLED:
     qmp_event_emit ("BLOCK_JOB_CANCELLED", completion_data (ev));
+    break;
+  case JOB_EVENT_READY:
+    qmp_event_emit ("BLOCK_JOB_READY", completion_data (ev));
     break;
   }
 }

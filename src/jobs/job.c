@@ -245,10 +245,18 @@ job_settle (const char *id)
 static void
 unpause_job_locked (struct job *job)
 {
-  if (job->status != JOB_PAUSED || (job->pause_count > 0 && !job->cancelled))
+  if ((job->status != JOB_PAUSED && job->status != JOB_STANDBY)
+      || (job->pause_count > 0 && !job->cancelled))
     return;
   job->busy = true;
-  set_status_job_locked (job, JOB_RUNNING);
+  set_status_job_locked (job, job->ready ? JOB_READY : JOB_RUNNING);
+}
+
+/* The paused state: standby for a job that is ready, as in QEMU. */
+static enum job_status
+paused_status (const struct job *job)
+{
+  return job->ready ? JOB_STANDBY : JOB_PAUSED;
 }
 
 /* Undo a user pause (block-job-pause, or on-error=stop): the caller
@@ -510,11 +518,11 @@ finish_job_locked (struct job *job)
   if (!job->auto_finalize) {
     emit_job_locked ((struct job_event){
         .kind = JOB_EVENT_PENDING, .id = job->id, .type = job->drv->type });
-    while (!job->finalize_requested && !job->cancelled) {
+    while (!job->finalize_requested && !job->force_cancel) {
       ack_job_locked (job);
       pthread_cond_wait (&job->cond, &jobs_mutex);
     }
-    if (job->cancelled) {
+    if (job->force_cancel) {
       fail_job_locked (job, -ECANCELED);
       return false;
     }
@@ -537,7 +545,8 @@ conclude (struct job *job, int ret)
   bool ok;
 
   job_lock ();
-  if (ret == 0 && job->cancelled)
+  /* A soft cancel of a ready job ends it as a success (QEMU's mirror). */
+  if (ret == 0 && job->cancelled && job->force_cancel)
     ret = -ECANCELED;
   if (ret < 0)
     fail_job_locked (job, ret);
@@ -626,8 +635,8 @@ job_yield (struct job *job)
     if (job->pause_count > 0) {
       /* Paused by the verb already when we slept; paused again when a
        * resume and a new pause both came while we waited. */
-      if (job->status != JOB_PAUSED)
-        set_status_job_locked (job, JOB_PAUSED);
+      if (job->status != paused_status (job))
+        set_status_job_locked (job, paused_status (job));
       job->busy = false;
       ack_job_locked (job);
       pthread_cond_wait (&job->cond, &jobs_mutex);
@@ -746,8 +755,8 @@ job_user_pause_job_locked (struct job *job, strata_error **errp)
   job->pause_count++;
   /* A job asleep between chunks pauses at once, before the reply, as
    * QEMU's coroutine does when the verb enters it. */
-  if (job->status == JOB_RUNNING && !job->busy)
-    set_status_job_locked (job, JOB_PAUSED);
+  if ((job->status == JOB_RUNNING || job->status == JOB_READY) && !job->busy)
+    set_status_job_locked (job, paused_status (job));
   wake_job_locked (job);
   return true;
 }
@@ -776,6 +785,11 @@ job_cancel_job_locked (struct job *job, bool force, strata_error **errp)
     return false;
   if (job->user_paused)
     end_user_pause_job_locked (job);
+  /* Only a ready job of a driver that says so is cancelled softly. */
+  if (!force
+      && !(job->drv->soft_cancel
+           && (job->status == JOB_READY || job->status == JOB_STANDBY)))
+    force = true;
   job->cancelled = true;
   job->force_cancel |= force;
   unpause_job_locked (job);
@@ -894,4 +908,28 @@ job_make_writable (strata_node *node, bool *done, strata_error **errp)
   }
   *done = true;
   return true;
+}
+
+void
+job_set_ready (struct job *job)
+{
+  LOCK_GUARD (&jobs_mutex);
+  if (job->ready)
+    return;
+  job->ready = true;
+  if (job->status == JOB_RUNNING)
+    set_status_job_locked (job, JOB_READY);
+  emit_job_locked ((struct job_event){ .kind = JOB_EVENT_READY,
+                                       .id = job->id,
+                                       .type = job->drv->type,
+                                       .len = job->len,
+                                       .offset = job->offset,
+                                       .speed = job->rl.speed });
+}
+
+bool
+job_is_soft_cancelled (struct job *job)
+{
+  LOCK_GUARD (&jobs_mutex);
+  return job->cancelled && !job->force_cancel;
 }

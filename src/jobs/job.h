@@ -105,6 +105,11 @@ struct job_driver {
   void (*clean) (struct job *job);
   /* job-complete, job lock held; NULL for jobs that cannot complete. */
   bool (*complete) (struct job *job, strata_error **errp);
+  /* A cancel without force of a ready job is soft (QEMU's mirror): the job
+   * sees job_is_soft_cancelled(), ends its work without its final graph
+   * change and completes (BLOCK_JOB_COMPLETED).  Otherwise every cancel
+   * is forced. */
+  bool soft_cancel;
 };
 
 /* Nodes a job holds, each registered as a graph user with QEMU's reason
@@ -123,6 +128,7 @@ struct job {
   int pause_count;
   bool user_paused;
   bool cancelled, force_cancel;
+  bool ready; /* reached READY (job_set_ready); paused, it is standby */
   bool finalize_requested;
   bool busy; /* not sleeping or paused */
   bool kick; /* wake from a rate-limit sleep */
@@ -163,6 +169,7 @@ enum job_event_kind {
                               speed, error (NULL on success) */
   JOB_EVENT_CANCELLED,     /* BLOCK_JOB_CANCELLED: type, id, len, offset,
                               speed */
+  JOB_EVENT_READY,         /* BLOCK_JOB_READY: type, id, len, offset, speed */
 };
 
 struct job_event {
@@ -242,6 +249,10 @@ bool job_sleep_ns (struct job *job, uint64_t ns);
 void job_account (struct job *job, uint64_t bytes, uint64_t start);
 void job_set_progress (struct job *job, uint64_t offset, uint64_t len);
 bool job_is_cancelled (struct job *job);
+/* Cancelled without force after READY (see soft_cancel). */
+bool job_is_soft_cancelled (struct job *job);
+/* Everything is copied: running -> ready, then BLOCK_JOB_READY (once). */
+void job_set_ready (struct job *job);
 /* An I/O error: applies on-error, sends BLOCK_JOB_ERROR, and for stop
  * pauses the job (io-status failed) until resumed.  Returns the action:
  * JOB_ON_ERROR_REPORT (fail), _IGNORE (go on), _STOP (retry the chunk). */
