@@ -89,7 +89,7 @@ strata_close (strata_node *node)
 int64_t
 strata_length (strata_node *node)
 {
-  return node_length (node);
+  return node_length (node_resolve (node));
 }
 
 static int
@@ -218,7 +218,7 @@ strata_flush (strata_node *node, unsigned flags)
 {
   int r = check_flags ("strata_flush", flags, STRATA_FLUSH_MASK, NULL);
 
-  return r < 0 ? r : node_flush (node);
+  return r < 0 ? r : node_flush (node_resolve (node));
 }
 
 /* An extent of LEN bytes at DEPTH that reads as zeros and is allocated
@@ -251,6 +251,7 @@ strata_block_status (strata_node *node, uint64_t offset, uint64_t len,
 
   if (r < 0)
     return r;
+  node = node_resolve (node);
   if (!check_size ("strata_block_status", ext->size,
                    sizeof (struct strata_extent), NULL))
     return -EINVAL;

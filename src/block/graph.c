@@ -207,6 +207,23 @@ graph_parents (strata_node *node, struct graph_edge *edges, int max)
   return n;
 }
 
+/* ---- replacing a node in its users ---- */
+
+static void (*replace_hook) (strata_node *old, strata_node *new);
+
+void
+graph_set_replace_hook (void (*fn) (strata_node *old, strata_node *new))
+{
+  replace_hook = fn;
+}
+
+void
+graph_replace_users (strata_node *old, strata_node *new)
+{
+  if (replace_hook)
+    replace_hook (old, new);
+}
+
 /* ---- users ---- */
 
 bool

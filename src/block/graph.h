@@ -44,6 +44,13 @@ struct graph_edge {
 };
 int graph_parents (strata_node *node, struct graph_edge *edges, int max);
 
+/* Replacing a node in its users: an active commit's pivot calls
+ * graph_replace_users (graph lock held) after making OLD forward its
+ * requests to NEW; the hook the control layer sets moves every export of
+ * OLD to NEW (its graph user, its reference, the NBD server's pointer). */
+void graph_set_replace_hook (void (*fn) (strata_node *old, strata_node *new));
+void graph_replace_users (strata_node *old, strata_node *new);
+
 /* Users: who holds a node besides its parents (an export, a block job),
  * so that blockdev-del and conflicting jobs can say who.  WHO is a phrase
  * such as "export 'exp0'" or "block job 'job0'"; it is copied.  A node may

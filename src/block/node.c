@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "block/dirty.h"
 #include "block/graph.h"
 #include "block/node.h"
 #include "util/checked.h"
@@ -65,6 +66,8 @@ node_free (strata_node *node)
     node_unref (node->children[i].node);
     free (node->children[i].name);
   }
+  if (node->replaced_by)
+    node_unref (node->replaced_by);
   tracker_destroy (&node->tracker);
   pthread_mutex_destroy (&node->lock);
   for (size_t i = 0; i < node->nusers; i++)
@@ -502,13 +505,30 @@ check_writable (strata_node *node)
   return 0;
 }
 
+/* The node that took NODE's place, if one did (node_forward_to). */
+static inline strata_node *
+forwarded (strata_node *node)
+{
+  return atomic_load_explicit (&node->replaced_by, memory_order_acquire);
+}
+
+void
+node_forward_to (strata_node *old, strata_node *new)
+{
+  node_ref (new);
+  atomic_store_explicit (&old->replaced_by, new, memory_order_release);
+}
+
 int
 node_preadv (strata_node *node, uint64_t offset, uint64_t len,
              const struct iovec *iov, int iovcnt, unsigned flags)
 {
   struct tracked_req req;
+  bool track = !(flags & NODE_REQ_SERIALISED);
+  strata_node *fwd;
   int r = check_overflow (node, offset, len);
 
+  flags &= ~NODE_REQ_SERIALISED;
   if (r < 0 || len == 0)
     return r;
   if (!node->drv->preadv) {
@@ -516,9 +536,16 @@ node_preadv (strata_node *node, uint64_t offset, uint64_t len,
       return node_preadv (node->file, offset, len, iov, iovcnt, flags);
     return -ENOTSUP;
   }
-  tracker_begin (&node->tracker, &req, offset, len, false);
+  if (track)
+    tracker_begin (&node->tracker, &req, offset, len, false);
+  if ((fwd = forwarded (node))) {
+    if (track)
+      tracker_end (&node->tracker, &req);
+    return node_preadv (fwd, offset, len, iov, iovcnt, flags);
+  }
   r = node->drv->preadv (node, offset, len, iov, iovcnt, flags);
-  tracker_end (&node->tracker, &req);
+  if (track)
+    tracker_end (&node->tracker, &req);
   return r;
 }
 
@@ -541,6 +568,7 @@ node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
               const struct iovec *iov, int iovcnt, unsigned flags)
 {
   struct tracked_req req;
+  strata_node *fwd;
   bool track = !(flags & NODE_REQ_SERIALISED);
   int r = check_overflow (node, offset, len);
 
@@ -564,11 +592,17 @@ node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
   }
   if (track)
     tracker_begin (&node->tracker, &req, offset, len, false);
+  if ((fwd = forwarded (node))) {
+    if (track)
+      tracker_end (&node->tracker, &req);
+    return node_pwritev (fwd, offset, len, iov, iovcnt, flags);
+  }
   if (flags & STRATA_REQ_COMPRESSED)
     r = node->drv->pwritev_compressed (node, offset, len, iov, iovcnt,
                                        flags & ~STRATA_REQ_COMPRESSED);
   else
     r = node->drv->pwritev (node, offset, len, iov, iovcnt, flags);
+  node_dirty_mark (node, offset, len);
   if (track)
     tracker_end (&node->tracker, &req);
   return r;
@@ -618,6 +652,7 @@ node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
                     unsigned flags)
 {
   struct tracked_req req;
+  strata_node *fwd;
   bool track = !(flags & NODE_REQ_SERIALISED);
   int r = check_overflow (node, offset, len);
 
@@ -631,11 +666,17 @@ node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
     return node_pwrite_zeroes (node->file, offset, len, flags);
   if (track)
     tracker_begin (&node->tracker, &req, offset, len, false);
+  if ((fwd = forwarded (node))) {
+    if (track)
+      tracker_end (&node->tracker, &req);
+    return node_pwrite_zeroes (fwd, offset, len, flags);
+  }
   r = -ENOTSUP;
   if (node->drv->pwrite_zeroes)
     r = node->drv->pwrite_zeroes (node, offset, len, flags);
   if (r == -ENOTSUP && node->drv->pwritev)
     r = emulate_write_zeroes (node, offset, len, flags);
+  node_dirty_mark (node, offset, len);
   if (track)
     tracker_end (&node->tracker, &req);
   return r;
@@ -646,6 +687,7 @@ node_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
                unsigned flags)
 {
   struct tracked_req req;
+  strata_node *fwd;
   int r = check_overflow (node, offset, len);
 
   if (r == 0)
@@ -658,7 +700,12 @@ node_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
     return 0; /* discard is advisory */
   }
   tracker_begin (&node->tracker, &req, offset, len, false);
+  if ((fwd = forwarded (node))) {
+    tracker_end (&node->tracker, &req);
+    return node_pdiscard (fwd, offset, len, flags);
+  }
   r = node->drv->pdiscard (node, offset, len, flags);
+  node_dirty_mark (node, offset, len);
   tracker_end (&node->tracker, &req);
   return r == -ENOTSUP ? 0 : r;
 }

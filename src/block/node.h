@@ -28,6 +28,8 @@
 #include <strata/strata.h>
 
 #include "block/tracker.h"
+
+struct dirty_bitmap;
 #include "util/error.h"
 #include "util/opts.h"
 
@@ -206,6 +208,13 @@ struct strata_node {
   struct strata_node *backing; /* == child "backing", or NULL */
 
   struct tracker tracker; /* requests in flight on this node */
+  /* Dirty bitmaps its writes mark (src/block/dirty.c; under its lock),
+   * and their number, read without it. */
+  struct dirty_bitmap *dirty;
+  atomic_int ndirty;
+  /* Set once by node_forward_to(): the node that took this one's place
+   * (an active commit's pivot); requests that reach this node go there. */
+  struct strata_node *_Atomic replaced_by;
   char **users;           /* graph_add_user(): who holds this node */
   size_t nusers;
   pthread_mutex_t lock; /* driver metadata; docs/architecture.md, Locks */
@@ -238,6 +247,26 @@ node_skip_filters (strata_node *node)
   return node;
 }
 void node_unref (strata_node *node);
+
+/* NODE, or the node that took its place (node_forward_to), followed to
+ * the end. */
+static inline strata_node *
+node_resolve (strata_node *node)
+{
+  strata_node *r;
+
+  while (node
+         && (r = atomic_load_explicit (&node->replaced_by,
+                                       memory_order_acquire)))
+    node = r;
+  return node;
+}
+/* From now on, requests that reach OLD (reads, writes, zeroes, discards;
+ * through the API also flush, block status and length) go to NEW, which
+ * OLD keeps a reference to.  The caller has drained OLD and holds its
+ * requests out (a whole-node serialising tracker request) while it calls
+ * this: those that waited find the forward when they go on. */
+void node_forward_to (strata_node *old, strata_node *new);
 
 /* Attach CHILD (taking over the caller's reference) under NAME. */
 bool node_attach_child (strata_node *parent, const char *name,

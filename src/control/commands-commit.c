@@ -10,9 +10,9 @@
  * be free too.  The job gets its nodes as struct commit_params
  * (src/jobs/commit.h) and knows no JSON.
  *
- * Active commit (top is the active layer: copy down, READY, keep base in
- * sync with guest writes until job-complete pivots) is not built yet and is
- * refused with a message saying so.
+ * Active commit (top is the device's active layer) has no overlay: the
+ * job copies down, goes READY, keeps base in sync with guest writes and
+ * pivots the device's users onto base at job-complete (src/jobs/commit.c).
  *
  * Locks: the graph lock around the lookups and walks, the job lock inside
  * it for the busy checks and the start.
@@ -153,6 +153,7 @@ start_job_locked (json_t *args, strata_node *dev, strata_node *top,
     .top = top,
     .base = base,
     .overlay = overlay,
+    .active = overlay == NULL,
     .backing_file = qmp_str_arg (args, "backing-file"),
     .speed = speed ? json_integer_value (speed) : 0,
     .on_error = on_error,
@@ -209,10 +210,8 @@ cmd_block_commit (json_t *args, struct qmp_error *err)
                      "'backing-file' specified, but 'top' is the active "
                      "layer");
     else
-      qmp_error_set (err, "GenericError",
-                     "Active commit (top is the active layer of '%s') is "
-                     "not supported yet",
-                     dev->node_name);
+      ok = start_job_locked (args, dev, node_skip_filters (top),
+                             node_skip_filters (base), NULL, on_error, err);
   }
   else if (!(overlay = chain_above (dev, node_skip_filters (top))))
     qmp_error_set (err, "GenericError",

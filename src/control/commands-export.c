@@ -99,6 +99,31 @@ export_gone (void *opaque)
   export_free (e);
 }
 
+/* The graph's replace hook (an active commit's pivot, graph lock held):
+ * every export of OLD now serves NEW, which takes its graph user and its
+ * reference.  OLD itself forwards what was already on its way. */
+static void
+export_replace (strata_node *old, strata_node *new)
+{
+  struct nbd_server *srv;
+  bool any = false;
+
+  pthread_mutex_lock (&exp_lock);
+  srv = server;
+  for (struct export *e = exports; e; e = e->next)
+    if (e->node == old) {
+      graph_remove_user (old, e->user);
+      graph_add_user (new, e->user);
+      node_ref (new);
+      e->node = new;
+      node_unref (old);
+      any = true;
+    }
+  pthread_mutex_unlock (&exp_lock);
+  if (any && srv)
+    nbd_server_retarget (srv, old, new);
+}
+
 static void *
 server_run (void *arg)
 {
@@ -328,6 +353,7 @@ cmd_block_export_add (json_t *args, struct qmp_error *err)
   strata_error *se = NULL;
   bool taken;
 
+  graph_set_replace_hook (export_replace);
   type = json_string_value (json_object_get (args, "type"));
   if (type && strcmp (type, "nbd") != 0) {
     qmp_error_set (err, "GenericError", "Export type '%s' is not supported "

@@ -30,10 +30,12 @@
  * the chunk is tried again, as QEMU's commit does.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "block/chain.h"
+#include "block/dirty.h"
 #include "block/graph.h"
 #include "jobs/commit.h"
 #include "jobs/job.h"
@@ -41,13 +43,25 @@
 #include "util/cleanup.h"
 #include "util/clock.h"
 
-#define COMMIT_CHUNK (512 * 1024) /* QEMU's COMMIT_BUFFER_SIZE */
+#define COMMIT_CHUNK (512 * 1024)      /* QEMU's COMMIT_BUFFER_SIZE */
+#define ACTIVE_GRANULARITY (64 * 1024) /* QEMU's for a 64 KiB-cluster base */
+#define ACTIVE_RUN (1024 * 1024)       /* bytes copied per step, at most */
+#define ACTIVE_IDLE_NS 100000000ull    /* ready and clean: look every 0.1 s */
 
 struct commit {
-  strata_node *top, *base, *overlay; /* references */
+  strata_node *top, *base, *overlay; /* references; OVERLAY NULL if active */
   char *backing_file;                /* the backing-file argument, or NULL */
   bool restore_ro;                   /* BASE was read-only: made so again */
   strata_node *old_backing; /* OVERLAY's old backing, kept until clean */
+
+  /* Active commit only. */
+  bool active;
+  struct dirty_bitmap *dirty;  /* TOP's writes since they were copied */
+  atomic_bool should_complete; /* job-complete came */
+  bool pivot;                  /* the run ended for a pivot */
+  struct tracked_req gate;     /* TOP drained and held, from the final
+                                  copy until the pivot (or abort) */
+  bool gated;
 };
 
 static const char *
@@ -75,6 +89,164 @@ grow_base (struct job *job, struct commit *c, uint64_t len)
   return 0;
 }
 
+/* ---- active commit ----
+ *
+ * TOP is the device's active layer and the guest writes to it while the
+ * job runs.  A dirty bitmap on TOP (src/block/dirty.c) starts with every
+ * piece that a layer from TOP down to the one above BASE allocates; the job
+ * copies dirty runs (TOP's view into BASE, clearing the bits first, so a
+ * guest write that lands meanwhile marks its piece again) until none is
+ * left, then goes READY and goes on copying what the guest writes.
+ * job-complete, or a cancel without force once READY (soft: no pivot),
+ * ends it: TOP is drained and held (a whole-node serialising request on
+ * its tracker, so new guest requests wait), the last dirty runs are copied
+ * and BASE flushed; prepare then makes TOP forward every request to BASE
+ * (node_forward_to) for a pivot, so the device's users (exports, filters)
+ * go on with BASE, and lets the requests go.  A forced cancel or an error
+ * lets them go onto TOP.  Progress is QEMU's mirror's: offset is what was
+ * copied, len that plus what is still dirty. */
+
+/* Copy one dirty run at or after *CURSOR (a read error of TOP's view is a
+ * read error, a write error of BASE a write error); 0 when nothing was
+ * dirty.  FLAGS go to the read of TOP (NODE_REQ_SERIALISED under the
+ * gate).  *COPIED grows by the bytes copied. */
+static int
+copy_dirty_run (struct job *job, struct commit *c, uint8_t *buf,
+                uint64_t *cursor, uint64_t *copied, unsigned flags,
+                bool *is_read)
+{
+  uint64_t off, len, start = clock_now_ns ();
+  int r;
+
+  if (!dirty_next (c->dirty, *cursor, ACTIVE_RUN, &off, &len))
+    return 0;
+  dirty_clear (c->dirty, off, len);
+  *is_read = true;
+  r = node_pread (c->top, off, buf, len, flags);
+  if (r >= 0) {
+    *is_read = false;
+    r = node_pwrite (c->base, off, buf, len, 0);
+  }
+  if (r < 0) {
+    dirty_set (c->dirty, off, len); /* still to copy */
+    return r;
+  }
+  job_account (job, len, start);
+  *cursor = off + len;
+  *copied += len;
+  return 0;
+}
+
+/* Mark every piece a layer from TOP down to the one above BASE allocates. */
+static int
+mark_allocated (struct commit *c, uint64_t len)
+{
+  for (uint64_t offset = 0, n; offset < len; offset += n) {
+    bool alloc;
+    int r;
+
+    n = MIN (COMMIT_CHUNK * 16ull, len - offset);
+    if ((r = chain_allocated_above (c->top, c->base, offset, &n, &alloc)) < 0)
+      return r;
+    if (alloc)
+      dirty_set (c->dirty, offset, n);
+  }
+  return 0;
+}
+
+/* The end: TOP drained and held, the rest copied, BASE flushed.  The gate
+ * stays until prepare or abort. */
+static int
+final_copy (struct job *job, struct commit *c, uint8_t *buf, uint64_t *copied)
+{
+  uint64_t cursor = 0;
+  bool is_read;
+  int r = 0;
+
+  tracker_begin (&c->top->tracker, &c->gate, 0, UINT64_MAX / 2, true);
+  c->gated = true;
+  while (dirty_count (c->dirty) > 0)
+    if ((r = copy_dirty_run (job, c, buf, &cursor, copied, NODE_REQ_SERIALISED,
+                             &is_read))
+        < 0)
+      return r;
+  job_set_progress (job, *copied, *copied);
+  return node_flush (c->base);
+}
+
+static void
+release_gate (struct commit *c)
+{
+  if (c->gated)
+    tracker_end (&c->top->tracker, &c->gate);
+  c->gated = false;
+}
+
+static int
+active_run (struct job *job, struct commit *c, uint64_t len)
+{
+  CLEANUP_FREE uint8_t *buf = malloc (ACTIVE_RUN);
+  uint64_t cursor = 0, copied = 0;
+  bool is_read;
+  int r;
+
+  if (!buf)
+    return -ENOMEM;
+  if (!(c->dirty = dirty_new (len, ACTIVE_GRANULARITY))
+      || !node_dirty_attach (c->top, c->dirty))
+    return -ENOMEM;
+  if ((r = mark_allocated (c, len)) < 0)
+    return r;
+  for (;;) {
+    uint64_t left = dirty_count (c->dirty);
+
+    job_set_progress (job, copied, copied + left);
+    if (!job_yield (job) && !job_is_soft_cancelled (job))
+      return -ECANCELED;
+    if (left == 0) {
+      bool soft = job_is_soft_cancelled (job);
+
+      job_set_ready (job);
+      if (atomic_load (&c->should_complete) || soft) {
+        c->pivot = !soft;
+        return final_copy (job, c, buf, &copied);
+      }
+      if (!job_sleep_ns (job, ACTIVE_IDLE_NS) && !job_is_soft_cancelled (job))
+        return -ECANCELED;
+      continue;
+    }
+    r = copy_dirty_run (job, c, buf, &cursor, &copied, 0, &is_read);
+    if (r < 0 && job_io_error (job, r, is_read) == JOB_ON_ERROR_REPORT)
+      return r;
+  }
+}
+
+/* job-complete: READY (the framework checked), so the run ends for a
+ * pivot at its next look. */
+static bool
+commit_complete (struct job *job, strata_error **errp)
+{
+  struct commit *c = job->opaque;
+
+  (void)errp;
+  atomic_store (&c->should_complete, true);
+  job_wake_job_locked (job);
+  return true;
+}
+
+/* Pivot or not, then let TOP's requests go (graph lock held). */
+static void
+active_end_graph_locked (struct commit *c, bool pivot)
+{
+  if (c->dirty)
+    node_dirty_detach (c->top, c->dirty);
+  if (pivot) {
+    node_forward_to (c->top, c->base);
+    graph_replace_users (c->top, c->base);
+  }
+  release_gate (c);
+}
+
 static int
 commit_run (struct job *job)
 {
@@ -86,9 +258,11 @@ commit_run (struct job *job)
 
   if ((len = node_length (c->top)) < 0)
     return len;
-  job_set_progress (job, 0, len);
   if ((r = grow_base (job, c, len)) < 0)
     return r;
+  if (c->active)
+    return active_run (job, c, len);
+  job_set_progress (job, 0, len);
   if (!(buf = malloc (COMMIT_CHUNK)))
     return -ENOMEM;
   while (offset < (uint64_t)len) {
@@ -141,6 +315,10 @@ commit_prepare (struct job *job)
   int r = 0;
 
   graph_lock ();
+  if (c->active) {
+    active_end_graph_locked (c, c->pivot);
+    goto out;
+  }
   if (!node_change_backing_file (c->overlay, name, c->base->drv->name, &e)) {
     job_set_error (job, "%s", error_text (e));
     strata_error_free (e);
@@ -168,8 +346,12 @@ out:
 static void
 commit_abort (struct job *job)
 {
+  struct commit *c = job->opaque;
+
   graph_lock ();
-  restore_read_only_graph_locked (job->opaque);
+  if (c->active)
+    active_end_graph_locked (c, false);
+  restore_read_only_graph_locked (c);
   graph_unlock ();
 }
 
@@ -187,9 +369,15 @@ commit_clean (struct job *job)
     tracker_wait_idle (&c->overlay->tracker, 0, 0);
     node_unref (c->old_backing);
   }
+  if (c->dirty) {
+    node_dirty_detach (c->top, c->dirty); /* if the job never ran */
+    dirty_free (c->dirty);
+  }
+  release_gate (c);
   node_unref (c->top);
   node_unref (c->base);
-  node_unref (c->overlay);
+  if (c->overlay)
+    node_unref (c->overlay);
   free (c->backing_file);
   free (c);
   job->opaque = NULL;
@@ -201,6 +389,8 @@ static const struct job_driver commit_driver = {
   .prepare = commit_prepare,
   .abort = commit_abort,
   .clean = commit_clean,
+  .complete = commit_complete,
+  .soft_cancel = true,
 };
 
 static struct commit *
@@ -216,7 +406,9 @@ commit_new (const struct commit_params *p)
   }
   node_ref (c->top = p->top);
   node_ref (c->base = p->base);
-  node_ref (c->overlay = p->overlay);
+  if ((c->overlay = p->overlay))
+    node_ref (c->overlay);
+  c->active = p->active;
   return c;
 }
 
@@ -248,11 +440,12 @@ commit_start_job_locked (const struct commit_params *p, strata_error **errp)
   /* From here the job's clean restores BASE. */
   c->restore_ro = made_rw;
   job->opaque = c;
-  {
+  if (!p->active) {
     int64_t len = node_length (p->top);
     job->len = len > 0 ? len : 0;
   }
-  ok = job_add_node (job, p->device) && job_add_backend (job, p->top);
+  ok = job_add_node (job, p->device)
+       && (p->top == p->device || job_add_backend (job, p->top));
   for (strata_node *n = chain_next (p->top); ok && n && n != p->base;
        n = chain_next (n))
     ok = job_add_node (job, n);

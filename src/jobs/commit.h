@@ -17,15 +17,16 @@ struct commit_params {
   strata_node *top;         /* the highest layer committed (borrowed) */
   strata_node *base;        /* the layer it all goes into (borrowed) */
   strata_node *overlay;     /* the layer above TOP, whose backing becomes
-                               BASE (borrowed) */
+                               BASE (borrowed); NULL for an active commit */
+  bool active;              /* TOP is the device's active layer */
   const char *backing_file; /* the name OVERLAY records, or NULL: BASE's */
   int64_t speed;            /* bytes/s, 0: unlimited; < 0 refused */
   enum job_on_error on_error;
   bool auto_finalize, auto_dismiss;
 };
 
-/* Create and start an intermediate commit job (TOP below the device's
- * active layer), job lock and graph lock held.  False with *ERRP set (a
+/* Create and start a commit job, intermediate (TOP below the device's
+ * active layer) or active, job lock and graph lock held.  False with *ERRP set (a
  * job that was created has sent created and null). */
 bool commit_start_job_locked (const struct commit_params *p,
                               strata_error **errp);

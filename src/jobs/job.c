@@ -185,6 +185,12 @@ wake_job_locked (struct job *job)
   pthread_cond_broadcast (&job->cond);
 }
 
+void
+job_wake_job_locked (struct job *job)
+{
+  wake_job_locked (job);
+}
+
 /* ---- settling ----
  *
  * QEMU's verbs enter the job's coroutine, which runs until its next
@@ -917,6 +923,9 @@ job_set_ready (struct job *job)
   if (job->ready)
     return;
   job->ready = true;
+  /* Ready means caught up: the job waits for work from here (QEMU's
+   * mirror reports busy false while it does). */
+  job->busy = false;
   if (job->status == JOB_RUNNING)
     set_status_job_locked (job, JOB_READY);
   emit_job_locked ((struct job_event){ .kind = JOB_EVENT_READY,

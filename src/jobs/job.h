@@ -251,6 +251,8 @@ void job_set_progress (struct job *job, uint64_t offset, uint64_t len);
 bool job_is_cancelled (struct job *job);
 /* Cancelled without force after READY (see soft_cancel). */
 bool job_is_soft_cancelled (struct job *job);
+/* Wake the job thread from a sleep (a driver's complete callback). */
+void job_wake_job_locked (struct job *job);
 /* Everything is copied: running -> ready, then BLOCK_JOB_READY (once). */
 void job_set_ready (struct job *job);
 /* An I/O error: applies on-error, sends BLOCK_JOB_ERROR, and for stop

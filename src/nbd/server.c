@@ -395,6 +395,17 @@ nbd_server_remove_export (struct nbd_server *srv, const char *name, bool hard,
 }
 
 void
+nbd_server_retarget (struct nbd_server *srv, strata_node *old,
+                     strata_node *new)
+{
+  pthread_mutex_lock (&srv->lock);
+  for (size_t i = 0; i < srv->nr_exports; i++)
+    if (srv->exports[i]->node == old)
+      __atomic_store_n (&srv->exports[i]->node, new, __ATOMIC_RELEASE);
+  pthread_mutex_unlock (&srv->lock);
+}
+
+void
 nbd_server_set_evict_after (struct nbd_server *srv, unsigned ms)
 {
   srv->evict_ms = ms;

@@ -68,6 +68,12 @@ void nbd_server_set_limits (struct nbd_server *srv, unsigned max_clients,
  * slot forever. */
 void nbd_server_set_evict_after (struct nbd_server *srv, unsigned ms);
 
+/* Exports serving OLD serve NEW from their next request on (an active
+ * commit's pivot).  The caller keeps OLD alive and makes OLD forward the
+ * requests already on their way to it (node_forward_to). */
+void nbd_server_retarget (struct nbd_server *srv, strata_node *old,
+                          strata_node *new);
+
 bool nbd_server_listen_unix (struct nbd_server *srv, const char *path,
                              strata_error **errp);
 /* HOST may be NULL (all addresses); PORT "0" picks a free port, which

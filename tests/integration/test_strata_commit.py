@@ -1,8 +1,8 @@
 """strata commit, modelled on virsh blockcommit, against qemu-storage-daemon
 and stratad on the chain of test_strata_pull.py (base <- mid <- top):
 intermediate commits end as pulls do ("Commit complete"); active commits
-(qemu-storage-daemon; stratad refuses them until it has them) reach the
-synchronised phase and pivot or keep the overlay with virsh's messages.
+reach the synchronised phase and pivot or keep the overlay with virsh's
+messages.
 qemu-img is the oracle for the images."""
 import re
 
@@ -84,18 +84,10 @@ def test_commit_refusals_send_nothing(daemon, chain, argv, why):
     ("--pivot", "Successfully pivoted"),
     ("--keep-overlay", "Commit complete, overlay image kept"),
 ])
-def test_active_commit(request, daemon, chain, how, said):
-    """qemu-storage-daemon: synchronised, then pivoted or kept; either way
-    base then reads as top did.  stratad: refused in one line until it
-    has active commit."""
-    with_qsd = not on_stratad(request)
+def test_active_commit(daemon, chain, how, said):
+    """Synchronised, then pivoted or kept; either way base then reads as
+    top did."""
     p = strata(daemon, "commit", "top", how, "--verbose")
-    if not with_qsd:
-        assert p.returncode == 1 and p.stdout == ""
-        assert p.stderr.splitlines()[-1] == (
-            "strata: Active commit (top is the active layer of 'top') is "
-            "not supported yet")
-        return
     assert (p.returncode, p.stdout) == (0, f"{said}\n"), p.stderr
     assert jobs(daemon) == []
     stopped(daemon, chain)
@@ -103,16 +95,10 @@ def test_active_commit(request, daemon, chain, how, said):
         chain / "expected.raw", chain / "base.qcow2")
 
 
-def test_active_commit_stays_synchronised(request, daemon, chain):
-    if on_stratad(request):
-        pytest.skip("stratad has no active commit yet")
+def test_active_commit_stays_synchronised(daemon, chain):
     p = strata(daemon, "commit", "top", "--active", "--wait")
     assert (p.returncode, p.stdout) == (0, "Now in synchronized phase\n")
     [job] = jobs(daemon)
     assert (job["type"], job["ready"], job["status"]) == ("commit", True,
                                                           "ready")
     assert strata(daemon, "job", "top", "--abort").returncode == 0
-
-
-def on_stratad(request):
-    return request.node.callspec.params["daemon"] == "stratad"
