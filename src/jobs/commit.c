@@ -316,6 +316,9 @@ commit_prepare (struct job *job)
 
   graph_lock ();
   if (c->active) {
+    /* BASE stays writable, as QEMU leaves it: after a pivot it is the
+     * device's active layer. */
+    c->restore_ro = false;
     active_end_graph_locked (c, c->pivot);
     goto out;
   }

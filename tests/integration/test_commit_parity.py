@@ -156,3 +156,80 @@ def test_commit_into_read_only_base_as_qsd(tmp_path):
 
     log = parity(tmp_path, scenario)
     assert len(errors(log)) >= 1
+
+
+# ---- active commit ----
+
+
+def export_top(r):
+    r.cmd("nbd-server-start",
+          addr={"type": "unix",
+                "data": {"path": str(Path(r.p["top"]).parent / "n.sock")}})
+    r.cmd("block-export-add", type="nbd", id="e", **{"node-name": "top"},
+          writable=True)
+
+
+def test_active_commit_pivots_as_qsd(tmp_path):
+    """READY, then complete: the export moves onto the base and the old
+    top can be deleted; then active commits of mid cancelled softly after
+    READY (completed, no pivot) and with force before and after it."""
+    def scenario(r):
+        r.chain()
+        export_top(r)
+        r.cmd("block-commit", **{"job-id": "j", "device": "top",
+                                 "base-node": "mid"})
+        r.wait("BLOCK_JOB_READY")
+        r.cmd("block-job-complete", device="j")
+        r.wait("JOB_STATUS_CHANGE", status="null")
+        r.cmd("query-block-exports")
+        r.cmd("blockdev-del", **{"node-name": "top"})
+        r.cmd("block-commit", **{"job-id": "k", "device": "mid"})
+        r.wait("BLOCK_JOB_READY")
+        r.cmd("block-job-cancel", device="k")
+        r.wait("JOB_STATUS_CHANGE", status="null")
+        r.cmd("query-block-exports")
+        r.cmd("block-commit", **{"job-id": "k", "device": "mid",
+                                 "speed": 1000})
+        r.cmd("block-job-cancel", device="k")
+        r.wait("JOB_STATUS_CHANGE", status="null")
+        r.cmd("block-commit", **{"job-id": "k", "device": "mid"})
+        r.wait("BLOCK_JOB_READY")
+        r.cmd("block-job-cancel", device="k", force=True)
+        r.wait("JOB_STATUS_CHANGE", status="null")
+
+    log = parity(tmp_path, scenario)
+    assert events(log).count("BLOCK_JOB_READY") == 3
+    assert events(log).count("BLOCK_JOB_CANCELLED") == 2
+
+
+def test_active_commit_verbs_as_qsd(tmp_path):
+    """Before READY complete is refused; READY and paused is standby;
+    backing-file is refused for the active layer; with auto-finalize off
+    the job waits in pending after complete until job-finalize."""
+    def scenario(r):
+        r.chain()
+        r.cmd("block-commit", **{"job-id": "j", "device": "top",
+                                 "backing-file": "x"})
+        r.cmd("block-commit", **{"job-id": "j", "device": "top",
+                                 "speed": SLOW, "auto-finalize": False,
+                                 "auto-dismiss": False})
+        r.cmd("block-job-complete", device="j")
+        r.cmd("block-job-set-speed", device="j", speed=0)
+        r.wait("BLOCK_JOB_READY")
+        r.cmd("block-job-pause", device="j")
+        r.wait("JOB_STATUS_CHANGE", status="standby")
+        r.cmd("query-jobs")
+        r.cmd("block-job-resume", device="j")
+        r.wait("JOB_STATUS_CHANGE", status="ready")
+        r.cmd("block-job-complete", device="j")
+        r.wait("BLOCK_JOB_PENDING")
+        r.cmd("query-jobs")
+        r.cmd("job-finalize", id="j")
+        r.wait("JOB_STATUS_CHANGE", status="concluded")
+        r.cmd("job-dismiss", id="j")
+        r.wait("JOB_STATUS_CHANGE", status="null")
+
+    log = parity(tmp_path, scenario, mask=True)
+    errs = errors(log)
+    assert errs[0] == "'backing-file' specified, but 'top' is the active layer"
+    assert "standby" in events(log)
