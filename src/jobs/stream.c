@@ -60,8 +60,12 @@
 #define STREAM_MIN_CHUNK (64 * 1024)
 #define IDLE_POLL_NS 10000000ull  /* 10 ms */
 #define IDLE_GRACE_NS 50000000ull /* 50 ms */
-#define STREAM_DEPTH 2 /* chunks copied at once, without a speed limit */
-#define STREAM_RING 8  /* chunks taken and not yet retired, copied or not */
+#define STREAM_COPIERS 2          /* copier threads */
+/* Chunks handed to the copiers at once, without a speed limit: one more
+ * than the copiers, so one that ends finds the next queued rather than
+ * sleeping until the job thread wakes and hands it one. */
+#define STREAM_DEPTH 3
+#define STREAM_RING 8 /* chunks taken and not yet retired, copied or not */
 
 struct stream;
 
@@ -94,13 +98,14 @@ struct stream {
   struct workqueue *wq; /* the copiers; NULL: copies run on the job thread */
   struct stream_copy ring[STREAM_RING];
   unsigned head, count, copying;
-  uint64_t unit;        /* node_copy_up_unit (TOP) */
-  uint64_t tickets;     /* the next chunk's ticket */
-  uint64_t turn;        /* the ticket whose chunk may write (LOCK) */
-  uint64_t fail_from;   /* a chunk failed: those from this ticket on
-                           write nothing until drained (LOCK) */
-  pthread_mutex_t lock; /* stream lock (leaf): TURN, a chunk's result */
-  pthread_cond_t cond;  /* a chunk is done, or TURN moved */
+  uint64_t unit;            /* node_copy_up_unit (TOP) */
+  uint64_t tickets;         /* the next chunk's ticket */
+  uint64_t turn;            /* the ticket whose chunk may write (LOCK) */
+  uint64_t fail_from;       /* a chunk failed: those from this ticket on
+                               write nothing until drained (LOCK) */
+  pthread_mutex_t lock;     /* stream lock (leaf): TURN, a chunk's result */
+  pthread_cond_t turn_cond; /* TURN moved (the copiers wait on it) */
+  pthread_cond_t done_cond; /* a chunk is done (the job thread waits) */
 };
 
 /* E's message, for an error path that may have got none. */
@@ -201,7 +206,7 @@ static void
 wait_turn_stream_locked (struct stream_copy *c)
 {
   while (c->s->turn != c->ticket)
-    pthread_cond_wait (&c->s->cond, &c->s->lock);
+    pthread_cond_wait (&c->s->turn_cond, &c->s->lock);
 }
 
 /* Chunks from TICKET on are not to write (a chunk before them failed). */
@@ -248,8 +253,12 @@ copy_run (struct stream_copy *c)
   c->r = r;
   c->copied = copied;
   c->done = true;
-  pthread_cond_broadcast (&s->cond);
   pthread_mutex_unlock (&s->lock);
+  /* Woken after the unlock, so that a waiter does not wake only to wait
+   * for the lock.  C may be reused from here; S lives until the job
+   * thread has joined the copiers (workqueue_free). */
+  pthread_cond_broadcast (&s->turn_cond);
+  pthread_cond_signal (&s->done_cond);
 }
 
 static void
@@ -307,7 +316,7 @@ oldest_done (struct stream *s)
 
   pthread_mutex_lock (&s->lock);
   while (!c->done)
-    pthread_cond_wait (&s->cond, &s->lock);
+    pthread_cond_wait (&s->done_cond, &s->lock);
   pthread_mutex_unlock (&s->lock);
   return c;
 }
@@ -399,8 +408,8 @@ retire (struct job *job, struct stream *s, uint64_t len, uint64_t *next,
 }
 
 /* The walk, in chunks taken in order; without a speed limit up to
- * STREAM_DEPTH of them are copied at once by the copier threads (reading
- * one while another writes), each under its own serialising request.
+ * STREAM_DEPTH of them are handed to the copier threads at once (one
+ * reading while another writes), each under its own serialising request.
  * Progress is the end of the chunks done in order, so it never passes a
  * chunk still in flight or failed. */
 static int
@@ -456,7 +465,7 @@ stream_run (struct job *job)
   job_set_progress (job, 0, len);
   s->unit = node_copy_up_unit (s->top);
   /* Without copier threads the chunks are copied one at a time, here. */
-  s->wq = workqueue_new (STREAM_DEPTH, 0);
+  s->wq = workqueue_new (STREAM_COPIERS, 0);
   r = stream_walk (job, s, len);
   drain (s);
   workqueue_free (s->wq);
@@ -556,7 +565,8 @@ stream_clean (struct job *job)
     node_unref (s->base);
   node_unref (s->top);
   free (s->backing_file);
-  pthread_cond_destroy (&s->cond);
+  pthread_cond_destroy (&s->turn_cond);
+  pthread_cond_destroy (&s->done_cond);
   pthread_mutex_destroy (&s->lock);
   free (s);
   job->opaque = NULL;
@@ -594,7 +604,8 @@ stream_new (const struct stream_params *p, strata_node *top, strata_node *base)
   ratelimit_init (&s->floor_rl, s->floor_speed, clock_now_ns ());
   s->fail_from = UINT64_MAX;
   pthread_mutex_init (&s->lock, NULL);
-  pthread_cond_init (&s->cond, NULL);
+  pthread_cond_init (&s->turn_cond, NULL);
+  pthread_cond_init (&s->done_cond, NULL);
   return s;
 }
 
