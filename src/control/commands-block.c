@@ -82,30 +82,6 @@ find_node (const char *device, const char *name, struct qmp_error *err)
   return node;
 }
 
-/* The parent using NODE as its backing, if any. */
-static strata_node *
-backing_parent (strata_node *node)
-{
-  struct graph_edge e[8];
-  int n = graph_parents (node, e, 8);
-
-  for (int i = 0; i < n && i < 8; i++)
-    if (strcmp (e[i].child_name, "backing") == 0)
-      return e[i].parent;
-  return NULL;
-}
-
-static bool
-check_not_backing (strata_node *node, struct qmp_error *err)
-{
-  strata_node *p = backing_parent (node);
-
-  if (p)
-    qmp_error_set (err, "GenericError", "Node '%s' is busy: node is used as "
-                   "backing hd of '%s'", node->node_name, p->node_name);
-  return !p;
-}
-
 /* A node a block job holds takes no snapshot: QEMU's op blocker. */
 static bool
 check_no_job (strata_node *node, struct qmp_error *err)
@@ -190,7 +166,7 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
     qmp_error_set (err, "GenericError", "Node %s is in use", name);
     goto out;
   }
-  if (!check_no_job (node, err) || !check_not_backing (node, err))
+  if (!check_no_job (node, err) || !qmp_check_not_backing (node, err))
     goto out;
   if ((i = owned_index (node)) < 0) {
     qmp_error_set (err, "GenericError",
@@ -416,7 +392,7 @@ cmd_blockdev_snapshot_sync (json_t *args, struct qmp_error *err)
     return NULL;
   }
   graph_lock ();
-  if (!(node = find_node (device, name, err)) || !check_not_backing (node, err)
+  if (!(node = find_node (device, name, err)) || !qmp_check_not_backing (node, err)
       || !check_no_job (node, err))
     goto out;
   if (snap && (taken = graph_lookup (snap))) {
@@ -502,7 +478,7 @@ cmd_blockdev_snapshot (json_t *args, struct qmp_error *err)
   graph_lock ();
   if (!(node = find_node (name, name, err))
       || !(overlay = find_node (oname, oname, err))
-      || !check_not_backing (node, err) || !check_no_job (node, err))
+      || !qmp_check_not_backing (node, err) || !check_no_job (node, err))
     goto out;
   if (overlay == node || graph_parents (overlay, e, 1) > 0) {
     qmp_error_set (err, "GenericError", "The overlay is already in use");

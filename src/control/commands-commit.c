@@ -25,27 +25,6 @@
 #include "jobs/commit.h"
 #include "jobs/job.h"
 
-/* The device: a root node, looked up by name.  A node with a node above
- * it is not one, nor is a node a job holds (QEMU's job is a parent of the
- * nodes it holds); an export is no node.  A reference, or NULL with
- * QEMU's error; job lock held. */
-static strata_node *
-root_node_job_locked (const char *device, struct qmp_error *err)
-{
-  strata_node *n = graph_lookup (device);
-
-  if (!n) {
-    qmp_error_set (err, "DeviceNotFound", "Device '%s' not found", device);
-    return NULL;
-  }
-  if (graph_parents (n, NULL, 0) > 0 || job_holding_job_locked (n)) {
-    qmp_error_set (err, "GenericError", "Need a root block node");
-    node_unref (n);
-    return NULL;
-  }
-  return n;
-}
-
 /* One node: is it (or, FROM_ON, any layer from it to TO inclusive) free of
  * other jobs?  QEMU's op blockers answer "Node 'x' is busy: ...". */
 static bool
@@ -196,7 +175,8 @@ cmd_block_commit (json_t *args, struct qmp_error *err)
     return NULL;
   graph_lock ();
   job_lock ();
-  if (!(dev = root_node_job_locked (qmp_str_arg (args, "device"), err)))
+  if (!(dev = qmp_root_node_job_locked (qmp_str_arg (args, "device"), true,
+                                         err)))
     ;
   else if (!find_top (args, dev, &top, err)
            || !find_base (args, top, &base, err)

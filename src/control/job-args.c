@@ -66,3 +66,42 @@ qmp_check_not_busy_job_locked (strata_node *top, strata_node *base,
   }
   return true;
 }
+
+strata_node *
+qmp_root_node_job_locked (const char *device, bool device_not_found,
+                          struct qmp_error *err)
+{
+  strata_node *n = graph_lookup (device);
+
+  if (!n) {
+    if (device_not_found)
+      qmp_error_set (err, "DeviceNotFound", "Device '%s' not found", device);
+    else
+      qmp_error_set (err, "GenericError",
+                     "Cannot find device='%s' nor node-name='%s'", device,
+                     device);
+    return NULL;
+  }
+  if (graph_parents (n, NULL, 0) > 0 || job_holding_job_locked (n)) {
+    qmp_error_set (err, "GenericError", "Need a root block node");
+    node_unref (n);
+    return NULL;
+  }
+  return n;
+}
+
+bool
+qmp_check_not_backing (strata_node *node, struct qmp_error *err)
+{
+  struct graph_edge e[8];
+  int n = graph_parents (node, e, 8);
+
+  for (int i = 0; i < n && i < 8; i++)
+    if (strcmp (e[i].child_name, "backing") == 0) {
+      qmp_error_set (err, "GenericError",
+                     "Node '%s' is busy: node is used as backing hd of '%s'",
+                     node->node_name, e[i].parent->node_name);
+      return false;
+    }
+  return true;
+}

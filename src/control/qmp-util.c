@@ -149,6 +149,7 @@ static const struct qmp_command *const tables[] = {
   qmp_export_commands,
   qmp_stream_commands,
   qmp_commit_commands,
+  qmp_mirror_commands,
   qmp_job_commands,
 };
 

@@ -40,6 +40,8 @@ extern const struct qmp_command qmp_export_commands[];
 extern const struct qmp_command qmp_stream_commands[];
 /* block-commit (src/control/commands-commit.c). */
 extern const struct qmp_command qmp_commit_commands[];
+/* blockdev-mirror (src/control/commands-mirror.c). */
+extern const struct qmp_command qmp_mirror_commands[];
 /* The job verbs and queries (src/control/commands-job.c). */
 extern const struct qmp_command qmp_job_commands[];
 /* Announce the jobs' events (src/jobs/) as QMP events; once, before any
@@ -93,5 +95,17 @@ bool qmp_parse_on_error (json_t *args, enum job_on_error *out,
                          struct qmp_error *err);
 bool qmp_check_not_busy_job_locked (strata_node *top, strata_node *base,
                                     struct qmp_error *err);
+/* The device a job starts on: a root node (no node above it, no job
+ * holding it; an export is no node), with a reference; else NULL and
+ * QEMU's error: not found is DeviceNotFound "Device 'x' not found" with
+ * DEVICE_NOT_FOUND (block-commit: libvirt probes with it), else "Cannot
+ * find device='x' nor node-name='x'"; then "Need a root block node".
+ * Job lock held. */
+strata_node *qmp_root_node_job_locked (const char *device,
+                                       bool device_not_found,
+                                       struct qmp_error *err);
+/* QEMU's op blocker of a backing file: "Node 'x' is busy: node is used as
+ * backing hd of 'y'". */
+bool qmp_check_not_backing (strata_node *node, struct qmp_error *err);
 
 #endif

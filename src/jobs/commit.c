@@ -54,8 +54,13 @@ struct commit {
   bool restore_ro;                   /* BASE was read-only: made so again */
   strata_node *old_backing; /* OVERLAY's old backing, kept until clean */
 
-  /* Active commit only. */
+  /* Active commit and mirror: TOP is the source, BASE the target. */
   bool active;
+  bool mirror;            /* blockdev-mirror: type "mirror", sizes must
+                             match, no growing */
+  bool scan;              /* mark what is allocated before copying */
+  strata_node *scan_base; /* ... in the layers above this (NULL: all) */
+  enum job_on_error on_target_error;
   struct dirty_bitmap *dirty;  /* TOP's writes since they were copied */
   atomic_bool should_complete; /* job-complete came */
   bool pivot;                  /* the run ended for a pivot */
@@ -137,16 +142,19 @@ copy_dirty_run (struct job *job, struct commit *c, uint8_t *buf,
   return 0;
 }
 
-/* Mark every piece a layer from TOP down to the one above BASE allocates. */
+/* Mark every piece a layer from TOP down to the one above SCAN_BASE
+ * allocates (active commit: BASE; mirror: the whole chain, or TOP alone
+ * for sync=top; nothing for sync=none). */
 static int
 mark_allocated (struct commit *c, uint64_t len)
 {
-  for (uint64_t offset = 0, n; offset < len; offset += n) {
+  for (uint64_t offset = 0, n; c->scan && offset < len; offset += n) {
     bool alloc;
     int r;
 
     n = MIN (COMMIT_CHUNK * 16ull, len - offset);
-    if ((r = chain_allocated_above (c->top, c->base, offset, &n, &alloc)) < 0)
+    if ((r = chain_allocated_above (c->top, c->scan_base, offset, &n, &alloc))
+        < 0)
       return r;
     if (alloc)
       dirty_set (c->dirty, offset, n);
@@ -216,7 +224,10 @@ active_run (struct job *job, struct commit *c, uint64_t len)
       continue;
     }
     r = copy_dirty_run (job, c, buf, &cursor, &copied, 0, &is_read);
-    if (r < 0 && job_io_error (job, r, is_read) == JOB_ON_ERROR_REPORT)
+    if (r < 0
+        && job_io_error_policy (job, r, is_read,
+                                is_read ? job->on_error : c->on_target_error)
+               == JOB_ON_ERROR_REPORT)
       return r;
   }
 }
@@ -258,7 +269,13 @@ commit_run (struct job *job)
 
   if ((len = node_length (c->top)) < 0)
     return len;
-  if ((r = grow_base (job, c, len)) < 0)
+  if (c->mirror) {
+    if (node_length (c->base) != len) {
+      job_set_error (job, "Source and target image have different sizes");
+      return -EINVAL;
+    }
+  }
+  else if ((r = grow_base (job, c, len)) < 0)
     return r;
   if (c->active)
     return active_run (job, c, len);
@@ -396,6 +413,16 @@ static const struct job_driver commit_driver = {
   .soft_cancel = true,
 };
 
+static const struct job_driver mirror_driver = {
+  .type = "mirror",
+  .run = commit_run,
+  .prepare = commit_prepare,
+  .abort = commit_abort,
+  .clean = commit_clean,
+  .complete = commit_complete,
+  .soft_cancel = true,
+};
+
 static struct commit *
 commit_new (const struct commit_params *p)
 {
@@ -412,6 +439,9 @@ commit_new (const struct commit_params *p)
   if ((c->overlay = p->overlay))
     node_ref (c->overlay);
   c->active = p->active;
+  c->scan = true;
+  c->scan_base = p->base;
+  c->on_target_error = p->on_error;
   return c;
 }
 
@@ -455,6 +485,40 @@ commit_start_job_locked (const struct commit_params *p, strata_error **errp)
   if (ok)
     ok = job_add_backend (job, p->base);
   if (!ok) {
+    error_set (errp, ENOMEM, "out of memory");
+    job_discard_job_locked (job);
+    return false;
+  }
+  return job_start_job_locked (job, errp);
+}
+
+/* ---- blockdev-mirror: the active engine with any target ---- */
+
+bool
+mirror_start_job_locked (const struct mirror_params *p, strata_error **errp)
+{
+  struct commit_params cp = { .top = p->source, .base = p->target };
+  struct job *job;
+  struct commit *c;
+
+  job = job_create_job_locked (p->job_id, &mirror_driver, p->speed,
+                               p->auto_finalize, p->auto_dismiss,
+                               p->on_source_error, errp);
+  if (!job)
+    return false;
+  if (!(c = commit_new (&cp))) {
+    error_set (errp, ENOMEM, "out of memory");
+    job_discard_job_locked (job);
+    return false;
+  }
+  c->active = c->mirror = true;
+  c->scan = p->sync != MIRROR_SYNC_NONE;
+  c->scan_base = p->sync == MIRROR_SYNC_TOP ? chain_backing (p->source) : NULL;
+  c->on_target_error = p->on_target_error;
+  job->opaque = c;
+  if (!job_add_node (job, p->device)
+      || (p->source != p->device && !job_add_node (job, p->source))
+      || !job_add_backend (job, p->target)) {
     error_set (errp, ENOMEM, "out of memory");
     job_discard_job_locked (job);
     return false;

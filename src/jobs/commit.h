@@ -31,4 +31,25 @@ struct commit_params {
 bool commit_start_job_locked (const struct commit_params *p,
                               strata_error **errp);
 
+/* blockdev-mirror: the active commit's engine copying SOURCE (the device's
+ * active layer) into any TARGET of the same size, type "mirror".  SYNC
+ * says what is copied before the guest's new writes: full (everything the
+ * chain allocates), top (what SOURCE itself allocates), none. */
+enum mirror_sync { MIRROR_SYNC_FULL, MIRROR_SYNC_TOP, MIRROR_SYNC_NONE };
+
+struct mirror_params {
+  const char *job_id;  /* "" when none was given (then refused) */
+  strata_node *device; /* the root node named as the device (borrowed) */
+  strata_node *source; /* DEVICE without its filters (borrowed) */
+  strata_node *target; /* (borrowed) */
+  enum mirror_sync sync;
+  int64_t speed;
+  enum job_on_error on_source_error, on_target_error;
+  bool auto_finalize, auto_dismiss;
+};
+
+/* Create and start a mirror job, job lock and graph lock held. */
+bool mirror_start_job_locked (const struct mirror_params *p,
+                              strata_error **errp);
+
 #endif

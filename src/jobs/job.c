@@ -724,14 +724,21 @@ job_set_error (struct job *job, const char *fmt, ...)
 enum job_on_error
 job_io_error (struct job *job, int err, bool is_read)
 {
+  return job_io_error_policy (job, err, is_read, job->on_error);
+}
+
+enum job_on_error
+job_io_error_policy (struct job *job, int err, bool is_read,
+                     enum job_on_error policy)
+{
   enum job_on_error action;
   LOCK_GUARD (&jobs_mutex);
 
-  switch (job->on_error) {
+  switch (policy) {
   case JOB_ON_ERROR_ENOSPC:
     action = err == -ENOSPC ? JOB_ON_ERROR_STOP : JOB_ON_ERROR_REPORT;
     break;
-  default: action = job->on_error;
+  default: action = policy;
   }
   emit_job_locked ((struct job_event){ .kind = JOB_EVENT_ERROR,
                                        .id = job->id,

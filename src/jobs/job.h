@@ -259,6 +259,10 @@ void job_set_ready (struct job *job);
  * pauses the job (io-status failed) until resumed.  Returns the action:
  * JOB_ON_ERROR_REPORT (fail), _IGNORE (go on), _STOP (retry the chunk). */
 enum job_on_error job_io_error (struct job *job, int err, bool is_read);
+/* The same under POLICY instead of the job's on-error (mirror's
+ * on-target-error for its writes). */
+enum job_on_error job_io_error_policy (struct job *job, int err, bool is_read,
+                                       enum job_on_error policy);
 /* Set the message the job fails with (printf-style). */
 void job_set_error (struct job *job, const char *fmt, ...)
     __attribute__ ((format (printf, 2, 3)));
