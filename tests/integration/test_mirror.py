@@ -1,0 +1,81 @@
+"""blockdev-mirror under a guest's writes, into a local qcow2 and into an
+NBD export of a second stratad (the pre-copy half of a migration): a
+seeded writer on an NBD export of the source writes while the job copies,
+once it is READY, across the pivot and after it; afterwards the export
+reads as the writer's model (it now serves the target) and the target
+image compares equal to it."""
+import random
+import time
+
+import pytest
+
+from harness import run
+from harness.chains import add_top, make_chain
+from harness.daemons import nbd_handle, start
+from harness.qcow2 import MiB
+from test_commit_active import SIZE_MIB, Writer, scatter
+
+
+@pytest.mark.parametrize("where", ["local", "nbd"])
+def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where):
+    rng = random.Random(11)
+    p = make_chain(tmp_path / "src", qemu_img, qemu_io, SIZE_MIB)
+    scatter(qemu_io, p["top"], rng, SIZE_MIB * 2)
+    raw = tmp_path / "view.raw"
+    run(qemu_img, "convert", "-O", "raw", p["top"], raw)
+    model = bytearray(raw.read_bytes())
+    dst = tmp_path / "dst.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", dst, f"{SIZE_MIB}M")
+
+    daemons = []
+    d = start("stratad", tmp_path / "src")
+    daemons.append(d)
+    add_top(d, p["top"])
+    sock = tmp_path / "n.sock"
+    d.ok("nbd-server-start", addr={"type": "unix",
+                                   "data": {"path": str(sock)}})
+    d.ok("block-export-add", type="nbd", id="e", **{"node-name": "top"},
+         writable=True)
+    if where == "local":
+        d.ok("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
+             file={"driver": "file", "filename": str(dst)})
+    else:
+        (tmp_path / "dst").mkdir()
+        b = start("stratad", tmp_path / "dst")
+        daemons.append(b)
+        b.ok("blockdev-add", driver="qcow2", **{"node-name": "dst"},
+             file={"driver": "file", "filename": str(dst)})
+        bsock = tmp_path / "b.sock"
+        b.ok("nbd-server-start", addr={"type": "unix",
+                                       "data": {"path": str(bsock)}})
+        b.ok("block-export-add", type="nbd", id="d", **{"node-name": "dst"},
+             writable=True)
+        d.ok("blockdev-add", driver="nbd", **{"node-name": "tgt"},
+             server={"type": "unix", "path": str(bsock)}, export="dst")
+    w = Writer(f"nbd+unix:///top?socket={sock}", model, 11)
+    w.start()
+    d.ok("blockdev-mirror", **{"job-id": "m", "device": "top",
+                               "target": "tgt", "sync": "full",
+                               "speed": 32 * MiB})
+    d.event("BLOCK_JOB_READY", timeout=60)
+    before = w.count
+    time.sleep(0.3)
+    d.ok("block-job-complete", device="m")
+    e = d.event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert "error" not in e["data"], e
+    time.sleep(0.3)
+    w.finish()
+    assert w.count > before
+    assert [x["node-name"] for x in d.ok("query-block-exports")] == ["tgt"]
+
+    nbd, h = nbd_handle(f"nbd+unix:///top?socket={sock}")
+    got = bytearray()
+    for off in range(0, SIZE_MIB * MiB, 4 * MiB):
+        got += h.pread(4 * MiB, off)
+    h.shutdown()
+    assert got == model, "the export does not read as the guest wrote"
+    for dm in daemons:
+        assert dm.stop() == 0
+    raw.write_bytes(model)
+    run(qemu_img, "check", dst)
+    run(qemu_img, "compare", "-f", "raw", "-F", "qcow2", raw, dst)
