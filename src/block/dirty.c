@@ -21,11 +21,15 @@ struct dirty_bitmap {
   uint64_t nbits; /* pieces */
   uint64_t nset;  /* pieces marked */
   uint64_t *words;
-  strata_node *node; /* attached to, or NULL */
+  strata_node *node;  /* attached to, or NULL */
+  dirty_sync_fn sync; /* write-blocking, or NULL */
+  void *sync_opaque;
   struct dirty_bitmap *next;
 };
 
-static pthread_mutex_t list_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Writers (node_dirty_write) read the lists, attach and detach change
+ * them: a detach waits for the SYNC calls in progress. */
+static pthread_rwlock_t list_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 struct dirty_bitmap *
 dirty_new (uint64_t size, uint32_t granularity)
@@ -172,26 +176,33 @@ dirty_next (struct dirty_bitmap *bm, uint64_t from, uint64_t max,
   return true;
 }
 
+void
+dirty_set_sync (struct dirty_bitmap *bm, dirty_sync_fn fn, void *opaque)
+{
+  bm->sync = fn;
+  bm->sync_opaque = opaque;
+}
+
 bool
 node_dirty_attach (strata_node *node, struct dirty_bitmap *bm)
 {
-  pthread_mutex_lock (&list_lock);
+  pthread_rwlock_wrlock (&list_lock);
   if (bm->node) {
-    pthread_mutex_unlock (&list_lock);
+    pthread_rwlock_unlock (&list_lock);
     return false;
   }
   bm->node = node;
   bm->next = node->dirty;
   node->dirty = bm;
   atomic_fetch_add (&node->ndirty, 1);
-  pthread_mutex_unlock (&list_lock);
+  pthread_rwlock_unlock (&list_lock);
   return true;
 }
 
 void
 node_dirty_detach (strata_node *node, struct dirty_bitmap *bm)
 {
-  pthread_mutex_lock (&list_lock);
+  pthread_rwlock_wrlock (&list_lock);
   for (struct dirty_bitmap **p = &node->dirty; *p; p = &(*p)->next)
     if (*p == bm) {
       *p = bm->next;
@@ -200,16 +211,21 @@ node_dirty_detach (strata_node *node, struct dirty_bitmap *bm)
       atomic_fetch_sub (&node->ndirty, 1);
       break;
     }
-  pthread_mutex_unlock (&list_lock);
+  pthread_rwlock_unlock (&list_lock);
 }
 
 void
-node_dirty_mark (strata_node *node, uint64_t offset, uint64_t len)
+node_dirty_write (strata_node *node, enum node_write_kind kind,
+                  uint64_t offset, uint64_t len, const struct iovec *iov,
+                  int iovcnt, int result)
 {
   if (atomic_load_explicit (&node->ndirty, memory_order_acquire) == 0)
     return;
-  pthread_mutex_lock (&list_lock);
+  pthread_rwlock_rdlock (&list_lock);
   for (struct dirty_bitmap *bm = node->dirty; bm; bm = bm->next)
-    dirty_set (bm, offset, len);
-  pthread_mutex_unlock (&list_lock);
+    if (bm->sync && result >= 0)
+      bm->sync (bm->sync_opaque, kind, offset, len, iov, iovcnt);
+    else
+      dirty_set (bm, offset, len);
+  pthread_rwlock_unlock (&list_lock);
 }

@@ -41,10 +41,29 @@ uint64_t dirty_count (struct dirty_bitmap *bm);
 bool dirty_next (struct dirty_bitmap *bm, uint64_t from, uint64_t max,
                  uint64_t *offset, uint64_t *len);
 
-/* Attach BM to NODE (its writes mark it from now on) or detach it. */
+/* Write-blocking: writes to the node do not mark BM; each calls SYNC
+ * instead, after the node's own write and before the request ends (so
+ * the writer waits for it), with what was written (IOV for data, NULL for
+ * zeroes and discards).  SYNC handles its own errors.  Set before
+ * attaching. */
+enum node_write_kind {
+  NODE_WRITE_DATA,
+  NODE_WRITE_ZEROES,
+  NODE_WRITE_DISCARD
+};
+typedef void (*dirty_sync_fn) (void *opaque, enum node_write_kind kind,
+                               uint64_t offset, uint64_t len,
+                               const struct iovec *iov, int iovcnt);
+void dirty_set_sync (struct dirty_bitmap *bm, dirty_sync_fn fn, void *opaque);
+
+/* Attach BM to NODE (its writes mark it from now on) or detach it; a
+ * detach waits for the writes that are calling its SYNC. */
 bool node_dirty_attach (strata_node *node, struct dirty_bitmap *bm);
 void node_dirty_detach (strata_node *node, struct dirty_bitmap *bm);
-/* For node.c: [OFFSET, OFFSET+LEN) of NODE was written. */
-void node_dirty_mark (strata_node *node, uint64_t offset, uint64_t len);
+/* For node.c: [OFFSET, OFFSET+LEN) of NODE was written (KIND, IOV) with
+ * RESULT (a failed write marks every bitmap, write-blocking ones too). */
+void node_dirty_write (strata_node *node, enum node_write_kind kind,
+                       uint64_t offset, uint64_t len, const struct iovec *iov,
+                       int iovcnt, int result);
 
 #endif

@@ -602,7 +602,7 @@ node_pwritev (strata_node *node, uint64_t offset, uint64_t len,
                                        flags & ~STRATA_REQ_COMPRESSED);
   else
     r = node->drv->pwritev (node, offset, len, iov, iovcnt, flags);
-  node_dirty_mark (node, offset, len);
+  node_dirty_write (node, NODE_WRITE_DATA, offset, len, iov, iovcnt, r);
   if (track)
     tracker_end (&node->tracker, &req);
   return r;
@@ -676,7 +676,7 @@ node_pwrite_zeroes (strata_node *node, uint64_t offset, uint64_t len,
     r = node->drv->pwrite_zeroes (node, offset, len, flags);
   if (r == -ENOTSUP && node->drv->pwritev)
     r = emulate_write_zeroes (node, offset, len, flags);
-  node_dirty_mark (node, offset, len);
+  node_dirty_write (node, NODE_WRITE_ZEROES, offset, len, NULL, 0, r);
   if (track)
     tracker_end (&node->tracker, &req);
   return r;
@@ -705,7 +705,7 @@ node_pdiscard (strata_node *node, uint64_t offset, uint64_t len,
     return node_pdiscard (fwd, offset, len, flags);
   }
   r = node->drv->pdiscard (node, offset, len, flags);
-  node_dirty_mark (node, offset, len);
+  node_dirty_write (node, NODE_WRITE_DISCARD, offset, len, NULL, 0, r);
   tracker_end (&node->tracker, &req);
   return r == -ENOTSUP ? 0 : r;
 }

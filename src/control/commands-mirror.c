@@ -10,10 +10,9 @@
  * The job is the active commit's engine (src/jobs/commit.c,
  * mirror_start_job_locked) and knows no JSON.
  *
- * Not built yet and refused in one line: copy-mode=write-blocking
- * (QEMU's active mirror), and replaces naming a node other than the
- * device.  granularity and buf-size are checked as QEMU checks them; the
- * job copies in 64 KiB pieces and 1 MiB runs whatever they say.
+ * Not built yet and refused in one line: replaces naming a node other
+ * than the device.  granularity and buf-size are checked as QEMU checks them;
+ * the job copies in 64 KiB pieces and 1 MiB runs whatever they say.
  */
 #include <string.h>
 
@@ -145,11 +144,6 @@ cmd_blockdev_mirror (json_t *args, struct qmp_error *err)
                    sync_names[sync]);
     goto out;
   }
-  if (copy_mode == 1) {
-    qmp_error_set (err, "GenericError",
-                   "copy-mode 'write-blocking' is not supported yet");
-    goto out;
-  }
   if (buf_j && json_integer_value (buf_j) < 0) {
     qmp_error_set (err, "GenericError", "Invalid parameter 'buf-size'");
     goto out;
@@ -171,6 +165,7 @@ cmd_blockdev_mirror (json_t *args, struct qmp_error *err)
       .speed = speed ? json_integer_value (speed) : 0,
       .on_source_error = on_error_of (src_err),
       .on_target_error = on_error_of (tgt_err),
+      .write_blocking = copy_mode == 1,
       .auto_finalize = af ? json_is_true (af) : true,
       .auto_dismiss = ad ? json_is_true (ad) : true,
     };

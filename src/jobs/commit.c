@@ -61,6 +61,13 @@ struct commit {
   bool scan;              /* mark what is allocated before copying */
   strata_node *scan_base; /* ... in the layers above this (NULL: all) */
   enum job_on_error on_target_error;
+  /* copy-mode=write-blocking: guest writes go to the target too, before
+   * they return (active_sync), and mark nothing; RANGES orders them
+   * against the job's own copies of the same bytes. */
+  bool write_blocking;
+  struct tracker ranges;
+  atomic_uint_fast64_t synced; /* bytes the guest's writes took along */
+  atomic_int sync_error;       /* the last failed one's, for on-error */
   struct dirty_bitmap *dirty;  /* TOP's writes since they were copied */
   atomic_bool should_complete; /* job-complete came */
   bool pivot;                  /* the run ended for a pivot */
@@ -123,8 +130,11 @@ copy_dirty_run (struct job *job, struct commit *c, uint8_t *buf,
   uint64_t off, len, start = clock_now_ns ();
   int r;
 
+  struct tracked_req rq;
+
   if (!dirty_next (c->dirty, *cursor, ACTIVE_RUN, &off, &len))
     return 0;
+  tracker_begin (&c->ranges, &rq, off, len, true);
   dirty_clear (c->dirty, off, len);
   *is_read = true;
   r = node_pread (c->top, off, buf, len, flags);
@@ -132,6 +142,7 @@ copy_dirty_run (struct job *job, struct commit *c, uint8_t *buf,
     *is_read = false;
     r = node_pwrite (c->base, off, buf, len, 0);
   }
+  tracker_end (&c->ranges, &rq);
   if (r < 0) {
     dirty_set (c->dirty, off, len); /* still to copy */
     return r;
@@ -182,6 +193,42 @@ final_copy (struct job *job, struct commit *c, uint8_t *buf, uint64_t *copied)
   return node_flush (c->base);
 }
 
+/* Write-blocking: a guest write to TOP that just landed goes to BASE too
+ * (the guest waits).  The pieces it covers whole are clean afterwards;
+ * one it covers in part keeps its state (clean: BASE had the rest; dirty:
+ * the job copies it whole).  A failure marks the range for the job to copy
+ * and reports to it. */
+static void
+active_sync (void *opaque, enum node_write_kind kind, uint64_t offset,
+             uint64_t len, const struct iovec *iov, int iovcnt)
+{
+  struct commit *c = opaque;
+  uint64_t g = ACTIVE_GRANULARITY;
+  uint64_t a = (offset + g - 1) / g * g, b = (offset + len) / g * g;
+  struct tracked_req rq;
+  int r;
+
+  tracker_begin (&c->ranges, &rq, offset, len, true);
+  if (b > a)
+    dirty_clear (c->dirty, a, b - a);
+  switch (kind) {
+  case NODE_WRITE_DATA:
+    r = node_pwritev (c->base, offset, len, iov, iovcnt, 0);
+    break;
+  case NODE_WRITE_ZEROES:
+    r = node_pwrite_zeroes (c->base, offset, len, 0);
+    break;
+  default: r = node_pdiscard (c->base, offset, len, 0); break;
+  }
+  if (r < 0) {
+    dirty_set (c->dirty, offset, len);
+    atomic_store (&c->sync_error, r);
+  }
+  else
+    atomic_fetch_add (&c->synced, len);
+  tracker_end (&c->ranges, &rq);
+}
+
 static void
 release_gate (struct commit *c)
 {
@@ -200,15 +247,24 @@ active_run (struct job *job, struct commit *c, uint64_t len)
 
   if (!buf)
     return -ENOMEM;
-  if (!(c->dirty = dirty_new (len, ACTIVE_GRANULARITY))
-      || !node_dirty_attach (c->top, c->dirty))
+  if (!(c->dirty = dirty_new (len, ACTIVE_GRANULARITY)))
+    return -ENOMEM;
+  if (c->write_blocking)
+    dirty_set_sync (c->dirty, active_sync, c);
+  if (!node_dirty_attach (c->top, c->dirty))
     return -ENOMEM;
   if ((r = mark_allocated (c, len)) < 0)
     return r;
   for (;;) {
     uint64_t left = dirty_count (c->dirty);
+    uint64_t done = copied + atomic_load (&c->synced);
+    int serr = atomic_exchange (&c->sync_error, 0);
 
-    job_set_progress (job, copied, copied + left);
+    if (serr < 0
+        && job_io_error_policy (job, serr, false, c->on_target_error)
+               == JOB_ON_ERROR_REPORT)
+      return serr;
+    job_set_progress (job, done, done + left);
     if (!job_yield (job) && !job_is_soft_cancelled (job))
       return -ECANCELED;
     if (left == 0) {
@@ -394,6 +450,7 @@ commit_clean (struct job *job)
     dirty_free (c->dirty);
   }
   release_gate (c);
+  tracker_destroy (&c->ranges);
   node_unref (c->top);
   node_unref (c->base);
   if (c->overlay)
@@ -441,6 +498,7 @@ commit_new (const struct commit_params *p)
   c->active = p->active;
   c->scan = true;
   c->scan_base = p->base;
+  tracker_init (&c->ranges);
   c->on_target_error = p->on_error;
   return c;
 }
@@ -515,6 +573,7 @@ mirror_start_job_locked (const struct mirror_params *p, strata_error **errp)
   c->scan = p->sync != MIRROR_SYNC_NONE;
   c->scan_base = p->sync == MIRROR_SYNC_TOP ? chain_backing (p->source) : NULL;
   c->on_target_error = p->on_target_error;
+  c->write_blocking = p->write_blocking;
   job->opaque = c;
   if (!job_add_node (job, p->device)
       || (p->source != p->device && !job_add_node (job, p->source))

@@ -45,6 +45,7 @@ struct mirror_params {
   enum mirror_sync sync;
   int64_t speed;
   enum job_on_error on_source_error, on_target_error;
+  bool write_blocking; /* copy-mode=write-blocking */
   bool auto_finalize, auto_dismiss;
 };
 

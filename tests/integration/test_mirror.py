@@ -79,3 +79,64 @@ def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where):
     raw.write_bytes(model)
     run(qemu_img, "check", dst)
     run(qemu_img, "compare", "-f", "raw", "-F", "qcow2", raw, dst)
+
+
+class FastWriter(Writer):
+    PAUSE = 0      # as fast as the export takes them: far above 1 MiB/s
+
+
+@pytest.mark.parametrize("mode", ["write-blocking", "background"])
+def test_write_blocking_converges(tmp_path, qemu_img, qemu_io, mode):
+    """A guest that dirties far faster than the mirror's 1 MiB/s limit:
+    with copy-mode=write-blocking its writes reach the target before they
+    return and dirty nothing, so the job reaches READY once the initial
+    copy is done, and after the pivot the target reads as the guest
+    wrote; in the background mode it does not (still copying, not ready,
+    while the guest writes on)."""
+    rng = random.Random(5)
+    p = make_chain(tmp_path / "src", qemu_img, qemu_io, SIZE_MIB)
+    raw = tmp_path / "view.raw"
+    run(qemu_img, "convert", "-O", "raw", p["top"], raw)
+    model = bytearray(raw.read_bytes())
+    # sync=top: the target shares top's backing, as QEMU expects of it.
+    dst = tmp_path / "dst.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", p["mid"], "-F",
+        "qcow2", dst)
+    d = start("stratad", tmp_path / "src")
+    add_top(d, p["top"])
+    sock = tmp_path / "n.sock"
+    d.ok("nbd-server-start", addr={"type": "unix",
+                                   "data": {"path": str(sock)}})
+    d.ok("block-export-add", type="nbd", id="e", **{"node-name": "top"},
+         writable=True)
+    d.ok("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
+         file={"driver": "file", "filename": str(dst)},
+         backing={"driver": "qcow2", "node-name": "tgt-backing",
+                  "read-only": True,
+                  "file": {"driver": "file", "filename": p["mid"]}})
+    w = FastWriter(f"nbd+unix:///top?socket={sock}", model, rng.random())
+    w.start()
+    d.ok("blockdev-mirror", **{"job-id": "m", "device": "top",
+                               "target": "tgt", "sync": "top",
+                               "copy-mode": mode, "speed": 1 * MiB})
+    if mode == "background":
+        # Writes dirty 64 KiB pieces far faster than 1 MiB/s copies them.
+        time.sleep(3)
+        [job] = d.ok("query-block-jobs")
+        assert not job["ready"] and job["offset"] < job["len"], job
+        assert not any(e["event"] == "BLOCK_JOB_READY"
+                       for e in d.qmp.events)
+        w.finish()
+        d.ok("block-job-cancel", device="m", force=True)
+        d.event("BLOCK_JOB_CANCELLED", timeout=30)
+        assert d.stop() == 0
+        return
+    d.event("BLOCK_JOB_READY", timeout=60)
+    d.ok("block-job-complete", device="m")
+    e = d.event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert "error" not in e["data"], e
+    w.finish()
+    assert d.stop() == 0
+    raw.write_bytes(model)
+    run(qemu_img, "check", dst)
+    run(qemu_img, "compare", "-f", "raw", "-F", "qcow2", raw, dst)
