@@ -57,6 +57,18 @@ class Writer(threading.Thread):
         self.h.flush()
 
 
+def serve_top(where, top, sock):
+    """A stratad in WHERE with TOP open as node "top", exported writable
+    over NBD on the unix socket SOCK; returns the daemon and SOCK."""
+    d = start("stratad", where)
+    add_top(d, top)
+    d.ok("nbd-server-start", addr={"type": "unix",
+                                   "data": {"path": str(sock)}})
+    d.ok("block-export-add", type="nbd", id="e", **{"node-name": "top"},
+         writable=True)
+    return d, sock
+
+
 def scatter(qemu_io, path, rng, n):
     cmds = []
     for i in rng.sample(range(SIZE_MIB * 16), n):
@@ -73,13 +85,7 @@ def test_active_commit_under_writes(tmp_path, qemu_img, qemu_io, end):
     run(qemu_img, "convert", "-O", "raw", p["top"], raw)
     model = bytearray(raw.read_bytes())
 
-    d = start("stratad", tmp_path)
-    add_top(d, p["top"])
-    sock = tmp_path / "n.sock"
-    d.ok("nbd-server-start", addr={"type": "unix",
-                                   "data": {"path": str(sock)}})
-    d.ok("block-export-add", type="nbd", id="e", **{"node-name": "top"},
-         writable=True)
+    d, sock = serve_top(tmp_path, p["top"], tmp_path / "n.sock")
     w = Writer(f"nbd+unix:///top?socket={sock}", model, SEED)
     w.start()
     d.ok("block-commit", **{"job-id": "j", "device": "top",
@@ -132,13 +138,7 @@ def test_kill_during_active_commit_then_again(tmp_path, qemu_img, qemu_io,
     run(qemu_img, "convert", "-O", "raw", p["top"], raw)
     model = bytearray(raw.read_bytes())
 
-    d = start("stratad", tmp_path)
-    add_top(d, p["top"])
-    sock = tmp_path / "n.sock"
-    d.ok("nbd-server-start", addr={"type": "unix",
-                                   "data": {"path": str(sock)}})
-    d.ok("block-export-add", type="nbd", id="e", **{"node-name": "top"},
-         writable=True)
+    d, sock = serve_top(tmp_path, p["top"], tmp_path / "n.sock")
     w = Writer(f"nbd+unix:///top?socket={sock}", model, seed)
     w.start()
     ready = seed == 3

@@ -10,10 +10,10 @@ import time
 import pytest
 
 from harness import run
-from harness.chains import add_top, make_chain
+from harness.chains import make_chain
 from harness.daemons import nbd_handle, start
 from harness.qcow2 import MiB
-from test_commit_active import SIZE_MIB, Writer, scatter
+from test_commit_active import SIZE_MIB, Writer, scatter, serve_top
 
 
 @pytest.mark.parametrize("where", ["local", "nbd"])
@@ -28,14 +28,8 @@ def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where):
     run(qemu_img, "create", "-q", "-f", "qcow2", dst, f"{SIZE_MIB}M")
 
     daemons = []
-    d = start("stratad", tmp_path / "src")
+    d, sock = serve_top(tmp_path / "src", p["top"], tmp_path / "n.sock")
     daemons.append(d)
-    add_top(d, p["top"])
-    sock = tmp_path / "n.sock"
-    d.ok("nbd-server-start", addr={"type": "unix",
-                                   "data": {"path": str(sock)}})
-    d.ok("block-export-add", type="nbd", id="e", **{"node-name": "top"},
-         writable=True)
     if where == "local":
         d.ok("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
              file={"driver": "file", "filename": str(dst)})
@@ -102,13 +96,7 @@ def test_write_blocking_converges(tmp_path, qemu_img, qemu_io, mode):
     dst = tmp_path / "dst.qcow2"
     run(qemu_img, "create", "-q", "-f", "qcow2", "-b", p["mid"], "-F",
         "qcow2", dst)
-    d = start("stratad", tmp_path / "src")
-    add_top(d, p["top"])
-    sock = tmp_path / "n.sock"
-    d.ok("nbd-server-start", addr={"type": "unix",
-                                   "data": {"path": str(sock)}})
-    d.ok("block-export-add", type="nbd", id="e", **{"node-name": "top"},
-         writable=True)
+    d, sock = serve_top(tmp_path / "src", p["top"], tmp_path / "n.sock")
     d.ok("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
          file={"driver": "file", "filename": str(dst)},
          backing={"driver": "qcow2", "node-name": "tgt-backing",
