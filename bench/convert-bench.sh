@@ -6,12 +6,14 @@
 # machine.
 #
 #   bench/convert-bench.sh [-s SIZE] [-F FIXTURE_SIZE] [-r REPEAT] [-C]
-#                          [-i INPUTS] [-k INPUTS] [BUILD_DIR]
+#                          [-i INPUTS] [-k INPUTS] [-o OLD_BUILD] [BUILD_DIR]
 #
 # -i and -k name the inputs of the plain and of the -c rows (default
 # "half chain fragmented sequential" and "half fragmented halfc"; "" runs
 # none of them), e.g. -i "fragmented sequential" -k "" for the issue's
-# uncompressed rows alone.
+# uncompressed rows alone.  -o adds, on the plain rows, the time of
+# another build's strata-img (an older commit) and its ratio to qemu-img
+# from the same run, so a change is shown against the same noise.
 #
 # Inputs, each made, used and deleted in turn on every bench root (tmpfs
 # /dev/shm and the disk under TMPDIR, or $BENCH_ROOT), so one root holds
@@ -39,7 +41,8 @@ repeat=3
 only_c=0
 inputs="half chain fragmented sequential"
 c_inputs="half fragmented halfc"
-while getopts "s:F:r:Ci:k:" o; do
+old_build=
+while getopts "s:F:r:Ci:k:o:" o; do
   case $o in
     s) size=$OPTARG ;;
     F) fsize=$OPTARG ;;
@@ -47,6 +50,7 @@ while getopts "s:F:r:Ci:k:" o; do
     C) only_c=1 ;;
     i) inputs=$OPTARG ;;
     k) c_inputs=$OPTARG ;;
+    o) old_build=$(cd "$OPTARG" && pwd) ;;
     *) exit 2 ;;
   esac
 done
@@ -119,8 +123,8 @@ once() {
 # secs MICROSECONDS: seconds as the rows print them ("fail" stays).
 secs() { awk -v t="$1" 'BEGIN { if (t ~ /^[0-9]+$/) printf "%.2f", t / 1e6; else print t }'; }
 
-printf '%-10s %-30s %9s %9s %7s %12s %12s\n' where case "strata s" \
-  "qemu s" ratio "strata RSS" "qemu RSS"
+printf '%-10s %-30s %9s %9s %7s %12s %12s%s\n' where case "strata s" \
+  "qemu s" ratio "strata RSS" "qemu RSS" "${old_build:+   (-o build: s, ratio)}"
 for where in $( ((only_c)) || bench_roots); do
   for src in $inputs; do
     work=$(mktemp -d "$where/strata-convert-bench.XXXXXX")
@@ -131,7 +135,7 @@ for where in $( ((only_c)) || bench_roots); do
     [[ $src == fragmented || $src == sequential ]] && label="$src ($fsize)"
     for v in "${variants[@]}"; do
       read -ra opts <<<"$v"
-      ts= rs= tq= rq=
+      ts= rs= tq= rq= to= ro=
       for ((i = 0; i < repeat; i++)); do
         read -r t r < <(once s.out "$simg" convert "${opts[@]}" "$in")
         [[ $t == fail ]] && { ts=fail; rs=0; break; }
@@ -139,10 +143,19 @@ for where in $( ((only_c)) || bench_roots); do
         read -r t r < <(once q.out qemu-img convert "${opts[@]}" "$in")
         [[ $t == fail ]] && { tq=fail; rq=0; break; }
         bench_keep tq rq "$t" "$r"
+        if [[ -n $old_build ]]; then
+          read -r t r < <(once o.out "$old_build/strata-img" convert "${opts[@]}" "$in")
+          [[ $t == fail ]] && { to=fail; ro=0; break; }
+          bench_keep to ro "$t" "$r"
+        fi
       done
       ratio=$(awk -v s="$ts" -v q="$tq" 'BEGIN { if (q + 0 > 0) printf "%.2f", s / q; else print "n/a" }')
-      printf '%-10s %-30s %9s %9s %7s %8s MiB %8s MiB\n' "$where" \
-        "$label $v" "$(secs "$ts")" "$(secs "$tq")" "$ratio" "$((rs / 1024))" "$((rq / 1024))"
+      before=
+      if [[ -n $old_build ]]; then
+        before=$(awk -v s="$to" -v q="$tq" 'BEGIN { if (q + 0 > 0) printf "   before %6.2f %5.2f", s / 1e6, s / q; else print "   before n/a" }')
+      fi
+      printf '%-10s %-30s %9s %9s %7s %8s MiB %8s MiB%s\n' "$where" \
+        "$label $v" "$(secs "$ts")" "$(secs "$tq")" "$ratio" "$((rs / 1024))" "$((rq / 1024))" "$before"
     done
     rm -rf "$work"
     trap - EXIT
