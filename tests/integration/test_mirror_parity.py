@@ -6,6 +6,8 @@ and every image compared with qemu-img info, check and map (what the guest
 sees where; QEMU's parallel copies allocate the target's clusters in no
 set order) afterwards."""
 import subprocess
+
+import pytest
 from pathlib import Path
 
 from test_commit_parity import export_top
@@ -134,3 +136,35 @@ def test_blockdev_mirror_sync_top_and_held_nodes_as_qsd(tmp_path):
     log = parity(tmp_path, scenario, mask=True, setup=targets,
                  host_offsets=False)
     assert "BLOCK_JOB_CANCELLED" in events(log)
+
+
+@pytest.mark.parametrize("mode,errno", [("stop", 5), ("report", 5),
+                                        ("enospc", 28), ("ignore", 5)])
+def test_mirror_target_errors_as_qsd(tmp_path, mode, errno):
+    """A target whose first write fails once (blkdebug): on-target-error
+    decides, BLOCK_JOB_ERROR says write; stop pauses until resumed, report
+    fails the job, ignore goes on; the mirror that goes on reaches READY
+    and is cancelled softly."""
+    def scenario(r):
+        r.chain()
+        r.cmd("blockdev-add", **{
+            "driver": "qcow2", "node-name": "t1",
+            "file": {"driver": "blkdebug", "node-name": "dbg",
+                     "image": {"driver": "file", "filename": r.p["t1"]},
+                     "inject-error": [{"event": "write_aio",
+                                       "errno": errno, "once": True}]}})
+        r.cmd("blockdev-mirror", **{"job-id": "m", "device": "top",
+                                    "target": "t1", "sync": "full",
+                                    "on-target-error": mode})
+        if mode in ("stop", "enospc"):
+            r.wait("JOB_STATUS_CHANGE", status="paused")
+            r.cmd("query-block-jobs")
+            r.cmd("block-job-resume", device="m")
+        if mode != "report":
+            r.wait("BLOCK_JOB_READY")
+            r.cmd("block-job-cancel", device="m")
+        r.wait("JOB_STATUS_CHANGE", status="null")
+
+    log = parity(tmp_path, scenario, mask=True, setup=targets,
+                 host_offsets=False)
+    assert "BLOCK_JOB_ERROR" in events(log)
