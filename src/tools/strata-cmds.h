@@ -27,6 +27,7 @@ void print_json (json_t *v);
 int cmd_nodes (int argc, char **argv); /* strata-nodes.c */
 int cmd_pull (int argc, char **argv);  /* strata-jobs.c */
 int cmd_commit (int argc, char **argv); /* strata-jobs.c */
+int cmd_copy (int argc, char **argv);   /* strata-jobs.c */
 int cmd_jobs (int argc, char **argv);
 int cmd_job (int argc, char **argv);
 

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -25,6 +26,7 @@
 #include "qmp-client.h"
 #include "progress.h"
 #include "strata-cmds.h"
+#include "cleanup.h"
 #include "clock.h"
 
 enum job_end {
@@ -513,6 +515,206 @@ cmd_commit (int argc, char **argv)
     return 0;
   }
   return job_report (&w, end, "Commit");
+}
+
+/* Does a node whose "file" is FILE keep its image in PATH?  FILE is the
+ * path, or (a node whose options a plain name cannot say, such as an
+ * explicit backing) "json:{...}" with the path as file.filename. */
+static bool
+image_file_is (const char *file, const char *path)
+{
+  json_t *o;
+  bool same;
+
+  if (strcmp (file, path) == 0)
+    return true;
+  if (strncmp (file, "json:", 5) != 0 || !(o = json_loads (file + 5, 0, NULL)))
+    return false;
+  same = strcmp (str (json_object_get (o, "file"), "filename"), path) == 0;
+  json_decref (o);
+  return same;
+}
+
+/* DEVICE's image facts from query-named-block-nodes (a new reference),
+ * or NULL; *BACKING_NODE (may stay NULL) the name of the format node
+ * whose file is DEVICE's backing file, malloc'd. */
+static json_t *
+node_image (const char *device, char **backing_node)
+{
+  json_t *nodes = client_execute ("query-named-block-nodes", NULL), *n;
+  json_t *img = NULL;
+  const char *bk;
+  size_t i;
+
+  *backing_node = NULL;
+  json_array_foreach (nodes, i, n)
+    if (strcmp (str (n, "node-name"), device) == 0)
+      img = json_incref (json_object_get (n, "image"));
+  bk = img ? json_string_value (json_object_get (img, "full-backing-filename"))
+           : NULL;
+  json_array_foreach (nodes, i, n)
+    if (bk && !*backing_node && strcmp (str (n, "drv"), "file") != 0
+        && image_file_is (str (n, "file"), bk))
+      *backing_node = strdup (str (n, "node-name"));
+  json_decref (nodes);
+  return img;
+}
+
+/* Make DEST (FORMAT, SIZE bytes, over BACKING when not NULL) with
+ * strata-img from the directory this program runs from; dies on failure.
+ * The daemon and the client share the host, as virsh's blockcopy assumes
+ * when libvirt creates the copy. */
+static void
+create_dest (const char *dest, const char *format, json_int_t size,
+             const char *backing, const char *backing_fmt)
+{
+  char self[4096], *slash, cmd[8192 + 64];
+  ssize_t n = readlink ("/proc/self/exe", self, sizeof self - 1);
+  char sz[32];
+  pid_t pid;
+  int status;
+
+  if (n < 0)
+    client_die ("copy: cannot find strata-img: %s", strerror (errno));
+  self[n] = '\0';
+  if ((slash = strrchr (self, '/')))
+    *slash = '\0';
+  snprintf (cmd, sizeof cmd, "%s/strata-img", self);
+  snprintf (sz, sizeof sz, "%lld", (long long)size);
+  fflush (NULL);
+  if ((pid = fork ()) == 0) {
+    if (backing)
+      execl (cmd, "strata-img", "create", "-q", "-u", "-f", format, "-b",
+             backing, "-F", backing_fmt, dest, sz, (char *)NULL);
+    else
+      execl (cmd, "strata-img", "create", "-q", "-f", format, dest, sz,
+             (char *)NULL);
+    fprintf (stderr, "strata: copy: %s: %s\n", cmd, strerror (errno));
+    _exit (127);
+  }
+  if (pid < 0 || waitpid (pid, &status, 0) < 0 || !WIFEXITED (status)
+      || WEXITSTATUS (status) != 0)
+    client_die ("copy: could not create %s", dest);
+}
+
+/* virsh blockcopy: a mirror of DEVICE into --dest, a file (made here
+ * unless --reuse-external; --shallow: over DEVICE's backing file, sync=top)
+ * or with --blockdev a node; without --wait it runs on ("Block Copy
+ * started"), with --wait it is left mirroring once synchronised ("Now in
+ * mirroring phase"), --pivot completes it (the device's users move to the
+ * copy) and --finish cancels it leaving a consistent copy. */
+int
+cmd_copy (int argc, char **argv)
+{
+  static const struct option longopts[] = {
+    { "dest", required_argument, NULL, 'd' },
+    { "format", required_argument, NULL, 'f' },
+    { "shallow", no_argument, NULL, 's' },
+    { "reuse-external", no_argument, NULL, 'R' },
+    { "blockdev", no_argument, NULL, 'D' },
+    { "pivot", no_argument, NULL, 'p' },
+    { "finish", no_argument, NULL, 'F' },
+    JOB_LONGOPTS,
+    { NULL, 0, NULL, 0 },
+  };
+  struct job_wait w = { .label = "Block Copy", .until_ready = true };
+  struct job_opts o = { 0 };
+  const char *dest = NULL, *format = NULL, *target;
+  bool shallow = false, reuse = false, blockdev = false, pivot = false;
+  bool finish = false;
+  char tname[64];
+  json_int_t speed;
+  json_t *args;
+  enum job_end end;
+  int c;
+
+  optind = 0;
+  while ((c = getopt_long (argc, argv, "", longopts, NULL)) != -1) {
+    switch (c) {
+    case 'd': dest = optarg; break;
+    case 'f': format = optarg; break;
+    case 's': shallow = true; break;
+    case 'R': reuse = true; break;
+    case 'D': blockdev = true; break;
+    case 'p': pivot = true; break;
+    case 'F': finish = true; break;
+    default:
+      if (!job_opt (c, &o, &w))
+        exit (1);
+    }
+  }
+  if (argc - optind != 1 || !dest)
+    client_die ("usage: strata copy DEVICE --dest FILE|NODE [--format F] "
+                "[--shallow] [--reuse-external] [--blockdev] "
+                "[--pivot|--finish] [--bandwidth RATE [--bytes]] [--wait "
+                "[--verbose] [--timeout S] [--async]]");
+  w.id = argv[optind];
+  if (pivot && finish)
+    client_die ("copy: --pivot and --finish exclude each other");
+  if (blockdev && (format || reuse))
+    client_die ("copy: --blockdev takes a node: no --%s",
+                format ? "format" : "reuse-external");
+  if (pivot || finish)
+    o.wait = true;
+  speed = job_opts_check ("copy", &o, &w);
+  target = dest;
+  if (!blockdev) {
+    CLEANUP_FREE char *bnode = NULL;
+    json_t *img = node_image (w.id, &bnode);
+    const char *fmt, *bk;
+
+    if (!img)
+      client_die ("copy: no node named '%s'", w.id);
+    fmt = format ? format : str (img, "format");
+    bk = shallow ? json_string_value (
+             json_object_get (img, "full-backing-filename"))
+                 : NULL;
+    if (!reuse)
+      create_dest (dest, fmt,
+                   json_integer_value (json_object_get (img, "virtual-size")),
+                   bk, bk ? str (img, "backing-filename-format") : NULL);
+    snprintf (tname, sizeof tname, "%s-copy", w.id);
+    target = tname;
+    args = json_pack ("{s:s,s:s,s:{s:s,s:s}}", "driver", fmt, "node-name",
+                      target, "file", "driver", "file", "filename", dest);
+    /* The copy reads its backing file through the node the device already
+     * has for it (a second open would want its own locks). */
+    if (shallow && bk && bnode)
+      json_object_set_new (args, "backing", json_string (bnode));
+    json_decref (img);
+    json_decref (client_execute ("blockdev-add", args));
+  }
+  args = json_pack ("{s:s,s:s,s:s,s:s}", "job-id", w.id, "device", w.id,
+                    "target", target, "sync", shallow ? "top" : "full");
+  if (speed)
+    json_object_set_new (args, "speed", json_integer (speed));
+  end = job_run (&w, "blockdev-mirror", args, o.wait);
+  if (!o.wait) {
+    printf ("Block Copy started\n");
+    return 0;
+  }
+  if (end != JOB_READY)
+    return job_report (&w, end, "Copy");
+  progress_end (&w.bar, true);
+  if (!pivot && !finish) {
+    printf ("Now in mirroring phase\n");
+    free (w.error);
+    json_decref (client_event_queue);
+    return 0;
+  }
+  w.until_ready = false;
+  json_decref (
+      client_execute (pivot ? "block-job-complete" : "block-job-cancel",
+                      json_pack ("{s:s}", "device", w.id)));
+  w.cancel_sent = finish;
+  end = job_wait (&w, &w.waitmask);
+  if (end == JOB_COMPLETED || (finish && end == JOB_CANCELLED)) {
+    printf ("%s\n", pivot ? "Successfully pivoted" : "Successfully copied");
+    free (w.error);
+    json_decref (client_event_queue);
+    return 0;
+  }
+  return job_report (&w, end, "Copy");
 }
 
 /* "45.00 %", or "-" while the length is not known. */

@@ -54,6 +54,10 @@ usage (FILE *f)
 "       [--bandwidth RATE [--bytes]] [--wait [--verbose] [--timeout S] [--async]]\n"
 "                                 copy layers down into a lower one\n"
 "                                 (block-commit, as virsh blockcommit)\n"
+"  copy DEVICE --dest FILE|NODE [--format F] [--shallow] [--reuse-external]\n"
+"       [--blockdev] [--pivot|--finish] [--bandwidth RATE [--bytes]] [--wait ...]\n"
+"                                 mirror DEVICE into a copy (blockdev-mirror,\n"
+"                                 as virsh blockcopy)\n"
 "  jobs                           the running block jobs\n"
 "  job ID [--info | --abort [--async] | --bandwidth RATE [--bytes]]\n"
 "                                 show, cancel or re-limit one job\n"
@@ -267,7 +271,7 @@ main (int argc, char **argv)
     { "nodes", cmd_nodes },   { "add", cmd_add },       { "del", cmd_del },
     { "snapshot", cmd_snapshot }, { "events", cmd_events },
     { "raw", cmd_raw },       { "pull", cmd_pull },     { "jobs", cmd_jobs },
-    { "job", cmd_job },       { "commit", cmd_commit },
+    { "job", cmd_job },       { "commit", cmd_commit }, { "copy", cmd_copy },
   };
   const char *socket_path = NULL;
   char *path = NULL;
