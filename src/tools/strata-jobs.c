@@ -423,6 +423,36 @@ cmd_pull (int argc, char **argv)
   return job_report (&w, end, "Pull");
 }
 
+/* What a synchronised (READY) job is left to do. */
+enum job_then { JOB_THEN_LEAVE, JOB_THEN_COMPLETE, JOB_THEN_CANCEL };
+
+/* The end of a job waited for until READY (END): unless it ended some
+ * other way, leave it mirroring (SYNCED printed), or complete or cancel it
+ * and wait for its end (DONE printed); the exit status. */
+static int
+job_after_ready (struct job_wait *w, enum job_end end, enum job_then then,
+                 const char *synced, const char *done, const char *word)
+{
+  if (end != JOB_READY)
+    return job_report (w, end, word);
+  progress_end (&w->bar, true);
+  if (then != JOB_THEN_LEAVE) {
+    w->until_ready = false;
+    json_decref (client_execute (
+        then == JOB_THEN_COMPLETE ? "block-job-complete" : "block-job-cancel",
+        json_pack ("{s:s}", "device", w->id)));
+    w->cancel_sent = then == JOB_THEN_CANCEL; /* the plan, not an abort */
+    end = job_wait (w, &w->waitmask);
+    if (!(end == JOB_COMPLETED
+          || (then == JOB_THEN_CANCEL && end == JOB_CANCELLED)))
+      return job_report (w, end, word);
+  }
+  printf ("%s\n", then == JOB_THEN_LEAVE ? synced : done);
+  free (w->error);
+  json_decref (client_event_queue);
+  return 0;
+}
+
 /* virsh blockcommit: an intermediate commit (--top below DEVICE's active
  * layer) ends as pull does; an active one (--active) runs until it is
  * synchronised (READY), then --pivot completes it (the device moves onto
@@ -492,29 +522,14 @@ cmd_commit (int argc, char **argv)
     printf ("%s started\n", active ? "Active Block Commit" : "Block Commit");
     return 0;
   }
-  if (end != JOB_READY)
-    return job_report (&w, end, "Commit");
-  progress_end (&w.bar, true);
-  if (!pivot && !keep) {
-    printf ("Now in synchronized phase\n");
-    free (w.error);
-    json_decref (client_event_queue);
-    return 0;
-  }
-  w.until_ready = false;
-  json_decref (
-      client_execute (pivot ? "block-job-complete" : "block-job-cancel",
-                      json_pack ("{s:s}", "device", w.id)));
-  w.cancel_sent = keep; /* a cancel now is the plan, not an abort */
-  end = job_wait (&w, &w.waitmask);
-  if (end == JOB_COMPLETED || (keep && end == JOB_CANCELLED)) {
-    printf ("%s\n", pivot ? "Successfully pivoted"
-                          : "Commit complete, overlay image kept");
-    free (w.error);
-    json_decref (client_event_queue);
-    return 0;
-  }
-  return job_report (&w, end, "Commit");
+  return job_after_ready (&w, end,
+                          pivot  ? JOB_THEN_COMPLETE
+                          : keep ? JOB_THEN_CANCEL
+                                 : JOB_THEN_LEAVE,
+                          "Now in synchronized phase",
+                          pivot ? "Successfully pivoted"
+                                : "Commit complete, overlay image kept",
+                          "Commit");
 }
 
 /* Does a node whose "file" is FILE keep its image in PATH?  FILE is the
@@ -693,28 +708,13 @@ cmd_copy (int argc, char **argv)
     printf ("Block Copy started\n");
     return 0;
   }
-  if (end != JOB_READY)
-    return job_report (&w, end, "Copy");
-  progress_end (&w.bar, true);
-  if (!pivot && !finish) {
-    printf ("Now in mirroring phase\n");
-    free (w.error);
-    json_decref (client_event_queue);
-    return 0;
-  }
-  w.until_ready = false;
-  json_decref (
-      client_execute (pivot ? "block-job-complete" : "block-job-cancel",
-                      json_pack ("{s:s}", "device", w.id)));
-  w.cancel_sent = finish;
-  end = job_wait (&w, &w.waitmask);
-  if (end == JOB_COMPLETED || (finish && end == JOB_CANCELLED)) {
-    printf ("%s\n", pivot ? "Successfully pivoted" : "Successfully copied");
-    free (w.error);
-    json_decref (client_event_queue);
-    return 0;
-  }
-  return job_report (&w, end, "Copy");
+  return job_after_ready (
+      &w, end,
+      pivot    ? JOB_THEN_COMPLETE
+      : finish ? JOB_THEN_CANCEL
+               : JOB_THEN_LEAVE,
+      "Now in mirroring phase",
+      pivot ? "Successfully pivoted" : "Successfully copied", "Copy");
 }
 
 /* "45.00 %", or "-" while the length is not known. */
