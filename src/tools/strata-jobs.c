@@ -806,9 +806,11 @@ job_info (const char *id)
   return 0;
 }
 
-/* blockjob --abort: cancel, then (unless ASYNC) wait for the job to end. */
+/* blockjob --abort (cancel) or --pivot (complete: a synchronised mirror or
+ * active commit moves the device onto its copy), then (unless ASYNC) wait
+ * for the job to end. */
 static int
-job_abort (const char *id, bool async)
+job_end_by (const char *id, bool pivot, bool async)
 {
   struct job_wait w = { .id = id, .label = "", .cancel_sent = true };
   sigset_t waitmask;
@@ -816,7 +818,8 @@ job_abort (const char *id, bool async)
   client_event_queue = json_array ();
   catch_sigint (&waitmask);
   json_decref (
-      client_execute ("block-job-cancel", json_pack ("{s:s}", "device", id)));
+      client_execute (pivot ? "block-job-complete" : "block-job-cancel",
+                      json_pack ("{s:s}", "device", id)));
   if (!async)
     job_wait (&w, &waitmask);
   free (w.error);
@@ -829,6 +832,7 @@ cmd_job (int argc, char **argv)
 {
   static const struct option longopts[] = {
     { "abort", no_argument, NULL, 'A' },
+    { "pivot", no_argument, NULL, 'p' },
     { "async", no_argument, NULL, 'a' },
     { "info", no_argument, NULL, 'i' },
     { "bandwidth", required_argument, NULL, 'r' },
@@ -836,6 +840,7 @@ cmd_job (int argc, char **argv)
     { NULL, 0, NULL, 0 },
   };
   bool abort_job = false, async = false, info = false, bytes = false;
+  bool pivot = false;
   const char *rate = NULL;
   json_int_t speed;
   int c;
@@ -844,7 +849,8 @@ cmd_job (int argc, char **argv)
   while ((c = getopt_long (argc, argv, "", longopts, NULL)) != -1) {
     switch (c) {
     case 'A': abort_job = true; break;
-    case 'a': async = abort_job = true; break;
+    case 'p': pivot = true; break;
+    case 'a': async = true; break;
     case 'i': info = true; break;
     case 'r': rate = optarg; break;
     case 'B': bytes = true; break;
@@ -852,10 +858,13 @@ cmd_job (int argc, char **argv)
     }
   }
   if (argc - optind != 1)
-    client_die ("usage: strata job ID [--abort [--async]] [--info] "
+    client_die ("usage: strata job ID [--abort | --pivot [--async]] [--info] "
                 "[--bandwidth RATE [--bytes]]");
-  if (abort_job + info + !!rate > 1)
-    client_die ("job: --abort, --info and --bandwidth exclude each other");
+  if (async && !pivot)
+    abort_job = true; /* --async alone: an abort that does not wait */
+  if (abort_job + pivot + info + !!rate > 1)
+    client_die ("job: --abort, --pivot, --info and --bandwidth exclude each "
+                "other");
   if (bytes && !rate)
     client_die ("job: --bytes needs --bandwidth");
   if (rate) {
@@ -865,7 +874,7 @@ cmd_job (int argc, char **argv)
         json_pack ("{s:s,s:I}", "device", argv[optind], "speed", speed)));
     return 0;
   }
-  if (abort_job)
-    return job_abort (argv[optind], async);
+  if (abort_job || pivot)
+    return job_end_by (argv[optind], pivot, async);
   return job_info (argv[optind]);
 }

@@ -56,3 +56,27 @@ def test_copy_refusals_send_nothing(daemon, chain, argv, why):
     assert (p.returncode, p.stdout, p.stderr) == (1, "",
                                                  f"strata: copy: {why}\n")
     assert jobs(daemon) == []
+
+
+def test_job_pivot(daemon, chain):
+    """strata job ID --pivot completes a synchronised copy and waits for
+    the end (prints nothing, as virsh blockjob --pivot); before READY the
+    daemon refuses it (exit 1, its one line)."""
+    dest = chain / "copy.qcow2"
+    p = strata(daemon, "copy", "top", "--dest", str(dest), "--bandwidth",
+               "1")
+    assert p.returncode == 0, p.stderr
+    p = strata(daemon, "job", "top", "--pivot")
+    assert p.returncode == 1 and p.stdout == ""
+    assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith(
+        "strata: "), p.stderr
+    assert strata(daemon, "job", "top", "--bandwidth", "0").returncode == 0
+    from harness import wait_until
+    wait_until(lambda: jobs(daemon)[0]["ready"], 60, 0.1,
+               what="the copy to be synchronised")
+    p = strata(daemon, "job", "top", "--pivot")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    assert jobs(daemon) == []
+    stopped(daemon, chain)
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+        chain / "expected.raw", dest)
