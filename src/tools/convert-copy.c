@@ -18,13 +18,6 @@
  * non-BACKING byte as data.  -c writes whole clusters compressed and skips
  * clusters that are all zeros.
  *
- * A DATA chunk goes on over the DATA extents after its own, up to 2 MiB
- * and CHUNK_PIECES extents: it is read in one request, handed on once and
- * its data runs written together, while zero detection still stops at
- * each extent's end (a piece), where qemu-img's chunk would end, so the
- * same zero runs become holes.  On a fragmented chain this makes a tenth
- * of the chunks, writes and hand-offs.
- *
  * -m N threads (default 8) take chunks in order from a shared cursor and
  * read in parallel; each thread owns one buffer, so memory stays below
  * N * 2 MiB whatever the image size.  Without -W a thread waits for the
@@ -204,13 +197,13 @@ qemu_extent (const struct convert *c, const struct source *s, uint64_t local,
   return len;
 }
 
-/* Block status of the copy at OFF, cached in status/status_end; LOCKED.
- * Returns 0 or a negative errno. */
+/* Block status of the copy at C->next, cached in status/status_end;
+ * LOCKED.  Returns 0 or a negative errno. */
 static int
-refresh_status_convert_locked (struct convert *c, uint64_t off)
+refresh_status_convert_locked (struct convert *c)
 {
-  struct source *s = source_at (c, off);
-  uint64_t local = off - s->base;
+  struct source *s = source_at (c, c->next);
+  uint64_t local = c->next - s->base;
   struct strata_extent e = { .size = sizeof e };
   int r;
 
@@ -223,7 +216,7 @@ refresh_status_convert_locked (struct convert *c, uint64_t off)
   r = strata_block_status (s->node, local, s->real - local, &e, 0);
   if (r < 0)
     return r;
-  c->status_end = off + qemu_extent (c, s, local, &e);
+  c->status_end = c->next + qemu_extent (c, s, local, &e);
   if (c->backing_mode && e.depth > 0)
     c->status = ST_BACKING; /* below the top layer */
   else if (e.flags & STRATA_BS_ZERO)
@@ -235,51 +228,6 @@ refresh_status_convert_locked (struct convert *c, uint64_t off)
   return 0;
 }
 
-/* Look up the status at OFF when the cache ends there; LOCKED.  False
- * after a failure (recorded). */
-static bool
-status_at_convert_locked (struct convert *c, uint64_t off)
-{
-  int r;
-
-  if (c->status_end > off)
-    return true;
-  if ((r = refresh_status_convert_locked (c, off)) == 0)
-    return true;
-  const char *d = strata_last_error_message ();
-  if (asprintf (&c->err_msg,
-                "error while reading block status at "
-                "byte %" PRIu64 ": %s",
-                off, d ? d : strerror (-r))
-      < 0)
-    c->err_msg = NULL;
-  c->err = r;
-  wake_all_convert_locked (c);
-  return false;
-}
-
-/* Extend a DATA chunk ending at END (the end of the cached extent) with
- * the DATA extents after it, up to the buffer's size; each joined extent
- * is a piece of its own.  Returns the chunk's new end; LOCKED. */
-static uint64_t
-join_data_convert_locked (struct convert *c, struct chunk *ch, uint64_t end)
-{
-  uint64_t limit = c->next + c->bufsize;
-
-  while (end == c->status_end && end < limit && end < c->total
-         && ch->npieces < CHUNK_PIECES) {
-    if (!status_at_convert_locked (c, end))
-      break; /* recorded: the copy stops */
-    if (c->status != ST_DATA)
-      break;
-    ch->piece[ch->npieces - 1] = end;
-    ch->npieces++;
-    end = MIN (c->status_end, limit);
-  }
-  ch->piece[ch->npieces - 1] = end;
-  return end;
-}
-
 /* Hand out the next chunk; LOCKED.  False at the end or after a failure. */
 static bool
 next_chunk_convert_locked (struct convert *c, struct chunk *ch)
@@ -288,13 +236,23 @@ next_chunk_convert_locked (struct convert *c, struct chunk *ch)
 
   if (c->err || c->next >= c->total)
     return false;
-  if (!status_at_convert_locked (c, c->next))
-    return false;
+  if (c->status_end <= c->next) {
+    int r = refresh_status_convert_locked (c);
+    if (r < 0) {
+      const char *d = strata_last_error_message ();
+      if (asprintf (&c->err_msg,
+                    "error while reading block status at "
+                    "byte %" PRIu64 ": %s",
+                    c->next, d ? d : strerror (-r))
+          < 0)
+        c->err_msg = NULL;
+      c->err = r;
+      wake_all_convert_locked (c);
+      return false;
+    }
+  }
   ch->status = c->status;
-  ch->npieces = 1;
   end = c->next + MIN (c->status_end - c->next, c->bufsize);
-  if (ch->status == ST_DATA && !c->compressed)
-    end = join_data_convert_locked (c, ch, end);
   if (c->compressed && end < c->total) {
     /* Whole clusters only: a shorter run makes its cluster data. */
     if (ROUND_DOWN (end, c->cluster) > c->next)
@@ -304,8 +262,6 @@ next_chunk_convert_locked (struct convert *c, struct chunk *ch)
       ch->status = ST_DATA;
     }
   }
-  if (ch->npieces == 1)
-    ch->piece[0] = end;
   ch->off = c->next;
   ch->len = end - c->next;
   ch->seq = c->seq++;
@@ -417,44 +373,27 @@ write_compressed (struct convert *c, const uint8_t *buf, struct chunk *ch)
   return 0;
 }
 
-/* Data with zero detection, one piece after the other as qemu-img's
- * chunks would come: runs of data are written, runs of zeros become
- * zeros.  A run of data that goes on into the next piece is written with
- * it, in one request.  BUF is padded with zeros to whole sectors; pieces
- * start on sector boundaries (only the last may end inside one). */
+/* Data with zero detection: runs of data are written, runs of zeros
+ * become zeros.  BUF is padded with zeros to whole sectors. */
 static int
 write_sparse (struct convert *c, const uint8_t *buf, struct chunk *ch)
 {
+  uint64_t n = (ch->len + SECTOR - 1) / SECTOR, pos = 0;
   uint64_t min = c->min_sparse / SECTOR;
-  uint64_t start = 0, dlen = 0; /* the data run not yet written */
-  uint64_t off = 0;
 
-  for (unsigned k = 0; k < ch->npieces; k++) {
-    uint64_t end = ch->piece[k] - ch->off;
+  while (pos < n) {
+    uint64_t l, off = pos * SECTOR, len;
+    bool data = next_run (buf + off, n - pos, ch->off / SECTOR + pos, c->align,
+                          min, &l);
+    int r;
 
-    while (off < end) {
-      uint64_t l, len, n = (end - off + SECTOR - 1) / SECTOR;
-      bool data = next_run (buf + off, n, (ch->off + off) / SECTOR, c->align,
-                            min, &l);
-
-      len = MIN (l * SECTOR, end - off);
-      if (data) {
-        if (!dlen)
-          start = off;
-        dlen += len;
-      }
-      else {
-        if (dlen && write_data (c, buf + start, ch->off + start, dlen, 0) < 0)
-          return -1;
-        dlen = 0;
-        if (write_zeroes (c, ch->off + off, len) < 0)
-          return -1;
-      }
-      off += len;
-    }
+    len = MIN (l * SECTOR, ch->len - off);
+    r = data ? write_data (c, buf + off, ch->off + off, len, 0)
+             : write_zeroes (c, ch->off + off, len);
+    if (r < 0)
+      return r;
+    pos += l;
   }
-  if (dlen && write_data (c, buf + start, ch->off + start, dlen, 0) < 0)
-    return -1;
   return 0;
 }
 

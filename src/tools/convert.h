@@ -36,16 +36,9 @@ struct source {
   uint64_t align;
 };
 
-/* A chunk of DATA may join up to CHUNK_PIECES extents that follow each
- * other, so that it is read, handed on and written once; zero detection
- * still runs per extent (piece), where qemu-img's chunking would cut. */
-#define CHUNK_PIECES 64
-
 struct chunk {
   uint64_t off, len, seq;
   enum chunk_status status;
-  unsigned npieces;             /* 1 unless joined */
-  uint64_t piece[CHUNK_PIECES]; /* the end of each piece, in the copy */
 };
 
 struct convert {
