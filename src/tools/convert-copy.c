@@ -30,7 +30,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -446,9 +445,11 @@ convert_worker (void *arg)
   struct convert *c = arg;
   uint8_t *buf = NULL;
 
-  /* In a transparent huge page where the kernel has one: with 4 KiB
-   * pages, scanning for zeros (a word every 512 bytes) missed the TLB
-   * every 8 sectors, 9 % of a convert's time on tmpfs. */
+  /* Aligned so that the kernel may back it with a transparent huge page
+   * when THP is "always" (fewer TLB misses in the zero scan).  No
+   * MADV_HUGEPAGE: with defrag "madvise" (Debian's default) it makes the
+   * first faults compact memory directly, which stalled a 4 GiB convert
+   * on a host full of page cache from 4 s to 13 s. */
   if (posix_memalign ((void **)&buf, CONVERT_BUF, c->bufsize) != 0) {
     pthread_mutex_lock (&c->lock);
     if (!c->err) {
@@ -459,7 +460,6 @@ convert_worker (void *arg)
     pthread_mutex_unlock (&c->lock);
     return NULL;
   }
-  (void)madvise (buf, c->bufsize, MADV_HUGEPAGE); /* only a hint */
   for (;;) {
     struct chunk ch;
     bool ok;
