@@ -69,21 +69,25 @@ def serve_top(where, top, sock):
     return d, sock
 
 
-def scatter(qemu_io, path, rng, n):
+def scattered_chain(where, qemu_img, qemu_io, rng, n):
+    """make_chain in WHERE with N of top's 64 KiB clusters written at
+    random; returns the paths, view.raw beside them, and the guest's view
+    as a bytearray the writers keep up to date."""
+    p = make_chain(where, qemu_img, qemu_io, SIZE_MIB)
     cmds = []
     for i in rng.sample(range(SIZE_MIB * 16), n):
         cmds += ["-c", f"write -P {0x40 + i % 64} {i * 65536} 64k"]
-    run(qemu_io, "-f", "qcow2", *cmds, path)
+    run(qemu_io, "-f", "qcow2", *cmds, p["top"])
+    raw = where / "view.raw"
+    run(qemu_img, "convert", "-O", "raw", p["top"], raw)
+    return p, raw, bytearray(raw.read_bytes())
 
 
 @pytest.mark.parametrize("end", ["complete", "cancel"])
 def test_active_commit_under_writes(tmp_path, qemu_img, qemu_io, end):
     rng = random.Random(SEED)
-    p = make_chain(tmp_path, qemu_img, qemu_io, SIZE_MIB)
-    scatter(qemu_io, p["top"], rng, SIZE_MIB * 2)   # an eighth of top
-    raw = tmp_path / "view.raw"
-    run(qemu_img, "convert", "-O", "raw", p["top"], raw)
-    model = bytearray(raw.read_bytes())
+    p, raw, model = scattered_chain(tmp_path, qemu_img, qemu_io, rng,
+                                    SIZE_MIB * 2)   # an eighth of top
 
     d, sock = serve_top(tmp_path, p["top"], tmp_path / "n.sock")
     w = Writer(f"nbd+unix:///top?socket={sock}", model, SEED)
@@ -132,11 +136,8 @@ def test_kill_during_active_commit_then_again(tmp_path, qemu_img, qemu_io,
     checks clean (leaks at most), top reads as the guest wrote, and the same
     commit run again pivots onto a base that reads the same."""
     rng = random.Random(seed)
-    p = make_chain(tmp_path, qemu_img, qemu_io, SIZE_MIB)
-    scatter(qemu_io, p["top"], rng, SIZE_MIB * 4)
-    raw = tmp_path / "view.raw"
-    run(qemu_img, "convert", "-O", "raw", p["top"], raw)
-    model = bytearray(raw.read_bytes())
+    p, raw, model = scattered_chain(tmp_path, qemu_img, qemu_io, rng,
+                                    SIZE_MIB * 4)
 
     d, sock = serve_top(tmp_path, p["top"], tmp_path / "n.sock")
     w = Writer(f"nbd+unix:///top?socket={sock}", model, seed)

@@ -10,20 +10,17 @@ import time
 import pytest
 
 from harness import run
-from harness.chains import make_chain
+from harness.chains import add_top, make_chain
 from harness.daemons import nbd_handle, start
 from harness.qcow2 import MiB
-from test_commit_active import SIZE_MIB, Writer, scatter, serve_top
+from test_commit_active import SIZE_MIB, Writer, scattered_chain, serve_top
 
 
 @pytest.mark.parametrize("where", ["local", "nbd"])
 def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where):
     rng = random.Random(11)
-    p = make_chain(tmp_path / "src", qemu_img, qemu_io, SIZE_MIB)
-    scatter(qemu_io, p["top"], rng, SIZE_MIB * 2)
-    raw = tmp_path / "view.raw"
-    run(qemu_img, "convert", "-O", "raw", p["top"], raw)
-    model = bytearray(raw.read_bytes())
+    p, raw, model = scattered_chain(tmp_path / "src", qemu_img, qemu_io, rng,
+                                    SIZE_MIB * 2)
     dst = tmp_path / "dst.qcow2"
     run(qemu_img, "create", "-q", "-f", "qcow2", dst, f"{SIZE_MIB}M")
 
@@ -137,11 +134,8 @@ def test_kill_during_mirror_then_again(tmp_path, qemu_img, qemu_io, seed):
     clean (leaks at most), the source reads as the guest wrote, and the
     same mirror into the same target run again makes it read the same."""
     rng = random.Random(seed)
-    p = make_chain(tmp_path / "src", qemu_img, qemu_io, SIZE_MIB)
-    scatter(qemu_io, p["top"], rng, SIZE_MIB * 2)
-    raw = tmp_path / "view.raw"
-    run(qemu_img, "convert", "-O", "raw", p["top"], raw)
-    model = bytearray(raw.read_bytes())
+    p, raw, model = scattered_chain(tmp_path / "src", qemu_img, qemu_io, rng,
+                                    SIZE_MIB * 2)
     dst = tmp_path / "dst.qcow2"
     run(qemu_img, "create", "-q", "-f", "qcow2", dst, f"{SIZE_MIB}M")
 
@@ -178,3 +172,32 @@ def test_kill_during_mirror_then_again(tmp_path, qemu_img, qemu_io, seed):
     assert "error" not in e["data"]
     assert d.stop() == 0
     run(qemu_img, "compare", "-f", "raw", "-F", "qcow2", raw, dst)
+
+
+def test_replaces_other_than_the_device_is_refused(tmp_path, qemu_img,
+                                                   qemu_io):
+    """Not built: replaces naming another node is refused in one line and
+    starts nothing (QEMU would check the node against the source's chain
+    and its size, for quorum children)."""
+    p = make_chain(tmp_path, qemu_img, qemu_io, SIZE_MIB)
+    dst = tmp_path / "dst.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", dst, f"{SIZE_MIB}M")
+    d = start("stratad", tmp_path)
+    add_top(d, p["top"])
+    d.ok("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
+         file={"driver": "file", "filename": str(dst)})
+    r = d.cmd("blockdev-mirror", **{"job-id": "m", "device": "top",
+                                    "target": "tgt", "sync": "full",
+                                    "replaces": "tgt"})
+    assert r["error"] == {"class": "GenericError", "desc":
+                          "replaces='tgt' other than the device is not "
+                          "supported"}
+    assert d.ok("query-block-jobs") == []
+    r = d.cmd("blockdev-mirror", **{"job-id": "m", "device": "top",
+                                    "target": "tgt", "sync": "full",
+                                    "replaces": "top"})
+    assert "return" in r, r
+    d.event("BLOCK_JOB_READY", timeout=60)
+    d.ok("block-job-cancel", device="m")
+    d.event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert d.stop() == 0
