@@ -5,11 +5,17 @@
  * short singly linked list (node->dirty) changed and walked under
  * list_lock; node->ndirty, read without the lock, lets writes to a node
  * without bitmaps skip it.
+ *
+ * Named bitmaps are on the same list (so a write marks them as it marks a
+ * job's), with their name and flags; disabled and inconsistent ones are
+ * skipped by writes.  The registry calls change the list under list_lock
+ * like attach and detach.
  */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "block/dirty.h"
 #include "util/checked.h"
@@ -25,7 +31,13 @@ struct dirty_bitmap {
   dirty_sync_fn sync; /* write-blocking, or NULL */
   void *sync_opaque;
   struct dirty_bitmap *next;
+  char *name;             /* named (registry), or NULL */
+  _Atomic unsigned flags; /* DIRTY_* */
+  atomic_int busy;        /* users */
+  uint64_t seq;           /* order of addition */
 };
+
+static atomic_uint_fast64_t add_seq;
 
 /* Writers (node_dirty_write) read the lists, attach and detach change
  * them: a detach waits for the SYNC calls in progress. */
@@ -61,6 +73,7 @@ dirty_free (struct dirty_bitmap *bm)
   if (!bm)
     return;
   pthread_mutex_destroy (&bm->lock);
+  free (bm->name);
   free (bm->words);
   free (bm);
 }
@@ -223,9 +236,310 @@ node_dirty_write (strata_node *node, enum node_write_kind kind,
     return;
   pthread_rwlock_rdlock (&list_lock);
   for (struct dirty_bitmap *bm = node->dirty; bm; bm = bm->next)
-    if (bm->sync && result >= 0)
+    if (atomic_load (&bm->flags) & (DIRTY_DISABLED | DIRTY_INCONSISTENT))
+      continue;
+    else if (bm->sync && result >= 0)
       bm->sync (bm->sync_opaque, kind, offset, len, iov, iovcnt);
     else
       dirty_set (bm, offset, len);
   pthread_rwlock_unlock (&list_lock);
+}
+
+/* The named bitmap NAME on NODE; list_lock held. */
+static struct dirty_bitmap *
+lookup (strata_node *node, const char *name)
+{
+  for (struct dirty_bitmap *bm = node->dirty; bm; bm = bm->next)
+    if (bm->name && strcmp (bm->name, name) == 0)
+      return bm;
+  return NULL;
+}
+
+struct dirty_bitmap *
+node_bitmap_add (strata_node *node, const char *name, uint64_t granularity,
+                 unsigned flags, strata_error **errp)
+{
+  struct dirty_bitmap *bm;
+  int64_t len = node_length (node);
+
+  if (!*name) {
+    error_set (errp, EINVAL, "Bitmap name cannot be empty");
+    return NULL;
+  }
+  if (strlen (name) > DIRTY_MAX_NAME) {
+    error_set (errp, EINVAL, "Bitmap name is too long");
+    return NULL;
+  }
+  if (granularity < DIRTY_MIN_GRANULARITY
+      || granularity > DIRTY_MAX_GRANULARITY
+      || (granularity & (granularity - 1))) {
+    error_set (errp, EINVAL,
+               "Granularity must be power of 2, and at least 512");
+    return NULL;
+  }
+  if (len < 0) {
+    error_set (errp, (int)-len, "%s: cannot get the length: %s",
+               node->filename, strerror ((int)-len));
+    return NULL;
+  }
+  if (!(bm = dirty_new ((uint64_t)len, (uint32_t)granularity))
+      || !(bm->name = strdup (name))) {
+    dirty_free (bm);
+    error_set (errp, ENOMEM, "out of memory");
+    return NULL;
+  }
+  bm->flags = flags & DIRTY_FLAGS_MASK;
+  bm->seq = atomic_fetch_add (&add_seq, 1);
+  pthread_rwlock_wrlock (&list_lock);
+  if (lookup (node, name)) {
+    pthread_rwlock_unlock (&list_lock);
+    dirty_free (bm);
+    error_set (errp, EEXIST, "Bitmap already exists: %s", name);
+    return NULL;
+  }
+  bm->node = node;
+  bm->next = node->dirty;
+  node->dirty = bm;
+  atomic_fetch_add (&node->ndirty, 1);
+  pthread_rwlock_unlock (&list_lock);
+  return bm;
+}
+
+struct dirty_bitmap *
+node_bitmap_find (strata_node *node, const char *name, strata_error **errp)
+{
+  struct dirty_bitmap *bm;
+
+  pthread_rwlock_rdlock (&list_lock);
+  bm = lookup (node, name);
+  pthread_rwlock_unlock (&list_lock);
+  if (!bm)
+    error_set (errp, ENOENT, "Dirty bitmap '%s' not found", name);
+  return bm;
+}
+
+bool
+node_bitmap_remove (strata_node *node, const char *name, strata_error **errp)
+{
+  struct dirty_bitmap *bm = node_bitmap_find (node, name, errp);
+
+  if (!bm)
+    return false;
+  if (dirty_busy (bm)) {
+    error_set (errp, EBUSY,
+               "Bitmap '%s' is currently in use by another operation and "
+               "cannot be used",
+               name);
+    return false;
+  }
+  node_dirty_detach (node, bm);
+  dirty_free (bm);
+  return true;
+}
+
+static int
+seq_cmp (const void *a, const void *b)
+{
+  uint64_t x = (*(struct dirty_bitmap *const *)a)->seq;
+  uint64_t y = (*(struct dirty_bitmap *const *)b)->seq;
+
+  return x < y ? -1 : x > y;
+}
+
+struct dirty_bitmap **
+node_bitmaps (strata_node *node, size_t *n)
+{
+  struct dirty_bitmap **l;
+  size_t k = 0;
+
+  pthread_rwlock_rdlock (&list_lock);
+  for (struct dirty_bitmap *bm = node->dirty; bm; bm = bm->next)
+    k += bm->name != NULL;
+  if ((l = calloc (k + 1, sizeof *l))) {
+    k = 0;
+    for (struct dirty_bitmap *bm = node->dirty; bm; bm = bm->next)
+      if (bm->name)
+        l[k++] = bm;
+  }
+  pthread_rwlock_unlock (&list_lock);
+  if (!l)
+    return NULL;
+  qsort (l, k, sizeof *l, seq_cmp);
+  *n = k;
+  return l;
+}
+
+void
+node_bitmaps_drop (strata_node *node)
+{
+  struct dirty_bitmap *gone = NULL;
+
+  pthread_rwlock_wrlock (&list_lock);
+  for (struct dirty_bitmap **p = &node->dirty; *p;) {
+    struct dirty_bitmap *bm = *p;
+    if (!bm->name) {
+      p = &bm->next;
+      continue;
+    }
+    *p = bm->next;
+    bm->node = NULL;
+    bm->next = gone;
+    gone = bm;
+    atomic_fetch_sub (&node->ndirty, 1);
+  }
+  pthread_rwlock_unlock (&list_lock);
+  while (gone) {
+    struct dirty_bitmap *next = gone->next;
+    dirty_free (gone);
+    gone = next;
+  }
+}
+
+const char *
+dirty_name (const struct dirty_bitmap *bm)
+{
+  return bm->name;
+}
+
+unsigned
+dirty_flags (const struct dirty_bitmap *bm)
+{
+  return atomic_load (&bm->flags);
+}
+
+bool
+dirty_recording (const struct dirty_bitmap *bm)
+{
+  return !(dirty_flags (bm) & (DIRTY_DISABLED | DIRTY_INCONSISTENT));
+}
+
+uint64_t
+dirty_size (const struct dirty_bitmap *bm)
+{
+  return bm->size;
+}
+
+void
+dirty_set_flag (struct dirty_bitmap *bm, unsigned flag, bool on)
+{
+  if (on)
+    atomic_fetch_or (&bm->flags, flag & DIRTY_FLAGS_MASK);
+  else
+    atomic_fetch_and (&bm->flags, ~flag);
+}
+
+void
+dirty_busy_get (struct dirty_bitmap *bm)
+{
+  atomic_fetch_add (&bm->busy, 1);
+}
+
+void
+dirty_busy_put (struct dirty_bitmap *bm)
+{
+  atomic_fetch_sub (&bm->busy, 1);
+}
+
+bool
+dirty_busy (const struct dirty_bitmap *bm)
+{
+  return atomic_load (&bm->busy) > 0;
+}
+
+void
+dirty_clear_all (struct dirty_bitmap *bm)
+{
+  pthread_mutex_lock (&bm->lock);
+  memset (bm->words, 0, ((bm->nbits + 63) / 64 + 1) * sizeof *bm->words);
+  bm->nset = 0;
+  pthread_mutex_unlock (&bm->lock);
+}
+
+bool
+dirty_merge (struct dirty_bitmap *dst, struct dirty_bitmap *src,
+             strata_error **errp)
+{
+  uint64_t from = 0, off, len;
+
+  if (dst->size != src->size) {
+    error_set (errp, EINVAL, "Bitmaps are incompatible and can't be merged");
+    return false;
+  }
+  if (dst == src)
+    return true;
+  /* Run by run: the granularities may differ (a coarser DST takes every
+   * piece a run touches). */
+  while (dirty_next (src, from, UINT64_MAX, &off, &len) && off >= from) {
+    dirty_set (dst, off, len);
+    from = off + len;
+    if (from >= src->size)
+      break;
+  }
+  return true;
+}
+
+uint64_t
+dirty_serialized_size (const struct dirty_bitmap *bm)
+{
+  return (bm->nbits + 7) / 8;
+}
+
+void
+dirty_serialize (struct dirty_bitmap *bm, uint64_t start, uint64_t len,
+                 uint8_t *buf)
+{
+  uint64_t total = dirty_serialized_size (bm);
+
+  pthread_mutex_lock (&bm->lock);
+  for (uint64_t i = 0; i < len; i++) {
+    uint64_t b = start + i;
+    buf[i] = b < total ? (uint8_t)(bm->words[b / 8] >> (b % 8 * 8)) : 0;
+  }
+  pthread_mutex_unlock (&bm->lock);
+}
+
+void
+dirty_deserialize_or (struct dirty_bitmap *bm, uint64_t start, uint64_t len,
+                      const uint8_t *buf)
+{
+  uint64_t total = dirty_serialized_size (bm);
+
+  pthread_mutex_lock (&bm->lock);
+  for (uint64_t i = 0; i < len && start + i < total; i++) {
+    uint64_t b = start + i, *w = &bm->words[b / 8];
+    uint64_t add = (uint64_t)buf[i] << (b % 8 * 8);
+    uint64_t last = bm->nbits - b * 8; /* valid bits in this byte */
+
+    if (last < 8)
+      add &= ((1ull << last) - 1) << (b % 8 * 8);
+    add &= ~*w;
+    *w |= add;
+    bm->nset += (uint64_t)__builtin_popcountll (add);
+  }
+  pthread_mutex_unlock (&bm->lock);
+}
+
+bool
+dirty_resize (struct dirty_bitmap *bm, uint64_t size)
+{
+  uint64_t nbits = (size + dirty_granularity (bm) - 1) >> bm->gbits;
+  size_t nwords = (nbits + 63) / 64 + 1, old = (bm->nbits + 63) / 64 + 1;
+  uint64_t *w;
+
+  pthread_mutex_lock (&bm->lock);
+  if (nbits < bm->nbits)
+    change (bm, nbits, bm->nbits, false);
+  w = bm->words;
+  if (nwords > old) {
+    if (!(w = realloc (bm->words, nwords * sizeof *w))) {
+      pthread_mutex_unlock (&bm->lock);
+      return false;
+    }
+    memset (w + old, 0, (nwords - old) * sizeof *w);
+  }
+  bm->words = w;
+  bm->nbits = nbits;
+  bm->size = size;
+  pthread_mutex_unlock (&bm->lock);
+  return true;
 }

@@ -87,6 +87,7 @@ node_unref (strata_node *node)
   tracker_wait_idle (&node->tracker, 0, 0);
   if (node->drv->close)
     node->drv->close (node);
+  node_bitmaps_drop (node); /* after close stored the persistent ones */
   node_free (node);
 }
 
