@@ -52,7 +52,9 @@ struct commit {
   strata_node *top, *base, *overlay; /* references; OVERLAY NULL if active */
   char *backing_file;                /* the backing-file argument, or NULL */
   bool restore_ro;                   /* BASE was read-only: made so again */
-  strata_node *old_backing; /* OVERLAY's old backing, kept until clean */
+  strata_node *old_backing;    /* OVERLAY's old backing, kept until clean */
+  strata_node *target_backing; /* drive-mirror: BASE's backing at a pivot
+                                  (a reference), or NULL */
 
   /* Active commit and mirror: TOP is the source, BASE the target. */
   bool active;
@@ -307,8 +309,20 @@ active_end_graph_locked (struct commit *c, bool pivot)
 {
   if (c->dirty)
     node_dirty_detach (c->top, c->dirty);
+  if (pivot && c->target_backing && !c->base->backing) {
+    strata_error *e = NULL;
+
+    node_ref (c->target_backing);
+    if (!node_attach_child (c->base, "backing", c->target_backing, &e)) {
+      node_unref (c->target_backing);
+      strata_error_free (e);
+    }
+  }
   if (pivot) {
-    node_forward_to (c->top, c->base);
+    /* TOP stays the target's backing after a sync=none drive-mirror, so
+     * it cannot forward to it: only its users move. */
+    if (c->target_backing != c->top)
+      node_forward_to (c->top, c->base);
     graph_replace_users (c->top, c->base);
   }
   release_gate (c);
@@ -455,6 +469,8 @@ commit_clean (struct job *job)
   node_unref (c->base);
   if (c->overlay)
     node_unref (c->overlay);
+  if (c->target_backing)
+    node_unref (c->target_backing);
   free (c->backing_file);
   free (c);
   job->opaque = NULL;
@@ -574,6 +590,8 @@ mirror_start_job_locked (const struct mirror_params *p, strata_error **errp)
   c->scan_base = p->sync == MIRROR_SYNC_TOP ? chain_backing (p->source) : NULL;
   c->on_target_error = p->on_target_error;
   c->write_blocking = p->write_blocking;
+  if ((c->target_backing = p->target_backing))
+    node_ref (c->target_backing);
   job->opaque = c;
   if (!job_add_node (job, p->device)
       || (p->source != p->device && !job_add_node (job, p->source))

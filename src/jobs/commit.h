@@ -26,8 +26,8 @@ struct commit_params {
 };
 
 /* Create and start a commit job, intermediate (TOP below the device's
- * active layer) or active, job lock and graph lock held.  False with *ERRP set (a
- * job that was created has sent created and null). */
+ * active layer) or active, job lock and graph lock held.  False with *ERRP set
+ * (a job that was created has sent created and null). */
 bool commit_start_job_locked (const struct commit_params *p,
                               strata_error **errp);
 
@@ -42,6 +42,9 @@ struct mirror_params {
   strata_node *device; /* the root node named as the device (borrowed) */
   strata_node *source; /* DEVICE without its filters (borrowed) */
   strata_node *target; /* (borrowed) */
+  /* drive-mirror: the node that becomes TARGET's backing at the pivot
+   * (sync=top: SOURCE's backing; sync=none: SOURCE), or NULL (borrowed) */
+  strata_node *target_backing;
   enum mirror_sync sync;
   int64_t speed;
   enum job_on_error on_source_error, on_target_error;
