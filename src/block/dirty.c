@@ -369,6 +369,19 @@ node_bitmaps (strata_node *node, size_t *n)
   return l;
 }
 
+bool
+node_bitmaps_resize (strata_node *node, uint64_t size)
+{
+  bool ok = true;
+
+  pthread_rwlock_rdlock (&list_lock);
+  for (struct dirty_bitmap *bm = node->dirty; bm; bm = bm->next)
+    if (bm->name)
+      ok &= dirty_resize (bm, size);
+  pthread_rwlock_unlock (&list_lock);
+  return ok;
+}
+
 void
 node_bitmaps_drop (strata_node *node)
 {

@@ -109,6 +109,9 @@ bool node_bitmap_remove (strata_node *node, const char *name,
  * NULL-terminated array the caller frees (not the bitmaps); *N their
  * number.  NULL when out of memory. */
 struct dirty_bitmap **node_bitmaps (strata_node *node, size_t *n);
+/* Every named bitmap of NODE to SIZE bytes (node.c, after a resize);
+ * false when out of memory. */
+bool node_bitmaps_resize (strata_node *node, uint64_t size);
 /* Detach and free every named bitmap of NODE (node.c, after the driver's
  * close stored the persistent ones). */
 void node_bitmaps_drop (strata_node *node);

@@ -61,6 +61,8 @@ node_ref (strata_node *node)
 static void
 node_free (strata_node *node)
 {
+  /* After the driver's close stored the persistent ones. */
+  node_bitmaps_drop (node);
   graph_unregister (node);
   for (int i = 0; i < node->nchildren; i++) {
     node_unref (node->children[i].node);
@@ -87,7 +89,6 @@ node_unref (strata_node *node)
   tracker_wait_idle (&node->tracker, 0, 0);
   if (node->drv->close)
     node->drv->close (node);
-  node_bitmaps_drop (node); /* after close stored the persistent ones */
   node_free (node);
 }
 
@@ -827,8 +828,19 @@ node_truncate (strata_node *node, uint64_t size, unsigned flags,
                node->filename, size);
     return false;
   }
-  if (node->drv->truncate)
-    return node->drv->truncate (node, size, flags, errp);
+  if (node->drv->truncate) {
+    int64_t len;
+
+    if (!node->drv->truncate (node, size, flags, errp))
+      return false;
+    /* The node's bitmaps follow its new length (as QEMU's do). */
+    if ((len = node_length (node)) >= 0
+        && !node_bitmaps_resize (node, (uint64_t)len)) {
+      error_set (errp, ENOMEM, "out of memory");
+      return false;
+    }
+    return true;
+  }
   if (node->drv->is_filter && node->file)
     return node_truncate (node->file, size, flags, errp);
   error_set (errp, ENOTSUP, "%s: the %s driver cannot resize images",

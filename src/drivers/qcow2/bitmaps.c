@@ -12,19 +12,18 @@
  *    18-19 name_size (>= 1)          20-23 extra_data_size
  *     extra data, name (unique, not NUL-terminated), zero padding to 8
  *
- * strata reads bitmaps but does not maintain them.  A writer that does
- * not update them must clear autoclear bit 0, after which QEMU discards
- * them: the owner loses them and with them every incremental backup.  So
- * an image whose bitmaps are valid (extension present, bit set) is
- * refused read-write (qcow2_bitmaps_refuse_write, from the open and
- * reopen paths); read-only use lists them.  With the bit clear, a program
- * lacking bitmap support already wrote the image and the bitmaps are
- * stale: they are not listed, as QEMU does not list them.
+ * This file parses and checks the directory (listing, and for
+ * bitmaps-persist.c, which loads the bitmaps into the node's registry and
+ * stores them back).  With autoclear bit 0 clear, a program lacking bitmap
+ * support wrote the image and the bitmaps are stale: they are not listed,
+ * as QEMU does not list them.
  *
  * Every field is untrusted and checked before use; a bad one fails the
  * listing with a message naming it.  The directory is read from the file
  * under node->lock each time it is listed: nothing is cached, because a
- * read-only node's file may be changed by its read-write owner.
+ * read-only node's file may be changed by its read-write owner.  Limits
+ * are QEMU's (qcow2-bitmap.c): granularity 512 B..2 GiB, a table of at
+ * most 2^27 entries, at most 512 MiB of bitmap data.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -36,30 +35,23 @@
 #include "util/checked.h"
 #include "util/cleanup.h"
 
-#define QCOW2_EXT_BITMAPS 0x23852875u
-#define QCOW2_AUTOCLEAR_BITMAPS (1ull << 0)
-
 #define BITMAP_EXT_LEN 24
 #define BITMAP_ENTRY_HEADER 24
 #define BITMAP_MAX_COUNT 65535 /* QEMU's limit */
 #define BITMAP_MAX_NAME 1023   /* QEMU's limit */
 #define BITMAP_MAX_DIR_BYTES (64u << 20)
-#define BITMAP_FLAG_IN_USE (1u << 0)
-#define BITMAP_FLAG_AUTO (1u << 1)
-#define BITMAP_FLAG_EXTRA_OK (1u << 2)
-#define BITMAP_TYPE_DIRTY 1
-
-struct bitmap_ext {
-  uint32_t count;
-  uint64_t dir_size, dir_offset;
-};
+#define BITMAP_MIN_GBITS 9
+#define BITMAP_MAX_GBITS 31
+#define BITMAP_MAX_TABLE (1u << 27)
+#define BITMAP_MAX_DATA (512ull << 20)
 
 /* The bitmaps extension when the bitmaps are valid: *PRESENT false when
  * there is none (or it is stale: autoclear bit 0 clear).  False with
  * *errp set when its fields are malformed. */
-static bool
-find_extension (strata_node *node, const struct qcow2_state *s,
-                struct bitmap_ext *e, bool *present, strata_error **errp)
+bool
+qcow2_bitmap_ext_find (strata_node *node, const struct qcow2_state *s,
+                       struct qcow2_bitmap_ext *e, bool *present,
+                       strata_error **errp)
 {
   const char *fn = node->filename;
   const struct qcow2_ext *x = NULL;
@@ -128,8 +120,8 @@ find_extension (strata_node *node, const struct qcow2_state *s,
 
 /* Bitmap table entries a bitmap of granularity 2^G over the virtual size
  * needs: one per cluster of bitmap data. */
-static uint64_t
-table_entries_needed (const struct qcow2_state *s, unsigned g)
+uint64_t
+qcow2_bitmap_table_needed (const struct qcow2_state *s, unsigned g)
 {
   uint64_t bits = g >= 63 ? (s->size ? 1 : 0)
                           : (s->size >> g) + !!(s->size & ((1ull << g) - 1));
@@ -202,11 +194,11 @@ check_entry (strata_node *node, const struct qcow2_state *s, const uint8_t *d,
                fn, i, type);
     return 0;
   }
-  if (g > 63) {
+  if (g < BITMAP_MIN_GBITS || g > BITMAP_MAX_GBITS) {
     error_set (errp, EINVAL,
                "%s: bitmap %" PRIu32 " granularity_bits %u is "
-               "out of range (0..63)",
-               fn, i, g);
+               "out of range (%d..%d)",
+               fn, i, g, BITMAP_MIN_GBITS, BITMAP_MAX_GBITS);
     return 0;
   }
   for (uint64_t p = BITMAP_ENTRY_HEADER + extra + name_size; p < len; p++)
@@ -221,6 +213,28 @@ check_entry (strata_node *node, const struct qcow2_state *s, const uint8_t *d,
    * in use, when its metadata may be outdated) as long as the virtual size
    * needs. */
   flen = (uint64_t)MAX (node_length (node->file), 0);
+  if (table_size > BITMAP_MAX_TABLE) {
+    error_set (errp, EINVAL,
+               "%s: bitmap %" PRIu32 " table size %" PRIu32
+               " is too large (max %u entries)",
+               fn, i, table_size, BITMAP_MAX_TABLE);
+    return 0;
+  }
+  if (table_size && table < s->cluster_size) {
+    error_set (errp, EINVAL,
+               "%s: bitmap %" PRIu32 " table offset 0x%" PRIx64
+               " points into the image header",
+               fn, i, table);
+    return 0;
+  }
+  if (!(flags & BITMAP_FLAG_IN_USE)
+      && ((s->size >> g) + 8) / 8 > BITMAP_MAX_DATA) {
+    error_set (errp, EINVAL,
+               "%s: bitmap %" PRIu32 " granularity_bits %u makes more than "
+               "512 MiB of bitmap data for the virtual size",
+               fn, i, g);
+    return 0;
+  }
   if (table % s->cluster_size || (table_size && !table)
       || !checked_add_u64 (table, (uint64_t)table_size * 8, &table_end)
       || table_end > flen) {
@@ -231,56 +245,51 @@ check_entry (strata_node *node, const struct qcow2_state *s, const uint8_t *d,
     return 0;
   }
   if (!(flags & BITMAP_FLAG_IN_USE)
-      && table_size != table_entries_needed (s, g)) {
+      && table_size != qcow2_bitmap_table_needed (s, g)) {
     error_set (errp, EINVAL,
                "%s: bitmap %" PRIu32 " table has %" PRIu32
                " entries; the virtual size needs %" PRIu64,
-               fn, i, table_size, table_entries_needed (s, g));
+               fn, i, table_size, qcow2_bitmap_table_needed (s, g));
     return 0;
   }
   return len;
 }
 
-static struct strata_bitmap_info *
-new_info (const uint8_t *d)
+void
+qcow2_bitmap_dir_free (struct qcow2_bitmap_dir *d)
 {
-  struct strata_bitmap_info *b = calloc (1, sizeof *b);
-  uint32_t flags = be32_load (d + 12);
-
-  if (!b
-      || !(b->name = strndup ((const char *)d + BITMAP_ENTRY_HEADER
-                                  + be32_load (d + 20),
-                              be16_load (d + 18)))) {
-    free (b);
-    return NULL;
-  }
-  b->flags = (flags & BITMAP_FLAG_IN_USE ? STRATA_BITMAP_IN_USE : 0)
-             | (flags & BITMAP_FLAG_AUTO ? STRATA_BITMAP_AUTO : 0);
-  b->granularity = UINT64_C (1) << d[17];
-  return b;
+  if (!d)
+    return;
+  for (uint32_t i = 0; i < d->count && d->e; i++)
+    free (d->e[i].name);
+  free (d->e);
+  free (d->raw);
+  free (d);
 }
 
 static int
 name_cmp (const void *a, const void *b)
 {
-  return strcmp ((*(struct strata_bitmap_info *const *)a)->name,
-                 (*(struct strata_bitmap_info *const *)b)->name);
+  return strcmp ((*(struct qcow2_bitmap *const *)a)->name,
+                 (*(struct qcow2_bitmap *const *)b)->name);
 }
 
 /* Names are unique (qcow2.txt): a duplicate is a malformed directory. */
 static bool
-check_unique (strata_node *node, struct strata_bitmap_info **l, size_t n,
+check_unique (strata_node *node, const struct qcow2_bitmap_dir *d,
               strata_error **errp)
 {
-  CLEANUP_FREE struct strata_bitmap_info **sorted = malloc (n * sizeof *l);
+  CLEANUP_FREE struct qcow2_bitmap **sorted
+      = malloc (d->count * sizeof *sorted);
 
   if (!sorted) {
     error_set (errp, ENOMEM, "out of memory");
     return false;
   }
-  memcpy (sorted, l, n * sizeof *l);
-  qsort (sorted, n, sizeof *sorted, name_cmp);
-  for (size_t i = 1; i < n; i++)
+  for (uint32_t i = 0; i < d->count; i++)
+    sorted[i] = &d->e[i];
+  qsort (sorted, d->count, sizeof *sorted, name_cmp);
+  for (uint32_t i = 1; i < d->count; i++)
     if (strcmp (sorted[i - 1]->name, sorted[i]->name) == 0) {
       error_set (errp, EINVAL,
                  "%s: bitmap name '%s' appears twice in the "
@@ -291,42 +300,81 @@ check_unique (strata_node *node, struct strata_bitmap_info **l, size_t n,
   return true;
 }
 
-/* Parse directory DIR (E->dir_size bytes) into *LIST. */
+/* Parse and check D->raw into D->e. */
 static bool
 parse_directory (strata_node *node, const struct qcow2_state *s,
-                 const struct bitmap_ext *e, const uint8_t *dir,
-                 struct strata_bitmap_info ***list, strata_error **errp)
+                 struct qcow2_bitmap_dir *d, strata_error **errp)
 {
-  struct strata_bitmap_info **l = calloc (e->count + 1, sizeof *l);
   uint64_t pos = 0, len;
 
-  if (!l) {
+  if (!(d->e = calloc (d->count, sizeof *d->e))) {
     error_set (errp, ENOMEM, "out of memory");
     return false;
   }
-  for (uint32_t i = 0; i < e->count; i++, pos += len) {
-    if (!(len = check_entry (node, s, dir + pos, e->dir_size - pos, i, errp)))
-      goto fail;
-    if (!(l[i] = new_info (dir + pos))) {
+  for (uint32_t i = 0; i < d->count; i++, pos += len) {
+    const uint8_t *p = d->raw + pos;
+    struct qcow2_bitmap *b = &d->e[i];
+
+    if (!(len = check_entry (node, s, p, d->size - pos, i, errp)))
+      return false;
+    b->pos = pos;
+    b->len = len;
+    b->table = be64_load (p);
+    b->table_size = be32_load (p + 8);
+    b->flags = be32_load (p + 12);
+    b->gbits = p[17];
+    if (!(b->name = strndup ((const char *)p + BITMAP_ENTRY_HEADER
+                                 + be32_load (p + 20),
+                             be16_load (p + 18)))) {
       error_set (errp, ENOMEM, "out of memory");
-      goto fail;
+      return false;
     }
   }
-  if (pos != e->dir_size) {
+  if (pos != d->size) {
     error_set (errp, EINVAL,
                "%s: bitmap directory size %" PRIu64 " does "
                "not match its %" PRIu32 " entries (%" PRIu64 " bytes)",
-               node->filename, e->dir_size, e->count, pos);
-    goto fail;
+               node->filename, d->size, d->count, pos);
+    return false;
   }
-  if (!check_unique (node, l, e->count, errp))
-    goto fail;
-  *list = l;
-  return true;
+  return check_unique (node, d, errp);
+}
 
-fail:
-  strata_bitmap_list_free (l);
-  return false;
+bool
+qcow2_bitmap_dir_read (strata_node *node, struct qcow2_bitmap_dir **out,
+                       strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  struct qcow2_bitmap_ext e;
+  struct qcow2_bitmap_dir *d;
+  bool present;
+  int r;
+
+  *out = NULL;
+  if (!qcow2_bitmap_ext_find (node, s, &e, &present, errp))
+    return false;
+  if (!present)
+    return true;
+  if (!(d = calloc (1, sizeof *d)) || !(d->raw = malloc (e.dir_size))) {
+    free (d);
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  d->offset = e.dir_offset;
+  d->size = e.dir_size;
+  d->count = e.count;
+  if ((r = node_pread (node->file, e.dir_offset, d->raw, e.dir_size, 0)) < 0) {
+    error_set (errp, -r, "%s: cannot read the bitmap directory: %s",
+               node->filename, strerror (-r));
+    qcow2_bitmap_dir_free (d);
+    return false;
+  }
+  if (!parse_directory (node, s, d, errp)) {
+    qcow2_bitmap_dir_free (d);
+    return false;
+  }
+  *out = d;
+  return true;
 }
 
 bool
@@ -334,10 +382,9 @@ qcow2_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
                    size_t *n, strata_error **errp)
 {
   struct qcow2_state *s = node->opaque;
-  CLEANUP_FREE uint8_t *dir = NULL;
-  struct bitmap_ext e;
-  bool present;
-  int r;
+  struct qcow2_bitmap_dir *d;
+  struct strata_bitmap_info **l;
+  bool ok;
 
   *list = NULL;
   *n = 0;
@@ -348,95 +395,30 @@ qcow2_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
                node->filename);
     return false;
   }
-  if (!find_extension (node, s, &e, &present, errp))
-    return false;
-  if (!present) {
-    if (!(*list = calloc (1, sizeof **list))) {
-      error_set (errp, ENOMEM, "out of memory");
-      return false;
-    }
-    return true;
-  }
-  if (!(dir = malloc (e.dir_size))) {
-    error_set (errp, ENOMEM, "out of memory");
-    return false;
-  }
   pthread_mutex_lock (&node->lock);
-  r = node_pread (node->file, e.dir_offset, dir, e.dir_size, 0);
+  ok = qcow2_bitmap_dir_read (node, &d, errp);
   pthread_mutex_unlock (&node->lock);
-  if (r < 0) {
-    error_set (errp, -r, "%s: cannot read the bitmap directory: %s",
-               node->filename, strerror (-r));
+  if (!ok)
     return false;
+  if (!(l = calloc ((d ? d->count : 0) + 1, sizeof *l)))
+    goto oom;
+  for (uint32_t i = 0; d && i < d->count; i++) {
+    if (!(l[i] = calloc (1, sizeof **l))
+        || !(l[i]->name = strdup (d->e[i].name)))
+      goto oom;
+    l[i]->flags
+        = (d->e[i].flags & BITMAP_FLAG_IN_USE ? STRATA_BITMAP_IN_USE : 0)
+          | (d->e[i].flags & BITMAP_FLAG_AUTO ? STRATA_BITMAP_AUTO : 0);
+    l[i]->granularity = UINT64_C (1) << d->e[i].gbits;
   }
-  if (!parse_directory (node, s, &e, dir, list, errp))
-    return false;
-  *n = e.count;
+  *list = l;
+  *n = d ? d->count : 0;
+  qcow2_bitmap_dir_free (d);
   return true;
-}
 
-/* NAMES as "a, b, c" for a one-line message: at most 8 (then ", ..."),
- * bytes outside printable ASCII shown as '?'. */
-static char *
-names_line (struct strata_bitmap_info **l, size_t n)
-{
-  char *buf = NULL;
-  size_t size = 0;
-  FILE *f = open_memstream (&buf, &size);
-
-  if (!f)
-    return NULL;
-  for (size_t i = 0; i < n && i < 8; i++) {
-    fputs (i ? ", " : "", f);
-    for (const char *c = l[i]->name; *c; c++)
-      fputc ((unsigned char)*c >= 0x20 && (unsigned char)*c < 0x7f ? *c : '?',
-             f);
-  }
-  if (n > 8)
-    fputs (", ...", f);
-  if (fclose (f) != 0) {
-    free (buf);
-    return NULL;
-  }
-  return buf;
-}
-
-bool
-qcow2_bitmaps_refuse_write (strata_node *node, strata_error **errp)
-{
-  struct qcow2_state *s = node->opaque;
-  struct strata_bitmap_info **l;
-  CLEANUP_FREE char *names = NULL;
-  strata_error *why = NULL;
-  struct bitmap_ext e;
-  bool present;
-  size_t n;
-
-  if (!find_extension (node, s, &e, &present, &why)) {
-    error_set (errp, ENOTSUP,
-               "%s: image has persistent dirty bitmaps that "
-               "strata cannot keep up to date, and their extension is "
-               "malformed (%s); open it read-only",
-               node->filename, strata_error_message (why));
-    strata_error_free (why);
-    return false;
-  }
-  if (!present)
-    return true;
-  if (!qcow2_bitmap_list (node, &l, &n, &why)) {
-    error_set (errp, ENOTSUP,
-               "%s: image has persistent dirty bitmaps that "
-               "strata cannot keep up to date, and their directory is "
-               "unreadable (%s); open it read-only",
-               node->filename, strata_error_message (why));
-    strata_error_free (why);
-    return false;
-  }
-  names = names_line (l, n);
+oom:
   strata_bitmap_list_free (l);
-  error_set (errp, ENOTSUP,
-             "%s: image has persistent dirty bitmaps (%s) "
-             "that strata cannot keep up to date; open it read-only",
-             node->filename, names ? names : "?");
+  qcow2_bitmap_dir_free (d);
+  error_set (errp, ENOMEM, "out of memory");
   return false;
 }

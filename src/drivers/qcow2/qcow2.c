@@ -11,9 +11,11 @@
  *     lazy_refcounts is on;
  *   - internal snapshots are kept: clusters and L2 tables they share
  *     (no COPIED flag) are copied before the active image changes them;
- *   - valid persistent bitmaps (bitmaps extension, autoclear bit 0) refuse
- *     read-write opens and reopens (bitmaps.c): strata does not maintain
- *     them, and clearing the bit would make QEMU drop them;
+ *   - persistent bitmaps (bitmaps extension, autoclear bit 0) are loaded
+ *     into the node's registry, marked in use by a read-write open and
+ *     stored at close (bitmaps-persist.c), so autoclear bit 0 stays set;
+ *     a directory strata cannot keep (malformed, unknown flags) refuses
+ *     read-write opens and reopens, naming the reason;
  *   - other autoclear bits, and bit 0 with no valid bitmaps, are cleared
  *     when opening read-write, as the spec asks of a writer that does not
  *     maintain them.
@@ -99,13 +101,20 @@ check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
     return false;
   }
   /* Before anything is written: the dirty repair writes too. */
-  if (!qcow2_bitmaps_refuse_write (node, errp))
+  if (s->bm_load_err) {
+    error_set (errp, strata_error_errno (s->bm_load_err), "%s",
+               strata_error_message (s->bm_load_err));
     return false;
+  }
   if ((s->incompat & QCOW2_INCOMPAT_DIRTY) && !repair_dirty (node, s, errp))
     return false;
-  if (s->autoclear) {
-    uint8_t zero[8] = { 0 };
-    int r = qcow2_write_header_field (node, 88, zero, sizeof zero);
+  if (s->autoclear & ~(s->bm_dir ? QCOW2_AUTOCLEAR_BITMAPS : 0)) {
+    uint64_t keep = s->autoclear & (s->bm_dir ? QCOW2_AUTOCLEAR_BITMAPS : 0);
+    uint8_t be[8];
+    int r;
+
+    be64_store (be, keep);
+    r = qcow2_write_header_field (node, 88, be, sizeof be);
     if (r == 0)
       r = node_flush (node->file);
     if (r < 0) {
@@ -113,9 +122,9 @@ check_writable (strata_node *node, struct qcow2_state *s, strata_error **errp)
                  fn);
       return false;
     }
-    s->autoclear = 0;
+    s->autoclear = keep;
   }
-  return true;
+  return qcow2_bitmaps_writable (node, errp);
 }
 
 /* NAME relative to the directory of OVERLAY, spelled as QEMU spells it:
@@ -261,9 +270,17 @@ qcow2_close (strata_node *node)
   struct qcow2_state *s = node->opaque;
 
   /* Nobody can be told of a failure here: the write-back is best effort,
-   * and what it cannot write is lost as a crash would lose it. */
+   * and what it cannot write is lost as a crash would lose it (bitmaps
+   * not stored stay marked in use: QEMU and strata call them
+   * inconsistent). */
   if (!node->read_only && s->l2_cache.e && s->rc_cache.e) {
     int r;
+    strata_error *err = NULL;
+
+    if (!qcow2_bitmaps_store (node, &err)) {
+      fprintf (stderr, "%s\n", strata_error_message (err));
+      strata_error_free (err);
+    }
     pthread_mutex_lock (&node->lock);
     r = qcow2_writeback_locked (node);
     pthread_mutex_unlock (&node->lock);
@@ -276,6 +293,7 @@ qcow2_close (strata_node *node)
   qcow2_cache_destroy (&s->l2_cache);
   qcow2_cache_destroy (&s->rc_cache);
   qcow2_overlap_destroy (s);
+  qcow2_bitmaps_forget (s);
   free (s->l1);
   free (s->rt);
   s->l1 = s->rt = NULL;
@@ -345,6 +363,7 @@ qcow2_open (strata_node *node, strata_opts *opts, unsigned flags,
           && !qcow2_snapshot_load_tmp (node, snap_id, snap_name, errp))
       || !qcow2_overlap_init (node, errp)
       || !init_caches (node, s, opts, errp)
+      || !qcow2_bitmaps_load (node, errp)
       || (!node->read_only && !check_writable (node, s, errp)))
     goto fail;
   if (bref || bopts->n) {
@@ -412,7 +431,11 @@ static bool
 qcow2_reopen (strata_node *node, bool read_write, strata_error **errp)
 {
   struct qcow2_state *s = node->opaque;
-  return !read_write || check_writable (node, s, errp);
+
+  /* Going read-only: the bitmaps are stored as at close. */
+  if (!read_write)
+    return qcow2_bitmaps_store (node, errp);
+  return check_writable (node, s, errp);
 }
 
 /* The check reads tables from the file: write the cache back first. */

@@ -13,8 +13,8 @@
  * cache), cluster.c (guest->host map), refcount.c (refcounts and cluster
  * allocation), compress.c (compressed clusters), io.c (the data path),
  * resize.c (growing), check.c (consistency check and repair), overlap.c
- * (metadata overlap protection), bitmaps.c (persistent bitmaps: listing,
- * and the read-write refusal that keeps them valid), qcow2.c (open,
+ * (metadata overlap protection), bitmaps.c (persistent bitmaps' directory),
+ * bitmaps-persist.c (loading and storing them), qcow2.c (open,
  * backing chain, the driver table).
  *
  * Locking: node->lock protects everything in struct qcow2_state except
@@ -183,6 +183,13 @@ struct qcow2_state {
   /* Refcount increments stay dirty in the cache until the caller writes
    * them back (many at once: snapshot create and apply). */
   bool defer_increments;
+
+  /* bitmaps-persist.c, under node->lock: the directory on disk (NULL:
+   * none), why the bitmaps could not be loaded (a read-only open goes on
+   * without them), and whether they are marked in use (stored at close). */
+  struct qcow2_bitmap_dir *bm_dir;
+  strata_error *bm_load_err;
+  bool bm_writable;
 };
 
 /* The format's arithmetic: pure functions of the immutable header fields
@@ -523,13 +530,62 @@ int qcow2_check (strata_node *node, struct strata_check_result *res,
                  unsigned fix, strata_message_fn message, void *opaque,
                  strata_error **errp);
 
-/* bitmaps.c: persistent dirty bitmaps, listed but not maintained.  The
- * list is the public one (strata_bitmap_list); refuse_write fails, naming
- * the bitmaps, when the image has valid ones (a read-write open would
- * invalidate them). */
+/* bitmaps.c: the persistent bitmaps' directory (qcow2.txt "Bitmaps
+ * extension", "Bitmap directory"), parsed and checked. */
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_AUTOCLEAR_BITMAPS (1ull << 0)
+#define BITMAP_FLAG_IN_USE (1u << 0)
+#define BITMAP_FLAG_AUTO (1u << 1)
+#define BITMAP_FLAG_EXTRA_OK (1u << 2)
+#define BITMAP_TYPE_DIRTY 1
+struct qcow2_bitmap_ext {
+  uint32_t count;
+  uint64_t dir_size, dir_offset;
+};
+struct qcow2_bitmap {        /* one directory entry */
+  uint64_t pos, len;         /* its bytes in the directory (padded) */
+  uint64_t table;            /* bitmap table offset */
+  uint32_t table_size;       /* entries */
+  uint32_t flags;            /* BITMAP_FLAG_* */
+  unsigned gbits;            /* log2 of the granularity */
+  char *name;
+};
+struct qcow2_bitmap_dir {
+  uint8_t *raw;              /* the directory as on disk */
+  uint64_t offset, size;
+  uint32_t count;
+  struct qcow2_bitmap *e;
+};
+/* The extension when the bitmaps are valid: *PRESENT false when there is
+ * none or it is stale (autoclear bit 0 clear); false with *errp set when
+ * its fields are malformed. */
+bool qcow2_bitmap_ext_find (strata_node *node, const struct qcow2_state *s,
+                            struct qcow2_bitmap_ext *e, bool *present,
+                            strata_error **errp);
+/* Read and check the directory: *OUT NULL when there are no valid
+ * bitmaps; free with qcow2_bitmap_dir_free.  Reads the file: node->lock
+ * held or the node not yet shared. */
+bool qcow2_bitmap_dir_read (strata_node *node, struct qcow2_bitmap_dir **out,
+                            strata_error **errp);
+void qcow2_bitmap_dir_free (struct qcow2_bitmap_dir *d);
+/* Table entries a bitmap of granularity 2^G needs for the virtual size. */
+uint64_t qcow2_bitmap_table_needed (const struct qcow2_state *s, unsigned g);
+/* The public listing (strata_bitmap_list), read from the file. */
 bool qcow2_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
                         size_t *n, strata_error **errp);
-bool qcow2_bitmaps_refuse_write (strata_node *node, strata_error **errp);
+
+/* bitmaps-persist.c: the bitmaps in the node's registry (block/dirty.h).
+ * load: at open, every valid bitmap into the registry (in-use ones as
+ * inconsistent); a read-write open fails on a directory it cannot keep,
+ * a read-only one leaves the registry without them.  writable: after a
+ * read-write open or reopen, mark them in use on disk (QEMU's protocol:
+ * a crash leaves them marked).  store: write the registry's persistent
+ * bitmaps back (close, reopen read-only); false leaves the old ones marked
+ * in use.  forget: drop the state at close. */
+bool qcow2_bitmaps_load (strata_node *node, strata_error **errp);
+bool qcow2_bitmaps_writable (strata_node *node, strata_error **errp);
+bool qcow2_bitmaps_store (strata_node *node, strata_error **errp);
+void qcow2_bitmaps_forget (struct qcow2_state *s);
 
 /* create.c: qemu-img create -f qcow2. */
 bool qcow2_create (const char *filename, strata_opts *opts,
