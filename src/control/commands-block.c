@@ -96,6 +96,19 @@ check_no_job (strata_node *node, struct qmp_error *err)
   return !j;
 }
 
+/* The node whose backing CHILD is, or NULL. */
+static strata_node *
+backing_parent (strata_node *child)
+{
+  struct graph_edge e[8];
+  int n = graph_parents (child, e, 8);
+
+  for (int i = 0; i < n && i < 8; i++)
+    if (strcmp (e[i].child_name, "backing") == 0)
+      return e[i].parent;
+  return NULL;
+}
+
 /* ---- blockdev-add ---- */
 
 static json_t *
@@ -137,7 +150,8 @@ static json_t *
 cmd_blockdev_del (json_t *args, struct qmp_error *err)
 {
   static const struct qmp_arg spec[] = {
-    { "node-name", "string", true }, { NULL },
+    { "node-name", "string", true },
+    { NULL },
   };
   const char *name;
   strata_node *node;
@@ -145,7 +159,8 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
   ssize_t i;
   json_t *ret = NULL;
   CLEANUP_FREE char *who = NULL;
-  bool implicit;
+  strata_node *overlay;
+  bool implicit, filter;
 
   if (!qmp_args_check (args, spec, err))
     return NULL;
@@ -157,20 +172,32 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
     goto out;
   }
   /* QEMU's order: a BlockBackend (an export's, the job's on its filter,
-   * commit's on its top and base) first, "in use"; then the newest op blocker, which is a
-   * job's when one holds the node (it came after the backing edge); then
-   * ownership. */
+   * commit's on its top and base) first, "in use"; then the newest op blocker,
+   * which is a job's when one holds the node (it came after the backing edge);
+   * then ownership. */
   who = graph_first_user (node);
+  filter = job_is_filter (node, &implicit);
   if ((who && strncmp (who, "export ", 7) == 0)
-      || job_is_filter (node, &implicit) || job_is_backend (node)) {
+      || (filter && strcmp (node->drv->name, "copy-on-read") == 0)
+      || job_is_backend (node)) {
     qmp_error_set (err, "GenericError", "Node %s is in use", name);
+    goto out;
+  }
+  /* QEMU's commit_top is the overlay's backing for the job's life, and
+   * that op blocker is its newest; strata's stands beside the chain
+   * (drivers/jobfilter.c), so the overlay is the one above its child. */
+  if (filter && strcmp (node->drv->name, "commit_top") == 0
+      && (overlay = backing_parent (node->file))) {
+    qmp_error_set (err, "GenericError",
+                   "Node '%s' is busy: node is used as backing hd of '%s'",
+                   name, overlay->node_name);
     goto out;
   }
   if (!check_no_job (node, err) || !qmp_check_not_backing (node, err))
     goto out;
   if ((i = owned_index (node)) < 0) {
-    qmp_error_set (err, "GenericError",
-                   "Node %s is not owned by the monitor", name);
+    qmp_error_set (err, "GenericError", "Node %s is not owned by the monitor",
+                   name);
     goto out;
   }
   if (who) {
@@ -184,7 +211,7 @@ cmd_blockdev_del (json_t *args, struct qmp_error *err)
   }
   owned_remove (i);
   node_flush (node);
-  node_unref (node);  /* the monitor's */
+  node_unref (node); /* the monitor's */
   ret = json_object ();
 out:
   node_unref (node);
@@ -203,7 +230,7 @@ reopen_check (strata_node *node, strata_opts *opts, bool *rw,
   bool b, direct, no_flush;
 
   node_cache_mode (node, &direct, &no_flush);
-  *rw = true;  /* omitted options take their defaults, as in QEMU */
+  *rw = true; /* omitted options take their defaults, as in QEMU */
   for (size_t i = 0; i < opts->n; i++) {
     const char *k = opts->v[i].key, *v = opts->v[i].value;
     bool same;
@@ -229,15 +256,13 @@ reopen_check (strata_node *node, strata_opts *opts, bool *rw,
     else if (strcmp (k, "file") == 0)
       same = node->file && strcmp (v, node->file->node_name) == 0;
     else if (strcmp (k, "backing") == 0)
-      same = node->backing ? strcmp (v, node->backing->node_name) == 0
-                           : !*v;
+      same = node->backing ? strcmp (v, node->backing->node_name) == 0 : !*v;
     else
       same = false;
     if (!same) {
       if (strncmp (k, "file.", 5) == 0 || strncmp (k, "backing.", 8) == 0)
         k = k[0] == 'f' ? "file" : "backing";
-      qmp_error_set (err, "GenericError", "Cannot change the option '%s'",
-                     k);
+      qmp_error_set (err, "GenericError", "Cannot change the option '%s'", k);
       return false;
     }
   }
@@ -248,7 +273,8 @@ static json_t *
 cmd_blockdev_reopen (json_t *args, struct qmp_error *err)
 {
   static const struct qmp_arg spec[] = {
-    { "options", "any", true }, { NULL },
+    { "options", "any", true },
+    { NULL },
   };
   json_t *list, *item;
   size_t n, idx, done = 0;
@@ -279,8 +305,10 @@ cmd_blockdev_reopen (json_t *args, struct qmp_error *err)
 
     snprintf (path, sizeof path, "options[%zu].", idx);
     if (!json_is_object (item)) {
-      qmp_error_set (err, "GenericError", "Invalid parameter type for "
-                     "'options[%zu]', expected: object", idx);
+      qmp_error_set (err, "GenericError",
+                     "Invalid parameter type for "
+                     "'options[%zu]', expected: object",
+                     idx);
       opts_free (opts);
       goto out;
     }
@@ -363,10 +391,13 @@ static json_t *
 cmd_blockdev_snapshot_sync (json_t *args, struct qmp_error *err)
 {
   static const struct qmp_arg spec[] = {
-    { "device", "string", false }, { "node-name", "string", false },
+    { "device", "string", false },
+    { "node-name", "string", false },
     { "snapshot-file", "string", true },
     { "snapshot-node-name", "string", false },
-    { "format", "string", false }, { "mode", "string", false }, { NULL },
+    { "format", "string", false },
+    { "mode", "string", false },
+    { NULL },
   };
   const char *device, *name, *file, *snap, *format, *mode;
   strata_node *node = NULL, *overlay = NULL, *taken;
@@ -392,18 +423,21 @@ cmd_blockdev_snapshot_sync (json_t *args, struct qmp_error *err)
     return NULL;
   }
   graph_lock ();
-  if (!(node = find_node (device, name, err)) || !qmp_check_not_backing (node, err)
-      || !check_no_job (node, err))
+  if (!(node = find_node (device, name, err))
+      || !qmp_check_not_backing (node, err) || !check_no_job (node, err))
     goto out;
   if (snap && (taken = graph_lookup (snap))) {
     node_unref (taken);
-    qmp_error_set (err, "GenericError", "New overlay node-name already in "
+    qmp_error_set (err, "GenericError",
+                   "New overlay node-name already in "
                    "use");
     goto out;
   }
   if (strcmp (format, "qcow2") != 0) {
-    qmp_error_set (err, "GenericError", "strata cannot make a '%s' overlay: "
-                   "only qcow2 images have a backing file", format);
+    qmp_error_set (err, "GenericError",
+                   "strata cannot make a '%s' overlay: "
+                   "only qcow2 images have a backing file",
+                   format);
     goto out;
   }
   if (!mode || strcmp (mode, "absolute-paths") == 0) {
@@ -417,7 +451,8 @@ cmd_blockdev_snapshot_sync (json_t *args, struct qmp_error *err)
      * escaped as ",," for the option list. */
     if (!(fn = escape_commas (node->filename))
         || asprintf (&o, "size=%" PRId64 ",backing_file=%s,backing_fmt=%s",
-                     size, fn, node->drv->name) < 0) {
+                     size, fn, node->drv->name)
+               < 0) {
       o = NULL;
       qmp_error_set (err, "GenericError", "out of memory");
       goto out;
@@ -463,7 +498,9 @@ static json_t *
 cmd_blockdev_snapshot (json_t *args, struct qmp_error *err)
 {
   static const struct qmp_arg spec[] = {
-    { "node", "string", true }, { "overlay", "string", true }, { NULL },
+    { "node", "string", true },
+    { "overlay", "string", true },
+    { NULL },
   };
   const char *name, *oname;
   strata_node *node = NULL, *overlay = NULL;
@@ -521,6 +558,7 @@ const struct qmp_command qmp_block_commands[] = {
   { "blockdev-add", cmd_blockdev_add },
   { "blockdev-del", cmd_blockdev_del },
   { "query-named-block-nodes", cmd_query_named_block_nodes },
+  { "query-block", cmd_query_block },
   { "blockdev-reopen", cmd_blockdev_reopen },
   { "x-blockdev-reopen", cmd_blockdev_reopen },
   { "blockdev-snapshot-sync", cmd_blockdev_snapshot_sync },

@@ -8,7 +8,8 @@
 #include "block/node.h"
 #include "control/qmp.h"
 
-/* query-named-block-nodes (commands-query.c). */
+/* query-named-block-nodes and query-block (commands-query.c). */
 json_t *cmd_query_named_block_nodes (json_t *args, struct qmp_error *err);
+json_t *cmd_query_block (json_t *args, struct qmp_error *err);
 
 #endif

@@ -138,6 +138,7 @@ start_job_locked (json_t *args, strata_node *dev, strata_node *top,
     .on_error = on_error,
     .auto_finalize = af ? json_is_true (af) : true,
     .auto_dismiss = ad ? json_is_true (ad) : true,
+    .filter_node_name = qmp_str_arg (args, "filter-node-name"),
   };
   strata_error *e = NULL;
 
@@ -175,8 +176,8 @@ cmd_block_commit (json_t *args, struct qmp_error *err)
     return NULL;
   graph_lock ();
   job_lock ();
-  if (!(dev = qmp_root_node_job_locked (qmp_str_arg (args, "device"), true,
-                                         err)))
+  if (!(dev
+        = qmp_root_node_job_locked (qmp_str_arg (args, "device"), true, err)))
     ;
   else if (!find_top (args, dev, &top, err)
            || !find_base (args, top, &base, err)

@@ -178,6 +178,7 @@ mirror_common_job_locked (json_t *args, const struct mirror_args *m,
     .write_blocking = m->copy_mode == 1,
     .auto_finalize = af ? json_is_true (af) : true,
     .auto_dismiss = ad ? json_is_true (ad) : true,
+    .filter_node_name = qmp_str_arg (args, "filter-node-name"),
   };
   strata_error *e = NULL;
 

@@ -1,5 +1,5 @@
-/* strata: the block-graph query commands (query-named-block-nodes), with
- * QEMU 7.2's reply shapes.
+/* strata: the block-graph query commands (query-named-block-nodes,
+ * query-block), with QEMU 7.2's reply shapes.
  *
  * QEMU describes a node by its file name, or by "json:{...}" (its
  * options as JSON) when the name alone cannot tell it: a filter, or a
@@ -67,8 +67,11 @@ display_filename (strata_node *node)
   bool implicit = false;
 
   /* A filter (copy-on-read, blkdebug) is never told by a file name,
-   * except the one a job put over its device without a name. */
-  if (node->file && job_is_filter (node, &implicit) && implicit)
+   * except the one a job put over its device without a name, and QEMU's
+   * mirror_top and commit_top, which have no options of their own. */
+  if (node->file && job_is_filter (node, &implicit)
+      && (implicit || strcmp (node->drv->name, "mirror_top") == 0
+          || strcmp (node->drv->name, "commit_top") == 0))
     return display_filename (node->file);
   if (!node->file || (!node->drv->is_filter && !backing_overridden (node)))
     return strdup (node->filename ? node->filename : "");
@@ -205,4 +208,16 @@ cmd_query_named_block_nodes (json_t *args, struct qmp_error *err)
   graph_list_free (nodes, n);
   graph_unlock ();
   return list;
+}
+
+/* QEMU lists BlockBackends that have a name or a device; strata has
+ * neither, as qemu-storage-daemon has neither, so the list is empty. */
+json_t *
+cmd_query_block (json_t *args, struct qmp_error *err)
+{
+  static const struct qmp_arg spec[] = { { NULL } };
+
+  if (!qmp_args_check (args, spec, err))
+    return NULL;
+  return json_array ();
 }

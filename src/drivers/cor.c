@@ -97,9 +97,11 @@ cor_preadv (strata_node *node, uint64_t offset, uint64_t len,
 }
 
 /* What QEMU's bdrv_get_info() answers for a filter: the child's cluster
- * size, VM state offset and dirty flag; the rest stays the filter's. */
-static bool
-cor_get_info (strata_node *node, struct strata_info *info, strata_error **errp)
+ * size, VM state offset and dirty flag; the rest stays the filter's.  The
+ * job filters (jobfilter.c) answer the same. */
+bool
+filter_get_info (strata_node *node, struct strata_info *info,
+                 strata_error **errp)
 {
   strata_node *f = node->file;
   struct strata_info fi = { 0 };
@@ -122,6 +124,6 @@ const struct strata_driver copy_on_read_driver = {
   .open = cor_open,
   .close = cor_close,
   .preadv = cor_preadv,
-  .get_info = cor_get_info,
+  .get_info = filter_get_info,
   .prefetch = cor_prefetch,
 };

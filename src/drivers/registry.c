@@ -10,8 +10,9 @@
 #include "drivers/registry.h"
 
 const struct strata_driver *const driver_list[] = {
-  &file_driver, &nbd_driver,          &qcow2_driver,
-  &raw_driver,  &copy_on_read_driver, &blkdebug_driver,
+  &file_driver,       &nbd_driver,          &qcow2_driver,
+  &raw_driver,        &copy_on_read_driver, &blkdebug_driver,
+  &mirror_top_driver, &commit_top_driver,
 };
 
 const size_t driver_count = sizeof driver_list / sizeof driver_list[0];

@@ -18,5 +18,12 @@ extern const struct strata_driver qcow2_driver;        /* drivers/qcow2/ */
 extern const struct strata_driver raw_driver;          /* drivers/raw.c */
 extern const struct strata_driver copy_on_read_driver; /* drivers/cor.c */
 extern const struct strata_driver blkdebug_driver;     /* blkdebug.c */
+extern const struct strata_driver mirror_top_driver;   /* jobfilter.c */
+extern const struct strata_driver commit_top_driver;   /* jobfilter.c */
+
+/* What QEMU's bdrv_get_info() answers for a filter: its `file` child's
+ * cluster size, VM state offset and dirty flag (drivers/cor.c). */
+bool filter_get_info (strata_node *node, struct strata_info *info,
+                      strata_error **errp);
 
 #endif

@@ -28,6 +28,11 @@
  * Errors: a failed read of TOP's view is a read error, a failed write to
  * BASE a write error, for on-error; with stop (after resume) and ignore
  * the chunk is tried again, as QEMU's commit does.
+ *
+ * Each job holds QEMU's filter node for its life (drivers/jobfilter.c):
+ * commit_top over TOP, or mirror_top over the device for an active commit
+ * or a mirror; listed and named as QEMU's, but beside the data path, so
+ * nothing here reads or writes through it.
  */
 #include <errno.h>
 #include <stdatomic.h>
@@ -55,6 +60,8 @@ struct commit {
   strata_node *old_backing;    /* OVERLAY's old backing, kept until clean */
   strata_node *target_backing; /* drive-mirror: BASE's backing at a pivot
                                   (a reference), or NULL */
+  strata_node *filter;         /* the job's mirror_top or commit_top node (a
+                                  reference; also one of the job's nodes) */
 
   /* Active commit and mirror: TOP is the source, BASE the target. */
   bool active;
@@ -390,6 +397,18 @@ restore_read_only_graph_locked (struct commit *c)
   c->restore_ro = false;
 }
 
+/* Drop the job's filter node, first in prepare or abort as QEMU drops it
+ * (or in clean, for a job that never ran). */
+static void
+drop_filter_graph_locked (struct job *job, struct commit *c)
+{
+  if (!c->filter)
+    return;
+  job_drop_node (job, c->filter);
+  node_unref (c->filter);
+  c->filter = NULL;
+}
+
 /* Rewrite OVERLAY's header, then move the graph edge: its backing becomes
  * BASE.  The old backing keeps a reference until clean, after the requests
  * that may still read through it have drained. */
@@ -402,6 +421,7 @@ commit_prepare (struct job *job)
   int r = 0;
 
   graph_lock ();
+  drop_filter_graph_locked (job, c);
   if (c->active) {
     /* BASE stays writable, as QEMU leaves it: after a pivot it is the
      * device's active layer. */
@@ -439,6 +459,7 @@ commit_abort (struct job *job)
   struct commit *c = job->opaque;
 
   graph_lock ();
+  drop_filter_graph_locked (job, c);
   if (c->active)
     active_end_graph_locked (c, false);
   restore_read_only_graph_locked (c);
@@ -455,6 +476,7 @@ commit_clean (struct job *job)
   /* Prepare or abort did it, under the graph lock, unless the job never
    * started: then the control thread holds it. */
   restore_read_only_graph_locked (c);
+  drop_filter_graph_locked (job, c);
   if (c->old_backing) {
     tracker_wait_idle (&c->overlay->tracker, 0, 0);
     node_unref (c->old_backing);
@@ -519,34 +541,91 @@ commit_new (const struct commit_params *p)
   return c;
 }
 
-/* In QEMU's order: the job (its ID, then its speed), BASE made writable,
- * the nodes it holds: the device, TOP down to BASE. */
+/* The filter node QEMU puts over OVER for the job's life (DRIVER
+ * mirror_top, read-write, or commit_top, read-only), named NAME or
+ * automatically: a new reference, or NULL with QEMU's error (a name
+ * taken or malformed). */
+static strata_node *
+open_job_filter (const char *driver, strata_node *over, const char *name,
+                 strata_error **errp)
+{
+  strata_opts *opts = opts_new ();
+  unsigned flags = strcmp (driver, "mirror_top") == 0 ? STRATA_OPEN_RDWR : 0;
+  strata_node *f = NULL;
+
+  if (opts && opts_set (opts, "driver", driver)
+      && opts_set (opts, "file", over->node_name)
+      && (!name || opts_set (opts, "node-name", name)))
+    f = node_open (opts, flags, errp);
+  else
+    error_set (errp, ENOMEM, "out of memory");
+  opts_free (opts);
+  return f;
+}
+
+/* FILTER becomes the job's: C keeps the reference, the job holds it. */
+static bool
+hold_filter (struct job *job, struct commit *c, strata_node *filter)
+{
+  c->filter = filter;
+  if (!job_add_node (job, filter))
+    return false;
+  job->filter = filter;
+  return true;
+}
+
+/* In QEMU's order: an active commit's filter; the job (its ID, then its
+ * speed), BASE made writable, an intermediate commit's filter; the nodes
+ * it holds: the device, TOP down to BASE. */
 bool
 commit_start_job_locked (const struct commit_params *p, strata_error **errp)
 {
   struct job *job;
   struct commit *c;
+  strata_node *filter = NULL;
   bool made_rw, ok = true;
 
+  if (p->active
+      && !(filter = open_job_filter ("mirror_top", p->device,
+                                     p->filter_node_name, errp)))
+    return false;
   job = job_create_job_locked (p->job_id, &commit_driver, p->speed,
                                p->auto_finalize, p->auto_dismiss, p->on_error,
                                errp);
-  if (!job)
+  if (!job) {
+    if (filter)
+      node_unref (filter);
     return false;
+  }
   if (!job_make_writable (p->base, &made_rw, errp)) {
+    if (filter)
+      node_unref (filter);
     job_discard_job_locked (job);
     return false;
   }
   if (!(c = commit_new (p))) {
     error_set (errp, ENOMEM, "out of memory");
+    if (filter)
+      node_unref (filter);
     if (made_rw)
       strata_reopen (p->base, false, 0, NULL);
     job_discard_job_locked (job);
     return false;
   }
-  /* From here the job's clean restores BASE. */
+  /* From here the job's clean restores BASE and drops the filter. */
   c->restore_ro = made_rw;
   job->opaque = c;
+  if (!p->active
+      && !(filter = open_job_filter ("commit_top", p->top, p->filter_node_name,
+                                     errp))) {
+    job_discard_job_locked (job);
+    return false;
+  }
+  if (!hold_filter (job, c, filter)) {
+    error_set (errp, ENOMEM, "out of memory");
+    job_discard_job_locked (job);
+    return false;
+  }
   if (!p->active) {
     int64_t len = node_length (p->top);
     job->len = len > 0 ? len : 0;
@@ -574,14 +653,21 @@ mirror_start_job_locked (const struct mirror_params *p, strata_error **errp)
   struct commit_params cp = { .top = p->source, .base = p->target };
   struct job *job;
   struct commit *c;
+  strata_node *filter;
 
+  if (!(filter = open_job_filter ("mirror_top", p->device, p->filter_node_name,
+                                  errp)))
+    return false;
   job = job_create_job_locked (p->job_id, &mirror_driver, p->speed,
                                p->auto_finalize, p->auto_dismiss,
                                p->on_source_error, errp);
-  if (!job)
+  if (!job) {
+    node_unref (filter);
     return false;
+  }
   if (!(c = commit_new (&cp))) {
     error_set (errp, ENOMEM, "out of memory");
+    node_unref (filter);
     job_discard_job_locked (job);
     return false;
   }
@@ -593,7 +679,7 @@ mirror_start_job_locked (const struct mirror_params *p, strata_error **errp)
   if ((c->target_backing = p->target_backing))
     node_ref (c->target_backing);
   job->opaque = c;
-  if (!job_add_node (job, p->device)
+  if (!hold_filter (job, c, filter) || !job_add_node (job, p->device)
       || (p->source != p->device && !job_add_node (job, p->source))
       || !job_add_backend (job, p->target)) {
     error_set (errp, ENOMEM, "out of memory");

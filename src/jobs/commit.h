@@ -23,10 +23,14 @@ struct commit_params {
   int64_t speed;            /* bytes/s, 0: unlimited; < 0 refused */
   enum job_on_error on_error;
   bool auto_finalize, auto_dismiss;
+  const char *filter_node_name; /* the job filter's name, or NULL */
 };
 
 /* Create and start a commit job, intermediate (TOP below the device's
- * active layer) or active, job lock and graph lock held.  False with *ERRP set
+ * active layer) or active, job lock and graph lock held.  The job holds a
+ * filter node for its life, as QEMU's (drivers/jobfilter.c): commit_top
+ * over TOP, made after the job; mirror_top over DEVICE for an active
+ * commit, made before it.  False with *ERRP set
  * (a job that was created has sent created and null). */
 bool commit_start_job_locked (const struct commit_params *p,
                               strata_error **errp);
@@ -50,9 +54,11 @@ struct mirror_params {
   enum job_on_error on_source_error, on_target_error;
   bool write_blocking; /* copy-mode=write-blocking */
   bool auto_finalize, auto_dismiss;
+  const char *filter_node_name; /* the mirror_top filter's name, or NULL */
 };
 
-/* Create and start a mirror job, job lock and graph lock held. */
+/* Create and start a mirror job, job lock and graph lock held; its
+ * mirror_top filter over DEVICE is made before the job, as QEMU's. */
 bool mirror_start_job_locked (const struct mirror_params *p,
                               strata_error **errp);
 
