@@ -391,15 +391,44 @@ struct strata_bitmap_info {
  * version 2), EINVAL when the bitmap metadata is malformed (the message
  * names the field), or the errno of a failed read.
  *
- * strata does not yet maintain bitmaps, so a qcow2 image that has valid
- * ones cannot be opened read-write: strata_open() and strata_reopen()
- * fail, naming them, rather than let the write invalidate them.
+ * A qcow2 image's bitmaps are loaded when it is opened, record writes
+ * while enabled, and are stored back when it is closed; an image whose
+ * bitmaps strata cannot keep (malformed, unknown flags) cannot be opened
+ * read-write, and strata_open() says why.
  *
  * FLAGS: none yet (STRATA_BITMAP_LIST_MASK); others fail with EINVAL. */
 #define STRATA_BITMAP_LIST_MASK 0u
 bool strata_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
                          size_t *n, unsigned flags, strata_error **errp);
 void strata_bitmap_list_free (struct strata_bitmap_info **list);
+
+/* Named dirty bitmaps of an open node, as qemu-img bitmap and QEMU's
+ * block-dirty-bitmap-* change them (QEMU's error texts).  add: a new
+ * bitmap NAME on NODE (below any filters), recording unless
+ * STRATA_BITMAP_ADD_DISABLED, stored in the image unless
+ * STRATA_BITMAP_ADD_TRANSIENT (the format must hold bitmaps: qcow2
+ * version 3); GRANULARITY 0 is QEMU's default (the cluster size within
+ * 4 KiB..64 KiB).  change: OP on bitmap NAME.  merge: bitmap SOURCE of
+ * SRC (any open node of the same length) into NAME of NODE.  FLAGS: as
+ * named; others fail with EINVAL. */
+#define STRATA_BITMAP_ADD_DISABLED  (1u << 0)
+#define STRATA_BITMAP_ADD_TRANSIENT (1u << 1)
+#define STRATA_BITMAP_ADD_MASK      3u
+bool strata_bitmap_add (strata_node *node, const char *name,
+                        uint64_t granularity, unsigned flags,
+                        strata_error **errp);
+enum strata_bitmap_op {
+  STRATA_BITMAP_REMOVE,
+  STRATA_BITMAP_CLEAR,
+  STRATA_BITMAP_ENABLE,
+  STRATA_BITMAP_DISABLE,
+};
+bool strata_bitmap_change (strata_node *node, const char *name,
+                           enum strata_bitmap_op op, unsigned flags,
+                           strata_error **errp);
+bool strata_bitmap_merge (strata_node *node, const char *name,
+                          strata_node *src, const char *source,
+                          unsigned flags, strata_error **errp);
 
 #ifdef __cplusplus
 }

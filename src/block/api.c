@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "block/chain.h"
+#include "block/dirty.h"
 #include "block/node.h"
 #include "util/checked.h"
 
@@ -792,6 +793,141 @@ strata_bitmap_list (strata_node *node, struct strata_bitmap_info ***list,
   if (!node->drv->bitmap_list)
     return unsupported (node, "persistent bitmaps", errp);
   return node->drv->bitmap_list (node, list, n, errp);
+}
+
+/* QEMU's bdrv_get_default_bitmap_granularity. */
+static uint64_t
+default_granularity (strata_node *node)
+{
+  struct strata_info info = { 0 };
+
+  if (node->drv->get_info && node->drv->get_info (node, &info, NULL)
+      && info.cluster_size)
+    return MIN (MAX (info.cluster_size, 4096), 65536);
+  return 65536;
+}
+
+static const char *
+node_label (strata_node *node)
+{
+  return node->node_name ? node->node_name : node->filename;
+}
+
+bool
+strata_bitmap_add (strata_node *node, const char *name, uint64_t granularity,
+                   unsigned flags, strata_error **errp)
+{
+  bool persistent = !(flags & STRATA_BITMAP_ADD_TRANSIENT);
+
+  if (check_flags ("strata_bitmap_add", flags, STRATA_BITMAP_ADD_MASK, errp)
+      < 0)
+    return false;
+  node = node_skip_filters (node);
+  if (!granularity)
+    granularity = default_granularity (node);
+  if (granularity < DIRTY_MIN_GRANULARITY || (granularity & (granularity - 1))
+      || granularity > DIRTY_MAX_GRANULARITY) {
+    error_set (errp, EINVAL,
+               "Granularity must be power of 2 and at least 512");
+    return false;
+  }
+  if (persistent && node_bitmap_find (node, name, NULL)) {
+    error_set (errp, EEXIST, "Bitmap already exists: %s", name);
+    return false;
+  }
+  if (persistent && !node->drv->bitmap_can_store) {
+    error_set (errp, ENOTSUP,
+               "Can't store persistent bitmaps to %s: Operation not "
+               "supported",
+               node_label (node));
+    return false;
+  }
+  if (persistent
+      && !node->drv->bitmap_can_store (node, name, granularity, errp)) {
+    error_prepend (errp, "Can't make bitmap '%s' persistent in '%s'", name,
+                   node_label (node));
+    return false;
+  }
+  return node_bitmap_add (node, name, granularity,
+                          (persistent ? DIRTY_PERSISTENT : 0)
+                              | (flags & STRATA_BITMAP_ADD_DISABLED
+                                     ? DIRTY_DISABLED
+                                     : 0),
+                          errp)
+         != NULL;
+}
+
+/* NAME on NODE, usable by the commands that change it (QEMU's
+ * bdrv_dirty_bitmap_check). */
+static struct dirty_bitmap *
+usable_bitmap (strata_node *node, const char *name, strata_error **errp)
+{
+  struct dirty_bitmap *bm = node_bitmap_find (node, name, errp);
+
+  if (bm && dirty_busy (bm)) {
+    error_set (errp, EBUSY,
+               "Bitmap '%s' is currently in use by another operation and "
+               "cannot be used",
+               name);
+    return NULL;
+  }
+  if (bm && (dirty_flags (bm) & DIRTY_INCONSISTENT)) {
+    error_set (errp, EINVAL,
+               "Bitmap '%s' is inconsistent and cannot be used\nTry "
+               "block-dirty-bitmap-remove to delete this bitmap from disk",
+               name);
+    return NULL;
+  }
+  return bm;
+}
+
+bool
+strata_bitmap_change (strata_node *node, const char *name,
+                      enum strata_bitmap_op op, unsigned flags,
+                      strata_error **errp)
+{
+  struct dirty_bitmap *bm;
+
+  if (check_flags ("strata_bitmap_change", flags, 0, errp) < 0)
+    return false;
+  node = node_skip_filters (node);
+  if (op == STRATA_BITMAP_REMOVE)
+    return node_bitmap_remove (node, name, errp);
+  if (!(bm = usable_bitmap (node, name, errp)))
+    return false;
+  switch (op) {
+  case STRATA_BITMAP_CLEAR: dirty_clear_all (bm); break;
+  case STRATA_BITMAP_ENABLE: dirty_set_flag (bm, DIRTY_DISABLED, false); break;
+  case STRATA_BITMAP_DISABLE: dirty_set_flag (bm, DIRTY_DISABLED, true); break;
+  default:
+    error_set (errp, EINVAL, "strata_bitmap_change: unknown operation %d",
+               (int)op);
+    return false;
+  }
+  return true;
+}
+
+bool
+strata_bitmap_merge (strata_node *node, const char *name, strata_node *src,
+                     const char *source, unsigned flags, strata_error **errp)
+{
+  struct dirty_bitmap *dst, *from;
+
+  if (check_flags ("strata_bitmap_merge", flags, 0, errp) < 0)
+    return false;
+  node = node_skip_filters (node);
+  src = node_skip_filters (src);
+  if (!(dst = usable_bitmap (node, name, errp))
+      || !(from = node_bitmap_find (src, source, errp)))
+    return false;
+  if (dirty_flags (from) & DIRTY_INCONSISTENT) {
+    error_set (errp, EINVAL,
+               "Bitmap '%s' is inconsistent and cannot be used\nTry "
+               "block-dirty-bitmap-remove to delete this bitmap from disk",
+               source);
+    return false;
+  }
+  return dirty_merge (dst, from, errp);
 }
 
 void

@@ -12,6 +12,7 @@
  * like attach and detach.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -274,7 +275,7 @@ node_bitmap_add (strata_node *node, const char *name, uint64_t granularity,
       || granularity > DIRTY_MAX_GRANULARITY
       || (granularity & (granularity - 1))) {
     error_set (errp, EINVAL,
-               "Granularity must be power of 2, and at least 512");
+               "Granularity must be power of 2 and at least 512");
     return NULL;
   }
   if (len < 0) {
@@ -475,7 +476,10 @@ dirty_merge (struct dirty_bitmap *dst, struct dirty_bitmap *src,
   uint64_t from = 0, off, len;
 
   if (dst->size != src->size) {
-    error_set (errp, EINVAL, "Bitmaps are incompatible and can't be merged");
+    error_set (errp, EINVAL,
+               "Bitmaps are of different sizes (destination size is %" PRIu64
+               ", source size is %" PRIu64 ") and can't be merged",
+               dst->size, src->size);
     return false;
   }
   if (dst == src)

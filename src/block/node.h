@@ -170,6 +170,10 @@ struct strata_driver {
   bool (*bitmap_list) (struct strata_node *node,
                        struct strata_bitmap_info ***list, size_t *n,
                        strata_error **errp);
+  /* Whether the image can store one more persistent bitmap NAME of
+   * GRANULARITY (else false with QEMU's reason); NULL: it cannot. */
+  bool (*bitmap_can_store) (struct strata_node *node, const char *name,
+                            uint64_t granularity, strata_error **errp);
 
   /* Change creation options of an open image in place (qemu-img amend).
    * OPTS was checked against create_options. */

@@ -92,6 +92,7 @@ void img_help (void);
 /* The subcommands. */
 int cmd_create (int argc, char **argv);     /* img-create.c */
 int cmd_info (int argc, char **argv);       /* img-info.c */
+int cmd_bitmap (int argc, char **argv);     /* img-bitmap.c */
 int cmd_map (int argc, char **argv);        /* img-map.c */
 int cmd_check (int argc, char **argv);      /* img-check.c */
 int cmd_compare (int argc, char **argv);    /* img-compare.c */

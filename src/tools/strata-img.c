@@ -43,6 +43,9 @@ usage (FILE *f)
     "           [--size N | [-f FMT] [-U] FILE]\n"
     "  snapshot [-U] [-q] [-l | -a NAME | -c NAME | -d NAME] FILE\n"
     "  amend    [-p] [-q] [-f FMT] [-t CACHE] [--force] -o OPTS FILE\n"
+    "  bitmap   (--merge SOURCE | --add | --remove | --clear | --enable |\n"
+    "           --disable)... [-b SOURCE_FILE [-F SOURCE_FMT]]\n"
+    "           [-g GRANULARITY] [-f FMT] FILE BITMAP\n"
     "  stream   (strata's own: see strata-img stream -h)\n", progname);
 }
 
@@ -65,6 +68,7 @@ main (int argc, char **argv)
     { "measure", cmd_measure }, { "commit", cmd_commit },
     { "rebase", cmd_rebase }, { "resize", cmd_resize },
     { "snapshot", cmd_snapshot }, { "amend", cmd_amend },
+    { "bitmap", cmd_bitmap },
     { "stream", cmd_stream },
   };
 

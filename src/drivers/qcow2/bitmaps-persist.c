@@ -562,3 +562,36 @@ fail:
              node->filename, strerror (-r));
   return false;
 }
+
+bool
+qcow2_bitmap_can_store (strata_node *node, const char *name,
+                        uint64_t granularity, strata_error **errp)
+{
+  struct qcow2_state *s = node->opaque;
+  CLEANUP_FREE struct dirty_bitmap **l = NULL;
+  size_t n = 0, persistent = 0;
+
+  (void)name;
+  (void)granularity; /* the registry checks it against QEMU's limits */
+  if (s->version < 3) {
+    error_set (errp, ENOTSUP, "Cannot store dirty bitmaps in qcow2 v2 files");
+    return false;
+  }
+  if (s->bm_load_err) {
+    error_set (errp, strata_error_errno (s->bm_load_err), "%s",
+               strata_error_message (s->bm_load_err));
+    return false;
+  }
+  if (!(l = node_bitmaps (node, &n))) {
+    error_set (errp, ENOMEM, "out of memory");
+    return false;
+  }
+  for (size_t i = 0; i < n; i++)
+    persistent += !!(dirty_flags (l[i]) & DIRTY_PERSISTENT);
+  if (persistent >= 65535) {
+    error_set (errp, ENOSPC,
+               "Maximum number of persistent bitmaps is already reached");
+    return false;
+  }
+  return true;
+}

@@ -484,6 +484,7 @@ const struct strata_driver qcow2_driver = {
   .create_options = qcow2_create_options,
   .snapshot_list  = qcow2_snapshot_list,
   .bitmap_list    = qcow2_bitmap_list,
+  .bitmap_can_store = qcow2_bitmap_can_store,
   .snapshot_create = qcow2_snapshot_create,
   .snapshot_apply = qcow2_snapshot_apply,
   .snapshot_delete = qcow2_snapshot_delete,

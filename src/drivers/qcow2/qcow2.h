@@ -586,6 +586,9 @@ bool qcow2_bitmaps_load (strata_node *node, strata_error **errp);
 bool qcow2_bitmaps_writable (strata_node *node, strata_error **errp);
 bool qcow2_bitmaps_store (strata_node *node, strata_error **errp);
 void qcow2_bitmaps_forget (struct qcow2_state *s);
+/* The driver's bitmap_can_store (strata_bitmap_add of a persistent one). */
+bool qcow2_bitmap_can_store (strata_node *node, const char *name,
+                             uint64_t granularity, strata_error **errp);
 
 /* create.c: qemu-img create -f qcow2. */
 bool qcow2_create (const char *filename, strata_opts *opts,

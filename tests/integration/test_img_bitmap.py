@@ -1,0 +1,133 @@
+"""strata-img bitmap against qemu-img bitmap 7.2, and persistent bitmaps
+both ways between strata and QEMU.
+
+Each transcript row runs the same arguments through qemu-img and
+strata-img on twin images and asserts the same exit code and message
+(program name and QEMU's generated node names masked); then qemu-img info
+lists the same bitmaps in both and qemu-img check finds both clean.  The
+interop tests make bitmaps with one program, write with the other, and
+read the bitmaps' dirty extents back through qemu-nbd (nbdinfo --map).
+"""
+import json
+import re
+import subprocess
+
+import pytest
+
+from harness import binary, need, run
+from test_qcow2_bitmaps_guard import dirty_extents
+
+ROWS = [
+    "--add {i} x", "--add {i} x", "--remove {i} nope", "--add {v2} y",
+    "--add -g 1000 {i} g", "--add -g 4G {i} g", "--add -g 2G {i} g2",
+    "--add -g abc {i} g", "--clear {i} nope", "--enable {i} x",
+    "--merge nope {i} x", "{i} x", "--add {i}", "--add --disable {i} d",
+    "--remove --add {i} x2", "--merge x -F qcow2 {i} y", "--bogus {i} x",
+    "-g 512 --clear {i} x", "-b {i} --clear {i} x",
+    "--add -g 512 {i} small", "--disable {i} x --clear",
+    "--merge small {i} d", "--remove {i} g2", "--merge d -b {big} {i} x",
+]
+
+
+def mask(text, tool, tmp):
+    text = text.replace(tool, "TOOL").replace(str(tmp) + "/", "")
+    text = re.sub(r"\b[qs](img|v2)\.qcow2", r"\1.qcow2", text)
+    return re.sub(r"#block\d+", "NODE", text)
+
+
+def bitmaps(qemu_img, path):
+    out = run(qemu_img, "info", "--output=json", path).stdout
+    return json.loads(out)["format-specific"]["data"].get("bitmaps")
+
+
+def test_transcript_matches_qemu_img(tmp_path):
+    qemu_img = need("qemu-img", "qemu-utils")
+    big = tmp_path / "big.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", big, "32M")
+    run(qemu_img, "bitmap", "--add", big, "d")
+    seen = {}
+    for who, tool in (("q", qemu_img), ("s", binary("strata-img"))):
+        img, v2 = tmp_path / f"{who}img.qcow2", tmp_path / f"{who}v2.qcow2"
+        run(qemu_img, "create", "-q", "-f", "qcow2", img, "1M")
+        run(qemu_img, "create", "-q", "-f", "qcow2", "-o", "compat=0.10",
+            v2, "1M")
+        rows = []
+        for row in ROWS:
+            args = row.format(i=img, v2=v2, big=big).split()
+            p = subprocess.run([tool, "bitmap"] + args, capture_output=True,
+                               text=True, timeout=60)
+            name = "strata-img" if who == "s" else "qemu-img"
+            rows.append((row, p.returncode,
+                         mask(p.stdout + p.stderr, name, tmp_path)))
+        seen[who] = rows
+        assert "No errors were found" in run(qemu_img, "check", img).stdout
+        seen[who + "bitmaps"] = bitmaps(qemu_img, img)
+    for q, s in zip(seen["q"], seen["s"]):
+        assert q == s
+    assert seen["qbitmaps"] == seen["sbitmaps"]
+
+
+def test_strata_bitmaps_record_qemu_writes(tmp_path):
+    """Made by strata-img, written by qemu-io: QEMU keeps and updates
+    them, and check is clean."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    qemu_io = need("qemu-io", "qemu-utils")
+    img = tmp_path / "a.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", img, "64M")
+    run(binary("strata-img"), "bitmap", "--add", img, "on")
+    run(binary("strata-img"), "bitmap", "--add", "-g", "4k", "--disable",
+        img, "off")
+    run(qemu_io, "-f", "qcow2", "-c", "write 5M 4k", img)
+    assert dirty_extents(img, "on") == [(5 << 20, 64 << 10)]
+    assert dirty_extents(img, "off") == []
+    assert bitmaps(qemu_img, img) == [
+        {"flags": ["auto"], "name": "on", "granularity": 65536},
+        {"flags": [], "name": "off", "granularity": 4096}]
+    assert "No errors were found" in run(qemu_img, "check", img).stdout
+
+
+def test_qemu_bitmaps_record_strata_writes(tmp_path):
+    """Made by qemu-img, written by strata-io (data, zeroes, discard) and
+    cleared/merged by strata-img: QEMU reads the result."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    img = tmp_path / "a.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", img, "64M")
+    run(qemu_img, "bitmap", "--add", "-g", "1M", img, "q")
+    run(binary("strata-io"), "-c", "write 1M 4k", "-c", "write -z 9M 4k",
+        "-c", "discard 20M 1M", img)
+    assert dirty_extents(img, "q") == [(1 << 20, 1 << 20), (9 << 20, 1 << 20),
+                                        (20 << 20, 1 << 20)]
+    run(binary("strata-img"), "bitmap", "--add", "--disable", img, "copy",
+        "--merge", "q")
+    run(binary("strata-img"), "bitmap", "--clear", img, "q")
+    assert dirty_extents(img, "q") == []
+    assert dirty_extents(img, "copy") == [(1 << 20, 1 << 20),
+                                           (9 << 20, 1 << 20),
+                                           (20 << 20, 1 << 20)]
+    assert "No errors were found" in run(qemu_img, "check", img).stdout
+    run(binary("strata-img"), "bitmap", "--remove", img, "q")
+    run(binary("strata-img"), "bitmap", "--remove", img, "copy")
+    assert bitmaps(qemu_img, img) is None
+    assert "No errors were found" in run(qemu_img, "check", img).stdout
+
+
+def test_in_use_bitmap_kept_inconsistent(tmp_path):
+    """A bitmap left in use (its writer died) stays in use and listed;
+    strata refuses to change it with QEMU's words, and writes go on."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    img = tmp_path / "a.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", img, "64M")
+    run(qemu_img, "bitmap", "--add", img, "b")
+    data = bytearray(img.read_bytes())
+    ext = data.find(bytes.fromhex("23852875"))
+    diroff = int.from_bytes(data[ext + 24:ext + 32], "big")
+    data[diroff + 15] |= 1  # in_use
+    img.write_bytes(bytes(data))
+    p = run(binary("strata-img"), "bitmap", "--clear", img, "b", check=False)
+    assert p.returncode == 1
+    assert "Bitmap 'b' is inconsistent and cannot be used" in p.stderr
+    run(binary("strata-io"), "-c", "write 0 4k", img)
+    assert bitmaps(qemu_img, img)[0]["flags"] == ["in-use", "auto"]
+    run(binary("strata-img"), "bitmap", "--remove", img, "b")
+    assert bitmaps(qemu_img, img) is None
+    assert "No errors were found" in run(qemu_img, "check", img).stdout
