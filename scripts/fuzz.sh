@@ -40,6 +40,35 @@ qemu-img convert -c -O qcow2 -o cluster_size=4k "$corpus/big.qcow2" "$corpus/zli
 qemu-img convert -c -O qcow2 -o cluster_size=4k,compression_type=zstd "$corpus/big.qcow2" "$corpus/zstd.qcow2"
 rm "$corpus/big.qcow2"
 qemu-img create -q -f qcow2 -o cluster_size=4k -b raw.img -F raw "$corpus/overlay"
+# Persistent bitmaps, and hostile directories made from them: each seed
+# patches one field of the first directory entry (table offset into the
+# header and past the end, table size overflowing, a 64 KiB name,
+# granularity out of range, a duplicate name, an unknown flag).
+seed bitmaps -o cluster_size=4k -- "write -P 8 0 8k"
+qemu-img bitmap --add -g 4k "$corpus/bitmaps" b0
+qemu-img bitmap --add "$corpus/bitmaps" b1
+qemu-io -f qcow2 -c 'write -P 9 64k 4k' "$corpus/bitmaps" >/dev/null
+python3 - "$corpus" <<'PY'
+import struct, sys
+d = sys.argv[1]
+img = open(f"{d}/bitmaps", "rb").read()
+ext = img.find(bytes.fromhex("23852875"))
+dir_off = struct.unpack(">Q", img[ext + 24:ext + 32])[0]
+patches = {
+    "bm-table-in-header": (0, struct.pack(">Q", 0x200)),
+    "bm-table-past-eof": (0, struct.pack(">Q", 0x7fff0000)),
+    "bm-table-size-overflow": (8, struct.pack(">I", 0xffffffff)),
+    "bm-name-64k": (18, struct.pack(">H", 0xffff)),
+    "bm-granularity-63": (17, bytes([63])),
+    "bm-granularity-8": (17, bytes([8])),
+    "bm-unknown-flag": (12, struct.pack(">I", 1 << 9)),
+    "bm-duplicate-name": (24, b"b1"),
+}
+for name, (off, raw) in patches.items():
+    b = bytearray(img)
+    b[dir_off + off:dir_off + off + len(raw)] = raw
+    open(f"{d}/{name}", "wb").write(bytes(b))
+PY
 
 mkdir -p "$build/artifacts"
 "$build/fuzz-open-read" -max_total_time="$secs" -max_len=262144 \
