@@ -20,9 +20,15 @@
 # each), 1 MiB sequential read, a mixed load (randrw, 4 KiB/64 KiB/1 MiB,
 # 2 jobs), then nbdcopy of the whole export to null:.  Per row: IOPS
 # (MiB/s for the 1 MiB, mixed and nbdcopy rows) of each server, strata's
-# ratio to qemu-nbd and to nbdkit (above 1: strata is faster), and each
-# server's peak RSS (VmHWM) in MiB after that test.  Not a test: noisy on
-# a shared machine, so compare ratios from one run.
+# ratio to qemu-nbd and to nbdkit (above 1: strata is faster), each
+# server's peak RSS (VmHWM) in MiB after that test, and for the fio rows
+# the CPU time (user and system, all threads, microseconds) each server
+# spent per request while the test ran: a server with fewer IOPS but
+# less CPU per request was waiting, not working.  The servers take turns at going
+# first (strata, then qemu-nbd, from one test to the next; nbdkit last),
+# so that neither always inherits the page cache and freed memory of the
+# same predecessor.  Not a test: noisy on a shared machine, so compare
+# ratios from one run.
 set -euo pipefail
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -93,16 +99,31 @@ start() {
   esac
   pid=$!
   for _ in $(seq 200); do
-    nbdinfo --size "$uri" >/dev/null 2>&1 && return
+    if nbdinfo --size "$uri" >/dev/null 2>&1; then
+      cpu0=$(cpu_us)
+      return
+    fi
     sleep 0.05
   done
   echo "$name did not start" >&2
   exit 1
 }
 
-# stop: the server's peak RSS in MiB on stdout; it and its copy go.
+# cpu_us: the CPU time of the server so far, all its threads (live and
+# exited), in microseconds.
+cpu_us() {
+  awk -v hz="$(getconf CLK_TCK)" '{
+      sub(/^.*\) /, "")   # the fields after "(comm) "; utime, stime: 12, 13
+      printf "%.0f\n", ($12 + $13) * 1e6 / hz }' "/proc/$pid/stat"
+}
+
+# stop OPS: "rss_mib cpu_us_per_request" on stdout (the second "-" when
+# OPS is "-"); the server and its copy go.
 stop() {
-  awk '/^VmHWM:/ { printf "%.0f\n", $2 / 1024 }' "/proc/$pid/status"
+  local ops=$1
+  awk -v ops="$ops" -v du=$(($(cpu_us) - cpu0)) '/^VmHWM:/ {
+      if (ops == "-" || ops == 0) printf "%.0f -\n", $2 / 1024
+      else printf "%.0f %.1f\n", $2 / 1024, du / ops }' "/proc/$pid/status"
   kill "$pid"
   wait "$pid" 2>/dev/null || true
   pid=
@@ -121,24 +142,25 @@ t = sys.stdin.read()
 j = json.loads(t[t.index("{"):])["jobs"][0]
 iops = j["read"]["iops"] + j["write"]["iops"]
 bw = (j["read"]["bw_bytes"] + j["write"]["bw_bytes"]) / 2**20
-print(f"{iops:.0f} {bw:.1f}")'
+ios = j["read"]["total_ios"] + j["write"]["total_ios"]
+print(f"{iops:.0f} {bw:.1f} {ios}")'
 }
 
-run_test() { # TEST -> the figure of merit against $uri
+run_test() { # TEST -> "figure_of_merit requests" against $uri
   local s0 s1
   case $1 in
-    randread-4k-1) fiojob randread 4k 1 | cut -d' ' -f1 ;;
-    randread-4k-2) fiojob randread 4k 2 | cut -d' ' -f1 ;;
-    randwrite-4k-1) fiojob randwrite 4k 1 | cut -d' ' -f1 ;;
-    randwrite-4k-2) fiojob randwrite 4k 2 | cut -d' ' -f1 ;;
-    read-1M-1) fiojob read 1M 1 | cut -d' ' -f2 ;;
+    randread-4k-1) fiojob randread 4k 1 | cut -d' ' -f1,3 ;;
+    randread-4k-2) fiojob randread 4k 2 | cut -d' ' -f1,3 ;;
+    randwrite-4k-1) fiojob randwrite 4k 1 | cut -d' ' -f1,3 ;;
+    randwrite-4k-2) fiojob randwrite 4k 2 | cut -d' ' -f1,3 ;;
+    read-1M-1) fiojob read 1M 1 | cut -d' ' -f2,3 ;;
     mixed-2)
-      fiojob randrw 4k 2 --bssplit=4k/60:64k/30:1m/10 | cut -d' ' -f2 ;;
+      fiojob randrw 4k 2 --bssplit=4k/60:64k/30:1m/10 | cut -d' ' -f2,3 ;;
     nbdcopy)
       s0=$(date +%s%N)
       nbdcopy "$uri" null:
       s1=$(date +%s%N)
-      echo "$bytes $s0 $s1" | awk '{ printf "%.1f\n", $1 / 1048576 / (($3 - $2) / 1e9) }'
+      echo "$bytes $s0 $s1" | awk '{ printf "%.1f -\n", $1 / 1048576 / (($3 - $2) / 1e9) }'
       ;;
   esac
 }
@@ -146,6 +168,7 @@ run_test() { # TEST -> the figure of merit against $uri
 tests=(${TESTS:-randread-4k-1 randread-4k-2 randwrite-4k-1 randwrite-4k-2 read-1M-1
        mixed-2 nbdcopy})
 rows=()
+turn=0
 for root in $(bench_roots); do
   for shape in $shapes; do
     work=$(mktemp -d "$root/strata-nbd-bench.XXXXXX")
@@ -158,13 +181,16 @@ for root in $(bench_roots); do
     bytes=$(stat -c %s "$work/flat.raw")
     for tr in unix tcp; do
       for t in "${tests[@]}"; do
-        declare -A val=() rss=()
-        for srv in strata qemu nbdkit; do
+        declare -A val=() rss=() cpu=()
+        if ((turn++ % 2 == 0)); then order="strata qemu nbdkit"
+        else order="qemu strata nbdkit"; fi
+        for srv in $order; do
           start "$srv" "$tr"
-          val[$srv]=$(run_test "$t")
-          rss[$srv]=$(stop)
+          read -r v ops <<<"$(run_test "$t")"
+          val[$srv]=$v
+          read -r rss[$srv] cpu[$srv] <<<"$(stop "$ops")"
         done
-        rows+=("$root $shape $tr $t ${val[strata]} ${val[qemu]} ${val[nbdkit]} ${rss[strata]} ${rss[qemu]} ${rss[nbdkit]}")
+        rows+=("$root $shape $tr $t ${val[strata]} ${val[qemu]} ${val[nbdkit]} ${rss[strata]} ${rss[qemu]} ${rss[nbdkit]} ${cpu[strata]} ${cpu[qemu]} ${cpu[nbdkit]}")
         printf '.' >&2
       done
     done
@@ -174,15 +200,17 @@ for root in $(bench_roots); do
 done
 echo >&2
 
-printf '%-9s %-10s %-4s %-14s %9s %9s %9s %5s %5s  %s\n' root chain tr test \
-  strata qemu-nbd nbdkit s/q s/k "RSS MiB s/q/k"
+printf '%-9s %-10s %-4s %-14s %9s %9s %9s %5s %5s  %-13s %s\n' root chain \
+  tr test strata qemu-nbd nbdkit s/q s/k "RSS MiB s/q/k" "CPU us/req s/q/k"
 for row in "${rows[@]}"; do
   set -- $row
   unit=IOPS
   [[ $4 == randread* || $4 == randwrite* ]] || unit=MiB/s
   awk -v r="$1" -v c="$2" -v tr="$3" -v t="$4" -v s="$5" -v q="$6" -v k="$7" \
-    -v rs="$8" -v rq="$9" -v rk="${10}" -v u="$unit" 'BEGIN {
-      printf "%-9s %-10s %-4s %-14s %9s %9s %9s %5.2f %5.2f  %s/%s/%s %s\n",
+    -v rs="$8" -v rq="$9" -v rk="${10}" -v cs="${11}" -v cq="${12}" \
+    -v ck="${13}" -v u="$unit" 'BEGIN {
+      printf "%-9s %-10s %-4s %-14s %9s %9s %9s %5.2f %5.2f  %-13s %-17s %s\n",
         r, c, tr, t, s, q, k, (q > 0 ? s / q : 0), (k > 0 ? s / k : 0),
-        rs, rq, rk, (u == "IOPS" ? "" : "(MiB/s)") }'
+        rs "/" rq "/" rk, cs "/" cq "/" ck,
+        (u == "IOPS" ? "" : "(MiB/s)") }'
 done
