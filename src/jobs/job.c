@@ -706,6 +706,13 @@ job_is_cancelled (struct job *job)
   return job->cancelled;
 }
 
+bool
+job_stop_wanted (struct job *job)
+{
+  LOCK_GUARD (&jobs_mutex);
+  return job->pause_count > 0 || job->cancelled;
+}
+
 void
 job_set_error (struct job *job, const char *fmt, ...)
 {

@@ -151,7 +151,7 @@ struct job {
    * (commit's top and base): blockdev-del says "in use" for them. */
   strata_node *backends[JOB_MAX_BACKENDS];
   int nbackends;
-  char *user;          /* the graph-user phrase */
+  char *user; /* the graph-user phrase */
 
   pthread_cond_t cond; /* the job thread waits on this (CLOCK_MONOTONIC) */
   struct job *next;
@@ -249,6 +249,10 @@ bool job_sleep_ns (struct job *job, uint64_t ns);
 void job_account (struct job *job, uint64_t bytes, uint64_t start);
 void job_set_progress (struct job *job, uint64_t offset, uint64_t len);
 bool job_is_cancelled (struct job *job);
+/* Does the job want to stop at its next pause point (pause or cancel)?
+ * A driver with copies in flight finishes them first, so a paused job
+ * moves no data and its offset stays put. */
+bool job_stop_wanted (struct job *job);
 /* Cancelled without force after READY (see soft_cancel). */
 bool job_is_soft_cancelled (struct job *job);
 /* Wake the job thread from a sleep (a driver's complete callback). */

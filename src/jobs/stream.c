@@ -283,20 +283,6 @@ stream_depth (struct job *job, struct stream *s)
   return speed ? 1 : STREAM_DEPTH;
 }
 
-/* Does the job want to stop at its next pause point (pause or cancel)?
- * Then the chunks in flight are finished first, so a paused job moves
- * no data and its offset stays put. */
-static bool
-stop_wanted (struct job *job)
-{
-  bool stop;
-
-  job_lock ();
-  stop = job->pause_count > 0 || job->cancelled;
-  job_unlock ();
-  return stop;
-}
-
 static bool
 oldest_is_done (struct stream *s)
 {
@@ -422,7 +408,7 @@ stream_walk (struct job *job, struct stream *s, uint64_t len)
     unsigned depth = stream_depth (job, s);
     /* A chunk that starts inside a unit of TOP shares it with the one
      * before: it waits for those in flight (see node_copy_up_unit). */
-    bool hold = s->count && (next % s->unit || stop_wanted (job)), copy;
+    bool hold = s->count && (next % s->unit || job_stop_wanted (job)), copy;
     uint64_t c, n;
 
     /* Retire what is done, and wait for the oldest when no new chunk may
