@@ -33,8 +33,19 @@
  * commit_top over TOP, or mirror_top over the device for an active commit
  * or a mirror; listed and named as QEMU's, but beside the data path, so
  * nothing here reads or writes through it.
+ *
+ * Active commit and mirror keep several copies in flight (see "active
+ * commit" below):
+ *
+ *   job thread:  take run k, k+1, k+2 (dirty bits cleared); wait; retire
+ *   copier A:    [read k  ][write k  ][read k+2 ][write k+2 ]
+ *   copier B:    [read k+1 ][write k+1 ]...
+ *
+ * Locks: the commit's LOCK (leaf) guards the copies' results and done
+ * flags; no I/O runs under it.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,11 +58,30 @@
 #include "util/checked.h"
 #include "util/cleanup.h"
 #include "util/clock.h"
+#include "util/workqueue.h"
 
 #define COMMIT_CHUNK (512 * 1024)      /* QEMU's COMMIT_BUFFER_SIZE */
 #define ACTIVE_GRANULARITY (64 * 1024) /* QEMU's for a 64 KiB-cluster base */
 #define ACTIVE_RUN (1024 * 1024)       /* bytes copied per step, at most */
 #define ACTIVE_IDLE_NS 100000000ull    /* ready and clean: look every 0.1 s */
+#define ACTIVE_BUF_SIZE (16u << 20)    /* QEMU's default buf-size */
+#define ACTIVE_COPIERS 2               /* copier threads */
+
+struct commit;
+
+/* One copy of a dirty run in flight: the job thread fills it in and hands
+ * it to a copier; the copier sets R, IS_READ and DONE (under the commit's
+ * LOCK); the job thread retires it. */
+struct copy_op {
+  struct workqueue_item item; /* first: the work queue hands it back */
+  struct commit *c;
+  uint8_t *buf; /* the commit's RUN bytes, the slot's own */
+  uint64_t off, len, start;
+  unsigned flags; /* for the read of TOP */
+  bool busy;      /* taken (the job thread's) */
+  bool done, is_read;
+  int r;
+};
 
 struct commit {
   strata_node *top, *base, *overlay; /* references; OVERLAY NULL if active */
@@ -83,6 +113,19 @@ struct commit {
   struct tracked_req gate;     /* TOP drained and held, from the final
                                   copy until the pivot (or abort) */
   bool gated;
+
+  /* The copies in flight (the job thread's, but for what the copiers set
+   * under LOCK, see struct copy_op). */
+  uint64_t buf_size;   /* buf-size; 0: QEMU's default */
+  uint64_t run;        /* bytes per copy, at most */
+  struct copy_op *ops; /* NOPS slots */
+  unsigned nops;
+  unsigned inflight; /* slots busy */
+  uint64_t inflight_bytes;
+  unsigned ndone;           /* busy slots done, not yet retired (LOCK) */
+  struct workqueue *wq;     /* the copiers; NULL: copies run here */
+  pthread_mutex_t lock;     /* leaf: a copy's result, NDONE */
+  pthread_cond_t done_cond; /* a copy is done (the job thread waits) */
 };
 
 static const char *
@@ -125,41 +168,150 @@ grow_base (struct job *job, struct commit *c, uint64_t len)
  * (node_forward_to) for a pivot, so the device's users (exports, filters)
  * go on with BASE, and lets the requests go.  A forced cancel or an error
  * lets them go onto TOP.  Progress is QEMU's mirror's: offset is what was
- * copied, len that plus what is still dirty. */
+ * copied, len that plus what is still dirty or in flight.
+ *
+ * Copies in flight: without a speed limit the job thread takes dirty runs
+ * (clearing their bits) into the copy slots and hands them to
+ * ACTIVE_COPIERS threads; buf-size bounds the bytes in flight, as QEMU's.
+ * Each copy holds its range in the per-job range tracker (RANGES) from
+ * before its read until after its write, so two copies of one run (the
+ * guest wrote it again after the first was taken) write BASE in the order
+ * they read TOP, and a write-blocking guest write to BASE is ordered
+ * against them; whichever writes BASE last read TOP last.  A failed copy
+ * marks its run dirty again.  Before a pause or cancel takes effect, and
+ * before READY, final_copy's flush or an error's report, the copies in
+ * flight end. */
 
-/* Copy one dirty run at or after *CURSOR (a read error of TOP's view is a
- * read error, a write error of BASE a write error); 0 when nothing was
- * dirty.  FLAGS go to the read of TOP (NODE_REQ_SERIALISED under the
- * gate).  *COPIED grows by the bytes copied. */
-static int
-copy_dirty_run (struct job *job, struct commit *c, uint8_t *buf,
-                uint64_t *cursor, uint64_t *copied, unsigned flags,
-                bool *is_read)
+/* One copy of a dirty run, on a copier thread (or on the job thread when
+ * one copy at a time is allowed): under the per-job range tracker, TOP's
+ * view into BASE; a failure marks the run dirty again.  The job thread
+ * cleared the run when it took it, so a guest write landing meanwhile
+ * marks it again and it is copied once more. */
+static void
+copy_op_run (struct copy_op *op)
 {
-  uint64_t off, len, start = clock_now_ns ();
+  struct commit *c = op->c;
+  struct tracked_req rq;
   int r;
 
-  struct tracked_req rq;
-
-  if (!dirty_next (c->dirty, *cursor, ACTIVE_RUN, &off, &len))
-    return 0;
-  tracker_begin (&c->ranges, &rq, off, len, true);
-  dirty_clear (c->dirty, off, len);
-  *is_read = true;
-  r = node_pread (c->top, off, buf, len, flags);
+  op->start = clock_now_ns ();
+  tracker_begin (&c->ranges, &rq, op->off, op->len, true);
+  op->is_read = true;
+  r = node_pread (c->top, op->off, op->buf, op->len, op->flags);
   if (r >= 0) {
-    *is_read = false;
-    r = node_pwrite (c->base, off, buf, len, 0);
+    op->is_read = false;
+    r = node_pwrite (c->base, op->off, op->buf, op->len, 0);
   }
   tracker_end (&c->ranges, &rq);
-  if (r < 0) {
-    dirty_set (c->dirty, off, len); /* still to copy */
-    return r;
-  }
-  job_account (job, len, start);
+  if (r < 0)
+    dirty_set (c->dirty, op->off, op->len); /* still to copy */
+  pthread_mutex_lock (&c->lock);
+  op->r = r;
+  op->done = true;
+  c->ndone++;
+  pthread_mutex_unlock (&c->lock);
+  pthread_cond_signal (&c->done_cond);
+}
+
+static void
+copy_op_item_run (struct workqueue_item *item)
+{
+  copy_op_run ((struct copy_op *)item);
+}
+
+/* How many copies may be in flight: one under a speed limit (its pacing
+ * looks at each copy as it ends), else as many as the slots. */
+static unsigned
+copy_depth (struct job *job, struct commit *c)
+{
+  uint64_t speed;
+
+  job_lock ();
+  speed = job->rl.speed;
+  job_unlock ();
+  return speed || !c->wq ? 1 : c->nops;
+}
+
+/* Take the next dirty run at or after *CURSOR into a free slot (clearing
+ * it) and start its copy; false when nothing is dirty or no slot free. */
+static bool
+start_copy (struct job *job, struct commit *c, uint64_t *cursor,
+            unsigned flags)
+{
+  unsigned depth = copy_depth (job, c);
+  struct copy_op *op = NULL;
+  uint64_t off, len;
+
+  if (c->inflight >= depth)
+    return false;
+  for (unsigned i = 0; i < c->nops && !op; i++)
+    if (!c->ops[i].busy)
+      op = &c->ops[i];
+  if (!op || !dirty_next (c->dirty, *cursor, c->run, &off, &len))
+    return false;
+  dirty_clear (c->dirty, off, len);
+  *op = (struct copy_op){ .c = c,
+                          .buf = op->buf,
+                          .off = off,
+                          .len = len,
+                          .flags = flags,
+                          .busy = true };
+  op->item.run = copy_op_item_run;
+  c->inflight++;
+  c->inflight_bytes += len;
   *cursor = off + len;
-  *copied += len;
-  return 0;
+  if (depth > 1)
+    workqueue_submit (c->wq, &op->item, &op->item, 1, 1);
+  else
+    copy_op_run (op);
+  return true;
+}
+
+/* Retire the copies that are done (waiting for one first when WAIT and
+ * some are in flight): the bytes copied count, and the first failure is
+ * returned (its run is dirty again) with *IS_READ saying which side. */
+static int
+retire_copies (struct job *job, struct commit *c, bool wait, uint64_t *copied,
+               bool *is_read)
+{
+  int r = 0;
+
+  pthread_mutex_lock (&c->lock);
+  while (wait && c->inflight && !c->ndone)
+    pthread_cond_wait (&c->done_cond, &c->lock);
+  for (unsigned i = 0; i < c->nops && c->ndone; i++) {
+    struct copy_op *op = &c->ops[i];
+
+    if (!op->busy || !op->done)
+      continue;
+    op->busy = false;
+    c->ndone--;
+    c->inflight--;
+    c->inflight_bytes -= op->len;
+    if (op->r < 0) {
+      if (r == 0) {
+        r = op->r;
+        *is_read = op->is_read;
+      }
+      continue;
+    }
+    *copied += op->len;
+    pthread_mutex_unlock (&c->lock);
+    job_account (job, op->len, op->start);
+    pthread_mutex_lock (&c->lock);
+  }
+  pthread_mutex_unlock (&c->lock);
+  return r;
+}
+
+/* Wait for every copy in flight (their failures leave their runs dirty). */
+static void
+drain_copies (struct job *job, struct commit *c, uint64_t *copied)
+{
+  bool is_read;
+
+  while (c->inflight)
+    retire_copies (job, c, true, copied, &is_read);
 }
 
 /* Mark every piece a layer from TOP down to the one above SCAN_BASE
@@ -185,7 +337,7 @@ mark_allocated (struct commit *c, uint64_t len)
 /* The end: TOP drained and held, the rest copied, BASE flushed.  The gate
  * stays until prepare or abort. */
 static int
-final_copy (struct job *job, struct commit *c, uint8_t *buf, uint64_t *copied)
+final_copy (struct job *job, struct commit *c, uint64_t *copied)
 {
   uint64_t cursor = 0;
   bool is_read;
@@ -193,11 +345,12 @@ final_copy (struct job *job, struct commit *c, uint8_t *buf, uint64_t *copied)
 
   tracker_begin (&c->top->tracker, &c->gate, 0, UINT64_MAX / 2, true);
   c->gated = true;
-  while (dirty_count (c->dirty) > 0)
-    if ((r = copy_dirty_run (job, c, buf, &cursor, copied, NODE_REQ_SERIALISED,
-                             &is_read))
-        < 0)
+  while (c->inflight || dirty_count (c->dirty) > 0) {
+    while (start_copy (job, c, &cursor, NODE_REQ_SERIALISED))
+      ;
+    if ((r = retire_copies (job, c, true, copied, &is_read)) < 0)
       return r;
+  }
   job_set_progress (job, *copied, *copied);
   return node_flush (c->base);
 }
@@ -246,15 +399,87 @@ release_gate (struct commit *c)
   c->gated = false;
 }
 
-static int
-active_run (struct job *job, struct commit *c, uint64_t len)
+/* The copy slots: BUF_SIZE (QEMU's buf-size, rounded up to whole pieces
+ * as QEMU rounds it; 0: its default) bounds the bytes in flight, in runs
+ * of at most ACTIVE_RUN, in at most ACTIVE_COPIERS + 1 copies (one more
+ * than the copiers, so one that ends finds the next queued). */
+static bool
+copies_init (struct commit *c)
 {
-  CLEANUP_FREE uint8_t *buf = malloc (ACTIVE_RUN);
-  uint64_t cursor = 0, copied = 0;
+  uint64_t g = ACTIVE_GRANULARITY;
+  uint64_t buf = c->buf_size ? (c->buf_size + g - 1) / g * g : ACTIVE_BUF_SIZE;
+
+  c->run = MIN (ACTIVE_RUN, buf);
+  c->nops = MAX (MIN (buf / c->run, ACTIVE_COPIERS + 1), 1);
+  if (!(c->ops = calloc (c->nops, sizeof *c->ops)))
+    return false;
+  for (unsigned i = 0; i < c->nops; i++)
+    if (!(c->ops[i].buf = malloc (c->run)))
+      return false;
+  /* Without copier threads the copies go one at a time, here. */
+  c->wq = c->nops > 1 ? workqueue_new (ACTIVE_COPIERS, 0) : NULL;
+  return true;
+}
+
+/* Copy dirty runs until none is left (then READY) and on while the guest
+ * writes, until job-complete or a soft cancel ends it with final_copy.
+ * Copies go on in flight while the job thread takes the next runs;
+ * before a pause or a cancel takes effect, those in flight end, so a
+ * paused job moves no data. */
+static int
+active_loop (struct job *job, struct commit *c, uint64_t *copied)
+{
+  uint64_t cursor = 0;
   bool is_read;
   int r;
 
-  if (!buf)
+  for (;;) {
+    uint64_t left = dirty_count (c->dirty) + c->inflight_bytes;
+    uint64_t done = *copied + atomic_load (&c->synced);
+    int serr = atomic_exchange (&c->sync_error, 0);
+
+    if (serr < 0
+        && job_io_error_policy (job, serr, false, c->on_target_error)
+               == JOB_ON_ERROR_REPORT)
+      return serr;
+    job_set_progress (job, done, done + left);
+    if (c->inflight && job_stop_wanted (job))
+      r = retire_copies (job, c, true, copied, &is_read);
+    else {
+      if (!job_yield (job) && !job_is_soft_cancelled (job))
+        return -ECANCELED;
+      if (left == 0) {
+        bool soft = job_is_soft_cancelled (job);
+
+        job_set_ready (job);
+        if (atomic_load (&c->should_complete) || soft) {
+          c->pivot = !soft;
+          return final_copy (job, c, copied);
+        }
+        if (!job_sleep_ns (job, ACTIVE_IDLE_NS)
+            && !job_is_soft_cancelled (job))
+          return -ECANCELED;
+        continue;
+      }
+      while (start_copy (job, c, &cursor, 0))
+        ;
+      r = retire_copies (job, c, true, copied, &is_read);
+    }
+    if (r < 0
+        && job_io_error_policy (job, r, is_read,
+                                is_read ? job->on_error : c->on_target_error)
+               == JOB_ON_ERROR_REPORT)
+      return r;
+  }
+}
+
+static int
+active_run (struct job *job, struct commit *c, uint64_t len)
+{
+  uint64_t copied = 0;
+  int r;
+
+  if (!copies_init (c))
     return -ENOMEM;
   if (!(c->dirty = dirty_new (len, ACTIVE_GRANULARITY)))
     return -ENOMEM;
@@ -264,37 +489,12 @@ active_run (struct job *job, struct commit *c, uint64_t len)
     return -ENOMEM;
   if ((r = mark_allocated (c, len)) < 0)
     return r;
-  for (;;) {
-    uint64_t left = dirty_count (c->dirty);
-    uint64_t done = copied + atomic_load (&c->synced);
-    int serr = atomic_exchange (&c->sync_error, 0);
-
-    if (serr < 0
-        && job_io_error_policy (job, serr, false, c->on_target_error)
-               == JOB_ON_ERROR_REPORT)
-      return serr;
-    job_set_progress (job, done, done + left);
-    if (!job_yield (job) && !job_is_soft_cancelled (job))
-      return -ECANCELED;
-    if (left == 0) {
-      bool soft = job_is_soft_cancelled (job);
-
-      job_set_ready (job);
-      if (atomic_load (&c->should_complete) || soft) {
-        c->pivot = !soft;
-        return final_copy (job, c, buf, &copied);
-      }
-      if (!job_sleep_ns (job, ACTIVE_IDLE_NS) && !job_is_soft_cancelled (job))
-        return -ECANCELED;
-      continue;
-    }
-    r = copy_dirty_run (job, c, buf, &cursor, &copied, 0, &is_read);
-    if (r < 0
-        && job_io_error_policy (job, r, is_read,
-                                is_read ? job->on_error : c->on_target_error)
-               == JOB_ON_ERROR_REPORT)
-      return r;
-  }
+  r = active_loop (job, c, &copied);
+  drain_copies (job, c, &copied);
+  if (c->wq)
+    workqueue_free (c->wq);
+  c->wq = NULL;
+  return r;
 }
 
 /* job-complete: READY (the framework checked), so the run ends for a
@@ -487,6 +687,11 @@ commit_clean (struct job *job)
   }
   release_gate (c);
   tracker_destroy (&c->ranges);
+  for (unsigned i = 0; c->ops && i < c->nops; i++)
+    free (c->ops[i].buf);
+  free (c->ops);
+  pthread_mutex_destroy (&c->lock);
+  pthread_cond_destroy (&c->done_cond);
   node_unref (c->top);
   node_unref (c->base);
   if (c->overlay)
@@ -537,6 +742,8 @@ commit_new (const struct commit_params *p)
   c->scan = true;
   c->scan_base = p->base;
   tracker_init (&c->ranges);
+  pthread_mutex_init (&c->lock, NULL);
+  pthread_cond_init (&c->done_cond, NULL);
   c->on_target_error = p->on_error;
   return c;
 }
@@ -678,6 +885,7 @@ mirror_start_job_locked (const struct mirror_params *p, strata_error **errp)
   c->write_blocking = p->write_blocking;
   if ((c->target_backing = p->target_backing))
     node_ref (c->target_backing);
+  c->buf_size = p->buf_size;
   job->opaque = c;
   if (!hold_filter (job, c, filter) || !job_add_node (job, p->device)
       || (p->source != p->device && !job_add_node (job, p->source))

@@ -53,6 +53,7 @@ struct mirror_params {
   int64_t speed;
   enum job_on_error on_source_error, on_target_error;
   bool write_blocking; /* copy-mode=write-blocking */
+  uint64_t buf_size;   /* buf-size: bytes of copies in flight; 0: default */
   bool auto_finalize, auto_dismiss;
   const char *filter_node_name; /* the mirror_top filter's name, or NULL */
 };

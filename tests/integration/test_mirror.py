@@ -16,8 +16,20 @@ from harness.qcow2 import MiB
 from test_commit_active import SIZE_MIB, Writer, scattered_chain, serve_top
 
 
-@pytest.mark.parametrize("where", ["local", "nbd"])
-def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where):
+# Under a speed limit the job copies one run at a time; without one,
+# several copies are in flight (copier threads) while the guest writes;
+# buf-size 64 KiB allows one copy of one piece at a time.
+@pytest.mark.parametrize("where,speed,mode,buf", [
+    ("local", 32 * MiB, "background", None),
+    ("nbd", 32 * MiB, "background", None),
+    ("local", 0, "background", None),
+    ("nbd", 0, "background", None),
+    ("local", 0, "write-blocking", None),
+    ("nbd", 0, "write-blocking", None),
+    ("local", 0, "background", 64 * 1024),
+])
+def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where, speed, mode,
+                             buf):
     rng = random.Random(11)
     p, raw, model = scattered_chain(tmp_path / "src", qemu_img, qemu_io, rng,
                                     SIZE_MIB * 2)
@@ -43,11 +55,16 @@ def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where):
              writable=True)
         d.ok("blockdev-add", driver="nbd", **{"node-name": "tgt"},
              server={"type": "unix", "path": str(bsock)}, export="dst")
-    w = Writer(f"nbd+unix:///top?socket={sock}", model, 11)
+    # Without a limit, a guest as fast as the export (FastWriter) lands
+    # writes on runs while they are being copied.
+    w = (FastWriter if speed == 0 else Writer)(
+        f"nbd+unix:///top?socket={sock}", model, 11)
     w.start()
-    d.ok("blockdev-mirror", **{"job-id": "m", "device": "top",
-                               "target": "tgt", "sync": "full",
-                               "speed": 32 * MiB})
+    args = {"job-id": "m", "device": "top", "target": "tgt", "sync": "full",
+            "speed": speed, "copy-mode": mode}
+    if buf is not None:
+        args["buf-size"] = buf
+    d.ok("blockdev-mirror", **args)
     d.event("BLOCK_JOB_READY", timeout=60)
     before = w.count
     time.sleep(0.3)
