@@ -85,7 +85,28 @@ display_filename (strata_node *node)
 }
 
 /* The node QEMU describes as "backing-image" and counts in the depth is
- * chain_next(): a filter's child, or a format's backing node. */
+ * chain_next(): a filter's child, or a format's backing node.  Except
+ * during an intermediate commit: QEMU's commit_top sits between the
+ * overlay and top, where strata's stands beside (drivers/jobfilter.c), so
+ * the walk takes it in here. */
+static strata_node *
+listed_next (strata_node *node)
+{
+  strata_node *n = chain_next (node);
+  struct graph_edge e[8];
+  bool implicit;
+  int k;
+
+  if (!n || node->backing != n)
+    return n;
+  k = graph_parents (n, e, 8);
+  for (int i = 0; i < k && i < 8; i++)
+    if (strcmp (e[i].child_name, "file") == 0
+        && strcmp (e[i].parent->drv->name, "commit_top") == 0
+        && job_is_filter (e[i].parent, &implicit))
+      return e[i].parent;
+  return n;
+}
 
 static json_t *
 image_info (strata_node *node, bool nested, struct qmp_error *err)
@@ -134,8 +155,8 @@ image_info (strata_node *node, bool nested, struct qmp_error *err)
   if (info.backing_format)
     json_object_set_new (o, "backing-filename-format",
                          json_string (info.backing_format));
-  if (nested && chain_next (node)) {
-    json_t *b = image_info (chain_next (node), true, err);
+  if (nested && listed_next (node)) {
+    json_t *b = image_info (listed_next (node), true, err);
     if (!b) {
       json_decref (o);
       return NULL;
@@ -157,7 +178,7 @@ block_device_info (strata_node *node, bool flat, struct qmp_error *err)
     return NULL;
   node_cache_mode (node, &direct, &no_flush);
   /* QEMU counts the chain it described in "image": none when flat. */
-  for (strata_node *b = chain_next (node); !flat && b; b = chain_next (b))
+  for (strata_node *b = listed_next (node); !flat && b; b = listed_next (b))
     depth++;
   fn = display_filename (node);
   o = json_pack ("{s:s, s:s, s:s?, s:b, s:b, s:s, s:i, s:o, s:i, s:i, s:i,"
