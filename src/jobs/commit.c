@@ -359,7 +359,8 @@ final_copy (struct job *job, struct commit *c, uint64_t *copied)
  * (the guest waits).  The pieces it covers whole are clean afterwards;
  * one it covers in part keeps its state (clean: BASE had the rest; dirty:
  * the job copies it whole).  A failure marks the range for the job to copy
- * and reports to it. */
+ * and reports to it.  (A piece covered in part is marked for a target that
+ * cannot read the rest through a backing node; see below.) */
 static void
 active_sync (void *opaque, enum node_write_kind kind, uint64_t offset,
              uint64_t len, const struct iovec *iov, int iovcnt)
@@ -386,8 +387,20 @@ active_sync (void *opaque, enum node_write_kind kind, uint64_t offset,
     dirty_set (c->dirty, offset, len);
     atomic_store (&c->sync_error, r);
   }
-  else
+  else {
     atomic_fetch_add (&c->synced, len);
+    /* sync=top or none into a target without a backing node (drive-
+     * mirror's, until the pivot): a clean piece may be one the layers
+     * below hold, which the target's copy-on-write cannot read, so the
+     * rest of a piece the write covers in part would read as zeros.  The
+     * job copies such a piece whole from the source's view. */
+    if (c->mirror && (!c->scan || c->scan_base) && !c->base->backing) {
+      if (offset % g)
+        dirty_set (c->dirty, offset, 1);
+      if ((offset + len) % g)
+        dirty_set (c->dirty, offset + len - 1, 1);
+    }
+  }
   tracker_end (&c->ranges, &rq);
 }
 

@@ -57,6 +57,16 @@ class Writer(threading.Thread):
         self.h.flush()
 
 
+def assert_export_reads(sock, model):
+    """The export "top" on SOCK reads as MODEL, the guest's view."""
+    nbd, h = nbd_handle(f"nbd+unix:///top?socket={sock}")
+    got = bytearray()
+    for off in range(0, SIZE_MIB * MiB, 4 * MiB):
+        got += h.pread(4 * MiB, off)
+    h.shutdown()
+    assert got == model, "the export does not read as the guest wrote"
+
+
 def serve_top(where, top, sock):
     """A stratad in WHERE with TOP open as node "top", exported writable
     over NBD on the unix socket SOCK; returns the daemon and SOCK."""
@@ -111,12 +121,7 @@ def test_active_commit_under_writes(tmp_path, qemu_img, qemu_io, end):
         if n["drv"] == "qcow2" and n["file"] == p["base"]][0]
     assert exp["node-name"] == want
 
-    nbd, h = nbd_handle(f"nbd+unix:///top?socket={sock}")
-    got = bytearray()
-    for off in range(0, SIZE_MIB * MiB, 4 * MiB):
-        got += h.pread(4 * MiB, off)
-    h.shutdown()
-    assert got == model, "the export does not read as the guest wrote"
+    assert_export_reads(sock, model)
     assert d.stop() == 0
 
     raw.write_bytes(model)

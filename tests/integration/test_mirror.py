@@ -11,9 +11,10 @@ import pytest
 
 from harness import run
 from harness.chains import add_top, make_chain
-from harness.daemons import nbd_handle, start
+from harness.daemons import start
 from harness.qcow2 import MiB
-from test_commit_active import SIZE_MIB, Writer, scattered_chain, serve_top
+from test_commit_active import (SIZE_MIB, Writer, assert_export_reads,
+                                scattered_chain, serve_top)
 
 
 # Under a speed limit the job copies one run at a time; without one,
@@ -76,12 +77,7 @@ def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where, speed, mode,
     assert w.count > before
     assert [x["node-name"] for x in d.ok("query-block-exports")] == ["tgt"]
 
-    nbd, h = nbd_handle(f"nbd+unix:///top?socket={sock}")
-    got = bytearray()
-    for off in range(0, SIZE_MIB * MiB, 4 * MiB):
-        got += h.pread(4 * MiB, off)
-    h.shutdown()
-    assert got == model, "the export does not read as the guest wrote"
+    assert_export_reads(sock, model)
     for dm in daemons:
         assert dm.stop() == 0
     raw.write_bytes(model)
@@ -218,3 +214,37 @@ def test_replaces_other_than_the_device_is_refused(tmp_path, qemu_img,
     d.ok("block-job-cancel", device="m")
     d.event("BLOCK_JOB_COMPLETED", timeout=60)
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize("sync,mode", [("full", "background"),
+                                       ("top", "background"),
+                                       ("top", "write-blocking"),
+                                       ("none", "background"),
+                                       ("none", "write-blocking")])
+def test_drive_mirror_under_writes(tmp_path, qemu_img, qemu_io, sync, mode):
+    """drive-mirror makes the target (sync=top: backed by mid, none: by
+    top) while a seeded guest writes; after the pivot the export reads as
+    the guest wrote, through the backing edge the pivot made, and so does
+    the new file with the chain its header names."""
+    rng = random.Random(13)
+    p, raw, model = scattered_chain(tmp_path / "src", qemu_img, qemu_io, rng,
+                                    SIZE_MIB * 2)
+    dst = tmp_path / "src" / "dst.qcow2"
+    d, sock = serve_top(tmp_path / "src", p["top"], tmp_path / "n.sock")
+    w = Writer(f"nbd+unix:///top?socket={sock}", model, 13)
+    w.start()
+    d.ok("drive-mirror", **{"job-id": "m", "device": "top",
+                            "target": str(dst), "sync": sync,
+                            "copy-mode": mode, "speed": 32 * MiB})
+    d.event("BLOCK_JOB_READY", timeout=60)
+    time.sleep(0.3)
+    d.ok("block-job-complete", device="m")
+    e = d.event("BLOCK_JOB_COMPLETED", timeout=60)
+    assert "error" not in e["data"], e
+    time.sleep(0.3)
+    w.finish()
+    assert_export_reads(sock, model)
+    assert d.stop() == 0
+    raw.write_bytes(model)
+    run(qemu_img, "check", dst)
+    run(qemu_img, "compare", "-f", "raw", "-F", "qcow2", raw, dst)
