@@ -16,13 +16,17 @@
  * - detect-zeroes turns an all-zero WRITE into WRITE_ZEROES.
  *
  * Hand-over: waking a worker costs more than a short request, so while
- * a connection's requests are short (its average run time at most
- * NBD_INLINE_NS: page-cache I/O) its reader runs its short reads and
- * writes itself, holding their replies back to send them together
+ * a connection's reads, or its writes, are short (their average run time
+ * at most NBD_INLINE_NS: page-cache I/O, a write in place) its reader
+ * runs them itself, holding their replies back to send them together
  * (reply_queue's DEFER): no thread is woken and one sendmsg carries many
- * replies.  Other requests, and every request once they have turned
- * slow (disk, a remote backing file), go to the work queue: the reader
- * batches them (request_submit) and hands each batch over with one lock
+ * replies.  Allocating writes (a 64 KiB cluster read from the backing
+ * file and written whole, 30-100 us) are not short: run by the reader
+ * they would all run on one thread, which on a busy machine gets one
+ * thread's share of the CPUs, and on an idle one only one of them.  Other
+ * requests, and every request once they have turned slow (disk, a remote
+ * backing file), go to the work queue: the reader batches them
+ * (request_submit) and hands each batch over with one lock
  * (request_submit_batch); see there for how many workers a batch wakes.
  * A connection starts with its average at twice NBD_SLOW_REQUEST_NS, so
  * its requests go to workers until they have proved short.
@@ -311,19 +315,28 @@ request_run (struct conn *c, struct nbd_request *req)
   return reply_simple (req->cookie, r < 0 ? -r : 0, 0);
 }
 
+/* The average run time of C's requests of TYPE (see struct conn). */
+static uint64_t *
+conn_avg (struct conn *c, uint16_t type)
+{
+  return &c->avg_ns[type == NBD_CMD_WRITE];
+}
+
 /* Run REQ, queue its reply (with the budget it took), free it, and add
- * its run time to the connection's average.  DEFER: see reply_queue. */
+ * its run time to the connection's average for its type.  DEFER: see
+ * reply_queue. */
 static void
 request_finish (struct nbd_request *req, bool defer)
 {
   struct conn *c = req->conn;
+  uint64_t *avgp = conn_avg (c, req->type);
   uint64_t t0 = clock_now_ns (), avg, took;
   struct reply *r = request_run (c, req);
 
   took = clock_now_ns () - t0;
   /* Several threads may add a sample at once; one may be lost. */
-  avg = __atomic_load_n (&c->avg_ns, __ATOMIC_RELAXED);
-  __atomic_store_n (&c->avg_ns, avg - avg / 8 + took / 8, __ATOMIC_RELAXED);
+  avg = __atomic_load_n (avgp, __ATOMIC_RELAXED);
+  __atomic_store_n (avgp, avg - avg / 8 + took / 8, __ATOMIC_RELAXED);
   reply_queue (c, r, req->cost, defer);
   free (req->payload);
   free (req);
@@ -387,7 +400,8 @@ request_run_lone (struct conn *c)
 
   if (c->nbatch != 1 || c->nheavy || !c->local
       || (req->type != NBD_CMD_READ && req->type != NBD_CMD_WRITE)
-      || __atomic_load_n (&c->avg_ns, __ATOMIC_RELAXED) > NBD_SLOW_REQUEST_NS)
+      || __atomic_load_n (conn_avg (c, req->type), __ATOMIC_RELAXED)
+             > NBD_SLOW_REQUEST_NS)
     return;
   c->batch = c->batch_tail = NULL;
   c->nbatch = 0;
@@ -395,15 +409,16 @@ request_run_lone (struct conn *c)
 }
 
 /* Whether the reader runs REQ itself: a short read or write of an export
- * with no remote node under it, while this connection's requests have
- * been short (page-cache I/O), and no batch waits for workers (it would
- * wait behind it). */
+ * with no remote node under it, while this connection's requests of its
+ * type have been short (page-cache I/O), and no batch waits for workers
+ * (it would wait behind it). */
 static bool
 request_inline (struct conn *c, const struct nbd_request *req)
 {
   return c->local && (req->type == NBD_CMD_READ || req->type == NBD_CMD_WRITE)
          && req->len < NBD_HEAVY_LEN && !c->batch
-         && __atomic_load_n (&c->avg_ns, __ATOMIC_RELAXED) <= NBD_INLINE_NS;
+         && __atomic_load_n (conn_avg (c, req->type), __ATOMIC_RELAXED)
+                <= NBD_INLINE_NS;
 }
 
 void

@@ -101,7 +101,7 @@
 #define NBD_BATCH 8                /* requests per hand-over */
 #define NBD_HEAVY_LEN (256 * 1024) /* may block: own worker */
 #define NBD_SLOW_REQUEST_NS 200000 /* requests this long: parallel */
-#define NBD_INLINE_NS 50000        /* requests this short: the reader's */
+#define NBD_INLINE_NS 20000        /* requests this short: the reader's */
 #define NBD_DEFER_MAX 16           /* replies held back for one sendmsg */
 #define NBD_NUDGE_MS 2             /* see wait_readable */
 /* A full server with a client waiting frees the slot of a connection idle
@@ -156,9 +156,12 @@ struct conn {
    * request_submit_batch). */
   struct workqueue_item *batch, *batch_tail;
   unsigned nbatch, nheavy;
-  /* Moving average (1/8 weight) of this connection's requests' run time
-   * in ns: written by whoever ran one (reader or worker), atomically. */
-  uint64_t avg_ns;
+  /* Moving averages (1/8 weight) of this connection's requests' run time
+   * in ns, [1] for writes and [0] for the rest, so that allocating writes
+   * (a cluster copied from the backing file) and page-cache reads are
+   * each judged on their own (conn_avg): written by whoever ran one
+   * (reader or worker), atomically. */
+  uint64_t avg_ns[2];
 
   pthread_mutex_t lock;     /* protects everything below */
   pthread_cond_t cond;      /* budget released (reader waits) */

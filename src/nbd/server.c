@@ -141,7 +141,8 @@ conn_run (struct nbd_server *srv, int fd)
   }
   c->srv = srv;
   c->fd = fd;
-  c->avg_ns = 2 * NBD_SLOW_REQUEST_NS; /* parallel until proved short */
+  /* Parallel until proved short. */
+  c->avg_ns[0] = c->avg_ns[1] = 2 * NBD_SLOW_REQUEST_NS;
   if (!(c->rbuf = malloc (NBD_RBUF))) {
     free (c);
     close (fd);
