@@ -37,9 +37,10 @@
  * Active commit and mirror keep several copies in flight (see "active
  * commit" below):
  *
- *   job thread:  take run k, k+1, k+2 (dirty bits cleared); wait; retire
- *   copier A:    [read k  ][write k  ][read k+2 ][write k+2 ]
+ *   job thread:  take run k, k+1, ... (dirty bits cleared); wait; retire
+ *   copier A:    [read k  ][write k  ][read k+4 ][write k+4 ]
  *   copier B:    [read k+1 ][write k+1 ]...
+ *   ... four copiers, one more copy queued for the first that ends
  *
  * Locks: the commit's LOCK (leaf) guards the copies' results and done
  * flags; no I/O runs under it.
@@ -65,7 +66,7 @@
 #define ACTIVE_RUN (1024 * 1024)       /* bytes copied per step, at most */
 #define ACTIVE_IDLE_NS 100000000ull    /* ready and clean: look every 0.1 s */
 #define ACTIVE_BUF_SIZE (16u << 20)    /* QEMU's default buf-size */
-#define ACTIVE_COPIERS 2               /* copier threads */
+#define ACTIVE_COPIERS 4               /* copier threads */
 
 struct commit;
 
