@@ -408,7 +408,7 @@ main (int argc, char **argv)
   struct qmp_server *srv;
   char *errmsg = NULL, *fallback = NULL;
   int ready_fd = -1;
-  bool ok = true;
+  bool ok = true, pid_written = false;
 
   parse_args (&o, argc, argv);
   for (int i = 0; i < o.nchardevs; i++)
@@ -428,14 +428,16 @@ main (int argc, char **argv)
     die ("%s", errmsg);
   for (int i = 0; ok && i < o.ncmds; i++)
     ok = run_option (o.cmds[i].option, o.cmds[i].arg);
+  /* The pidfile is whole before a socket exists: whoever waits for the
+   * socket may read it at once. */
+  if (ok && o.pidfile)
+    ok = pid_written = write_pidfile (o.pidfile);
   for (int i = 0; ok && i < o.nsockets; i++)
     if (!qmp_server_listen (srv, o.sockets[i], &errmsg)) {
       fprintf (stderr, "stratad: %s\n", errmsg);
       free (errmsg);
       ok = false;
     }
-  if (ok && o.pidfile)
-    ok = write_pidfile (o.pidfile);
   if (ok) {
     if (ready_fd >= 0)
       daemon_ready (ready_fd);
@@ -446,7 +448,7 @@ main (int argc, char **argv)
   qmp_export_shutdown ();
   qmp_block_shutdown ();
   qmp_server_free (srv);
-  if (ok && o.pidfile)
+  if (pid_written)
     unlink (o.pidfile);
   free (fallback);
   for (int i = 0; i < o.nchardevs; i++) {
