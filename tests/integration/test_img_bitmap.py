@@ -131,3 +131,66 @@ def test_in_use_bitmap_kept_inconsistent(tmp_path):
     run(binary("strata-img"), "bitmap", "--remove", img, "b")
     assert bitmaps(qemu_img, img) is None
     assert "No errors were found" in run(qemu_img, "check", img).stdout
+
+
+HOSTILE = {  # field: (offset in the first entry, bytes, words in the error)
+    "table in header": (0, (0x200).to_bytes(8, "big"),
+                        "points into the image header"),
+    "table past eof": (0, (0x7fff0000).to_bytes(8, "big"),
+                       "outside the file"),
+    "table size": (8, (0xffffffff).to_bytes(4, "big"), "table size"),
+    "name 64k": (18, (0xffff).to_bytes(2, "big"), "name 65535 bytes"),
+    "granularity 63": (17, bytes([63]), "granularity_bits 63"),
+    "granularity 8": (17, bytes([8]), "granularity_bits 8"),
+    "unknown flag": (12, (1 << 9).to_bytes(4, "big"), "reserved flags"),
+    "duplicate name": (24, b"b1", "appears twice"),
+}
+
+
+@pytest.mark.parametrize("field", sorted(HOSTILE))
+def test_hostile_directory_refused(tmp_path, field):
+    """One line naming the field from info, check and a read-write open;
+    check exits 1 as qemu-img check (which cannot open such an image)."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    img = tmp_path / "h.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k",
+        img, "1M")
+    run(qemu_img, "bitmap", "--add", "-g", "4k", img, "b0")
+    run(qemu_img, "bitmap", "--add", img, "b1")
+    data = bytearray(img.read_bytes())
+    ext = data.find(bytes.fromhex("23852875"))
+    diroff = int.from_bytes(data[ext + 24:ext + 32], "big")
+    off, raw, words = HOSTILE[field]
+    data[diroff + off:diroff + off + len(raw)] = raw
+    img.write_bytes(bytes(data))
+    for argv in (["strata-img", "info", img], ["strata-img", "check", img],
+                 ["strata-io", "-c", "write 0 4k", img]):
+        p = run(binary(argv[0]), *argv[1:], check=False)
+        assert p.returncode == 1, (argv, p.stdout, p.stderr)
+        assert words in p.stderr and len(p.stderr.splitlines()) == 1, \
+            p.stderr
+    if field != "table past eof":  # qemu-img opens that one (exit 2)
+        assert run(qemu_img, "check", img, check=False).returncode == 1
+
+
+def test_kill_leaves_bitmaps_in_use(tmp_path):
+    """A read-write strata that dies without closing leaves the bitmaps
+    marked in use (QEMU's protocol) and the image clean."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    img = tmp_path / "a.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", img, "64M")
+    run(qemu_img, "bitmap", "--add", img, "b")
+    proc = subprocess.Popen([binary("strata-io"), img],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        proc.stdin.write("write 0 4k\nread 0 1\n")
+        proc.stdin.flush()
+        for line in proc.stdout:
+            if "read 1/1" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert bitmaps(qemu_img, img)[0]["flags"] == ["in-use", "auto"]
+    assert run(qemu_img, "check", img, check=False).returncode in (0, 3)

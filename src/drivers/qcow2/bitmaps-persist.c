@@ -231,6 +231,16 @@ qcow2_bitmaps_forget (struct qcow2_state *s)
   s->bm_writable = false;
 }
 
+/* N contiguous clusters: one from the free space (so that rewriting the
+ * bitmaps at every close reuses what the last close freed), more past
+ * the end. */
+static int64_t
+alloc_run_locked (strata_node *node, uint64_t n)
+{
+  return n == 1 ? qcow2_alloc_cluster_locked (node)
+                : qcow2_alloc_contiguous_locked (node, n);
+}
+
 /* Write BM's data clusters and its table; *TABLE, *SIZE for its entry. */
 static int
 write_bitmap_locked (strata_node *node, struct dirty_bitmap *bm,
@@ -264,7 +274,7 @@ write_bitmap_locked (strata_node *node, struct dirty_bitmap *bm,
   *size = (uint32_t)n;
   if (!n)
     return 0;
-  if ((c = qcow2_alloc_contiguous_locked (node, tclusters)) < 0)
+  if ((c = alloc_run_locked (node, tclusters)) < 0)
     return (int)c;
   if ((r = node_pwrite (node->file, (uint64_t)c, t, tclusters * cs, 0)) < 0)
     return r;
@@ -526,9 +536,7 @@ qcow2_bitmaps_store (strata_node *node, strata_error **errp)
       goto fail;
     }
     memcpy (padded, dir, e.dir_size);
-    if ((off = qcow2_alloc_contiguous_locked (node,
-                                              ROUND_UP (e.dir_size, cs) / cs))
-        < 0) {
+    if ((off = alloc_run_locked (node, ROUND_UP (e.dir_size, cs) / cs)) < 0) {
       r = (int)off;
       goto fail;
     }

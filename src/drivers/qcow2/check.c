@@ -473,9 +473,9 @@ count_refblocks (struct check *c)
 
 /* The persistent bitmaps' clusters (qcow2.txt "Bitmaps extension",
  * "Bitmap directory", "Bitmap table"): counted only while autoclear bit 0
- * says they are consistent, as QEMU reads them; strata writes none and
- * clears that bit when it opens an image read-write, after which they
- * are leaks. */
+ * says they are consistent, as QEMU reads them (once it is clear they are
+ * leaks).  A table entry with reserved bits set or an unaligned offset is
+ * a corruption, as in QEMU's check, and is not counted. */
 static int
 count_bitmaps (struct check *c)
 {
@@ -521,7 +521,12 @@ count_bitmaps (struct check *c)
       return r;
     }
     for (uint64_t j = 0; j < t_size; j++) {
-      uint64_t d = be64_load (t + j * 8) & 0x00fffffffffffe00ull;
+      uint64_t e = be64_load (t + j * 8), d = e & 0x00fffffffffffe00ull;
+      if ((e & 0xff000000000001feull) || (d && (e & 1))
+          || (d % s->cluster_size)) {
+        c->res->corruptions++;
+        continue;
+      }
       if (d && (r = inc_refs (c, d, s->cluster_size)) < 0)
         return r;
     }
