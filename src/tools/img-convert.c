@@ -468,8 +468,8 @@ holds_bitmaps (strata_node *n, const char **fmt)
          && strcmp (q.compat, "0.10") != 0;
 }
 
-/* --bitmaps, as qemu-img checks it before creating the target.  strata
- * copies no bitmaps: a source that has some is refused. */
+/* --bitmaps, as qemu-img checks it before creating the target: a source
+ * format that holds bitmaps, none of them inconsistent (in use). */
 static bool
 bitmaps_source (struct convert *c)
 {
@@ -486,12 +486,56 @@ bitmaps_source (struct convert *c)
     fail_err (err);
     return false;
   }
+  for (size_t i = 0; i < n; i++)
+    if (l[i]->flags & STRATA_BITMAP_IN_USE) {
+      fprintf (stderr,
+               "%s: Cannot copy inconsistent bitmap '%s'\nTry "
+               "--skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to "
+               "delete it\n",
+               progname, l[i]->name);
+      strata_bitmap_list_free (l);
+      return false;
+    }
   strata_bitmap_list_free (l);
-  if (n > 0) {
-    fail_msg ("--bitmaps: copying persistent bitmaps is not supported");
+  return true;
+}
+
+/* After the copy, as qemu-img: each of the source's bitmaps made on the
+ * target (granularity, enabled or not) and filled from the source's. */
+static bool
+bitmaps_copy (struct convert *c)
+{
+  struct strata_bitmap_info **l;
+  strata_error *err = NULL;
+  size_t n;
+  bool ok = true;
+
+  if (!strata_bitmap_list (c->src[0].node, &l, &n, 0, &err)) {
+    fail_err (err);
     return false;
   }
-  return true;
+  for (size_t i = 0; i < n && ok; i++) {
+    const char *name = l[i]->name;
+
+    if (!strata_bitmap_add (c->dst, name, l[i]->granularity,
+                            l[i]->flags & STRATA_BITMAP_AUTO
+                                ? 0
+                                : STRATA_BITMAP_ADD_DISABLED,
+                            &err)) {
+      fprintf (stderr, "%s: Failed to create bitmap %s: %s\n", progname,
+               name, strata_error_message (err));
+      ok = false;
+    }
+    else if (!strata_bitmap_merge (c->dst, name, c->src[0].node, name, 0,
+                                   &err)) {
+      fprintf (stderr, "%s: Failed to populate bitmap %s: %s\n", progname,
+               name, strata_error_message (err));
+      ok = false;
+    }
+  }
+  strata_error_free (err);
+  strata_bitmap_list_free (l);
+  return ok;
 }
 
 /* ... and after: the target must hold them too. */
@@ -553,6 +597,8 @@ cmd_convert (int argc, char **argv)
     c.align &= c.align - 1; /* the power of two at or below */
   c.bufsize = c.compressed ? MAX (CONVERT_BUF, c.cluster) : CONVERT_BUF;
   r = convert_run (&c, a.rate ? 1 : copy_threads (a.threads));
+  if (r == 0 && a.bitmaps && !bitmaps_copy (&c))
+    r = 1;
 out:
   if (c.dst)
     strata_close (c.dst);

@@ -230,3 +230,38 @@ def test_crash_points_keep_bitmaps(tmp_path):
                         "read -q -P 0 3M 4k", "-c", "read -q -P 0 40M 64k",
                         img, check=False)
                 assert "fail" not in r.stdout, (n, lose, r.stdout)
+
+
+def test_convert_bitmaps_as_qemu_img(tmp_path):
+    """convert --bitmaps copies each bitmap (granularity, enabled, dirty
+    extents) as qemu-img convert does, and refuses an inconsistent one
+    with its words."""
+    qemu_img = need("qemu-img", "qemu-utils")
+    qemu_io = need("qemu-io", "qemu-utils")
+    src = tmp_path / "src.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", src, "64M")
+    run(qemu_io, "-f", "qcow2", "-c", "write 0 1M", src)
+    run(qemu_img, "bitmap", "--add", src, "b0")
+    run(qemu_img, "bitmap", "--add", "-g", "512", "--disable", src, "b1")
+    run(qemu_io, "-f", "qcow2", "-c", "write 5M 4k", src)
+    for who, tool in (("q", qemu_img), ("s", binary("strata-img"))):
+        run(tool, "convert", "--bitmaps", "-O", "qcow2", src,
+            tmp_path / f"{who}.qcow2")
+    q, s = tmp_path / "q.qcow2", tmp_path / "s.qcow2"
+    assert bitmaps(qemu_img, s) == bitmaps(qemu_img, q)
+    assert dirty_extents(s, "b0") == dirty_extents(q, "b0") == \
+        [(5 << 20, 64 << 10)]
+    assert "No errors were found" in run(qemu_img, "check", s).stdout
+    data = bytearray(src.read_bytes())
+    ext = data.find(bytes.fromhex("23852875"))
+    diroff = int.from_bytes(data[ext + 24:ext + 32], "big")
+    data[diroff + 15] |= 1  # b0 in use
+    src.write_bytes(bytes(data))
+    out = {}
+    for who, tool in (("q", qemu_img), ("s", binary("strata-img"))):
+        p = run(tool, "convert", "--bitmaps", "-O", "qcow2", src,
+                tmp_path / f"{who}2.qcow2", check=False)
+        out[who] = (p.returncode,
+                    re.sub(r"^(qemu|strata)-img:", "T:", p.stderr,
+                           flags=re.M))
+    assert out["q"] == out["s"]

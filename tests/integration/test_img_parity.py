@@ -11,9 +11,9 @@ their error cases, and a few of create, info, check, compare and map.
 
 Known differences are not rows: the help text and version, --object,
 --image-opts beyond driver/file.filename, -p progress lines when stdout is
-not a terminal, writes to images with persistent bitmaps (strata refuses
-to open them read-write, as it cannot keep the bitmaps up to date;
-test_qcow2_bitmaps_guard.py), and the rebase cases where qemu-img 7.2 changes what the guest
+not a terminal, writes to images with persistent bitmaps (strata keeps
+them, but lays their clusters out differently; test_qcow2_bitmaps_guard.py
+and test_img_bitmap.py compare what QEMU reads back), and the rebase cases where qemu-img 7.2 changes what the guest
 reads (a v2 image with no backing file, a wrong -F).
 """
 import json
