@@ -19,6 +19,15 @@
  *                 only leaf locks (stratad's event queue).
  *   registry lock (block/graph.c) taken under the job lock when a job
  *                 registers itself as a node's user.
+ *
+ * Errors ignored in a row (on-error=ignore, a target whose server died):
+ * the first JOB_RETRY_FREE are retried at once, as QEMU does; after
+ * that job_yield waits before the next try, from JOB_RETRY_FIRST_NS
+ * doubling to JOB_RETRY_MAX_NS, so a dead target costs a retry and a
+ * BLOCK_JOB_ERROR a second, not a spinning thread and an event flood
+ * (qemu-storage-daemon 7.2 stops answering QMP in that state).  Any data
+ * moved (job_account) ends the streak; a verb still wakes the job, and
+ * cancel and pause act at once.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -29,6 +38,7 @@
 
 #include "block/graph.h"
 #include "jobs/job.h"
+#include "util/checked.h"
 #include "util/cleanup.h"
 #include "util/clock.h"
 
@@ -200,6 +210,9 @@ job_wake_job_locked (struct job *job)
  * verb waits for the thread to reach its next such point (ACK). */
 
 #define SETTLE_MAX_NS 2000000000ull /* never wait longer for a slow thread */
+#define JOB_RETRY_FREE 3
+#define JOB_RETRY_FIRST_NS 10000000ull /* 10 ms */
+#define JOB_RETRY_MAX_NS 1000000000ull /* 1 s */
 
 /* The thread's side: it reached a yield point. */
 static void
@@ -657,7 +670,10 @@ job_yield (struct job *job)
     }
     now = clock_now_ns ();
     ack_job_locked (job);
-    if ((d = ratelimit_delay (&job->rl, now)) == 0)
+    d = ratelimit_delay (&job->rl, now);
+    if (job->retry_after_ns > now)
+      d = MAX (d, job->retry_after_ns - now);
+    if (d == 0)
       return true;
     job->kick = false;
     job->busy = false;
@@ -689,6 +705,8 @@ job_account (struct job *job, uint64_t bytes, uint64_t start)
 {
   LOCK_GUARD (&jobs_mutex);
   ratelimit_account (&job->rl, bytes, start);
+  job->ignored_streak = 0;
+  job->retry_after_ns = 0;
 }
 
 void
@@ -752,6 +770,13 @@ job_io_error_policy (struct job *job, int err, bool is_read,
                                        .type = job->drv->type,
                                        .is_read = is_read,
                                        .action = action });
+  if (action == JOB_ON_ERROR_IGNORE
+      && ++job->ignored_streak > JOB_RETRY_FREE) {
+    unsigned n = MIN (job->ignored_streak - JOB_RETRY_FREE - 1, 16u);
+
+    job->retry_after_ns
+        = clock_now_ns () + MIN (JOB_RETRY_FIRST_NS << n, JOB_RETRY_MAX_NS);
+  }
   if (action == JOB_ON_ERROR_STOP) {
     job->iostatus = err == -ENOSPC ? "nospace" : "failed";
     job->user_paused = true;

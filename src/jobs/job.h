@@ -140,6 +140,10 @@ struct job {
   uint64_t len, offset; /* progress: total and current */
   struct ratelimit rl;
   enum job_on_error on_error;
+  /* Errors ignored in a row, and the time before which job_yield lets
+   * the job retry no more (JOB_RETRY_* in job.c); job_account resets. */
+  unsigned ignored_streak;
+  uint64_t retry_after_ns;
   const char *iostatus; /* "ok", "failed", "nospace" */
   int ret;              /* 0 or the negative errno it ended with */
   char *error;          /* the error message when it failed */
@@ -261,7 +265,9 @@ void job_wake_job_locked (struct job *job);
 void job_set_ready (struct job *job);
 /* An I/O error: applies on-error, sends BLOCK_JOB_ERROR, and for stop
  * pauses the job (io-status failed) until resumed.  Returns the action:
- * JOB_ON_ERROR_REPORT (fail), _IGNORE (go on), _STOP (retry the chunk). */
+ * JOB_ON_ERROR_REPORT (fail), _IGNORE (go on), _STOP (retry the chunk).
+ * After a few errors ignored in a row with nothing moved between them
+ * (a dead target retried), job_yield backs off, up to a second a try. */
 enum job_on_error job_io_error (struct job *job, int err, bool is_read);
 /* The same under POLICY instead of the job's on-error (mirror's
  * on-target-error for its writes). */

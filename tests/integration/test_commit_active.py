@@ -79,6 +79,24 @@ def serve_top(where, top, sock):
     return d, sock
 
 
+def serve_target(where, dst, d):
+    """A second stratad in WHERE serving the qcow2 DST writable over NBD
+    (the destination host), added to the daemon D as node "tgt"; returns
+    the second daemon."""
+    where.mkdir()
+    b = start("stratad", where)
+    b.ok("blockdev-add", driver="qcow2", **{"node-name": "dst"},
+         file={"driver": "file", "filename": str(dst)})
+    bsock = where / "b.sock"
+    b.ok("nbd-server-start", addr={"type": "unix",
+                                   "data": {"path": str(bsock)}})
+    b.ok("block-export-add", type="nbd", id="d", **{"node-name": "dst"},
+         writable=True)
+    d.ok("blockdev-add", driver="nbd", **{"node-name": "tgt"},
+         server={"type": "unix", "path": str(bsock)}, export="dst")
+    return b
+
+
 def scattered_chain(where, qemu_img, qemu_io, rng, n):
     """make_chain in WHERE with N of top's 64 KiB clusters written at
     random; returns the paths, view.raw beside them, and the guest's view

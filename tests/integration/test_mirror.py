@@ -14,7 +14,7 @@ from harness.chains import add_top, make_chain
 from harness.daemons import start
 from harness.qcow2 import MiB
 from test_commit_active import (SIZE_MIB, Writer, assert_export_reads,
-                                scattered_chain, serve_top)
+                                scattered_chain, serve_target, serve_top)
 
 
 # Under a speed limit the job copies one run at a time; without one,
@@ -44,18 +44,7 @@ def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where, speed, mode,
         d.ok("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
              file={"driver": "file", "filename": str(dst)})
     else:
-        (tmp_path / "dst").mkdir()
-        b = start("stratad", tmp_path / "dst")
-        daemons.append(b)
-        b.ok("blockdev-add", driver="qcow2", **{"node-name": "dst"},
-             file={"driver": "file", "filename": str(dst)})
-        bsock = tmp_path / "b.sock"
-        b.ok("nbd-server-start", addr={"type": "unix",
-                                       "data": {"path": str(bsock)}})
-        b.ok("block-export-add", type="nbd", id="d", **{"node-name": "dst"},
-             writable=True)
-        d.ok("blockdev-add", driver="nbd", **{"node-name": "tgt"},
-             server={"type": "unix", "path": str(bsock)}, export="dst")
+        daemons.append(serve_target(tmp_path / "dst", dst, d))
     # Without a limit, a guest as fast as the export (FastWriter) lands
     # writes on runs while they are being copied.
     w = (FastWriter if speed == 0 else Writer)(
