@@ -777,10 +777,15 @@ job_io_error_policy (struct job *job, int err, bool is_read,
     job->retry_after_ns
         = clock_now_ns () + MIN (JOB_RETRY_FIRST_NS << n, JOB_RETRY_MAX_NS);
   }
+  /* Several copies in flight may fail at once: each sends its event, and
+   * the first pauses the job, so one resume goes on (as QEMU: a stop
+   * pauses only a job not already paused by the user). */
   if (action == JOB_ON_ERROR_STOP) {
     job->iostatus = err == -ENOSPC ? "nospace" : "failed";
-    job->user_paused = true;
-    job->pause_count++;
+    if (!job->user_paused) {
+      job->user_paused = true;
+      job->pause_count++;
+    }
   }
   return action;
 }
