@@ -109,6 +109,7 @@ struct commit {
   atomic_uint_fast64_t synced; /* bytes the guest's writes took along */
   atomic_int sync_error;       /* the last failed one's, for on-error */
   struct dirty_bitmap *dirty;  /* TOP's writes since they were copied */
+  uint64_t piece;              /* DIRTY's granularity (piece_size) */
   atomic_bool should_complete; /* job-complete came */
   bool pivot;                  /* the run ended for a pivot */
   struct tracked_req gate;     /* TOP drained and held, from the final
@@ -367,7 +368,7 @@ active_sync (void *opaque, enum node_write_kind kind, uint64_t offset,
              uint64_t len, const struct iovec *iov, int iovcnt)
 {
   struct commit *c = opaque;
-  uint64_t g = ACTIVE_GRANULARITY;
+  uint64_t g = c->piece;
   uint64_t a = (offset + g - 1) / g * g, b = (offset + len) / g * g;
   struct tracked_req rq;
   int r;
@@ -420,10 +421,10 @@ release_gate (struct commit *c)
 static bool
 copies_init (struct commit *c)
 {
-  uint64_t g = ACTIVE_GRANULARITY;
+  uint64_t g = c->piece;
   uint64_t buf = c->buf_size ? (c->buf_size + g - 1) / g * g : ACTIVE_BUF_SIZE;
 
-  c->run = MIN (ACTIVE_RUN, buf);
+  c->run = MAX (MIN (ACTIVE_RUN, buf), g);
   c->nops = MAX (MIN (buf / c->run, ACTIVE_COPIERS + 1), 1);
   if (!(c->ops = calloc (c->nops, sizeof *c->ops)))
     return false;
@@ -487,15 +488,41 @@ active_loop (struct job *job, struct commit *c, uint64_t *copied)
   }
 }
 
+/* The piece the job tracks and copies: 64 KiB, or the target's cluster
+ * when that is larger and the target cannot read what it lacks through a
+ * backing node (sync=top or none, drive-mirror's target until the pivot):
+ * a copy or guest write of part of an empty cluster would leave the rest
+ * of the cluster reading zeros where the layers below hold data, so whole
+ * clusters are copied, as QEMU rounds its copies to the target's
+ * cluster. */
+static uint64_t
+piece_size (struct commit *c)
+{
+  struct strata_info info = { .size = sizeof info };
+  strata_error *err = NULL;
+
+  if (!c->mirror || (c->scan && !c->scan_base) || c->base->backing
+      || !c->base->drv->get_info)
+    return ACTIVE_GRANULARITY;
+  if (!c->base->drv->get_info (c->base, &info, &err)) {
+    strata_error_free (err);
+    return ACTIVE_GRANULARITY;
+  }
+  /* qcow2 checked the cluster size at open: a power of two, 512 B to
+   * 2 MiB. */
+  return MAX ((uint64_t)info.cluster_size, (uint64_t)ACTIVE_GRANULARITY);
+}
+
 static int
 active_run (struct job *job, struct commit *c, uint64_t len)
 {
   uint64_t copied = 0;
   int r;
 
+  c->piece = piece_size (c);
   if (!copies_init (c))
     return -ENOMEM;
-  if (!(c->dirty = dirty_new (len, ACTIVE_GRANULARITY)))
+  if (!(c->dirty = dirty_new (len, c->piece)))
     return -ENOMEM;
   if (c->write_blocking)
     dirty_set_sync (c->dirty, active_sync, c);

@@ -230,6 +230,35 @@ def test_drive_mirror_under_writes(tmp_path, qemu_img, qemu_io, sync, mode):
     d.ok("drive-mirror", **{"job-id": "m", "device": "top",
                             "target": str(dst), "sync": sync,
                             "copy-mode": mode, "speed": 32 * MiB})
+    pivot_and_check(d, w, sock, model, raw, dst, qemu_img)
+
+
+@pytest.mark.parametrize("mode", ["background", "write-blocking"])
+def test_drive_mirror_into_big_clusters(tmp_path, qemu_img, qemu_io, mode):
+    """mode=existing, sync=top, into a qcow2 with 256 KiB clusters backed
+    by mid: the job opens it without its backing until the pivot, so a
+    64 KiB copy (or guest write) into an empty cluster would leave the rest
+    of that cluster reading zeros where mid holds data.  The job copies
+    whole target clusters, as QEMU rounds to them (no speed limit: each
+    guest write dirties 256 KiB, faster than 32 MiB/s copies them)."""
+    rng = random.Random(17)
+    p, raw, model = scattered_chain(tmp_path / "src", qemu_img, qemu_io, rng,
+                                    SIZE_MIB * 2)
+    dst = tmp_path / "src" / "dst.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=256k",
+        "-b", p["mid"], "-F", "qcow2", dst)
+    d, sock = serve_top(tmp_path / "src", p["top"], tmp_path / "n.sock")
+    w = Writer(f"nbd+unix:///top?socket={sock}", model, 17)
+    w.start()
+    d.ok("drive-mirror", **{"job-id": "m", "device": "top",
+                            "target": str(dst), "sync": "top",
+                            "mode": "existing", "format": "qcow2",
+                            "copy-mode": mode})
+    pivot_and_check(d, w, sock, model, raw, dst, qemu_img)
+
+
+def pivot_and_check(d, w, sock, model, raw, dst, qemu_img):
+    """READY, pivot; the export and DST (with its chain) read as MODEL."""
     d.event("BLOCK_JOB_READY", timeout=60)
     time.sleep(0.3)
     d.ok("block-job-complete", device="m")
