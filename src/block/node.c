@@ -515,6 +515,13 @@ forwarded (strata_node *node)
 }
 
 void
+node_forward_writes_to (strata_node *old, strata_node *new)
+{
+  old->forward_writes_only = true;
+  node_forward_to (old, new);
+}
+
+void
 node_forward_to (strata_node *old, strata_node *new)
 {
   node_ref (new);
@@ -540,7 +547,7 @@ node_preadv (strata_node *node, uint64_t offset, uint64_t len,
   }
   if (track)
     tracker_begin (&node->tracker, &req, offset, len, false);
-  if ((fwd = forwarded (node))) {
+  if ((fwd = forwarded (node)) && !node->forward_writes_only) {
     if (track)
       tracker_end (&node->tracker, &req);
     return node_preadv (fwd, offset, len, iov, iovcnt, flags);

@@ -219,7 +219,9 @@ struct strata_node {
   /* Set once by node_forward_to(): the node that took this one's place
    * (an active commit's pivot); requests that reach this node go there. */
   struct strata_node *_Atomic replaced_by;
-  char **users;           /* graph_add_user(): who holds this node */
+  /* Set before REPLACED_BY by node_forward_writes_to(): reads stay. */
+  bool forward_writes_only;
+  char **users; /* graph_add_user(): who holds this node */
   size_t nusers;
   pthread_mutex_t lock; /* driver metadata; docs/architecture.md, Locks */
 };
@@ -259,9 +261,9 @@ node_resolve (strata_node *node)
 {
   strata_node *r;
 
-  while (node
-         && (r = atomic_load_explicit (&node->replaced_by,
-                                       memory_order_acquire)))
+  while (
+      node
+      && (r = atomic_load_explicit (&node->replaced_by, memory_order_acquire)))
     node = r;
   return node;
 }
@@ -271,6 +273,11 @@ node_resolve (strata_node *node)
  * requests out (a whole-node serialising tracker request) while it calls
  * this: those that waited find the forward when they go on. */
 void node_forward_to (strata_node *old, strata_node *new);
+/* The same for writes, write-zeroes and discards only: reads that reach
+ * OLD still read OLD.  For OLD that stays NEW's backing (a sync=none
+ * mirror's pivot), whose reads through that edge must not come back to
+ * NEW; its former users' writes held at the pivot must land in NEW. */
+void node_forward_writes_to (strata_node *old, strata_node *new);
 
 /* Attach CHILD (taking over the caller's reference) under NAME. */
 bool node_attach_child (strata_node *parent, const char *name,
@@ -358,8 +365,8 @@ int node_copy_up (strata_node *top, strata_node *base, uint64_t offset,
  * them: BEFORE_WRITE(OPAQUE), when not NULL, is called (and may block)
  * just before the first write into TOP, after the range was read; a
  * negative errno from it ends the copy-up with that error, unwritten. */
-int node_copy_up_ordered (strata_node *top, strata_node *base,
-                          uint64_t offset, uint64_t len, uint64_t *copied,
+int node_copy_up_ordered (strata_node *top, strata_node *base, uint64_t offset,
+                          uint64_t len, uint64_t *copied,
                           int (*before_write) (void *opaque), void *opaque);
 
 /* The unit node_copy_up widens a range to: TOP's cluster size (64 KiB

@@ -568,9 +568,12 @@ active_end_graph_locked (struct commit *c, bool pivot)
   }
   if (pivot) {
     /* TOP stays the target's backing after a sync=none drive-mirror, so
-     * it cannot forward to it: only its users move. */
+     * its reads cannot forward to it; the writes its users sent while the
+     * gate held them must still land in the target, not under it. */
     if (c->target_backing != c->top)
       node_forward_to (c->top, c->base);
+    else
+      node_forward_writes_to (c->top, c->base);
     graph_replace_users (c->top, c->base);
   }
   release_gate (c);
