@@ -38,14 +38,13 @@ def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where, speed, mode,
     dst = tmp_path / "dst.qcow2"
     run(qemu_img, "create", "-q", "-f", "qcow2", dst, f"{SIZE_MIB}M")
 
-    daemons = []
+    others = []
     d, sock = serve_top(tmp_path / "src", p["top"], tmp_path / "n.sock")
-    daemons.append(d)
     if where == "local":
         d.ok("blockdev-add", driver="qcow2", **{"node-name": "tgt"},
              file={"driver": "file", "filename": str(dst)})
     else:
-        daemons.append(serve_target(tmp_path / "dst", dst, d))
+        others.append(serve_target(tmp_path / "dst", dst, d))
     # Without a limit, a guest as fast as the export (FastWriter) lands
     # writes on runs while they are being copied.
     w = (FastWriter if speed == 0 else Writer)(
@@ -56,23 +55,8 @@ def test_mirror_under_writes(tmp_path, qemu_img, qemu_io, where, speed, mode,
     if buf is not None:
         args["buf-size"] = buf
     d.ok("blockdev-mirror", **args)
-    d.event("BLOCK_JOB_READY", timeout=60)
-    before = w.count
-    time.sleep(0.3)
-    d.ok("block-job-complete", device="m")
-    e = d.event("BLOCK_JOB_COMPLETED", timeout=60)
-    assert "error" not in e["data"], e
-    time.sleep(0.3)
-    w.finish()
-    assert w.count > before
-    assert [x["node-name"] for x in d.ok("query-block-exports")] == ["tgt"]
-
-    assert_export_reads(sock, model)
-    for dm in daemons:
-        assert dm.stop() == 0
-    raw.write_bytes(model)
-    run(qemu_img, "check", dst)
-    run(qemu_img, "compare", "-f", "raw", "-F", "qcow2", raw, dst)
+    pivot_and_check(d, w, sock, model, raw, dst, qemu_img,
+                    others=others, export_node="tgt")
 
 
 class FastWriter(Writer):
@@ -257,17 +241,26 @@ def test_drive_mirror_into_big_clusters(tmp_path, qemu_img, qemu_io, mode):
     pivot_and_check(d, w, sock, model, raw, dst, qemu_img)
 
 
-def pivot_and_check(d, w, sock, model, raw, dst, qemu_img):
-    """READY, pivot; the export and DST (with its chain) read as MODEL."""
+def pivot_and_check(d, w, sock, model, raw, dst, qemu_img, others=(),
+                    export_node=None):
+    """READY, pivot while the guest W writes on; the export (on
+    EXPORT_NODE, when given) and DST (with its chain) read as MODEL.  D
+    and the daemons OTHERS stop cleanly."""
     d.event("BLOCK_JOB_READY", timeout=60)
+    before = w.count
     time.sleep(0.3)
     d.ok("block-job-complete", device="m")
     e = d.event("BLOCK_JOB_COMPLETED", timeout=60)
     assert "error" not in e["data"], e
     time.sleep(0.3)
     w.finish()
+    assert w.count > before           # the guest wrote on after READY
+    if export_node:
+        assert [x["node-name"] for x in d.ok("query-block-exports")] == [
+            export_node]
     assert_export_reads(sock, model)
-    assert d.stop() == 0
+    for dm in (d, *others):
+        assert dm.stop() == 0
     raw.write_bytes(model)
     run(qemu_img, "check", dst)
     run(qemu_img, "compare", "-f", "raw", "-F", "qcow2", raw, dst)
